@@ -1,0 +1,612 @@
+"""`berth`: the command-line client for development and debugging (like containerd's ctr).
+
+Trio-free and import-light, so it starts fast. Container IO never passes through berthd:
+`run` and `attach` make FIFOs that the container's shim reads and writes directly, so a
+daemon restart does not cut a running `berth run`; it reconnects and keeps waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from berth.shim.client import Client
+from berth.shim.errors import BerthError, Unavailable
+
+DEFAULT_ADDRESS = "/run/berth/berthd.sock"
+RECONNECT_INTERVAL = 0.1
+
+
+class CliError(Exception):
+    pass
+
+
+# --- connection -----------------------------------------------------------------------
+
+
+class Session:
+    """Connection settings; opens clients on demand (a signal handler needs its own)."""
+
+    def __init__(self, address: str, namespace: str) -> None:
+        self.address = address
+        self.namespace = namespace
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self.connect()
+        return self._client
+
+    def connect(self) -> Client:
+        try:
+            return Client(self.address, namespace=self.namespace, peer_name="berth")
+        except Unavailable as exc:
+            raise CliError(f"cannot reach berthd at {self.address}: {exc} (is berthd running?)") from None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        return self.client().call(method, params or {})
+
+    def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
+        """Call, reconnecting while the daemon is down (it is restarted, say): the
+        container is unaffected, so waiting for it must be too."""
+        noted = False
+        while True:
+            try:
+                return self.call(method, params)
+            except (Unavailable, CliError):
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+                if not noted and sys.stderr.isatty():
+                    print("berth: lost berthd; reconnecting...", file=sys.stderr)
+                    noted = True
+                time.sleep(RECONNECT_INTERVAL)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+# --- output helpers -------------------------------------------------------------------
+
+
+def _print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*headers).rstrip())
+    for row in rows:
+        print(fmt.format(*row).rstrip())
+
+
+def _json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _ts(ns: int) -> str:
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+# --- IO plumbing ----------------------------------------------------------------------
+
+
+def _copy(src: int, dst: int) -> None:
+    """Copy until EOF; splice(2) when the kernel allows (src is a FIFO), else read/write."""
+    use_splice = True
+    while True:
+        if use_splice:
+            try:
+                n = os.splice(src, dst, 1 << 20)
+            except OSError:
+                use_splice = False
+                continue
+            if n == 0:
+                return
+            continue
+        try:
+            data = os.read(src, 1 << 16)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view) :]
+        except OSError:
+            return
+
+
+class Fifos:
+    """FIFOs for one process's stdio, in a private temp dir, removed on close."""
+
+    def __init__(self, stdin: bool, stdout: bool, stderr: bool) -> None:
+        self.dir = tempfile.mkdtemp(prefix="berth-io-")
+        self.paths: dict[str, str] = {}
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if wanted:
+                path = os.path.join(self.dir, name)
+                os.mkfifo(path, 0o600)
+                self.paths[name] = path
+        self._threads: list[threading.Thread] = []
+        self._fds: list[int] = []
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.paths)
+
+    def attach(self) -> None:
+        """Open our ends (after the shim opened its own) and start copying."""
+        for name, target in (("stdout", 1), ("stderr", 2)):
+            if name in self.paths:
+                fd = os.open(self.paths[name], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                os.set_blocking(fd, True)
+                self._fds.append(fd)
+                self._start(_copy, fd, target, name)
+        if "stdin" in self.paths:
+            fd = os.open(self.paths["stdin"], os.O_WRONLY | os.O_CLOEXEC)
+
+            def pump(dst: int = fd) -> None:
+                _copy(0, dst)
+                os.close(dst)  # the container sees EOF on its stdin
+
+            thread = threading.Thread(target=pump, name="stdin", daemon=True)
+            thread.start()
+
+    def _start(self, fn: Any, *args: Any) -> None:
+        thread = threading.Thread(target=fn, args=args[:2], name=args[2], daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the shim closed the output FIFOs (all output delivered)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def terminal_size() -> tuple[int, int] | None:
+    for fd in (0, 1, 2):
+        try:
+            size = os.get_terminal_size(fd)
+            return size.columns, size.lines
+        except OSError:
+            continue
+    return None
+
+
+# --- process running (shared by run, tasks start, tasks exec) ---------------------------
+
+
+def _run_attached(session: Session, container_id: str, *, terminal: bool, exec_id: str | None,
+                  create_params: dict[str, Any]) -> int:
+    """Create (task or exec) with FIFOs, start, forward signals/resizes, wait, drain."""
+    fifos = Fifos(stdin=True, stdout=True, stderr=not terminal)
+    size = terminal_size() if terminal else None
+    params = {"container_id": container_id, "terminal": terminal, **fifos.params(), **create_params}
+    if size:
+        params.update(width=size[0], height=size[1])
+    try:
+        if exec_id:
+            session.call("tasks.exec", {**params, "exec_id": exec_id})
+        else:
+            session.call("tasks.create", params)
+        fifos.attach()
+        target = {"container_id": container_id, "exec_id": exec_id or ""}
+
+        def forward(signo: int, _frame: Any) -> None:
+            try:
+                with session.connect() as c:
+                    c.call("tasks.kill", {**target, "signal": signo})
+            except (BerthError, CliError):
+                pass
+
+        def resize(_signo: int, _frame: Any) -> None:
+            new = terminal_size()
+            if new:
+                try:
+                    with session.connect() as c:
+                        c.call("tasks.resize", {**target, "width": new[0], "height": new[1]})
+                except (BerthError, CliError):
+                    pass
+
+        with raw_terminal(terminal):
+            if terminal:
+                signal.signal(signal.SIGWINCH, resize)
+            else:
+                for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signo, forward)
+            session.call("tasks.start", target)
+            result = session.call_retrying("tasks.wait", target)
+            fifos.drain()
+        if exec_id:
+            session.call_retrying("tasks.delete_process", target)
+        return int(result["exit_status"])
+    finally:
+        fifos.close()
+
+
+def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> dict[str, Any]:
+    from berth.daemon.oci import default_spec
+
+    rootfs = os.path.abspath(args.rootfs) if args.rootfs else ""
+    if rootfs and not os.path.isdir(rootfs):
+        raise CliError(f"rootfs {rootfs} is not a directory")
+    command = args.command or ["sh"]
+    spec = default_spec(
+        container_id, namespace, command,
+        root=rootfs, readonly_root=not rootfs or args.read_only,
+        terminal=args.tty, env=args.env, cwd=args.cwd,
+    )
+    return spec
+
+
+def _create_container(session: Session, args: argparse.Namespace, container_id: str) -> None:
+    spec = _spec_for(args, container_id, session.namespace)
+    labels = dict(item.split("=", 1) for item in args.label) if args.label else {}
+    session.call("containers.create", {"id": container_id, "spec": spec,
+                                       "runtime": args.runtime or "", "labels": labels})
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def cmd_version(session: Session, args: argparse.Namespace) -> int:
+    from berth.daemon import __version__
+
+    print(f"Client:\n  Version: {__version__}")
+    info = session.call("version")
+    server = session.call("introspection.server")
+    print(f"Server:\n  Version: {info['version']}\n  Protocol: {info['protocol']}\n"
+          f"  UUID: {server['uuid']}")
+    return 0
+
+
+def cmd_namespaces(session: Session, args: argparse.Namespace) -> int:
+    if args.ns_cmd in ("ls", "list"):
+        spaces = session.call("namespaces.list")["namespaces"]
+        if args.format == "json":
+            _json(spaces)
+        else:
+            _print_table([[n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())]
+                          for n in spaces], ["NAME", "LABELS"])
+    elif args.ns_cmd == "create":
+        session.call("namespaces.create", {"name": args.name})
+    elif args.ns_cmd in ("rm", "remove"):
+        for name in args.names:
+            session.call("namespaces.delete", {"name": name})
+            print(name)
+    return 0
+
+
+def cmd_containers(session: Session, args: argparse.Namespace) -> int:
+    if args.c_cmd == "create":
+        _create_container(session, args, args.id)
+    elif args.c_cmd in ("ls", "list"):
+        items = session.call("containers.list")["containers"]
+        if args.format == "json":
+            _json(items)
+        else:
+            _print_table([[c["id"], c["image"] or "-", c["runtime"]["name"]] for c in items],
+                         ["CONTAINER", "IMAGE", "RUNTIME"])
+    elif args.c_cmd == "info":
+        _json(session.call("containers.get", {"id": args.id}))
+    elif args.c_cmd in ("rm", "delete"):
+        for cid in args.ids:
+            session.call("containers.delete", {"id": cid})
+    return 0
+
+
+def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
+    sub = args.t_cmd
+    if sub == "start":
+        container = session.call("containers.get", {"id": args.id})
+        terminal = bool(container["spec"].get("process", {}).get("terminal"))
+        if args.detach:
+            session.call("tasks.create", {"container_id": args.id, "terminal": terminal, "log": True})
+            session.call("tasks.start", {"container_id": args.id})
+            return 0
+        return _run_attached(session, args.id, terminal=terminal, exec_id=None, create_params={})
+    if sub in ("ls", "list"):
+        tasks = session.call("tasks.list")["tasks"]
+        if args.format == "json":
+            _json(tasks)
+        else:
+            _print_table([[t["id"], str(t["pid"]), t["status"].upper()] for t in tasks],
+                         ["TASK", "PID", "STATUS"])
+        return 0
+    if sub == "kill":
+        session.call("tasks.kill", {"container_id": args.id, "signal": args.signal,
+                                    "all": args.all, "exec_id": args.exec_id or ""})
+        return 0
+    if sub == "ps":
+        procs = session.call("tasks.pids", {"container_id": args.id})["processes"]
+        if args.format == "json":
+            _json(procs)
+        else:
+            _print_table([[str(p["pid"]), p["exec_id"] or "-"] for p in procs], ["PID", "EXEC"])
+        return 0
+    if sub == "exec":
+        container = session.call("containers.get", {"id": args.id})
+        from berth.daemon.oci import exec_process
+
+        process = exec_process(container["spec"], args.command, terminal=args.tty,
+                               env=args.env, cwd=args.cwd)
+        if args.detach:
+            session.call("tasks.exec", {"container_id": args.id, "exec_id": args.exec_id,
+                                        "spec": process, "terminal": args.tty, "log": True})
+            session.call("tasks.start", {"container_id": args.id, "exec_id": args.exec_id})
+            return 0
+        return _run_attached(session, args.id, terminal=args.tty, exec_id=args.exec_id,
+                             create_params={"spec": process})
+    if sub == "attach":
+        return _attach(session, args.id)
+    if sub in ("pause", "resume"):
+        session.call(f"tasks.{sub}", {"container_id": args.id})
+        return 0
+    if sub == "metrics":
+        stats = session.call("tasks.metrics", {"container_id": args.id})
+        if args.format == "json":
+            _json(stats)
+        else:
+            mem, cpu, pids = stats.get("memory", {}), stats.get("cpu", {}), stats.get("pids", {})
+            _print_table([[args.id, str(mem.get("usage", 0)), str(mem.get("limit", 0)),
+                           str(cpu.get("usage_ns", 0)), str(pids.get("current", 0))]],
+                         ["ID", "MEMORY", "LIMIT", "CPU_NS", "PIDS"])
+        return 0
+    if sub == "wait":
+        result = session.call_retrying("tasks.wait", {"container_id": args.id,
+                                                      "exec_id": args.exec_id or ""})
+        print(result["exit_status"])
+        return 0
+    if sub in ("rm", "delete"):
+        for cid in args.ids:
+            if args.force:
+                with contextlib.suppress(BerthError):
+                    session.call("tasks.kill", {"container_id": cid, "signal": 9, "all": True})
+            result = session.call("tasks.delete", {"container_id": cid, "force": args.force})
+            print(f"{cid} {result['exit_status']}")
+        return 0
+    if sub == "update":
+        resources = json.loads(args.resources)
+        session.call("tasks.update", {"container_id": args.id, "resources": resources})
+        return 0
+    if sub == "info":
+        _json(session.call("tasks.get", {"container_id": args.id, "exec_id": args.exec_id or ""}))
+        return 0
+    raise CliError(f"unknown tasks command {sub}")
+
+
+def _attach(session: Session, container_id: str) -> int:
+    """Attach to a running task's recorded FIFOs, or follow its log when it has none."""
+    task = session.call("tasks.get", {"container_id": container_id})
+    if task["status"] not in ("running", "paused", "created"):
+        raise CliError(f"task {container_id} is {task['status']}")
+    state_dir = session.call("introspection.server")["state"]
+    log_path = os.path.join(state_dir, "tasks", session.namespace, container_id, "log", "stdout.log")
+    if not os.path.exists(log_path):
+        raise CliError(f"task {container_id} has no log to follow (it was started with FIFOs)")
+    done = threading.Event()
+
+    def follow() -> None:
+        with open(log_path, "rb") as f:
+            while True:
+                data = f.read(1 << 16)
+                if data:
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                elif done.is_set():
+                    return
+                else:
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    result = session.call_retrying("tasks.wait", {"container_id": container_id})
+    done.set()
+    thread.join(5)
+    return int(result["exit_status"])
+
+
+def cmd_events(session: Session, args: argparse.Namespace) -> int:
+    client = session.client()
+    try:
+        for envelope in client.stream("events.subscribe", {"filters": args.filter or []}):
+            print(f"{_ts(envelope['timestamp'])} {envelope['namespace']} {envelope['topic']} "
+                  f"{json.dumps(envelope['event'], sort_keys=True)}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_run(session: Session, args: argparse.Namespace) -> int:
+    container_id = args.id
+    _create_container(session, args, container_id)
+    try:
+        if args.detach:
+            params = {"container_id": container_id, "terminal": args.tty, "log": True}
+            size = terminal_size() if args.tty else None
+            if size:
+                params.update(width=size[0], height=size[1])
+            session.call("tasks.create", params)
+            session.call("tasks.start", {"container_id": container_id})
+            return 0
+        code = _run_attached(session, container_id, terminal=args.tty, exec_id=None,
+                             create_params={"log": True} if args.log else {})
+    except BaseException:
+        if args.rm:
+            _remove(session, container_id)
+        raise
+    if args.rm:
+        _remove(session, container_id)
+    return code
+
+
+def _remove(session: Session, container_id: str) -> None:
+    with contextlib.suppress(BerthError, CliError):
+        session.call_retrying("tasks.delete", {"container_id": container_id, "force": True})
+    with contextlib.suppress(BerthError, CliError):
+        session.call("containers.delete", {"id": container_id})
+
+
+# --- argument parsing -----------------------------------------------------------------
+
+
+def _container_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", help="runtime name from berthd's config (default: its default)")
+    p.add_argument("--rootfs", help="root filesystem directory (default: the embedded busybox)")
+    p.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument("--env", action="append", default=[], metavar="K=V")
+    p.add_argument("--cwd", default="/")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="berth", description="berth's command-line client")
+    parser.add_argument("--address", "-a",
+                        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
+                        help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})")
+    parser.add_argument("--namespace", "-n", default=os.environ.get("BERTH_NAMESPACE", "default"),
+                        help="namespace (env BERTH_NAMESPACE; default 'default')")
+    commands = parser.add_subparsers(dest="verb", required=True)
+
+    commands.add_parser("version", help="client and server versions")
+
+    ns = commands.add_parser("namespaces", aliases=["ns"], help="manage namespaces")
+    ns_sub = ns.add_subparsers(dest="ns_cmd", required=True)
+    p = ns_sub.add_parser("ls", aliases=["list"])
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    ns_sub.add_parser("create").add_argument("name")
+    ns_sub.add_parser("rm", aliases=["remove"]).add_argument("names", nargs="+")
+
+    c = commands.add_parser("containers", aliases=["c"], help="manage containers")
+    c_sub = c.add_subparsers(dest="c_cmd", required=True)
+    p = c_sub.add_parser("create")
+    _container_options(p)
+    p.add_argument("id")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p = c_sub.add_parser("ls", aliases=["list"])
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    c_sub.add_parser("info").add_argument("id")
+    c_sub.add_parser("rm", aliases=["delete"]).add_argument("ids", nargs="+")
+
+    t = commands.add_parser("tasks", aliases=["t"], help="manage tasks")
+    t_sub = t.add_subparsers(dest="t_cmd", required=True)
+    p = t_sub.add_parser("start")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("id")
+    p = t_sub.add_parser("ls", aliases=["list"])
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p = t_sub.add_parser("kill")
+    p.add_argument("-s", "--signal", default="SIGTERM")
+    p.add_argument("--all", "-a", action="store_true", help="signal every process")
+    p.add_argument("--exec-id")
+    p.add_argument("id")
+    p = t_sub.add_parser("ps")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("id")
+    p = t_sub.add_parser("exec")
+    p.add_argument("--exec-id", required=True)
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--env", action="append", default=[])
+    p.add_argument("--cwd")
+    p.add_argument("id")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    t_sub.add_parser("attach").add_argument("id")
+    t_sub.add_parser("pause").add_argument("id")
+    t_sub.add_parser("resume").add_argument("id")
+    p = t_sub.add_parser("metrics")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("id")
+    p = t_sub.add_parser("wait")
+    p.add_argument("--exec-id")
+    p.add_argument("id")
+    p = t_sub.add_parser("rm", aliases=["delete"])
+    p.add_argument("-f", "--force", action="store_true", help="kill the task first")
+    p.add_argument("ids", nargs="+")
+    p = t_sub.add_parser("update")
+    p.add_argument("--resources", required=True, help="OCI LinuxResources as JSON")
+    p.add_argument("id")
+    p = t_sub.add_parser("info")
+    p.add_argument("--exec-id")
+    p.add_argument("id")
+
+    p = commands.add_parser("events", help="stream events")
+    p.add_argument("--filter", action="append", help='e.g. topic=="/tasks/exit"')
+
+    p = commands.add_parser("run", help="create and run a container")
+    _container_options(p)
+    p.add_argument("--rm", action="store_true", help="delete the container when it exits")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background (logs on)")
+    p.add_argument("--log", action="store_true", help="also log output in the shim")
+    p.add_argument("id")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    return parser
+
+
+COMMANDS = {
+    "version": cmd_version,
+    "namespaces": cmd_namespaces, "ns": cmd_namespaces,
+    "containers": cmd_containers, "c": cmd_containers,
+    "tasks": cmd_tasks, "t": cmd_tasks,
+    "events": cmd_events,
+    "run": cmd_run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    session = Session(args.address, args.namespace)
+    try:
+        return COMMANDS[args.verb](session, args)
+    except CliError as exc:
+        print(f"berth: {exc}", file=sys.stderr)
+        return 1
+    except BerthError as exc:
+        print(f"berth: {exc.code.replace('_', ' ')}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    finally:
+        session.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""berthd configuration: a TOML file, overridden by command-line flags.
+
+    root = "/var/lib/berth"            # persistent: metadata DB, default rootfs
+    state = "/run/berth"               # volatile: sockets, bundles, shim state, exit files
+    address = "/run/berth/berthd.sock" # the API socket (mode 0660)
+    default_runtime = "runc"
+    log_level = "info"
+
+    [runtimes.runc]
+    binary = "runc"
+    [runtimes.crun]
+    binary = "crun"
+    args = []                          # extra global arguments
+    # root = "/run/berth/runtime/crun" # the runtime's --root (default: <state>/runtime/<name>/<ns>)
+
+    [container_log]                    # defaults for the shim's log mode
+    max_size = 16777216
+    max_files = 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from berth.shim.errors import InvalidArgument
+from berth.shim.identifiers import validate
+
+DEFAULT_ROOT = "/var/lib/berth"
+DEFAULT_STATE = "/run/berth"
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    name: str
+    binary: str
+    args: tuple[str, ...] = ()
+    root: str = ""
+    systemd_cgroup: bool = False
+
+
+@dataclass
+class Config:
+    root: str = DEFAULT_ROOT
+    state: str = DEFAULT_STATE
+    address: str = ""
+    default_runtime: str = "runc"
+    log_level: str = "info"
+    runtimes: dict[str, RuntimeEntry] = field(default_factory=dict)
+    log_max_size: int = 16 * 1024 * 1024
+    log_max_files: int = 4
+    socket_group: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            self.address = os.path.join(self.state, "berthd.sock")
+        if not self.runtimes:
+            self.runtimes = {
+                "runc": RuntimeEntry("runc", "runc"),
+                "crun": RuntimeEntry("crun", "crun"),
+            }
+
+    def validate(self) -> None:
+        for path_name in ("root", "state", "address"):
+            if not os.path.isabs(getattr(self, path_name)):
+                raise InvalidArgument(f"{path_name} must be an absolute path")
+        if self.default_runtime not in self.runtimes:
+            raise InvalidArgument(f"default runtime {self.default_runtime!r} is not configured")
+
+    def runtime_root(self, entry: RuntimeEntry, namespace: str) -> str:
+        if entry.root:
+            return os.path.join(entry.root, namespace)
+        return os.path.join(self.state, "runtime", entry.name, namespace)
+
+    # Layout of the state dir.
+    @property
+    def tasks_dir(self) -> str:
+        return os.path.join(self.state, "tasks")
+
+    @property
+    def sockets_dir(self) -> str:
+        return os.path.join(self.state, "s")
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.root, "meta.db")
+
+    @property
+    def default_rootfs(self) -> str:
+        return os.path.join(self.root, "rootfs", "busybox")
+
+
+def load_file(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def from_mapping(doc: dict[str, Any]) -> Config:
+    config = Config()
+    for key in ("root", "state", "address", "default_runtime", "log_level"):
+        if key in doc:
+            value = doc[key]
+            if not isinstance(value, str):
+                raise InvalidArgument(f"config {key} must be a string")
+            setattr(config, key, value)
+    if "address" not in doc:
+        config.address = os.path.join(config.state, "berthd.sock")
+    runtimes = doc.get("runtimes")
+    if runtimes is not None:
+        if not isinstance(runtimes, dict):
+            raise InvalidArgument("[runtimes] must be a table")
+        entries = {}
+        for name, table in runtimes.items():
+            validate(name, "runtime name")
+            if not isinstance(table, dict) or not isinstance(table.get("binary", name), str):
+                raise InvalidArgument(f"[runtimes.{name}] needs a binary string")
+            args = table.get("args", [])
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise InvalidArgument(f"[runtimes.{name}] args must be a list of strings")
+            entries[name] = RuntimeEntry(
+                name=name,
+                binary=table.get("binary", name),
+                args=tuple(args),
+                root=str(table.get("root", "")),
+                systemd_cgroup=bool(table.get("systemd_cgroup", False)),
+            )
+        config.runtimes = entries
+    log = doc.get("container_log", {})
+    if isinstance(log, dict):
+        config.log_max_size = int(log.get("max_size", config.log_max_size))
+        config.log_max_files = int(log.get("max_files", config.log_max_files))
+    if "socket_group" in doc:
+        config.socket_group = int(doc["socket_group"])
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="berthd", description="berth's container daemon")
+    parser.add_argument("--config", "-c", help="TOML config file")
+    parser.add_argument("--root", help=f"persistent state directory (default {DEFAULT_ROOT})")
+    parser.add_argument("--state", help=f"volatile state directory (default {DEFAULT_STATE})")
+    parser.add_argument("--address", "-a", help="API socket path (default <state>/berthd.sock)")
+    parser.add_argument("--default-runtime", help="runtime for containers that name none")
+    parser.add_argument("--log-level", help="debug, info, warning, error")
+    return parser.parse_args(argv)
+
+
+def load(argv: list[str] | None = None) -> Config:
+    args = parse_args(argv)
+    doc: dict[str, Any] = load_file(args.config) if args.config else {}
+    if args.state and "address" not in doc and not args.address:
+        doc["address"] = os.path.join(args.state, "berthd.sock")
+    for key in ("root", "state", "address", "default_runtime", "log_level"):
+        value = getattr(args, key)
+        if value:
+            doc[key] = os.path.abspath(value) if key in ("root", "state", "address") else value
+    config = from_mapping(doc)
+    config.validate()
+    return config

@@ -1,0 +1,133 @@
+"""`berthd`: the daemon's entry point and its structure of tasks.
+
+    trio.run(serve)
+      nursery
+        ├── API listener: one task per connection, one per request (rpc.ServerConnection)
+        ├── recovery: reattach to every shim in the state dir, then open task calls
+        ├── zygote client reader
+        ├── per task: shim connection reader, event pump, death watch (tasks.TaskService)
+        └── signal watcher: SIGTERM/SIGINT -> stop serving, leave every shim running
+
+Killing the daemon, gracefully or with SIGKILL, never touches a container: the shims are
+in their own sessions and process groups, and hold everything a container needs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from berth.daemon import config as config_module
+from berth.daemon.api import Api, load_server_uuid, namespace_of
+from berth.daemon.config import Config
+from berth.daemon.events import Exchange
+from berth.daemon.rpc import ServerConnection
+from berth.daemon.shims import Zygote
+from berth.daemon.store import Store
+from berth.daemon.tasks import TaskService
+from berth.shim.errors import BerthError
+from berth.shim.unixsock import bind_unix, peer_credentials
+
+log = logging.getLogger("berthd")
+
+
+def _prepare_dirs(config: Config) -> int:
+    """Create the directories (0700 where secrets or bundles live) and take the lock
+    that keeps a second daemon off the same state dir."""
+    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    os.makedirs(config.state, mode=0o711, exist_ok=True)
+    for d in (config.tasks_dir, config.sockets_dir):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+    os.makedirs(os.path.dirname(config.address), exist_ok=True)
+    lock_fd = os.open(os.path.join(config.state, "berthd.lock"),
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise SystemExit(f"berthd: another berthd is running on {config.state}") from None
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    return lock_fd
+
+
+async def serve(config: Config, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    lock_fd = _prepare_dirs(config)
+    store = Store(config.db_path)
+    store.ensure_namespace("default")
+    exchange = Exchange()
+    recovered = trio.Event()
+    listener_sock = bind_unix(config.address, mode=0o660)
+    if config.socket_group is not None:
+        os.chown(config.address, 0, config.socket_group)
+    try:
+        async with trio.open_nursery() as nursery:
+            zygote = Zygote(nursery)
+            tasks = TaskService(config, store, exchange, nursery, zygote)
+            api = Api(config, store, exchange, tasks, load_server_uuid(config.root), recovered)
+            handlers = api.handlers()
+
+            async def handle_connection(stream: trio.SocketStream) -> None:
+                _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
+                if uid not in (0, os.getuid()):
+                    log.warning("refused API connection from uid %d", uid)
+                    await stream.aclose()
+                    return
+                await ServerConnection(stream, handlers, namespace_of, uid).serve()
+
+            async def recover() -> None:
+                found = await tasks.recover()
+                recovered.set()
+                log.info("recovered %d task(s)", found)
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signo in signals:
+                        log.info("signal %d: shutting down; containers keep running", signo)
+                        await tasks.close()
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(recover)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
+            await nursery.start(trio.serve_listeners, handle_connection, [listener])
+            log.info("berthd serving on %s (pid %d)", config.address, os.getpid())
+            task_status.started()
+            nursery.start_soon(zygote.warm)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                os.unlink(config.address)
+            except FileNotFoundError:
+                pass
+            store.close()
+            os.close(lock_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_module.load(argv)
+    except (BerthError, OSError, ValueError) as exc:
+        print(f"berthd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(serve, config)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

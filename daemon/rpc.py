@@ -1,0 +1,354 @@
+"""berth's protocol on trio: an async client (daemon -> shim, daemon -> zygote) and the
+server side of the daemon's API socket. The protocol logic itself is the sans-IO
+`berth.shim.protocol.Connection`; this module only moves its bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from berth.shim.errors import (
+    BerthError,
+    Canceled,
+    Internal,
+    Unavailable,
+    Unimplemented,
+)
+from berth.shim.protocol import (
+    DEFAULT_MAX_FRAME,
+    Cancel,
+    Connection,
+    ConnectionClosed,
+    ErrorReply,
+    Hello,
+    LocalProtocolError,
+    NeedData,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Role,
+    StreamEnd,
+    StreamItem,
+    Welcome,
+)
+from berth.shim.unixsock import short_path
+
+log = logging.getLogger("berthd.rpc")
+RECV_SIZE = 256 * 1024
+
+
+async def open_unix(path: str) -> trio.SocketStream:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        with short_path(path) as addr:
+            await sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class _Pending:
+    __slots__ = ("done", "error", "items", "result")
+
+    def __init__(self, stream: bool) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BerthError | None = None
+        self.items: trio.MemorySendChannel[Any] | None = None
+
+
+class RpcClient:
+    """A multiplexed client connection. `run()` must be running (in some nursery) for
+    replies to arrive; when the connection ends, every waiting call gets Unavailable."""
+
+    def __init__(self, stream: trio.abc.Stream, *, peer_name: str = "berthd",
+                 max_frame_size: int = DEFAULT_MAX_FRAME, label: str = "") -> None:
+        self._stream = stream
+        self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self.closed = trio.Event()
+        self.label = label
+        self.close_reason = ""
+
+    @classmethod
+    async def connect(cls, path: str, **kwargs: Any) -> RpcClient:
+        stream = await open_unix(path)
+        return cls(stream, label=kwargs.pop("label", path), **kwargs)
+
+    async def handshake(self) -> Welcome:
+        await self._write(self._conn.send(Hello()))
+        while True:
+            event = self._conn.next_event()
+            if isinstance(event, NeedData):
+                data = await self._stream.receive_some(RECV_SIZE)
+                self._conn.receive_data(data)
+                continue
+            if isinstance(event, Welcome):
+                return event
+            raise Unavailable(f"{self.label}: unexpected handshake answer {event!r}")
+
+    async def _write(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise Unavailable(f"{self.label}: connection lost: {exc}") from None
+
+    async def run(self) -> None:
+        """Read replies until the connection ends."""
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(RECV_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.close_reason = str(exc) or "connection reset"
+                    return
+                self._conn.receive_data(data)
+                while True:
+                    try:
+                        event = self._conn.next_event()
+                    except RemoteProtocolError as exc:
+                        log.warning("%s: protocol error: %s", self.label, exc)
+                        if exc.fatal:
+                            self.close_reason = str(exc)
+                            return
+                        continue
+                    if isinstance(event, NeedData):
+                        break
+                    if isinstance(event, ConnectionClosed):
+                        self.close_reason = "closed by peer"
+                        return
+                    await self._dispatch(event)
+        except LocalProtocolError as exc:
+            self.close_reason = str(exc)
+        finally:
+            self.closed.set()
+            for pending in self._pending.values():
+                pending.error = Unavailable(f"{self.label}: {self.close_reason or 'connection closed'}")
+                if pending.items is not None:
+                    pending.items.close()
+                pending.done.set()
+            self._pending.clear()
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    async def _dispatch(self, event: Any) -> None:
+        if isinstance(event, ErrorReply) and event.id is None:
+            log.warning("%s: connection error from peer: %s", self.label, event.message)
+            return
+        pending = self._pending.get(event.id)
+        if pending is None:
+            return
+        if isinstance(event, StreamItem):
+            if pending.items is not None:
+                try:
+                    await pending.items.send(event.item)  # backpressure: stop reading
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            return
+        del self._pending[event.id]
+        if isinstance(event, Response):
+            pending.result = event.result
+        elif isinstance(event, ErrorReply):
+            pending.error = event.to_exception()
+        if pending.items is not None:
+            pending.items.close()
+        pending.done.set()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout: float = math.inf, **meta: Any) -> Any:
+        if self.closed.is_set():
+            raise Unavailable(f"{self.label}: connection closed")
+        rid = self._conn.next_request_id()
+        pending = _Pending(stream=False)
+        self._pending[rid] = pending
+        try:
+            await self._write(self._conn.send(Request(rid, method, params or {}, meta)))
+            with trio.move_on_after(timeout) as scope:
+                await pending.done.wait()
+            if scope.cancelled_caught:
+                raise Unavailable(f"{self.label}: {method} timed out after {timeout}s")
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a request whose reply nobody waits for (it is read and dropped). Used for
+        acknowledgements, so the event pump never waits on its own connection."""
+        if self.closed.is_set():
+            raise Unavailable(f"{self.label}: connection closed")
+        rid = self._conn.next_request_id()
+        self._pending[rid] = _Pending(stream=False)
+        await self._write(self._conn.send(Request(rid, method, params or {}, {})))
+
+    async def stream(self, method: str, params: dict[str, Any] | None = None,
+                     buffer: int = 256) -> AsyncIterator[Any]:
+        """Iterate a server stream. Leaving the loop early cancels the stream."""
+        if self.closed.is_set():
+            raise Unavailable(f"{self.label}: connection closed")
+        rid = self._conn.next_request_id()
+        pending = _Pending(stream=True)
+        send, receive = trio.open_memory_channel[Any](buffer)
+        pending.items = send
+        self._pending[rid] = pending
+        await self._write(self._conn.send(Request(rid, method, params or {}, {})))
+        try:
+            async with receive:
+                async for item in receive:
+                    yield item
+            if pending.error is not None:
+                raise pending.error
+        finally:
+            if rid in self._pending and not self.closed.is_set():
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._write(self._conn.send(Cancel(rid)))
+                    except (Unavailable, LocalProtocolError):
+                        pass
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+
+# --- server side ------------------------------------------------------------------------
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call it serves."""
+
+    request: Request
+    namespace: str
+    peer_uid: int
+    send_item: Callable[[Any], Awaitable[None]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+STREAM_DONE = object()  # a handler returns this after streaming its items
+Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
+
+
+class ServerConnection:
+    """Serves one client connection: requests run concurrently (bounded), each in its own
+    cancel scope so CANCEL and a disconnect stop exactly what they should."""
+
+    MAX_IN_FLIGHT = 128
+
+    def __init__(self, stream: trio.SocketStream, handlers: dict[str, Handler],
+                 namespace_of: Callable[[Request], str], peer_uid: int,
+                 max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
+        self._stream = stream
+        self._handlers = handlers
+        self._namespace_of = namespace_of
+        self._peer_uid = peer_uid
+        self._conn = Connection(Role.SERVER, max_frame_size=max_frame_size, peer_name="berthd")
+        self._send_lock = trio.Lock()
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._limit = trio.Semaphore(self.MAX_IN_FLIGHT)
+
+    async def _send(self, event: Any) -> None:
+        try:
+            data = self._conn.send(event)
+        except LocalProtocolError as exc:
+            if isinstance(event, (Response, StreamItem)):
+                log.error("cannot send reply: %s", exc)
+                data = self._conn.send(ErrorReply(event.id, "internal", f"reply not sendable: {exc}"))
+            else:
+                raise
+        async with self._send_lock:
+            await self._stream.send_all(data)
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(nursery)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self._stream.receive_some(RECV_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            try:
+                self._conn.receive_data(data)
+            except LocalProtocolError:
+                return
+            while True:
+                try:
+                    event = self._conn.next_event()
+                except RemoteProtocolError as exc:
+                    if exc.fatal:
+                        async with self._send_lock:
+                            await self._stream.send_all(self._conn.refusal(str(exc), "invalid_argument"))
+                        return
+                    await self._send(ErrorReply(exc.request_id, "invalid_argument", str(exc)))
+                    continue
+                if isinstance(event, NeedData):
+                    break
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, Hello):
+                    await self._send(self._conn.server_handshake(event))
+                elif isinstance(event, Request):
+                    await self._limit.acquire()
+                    scope = trio.CancelScope()
+                    self._scopes[event.id] = scope
+                    nursery.start_soon(self._handle, event, scope)
+                elif isinstance(event, Cancel):
+                    scope = self._scopes.get(event.id)
+                    if scope is not None:
+                        scope.cancel()
+
+    async def _handle(self, req: Request, scope: trio.CancelScope) -> None:
+        try:
+            reply: Any
+            with scope:
+                reply = await self._run_handler(req)
+            if scope.cancelled_caught:
+                reply = ErrorReply.from_exception(req.id, Canceled("request canceled"))
+            await self._send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._scopes.pop(req.id, None)
+            self._limit.release()
+
+    async def _run_handler(self, req: Request) -> Any:
+        handler = self._handlers.get(req.method)
+        try:
+            if handler is None:
+                raise Unimplemented(f"unknown method {req.method!r}")
+
+            async def send_item(item: Any) -> None:
+                await self._send(StreamItem(req.id, item))
+
+            ctx = CallContext(req, self._namespace_of(req), self._peer_uid, send_item, req.meta)
+            result = await handler(ctx, req.params)
+        except BerthError as exc:
+            return ErrorReply.from_exception(req.id, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception as exc:
+            log.exception("%s failed", req.method)
+            return ErrorReply.from_exception(req.id, Internal(f"{req.method}: {exc}"))
+        if result is STREAM_DONE:
+            return StreamEnd(req.id)
+        return Response(req.id, result)

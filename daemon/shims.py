@@ -1,0 +1,131 @@
+"""Starting shims (through the zygote) and watching them from the daemon.
+
+The zygote is started once, as a fresh interpreter that has imported only the shim (not
+trio, not the daemon), and is asked to fork each shim. It is the daemon's child and dies
+with it; the shims it forked are detached and do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import trio
+
+from berth.daemon.rpc import RpcClient
+from berth.shim.errors import BerthError, Unavailable
+from berth.shim.state import process_start_time
+from berth.shim.task import ShimConfig
+
+log = logging.getLogger("berthd.shims")
+
+
+class Zygote:
+    """Owns the zygote process and its control connection; restarts it if it dies."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._client: RpcClient | None = None
+        self._process: trio.Process | None = None
+        self._lock = trio.Lock()
+        self.spawned = 0
+
+    async def _start(self) -> RpcClient:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            theirs.set_inheritable(True)
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "berth.shim.main", "--zygote", "--ctl-fd",
+                 str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        client = RpcClient(stream, label="zygote", max_frame_size=256 * 1024)
+        await client.handshake()
+        self._nursery.start_soon(client.run)
+        log.debug("zygote started, pid %d", self._process.pid)
+        return client
+
+    async def _ensure(self) -> RpcClient:
+        async with self._lock:
+            if self._client is None or self._client.closed.is_set():
+                if self._process is not None:
+                    await self._reap()
+                self._client = await self._start()
+            return self._client
+
+    async def warm(self) -> None:
+        """Start the zygote ahead of the first container (its interpreter start-up is the
+        one cold start berth pays)."""
+        try:
+            await self._ensure()
+        except (OSError, BerthError) as exc:
+            log.error("cannot start the zygote: %s", exc)
+
+    async def spawn(self, config: ShimConfig, log_path: str) -> int:
+        client = await self._ensure()
+        pid = await client.call("spawn", {"config": config.to_params(), "log_path": log_path},
+                                timeout=30)
+        self.spawned += 1
+        return int(pid["pid"])
+
+    async def _reap(self) -> None:
+        process = self._process
+        self._process = None
+        if process is not None:
+            with trio.move_on_after(2):
+                process.kill()
+                await process.wait()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        await self._reap()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+
+def shim_alive(pid: int, start_time: int) -> bool:
+    """True if `pid` is the same process that recorded `start_time` (not a reused pid)."""
+    if pid <= 0:
+        return False
+    current = process_start_time(pid)
+    if current is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state == b"Z":
+        return False
+    return current == start_time or start_time == 0
+
+
+async def wait_for_death(pid: int) -> None:
+    """Return when process `pid` has died (a pidfd becomes readable on exit, also for a
+    process that is not our child)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def connect_shim(address: str, label: str) -> RpcClient:
+    try:
+        client = await RpcClient.connect(address, label=label, max_frame_size=1024 * 1024)
+    except OSError as exc:
+        raise Unavailable(f"cannot connect to shim {label}: {exc}") from None
+    return client
+

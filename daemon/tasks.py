@@ -1,0 +1,651 @@
+"""The task service: one shim per task, supervised; the daemon's view rebuilt on restart.
+
+Where the truth lives: a task's processes, exit statuses and output belong to its shim and
+to its state directory (`<state>/tasks/<ns>/<id>/`: config.json, shim.json, exit/, log/).
+The daemon keeps a cache (for list/wait) fed by the shim's acknowledged event stream, and
+can rebuild it at any time from the shims and those files. That is what makes a daemon
+restart lose nothing:
+- a live shim is reconnected; it replays every event the daemon never acknowledged
+  (an exit that happened while the daemon was down arrives as a normal /tasks/exit);
+- a dead shim's exit statuses are read from its exit files; a process without one is
+  reported exited with status 255 (containerd's "unknown") and its container is killed
+  through the runtime, so nothing keeps running unsupervised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from berth.daemon import shims
+from berth.daemon.config import Config
+from berth.daemon.events import Exchange
+from berth.daemon.rootfs import build_busybox_rootfs
+from berth.daemon.rpc import RpcClient
+from berth.daemon.store import Store
+from berth.shim import events as shim_topics
+from berth.shim.errors import (
+    AlreadyExists,
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
+from berth.shim.identifiers import is_valid, validate
+from berth.shim.runtime import RuntimeConfig
+from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
+from berth.shim.task import ShimConfig
+
+log = logging.getLogger("berthd.tasks")
+
+UNKNOWN_EXIT = 255  # containerd's status when the real one cannot be known
+SHIM_CALL_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+
+CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
+
+# shim topic -> daemon topic (containerd's names)
+TOPICS = {
+    shim_topics.TASK_CREATE: "/tasks/create",
+    shim_topics.TASK_START: "/tasks/start",
+    shim_topics.TASK_EXIT: "/tasks/exit",
+    shim_topics.EXEC_EXIT: "/tasks/exit",
+    shim_topics.TASK_OOM: "/tasks/oom",
+    shim_topics.TASK_PAUSED: "/tasks/paused",
+    shim_topics.TASK_RESUMED: "/tasks/resumed",
+    shim_topics.TASK_DELETE: "/tasks/delete",
+    shim_topics.EXEC_ADDED: "/tasks/exec-added",
+    shim_topics.EXEC_STARTED: "/tasks/exec-started",
+}
+
+
+@dataclass
+class ProcessView:
+    exec_id: str = ""
+    pid: int = 0
+    status: str = CREATED
+    exit_status: int = 0
+    exited_at: int = 0
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    def set_status(self, status: str) -> None:
+        if self.status != STOPPED:  # an exit is final, whatever order news arrives in
+            self.status = status
+
+    def set_exit(self, pid: int, status: int, exited_at: int) -> bool:
+        """Record the exit; False if it was already known."""
+        if self.exited.is_set():
+            return False
+        if pid:
+            self.pid = pid
+        self.status = STOPPED
+        self.exit_status = status
+        self.exited_at = exited_at
+        self.exited.set()
+        return True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "exec_id": self.exec_id,
+            "pid": self.pid,
+            "status": self.status,
+            "exit_status": self.exit_status,
+            "exited_at": self.exited_at,
+        }
+
+
+@dataclass
+class TaskHandle:
+    namespace: str
+    id: str
+    bundle: str
+    address: str
+    runtime: RuntimeConfig
+    shim_pid: int = 0
+    shim_start_time: int = 0
+    client: RpcClient | None = None
+    init: ProcessView = field(default_factory=ProcessView)
+    execs: dict[str, ProcessView] = field(default_factory=dict)
+    shim_dead: bool = False
+    deleting: bool = False
+    processed_seq: int = 0
+    progress: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    supervised: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.id)
+
+    def process(self, exec_id: str | None) -> ProcessView:
+        if not exec_id:
+            return self.init
+        view = self.execs.get(exec_id)
+        if view is None:
+            raise NotFound(f"exec {exec_id} not found in task {self.id}")
+        return view
+
+    def mark_progress(self, seq: int) -> None:
+        self.processed_seq = max(self.processed_seq, seq)
+        self.progress.set()
+        self.progress = trio.Event()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "namespace": self.namespace,
+            "pid": self.init.pid,
+            "status": self.init.status,
+            "exit_status": self.init.exit_status,
+            "exited_at": self.init.exited_at,
+            "shim_pid": self.shim_pid,
+            "shim_dead": self.shim_dead,
+        }
+
+
+class TaskService:
+    def __init__(self, config: Config, store: Store, exchange: Exchange,
+                 nursery: trio.Nursery, zygote: shims.Zygote) -> None:
+        self._config = config
+        self._store = store
+        self._exchange = exchange
+        self._nursery = nursery
+        self._zygote = zygote
+        self._tasks: dict[tuple[str, str], TaskHandle] = {}
+        self._reserved: set[tuple[str, str]] = set()
+        self._rootfs_lock = trio.Lock()
+        self.closing = False
+
+    # -- paths
+
+    def _bundle(self, namespace: str, container_id: str) -> str:
+        return os.path.join(self._config.tasks_dir, namespace, container_id)
+
+    def _socket(self, namespace: str, container_id: str) -> str:
+        digest = hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
+        return os.path.join(self._config.sockets_dir, f"{digest}.sock")
+
+    def get_handle(self, namespace: str, container_id: str) -> TaskHandle:
+        handle = self._tasks.get((namespace, container_id))
+        if handle is None:
+            raise NotFound(f"task {container_id} not found")
+        return handle
+
+    def has_task(self, namespace: str, container_id: str) -> bool:
+        return (namespace, container_id) in self._tasks or (namespace, container_id) in self._reserved
+
+    def namespace_in_use(self, namespace: str) -> bool:
+        return any(key[0] == namespace for key in (*self._tasks, *self._reserved))
+
+    # -- creation
+
+    async def create(self, namespace: str, container_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        key = (namespace, container_id)
+        container = self._store.get_container(namespace, container_id)
+        if key in self._tasks or key in self._reserved:
+            raise AlreadyExists(f"task {container_id} already exists")
+        entry = self._config.runtimes.get(container.runtime)
+        if entry is None:
+            raise InvalidArgument(f"unknown runtime {container.runtime!r}")
+        binary = container.runtime_options.get("binary_name") or entry.binary
+        if not shutil.which(binary):
+            raise NotFound(f"OCI runtime binary {binary!r} not found for runtime {entry.name}")
+        self._reserved.add(key)
+        handle: TaskHandle | None = None
+        bundle = self._bundle(namespace, container_id)
+        try:
+            spec = await self._prepare_spec(container.spec, bundle)
+            if os.path.lexists(bundle):
+                await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+            os.makedirs(bundle, mode=0o700)
+            _write_json(os.path.join(bundle, "config.json"), spec)
+            runtime_root = container.runtime_options.get("root") or self._config.runtime_root(
+                entry, namespace
+            )
+            runtime = RuntimeConfig(binary=binary, root=runtime_root, args=entry.args,
+                                    systemd_cgroup=entry.systemd_cgroup)
+            handle = TaskHandle(namespace, container_id, bundle,
+                                self._socket(namespace, container_id), runtime)
+            shim_config = ShimConfig(container_id, namespace, bundle, handle.address, runtime)
+            handle.shim_pid = await self._zygote.spawn(
+                shim_config, os.path.join(bundle, "shim.log")
+            )
+            handle.shim_start_time = process_start_time(handle.shim_pid) or 0
+            await self._attach(handle)
+            io = {k: params.get(k) for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")}
+            if params.get("log"):
+                io["log"] = {"max_size": self._config.log_max_size,
+                             "max_files": self._config.log_max_files}
+                if isinstance(params["log"], dict):
+                    io["log"].update(params["log"])
+            self._tasks[key] = handle
+            result = await self._call(handle, "create", io)
+            handle.init.pid = int(result["pid"])
+            return {"pid": handle.init.pid}
+        except BaseException:
+            self._tasks.pop(key, None)
+            if handle is not None:
+                with trio.CancelScope(shield=True):
+                    await self._discard(handle)
+            else:
+                shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        finally:
+            self._reserved.discard(key)
+
+    async def _prepare_spec(self, spec: dict[str, Any], bundle: str) -> dict[str, Any]:
+        spec = dict(spec)
+        root = dict(spec.get("root") or {})
+        path = root.get("path") or ""
+        if not isinstance(path, str):
+            raise InvalidArgument("spec root.path must be a string")
+        if not path:
+            async with self._rootfs_lock:
+                path = await trio.to_thread.run_sync(
+                    build_busybox_rootfs, self._config.default_rootfs
+                )
+            root["readonly"] = True  # shared by every container that uses it
+        elif not os.path.isabs(path):
+            path = os.path.join(bundle, path)
+        if not os.path.isdir(path):
+            raise InvalidArgument(f"rootfs {path} does not exist or is not a directory")
+        root["path"] = path
+        spec["root"] = root
+        if not isinstance(spec.get("process"), dict):
+            raise InvalidArgument("spec has no process")
+        return spec
+
+    async def _attach(self, handle: TaskHandle) -> None:
+        """Connect to a live shim and start supervising it."""
+        with trio.fail_after(CONNECT_TIMEOUT):
+            client = await shims.connect_shim(handle.address, f"shim {handle.namespace}/{handle.id}")
+            handle.client = client
+            try:
+                await client.handshake()
+            except BaseException:
+                await client.aclose()
+                raise
+            self._nursery.start_soon(client.run)
+        await self._nursery.start(self._supervise, handle)
+
+    async def _supervise(self, handle: TaskHandle, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Relay the shim's events until the shim dies or the task is deleted."""
+        assert handle.client is not None
+        client = handle.client
+        pump_done = trio.Event()
+        with handle.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_events, handle, client, pump_done)
+                task_status.started()
+                await shims.wait_for_death(handle.shim_pid)
+                # Events the shim sent before it died are still in the socket: drain them.
+                with trio.move_on_after(2):
+                    await pump_done.wait()
+                nursery.cancel_scope.cancel()
+        handle.supervised.set()
+        if not handle.scope.cancelled_caught and not self.closing and not handle.deleting:
+            log.warning("shim of %s/%s (pid %d) died", handle.namespace, handle.id, handle.shim_pid)
+            await self._shim_died(handle)
+
+    async def _pump_events(self, handle: TaskHandle, client: RpcClient, done: trio.Event) -> None:
+        try:
+            async for item in client.stream("events"):
+                try:
+                    self._apply_event(handle, item)
+                except Exception:
+                    log.exception("bad event from shim %s/%s: %r", handle.namespace, handle.id, item)
+                seq = item.get("seq") if isinstance(item, dict) else None
+                if isinstance(seq, int):
+                    handle.mark_progress(seq)
+                    await client.notify("ack", {"seq": seq})
+        except Unavailable:
+            pass
+        finally:
+            done.set()
+
+    def _apply_event(self, handle: TaskHandle, item: dict[str, Any]) -> None:
+        seq, topic, payload = item.get("seq", 0), item.get("topic"), item.get("payload") or {}
+        if not isinstance(payload, dict) or not isinstance(topic, str):
+            return
+        if isinstance(seq, int) and seq <= handle.processed_seq:
+            return  # a replay this daemon has already handled
+        timestamp = item.get("timestamp") or time.time_ns()
+        exec_id = payload.get("exec_id") or ""
+        event: dict[str, Any] = {"container_id": handle.id}
+        if topic == shim_topics.TASK_CREATE:
+            handle.init.pid = payload.get("pid", 0)
+            event.update(bundle=handle.bundle, pid=handle.init.pid,
+                         io={k: payload.get(k) for k in ("stdin", "stdout", "stderr", "terminal")})
+        elif topic == shim_topics.TASK_START:
+            handle.init.set_status(RUNNING)
+            event.update(pid=payload.get("pid", 0))
+        elif topic in (shim_topics.TASK_EXIT, shim_topics.EXEC_EXIT):
+            view = handle.init if topic == shim_topics.TASK_EXIT else handle.execs.get(exec_id)
+            pid, status, at = payload.get("pid", 0), payload.get("exit_status", 0), payload.get("exited_at", 0)
+            if view is not None:
+                view.set_exit(pid, status, at)
+            event.update(id=exec_id or handle.id, pid=pid, exit_status=status, exited_at=at)
+        elif topic == shim_topics.EXEC_ADDED:
+            handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
+            event.update(exec_id=exec_id)
+        elif topic == shim_topics.EXEC_STARTED:
+            view = handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
+            view.pid = payload.get("pid", 0)
+            view.set_status(RUNNING)
+            event.update(exec_id=exec_id, pid=view.pid)
+        elif topic == shim_topics.TASK_PAUSED:
+            handle.init.set_status(PAUSED)
+        elif topic == shim_topics.TASK_RESUMED:
+            handle.init.set_status(RUNNING)
+        elif topic == shim_topics.TASK_DELETE:
+            event.update(id=handle.id, pid=payload.get("pid", 0),
+                         exit_status=payload.get("exit_status", 0),
+                         exited_at=payload.get("exited_at", 0))
+        daemon_topic = TOPICS.get(topic)
+        if daemon_topic is not None:
+            self._exchange.publish(handle.namespace, daemon_topic, event, timestamp)
+
+    async def _shim_died(self, handle: TaskHandle) -> None:
+        """Report every unfinished process exited: with its exit file's status if the shim
+        wrote one, else 255; kill whatever of the container is still running."""
+        handle.shim_dead = True
+        if handle.client is not None:
+            await handle.client.aclose()
+        exit_dir = os.path.join(handle.bundle, "exit")
+        now = time.time_ns()
+        init_record = _safe_exit_record(exit_dir, "init")
+        if init_record is None and handle.init.pid and not handle.init.exited.is_set():
+            await self._runtime_cleanup(handle)
+        views = [("init", handle.init)] + [(f"exec-{k}", v) for k, v in handle.execs.items()]
+        for name, view in views:
+            if view.exited.is_set() or (view.pid == 0 and view is not handle.init):
+                continue
+            record = _safe_exit_record(exit_dir, name) or ExitRecord(view.pid, UNKNOWN_EXIT, now)
+            if view is handle.init and init_record is None:
+                try:  # the daemon's own record, so that a later restart reports the same
+                    write_exit_file(exit_dir, "init", record)
+                except OSError as exc:
+                    log.error("cannot write exit file for %s: %s", handle.id, exc)
+            if view.set_exit(record.pid, record.status, record.exited_at):
+                self._exchange.publish(
+                    handle.namespace,
+                    "/tasks/exit",
+                    {"container_id": handle.id, "id": view.exec_id or handle.id,
+                     "pid": record.pid, "exit_status": record.status,
+                     "exited_at": record.exited_at},
+                )
+
+    async def _runtime_cleanup(self, handle: TaskHandle) -> None:
+        """Without a shim, the container must not run on: kill and delete it by runtime."""
+        rt = handle.runtime
+        base = [rt.binary] + (["--root", rt.root] if rt.root else []) + list(rt.args)
+        for args in (["kill", "--all", handle.id, "KILL"], ["delete", "--force", handle.id]):
+            try:
+                with trio.move_on_after(10):
+                    await trio.run_process(base + args, check=False, capture_stdout=True,
+                                           capture_stderr=True)
+            except OSError as exc:
+                log.error("runtime cleanup of %s failed: %s", handle.id, exc)
+
+    async def _discard(self, handle: TaskHandle) -> None:
+        """Undo a failed create: stop the shim and remove the bundle."""
+        handle.deleting = True
+        if handle.client is not None and not handle.client.closed.is_set():
+            try:
+                with trio.move_on_after(5):
+                    await handle.client.call("shutdown", {"now": True})
+            except BerthError:
+                pass
+        if handle.shim_pid and shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+            with trio.move_on_after(3):
+                await shims.wait_for_death(handle.shim_pid)
+            if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+                _kill(handle.shim_pid)
+        handle.scope.cancel()
+        if handle.client is not None:
+            await handle.client.aclose()
+        await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
+
+    # -- calls into a shim
+
+    async def _call(self, handle: TaskHandle, method: str, params: dict[str, Any] | None = None,
+                    timeout: float = SHIM_CALL_TIMEOUT) -> Any:
+        if handle.shim_dead or handle.client is None:
+            raise FailedPrecondition(f"task {handle.id}: its shim is gone; the task has exited")
+        return await handle.client.call(method, params or {}, timeout=timeout)
+
+    async def start(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
+        handle = self.get_handle(namespace, container_id)
+        result = await self._call(handle, "start", {"exec_id": exec_id or ""})
+        view = handle.process(exec_id)
+        if exec_id:
+            view.pid = int(result["pid"])
+        view.set_status(RUNNING)
+        return {"pid": int(result["pid"])}
+
+    async def kill(self, namespace: str, container_id: str, signo: int, all_processes: bool,
+                   exec_id: str | None) -> None:
+        handle = self.get_handle(namespace, container_id)
+        view = handle.process(exec_id)
+        if view.exited.is_set():
+            raise NotFound(f"process {exec_id or container_id} already finished")
+        await self._call(handle, "kill", {"signal": signo, "all": all_processes,
+                                          "exec_id": exec_id or ""})
+
+    async def exec(self, namespace: str, container_id: str, exec_id: str,
+                   params: dict[str, Any]) -> None:
+        validate(exec_id, "exec id")
+        handle = self.get_handle(namespace, container_id)
+        if exec_id in handle.execs:
+            raise AlreadyExists(f"exec {exec_id} already exists")
+        shim_params = {k: params.get(k) for k in ("stdin", "stdout", "stderr", "terminal",
+                                                   "spec", "width", "height", "log")}
+        shim_params["exec_id"] = exec_id
+        await self._call(handle, "exec", shim_params)
+        handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
+
+    async def delete_process(self, namespace: str, container_id: str, exec_id: str) -> dict[str, Any]:
+        handle = self.get_handle(namespace, container_id)
+        view = handle.process(exec_id)
+        if handle.shim_dead:
+            handle.execs.pop(exec_id, None)
+            return view.to_wire()
+        result = await self._call(handle, "delete", {"exec_id": exec_id})
+        handle.execs.pop(exec_id, None)
+        return dict(result)
+
+    async def delete(self, namespace: str, container_id: str, force: bool = False) -> dict[str, Any]:
+        handle = self.get_handle(namespace, container_id)
+        if handle.deleting:
+            raise FailedPrecondition(f"task {container_id} is being deleted")
+        handle.deleting = True
+        try:
+            if handle.shim_dead:
+                result = {"pid": handle.init.pid, "exit_status": handle.init.exit_status,
+                          "exited_at": handle.init.exited_at}
+                await self._runtime_cleanup(handle)
+                self._exchange.publish(namespace, "/tasks/delete",
+                                       {"container_id": container_id, "id": container_id, **result})
+            else:
+                reply = await self._call(handle, "delete", {"force": force})
+                result = {k: reply.get(k, 0) for k in ("pid", "exit_status", "exited_at")}
+                handle.init.set_exit(result["pid"], result["exit_status"], result["exited_at"])
+                # Let the event pump publish what the shim sent before this reply.
+                last = reply.get("seq", 0)
+                with trio.move_on_after(2):
+                    while handle.processed_seq < last and not handle.supervised.is_set():
+                        await handle.progress.wait()
+                try:
+                    await self._call(handle, "shutdown", {}, timeout=5)
+                except BerthError as exc:
+                    log.warning("shim shutdown for %s: %s", container_id, exc)
+                with trio.move_on_after(5):
+                    await shims.wait_for_death(handle.shim_pid)
+                if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+                    log.warning("shim of %s did not exit; killing it", container_id)
+                    _kill(handle.shim_pid)
+        except BaseException:
+            handle.deleting = False
+            raise
+        handle.scope.cancel()
+        if handle.client is not None:
+            await handle.client.aclose()
+        self._tasks.pop(handle.key, None)
+        await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
+        return result
+
+    async def wait(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
+        handle = self.get_handle(namespace, container_id)
+        view = handle.process(exec_id)
+        await view.exited.wait()
+        return {"pid": view.pid, "exit_status": view.exit_status, "exited_at": view.exited_at}
+
+    async def get(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
+        handle = self.get_handle(namespace, container_id)
+        view = handle.process(exec_id)
+        if not handle.shim_dead and handle.client is not None and not view.exited.is_set():
+            try:
+                state = await self._call(handle, "state", {"exec_id": exec_id or ""}, timeout=10)
+            except Unavailable:
+                state = None
+            if isinstance(state, dict):
+                view.pid = state.get("pid", view.pid)
+                status = state.get("status", view.status)
+                if status == STOPPED:
+                    view.set_exit(view.pid, state.get("exit_status", 0), state.get("exited_at", 0))
+                else:
+                    view.set_status(status)
+        out = {**view.to_wire(), "id": container_id, "namespace": namespace}
+        if not exec_id:
+            out["execs"] = [v.to_wire() for v in handle.execs.values()]
+            out["shim_pid"] = handle.shim_pid
+        return out
+
+    def list(self, namespace: str) -> list[dict[str, Any]]:
+        return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
+
+    async def simple(self, namespace: str, container_id: str, method: str,
+                     params: dict[str, Any] | None = None) -> Any:
+        """Calls passed through to the shim as they are."""
+        handle = self.get_handle(namespace, container_id)
+        result = await self._call(handle, method, params or {})
+        if method == "pause":
+            handle.init.set_status(PAUSED)
+        elif method == "resume":
+            handle.init.set_status(RUNNING)
+        return result
+
+    # -- recovery
+
+    async def recover(self) -> int:
+        """Find every task in the state dir and reattach to it; return how many."""
+        tasks_dir = self._config.tasks_dir
+        if not os.path.isdir(tasks_dir):
+            return 0
+        found = 0
+        async with trio.open_nursery() as nursery:
+            for namespace in sorted(os.listdir(tasks_dir)):
+                ns_dir = os.path.join(tasks_dir, namespace)
+                if not is_valid(namespace) or not os.path.isdir(ns_dir):
+                    log.error("recovery: ignoring unexpected entry %s", ns_dir)
+                    continue
+                for container_id in sorted(os.listdir(ns_dir)):
+                    bundle = os.path.join(ns_dir, container_id)
+                    if not is_valid(container_id) or not os.path.isdir(bundle):
+                        log.error("recovery: ignoring unexpected entry %s", bundle)
+                        continue
+                    try:
+                        record = read_state(bundle)
+                    except CorruptState as exc:
+                        log.error("recovery: skipping %s: %s", bundle, exc)
+                        continue
+                    if record is None:
+                        # The daemon died before this task's shim ever ran: nothing to keep.
+                        log.info("recovery: removing never-started bundle %s", bundle)
+                        shutil.rmtree(bundle, ignore_errors=True)
+                        continue
+                    found += 1
+                    nursery.start_soon(self._recover_one, namespace, container_id, bundle, record)
+        return found
+
+    async def _recover_one(self, namespace: str, container_id: str, bundle: str,
+                           record: ShimRecord) -> None:
+        try:
+            runtime = RuntimeConfig.from_params(record.runtime)
+        except BerthError:
+            runtime = RuntimeConfig()
+        handle = TaskHandle(namespace, container_id, bundle, record.address, runtime,
+                            shim_pid=record.pid, shim_start_time=record.start_time)
+        self._tasks[handle.key] = handle
+        if shims.shim_alive(record.pid, record.start_time):
+            try:
+                await self._attach(handle)
+                processes = await self._call(handle, "list", {}, timeout=10)
+                for state in processes:
+                    exec_id = state.get("exec_id") or ""
+                    view = handle.execs.setdefault(exec_id, ProcessView(exec_id)) if exec_id else handle.init
+                    view.pid = state.get("pid", 0)
+                    if state.get("status") == STOPPED:
+                        # Published by the replayed exit event; only fill the cache here.
+                        view.status = STOPPED
+                        view.exit_status = state.get("exit_status", 0)
+                        view.exited_at = state.get("exited_at", 0)
+                    else:
+                        view.set_status(state.get("status", CREATED))
+                return
+            except (BerthError, OSError, trio.TooSlowError) as exc:
+                log.error("recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
+                          record.pid, namespace, container_id, exc)
+                if shims.shim_alive(record.pid, record.start_time):
+                    _kill(record.pid)
+                handle.scope.cancel()
+        handle.init.pid = _init_pid(bundle)
+        await self._shim_died(handle)
+
+    async def close(self) -> None:
+        """Daemon shutdown: stop supervising; the shims and containers live on."""
+        self.closing = True
+        for handle in self._tasks.values():
+            handle.scope.cancel()
+            if handle.client is not None:
+                await handle.client.aclose()
+
+
+def _safe_exit_record(exit_dir: str, name: str) -> ExitRecord | None:
+    try:
+        return read_exit_file(exit_dir, name)
+    except CorruptExitFile as exc:
+        log.error("corrupt exit file %s/%s: %s", exit_dir, name, exc)
+        return None
+
+
+def _init_pid(bundle: str) -> int:
+    try:
+        with open(os.path.join(bundle, "init.pid")) as f:
+            return int(f.read(32).strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _write_json(path: str, doc: dict[str, Any]) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(doc, f)

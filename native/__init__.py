@@ -1,0 +1,102 @@
+"""Kernel interfaces the standard library lacks, bound with cffi (API mode).
+
+Only what berth needs and the stdlib does not offer: signalfd(2) with its siginfo record,
+and tee(2). pidfd_open, waitid(P_PIDFD), pthread_sigmask, splice and SCM_RIGHTS are in the
+stdlib already and are used from there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from berth.native._sys import ffi, lib
+
+SIGINFO_SIZE = ffi.sizeof("struct signalfd_siginfo")  # 128 on every Linux ABI
+
+
+@dataclass(frozen=True, slots=True)
+class SigInfo:
+    """One record read from a signalfd. For SIGCHLD, `pid`/`status` name *a* child that
+    changed state; SIGCHLDs coalesce, so a reaper must still loop on waitpid(WNOHANG)."""
+
+    signo: int
+    code: int
+    pid: int
+    uid: int
+    status: int
+
+
+class SignalFD:
+    """A non-blocking, close-on-exec signalfd for `signals`.
+
+    The caller must have blocked those signals with `signal.pthread_sigmask` *before any
+    thread exists*: a thread that still has them unblocked receives them instead, and the
+    signalfd stays silent (measured: most SIGCHLDs were lost with one early thread).
+    """
+
+    def __init__(self, signals: Iterable[int]) -> None:
+        mask = ffi.new("sigset_t *")
+        lib.sigemptyset(mask)
+        for signo in signals:
+            if lib.sigaddset(mask, int(signo)) != 0:
+                raise ValueError(f"invalid signal number {signo}")
+        fd = lib.signalfd(-1, mask, lib.SFD_CLOEXEC | lib.SFD_NONBLOCK)
+        if fd < 0:
+            err = ffi.errno
+            raise OSError(err, f"signalfd: {os.strerror(err)}")
+        self._fd: int = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("signalfd is closed")
+        return self._fd
+
+    def read(self, max_records: int = 64) -> list[SigInfo]:
+        """Drain up to `max_records` pending records; an empty list when none are pending."""
+        try:
+            data = os.read(self.fileno(), SIGINFO_SIZE * max_records)
+        except BlockingIOError:
+            return []
+        records = []
+        for offset in range(0, len(data) - SIGINFO_SIZE + 1, SIGINFO_SIZE):
+            raw = ffi.from_buffer("struct signalfd_siginfo *", data[offset : offset + SIGINFO_SIZE])
+            records.append(
+                SigInfo(
+                    signo=raw.ssi_signo,
+                    code=raw.ssi_code,
+                    pid=raw.ssi_pid,
+                    uid=raw.ssi_uid,
+                    status=raw.ssi_status,
+                )
+            )
+        return records
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SignalFD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tee(fd_in: int, fd_out: int, length: int, nonblock: bool = True) -> int:
+    """tee(2): duplicate up to `length` bytes from pipe `fd_in` into pipe `fd_out` without
+    consuming them. Raises BlockingIOError when either side would block."""
+    flags = lib.SPLICE_F_NONBLOCK if nonblock else 0
+    n = lib.tee(fd_in, fd_out, length, flags)
+    if n < 0:
+        err = ffi.errno
+        if err == errno.EAGAIN:
+            raise BlockingIOError(err, os.strerror(err))
+        raise OSError(err, f"tee: {os.strerror(err)}")
+    return int(n)
+
+
+__all__ = ["SIGINFO_SIZE", "SigInfo", "SignalFD", "tee"]

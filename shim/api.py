@@ -1,0 +1,394 @@
+"""The shim's API: msgpack-RPC (berth.shim.protocol) over its UNIX socket.
+
+The socket is path-based, mode 0600, in a 0700 directory, and every connection's peer
+credentials are checked (uid 0, or the shim's own uid): nothing else on the host, and
+nothing in a container sharing the host network namespace, can drive a shim.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from berth.shim import events as shim_events
+from berth.shim.errors import (
+    BerthError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    Unimplemented,
+)
+from berth.shim.loop import Lock, Loop, log
+from berth.shim.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Connection,
+    ConnectionClosed,
+    ErrorReply,
+    Hello,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Role,
+    StreamEnd,
+    StreamItem,
+    NeedData,
+)
+from berth.shim.task import Task
+from berth.shim.unixsock import peer_credentials
+
+MAX_FRAME = 1024 * 1024
+MAX_OUTBUF = 32 * 1024 * 1024
+MAX_CONNECTIONS = 64
+RECV_SIZE = 64 * 1024
+
+Handler = Callable[["ShimConnection", Request], Awaitable[Any]]
+
+
+class ShimServer:
+    def __init__(self, loop: Loop, listener: socket.socket, task: Task,
+                 queue: shim_events.EventQueue) -> None:
+        self.loop = loop
+        self.task = task
+        self.queue = queue
+        self.started_at = time.time_ns()
+        self._listener = listener
+        self._connections: set[ShimConnection] = set()
+        self._lock = Lock()
+        self.shutting_down = False
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), self._accept)
+        self.handlers: dict[str, Handler] = {
+            "info": self._info,
+            "state": self._state,
+            "list": self._list,
+            "create": self._create,
+            "start": self._start,
+            "kill": self._kill,
+            "exec": self._exec,
+            "resize_pty": self._resize_pty,
+            "close_io": self._close_io,
+            "pause": self._pause,
+            "resume": self._resume,
+            "update": self._update,
+            "stats": self._stats,
+            "pids": self._pids,
+            "wait": self._wait,
+            "delete": self._delete,
+            "shutdown": self._shutdown,
+            "events": self._events,
+            "ack": self._ack,
+        }
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log(f"accept: {exc}")
+                    return
+                raise
+            _, uid, _ = peer_credentials(sock)
+            if uid not in (0, os.getuid()) or len(self._connections) >= MAX_CONNECTIONS:
+                log(f"refused a connection from uid {uid}")
+                sock.close()
+                continue
+            self._connections.add(ShimConnection(self, sock))
+
+    def forget(self, conn: ShimConnection) -> None:
+        self._connections.discard(conn)
+
+    def close(self) -> None:
+        self.loop.forget_fd(self._listener.fileno())
+        self._listener.close()
+        for conn in list(self._connections):
+            conn.close()
+
+    # -- handlers: each returns the result, or raises a BerthError
+
+    async def _info(self, conn: ShimConnection, req: Request) -> Any:
+        return {
+            "pid": os.getpid(),
+            "protocol": PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "last_event": self.queue.last_seq,
+            **self.task.config.to_params(),
+        }
+
+    async def _state(self, conn: ShimConnection, req: Request) -> Any:
+        return self.task.state(_exec_id(req))
+
+    async def _list(self, conn: ShimConnection, req: Request) -> Any:
+        return self.task.list_processes()
+
+    async def _create(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            return await self.task.create(req.params)
+
+    async def _start(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            return await self.task.start(_exec_id(req))
+
+    async def _kill(self, conn: ShimConnection, req: Request) -> Any:
+        signo = req.params.get("signal", 15)
+        if not isinstance(signo, int):
+            raise InvalidArgument("signal must be an integer")
+        async with self._lock:
+            await self.task.kill(signo, bool(req.params.get("all", False)), _exec_id(req))
+        return {}
+
+    async def _exec(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            return await self.task.exec(req.params)
+
+    async def _resize_pty(self, conn: ShimConnection, req: Request) -> Any:
+        width, height = req.params.get("width"), req.params.get("height")
+        if not isinstance(width, int) or not isinstance(height, int):
+            raise InvalidArgument("width and height must be integers")
+        self.task.resize_pty(_exec_id(req), width, height)
+        return {}
+
+    async def _close_io(self, conn: ShimConnection, req: Request) -> Any:
+        if req.params.get("stdin", True):
+            self.task.close_io(_exec_id(req))
+        return {}
+
+    async def _pause(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            await self.task.pause()
+        return {}
+
+    async def _resume(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            await self.task.resume()
+        return {}
+
+    async def _update(self, conn: ShimConnection, req: Request) -> Any:
+        resources = req.params.get("resources")
+        if not isinstance(resources, dict):
+            raise InvalidArgument("resources must be a map (OCI LinuxResources)")
+        async with self._lock:
+            await self.task.update(resources)
+        return {}
+
+    async def _stats(self, conn: ShimConnection, req: Request) -> Any:
+        return self.task.stats()
+
+    async def _pids(self, conn: ShimConnection, req: Request) -> Any:
+        return {"processes": await self.task.pids()}
+
+    async def _wait(self, conn: ShimConnection, req: Request) -> Any:
+        return await self.task.wait(_exec_id(req))
+
+    async def _delete(self, conn: ShimConnection, req: Request) -> Any:
+        async with self._lock:
+            result = await self.task.delete(_exec_id(req), bool(req.params.get("force", False)))
+        # The daemon waits until it has relayed every event up to this one.
+        return {**result, "seq": self.queue.last_seq}
+
+    async def _shutdown(self, conn: ShimConnection, req: Request) -> Any:
+        now = bool(req.params.get("now", False))
+        if not now and self.task.init is not None and not self.task.deleted:
+            raise FailedPrecondition("the task has not been deleted")
+        self.shutting_down = True
+        conn.after_flush(self.loop.stop)
+        return {}
+
+    async def _events(self, conn: ShimConnection, req: Request) -> Any:
+        conn.subscribe_events(req.id)
+        return _STREAMING
+
+    async def _ack(self, conn: ShimConnection, req: Request) -> Any:
+        seq = req.params.get("seq")
+        if not isinstance(seq, int):
+            raise InvalidArgument("seq must be an integer")
+        return {"pending": self.queue.ack(seq)}
+
+
+_STREAMING = object()
+
+
+def _exec_id(req: Request) -> str | None:
+    value = req.params.get("exec_id")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument("exec_id must be a string")
+    return value
+
+
+class ShimConnection:
+    """One client connection: protocol state, an outgoing buffer, in-flight requests."""
+
+    def __init__(self, server: ShimServer, sock: socket.socket) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        sock.setblocking(False)
+        self._proto = Connection(Role.SERVER, max_frame_size=MAX_FRAME, peer_name="berth-shim")
+        self._out = bytearray()
+        self._closed = False
+        self._after_flush: list[Callable[[], None]] = []
+        self._stream_id: int | None = None
+        self._subscriber: Callable[[shim_events.Event], None] | None = None
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            self._proto.receive_data(data)
+            self._process_events()
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            log(f"closing a client connection: {exc}")
+            self.close()
+
+    def _process_events(self) -> None:
+        while not self._closed:
+            try:
+                event = self._proto.next_event()
+            except RemoteProtocolError as exc:
+                if exc.fatal:
+                    self._write(self._proto.refusal(str(exc), "invalid_argument"))
+                    self.after_flush(self.close)
+                    return
+                self._send(ErrorReply(exc.request_id, "invalid_argument", str(exc)))
+                continue
+            if isinstance(event, NeedData):
+                return
+            if isinstance(event, ConnectionClosed):
+                self.close()
+                return
+            if isinstance(event, Hello):
+                self._send(self._proto.server_handshake(event))
+            elif isinstance(event, Request):
+                self._loop.create_task(self._handle(event), name=event.method)
+            elif isinstance(event, Cancel) and event.id == self._stream_id:
+                self._end_stream()
+
+    async def _handle(self, req: Request) -> None:
+        handler = self._server.handlers.get(req.method)
+        try:
+            if handler is None:
+                raise Unimplemented(f"unknown method {req.method!r}")
+            if self._server.shutting_down and req.method != "shutdown":
+                raise Unavailable("shim is shutting down")
+            result = await handler(self, req)
+        except BerthError as exc:
+            self._reply(ErrorReply.from_exception(req.id, exc))
+            return
+        except Exception as exc:
+            log(f"{req.method} failed: {exc!r}")
+            self._reply(ErrorReply.from_exception(req.id, Internal(f"{req.method}: {exc}")))
+            return
+        if result is not _STREAMING:
+            self._reply(Response(req.id, result))
+
+    def _reply(self, event: Response | ErrorReply) -> None:
+        if self._closed:
+            return
+        try:
+            self._send(event)
+        except LocalProtocolError as exc:  # e.g. a result too big for one frame
+            log(f"cannot send reply: {exc}")
+            self._send(ErrorReply(event.id, "internal", f"reply not sendable: {exc}"))
+
+    def subscribe_events(self, request_id: int) -> None:
+        if self._stream_id is not None:
+            self._end_stream()
+
+        def deliver(event: shim_events.Event) -> None:
+            if not self._closed and self._stream_id == request_id:
+                self._send(StreamItem(request_id, event.to_wire()))
+
+        self._stream_id = request_id
+        self._subscriber = deliver
+        self._server.queue.subscribe(deliver)
+
+    def _end_stream(self) -> None:
+        if self._subscriber is not None:
+            self._server.queue.unsubscribe(self._subscriber)
+        if self._stream_id is not None and not self._closed:
+            self._send(StreamEnd(self._stream_id))
+        self._stream_id = None
+        self._subscriber = None
+
+    def _send(self, event: Any) -> None:
+        if self._closed:
+            return
+        self._write(self._proto.send(event))
+
+    def _write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if not self._out:
+            try:
+                n = self._sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.close()
+                return
+            data = data[n:]
+            if not data:
+                self._run_after_flush()
+                return
+        self._out += data
+        if len(self._out) > MAX_OUTBUF:
+            log("client does not read its replies; closing the connection")
+            self.close()
+            return
+        self._loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self._sock.send(self._out)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            del self._out[:n]
+        self._loop.remove_writer(self._fd)
+        self._run_after_flush()
+
+    def after_flush(self, cb: Callable[[], None]) -> None:
+        self._after_flush.append(cb)
+        if not self._out:
+            self._loop.call_soon(self._run_after_flush)
+
+    def _run_after_flush(self) -> None:
+        if self._out:
+            return
+        callbacks, self._after_flush = self._after_flush, []
+        for cb in callbacks:
+            cb()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._subscriber is not None:
+            self._server.queue.unsubscribe(self._subscriber)
+            self._subscriber = None
+        self._loop.forget_fd(self._fd)
+        self._sock.close()
+        self._server.forget(self)
+        callbacks, self._after_flush = self._after_flush, []
+        for cb in callbacks:
+            cb()

@@ -1,0 +1,87 @@
+"""Typed errors shared by every berth component and mapped across the wire.
+
+Modelled on containerd's errdefs: a small closed set of codes that a client can act on
+(retry on `unavailable`, create on `not_found`, ...). Anything unexpected is `internal`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BerthError(Exception):
+    """Base of all errors that cross an API boundary. `code` is the wire name."""
+
+    code: ClassVar[str] = "unknown"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code.replace("_", " "))
+        self.message = message or self.code.replace("_", " ")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotFound(BerthError):
+    code = "not_found"
+
+
+class AlreadyExists(BerthError):
+    code = "already_exists"
+
+
+class InvalidArgument(BerthError):
+    code = "invalid_argument"
+
+
+class FailedPrecondition(BerthError):
+    code = "failed_precondition"
+
+
+class Unavailable(BerthError):
+    code = "unavailable"
+
+
+class Internal(BerthError):
+    code = "internal"
+
+
+class Unimplemented(BerthError):
+    code = "unimplemented"
+
+
+class Canceled(BerthError):
+    code = "canceled"
+
+
+class DeadlineExceeded(BerthError):
+    code = "deadline_exceeded"
+
+
+class PermissionDenied(BerthError):
+    code = "permission_denied"
+
+
+ERROR_TYPES: dict[str, type[BerthError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        InvalidArgument,
+        FailedPrecondition,
+        Unavailable,
+        Internal,
+        Unimplemented,
+        Canceled,
+        DeadlineExceeded,
+        PermissionDenied,
+    )
+}
+
+
+def error_from_wire(code: str, message: str) -> BerthError:
+    """Rebuild the typed error a peer sent; unknown codes become `Internal` (never dropped)."""
+    cls = ERROR_TYPES.get(code)
+    if cls is None:
+        return Internal(f"{code}: {message}")
+    return cls(message)

@@ -1,0 +1,32 @@
+"""Validation of every name that becomes part of a path (IDs, namespaces, exec IDs).
+
+containerd's rule: `[A-Za-z0-9][A-Za-z0-9_.-]{0,75}`. It excludes "/", ".." as a whole
+name (the first character cannot be "."), and NUL, so a validated name joined under a
+directory always stays inside it. Check before any path is built, never after.
+"""
+
+from __future__ import annotations
+
+import re
+
+from berth.shim.errors import InvalidArgument
+
+MAX_LENGTH = 76
+_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
+
+
+def validate(name: object, what: str = "identifier") -> str:
+    """Return `name` if it is a valid identifier, else raise InvalidArgument."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{what} must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidArgument(f"{what} must not be empty")
+    if _PATTERN.fullmatch(name) is None:
+        raise InvalidArgument(
+            f"invalid {what} {name[:100]!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,75}}"
+        )
+    return name
+
+
+def is_valid(name: object) -> bool:
+    return isinstance(name, str) and _PATTERN.fullmatch(name) is not None

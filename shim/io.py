@@ -1,0 +1,648 @@
+"""Container stdio: pipes or a pty on the container side; FIFOs and log files on the other.
+
+The client names FIFOs (containerd's model): attach IO never passes through the daemon, so
+a daemon restart cannot cut it. The shim holds each output FIFO open O_RDWR, which makes it
+both a reader and a writer: opening never blocks, and a writer never gets EPIPE/SIGPIPE
+when the client goes away.
+
+What happens when nobody reads (the documented, bounded behaviour):
+- A FIFO sink buffers up to `fifo_buffer` bytes in the shim beyond the 64 KiB (or larger)
+  FIFO. While its reader makes progress, a full buffer applies backpressure, as any pipe
+  does: the shim stops reading the container's pipe. When the reader has drained nothing
+  for `stall_timeout` seconds, the shim stops waiting: output past the buffer is dropped
+  for that FIFO (and counted) until the reader drains again. A container never blocks for
+  longer than `stall_timeout` because of an absent reader.
+- A log sink (the shim writes stdout/stderr to files in the container's directory) never
+  blocks and never drops: files rotate at `max_size`, keeping `max_files`, so the bound is
+  on disk use, and the oldest rotated file is what goes.
+Log mode is the lossless mode; use it when nobody may be reading.
+
+Bytes move with splice(2) when there is one sink and nothing buffered, so stdout data does
+not pass through Python buffers on the fast path.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from berth.shim.errors import InvalidArgument
+from berth.shim.loop import Future, Loop, TimerHandle, log
+
+CHUNK = 256 * 1024
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size default; fewer wakeups per MiB
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    max_size: int = 16 * 1024 * 1024
+    max_files: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class IOConfig:
+    """What a client asks for one process's stdio."""
+
+    stdin: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    terminal: bool = False
+    log: LogConfig | None = None
+    fifo_buffer: int = 1024 * 1024
+    stall_timeout: float = 2.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, object]) -> IOConfig:
+        def path(key: str) -> str | None:
+            value = params.get(key)
+            if value in (None, ""):
+                return None
+            if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+                raise InvalidArgument(f"{key} must be an absolute path")
+            return value
+
+        log = params.get("log")
+        log_config: LogConfig | None = None
+        if log:
+            if isinstance(log, dict):
+                max_size = int(log.get("max_size", LogConfig.max_size))
+                max_files = int(log.get("max_files", LogConfig.max_files))
+                if max_size < 4096 or not 1 <= max_files <= 1000:
+                    raise InvalidArgument("log max_size must be >= 4096 and max_files 1..1000")
+                log_config = LogConfig(max_size, max_files)
+            else:
+                log_config = LogConfig()
+        return cls(
+            stdin=path("stdin"),
+            stdout=path("stdout"),
+            stderr=path("stderr"),
+            terminal=bool(params.get("terminal", False)),
+            log=log_config,
+        )
+
+    def to_params(self) -> dict[str, object]:
+        return {
+            "stdin": self.stdin,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "terminal": self.terminal,
+            "log": (
+                {"max_size": self.log.max_size, "max_files": self.log.max_files}
+                if self.log
+                else None
+            ),
+        }
+
+
+def open_fifo(path: str, flags: int) -> int:
+    """Open `path`, which must be a FIFO; never blocks."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise InvalidArgument(f"FIFO {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot open FIFO {path}: {exc.strerror}") from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"{path} is not a FIFO")
+    return fd
+
+
+def make_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # pipe-max-size lowered by the admin: the default size works, only slower
+    return r, w
+
+
+def set_nonblocking(fd: int) -> None:
+    os.set_blocking(fd, False)
+
+
+# --- sinks ---------------------------------------------------------------------------
+
+
+class Sink:
+    """Somewhere output goes. Never blocks the loop."""
+
+    name: str = "sink"
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def splice_from(self, fd: int) -> int | None:
+        """Move bytes from pipe `fd` directly; None when it cannot now. 0 means EOF."""
+        return None
+
+    def congested(self) -> bool:
+        return False
+
+    def close(self) -> Future[None]:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+class FifoSink(Sink):
+    """A client's FIFO, with the bounded buffer and stall rule of the module docstring."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        path: str,
+        *,
+        buffer_limit: int,
+        stall_timeout: float,
+        on_decongested: Callable[[], None],
+    ) -> None:
+        self.name = path
+        self._loop = loop
+        self._fd = open_fifo(path, os.O_RDWR)
+        self._buffer = bytearray()
+        self._limit = buffer_limit
+        self._stall_timeout = stall_timeout
+        self._on_decongested = on_decongested
+        self._dropping = False
+        self._stall_timer: TimerHandle | None = None
+        self._watching = False
+        self._closing: Future[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        if self._fd < 0:
+            self.dropped += len(data)
+            return
+        if not self._buffer:
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:  # EPIPE cannot happen (we hold a read end); be safe
+                log(f"write to {self.name} failed: {exc}")
+                self.dropped += len(data)
+                return
+            self.written += n
+            data = data[n:]
+            if not data:
+                return
+        room = self._limit - len(self._buffer)
+        if self._dropping and room < len(data):
+            self.dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+        self._buffer += data
+        self._watch()
+
+    def splice_from(self, fd: int) -> int | None:
+        if self._buffer or self._fd < 0:
+            return None
+        try:
+            n = os.splice(fd, self._fd, CHUNK, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        self.written += n
+        return n
+
+    def congested(self) -> bool:
+        return not self._dropping and len(self._buffer) >= self._limit
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._loop.add_writer(self._fd, self._flush)
+        if self.congested() and self._stall_timer is None:
+            self._stall_timer = self._loop.call_later(self._stall_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.congested():
+            log(
+                f"nobody drained {self.name} for {self._stall_timeout}s: dropping output "
+                f"beyond {self._limit} buffered bytes until its reader returns"
+            )
+            self._dropping = True
+            self._on_decongested()
+
+    def _flush(self) -> None:
+        was_congested = self.congested()
+        progressed = False
+        while self._buffer:
+            try:
+                n = os.write(self._fd, self._buffer[:CHUNK])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log(f"write to {self.name} failed: {exc}")
+                self.dropped += len(self._buffer)
+                self._buffer.clear()
+                break
+            del self._buffer[:n]
+            self.written += n
+            progressed = True
+        if progressed:
+            self._dropping = False
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+            if self._closing is not None:
+                self._finish_close()
+        if was_congested and not self.congested():
+            self._on_decongested()
+
+    def close(self, flush_timeout: float = 2.0) -> Future[None]:
+        if self._closing is None:
+            self._closing = Future()
+            if not self._buffer:
+                self._finish_close()
+            else:
+                self._loop.call_later(flush_timeout, self._finish_close)
+        return self._closing
+
+    def _finish_close(self) -> None:
+        if self._fd >= 0:
+            if self._buffer:
+                self.dropped += len(self._buffer)
+                self._buffer.clear()
+            self._loop.forget_fd(self._fd)
+            os.close(self._fd)  # the last writer gone: the reader sees EOF
+            self._fd = -1
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+        assert self._closing is not None
+        self._closing.set_result(None)
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "buffered": len(self._buffer)}
+
+
+class LogSink(Sink):
+    """A size-bounded, rotated log file: `path`, `path.1` ... `path.<max_files-1>`."""
+
+    def __init__(self, path: str, config: LogConfig) -> None:
+        self.name = path
+        self._config = config
+        self._fd = -1
+        self._size = 0
+        self.written = 0
+        self.dropped = 0
+        self._error_logged = False
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(
+            self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+        )
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        keep = self._config.max_files
+        if keep <= 1:
+            os.unlink(self.name)
+        else:
+            for index in range(keep - 1, 0, -1):
+                src = self.name if index == 1 else f"{self.name}.{index - 1}"
+                try:
+                    os.replace(src, f"{self.name}.{index}")
+                except FileNotFoundError:
+                    pass
+        self._open()
+
+    def _account(self, n: int) -> None:
+        self._size += n
+        self.written += n
+        if self._size >= self._config.max_size:
+            try:
+                self._rotate()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        if not self._error_logged:
+            log(f"log {self.name}: {exc.strerror}; output is being dropped")
+            self._error_logged = True
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as exc:  # ENOSPC and friends: never block the container
+                self.dropped += len(view)
+                self._fail(exc)
+                return
+            self._error_logged = False
+            view = view[n:]
+            self._account(n)
+
+    def splice_from(self, fd: int) -> int | None:
+        try:
+            n = os.splice(fd, self._fd, CHUNK, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                return None
+            raise
+        self._account(n)
+        return n
+
+    def close(self) -> Future[None]:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped}
+
+
+# --- pumps -----------------------------------------------------------------------------
+
+
+class OutputPump:
+    """Moves one output stream (a pipe's read end, or the pty master) into its sinks."""
+
+    def __init__(self, loop: Loop, source: int, sinks: list[Sink], *, is_pty: bool) -> None:
+        self._loop = loop
+        self._source = source
+        self._sinks = sinks
+        self._is_pty = is_pty
+        self._paused = False
+        self._eof = False
+        self.done: Future[None] = Future()
+        set_nonblocking(source)
+        loop.add_reader(source, self._on_readable)
+
+    def resume(self) -> None:
+        if self._paused and not self._eof and not any(s.congested() for s in self._sinks):
+            self._paused = False
+            self._loop.add_reader(self._source, self._on_readable)
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        if self._eof or self._paused:
+            return
+        sinks = self._sinks
+        for _ in range(READS_PER_WAKEUP):
+            if len(sinks) == 1 and not self._is_pty:
+                try:
+                    n = sinks[0].splice_from(self._source)
+                except OSError as exc:
+                    log(f"splice failed: {exc}")
+                    n = None
+                if n == 0:
+                    self._finish()
+                    return
+                if n is not None:
+                    continue
+            try:
+                data = os.read(self._source, CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: pty with every slave closed
+                    log(f"read of container output failed: {exc}")
+                self._finish()
+                return
+            if not data:
+                self._finish()
+                return
+            for sink in sinks:
+                sink.write(data)
+            if any(sink.congested() for sink in sinks):
+                self._paused = True
+                self._loop.remove_reader(self._source)
+                return
+
+    def _finish(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        self._loop.forget_fd(self._source)
+        os.close(self._source)
+        closing = [sink.close() for sink in self._sinks]
+        remaining = len(closing)
+        if not remaining:
+            self.done.set_result(None)
+            return
+
+        def one_closed(_: Future[None]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self.done.set_result(None)
+
+        for fut in closing:
+            fut.add_done_callback(one_closed)
+
+    def abandon(self) -> None:
+        """Stop at once (shim shutdown): close the source and the sinks, unflushed."""
+        if not self._eof:
+            self._finish()
+
+
+class InputPump:
+    """Moves a client's stdin FIFO into the container's stdin (pipe or pty master)."""
+
+    def __init__(self, loop: Loop, fifo_path: str, target: int, *, close_target: bool) -> None:
+        self._loop = loop
+        self._fifo = open_fifo(fifo_path, os.O_RDONLY)
+        self._target = target
+        self._close_target = close_target
+        self._pending = b""
+        self._closed = False
+        if close_target:
+            set_nonblocking(target)
+        loop.add_reader(self._fifo, self._on_readable)
+
+    def _on_readable(self) -> None:
+        if self._pending:
+            return
+        try:
+            data = os.read(self._fifo, 64 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client closed its end: stdin EOF
+            self.close()
+            return
+        self._pending = data
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._pending:
+            try:
+                n = os.write(self._target, self._pending)
+            except BlockingIOError:
+                self._loop.remove_reader(self._fifo)
+                self._loop.add_writer(self._target, self._drain)
+                return
+            except OSError:  # the container closed its stdin
+                self._pending = b""
+                self.close()
+                return
+            self._pending = self._pending[n:]
+        self._loop.remove_writer(self._target)
+        if not self._closed:
+            self._loop.add_reader(self._fifo, self._on_readable)
+
+    def close(self) -> None:
+        """Stop forwarding; for a pipe, close the container's stdin so it sees EOF."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.forget_fd(self._fifo)
+        os.close(self._fifo)
+        if self._close_target:
+            self._loop.forget_fd(self._target)
+            os.close(self._target)
+
+
+class ProcessIO:
+    """All stdio plumbing of one process (a container's init or an exec)."""
+
+    def __init__(self, loop: Loop, config: IOConfig, log_prefix: str) -> None:
+        self._loop = loop
+        self.config = config
+        self._log_prefix = log_prefix
+        self._runtime_fds: list[int] = []
+        self._stdin_target: int | None = None
+        self._stdin: InputPump | None = None
+        self._pumps: list[OutputPump] = []
+        self._sinks: list[Sink] = []
+        self.console: int | None = None
+        self.stdio: tuple[int | None, int | None, int | None] = (None, None, None)
+        self._devnull = -1
+        try:
+            if not config.terminal:
+                self._prepare_pipes()
+        except BaseException:
+            self.close()
+            raise
+
+    def _sinks_for(self, stream: str, fifo: str | None) -> list[Sink]:
+        sinks: list[Sink] = []
+        if fifo:
+            sinks.append(
+                FifoSink(
+                    self._loop,
+                    fifo,
+                    buffer_limit=self.config.fifo_buffer,
+                    stall_timeout=self.config.stall_timeout,
+                    on_decongested=self._resume_pumps,
+                )
+            )
+        if self.config.log is not None:
+            sinks.append(LogSink(f"{self._log_prefix}{stream}.log", self.config.log))
+        self._sinks.extend(sinks)
+        return sinks
+
+    def _prepare_pipes(self) -> None:
+        """Create the container-side pipes and open the client sides (before the runtime
+        runs, so a bad FIFO path fails the request and starts nothing)."""
+        cfg = self.config
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        stdin_fd = stdout_fd = stderr_fd = self._devnull
+        if cfg.stdin:
+            r, w = make_pipe()
+            self._runtime_fds.append(r)
+            stdin_fd = r
+            self._stdin_target = w
+            self._stdin = InputPump(self._loop, cfg.stdin, w, close_target=True)
+        pending: list[tuple[int, list[Sink]]] = []
+        for stream, fifo in (("stdout", cfg.stdout), ("stderr", cfg.stderr)):
+            sinks = self._sinks_for(stream, fifo)
+            if not sinks:
+                continue
+            r, w = make_pipe()
+            self._runtime_fds.append(w)
+            pending.append((r, sinks))
+            if stream == "stdout":
+                stdout_fd = w
+            else:
+                stderr_fd = w
+        for r, sinks in pending:
+            self._pumps.append(OutputPump(self._loop, r, sinks, is_pty=False))
+        self.stdio = (stdin_fd, stdout_fd, stderr_fd)
+
+    def attach_console(self, master: int) -> None:
+        """Terminal mode: the pty master carries stdin and the merged stdout/stderr."""
+        self.console = master
+        sinks = self._sinks_for("stdout", self.config.stdout)
+        if sinks:
+            dup = os.dup(master)  # the pump closes its fd at EOF; resize keeps the other
+            os.set_inheritable(dup, False)
+            self._pumps.append(OutputPump(self._loop, dup, sinks, is_pty=True))
+        if self.config.stdin:
+            self._stdin = InputPump(self._loop, self.config.stdin, master, close_target=False)
+
+    def runtime_spawned(self) -> None:
+        """The runtime has the container-side ends now; drop ours so EOF can happen."""
+        for fd in self._runtime_fds:
+            os.close(fd)
+        self._runtime_fds.clear()
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+
+    def close_stdin(self) -> None:
+        if self._stdin is not None:
+            self._stdin.close()
+
+    def _resume_pumps(self) -> None:
+        for pump in self._pumps:
+            pump.resume()
+
+    def drained(self) -> Future[None]:
+        """Done when every output stream reached EOF and its sinks are closed."""
+        out: Future[None] = Future()
+        remaining = len(self._pumps)
+        if remaining == 0:
+            out.set_result(None)
+            return out
+
+        def one(_: Future[None]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                out.set_result(None)
+
+        for pump in self._pumps:
+            pump.done.add_done_callback(one)
+        return out
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {sink.name: sink.stats() for sink in self._sinks}
+
+    def close(self) -> None:
+        """Release everything now (the process is gone and its output drained or given up)."""
+        self.runtime_spawned()
+        self.close_stdin()
+        for pump in self._pumps:
+            pump.abandon()
+        for sink in self._sinks:
+            sink.close()
+        if self.console is not None:
+            self._loop.forget_fd(self.console)
+            try:
+                os.close(self.console)
+            except OSError:
+                pass
+            self.console = None

@@ -1,0 +1,471 @@
+"""berth's wire protocol, sans-IO: bytes in, typed events out, and back.
+
+One protocol for every hop (CLI -> berthd, berthd -> shim, berthd -> zygote). Like h11, the
+`Connection` object owns no socket: the caller feeds it received bytes and writes the bytes
+`send()` returns. That keeps it testable with plain bytes and usable from trio (daemon),
+a selectors loop (shim) and blocking sockets (CLI).
+
+Framing: a 4-byte big-endian length, then one msgpack document (a list) of that length.
+
+    HELLO    [0, versions:[int], peer:str]          client -> server, first frame
+    WELCOME  [1, version:int, peer:str]             server -> client, answer to HELLO
+    REQUEST  [2, id:int, method:str, params:map, meta:map]
+    RESPONSE [3, id:int, result]                    final frame of a request
+    ERROR    [4, id:int|nil, code:str, message:str] final frame of a request; nil id: the
+                                                    error concerns the connection/frame
+    ITEM     [5, id:int, item]                      one item of a server-to-client stream
+    END      [6, id:int]                            final frame of a stream
+    CANCEL   [7, id:int]                            client asks the server to finish early
+
+Rules, checked on both sides:
+  1. The client sends HELLO first and nothing else until WELCOME arrives; the server picks
+     the highest version both support. No common version is fatal.
+  2. Every REQUEST gets exactly one final frame (RESPONSE, ERROR or END), even after CANCEL.
+     ITEMs for a request come before its final frame.
+  3. Every buffer is bounded. A frame longer than `max_frame_size` is skipped without being
+     buffered and reported as a RemoteProtocolError; the connection stays usable, because
+     the length prefix keeps frame boundaries intact. So does a frame that is not valid
+     msgpack or not a valid message.
+
+Errors: `RemoteProtocolError` means the peer broke the rules (answer it and carry on unless
+`fatal`); `LocalProtocolError` means this side's caller did (a bug here).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from berth.shim.errors import BerthError, error_from_wire
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = (1,)
+HEADER: Final = struct.Struct(">I")
+DEFAULT_MAX_FRAME: Final = 4 * 1024 * 1024
+MAX_METHOD_LEN: Final = 128
+MAX_REQUEST_ID: Final = 2**63 - 1
+# Slack the caller may feed beyond one maximal frame before it must drain next_event().
+FEED_SLACK: Final = 256 * 1024
+
+_HELLO, _WELCOME, _REQUEST, _RESPONSE, _ERROR, _ITEM, _END, _CANCEL = range(8)
+
+
+class ProtocolError(Exception):
+    """Base class for protocol violations."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side's caller broke a protocol rule: a bug in this process."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke a protocol rule.
+
+    `fatal`: the connection cannot continue (close it). Otherwise the offending frame has
+    been consumed and the caller should answer (ERROR with `request_id`, which may be None)
+    and carry on.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False, request_id: int | None = None):
+        super().__init__(message)
+        self.fatal = fatal
+        self.request_id = request_id
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS
+    peer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int = PROTOCOL_VERSION
+    peer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: int
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    id: int | None
+    code: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, request_id: int | None, exc: BerthError) -> ErrorReply:
+        return cls(request_id, exc.code, exc.message)
+
+    def to_exception(self) -> BerthError:
+        return error_from_wire(self.code, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    id: int
+    item: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side cleanly, at a frame boundary."""
+
+
+class NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+Event = Hello | Welcome | Request | Response | ErrorReply | StreamItem | StreamEnd | Cancel
+ReceivedEvent = Event | ConnectionClosed | NeedData
+
+_FINAL = (Response, ErrorReply, StreamEnd)
+
+
+def encode(obj: Any) -> bytes:
+    """msgpack-encode a body (no frame header)."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(data: bytes) -> Any:
+    """Decode one msgpack document. msgpack bounds every container length by len(data) and
+    refuses deep nesting (StackError), so a small frame cannot make us allocate much."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+
+
+def frame(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
+
+
+# --- the connection -----------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class Connection:
+    """Protocol state for one end of one connection. See the module docstring."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        peer_name: str = "",
+    ) -> None:
+        if max_frame_size < 64:
+            raise ValueError("max_frame_size too small")
+        self.role = role
+        self.max_frame_size = max_frame_size
+        self.versions = tuple(sorted(versions))
+        self.peer_name = peer_name
+        self.version: int | None = None
+        self.remote_peer: str = ""
+        self._state = _State.HANDSHAKE
+        self._hello_sent = False
+        self._buffer = bytearray()
+        self._discard = 0  # bytes of an oversize frame still to drop
+        self._eof = False
+        self._next_id = 1
+        # Requests awaiting their final frame: client = sent by us; server = received.
+        self._open: set[int] = set()
+        self._streams: set[int] = set()
+
+    # -- introspection
+
+    @property
+    def open_requests(self) -> frozenset[int]:
+        return frozenset(self._open)
+
+    @property
+    def is_open(self) -> bool:
+        return self._state is _State.OPEN
+
+    def next_request_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    # -- outgoing
+
+    def send(self, event: Event) -> bytes:
+        """Validate `event` against the rules and return the bytes to write."""
+        if self._state in (_State.ERROR, _State.CLOSED):
+            raise LocalProtocolError(f"cannot send on a {self._state.value} connection")
+        body: list[Any]
+        if isinstance(event, Hello):
+            if self.role is not Role.CLIENT or self._hello_sent:
+                raise LocalProtocolError("only a client sends HELLO, once")
+            self._hello_sent = True
+            body = [_HELLO, list(event.versions), event.peer or self.peer_name]
+        elif isinstance(event, Welcome):
+            if self.role is not Role.SERVER or self._state is not _State.HANDSHAKE:
+                raise LocalProtocolError("WELCOME is the server's answer to HELLO")
+            self._state = _State.OPEN
+            self.version = event.version
+            body = [_WELCOME, event.version, event.peer or self.peer_name]
+        elif isinstance(event, Request):
+            if self.role is not Role.CLIENT:
+                raise LocalProtocolError("a server does not send requests")
+            if self._state is not _State.OPEN:
+                raise LocalProtocolError("no request before WELCOME")
+            if event.id in self._open:
+                raise LocalProtocolError(f"request id {event.id} is still open")
+            self._open.add(event.id)
+            body = [_REQUEST, event.id, event.method, event.params, event.meta]
+        elif isinstance(event, Cancel):
+            if self.role is not Role.CLIENT or event.id not in self._open:
+                raise LocalProtocolError("CANCEL is for a request this client has open")
+            body = [_CANCEL, event.id]
+        elif isinstance(event, (Response, ErrorReply, StreamItem, StreamEnd)):
+            if self.role is not Role.SERVER:
+                raise LocalProtocolError("a client does not answer requests")
+            if event.id is None:
+                if not isinstance(event, ErrorReply):
+                    raise LocalProtocolError("only ERROR may carry no request id")
+            elif event.id not in self._open:
+                raise LocalProtocolError(f"request id {event.id} is not open")
+            if isinstance(event, StreamItem):
+                self._streams.add(event.id)
+                body = [_ITEM, event.id, event.item]
+            else:
+                if event.id is not None:
+                    self._open.discard(event.id)
+                    self._streams.discard(event.id)
+                if isinstance(event, Response):
+                    body = [_RESPONSE, event.id, event.result]
+                elif isinstance(event, ErrorReply):
+                    body = [_ERROR, event.id, event.code, event.message]
+                else:
+                    body = [_END, event.id]
+        else:  # pragma: no cover - exhaustive over Event
+            raise LocalProtocolError(f"unknown event {event!r}")
+        try:
+            data = encode(body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from exc
+        if len(data) > self.max_frame_size:
+            raise LocalProtocolError(
+                f"{type(event).__name__} of {len(data)} bytes exceeds the frame limit "
+                f"{self.max_frame_size}"
+            )
+        return frame(data)
+
+    # -- incoming
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; b"" means the peer closed its side."""
+        if self._state is _State.ERROR:
+            raise LocalProtocolError("connection is in an error state")
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("data after EOF")
+        if self._discard:
+            drop = min(self._discard, len(data))
+            self._discard -= drop
+            data = data[drop:]
+            if not data:
+                return
+        if len(self._buffer) + len(data) > self.max_frame_size + HEADER.size + FEED_SLACK:
+            raise LocalProtocolError("receive buffer full: drain next_event() before feeding")
+        self._buffer += data
+
+    def next_event(self) -> ReceivedEvent:
+        """The next complete event, NEED_DATA, or ConnectionClosed after a clean EOF.
+
+        Raises RemoteProtocolError for a bad frame (see the class for `fatal`)."""
+        if self._state is _State.ERROR:
+            raise LocalProtocolError("connection is in an error state")
+        buf = self._buffer
+        if len(buf) < HEADER.size:
+            return self._at_boundary_eof()
+        (length,) = HEADER.unpack_from(buf)
+        if length == 0:
+            del buf[: HEADER.size]
+            raise RemoteProtocolError("empty frame")
+        if length > self.max_frame_size:
+            available = len(buf) - HEADER.size
+            drop = min(available, length)
+            del buf[: HEADER.size + drop]
+            self._discard = length - drop
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the limit of {self.max_frame_size}"
+            )
+        if len(buf) < HEADER.size + length:
+            if self._eof:
+                return self._fail("connection closed in the middle of a frame")
+            return NEED_DATA
+        body = bytes(buf[HEADER.size : HEADER.size + length])
+        del buf[: HEADER.size + length]
+        try:
+            message = decode(body)
+        except Exception as exc:  # msgpack raises many types: ExtraData, StackError, ...
+            raise RemoteProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
+        return self._interpret(message)
+
+    def _at_boundary_eof(self) -> ReceivedEvent:
+        if not self._eof:
+            return NEED_DATA
+        if self._buffer or self._discard:
+            return self._fail("connection closed in the middle of a frame")
+        self._state = _State.CLOSED
+        return ConnectionClosed()
+
+    def _fail(self, message: str) -> ReceivedEvent:
+        self._state = _State.ERROR
+        raise RemoteProtocolError(message, fatal=True)
+
+    def _interpret(self, msg: Any) -> Event:
+        if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
+            raise RemoteProtocolError("a message must be a list starting with its type")
+        kind = msg[0]
+        if self.role is Role.SERVER:
+            return self._interpret_at_server(kind, msg)
+        return self._interpret_at_client(kind, msg)
+
+    def _interpret_at_server(self, kind: int, msg: list[Any]) -> Event:
+        if self._state is _State.HANDSHAKE:
+            if kind != _HELLO or len(msg) != 3:
+                self._state = _State.ERROR
+                raise RemoteProtocolError("the first frame must be HELLO", fatal=True)
+            versions, peer = msg[1], msg[2]
+            if (
+                not isinstance(versions, list)
+                or not versions
+                or len(versions) > 64
+                or not all(isinstance(v, int) for v in versions)
+                or not isinstance(peer, str)
+            ):
+                self._state = _State.ERROR
+                raise RemoteProtocolError("malformed HELLO", fatal=True)
+            common = set(versions) & set(self.versions)
+            if not common:
+                self._state = _State.ERROR
+                raise RemoteProtocolError(
+                    f"no common protocol version (peer {sorted(versions)}, "
+                    f"ours {list(self.versions)})",
+                    fatal=True,
+                )
+            self.remote_peer = peer[:256]
+            return Hello(tuple(versions), self.remote_peer)
+        if kind == _REQUEST:
+            rid = msg[1] if len(msg) > 1 and _valid_id(msg[1]) else None
+            if len(msg) != 5 or rid is None:
+                raise RemoteProtocolError("malformed REQUEST", request_id=rid)
+            method, params, meta = msg[2], msg[3], msg[4]
+            if rid in self._open:
+                raise RemoteProtocolError(f"request id {rid} is already open")
+            if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_LEN:
+                raise RemoteProtocolError("REQUEST method must be a short string", request_id=rid)
+            if not isinstance(params, dict) or not isinstance(meta, dict):
+                raise RemoteProtocolError("REQUEST params and meta must be maps", request_id=rid)
+            self._open.add(rid)
+            return Request(rid, method, params, meta)
+        if kind == _CANCEL:
+            if len(msg) != 2 or not _valid_id(msg[1]):
+                raise RemoteProtocolError("malformed CANCEL")
+            return Cancel(msg[1])
+        if kind == _HELLO:
+            raise RemoteProtocolError("HELLO sent twice")
+        raise RemoteProtocolError(f"a client may not send message type {kind}")
+
+    def _interpret_at_client(self, kind: int, msg: list[Any]) -> Event:
+        if self._state is _State.HANDSHAKE:
+            if kind == _ERROR and len(msg) == 4:
+                self._state = _State.ERROR
+                raise RemoteProtocolError(f"handshake refused: {msg[3]!s:.200}", fatal=True)
+            if kind != _WELCOME or len(msg) != 3 or not self._hello_sent:
+                self._state = _State.ERROR
+                raise RemoteProtocolError("expected WELCOME", fatal=True)
+            version, peer = msg[1], msg[2]
+            if version not in self.versions or not isinstance(peer, str):
+                self._state = _State.ERROR
+                raise RemoteProtocolError(f"server chose unsupported version {version!r}", fatal=True)
+            self.version = version
+            self.remote_peer = peer[:256]
+            self._state = _State.OPEN
+            return Welcome(version, self.remote_peer)
+        if kind == _ERROR:
+            if len(msg) != 4 or not isinstance(msg[2], str) or not isinstance(msg[3], str):
+                raise RemoteProtocolError("malformed ERROR")
+            rid = msg[1]
+            if rid is not None:
+                self._close_id(rid)
+            return ErrorReply(rid, msg[2], msg[3])
+        if kind in (_RESPONSE, _ITEM):
+            if len(msg) != 3:
+                raise RemoteProtocolError("malformed RESPONSE/ITEM")
+            rid = msg[1]
+            if kind == _RESPONSE:
+                self._close_id(rid)
+                return Response(rid, msg[2])
+            if rid not in self._open:
+                raise RemoteProtocolError(f"ITEM for request {rid!r} that is not open")
+            return StreamItem(rid, msg[2])
+        if kind == _END:
+            if len(msg) != 2:
+                raise RemoteProtocolError("malformed END")
+            self._close_id(msg[1])
+            return StreamEnd(msg[1])
+        raise RemoteProtocolError(f"a server may not send message type {kind}")
+
+    def _close_id(self, rid: Any) -> None:
+        if rid not in self._open:
+            raise RemoteProtocolError(f"final frame for request {rid!r} that is not open")
+        self._open.discard(rid)
+
+    def refusal(self, message: str, code: str = "failed_precondition") -> bytes:
+        """Bytes of a connection-level ERROR, sendable even after a fatal handshake error."""
+        return frame(encode([_ERROR, None, code, message[:1024]]))
+
+    def server_handshake(self, hello: Hello) -> Welcome:
+        """The WELCOME to send for a received HELLO: the highest common version."""
+        version = max(set(hello.versions) & set(self.versions))
+        return Welcome(version, self.peer_name)
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REQUEST_ID

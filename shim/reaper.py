@@ -1,0 +1,134 @@
+"""The shim's one reaper: every wait in the process goes through here.
+
+A child subreaper inherits every orphan of its container, and runs the OCI runtime as its
+own child too. If two parts of the process waited for children, one would steal the other's
+statuses (subprocess maps the resulting ECHILD to returncode 0, silently). So nothing else
+in the shim ever waits: processes are spawned here, and statuses are dispatched by pid.
+
+SIGCHLDs coalesce (49 exits gave 9 signalfd records, measured), so a signalfd record only
+means "some children changed state": loop waitpid(-1, WNOHANG) until nothing is left.
+
+A child can exit before anyone asked for it (a container's init exits before the shim has
+read runc's pid file; an exec'd process exits before `runc exec` returns). Such statuses
+are kept in a bounded early-exit cache and handed out when the pid is claimed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from berth.native import SignalFD
+from berth.shim.loop import Future, Loop, log
+
+EARLY_EXIT_CAPACITY = 4096  # orphans reaped nobody asked for; oldest dropped first
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell/containerd exit code: 128+N for death by signal N."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 255
+
+
+def block_child_signals() -> None:
+    """Block SIGCHLD (and friends) for the signalfd. Call first thing in main, before any
+    thread exists: a thread that still has SIGCHLD unblocked would swallow it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+
+
+class Reaper:
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._sfd = SignalFD([signal.SIGCHLD])
+        self._watchers: dict[int, Future[int]] = {}
+        self._early: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        loop.add_reader(self._sfd.fileno(), self._on_signal)
+
+    def close(self) -> None:
+        self._loop.forget_fd(self._sfd.fileno())
+        self._sfd.close()
+
+    def _on_signal(self) -> None:
+        while self._sfd.read():
+            pass
+        self.reap()
+
+    def reap(self) -> None:
+        """Collect every exited child and dispatch its status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            code = exit_code(status)
+            fut = self._watchers.pop(pid, None)
+            if fut is not None:
+                fut.set_result(code)
+            else:
+                self._early[pid] = (code, time.time())
+                while len(self._early) > EARLY_EXIT_CAPACITY:
+                    self._early.popitem(last=False)
+
+    def watch(self, pid: int) -> Future[int]:
+        """A future for `pid`'s exit code, which may already be known."""
+        existing = self._watchers.get(pid)
+        if existing is not None:
+            return existing
+        fut: Future[int] = Future()
+        early = self._early.pop(pid, None)
+        if early is not None:
+            fut.set_result(early[0])
+        else:
+            self._watchers[pid] = fut
+        return fut
+
+    def early_exit_time(self, pid: int) -> float | None:
+        early = self._early.get(pid)
+        return early[1] if early else None
+
+    def forget(self, pid: int) -> None:
+        self._watchers.pop(pid, None)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, Future[int]]:
+        """posix_spawn `argv` with an empty signal mask and the given stdio; return its pid
+        and a future for its exit code. The watch is registered before the loop can run the
+        reaper again, so the status cannot be missed."""
+        actions = []
+        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+            if fd is not None:
+                if fd == target:
+                    raise ValueError("stdio fds must not already be 0/1/2")
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            env if env is not None else dict(os.environ),
+            file_actions=actions,
+            setsigmask=(),
+            setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT),
+        )
+        log_debug(f"spawned {pid}: {' '.join(argv[:6])}")
+        return pid, self.watch(pid)
+
+
+def log_debug(message: str) -> None:
+    if os.environ.get("BERTH_SHIM_DEBUG"):
+        log(message)

@@ -1,0 +1,511 @@
+"""The container a shim owns: its init process, its exec processes, their lifecycles.
+
+Rules this module keeps:
+- An exit status is written to its durable exit file the moment the process is reaped,
+  before anything else happens; the exit *event* (and `wait`) follow once the process's
+  output is drained (bounded by IO_DRAIN_TIMEOUT), so a client that saw the exit has
+  seen all the output. The init exit is further held until the task's exec processes
+  have exited (they die with the container's pid namespace), like containerd.
+- A pid is only signalled while its process is known not to be reaped: the reaper runs
+  in this same loop, so "not reaped" means the pid cannot have been reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from berth.shim import cgroups, events
+from berth.shim.console import ConsoleSocket, resize
+from berth.shim.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from berth.shim.exit import ExitRecord, remove_exit_file, write_exit_file
+from berth.shim.identifiers import validate
+from berth.shim.io import IOConfig, ProcessIO
+from berth.shim.loop import Future, Loop, log
+from berth.shim.reaper import Reaper
+from berth.shim.runtime import Runtime, RuntimeCommandError, RuntimeConfig, Stdio
+
+IO_DRAIN_TIMEOUT = 2.0
+EXEC_WAIT_TIMEOUT = 2.0
+MAX_SPEC_BYTES = 1024 * 1024
+
+CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ShimConfig:
+    """Everything a shim is started with. Plain values: it crosses the zygote's socket."""
+
+    id: str
+    namespace: str
+    bundle: str
+    socket: str
+    runtime: RuntimeConfig
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ShimConfig:
+        bundle, socket = params.get("bundle"), params.get("socket")
+        if not isinstance(bundle, str) or not os.path.isabs(bundle):
+            raise InvalidArgument("bundle must be an absolute path")
+        if not isinstance(socket, str) or not os.path.isabs(socket):
+            raise InvalidArgument("socket must be an absolute path")
+        runtime = params.get("runtime") or {}
+        if not isinstance(runtime, dict):
+            raise InvalidArgument("runtime must be a map")
+        return cls(
+            id=validate(params.get("id"), "container id"),
+            namespace=validate(params.get("namespace", "default"), "namespace"),
+            bundle=bundle,
+            socket=socket,
+            runtime=RuntimeConfig.from_params(runtime),
+        )
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "namespace": self.namespace,
+            "bundle": self.bundle,
+            "socket": self.socket,
+            "runtime": self.runtime.to_params(),
+        }
+
+
+class Process:
+    """The init process (exec_id None) or one exec process."""
+
+    def __init__(self, exec_id: str | None, io: ProcessIO) -> None:
+        self.exec_id = exec_id
+        self.io = io
+        self.pid = 0
+        self.status = CREATED
+        self.reaped = False
+        self.exit: ExitRecord | None = None
+        self.exited: Future[ExitRecord] = Future()  # set once the exit is published
+        self.spec: dict[str, Any] | None = None
+        self.started = False
+
+    @property
+    def name(self) -> str:
+        """Its name in the exit directory and in log file names."""
+        return "init" if self.exec_id is None else f"exec-{self.exec_id}"
+
+    def describe(self, config: ShimConfig) -> dict[str, Any]:
+        return {
+            "id": config.id,
+            "exec_id": self.exec_id or "",
+            "bundle": config.bundle,
+            "pid": self.pid,
+            "status": self.status,
+            "exit_status": self.exit.status if self.exit else 0,
+            "exited_at": self.exit.exited_at if self.exit else 0,
+            **self.io.config.to_params(),
+        }
+
+
+class Task:
+    def __init__(
+        self, loop: Loop, reaper: Reaper, config: ShimConfig, queue: events.EventQueue
+    ) -> None:
+        self._loop = loop
+        self._reaper = reaper
+        self.config = config
+        self._events = queue
+        self.runtime = Runtime(loop, reaper, config.runtime, self._path("runtime.log"))
+        self.init: Process | None = None
+        self.execs: dict[str, Process] = {}
+        self.deleted = False
+        self._console_seq = 0
+        self._oom: cgroups.OOMWatch | None = None
+
+    # -- helpers
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.config.bundle, *parts)
+
+    def _exit_dir(self) -> str:
+        return self._path("exit")
+
+    def _console_path(self) -> str:
+        self._console_seq += 1
+        return f"{self.config.socket}.c{self._console_seq}"
+
+    def process(self, exec_id: str | None) -> Process:
+        if not exec_id:
+            if self.init is None:
+                raise NotFound(f"task {self.config.id} not created")
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"exec {exec_id} not found in task {self.config.id}")
+        return proc
+
+    def _require_init(self) -> Process:
+        if self.init is None or self.deleted:
+            raise NotFound(f"task {self.config.id} not found")
+        return self.init
+
+    def _publish(self, topic: str, **payload: Any) -> None:
+        payload.setdefault("id", self.config.id)
+        self._events.publish(topic, payload)
+
+    # -- lifecycle
+
+    async def create(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.init is not None:
+            raise AlreadyExists(f"task {self.config.id} already exists")
+        if not os.path.isfile(self._path("config.json")):
+            raise InvalidArgument(f"bundle {self.config.bundle} has no config.json")
+        io_config = IOConfig.from_params(params)
+        os.makedirs(self._path("log"), mode=0o700, exist_ok=True)
+        io = ProcessIO(self._loop, io_config, self._path("log", ""))
+        proc = Process(None, io)
+        self.init = proc
+        console = ConsoleSocket(self._console_path()) if io_config.terminal else None
+        pid_file = self._path("init.pid")
+        try:
+            stdin, stdout, stderr = io.stdio
+            try:
+                await self.runtime.create(
+                    self.config.id,
+                    self.config.bundle,
+                    pid_file,
+                    Stdio(stdin, stdout, stderr),
+                    console.path if console else None,
+                )
+            finally:
+                io.runtime_spawned()
+            if console is not None:
+                io.attach_console(console.receive_master())
+                width, height = params.get("width"), params.get("height")
+                if isinstance(width, int) and isinstance(height, int) and width and height:
+                    resize(io.console, width, height)  # type: ignore[arg-type]
+            proc.pid = _read_pid(pid_file)
+        except BaseException:
+            self.init = None
+            io.close()
+            raise
+        finally:
+            if console is not None:
+                console.close()
+        self._watch_exit(proc)
+        self._oom = cgroups.OOMWatch(proc.pid)
+        if self._oom.fd >= 0:
+            self._loop.add_reader(self._oom.fd, self._check_oom)
+        self._publish(
+            events.TASK_CREATE,
+            bundle=self.config.bundle,
+            pid=proc.pid,
+            **io_config.to_params(),
+        )
+        return {"pid": proc.pid}
+
+    async def start(self, exec_id: str | None) -> dict[str, Any]:
+        proc = self.process(exec_id)
+        if proc.started:
+            raise FailedPrecondition(f"process {proc.exec_id or self.config.id} already started")
+        if exec_id is None:
+            if proc.reaped:
+                raise FailedPrecondition(f"task {self.config.id} has already exited")
+            proc.started = True
+            await self.runtime.start(self.config.id)
+            if not proc.reaped:
+                proc.status = RUNNING
+            self._publish(events.TASK_START, pid=proc.pid)
+            return {"pid": proc.pid}
+        init = self._require_init()
+        if init.status != RUNNING:
+            raise FailedPrecondition(f"cannot start an exec in a {init.status} task")
+        proc.started = True
+        await self._run_exec(proc)
+        return {"pid": proc.pid}
+
+    async def _run_exec(self, proc: Process) -> None:
+        assert proc.exec_id is not None and proc.spec is not None
+        spec_file = self._path(f"{proc.name}.process.json")
+        pid_file = self._path(f"{proc.name}.pid")
+        with open(spec_file, "w") as f:
+            json.dump(proc.spec, f)
+        console = ConsoleSocket(self._console_path()) if proc.io.config.terminal else None
+        try:
+            stdin, stdout, stderr = proc.io.stdio
+            try:
+                await self.runtime.exec(
+                    self.config.id,
+                    spec_file,
+                    pid_file,
+                    Stdio(stdin, stdout, stderr),
+                    console.path if console else None,
+                )
+            finally:
+                proc.io.runtime_spawned()
+            if console is not None:
+                proc.io.attach_console(console.receive_master())
+            proc.pid = _read_pid(pid_file)
+        except BaseException:
+            proc.status = STOPPED
+            proc.io.close()
+            raise
+        finally:
+            if console is not None:
+                console.close()
+            for path in (spec_file, pid_file):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._watch_exit(proc)
+        if not proc.reaped:
+            proc.status = RUNNING
+        self._publish(events.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
+
+    def _watch_exit(self, proc: Process) -> None:
+        self._reaper.watch(proc.pid).add_done_callback(
+            lambda fut: self._on_reaped(proc, fut.result())
+        )
+
+    def _on_reaped(self, proc: Process, code: int) -> None:
+        """Durable first: the exit file is on disk before anything else happens."""
+        record = ExitRecord(pid=proc.pid, status=code, exited_at=time.time_ns())
+        try:
+            write_exit_file(self._exit_dir(), proc.name, record)
+        except OSError as exc:  # a full disk must not lose the in-memory status
+            log(f"could not write exit file for {proc.name}: {exc}")
+        proc.reaped = True
+        proc.exit = record
+        proc.status = STOPPED
+        self._loop.create_task(self._finish_exit(proc), name=f"exit {proc.name}")
+
+    async def _finish_exit(self, proc: Process) -> None:
+        try:
+            await self._loop.timeout(proc.io.drained(), IO_DRAIN_TIMEOUT)
+        except TimeoutError:
+            log(f"output of {proc.name} not drained after {IO_DRAIN_TIMEOUT}s; closing it")
+        proc.io.close()
+        assert proc.exit is not None
+        if proc.exec_id is None:
+            if self._oom is not None:
+                self._check_oom()
+                self._oom_close()
+            running = [p.exited for p in self.execs.values() if p.started and not p.reaped]
+            for fut in running:
+                try:
+                    await self._loop.timeout(fut, EXEC_WAIT_TIMEOUT)
+                except TimeoutError:
+                    break
+            self._publish(
+                events.TASK_EXIT,
+                pid=proc.pid,
+                exit_status=proc.exit.status,
+                exited_at=proc.exit.exited_at,
+            )
+        else:
+            self._publish(
+                events.EXEC_EXIT,
+                exec_id=proc.exec_id,
+                pid=proc.pid,
+                exit_status=proc.exit.status,
+                exited_at=proc.exit.exited_at,
+            )
+        proc.exited.set_result(proc.exit)
+
+    def _check_oom(self) -> None:
+        if self._oom is not None and self._oom.consume():
+            self._publish(events.TASK_OOM)
+
+    def _oom_close(self) -> None:
+        if self._oom is not None:
+            if self._oom.fd >= 0:
+                self._loop.forget_fd(self._oom.fd)
+            self._oom.close()
+            self._oom = None
+
+    async def exec(self, params: dict[str, Any]) -> dict[str, Any]:
+        exec_id = validate(params.get("exec_id"), "exec id")
+        init = self._require_init()
+        if exec_id in self.execs:
+            raise AlreadyExists(f"exec {exec_id} already exists in task {self.config.id}")
+        if init.status != RUNNING:
+            raise FailedPrecondition(f"cannot exec in a {init.status} task")
+        spec = params.get("spec")
+        if not isinstance(spec, dict):
+            raise InvalidArgument("exec spec must be an OCI process (a map)")
+        args = spec.get("args")
+        if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+            raise InvalidArgument("exec spec args must be a non-empty list of strings")
+        if len(json.dumps(spec)) > MAX_SPEC_BYTES:
+            raise InvalidArgument("exec spec is too large")
+        io_config = IOConfig.from_params(params)
+        spec = dict(spec)
+        spec["terminal"] = io_config.terminal
+        width, height = params.get("width"), params.get("height")
+        if io_config.terminal and isinstance(width, int) and isinstance(height, int):
+            spec["consoleSize"] = {"width": width, "height": height}
+        proc = Process(exec_id, ProcessIO(self._loop, io_config, self._path("log", f"exec-{exec_id}.")))
+        proc.spec = spec
+        self.execs[exec_id] = proc
+        self._publish(events.EXEC_ADDED, exec_id=exec_id)
+        return {}
+
+    async def kill(self, signo: int, all_processes: bool, exec_id: str | None) -> None:
+        if not 0 < signo < signal.NSIG:
+            raise InvalidArgument(f"invalid signal {signo}")
+        proc = self.process(exec_id)
+        if proc.reaped or proc.pid == 0:
+            raise NotFound(f"process {exec_id or self.config.id} already finished")
+        if exec_id is None:
+            await self.runtime.kill(self.config.id, signo, all_processes)
+        else:
+            try:
+                os.kill(proc.pid, signo)
+            except ProcessLookupError:
+                raise NotFound(f"process {exec_id} already finished") from None
+
+    async def delete(self, exec_id: str | None, force: bool) -> dict[str, Any]:
+        proc = self.process(exec_id)
+        if exec_id is not None:
+            if proc.started and not proc.reaped:
+                raise FailedPrecondition(f"exec {exec_id} is still running")
+            if proc.started and not proc.exited.done():
+                await proc.exited
+            del self.execs[exec_id]
+            proc.io.close()
+            remove_exit_file(self._exit_dir(), proc.name)
+            return _exit_result(proc)
+        if self.deleted:
+            raise NotFound(f"task {self.config.id} not found")
+        if not proc.reaped:
+            if not force and proc.started:
+                raise FailedPrecondition(f"task {self.config.id} is {proc.status}; kill it first")
+            try:
+                await self.runtime.kill(self.config.id, signal.SIGKILL, True)
+            except RuntimeCommandError as exc:
+                log(f"kill before delete: {exc}")
+            try:
+                await self._loop.timeout(proc.exited, 10.0)
+            except TimeoutError:
+                raise FailedPrecondition(f"task {self.config.id} did not exit after SIGKILL") from None
+        elif not proc.exited.done():
+            await proc.exited
+        try:
+            await self.runtime.delete(self.config.id, force=True)
+        except RuntimeCommandError as exc:
+            # Already gone from the runtime (e.g. deleted by hand): nothing left to do.
+            log(f"runtime delete: {exc}")
+        for other in list(self.execs.values()):
+            other.io.close()
+        self.execs.clear()
+        proc.io.close()
+        self._oom_close()
+        remove_exit_file(self._exit_dir(), proc.name)
+        self.deleted = True
+        result = _exit_result(proc)
+        self._publish(events.TASK_DELETE, **result)
+        return result
+
+    async def wait(self, exec_id: str | None) -> dict[str, Any]:
+        proc = self.process(exec_id)
+        record = await proc.exited
+        return {"pid": record.pid, "exit_status": record.status, "exited_at": record.exited_at}
+
+    async def pause(self) -> None:
+        init = self._require_init()
+        if init.status != RUNNING:
+            raise FailedPrecondition(f"cannot pause a {init.status} task")
+        await self.runtime.pause(self.config.id)
+        if not init.reaped:
+            init.status = PAUSED
+        self._publish(events.TASK_PAUSED)
+
+    async def resume(self) -> None:
+        init = self._require_init()
+        if init.status != PAUSED:
+            raise FailedPrecondition(f"cannot resume a {init.status} task")
+        await self.runtime.resume(self.config.id)
+        if not init.reaped:
+            init.status = RUNNING
+        self._publish(events.TASK_RESUMED)
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        init = self._require_init()
+        if init.reaped:
+            raise FailedPrecondition("cannot update a stopped task")
+        if len(json.dumps(resources)) > MAX_SPEC_BYTES:
+            raise InvalidArgument("resources document is too large")
+        path = self._path("update-resources.json")
+        with open(path, "w") as f:
+            json.dump(resources, f)
+        try:
+            await self.runtime.update(self.config.id, path)
+        finally:
+            os.unlink(path)
+
+    async def pids(self) -> list[dict[str, Any]]:
+        init = self._require_init()
+        if init.reaped:
+            return []
+        pids = await self.runtime.ps(self.config.id)
+        by_pid = {p.pid: p.exec_id for p in self.execs.values() if p.pid and not p.reaped}
+        return [{"pid": pid, "exec_id": by_pid.get(pid, "")} for pid in pids]
+
+    def stats(self) -> dict[str, Any]:
+        init = self._require_init()
+        if init.reaped:
+            raise FailedPrecondition("task has exited: no statistics")
+        record = cgroups.stats(init.pid)
+        self._check_oom()
+        record["io"] = {
+            "init": init.io.stats(),
+            **{f"exec-{k}": p.io.stats() for k, p in self.execs.items()},
+        }
+        return record
+
+    def resize_pty(self, exec_id: str | None, width: int, height: int) -> None:
+        proc = self.process(exec_id)
+        if proc.io.console is None:
+            raise FailedPrecondition("process has no terminal")
+        if proc.reaped:
+            raise FailedPrecondition("cannot resize a stopped process")
+        resize(proc.io.console, width, height)
+
+    def close_io(self, exec_id: str | None) -> None:
+        self.process(exec_id).io.close_stdin()
+
+    def state(self, exec_id: str | None) -> dict[str, Any]:
+        return self.process(exec_id).describe(self.config)
+
+    def list_processes(self) -> list[dict[str, Any]]:
+        procs = ([self.init] if self.init else []) + list(self.execs.values())
+        return [p.describe(self.config) for p in procs]
+
+    def has_live_processes(self) -> bool:
+        procs = ([self.init] if self.init else []) + list(self.execs.values())
+        return any(p.pid and not p.reaped for p in procs)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as f:
+            text = f.read(64).strip()
+    except FileNotFoundError:
+        raise FailedPrecondition("the runtime did not write its pid file") from None
+    if not text.isdigit() or int(text) <= 1:
+        raise FailedPrecondition(f"the runtime wrote an invalid pid {text!r}")
+    return int(text)
+
+
+def _exit_result(proc: Process) -> dict[str, Any]:
+    return {
+        "pid": proc.pid,
+        "exit_status": proc.exit.status if proc.exit else 0,
+        "exited_at": proc.exit.exited_at if proc.exit else 0,
+        "exec_id": proc.exec_id or "",
+    }
