@@ -1,4 +1,4 @@
-"""setuptools needs this file only for cffi's `cffi_modules` hook; all metadata is in pyproject.toml."""
+"""setuptools needs this file only for cffi's `cffi_modules` hook (metadata: pyproject.toml)."""
 
 from setuptools import setup
 

@@ -79,8 +79,15 @@ def load_server_uuid(root: str) -> str:
 
 
 class Api:
-    def __init__(self, config: Config, store: Store, exchange: Exchange, tasks: TaskService,
-                 server_uuid: str, recovered: trio.Event) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        exchange: Exchange,
+        tasks: TaskService,
+        server_uuid: str,
+        recovered: trio.Event,
+    ) -> None:
         self.config = config
         self.store = store
         self.exchange = exchange
@@ -106,9 +113,24 @@ class Api:
             "containers.delete": self.containers_delete,
             "events.subscribe": self.events_subscribe,
         }
-        for name in ("create", "start", "kill", "delete", "delete_process", "wait", "exec",
-                     "pids", "pause", "resume", "resize", "close_io", "metrics", "update",
-                     "get", "list"):
+        for name in (
+            "create",
+            "start",
+            "kill",
+            "delete",
+            "delete_process",
+            "wait",
+            "exec",
+            "pids",
+            "pause",
+            "resume",
+            "resize",
+            "close_io",
+            "metrics",
+            "update",
+            "get",
+            "list",
+        ):
             table[f"tasks.{name}"] = self._task_handler(getattr(self, f"task_{name}"))
         return table
 
@@ -125,21 +147,33 @@ class Api:
         return {"version": VERSION, "revision": "", "protocol": PROTOCOL_VERSION}
 
     async def server(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return {"uuid": self.server_uuid, "pid": os.getpid(), "root": self.config.root,
-                "state": self.config.state, "started_at": self.started_at,
-                "recovered": self.recovered.is_set()}
+        return {
+            "uuid": self.server_uuid,
+            "pid": os.getpid(),
+            "root": self.config.root,
+            "state": self.config.state,
+            "started_at": self.started_at,
+            "recovered": self.recovered.is_set(),
+        }
 
     async def plugins(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         runtimes = [
-            {"type": "runtime", "id": e.name, "binary": e.binary, "default": e.name == self.config.default_runtime}
+            {
+                "type": "runtime",
+                "id": e.name,
+                "binary": e.binary,
+                "default": e.name == self.config.default_runtime,
+            }
             for e in self.config.runtimes.values()
         ]
-        return {"plugins": [
-            {"type": "metadata", "id": "sqlite"},
-            {"type": "events", "id": "exchange"},
-            {"type": "task", "id": "shim", "shim": "berth-shim"},
-            *runtimes,
-        ]}
+        return {
+            "plugins": [
+                {"type": "metadata", "id": "sqlite"},
+                {"type": "events", "id": "exchange"},
+                {"type": "task", "id": "shim", "shim": "berth-shim"},
+                *runtimes,
+            ]
+        }
 
     # -- namespaces
 
@@ -151,12 +185,16 @@ class Api:
 
     async def namespaces_create(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         ns = self.store.create_namespace(_str(params, "name"), params.get("labels"))
-        self.exchange.publish(ns["name"], "/namespaces/create", {"name": ns["name"], "labels": ns["labels"]})
+        self.exchange.publish(
+            ns["name"], "/namespaces/create", {"name": ns["name"], "labels": ns["labels"]}
+        )
         return ns
 
     async def namespaces_update(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         ns = self.store.update_namespace(_str(params, "name"), check_labels(params.get("labels")))
-        self.exchange.publish(ns["name"], "/namespaces/update", {"name": ns["name"], "labels": ns["labels"]})
+        self.exchange.publish(
+            ns["name"], "/namespaces/update", {"name": ns["name"], "labels": ns["labels"]}
+        )
         return ns
 
     async def namespaces_delete(self, ctx: CallContext, params: dict[str, Any]) -> Any:
@@ -202,9 +240,11 @@ class Api:
                 snapshot_key=_str(doc, "snapshot_key", required=False),
             )
         )
-        self.exchange.publish(ctx.namespace, "/containers/create",
-                              {"id": container.id, "image": container.image,
-                               "runtime": {"name": container.runtime}})
+        self.exchange.publish(
+            ctx.namespace,
+            "/containers/create",
+            {"id": container.id, "image": container.image, "runtime": {"name": container.runtime}},
+        )
         return container.to_wire()
 
     async def containers_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
@@ -219,7 +259,8 @@ class Api:
             raise InvalidArgument("spec must be a map")
         labels = params.get("labels")
         container = self.store.update_container(
-            ctx.namespace, _str(params, "id"),
+            ctx.namespace,
+            _str(params, "id"),
             labels=check_labels(labels) if labels is not None else None,
             spec=spec,
         )
@@ -241,7 +282,10 @@ class Api:
         filters = params.get("filters") or []
         if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
             raise InvalidArgument("filters must be a list of strings")
-        sub = self.exchange.subscribe(filters)
+        since = params.get("since")
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
+            raise InvalidArgument("since must be a timestamp in nanoseconds")
+        sub = self.exchange.subscribe(filters, since)
         try:
             async for envelope in sub.receive:
                 await ctx.send_item(envelope)
@@ -269,8 +313,13 @@ class Api:
         return await self.tasks.start(ctx.namespace, self._cid(params), self._exec_id(params))
 
     async def task_kill(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        await self.tasks.kill(ctx.namespace, self._cid(params), _signal(params.get("signal", 15)),
-                              bool(params.get("all", False)), self._exec_id(params))
+        await self.tasks.kill(
+            ctx.namespace,
+            self._cid(params),
+            _signal(params.get("signal", 15)),
+            bool(params.get("all", False)),
+            self._exec_id(params),
+        )
         return {}
 
     async def task_delete(self, ctx: CallContext, params: dict[str, Any]) -> Any:
@@ -304,16 +353,27 @@ class Api:
         return await self.tasks.simple(ctx.namespace, self._cid(params), "resume")
 
     async def task_resize(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "resize_pty", {
-            "exec_id": self._exec_id(params) or "",
-            "width": _int(params, "width", 0),
-            "height": _int(params, "height", 0),
-        })
+        return await self.tasks.simple(
+            ctx.namespace,
+            self._cid(params),
+            "resize_pty",
+            {
+                "exec_id": self._exec_id(params) or "",
+                "width": _int(params, "width", 0),
+                "height": _int(params, "height", 0),
+            },
+        )
 
     async def task_close_io(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "close_io", {
-            "exec_id": self._exec_id(params) or "", "stdin": bool(params.get("stdin", True)),
-        })
+        return await self.tasks.simple(
+            ctx.namespace,
+            self._cid(params),
+            "close_io",
+            {
+                "exec_id": self._exec_id(params) or "",
+                "stdin": bool(params.get("stdin", True)),
+            },
+        )
 
     async def task_metrics(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         return await self.tasks.simple(ctx.namespace, self._cid(params), "stats")
@@ -322,8 +382,9 @@ class Api:
         resources = params.get("resources")
         if not isinstance(resources, dict):
             raise InvalidArgument("resources must be an OCI LinuxResources map")
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "update",
-                                       {"resources": resources})
+        return await self.tasks.simple(
+            ctx.namespace, self._cid(params), "update", {"resources": resources}
+        )
 
     async def task_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         return await self.tasks.get(ctx.namespace, self._cid(params), self._exec_id(params))

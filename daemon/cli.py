@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -51,7 +52,9 @@ class Session:
         try:
             return Client(self.address, namespace=self.namespace, peer_name="berth")
         except Unavailable as exc:
-            raise CliError(f"cannot reach berthd at {self.address}: {exc} (is berthd running?)") from None
+            raise CliError(
+                f"cannot reach berthd at {self.address}: {exc} (is berthd running?)"
+            ) from None
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return self.client().call(method, params or {})
@@ -104,9 +107,23 @@ def _ts(ns: int) -> str:
 # --- IO plumbing ----------------------------------------------------------------------
 
 
+def _splice_safe(dst: int) -> bool:
+    """Whether splice(FIFO -> dst) cannot sleep while holding the FIFO's pipe mutex.
+
+    Kernel fact that bites here: splice into a file (tty, socket) takes the source pipe's
+    mutex and keeps it while the write blocks; the shim then sleeps uninterruptibly (D
+    state) on that mutex in its own read, write or close of the FIFO. Pipe-to-pipe splice
+    waits without the lock, and regular files and /dev/null do not block."""
+    st = os.fstat(dst)
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISREG(st.st_mode):
+        return True
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+
+
 def _copy(src: int, dst: int) -> None:
-    """Copy until EOF; splice(2) when the kernel allows (src is a FIFO), else read/write."""
-    use_splice = True
+    """Copy until EOF: splice(2) where that is safe (see _splice_safe), else read/write.
+    Never splice *into* a FIFO from a source that can block (stdin may be a terminal)."""
+    use_splice = _splice_safe(dst) and stat.S_ISFIFO(os.fstat(src).st_mode)
     while True:
         if use_splice:
             try:
@@ -117,6 +134,13 @@ def _copy(src: int, dst: int) -> None:
             if n == 0:
                 return
             continue
+        _copy_plain(src, dst)
+        return
+
+
+def _copy_plain(src: int, dst: int) -> None:
+    """read/write only: used for stdin, whose source (a terminal) may block for ever."""
+    while True:
         try:
             data = os.read(src, 1 << 16)
         except OSError:
@@ -160,7 +184,7 @@ class Fifos:
             fd = os.open(self.paths["stdin"], os.O_WRONLY | os.O_CLOEXEC)
 
             def pump(dst: int = fd) -> None:
-                _copy(0, dst)
+                _copy_plain(0, dst)
                 os.close(dst)  # the container sees EOF on its stdin
 
             thread = threading.Thread(target=pump, name="stdin", daemon=True)
@@ -213,8 +237,14 @@ def terminal_size() -> tuple[int, int] | None:
 # --- process running (shared by run, tasks start, tasks exec) ---------------------------
 
 
-def _run_attached(session: Session, container_id: str, *, terminal: bool, exec_id: str | None,
-                  create_params: dict[str, Any]) -> int:
+def _run_attached(
+    session: Session,
+    container_id: str,
+    *,
+    terminal: bool,
+    exec_id: str | None,
+    create_params: dict[str, Any],
+) -> int:
     """Create (task or exec) with FIFOs, start, forward signals/resizes, wait, drain."""
     fifos = Fifos(stdin=True, stdout=True, stderr=not terminal)
     size = terminal_size() if terminal else None
@@ -269,9 +299,14 @@ def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> di
         raise CliError(f"rootfs {rootfs} is not a directory")
     command = args.command or ["sh"]
     spec = default_spec(
-        container_id, namespace, command,
-        root=rootfs, readonly_root=not rootfs or args.read_only,
-        terminal=args.tty, env=args.env, cwd=args.cwd,
+        container_id,
+        namespace,
+        command,
+        root=rootfs,
+        readonly_root=not rootfs or args.read_only,
+        terminal=args.tty,
+        env=args.env,
+        cwd=args.cwd,
     )
     return spec
 
@@ -279,8 +314,10 @@ def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> di
 def _create_container(session: Session, args: argparse.Namespace, container_id: str) -> None:
     spec = _spec_for(args, container_id, session.namespace)
     labels = dict(item.split("=", 1) for item in args.label) if args.label else {}
-    session.call("containers.create", {"id": container_id, "spec": spec,
-                                       "runtime": args.runtime or "", "labels": labels})
+    session.call(
+        "containers.create",
+        {"id": container_id, "spec": spec, "runtime": args.runtime or "", "labels": labels},
+    )
 
 
 # --- commands -------------------------------------------------------------------------
@@ -292,8 +329,10 @@ def cmd_version(session: Session, args: argparse.Namespace) -> int:
     print(f"Client:\n  Version: {__version__}")
     info = session.call("version")
     server = session.call("introspection.server")
-    print(f"Server:\n  Version: {info['version']}\n  Protocol: {info['protocol']}\n"
-          f"  UUID: {server['uuid']}")
+    print(
+        f"Server:\n  Version: {info['version']}\n  Protocol: {info['protocol']}\n"
+        f"  UUID: {server['uuid']}"
+    )
     return 0
 
 
@@ -303,8 +342,10 @@ def cmd_namespaces(session: Session, args: argparse.Namespace) -> int:
         if args.format == "json":
             _json(spaces)
         else:
-            _print_table([[n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())]
-                          for n in spaces], ["NAME", "LABELS"])
+            _print_table(
+                [[n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())] for n in spaces],
+                ["NAME", "LABELS"],
+            )
     elif args.ns_cmd == "create":
         session.call("namespaces.create", {"name": args.name})
     elif args.ns_cmd in ("rm", "remove"):
@@ -322,8 +363,10 @@ def cmd_containers(session: Session, args: argparse.Namespace) -> int:
         if args.format == "json":
             _json(items)
         else:
-            _print_table([[c["id"], c["image"] or "-", c["runtime"]["name"]] for c in items],
-                         ["CONTAINER", "IMAGE", "RUNTIME"])
+            _print_table(
+                [[c["id"], c["image"] or "-", c["runtime"]["name"]] for c in items],
+                ["CONTAINER", "IMAGE", "RUNTIME"],
+            )
     elif args.c_cmd == "info":
         _json(session.call("containers.get", {"id": args.id}))
     elif args.c_cmd in ("rm", "delete"):
@@ -338,7 +381,9 @@ def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
         container = session.call("containers.get", {"id": args.id})
         terminal = bool(container["spec"].get("process", {}).get("terminal"))
         if args.detach:
-            session.call("tasks.create", {"container_id": args.id, "terminal": terminal, "log": True})
+            session.call(
+                "tasks.create", {"container_id": args.id, "terminal": terminal, "log": True}
+            )
             session.call("tasks.start", {"container_id": args.id})
             return 0
         return _run_attached(session, args.id, terminal=terminal, exec_id=None, create_params={})
@@ -347,12 +392,21 @@ def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
         if args.format == "json":
             _json(tasks)
         else:
-            _print_table([[t["id"], str(t["pid"]), t["status"].upper()] for t in tasks],
-                         ["TASK", "PID", "STATUS"])
+            _print_table(
+                [[t["id"], str(t["pid"]), t["status"].upper()] for t in tasks],
+                ["TASK", "PID", "STATUS"],
+            )
         return 0
     if sub == "kill":
-        session.call("tasks.kill", {"container_id": args.id, "signal": args.signal,
-                                    "all": args.all, "exec_id": args.exec_id or ""})
+        session.call(
+            "tasks.kill",
+            {
+                "container_id": args.id,
+                "signal": args.signal,
+                "all": args.all,
+                "exec_id": args.exec_id or "",
+            },
+        )
         return 0
     if sub == "ps":
         procs = session.call("tasks.pids", {"container_id": args.id})["processes"]
@@ -365,15 +419,29 @@ def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
         container = session.call("containers.get", {"id": args.id})
         from berth.daemon.oci import exec_process
 
-        process = exec_process(container["spec"], args.command, terminal=args.tty,
-                               env=args.env, cwd=args.cwd)
+        process = exec_process(
+            container["spec"], args.command, terminal=args.tty, env=args.env, cwd=args.cwd
+        )
         if args.detach:
-            session.call("tasks.exec", {"container_id": args.id, "exec_id": args.exec_id,
-                                        "spec": process, "terminal": args.tty, "log": True})
+            session.call(
+                "tasks.exec",
+                {
+                    "container_id": args.id,
+                    "exec_id": args.exec_id,
+                    "spec": process,
+                    "terminal": args.tty,
+                    "log": True,
+                },
+            )
             session.call("tasks.start", {"container_id": args.id, "exec_id": args.exec_id})
             return 0
-        return _run_attached(session, args.id, terminal=args.tty, exec_id=args.exec_id,
-                             create_params={"spec": process})
+        return _run_attached(
+            session,
+            args.id,
+            terminal=args.tty,
+            exec_id=args.exec_id,
+            create_params={"spec": process},
+        )
     if sub == "attach":
         return _attach(session, args.id)
     if sub in ("pause", "resume"):
@@ -385,13 +453,23 @@ def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
             _json(stats)
         else:
             mem, cpu, pids = stats.get("memory", {}), stats.get("cpu", {}), stats.get("pids", {})
-            _print_table([[args.id, str(mem.get("usage", 0)), str(mem.get("limit", 0)),
-                           str(cpu.get("usage_ns", 0)), str(pids.get("current", 0))]],
-                         ["ID", "MEMORY", "LIMIT", "CPU_NS", "PIDS"])
+            _print_table(
+                [
+                    [
+                        args.id,
+                        str(mem.get("usage", 0)),
+                        str(mem.get("limit", 0)),
+                        str(cpu.get("usage_ns", 0)),
+                        str(pids.get("current", 0)),
+                    ]
+                ],
+                ["ID", "MEMORY", "LIMIT", "CPU_NS", "PIDS"],
+            )
         return 0
     if sub == "wait":
-        result = session.call_retrying("tasks.wait", {"container_id": args.id,
-                                                      "exec_id": args.exec_id or ""})
+        result = session.call_retrying(
+            "tasks.wait", {"container_id": args.id, "exec_id": args.exec_id or ""}
+        )
         print(result["exit_status"])
         return 0
     if sub in ("rm", "delete"):
@@ -418,7 +496,9 @@ def _attach(session: Session, container_id: str) -> int:
     if task["status"] not in ("running", "paused", "created"):
         raise CliError(f"task {container_id} is {task['status']}")
     state_dir = session.call("introspection.server")["state"]
-    log_path = os.path.join(state_dir, "tasks", session.namespace, container_id, "log", "stdout.log")
+    log_path = os.path.join(
+        state_dir, "tasks", session.namespace, container_id, "log", "stdout.log"
+    )
     if not os.path.exists(log_path):
         raise CliError(f"task {container_id} has no log to follow (it was started with FIFOs)")
     done = threading.Event()
@@ -447,8 +527,11 @@ def cmd_events(session: Session, args: argparse.Namespace) -> int:
     client = session.client()
     try:
         for envelope in client.stream("events.subscribe", {"filters": args.filter or []}):
-            print(f"{_ts(envelope['timestamp'])} {envelope['namespace']} {envelope['topic']} "
-                  f"{json.dumps(envelope['event'], sort_keys=True)}", flush=True)
+            print(
+                f"{_ts(envelope['timestamp'])} {envelope['namespace']} {envelope['topic']} "
+                f"{json.dumps(envelope['event'], sort_keys=True)}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     return 0
@@ -466,8 +549,13 @@ def cmd_run(session: Session, args: argparse.Namespace) -> int:
             session.call("tasks.create", params)
             session.call("tasks.start", {"container_id": container_id})
             return 0
-        code = _run_attached(session, container_id, terminal=args.tty, exec_id=None,
-                             create_params={"log": True} if args.log else {})
+        code = _run_attached(
+            session,
+            container_id,
+            terminal=args.tty,
+            exec_id=None,
+            create_params={"log": True} if args.log else {},
+        )
     except BaseException:
         if args.rm:
             _remove(session, container_id)
@@ -499,11 +587,18 @@ def _container_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="berth", description="berth's command-line client")
-    parser.add_argument("--address", "-a",
-                        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
-                        help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})")
-    parser.add_argument("--namespace", "-n", default=os.environ.get("BERTH_NAMESPACE", "default"),
-                        help="namespace (env BERTH_NAMESPACE; default 'default')")
+    parser.add_argument(
+        "--address",
+        "-a",
+        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
+        help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        default=os.environ.get("BERTH_NAMESPACE", "default"),
+        help="namespace (env BERTH_NAMESPACE; default 'default')",
+    )
     commands = parser.add_subparsers(dest="verb", required=True)
 
     commands.add_parser("version", help="client and server versions")
@@ -583,9 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "version": cmd_version,
-    "namespaces": cmd_namespaces, "ns": cmd_namespaces,
-    "containers": cmd_containers, "c": cmd_containers,
-    "tasks": cmd_tasks, "t": cmd_tasks,
+    "namespaces": cmd_namespaces,
+    "ns": cmd_namespaces,
+    "containers": cmd_containers,
+    "c": cmd_containers,
+    "tasks": cmd_tasks,
+    "t": cmd_tasks,
     "events": cmd_events,
     "run": cmd_run,
 }

@@ -1,21 +1,21 @@
 """berthd configuration: a TOML file, overridden by command-line flags.
 
-    root = "/var/lib/berth"            # persistent: metadata DB, default rootfs
-    state = "/run/berth"               # volatile: sockets, bundles, shim state, exit files
-    address = "/run/berth/berthd.sock" # the API socket (mode 0660)
-    default_runtime = "runc"
-    log_level = "info"
+root = "/var/lib/berth"            # persistent: metadata DB, default rootfs
+state = "/run/berth"               # volatile: sockets, bundles, shim state, exit files
+address = "/run/berth/berthd.sock" # the API socket (mode 0660)
+default_runtime = "runc"
+log_level = "info"
 
-    [runtimes.runc]
-    binary = "runc"
-    [runtimes.crun]
-    binary = "crun"
-    args = []                          # extra global arguments
-    # root = "/run/berth/runtime/crun" # the runtime's --root (default: <state>/runtime/<name>/<ns>)
+[runtimes.runc]
+binary = "runc"
+[runtimes.crun]
+binary = "crun"
+args = []                          # extra global arguments
+# root = "/run/berth/runtime/crun" # the runtime's --root (default: <state>/runtime/<name>/<ns>)
 
-    [container_log]                    # defaults for the shim's log mode
-    max_size = 16777216
-    max_files = 4
+[container_log]                    # defaults for the shim's log mode
+max_size = 16777216
+max_files = 4
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def from_mapping(doc: dict[str, Any]) -> Config:
                 raise InvalidArgument(f"[runtimes.{name}] args must be a list of strings")
             entries[name] = RuntimeEntry(
                 name=name,
-                binary=table.get("binary", name),
+                binary=str(table.get("binary", name)),
                 args=tuple(args),
                 root=str(table.get("root", "")),
                 systemd_cgroup=bool(table.get("systemd_cgroup", False)),

@@ -10,12 +10,19 @@ Filters use containerd's syntax, so the same strings work on both APIs:
 Several filter strings are ORed. A subscriber that falls `QUEUE_SIZE` envelopes behind is
 dropped (its stream ends with an error) rather than slowing the exchange: containerd does
 the same. Nothing durable depends on this stream: exits are recoverable from the tasks API.
+
+The exchange also keeps the last `HISTORY` envelopes. A subscriber may ask for those newer
+than a timestamp (`since`): a client that was cut off by a daemon restart resubscribes with
+the timestamp of the last envelope it saw, and receives what it missed, including the
+exits that happened while the daemon was down (recovery publishes them with the time the
+process really exited).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +32,7 @@ import trio
 from berth.shim.errors import InvalidArgument
 
 QUEUE_SIZE = 1024
+HISTORY = 4096
 MAX_FILTER_LEN = 4096
 
 Envelope = dict[str, Any]
@@ -87,7 +95,7 @@ def parse_filter(text: str) -> Predicate:
             i += 2
             while i < n and text[i].isspace():
                 i += 1
-            if i < n and text[i] in "\"|":
+            if i < n and text[i] in '"|':
                 quote = text[i]
                 i += 1
                 chars = []
@@ -145,15 +153,26 @@ class Subscription:
 class Exchange:
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
+        self._history: deque[Envelope] = deque(maxlen=HISTORY)
         self.published = 0
 
-    def subscribe(self, filters: list[str]) -> Subscription:
+    def subscribe(self, filters: list[str], since: int | None = None) -> Subscription:
+        """A new subscription; with `since` (ns), first the remembered envelopes newer
+        than that. No await separates replay and registration, so nothing falls between."""
         sub = Subscription(self, parse_filters(filters))
+        if since is not None:
+            for envelope in self._history:
+                if envelope["timestamp"] > since and sub.predicate(envelope):
+                    try:
+                        sub.send.send_nowait(envelope)
+                    except trio.WouldBlock:
+                        break
         self._subscribers.add(sub)
         return sub
 
-    def publish(self, namespace: str, topic: str, event: dict[str, Any],
-                timestamp: int | None = None) -> Envelope:
+    def publish(
+        self, namespace: str, topic: str, event: dict[str, Any], timestamp: int | None = None
+    ) -> Envelope:
         envelope = {
             "timestamp": timestamp or time.time_ns(),
             "namespace": namespace,
@@ -161,6 +180,7 @@ class Exchange:
             "event": event,
         }
         self.published += 1
+        self._history.append(envelope)
         for sub in list(self._subscribers):
             if not sub.predicate(envelope):
                 continue

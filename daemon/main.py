@@ -26,7 +26,7 @@ from berth.daemon import config as config_module
 from berth.daemon.api import Api, load_server_uuid, namespace_of
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
-from berth.daemon.rpc import ServerConnection
+from berth.daemon.rpc import ServerConnection, guarded
 from berth.daemon.shims import Zygote
 from berth.daemon.store import Store
 from berth.daemon.tasks import TaskService
@@ -45,8 +45,9 @@ def _prepare_dirs(config: Config) -> int:
         os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(d, 0o700)
     os.makedirs(os.path.dirname(config.address), exist_ok=True)
-    lock_fd = os.open(os.path.join(config.state, "berthd.lock"),
-                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock_fd = os.open(
+        os.path.join(config.state, "berthd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -57,7 +58,9 @@ def _prepare_dirs(config: Config) -> int:
     return lock_fd
 
 
-async def serve(config: Config, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: Config, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     lock_fd = _prepare_dirs(config)
     store = Store(config.db_path)
     store.ensure_namespace("default")
@@ -79,7 +82,9 @@ async def serve(config: Config, task_status: trio.TaskStatus[None] = trio.TASK_S
                     log.warning("refused API connection from uid %d", uid)
                     await stream.aclose()
                     return
-                await ServerConnection(stream, handlers, namespace_of, uid).serve()
+                await guarded(
+                    "API connection", ServerConnection(stream, handlers, namespace_of, uid).serve
+                )
 
             async def recover() -> None:
                 found = await tasks.recover()

@@ -51,7 +51,12 @@ READONLY_PATHS = [
 ]
 
 _MOUNTS: list[dict[str, Any]] = [
-    {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+    {
+        "destination": "/proc",
+        "type": "proc",
+        "source": "proc",
+        "options": ["nosuid", "noexec", "nodev"],
+    },
     {
         "destination": "/dev",
         "type": "tmpfs",
@@ -70,8 +75,18 @@ _MOUNTS: list[dict[str, Any]] = [
         "source": "shm",
         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
     },
-    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    {
+        "destination": "/dev/mqueue",
+        "type": "mqueue",
+        "source": "mqueue",
+        "options": ["nosuid", "noexec", "nodev"],
+    },
+    {
+        "destination": "/sys",
+        "type": "sysfs",
+        "source": "sysfs",
+        "options": ["nosuid", "noexec", "nodev", "ro"],
+    },
     {
         "destination": "/sys/fs/cgroup",
         "type": "cgroup",
@@ -139,7 +154,11 @@ def default_spec(
 
 
 def exec_process(
-    spec: dict[str, Any], args: list[str], *, terminal: bool = False, env: list[str] | None = None,
+    spec: dict[str, Any],
+    args: list[str],
+    *,
+    terminal: bool = False,
+    env: list[str] | None = None,
     cwd: str | None = None,
 ) -> dict[str, Any]:
     """An exec's OCI process, inheriting user, env, caps and limits from the container's."""

@@ -68,8 +68,14 @@ class RpcClient:
     """A multiplexed client connection. `run()` must be running (in some nursery) for
     replies to arrive; when the connection ends, every waiting call gets Unavailable."""
 
-    def __init__(self, stream: trio.abc.Stream, *, peer_name: str = "berthd",
-                 max_frame_size: int = DEFAULT_MAX_FRAME, label: str = "") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer_name: str = "berthd",
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        label: str = "",
+    ) -> None:
         self._stream = stream
         self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
         self._send_lock = trio.Lock()
@@ -132,7 +138,9 @@ class RpcClient:
         finally:
             self.closed.set()
             for pending in self._pending.values():
-                pending.error = Unavailable(f"{self.label}: {self.close_reason or 'connection closed'}")
+                pending.error = Unavailable(
+                    f"{self.label}: {self.close_reason or 'connection closed'}"
+                )
                 if pending.items is not None:
                     pending.items.close()
                 pending.done.set()
@@ -163,8 +171,13 @@ class RpcClient:
             pending.items.close()
         pending.done.set()
 
-    async def call(self, method: str, params: dict[str, Any] | None = None,
-                   timeout: float = math.inf, **meta: Any) -> Any:
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float = math.inf,
+        **meta: Any,
+    ) -> Any:
         if self.closed.is_set():
             raise Unavailable(f"{self.label}: connection closed")
         rid = self._conn.next_request_id()
@@ -192,8 +205,9 @@ class RpcClient:
         self._pending[rid] = _Pending(stream=False)
         await self._write(self._conn.send(Request(rid, method, params or {}, {})))
 
-    async def stream(self, method: str, params: dict[str, Any] | None = None,
-                     buffer: int = 256) -> AsyncIterator[Any]:
+    async def stream(
+        self, method: str, params: dict[str, Any] | None = None, buffer: int = 256
+    ) -> AsyncIterator[Any]:
         """Iterate a server stream. Leaving the loop early cancels the stream."""
         if self.closed.is_set():
             raise Unavailable(f"{self.label}: connection closed")
@@ -237,6 +251,17 @@ class CallContext:
 
 
 STREAM_DONE = object()  # a handler returns this after streaming its items
+
+
+async def guarded(what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run one background job of the daemon so that its failure is logged and contained:
+    a broken connection or a confused shim must never take berthd down."""
+    try:
+        await fn(*args)
+    except Exception:  # also ExceptionGroups of Exceptions; never trio.Cancelled
+        log.exception("%s failed", what)
+
+
 Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
 
 
@@ -246,9 +271,14 @@ class ServerConnection:
 
     MAX_IN_FLIGHT = 128
 
-    def __init__(self, stream: trio.SocketStream, handlers: dict[str, Handler],
-                 namespace_of: Callable[[Request], str], peer_uid: int,
-                 max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        handlers: dict[str, Handler],
+        namespace_of: Callable[[Request], str],
+        peer_uid: int,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+    ) -> None:
         self._stream = stream
         self._handlers = handlers
         self._namespace_of = namespace_of
@@ -264,7 +294,9 @@ class ServerConnection:
         except LocalProtocolError as exc:
             if isinstance(event, (Response, StreamItem)):
                 log.error("cannot send reply: %s", exc)
-                data = self._conn.send(ErrorReply(event.id, "internal", f"reply not sendable: {exc}"))
+                data = self._conn.send(
+                    ErrorReply(event.id, "internal", f"reply not sendable: {exc}")
+                )
             else:
                 raise
         async with self._send_lock:
@@ -273,10 +305,13 @@ class ServerConnection:
     async def serve(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                await self._read_loop(nursery)
+                # Caught inside the nursery: leaving it, errors arrive wrapped in an
+                # ExceptionGroup (trio's strict groups), which a plain except misses.
+                try:
+                    await self._read_loop(nursery)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         finally:
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
@@ -297,7 +332,9 @@ class ServerConnection:
                 except RemoteProtocolError as exc:
                     if exc.fatal:
                         async with self._send_lock:
-                            await self._stream.send_all(self._conn.refusal(str(exc), "invalid_argument"))
+                            await self._stream.send_all(
+                                self._conn.refusal(str(exc), "invalid_argument")
+                            )
                         return
                     await self._send(ErrorReply(exc.request_id, "invalid_argument", str(exc)))
                     continue
@@ -313,9 +350,9 @@ class ServerConnection:
                     self._scopes[event.id] = scope
                     nursery.start_soon(self._handle, event, scope)
                 elif isinstance(event, Cancel):
-                    scope = self._scopes.get(event.id)
-                    if scope is not None:
-                        scope.cancel()
+                    running = self._scopes.get(event.id)
+                    if running is not None:
+                        running.cancel()
 
     async def _handle(self, req: Request, scope: trio.CancelScope) -> None:
         try:

@@ -37,8 +37,14 @@ class Zygote:
         try:
             theirs.set_inheritable(True)
             self._process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "berth.shim.main", "--zygote", "--ctl-fd",
-                 str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "berth.shim.main",
+                    "--zygote",
+                    "--ctl-fd",
+                    str(theirs.fileno()),
+                ],
                 pass_fds=(theirs.fileno(),),
             )
         finally:
@@ -68,8 +74,9 @@ class Zygote:
 
     async def spawn(self, config: ShimConfig, log_path: str) -> int:
         client = await self._ensure()
-        pid = await client.call("spawn", {"config": config.to_params(), "log_path": log_path},
-                                timeout=30)
+        pid = await client.call(
+            "spawn", {"config": config.to_params(), "log_path": log_path}, timeout=30
+        )
         self.spawned += 1
         return int(pid["pid"])
 
@@ -128,4 +135,3 @@ async def connect_shim(address: str, label: str) -> RpcClient:
     except OSError as exc:
         raise Unavailable(f"cannot connect to shim {label}: {exc}") from None
     return client
-

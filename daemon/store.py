@@ -160,8 +160,12 @@ class Store:
         ).fetchone()
         if row is None:
             raise NotFound(f"namespace {name} not found")
-        return {"name": row[0], "labels": json.loads(row[1]), "created_at": row[2],
-                "updated_at": row[3]}
+        return {
+            "name": row[0],
+            "labels": json.loads(row[1]),
+            "created_at": row[2],
+            "updated_at": row[3],
+        }
 
     def list_namespaces(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT name FROM namespaces ORDER BY name").fetchall()
@@ -241,8 +245,13 @@ class Store:
         return [_container(r) for r in rows]
 
     def update_container(
-        self, namespace: str, container_id: str, *, labels: dict[str, str] | None = None,
-        spec: dict[str, Any] | None = None, image: str | None = None,
+        self,
+        namespace: str,
+        container_id: str,
+        *,
+        labels: dict[str, str] | None = None,
+        spec: dict[str, Any] | None = None,
+        image: str | None = None,
     ) -> Container:
         current = self.get_container(namespace, container_id)
         if labels is not None:
@@ -254,8 +263,14 @@ class Store:
         self._db.execute(
             "UPDATE containers SET labels = ?, spec = ?, image = ?, updated_at = ? "
             "WHERE namespace = ? AND id = ?",
-            (json.dumps(current.labels), json.dumps(current.spec), current.image,
-             time.time_ns(), namespace, container_id),
+            (
+                json.dumps(current.labels),
+                json.dumps(current.spec),
+                current.image,
+                time.time_ns(),
+                namespace,
+                container_id,
+            ),
         )
         return self.get_container(namespace, container_id)
 

@@ -29,7 +29,7 @@ from berth.daemon import shims
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.rootfs import build_busybox_rootfs
-from berth.daemon.rpc import RpcClient
+from berth.daemon.rpc import RpcClient, guarded
 from berth.daemon.store import Store
 from berth.shim import events as shim_topics
 from berth.shim.errors import (
@@ -154,8 +154,14 @@ class TaskHandle:
 
 
 class TaskService:
-    def __init__(self, config: Config, store: Store, exchange: Exchange,
-                 nursery: trio.Nursery, zygote: shims.Zygote) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        exchange: Exchange,
+        nursery: trio.Nursery,
+        zygote: shims.Zygote,
+    ) -> None:
         self._config = config
         self._store = store
         self._exchange = exchange
@@ -182,14 +188,19 @@ class TaskService:
         return handle
 
     def has_task(self, namespace: str, container_id: str) -> bool:
-        return (namespace, container_id) in self._tasks or (namespace, container_id) in self._reserved
+        return (namespace, container_id) in self._tasks or (
+            namespace,
+            container_id,
+        ) in self._reserved
 
     def namespace_in_use(self, namespace: str) -> bool:
         return any(key[0] == namespace for key in (*self._tasks, *self._reserved))
 
     # -- creation
 
-    async def create(self, namespace: str, container_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def create(
+        self, namespace: str, container_id: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
         key = (namespace, container_id)
         container = self._store.get_container(namespace, container_id)
         if key in self._tasks or key in self._reserved:
@@ -212,22 +223,33 @@ class TaskService:
             runtime_root = container.runtime_options.get("root") or self._config.runtime_root(
                 entry, namespace
             )
-            runtime = RuntimeConfig(binary=binary, root=runtime_root, args=entry.args,
-                                    systemd_cgroup=entry.systemd_cgroup)
-            handle = TaskHandle(namespace, container_id, bundle,
-                                self._socket(namespace, container_id), runtime)
+            runtime = RuntimeConfig(
+                binary=binary,
+                root=runtime_root,
+                args=entry.args,
+                systemd_cgroup=entry.systemd_cgroup,
+            )
+            handle = TaskHandle(
+                namespace, container_id, bundle, self._socket(namespace, container_id), runtime
+            )
             shim_config = ShimConfig(container_id, namespace, bundle, handle.address, runtime)
             handle.shim_pid = await self._zygote.spawn(
                 shim_config, os.path.join(bundle, "shim.log")
             )
             handle.shim_start_time = process_start_time(handle.shim_pid) or 0
             await self._attach(handle)
-            io = {k: params.get(k) for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")}
+            io = {
+                k: params.get(k)
+                for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")
+            }
             if params.get("log"):
-                io["log"] = {"max_size": self._config.log_max_size,
-                             "max_files": self._config.log_max_files}
+                log_config: dict[str, Any] = {
+                    "max_size": self._config.log_max_size,
+                    "max_files": self._config.log_max_files,
+                }
                 if isinstance(params["log"], dict):
-                    io["log"].update(params["log"])
+                    log_config.update(params["log"])
+                io["log"] = log_config
             self._tasks[key] = handle
             result = await self._call(handle, "create", io)
             handle.init.pid = int(result["pid"])
@@ -268,7 +290,9 @@ class TaskService:
     async def _attach(self, handle: TaskHandle) -> None:
         """Connect to a live shim and start supervising it."""
         with trio.fail_after(CONNECT_TIMEOUT):
-            client = await shims.connect_shim(handle.address, f"shim {handle.namespace}/{handle.id}")
+            client = await shims.connect_shim(
+                handle.address, f"shim {handle.namespace}/{handle.id}"
+            )
             handle.client = client
             try:
                 await client.handshake()
@@ -276,9 +300,20 @@ class TaskService:
                 await client.aclose()
                 raise
             self._nursery.start_soon(client.run)
-        await self._nursery.start(self._supervise, handle)
+        await self._nursery.start(self._supervise_guarded, handle)
 
-    async def _supervise(self, handle: TaskHandle, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _supervise_guarded(
+        self, handle: TaskHandle, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self._supervise(handle, task_status)
+        except Exception:
+            log.exception("supervision of %s/%s failed", handle.namespace, handle.id)
+            handle.supervised.set()
+
+    async def _supervise(
+        self, handle: TaskHandle, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Relay the shim's events until the shim dies or the task is deleted."""
         assert handle.client is not None
         client = handle.client
@@ -303,7 +338,9 @@ class TaskService:
                 try:
                     self._apply_event(handle, item)
                 except Exception:
-                    log.exception("bad event from shim %s/%s: %r", handle.namespace, handle.id, item)
+                    log.exception(
+                        "bad event from shim %s/%s: %r", handle.namespace, handle.id, item
+                    )
                 seq = item.get("seq") if isinstance(item, dict) else None
                 if isinstance(seq, int):
                     handle.mark_progress(seq)
@@ -324,14 +361,21 @@ class TaskService:
         event: dict[str, Any] = {"container_id": handle.id}
         if topic == shim_topics.TASK_CREATE:
             handle.init.pid = payload.get("pid", 0)
-            event.update(bundle=handle.bundle, pid=handle.init.pid,
-                         io={k: payload.get(k) for k in ("stdin", "stdout", "stderr", "terminal")})
+            event.update(
+                bundle=handle.bundle,
+                pid=handle.init.pid,
+                io={k: payload.get(k) for k in ("stdin", "stdout", "stderr", "terminal")},
+            )
         elif topic == shim_topics.TASK_START:
             handle.init.set_status(RUNNING)
             event.update(pid=payload.get("pid", 0))
         elif topic in (shim_topics.TASK_EXIT, shim_topics.EXEC_EXIT):
             view = handle.init if topic == shim_topics.TASK_EXIT else handle.execs.get(exec_id)
-            pid, status, at = payload.get("pid", 0), payload.get("exit_status", 0), payload.get("exited_at", 0)
+            pid, status, at = (
+                payload.get("pid", 0),
+                payload.get("exit_status", 0),
+                payload.get("exited_at", 0),
+            )
             if view is not None:
                 view.set_exit(pid, status, at)
             event.update(id=exec_id or handle.id, pid=pid, exit_status=status, exited_at=at)
@@ -348,9 +392,12 @@ class TaskService:
         elif topic == shim_topics.TASK_RESUMED:
             handle.init.set_status(RUNNING)
         elif topic == shim_topics.TASK_DELETE:
-            event.update(id=handle.id, pid=payload.get("pid", 0),
-                         exit_status=payload.get("exit_status", 0),
-                         exited_at=payload.get("exited_at", 0))
+            event.update(
+                id=handle.id,
+                pid=payload.get("pid", 0),
+                exit_status=payload.get("exit_status", 0),
+                exited_at=payload.get("exited_at", 0),
+            )
         daemon_topic = TOPICS.get(topic)
         if daemon_topic is not None:
             self._exchange.publish(handle.namespace, daemon_topic, event, timestamp)
@@ -380,9 +427,13 @@ class TaskService:
                 self._exchange.publish(
                     handle.namespace,
                     "/tasks/exit",
-                    {"container_id": handle.id, "id": view.exec_id or handle.id,
-                     "pid": record.pid, "exit_status": record.status,
-                     "exited_at": record.exited_at},
+                    {
+                        "container_id": handle.id,
+                        "id": view.exec_id or handle.id,
+                        "pid": record.pid,
+                        "exit_status": record.status,
+                        "exited_at": record.exited_at,
+                    },
                 )
 
     async def _runtime_cleanup(self, handle: TaskHandle) -> None:
@@ -392,8 +443,9 @@ class TaskService:
         for args in (["kill", "--all", handle.id, "KILL"], ["delete", "--force", handle.id]):
             try:
                 with trio.move_on_after(10):
-                    await trio.run_process(base + args, check=False, capture_stdout=True,
-                                           capture_stderr=True)
+                    await trio.run_process(
+                        base + args, check=False, capture_stdout=True, capture_stderr=True
+                    )
             except OSError as exc:
                 log.error("runtime cleanup of %s failed: %s", handle.id, exc)
 
@@ -418,8 +470,13 @@ class TaskService:
 
     # -- calls into a shim
 
-    async def _call(self, handle: TaskHandle, method: str, params: dict[str, Any] | None = None,
-                    timeout: float = SHIM_CALL_TIMEOUT) -> Any:
+    async def _call(
+        self,
+        handle: TaskHandle,
+        method: str,
+        params: dict[str, Any] | None = None,
+        timeout: float = SHIM_CALL_TIMEOUT,
+    ) -> Any:
         if handle.shim_dead or handle.client is None:
             raise FailedPrecondition(f"task {handle.id}: its shim is gone; the task has exited")
         return await handle.client.call(method, params or {}, timeout=timeout)
@@ -433,28 +490,40 @@ class TaskService:
         view.set_status(RUNNING)
         return {"pid": int(result["pid"])}
 
-    async def kill(self, namespace: str, container_id: str, signo: int, all_processes: bool,
-                   exec_id: str | None) -> None:
+    async def kill(
+        self,
+        namespace: str,
+        container_id: str,
+        signo: int,
+        all_processes: bool,
+        exec_id: str | None,
+    ) -> None:
         handle = self.get_handle(namespace, container_id)
         view = handle.process(exec_id)
         if view.exited.is_set():
             raise NotFound(f"process {exec_id or container_id} already finished")
-        await self._call(handle, "kill", {"signal": signo, "all": all_processes,
-                                          "exec_id": exec_id or ""})
+        await self._call(
+            handle, "kill", {"signal": signo, "all": all_processes, "exec_id": exec_id or ""}
+        )
 
-    async def exec(self, namespace: str, container_id: str, exec_id: str,
-                   params: dict[str, Any]) -> None:
+    async def exec(
+        self, namespace: str, container_id: str, exec_id: str, params: dict[str, Any]
+    ) -> None:
         validate(exec_id, "exec id")
         handle = self.get_handle(namespace, container_id)
         if exec_id in handle.execs:
             raise AlreadyExists(f"exec {exec_id} already exists")
-        shim_params = {k: params.get(k) for k in ("stdin", "stdout", "stderr", "terminal",
-                                                   "spec", "width", "height", "log")}
+        shim_params = {
+            k: params.get(k)
+            for k in ("stdin", "stdout", "stderr", "terminal", "spec", "width", "height", "log")
+        }
         shim_params["exec_id"] = exec_id
         await self._call(handle, "exec", shim_params)
         handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
 
-    async def delete_process(self, namespace: str, container_id: str, exec_id: str) -> dict[str, Any]:
+    async def delete_process(
+        self, namespace: str, container_id: str, exec_id: str
+    ) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
         view = handle.process(exec_id)
         if handle.shim_dead:
@@ -464,18 +533,26 @@ class TaskService:
         handle.execs.pop(exec_id, None)
         return dict(result)
 
-    async def delete(self, namespace: str, container_id: str, force: bool = False) -> dict[str, Any]:
+    async def delete(
+        self, namespace: str, container_id: str, force: bool = False
+    ) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
         if handle.deleting:
             raise FailedPrecondition(f"task {container_id} is being deleted")
         handle.deleting = True
         try:
             if handle.shim_dead:
-                result = {"pid": handle.init.pid, "exit_status": handle.init.exit_status,
-                          "exited_at": handle.init.exited_at}
+                result = {
+                    "pid": handle.init.pid,
+                    "exit_status": handle.init.exit_status,
+                    "exited_at": handle.init.exited_at,
+                }
                 await self._runtime_cleanup(handle)
-                self._exchange.publish(namespace, "/tasks/delete",
-                                       {"container_id": container_id, "id": container_id, **result})
+                self._exchange.publish(
+                    namespace,
+                    "/tasks/delete",
+                    {"container_id": container_id, "id": container_id, **result},
+                )
             else:
                 reply = await self._call(handle, "delete", {"force": force})
                 result = {k: reply.get(k, 0) for k in ("pid", "exit_status", "exited_at")}
@@ -534,8 +611,9 @@ class TaskService:
     def list(self, namespace: str) -> list[dict[str, Any]]:
         return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
 
-    async def simple(self, namespace: str, container_id: str, method: str,
-                     params: dict[str, Any] | None = None) -> Any:
+    async def simple(
+        self, namespace: str, container_id: str, method: str, params: dict[str, Any] | None = None
+    ) -> Any:
         """Calls passed through to the shim as they are."""
         handle = self.get_handle(namespace, container_id)
         result = await self._call(handle, method, params or {})
@@ -575,17 +653,33 @@ class TaskService:
                         shutil.rmtree(bundle, ignore_errors=True)
                         continue
                     found += 1
-                    nursery.start_soon(self._recover_one, namespace, container_id, bundle, record)
+                    nursery.start_soon(
+                        guarded,
+                        f"recovery of {namespace}/{container_id}",
+                        self._recover_one,
+                        namespace,
+                        container_id,
+                        bundle,
+                        record,
+                    )
         return found
 
-    async def _recover_one(self, namespace: str, container_id: str, bundle: str,
-                           record: ShimRecord) -> None:
+    async def _recover_one(
+        self, namespace: str, container_id: str, bundle: str, record: ShimRecord
+    ) -> None:
         try:
             runtime = RuntimeConfig.from_params(record.runtime)
         except BerthError:
             runtime = RuntimeConfig()
-        handle = TaskHandle(namespace, container_id, bundle, record.address, runtime,
-                            shim_pid=record.pid, shim_start_time=record.start_time)
+        handle = TaskHandle(
+            namespace,
+            container_id,
+            bundle,
+            record.address,
+            runtime,
+            shim_pid=record.pid,
+            shim_start_time=record.start_time,
+        )
         self._tasks[handle.key] = handle
         if shims.shim_alive(record.pid, record.start_time):
             try:
@@ -593,7 +687,11 @@ class TaskService:
                 processes = await self._call(handle, "list", {}, timeout=10)
                 for state in processes:
                     exec_id = state.get("exec_id") or ""
-                    view = handle.execs.setdefault(exec_id, ProcessView(exec_id)) if exec_id else handle.init
+                    view = (
+                        handle.execs.setdefault(exec_id, ProcessView(exec_id))
+                        if exec_id
+                        else handle.init
+                    )
                     view.pid = state.get("pid", 0)
                     if state.get("status") == STOPPED:
                         # Published by the replayed exit event; only fill the cache here.
@@ -604,8 +702,13 @@ class TaskService:
                         view.set_status(state.get("status", CREATED))
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
-                log.error("recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
-                          record.pid, namespace, container_id, exc)
+                log.error(
+                    "recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
+                    record.pid,
+                    namespace,
+                    container_id,
+                    exc,
+                )
                 if shims.shim_alive(record.pid, record.start_time):
                     _kill(record.pid)
                 handle.scope.cancel()

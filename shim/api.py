@@ -32,13 +32,13 @@ from berth.shim.protocol import (
     ErrorReply,
     Hello,
     LocalProtocolError,
+    NeedData,
     RemoteProtocolError,
     Request,
     Response,
     Role,
     StreamEnd,
     StreamItem,
-    NeedData,
 )
 from berth.shim.task import Task
 from berth.shim.unixsock import peer_credentials
@@ -52,8 +52,9 @@ Handler = Callable[["ShimConnection", Request], Awaitable[Any]]
 
 
 class ShimServer:
-    def __init__(self, loop: Loop, listener: socket.socket, task: Task,
-                 queue: shim_events.EventQueue) -> None:
+    def __init__(
+        self, loop: Loop, listener: socket.socket, task: Task, queue: shim_events.EventQueue
+    ) -> None:
         self.loop = loop
         self.task = task
         self.queue = queue

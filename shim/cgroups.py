@@ -121,7 +121,9 @@ def stats(pid: int) -> dict[str, object]:
     if paths.version == 1:
         cpu_stat = _kv(_read(paths.cpu, "cpuacct.stat"))
         percpu = [int(x) for x in (_read(paths.cpu, "cpuacct.usage_percpu") or "").split()]
-        throttling = _kv(_read(paths.cpu.replace("cpuacct", "cpu") if paths.cpu else None, "cpu.stat"))
+        throttling = _kv(
+            _read(paths.cpu.replace("cpuacct", "cpu") if paths.cpu else None, "cpu.stat")
+        )
         memory_stat = _kv(_read(paths.memory, "memory.stat"))
         return {
             "cgroup_version": 1,
@@ -152,9 +154,7 @@ def stats(pid: int) -> dict[str, object]:
             "user_ns": cpu_stat.get("user_usec", 0) * 1000,
             "system_ns": cpu_stat.get("system_usec", 0) * 1000,
             "percpu_ns": [],
-            "throttling": {
-                k: v for k, v in cpu_stat.items() if k.startswith(("nr_", "throttled"))
-            },
+            "throttling": {k: v for k, v in cpu_stat.items() if k.startswith(("nr_", "throttled"))},
         },
         "memory": {
             "usage": _int(_read(paths.memory, "memory.current")) or 0,

@@ -39,8 +39,12 @@ class Event:
     payload: dict[str, Any]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"seq": self.seq, "topic": self.topic, "timestamp": self.timestamp,
-                "payload": self.payload}
+        return {
+            "seq": self.seq,
+            "topic": self.topic,
+            "timestamp": self.timestamp,
+            "payload": self.payload,
+        }
 
 
 Subscriber = Callable[[Event], None]

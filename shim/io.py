@@ -40,10 +40,14 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
 
 
+DEFAULT_LOG_MAX_SIZE = 16 * 1024 * 1024
+DEFAULT_LOG_MAX_FILES = 4
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    max_size: int = 16 * 1024 * 1024
-    max_files: int = 4
+    max_size: int = DEFAULT_LOG_MAX_SIZE
+    max_files: int = DEFAULT_LOG_MAX_FILES
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +76,8 @@ class IOConfig:
         log_config: LogConfig | None = None
         if log:
             if isinstance(log, dict):
-                max_size = int(log.get("max_size", LogConfig.max_size))
-                max_files = int(log.get("max_files", LogConfig.max_files))
+                max_size = int(log.get("max_size", DEFAULT_LOG_MAX_SIZE))
+                max_files = int(log.get("max_files", DEFAULT_LOG_MAX_FILES))
                 if max_size < 4096 or not 1 <= max_files <= 1000:
                     raise InvalidArgument("log max_size must be >= 4096 and max_files 1..1000")
                 log_config = LogConfig(max_size, max_files)
@@ -302,9 +306,7 @@ class LogSink(Sink):
         self._open()
 
     def _open(self) -> None:
-        self._fd = os.open(
-            self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-        )
+        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
 
     def _rotate(self) -> None:
@@ -458,11 +460,12 @@ class OutputPump:
 
 
 class InputPump:
-    """Moves a client's stdin FIFO into the container's stdin (pipe or pty master)."""
+    """Moves a client's stdin FIFO (already open, read end) into the container's stdin
+    (a pipe's write end, or the pty master)."""
 
-    def __init__(self, loop: Loop, fifo_path: str, target: int, *, close_target: bool) -> None:
+    def __init__(self, loop: Loop, fifo: int, target: int, *, close_target: bool) -> None:
         self._loop = loop
-        self._fifo = open_fifo(fifo_path, os.O_RDONLY)
+        self._fifo = fifo
         self._target = target
         self._close_target = close_target
         self._pending = b""
@@ -516,22 +519,33 @@ class InputPump:
 
 
 class ProcessIO:
-    """All stdio plumbing of one process (a container's init or an exec)."""
+    """All stdio plumbing of one process (a container's init or an exec).
+
+    Every client FIFO is opened when the process is registered, before the runtime runs:
+    a bad path fails the request and starts nothing, and a client's own blocking open of
+    its end returns at once, whatever the order of its calls."""
 
     def __init__(self, loop: Loop, config: IOConfig, log_prefix: str) -> None:
         self._loop = loop
         self.config = config
         self._log_prefix = log_prefix
         self._runtime_fds: list[int] = []
-        self._stdin_target: int | None = None
+        self._stdin_fifo = -1
         self._stdin: InputPump | None = None
         self._pumps: list[OutputPump] = []
         self._sinks: list[Sink] = []
+        self._stdout_sinks: list[Sink] = []
+        self._stderr_sinks: list[Sink] = []
         self.console: int | None = None
         self.stdio: tuple[int | None, int | None, int | None] = (None, None, None)
         self._devnull = -1
+        self._closed = False
         try:
-            if not config.terminal:
+            if config.stdin:
+                self._stdin_fifo = open_fifo(config.stdin, os.O_RDONLY)
+            self._stdout_sinks = self._sinks_for("stdout", config.stdout)
+            if not config.terminal:  # a terminal merges stderr into its one stream
+                self._stderr_sinks = self._sinks_for("stderr", config.stderr)
                 self._prepare_pipes()
         except BaseException:
             self.close()
@@ -555,20 +569,17 @@ class ProcessIO:
         return sinks
 
     def _prepare_pipes(self) -> None:
-        """Create the container-side pipes and open the client sides (before the runtime
-        runs, so a bad FIFO path fails the request and starts nothing)."""
-        cfg = self.config
+        """The container-side pipes, whose other ends the runtime hands to the process."""
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         stdin_fd = stdout_fd = stderr_fd = self._devnull
-        if cfg.stdin:
+        if self._stdin_fifo >= 0:
             r, w = make_pipe()
             self._runtime_fds.append(r)
             stdin_fd = r
-            self._stdin_target = w
-            self._stdin = InputPump(self._loop, cfg.stdin, w, close_target=True)
+            fifo, self._stdin_fifo = self._stdin_fifo, -1
+            self._stdin = InputPump(self._loop, fifo, w, close_target=True)
         pending: list[tuple[int, list[Sink]]] = []
-        for stream, fifo in (("stdout", cfg.stdout), ("stderr", cfg.stderr)):
-            sinks = self._sinks_for(stream, fifo)
+        for stream, sinks in (("stdout", self._stdout_sinks), ("stderr", self._stderr_sinks)):
             if not sinks:
                 continue
             r, w = make_pipe()
@@ -585,13 +596,13 @@ class ProcessIO:
     def attach_console(self, master: int) -> None:
         """Terminal mode: the pty master carries stdin and the merged stdout/stderr."""
         self.console = master
-        sinks = self._sinks_for("stdout", self.config.stdout)
-        if sinks:
+        if self._stdout_sinks:
             dup = os.dup(master)  # the pump closes its fd at EOF; resize keeps the other
             os.set_inheritable(dup, False)
-            self._pumps.append(OutputPump(self._loop, dup, sinks, is_pty=True))
-        if self.config.stdin:
-            self._stdin = InputPump(self._loop, self.config.stdin, master, close_target=False)
+            self._pumps.append(OutputPump(self._loop, dup, self._stdout_sinks, is_pty=True))
+        if self._stdin_fifo >= 0:
+            fifo, self._stdin_fifo = self._stdin_fifo, -1
+            self._stdin = InputPump(self._loop, fifo, master, close_target=False)
 
     def runtime_spawned(self) -> None:
         """The runtime has the container-side ends now; drop ours so EOF can happen."""
@@ -605,6 +616,9 @@ class ProcessIO:
     def close_stdin(self) -> None:
         if self._stdin is not None:
             self._stdin.close()
+        elif self._stdin_fifo >= 0:
+            os.close(self._stdin_fifo)
+            self._stdin_fifo = -1
 
     def _resume_pumps(self) -> None:
         for pump in self._pumps:
@@ -633,6 +647,9 @@ class ProcessIO:
 
     def close(self) -> None:
         """Release everything now (the process is gone and its output drained or given up)."""
+        if self._closed:
+            return
+        self._closed = True
         self.runtime_spawned()
         self.close_stdin()
         for pump in self._pumps:

@@ -118,10 +118,7 @@ class Task(Future[T]):
 
     def _step(self, value: Any, exc: BaseException | None) -> None:
         try:
-            if exc is not None:
-                yielded = self._coro.throw(exc)
-            else:
-                yielded = self._coro.send(value)
+            yielded = self._coro.throw(exc) if exc is not None else self._coro.send(value)
         except StopIteration as stop:
             self.set_result(stop.value)
         except Exception as error:

@@ -165,8 +165,9 @@ def _become_shim(config: ShimConfig, ready_w: int, log_path: str | None) -> None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="berth-shim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="berth-shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ctl-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--id", help="container id")

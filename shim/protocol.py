@@ -294,7 +294,7 @@ class Connection:
 
     # -- incoming
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the peer; b"" means the peer closed its side."""
         if self._state is _State.ERROR:
             raise LocalProtocolError("connection is in an error state")
@@ -341,10 +341,18 @@ class Connection:
         body = bytes(buf[HEADER.size : HEADER.size + length])
         del buf[: HEADER.size + length]
         try:
-            message = decode(body)
-        except Exception as exc:  # msgpack raises many types: ExtraData, StackError, ...
-            raise RemoteProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
-        return self._interpret(message)
+            try:
+                message = decode(body)
+            except Exception as exc:  # msgpack raises many types: ExtraData, StackError, ...
+                raise RemoteProtocolError(
+                    f"frame is not valid msgpack: {type(exc).__name__}"
+                ) from None
+            return self._interpret(message)
+        except RemoteProtocolError as exc:
+            if self._state is _State.HANDSHAKE:  # nothing is trusted before the handshake
+                self._state = _State.ERROR
+                raise RemoteProtocolError(str(exc), fatal=True) from None
+            raise
 
     def _at_boundary_eof(self) -> ReceivedEvent:
         if not self._eof:
@@ -423,7 +431,9 @@ class Connection:
             version, peer = msg[1], msg[2]
             if version not in self.versions or not isinstance(peer, str):
                 self._state = _State.ERROR
-                raise RemoteProtocolError(f"server chose unsupported version {version!r}", fatal=True)
+                raise RemoteProtocolError(
+                    f"server chose unsupported version {version!r}", fatal=True
+                )
             self.version = version
             self.remote_peer = peer[:256]
             self._state = _State.OPEN

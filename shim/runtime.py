@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.loop import Loop
@@ -127,9 +128,10 @@ class Runtime:
                 stderr=_read_memfd(err) if err >= 0 else b"",
             )
             if code != 0:
-                reason = _last_error(self.log_path, log_offset) or result.stderr.decode(
-                    errors="replace"
-                ).strip()
+                reason = (
+                    _last_error(self.log_path, log_offset)
+                    or result.stderr.decode(errors="replace").strip()
+                )
                 raise RuntimeCommandError(
                     f"{os.path.basename(self.config.binary)} {command[0]} failed "
                     f"(exit {code}): {reason or 'no message'}"
@@ -169,7 +171,10 @@ class Runtime:
 
     async def state(self, container_id: str) -> dict[str, object]:
         result = await self.run("state", container_id)
-        return _json(result.stdout, "state")
+        doc = _json(result.stdout, "state")
+        if not isinstance(doc, dict):
+            raise RuntimeCommandError("runtime state did not print a JSON object")
+        return doc
 
     async def exec(
         self,
@@ -213,7 +218,7 @@ def _read_memfd(fd: int) -> bytes:
     return os.pread(fd, min(size, MAX_CAPTURE), 0)
 
 
-def _json(data: bytes, what: str) -> dict[str, object] | list[object] | object:
+def _json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data or b"null")
     except ValueError:

@@ -83,6 +83,7 @@ def read_state(bundle: str) -> ShimRecord | None:
         raise CorruptState(f"{path}: larger than {MAX_STATE_FILE} bytes")
     try:
         doc = json.loads(data)
+        runtime = doc.get("runtime") if isinstance(doc, dict) else None
         if not isinstance(doc, dict):
             raise CorruptState(f"{path}: not a JSON object")
         version = doc.get("version")
@@ -97,7 +98,7 @@ def read_state(bundle: str) -> ShimRecord | None:
             id=_str(doc, "id"),
             namespace=_str(doc, "namespace"),
             bundle=_str(doc, "bundle"),
-            runtime=doc.get("runtime") if isinstance(doc.get("runtime"), dict) else {},
+            runtime=runtime if isinstance(runtime, dict) else {},
         )
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, CorruptState):

@@ -349,7 +349,9 @@ class Task:
         width, height = params.get("width"), params.get("height")
         if io_config.terminal and isinstance(width, int) and isinstance(height, int):
             spec["consoleSize"] = {"width": width, "height": height}
-        proc = Process(exec_id, ProcessIO(self._loop, io_config, self._path("log", f"exec-{exec_id}.")))
+        proc = Process(
+            exec_id, ProcessIO(self._loop, io_config, self._path("log", f"exec-{exec_id}."))
+        )
         proc.spec = spec
         self.execs[exec_id] = proc
         self._publish(events.EXEC_ADDED, exec_id=exec_id)
@@ -392,7 +394,9 @@ class Task:
             try:
                 await self._loop.timeout(proc.exited, 10.0)
             except TimeoutError:
-                raise FailedPrecondition(f"task {self.config.id} did not exit after SIGKILL") from None
+                raise FailedPrecondition(
+                    f"task {self.config.id} did not exit after SIGKILL"
+                ) from None
         elif not proc.exited.done():
             await proc.exited
         try:

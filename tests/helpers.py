@@ -1,0 +1,277 @@
+"""Test helpers: a real berthd in a private temp dir, and cleanup of everything it made.
+
+Every daemon lives entirely under its own temp dir (root, state, socket, runtime roots),
+runs under tests/reaper.py (see there), uses its own berth namespace (so cgroup paths are
+unique too), and on teardown every process it produced is stopped by pid: container
+inits (identified by their cgroup path), shims (from their shim.json, checked against
+their start time), the daemon and the reaper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from berth.shim.client import Client
+from berth.shim.state import process_start_time
+
+HERE = Path(__file__).resolve().parent
+REAPER = HERE / "reaper.py"
+BIN = Path(sys.executable).parent
+BERTHD = str(BIN / "berthd")
+BERTH = str(BIN / "berth")
+
+
+def wait_until(
+    predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of `pid` (R, S, Z, ...), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return None
+
+
+def is_gone(pid: int) -> bool:
+    """Dead and reaped: no zombie left behind."""
+    return process_state(pid) is None
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def hybrid_crun_fix_needed() -> bool:
+    """Debian's crun 1.8.1 refuses a hybrid cgroup layout whose cgroup2 mount still holds a
+    controller (here hugetlb). Binding hugetlb to a v1 hierarchy fixes it."""
+    try:
+        with open("/sys/fs/cgroup/unified/cgroup.controllers") as f:
+            return bool(f.read().split())
+    except OSError:
+        return False
+
+
+CRUN_WRAPPER = (
+    "mkdir -p /sys/fs/cgroup/hugetlb && "
+    "(mountpoint -q /sys/fs/cgroup/hugetlb || "
+    'mount -t cgroup -o hugetlb hugetlb /sys/fs/cgroup/hugetlb) && exec "$@"'
+)
+
+
+def remove_namespace_cgroups(namespace: str) -> None:
+    """runc removes a container's own cgroup, not the empty parents it created
+    (berth/<namespace>): remove this test's, which are unique to it."""
+    for base in Path("/sys/fs/cgroup").glob(f"*/berth/{namespace}"):
+        for sub in sorted(base.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+
+
+class Daemon:
+    """A berthd started by a test; see the module docstring."""
+
+    def __init__(self, *, private_mount_ns: bool = False, extra_config: str = "") -> None:
+        # Short paths: UNIX socket names must fit in 107 bytes.
+        self.dir = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+        self.root = os.path.join(self.dir, "root")
+        self.state = os.path.join(self.dir, "state")
+        self.address = os.path.join(self.state, "berthd.sock")
+        self.namespace = "t" + uuid.uuid4().hex[:10]
+        self.config_path = os.path.join(self.dir, "berthd.toml")
+        self.private_mount_ns = private_mount_ns
+        with open(self.config_path, "w") as f:
+            f.write(
+                f'root = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
+                '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
+                '[runtimes.missing]\nbinary = "/nonexistent/runtime"\n' + extra_config
+            )
+        self.reapers: list[subprocess.Popen[bytes]] = []
+        self.pids: list[int] = []  # every berthd pid this fixture started
+        self.logs: list[str] = []
+        self.start()
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
+        self.logs.append(log_path)
+        command = [BERTHD, "--config", self.config_path]
+        if self.private_mount_ns:
+            command = [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                CRUN_WRAPPER,
+                "sh",
+                *command,
+            ]
+        with open(log_path, "wb") as log:
+            reaper = subprocess.Popen(
+                [sys.executable, str(REAPER), *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.reapers.append(reaper)
+
+        def daemon_pid() -> int | None:
+            with contextlib.suppress(OSError, ValueError):
+                children = (
+                    Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()
+                )
+                if children:
+                    return int(children[0])
+            return None
+
+        def ready() -> bool:
+            if reaper.poll() is not None:
+                raise AssertionError(f"berthd exited: {self.log_text()}")
+            try:
+                with Client(self.address) as c:
+                    c.call("version")
+                return True
+            except Exception:
+                return False
+
+        pid = wait_until(daemon_pid, what="berthd to start")
+        self.pids.append(pid)
+        wait_until(ready, timeout=15, what="berthd to answer")
+
+    @property
+    def pid(self) -> int:
+        return self.pids[-1]
+
+    def kill9(self) -> None:
+        kill(self.pid)
+        wait_until(lambda: is_gone(self.pid), what="berthd to die")
+
+    def terminate(self) -> None:
+        kill(self.pid, signal.SIGTERM)
+        wait_until(lambda: is_gone(self.pid), what="berthd to stop")
+
+    def restart(self) -> None:
+        self.kill9()
+        self.start()
+
+    def log_text(self) -> str:
+        out = []
+        for path in self.logs:
+            with contextlib.suppress(OSError):
+                out.append(Path(path).read_text(errors="replace"))
+        return "\n".join(out)
+
+    # -- clients
+
+    def client(self, namespace: str | None = None) -> Client:
+        return Client(self.address, namespace=namespace or self.namespace)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        with self.client() as c:
+            return c.call(method, params or {})
+
+    def cli(
+        self, *args: str, input: bytes | None = None, timeout: float = 60, check: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        env = dict(os.environ, BERTH_ADDRESS=self.address, BERTH_NAMESPACE=self.namespace)
+        return subprocess.run(
+            [BERTH, *args],
+            input=input if input is not None else b"",
+            capture_output=True,
+            env=env,
+            timeout=timeout,
+            check=check,
+        )
+
+    # -- what the daemon made
+
+    def task_dirs(self) -> Iterator[Path]:
+        tasks = Path(self.state, "tasks")
+        if tasks.is_dir():
+            for ns in tasks.iterdir():
+                yield from (p for p in ns.iterdir() if p.is_dir())
+
+    def shim_pids(self) -> dict[str, int]:
+        """container id -> live shim pid, from shim.json (checked against start time)."""
+        out = {}
+        for bundle in self.task_dirs():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                record = json.loads((bundle / "shim.json").read_text())
+                pid, start = record["pid"], record["start_time"]
+                if process_start_time(pid) == start and process_state(pid) != "Z":
+                    out[bundle.name] = pid
+        return out
+
+    def container_pids(self) -> list[int]:
+        """Live processes in any of this daemon's container cgroups."""
+        tag = f"/berth/{self.namespace}/"
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if (
+                    tag in Path(f"/proc/{entry}/cgroup").read_text()
+                    and process_state(int(entry)) != "Z"
+                ):
+                    found.append(int(entry))
+        return found
+
+    def cleanup(self) -> None:
+        """Stop everything, by pid, and remove every trace."""
+        for pid in self.container_pids():
+            kill(pid)
+        for pid in self.shim_pids().values():
+            kill(pid)
+        for pid in self.pids:
+            if process_state(pid) not in (None, "Z"):
+                kill(pid)
+        runtime_dir = Path(self.state, "runtime")
+        if runtime_dir.is_dir():
+            for runtime in runtime_dir.iterdir():
+                binary = {"runc": "runc", "crun": "crun"}.get(runtime.name)
+                if binary is None:
+                    continue
+                for ns_root in runtime.iterdir():
+                    for cid in ns_root.iterdir():
+                        if cid.is_dir():
+                            subprocess.run(
+                                [binary, "--root", str(ns_root), "delete", "--force", cid.name],
+                                capture_output=True,
+                                timeout=30,
+                            )
+        for reaper in self.reapers:
+            try:
+                reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
+        remove_namespace_cgroups(self.namespace)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,262 @@
+"""berthd + shims + the berth CLI on real runc (and crun) containers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import struct
+import subprocess
+import termios
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from berth.shim.errors import FailedPrecondition, NotFound
+from tests.helpers import BERTH, Daemon, is_gone, wait_until
+
+
+def run_in_pty(
+    daemon: Daemon,
+    args: list[str],
+    rows: int = 33,
+    cols: int = 101,
+    send: bytes = b"",
+    timeout: float = 30,
+) -> tuple[int, bytes]:
+    """Run the CLI with a real terminal as its stdio; return (exit code, terminal output)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    proc = subprocess.Popen(
+        [BERTH, *args], stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+    )
+    os.close(slave)
+    if send:
+        os.write(master, send)
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                output += data
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=10), bytes(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_run_echo_and_exit_codes(daemon: Daemon) -> None:
+    r = daemon.cli("run", "--rm", "c-echo", "sh", "-c", "echo hello; echo oops >&2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"hello\n", b"oops\n")
+    assert daemon.cli("run", "--rm", "c-three", "sh", "-c", "exit 3").returncode == 3
+    # --rm removed both task and container
+    assert daemon.call("containers.list")["containers"] == []
+    assert daemon.call("tasks.list")["tasks"] == []
+
+
+def test_sigkill_reports_137_and_leaves_no_process(daemon: Daemon) -> None:
+    assert daemon.cli("run", "-d", "c-kill", "sleep", "300").returncode == 0
+    task = daemon.call("tasks.get", {"container_id": "c-kill"})
+    assert task["status"] == "running"
+    shim = daemon.shim_pids()["c-kill"]
+    assert daemon.cli("tasks", "kill", "-s", "SIGKILL", "c-kill").returncode == 0
+    r = daemon.cli("tasks", "wait", "c-kill")
+    assert r.stdout.strip() == b"137"
+    assert daemon.cli("tasks", "rm", "c-kill").stdout.strip() == b"c-kill 137"
+    assert daemon.cli("containers", "rm", "c-kill").returncode == 0
+    wait_until(lambda: is_gone(task["pid"]) and is_gone(shim), what="container and shim reaped")
+
+
+def test_terminal_run(daemon: Daemon) -> None:
+    code, out = run_in_pty(
+        daemon,
+        ["run", "--rm", "-t", "c-tty", "sh", "-c", "tty; stty size; exit 5"],
+        rows=33,
+        cols=101,
+    )
+    assert code == 5, out
+    assert b"/dev/pts/0" in out and b"33 101" in out, out
+
+
+def test_exec_into_a_running_container(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "c-exec", "sleep", "300", check=True)
+    r = daemon.cli(
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "c-exec",
+        "sh",
+        "-c",
+        "echo inside $$; cat /proc/1/cmdline; exit 4",
+    )
+    assert r.returncode == 4
+    assert r.stdout.startswith(b"inside ") and b"sleep" in r.stdout
+    code, out = run_in_pty(
+        daemon,
+        ["tasks", "exec", "-t", "--exec-id", "e2", "c-exec", "sh", "-c", "stty size; tty"],
+        rows=20,
+        cols=70,
+    )
+    assert code == 0 and b"20 70" in out, out
+    # exec processes are gone from the task once their exit was collected
+    assert daemon.call("tasks.get", {"container_id": "c-exec"})["execs"] == []
+    daemon.cli("tasks", "rm", "-f", "c-exec", check=True)
+
+
+def test_pause_resume_and_metrics(daemon: Daemon) -> None:
+    daemon.cli(
+        "run",
+        "-d",
+        "c-pause",
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done",
+        check=True,
+    )
+    log = Path(daemon.state, "tasks", daemon.namespace, "c-pause", "log", "stdout.log")
+    wait_until(lambda: log.exists() and log.stat().st_size > 0, what="output")
+    daemon.cli("tasks", "pause", "c-pause", check=True)
+    assert daemon.call("tasks.get", {"container_id": "c-pause"})["status"] == "paused"
+    size = log.stat().st_size
+    time.sleep(0.5)
+    assert log.stat().st_size == size  # frozen: nothing written
+    with pytest.raises(FailedPrecondition):
+        daemon.call("tasks.pause", {"container_id": "c-pause"})
+    daemon.cli("tasks", "resume", "c-pause", check=True)
+    wait_until(lambda: log.stat().st_size > size, what="output after resume")
+    metrics = daemon.call("tasks.metrics", {"container_id": "c-pause"})
+    assert metrics["memory"]["usage"] > 0 and metrics["pids"]["current"] >= 1
+    assert metrics["cpu"]["usage_ns"] > 0
+    pids = daemon.call("tasks.pids", {"container_id": "c-pause"})["processes"]
+    assert daemon.call("tasks.get", {"container_id": "c-pause"})["pid"] in [p["pid"] for p in pids]
+    daemon.call(
+        "tasks.update",
+        {"container_id": "c-pause", "resources": {"memory": {"limit": 64 * 1024 * 1024}}},
+    )
+    assert daemon.call("tasks.metrics", {"container_id": "c-pause"})["memory"]["limit"] == 64 << 20
+    daemon.cli("tasks", "rm", "-f", "c-pause", check=True)
+
+
+def test_close_stdin(daemon: Daemon) -> None:
+    # `cat` ends only when its stdin reaches EOF: CloseIO must deliver exactly that.
+    stdin_fifo = os.path.join(daemon.dir, "stdin")
+    stdout_fifo = os.path.join(daemon.dir, "stdout")
+    os.mkfifo(stdin_fifo)
+    os.mkfifo(stdout_fifo)
+    spec = _spec(daemon, "c-stdin", ["cat"])
+    daemon.call("containers.create", {"id": "c-stdin", "spec": spec})
+    daemon.call(
+        "tasks.create", {"container_id": "c-stdin", "stdin": stdin_fifo, "stdout": stdout_fifo}
+    )
+    writer = os.open(stdin_fifo, os.O_WRONLY)
+    reader = os.open(stdout_fifo, os.O_RDONLY)
+    daemon.call("tasks.start", {"container_id": "c-stdin"})
+    os.write(writer, b"ping\n")
+    assert os.read(reader, 100) == b"ping\n"
+    # The client keeps its writer open; only close_io can end cat.
+    daemon.call("tasks.close_io", {"container_id": "c-stdin", "stdin": True})
+    result = daemon.call("tasks.wait", {"container_id": "c-stdin"})
+    assert result["exit_status"] == 0
+    assert os.read(reader, 100) == b""
+    os.close(writer)
+    os.close(reader)
+    daemon.call("tasks.delete", {"container_id": "c-stdin"})
+
+
+def test_pty_resize_is_visible_inside(daemon: Daemon) -> None:
+    daemon.cli(
+        "run",
+        "-d",
+        "-t",
+        "c-resize",
+        "sh",
+        "-c",
+        'trap "stty size" WINCH; echo ready; while true; do sleep 0.05; done',
+        check=True,
+    )
+    log = Path(daemon.state, "tasks", daemon.namespace, "c-resize", "log", "stdout.log")
+    wait_until(lambda: log.exists() and b"ready" in log.read_bytes(), what="container ready")
+    daemon.call("tasks.resize", {"container_id": "c-resize", "width": 123, "height": 45})
+    wait_until(lambda: b"45 123" in log.read_bytes(), what="resize seen inside")
+    daemon.cli("tasks", "rm", "-f", "c-resize", check=True)
+
+
+def test_same_container_under_crun(crun_daemon: Daemon) -> None:
+    r = crun_daemon.cli(
+        "run", "--rm", "--runtime", "crun", "c-crun", "sh", "-c", "echo from crun; exit 6"
+    )
+    assert (r.returncode, r.stdout) == (6, b"from crun\n"), r.stderr
+    crun_daemon.cli("run", "-d", "--runtime", "crun", "c-crun2", "sleep", "300", check=True)
+    r = crun_daemon.cli("tasks", "exec", "--exec-id", "e", "c-crun2", "echo", "exec-crun")
+    assert (r.returncode, r.stdout) == (0, b"exec-crun\n"), r.stderr
+    crun_daemon.cli("tasks", "pause", "c-crun2", check=True)
+    crun_daemon.cli("tasks", "resume", "c-crun2", check=True)
+    crun_daemon.cli("tasks", "kill", "-s", "KILL", "c-crun2", check=True)
+    assert crun_daemon.cli("tasks", "wait", "c-crun2").stdout.strip() == b"137"
+    crun_daemon.cli("tasks", "rm", "c-crun2", check=True)
+
+
+def test_events_stream(daemon: Daemon) -> None:
+    seen: list[dict[str, Any]] = []
+    subscribed = threading.Event()
+
+    def listen() -> None:
+        with daemon.client() as c:
+            stream = c.stream(
+                "events.subscribe",
+                {"filters": [f"namespace=={daemon.namespace},topic~=|^/tasks/|"]},
+            )
+            subscribed.set()
+            for envelope in stream:
+                seen.append(envelope)
+                if envelope["topic"] == "/tasks/delete":
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    subscribed.wait(5)
+    time.sleep(0.2)
+    assert daemon.cli("run", "--rm", "c-ev", "sh", "-c", "exit 9").returncode == 9
+    thread.join(10)
+    topics = [e["topic"] for e in seen]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    exit_event = seen[2]["event"]
+    assert exit_event["container_id"] == "c-ev" and exit_event["exit_status"] == 9
+
+
+def test_namespaces_isolate_objects(daemon: Daemon) -> None:
+    with daemon.client("other") as other:
+        other.call("containers.create", {"id": "same", "spec": _spec(daemon, "same", ["true"])})
+    daemon.call("containers.create", {"id": "same", "spec": _spec(daemon, "same", ["true"])})
+    with daemon.client("other") as other:
+        assert [c["id"] for c in other.call("containers.list")["containers"]] == ["same"]
+        with pytest.raises(FailedPrecondition):
+            other.call("namespaces.delete", {"name": "other"})
+        other.call("containers.delete", {"id": "same"})
+        other.call("namespaces.delete", {"name": "other"})
+    with pytest.raises(NotFound):
+        daemon.call("namespaces.get", {"name": "other"})
+    r = daemon.cli("containers", "ls", "--format", "json")
+    assert b'"id": "same"' in r.stdout
+
+
+def _spec(daemon: Daemon, cid: str, args: list[str]) -> dict[str, Any]:
+    from berth.daemon.oci import default_spec
+
+    return default_spec(cid, daemon.namespace, args, root="", readonly_root=True)

@@ -1,0 +1,176 @@
+"""Restart safety: containers, their output and their exit statuses survive the daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers import BERTH, Daemon, is_gone, process_state, wait_until
+
+
+def _tasks(daemon: Daemon) -> dict[str, dict[str, object]]:
+    return {t["id"]: t for t in daemon.call("tasks.list")["tasks"]}
+
+
+def test_kill9_daemon_with_ten_running_containers(daemon: Daemon) -> None:
+    ids = [f"c{i}" for i in range(10)]
+    for cid in ids:
+        daemon.cli("run", "-d", cid, "sleep", "600", check=True)
+    before = _tasks(daemon)
+    shims = daemon.shim_pids()
+    assert all(before[c]["status"] == "running" for c in ids)
+    daemon.kill9()
+    # The containers and shims do not notice.
+    assert all(process_state(before[c]["pid"]) not in (None, "Z") for c in ids)  # type: ignore[arg-type]
+    daemon.start()
+    after = _tasks(daemon)
+    assert sorted(after) == ids
+    for cid in ids:
+        assert after[cid]["status"] == "running"
+        assert after[cid]["pid"] == before[cid]["pid"]
+        assert after[cid]["shim_pid"] == shims[cid]
+    # And they are fully usable through the new daemon.
+    r = daemon.cli("tasks", "exec", "--exec-id", "after-restart", "c3", "echo", "still here")
+    assert (r.returncode, r.stdout) == (0, b"still here\n")
+    daemon.cli("tasks", "kill", "-s", "KILL", "c0", check=True)
+    assert daemon.cli("tasks", "wait", "c0").stdout.strip() == b"137"
+    for cid in ids:
+        daemon.cli("tasks", "rm", "-f", cid, check=True)
+    for cid in ids:
+        wait_until(
+            lambda c=cid: is_gone(before[c]["pid"]) and is_gone(shims[c]),  # type: ignore[misc]
+            what=f"{cid} and its shim reaped",
+        )
+
+
+def test_exit_while_daemon_is_down_is_reported_after_restart(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "c-exit", "sh", "-c", "sleep 1; exit 7", check=True)
+    before = time.time_ns()
+    daemon.kill9()
+    pid = int(Path(daemon.state, "tasks", daemon.namespace, "c-exit", "init.pid").read_text())
+    wait_until(lambda: is_gone(pid), timeout=10, what="container to exit while berthd is down")
+    daemon.start()
+    # Resubscribing with `since` delivers what happened while the daemon was down.
+    with daemon.client() as c:
+        for envelope in c.stream(
+            "events.subscribe",
+            {
+                "filters": [f'namespace=={daemon.namespace},topic=="/tasks/exit"'],
+                "since": before,
+            },
+        ):
+            assert envelope["event"]["container_id"] == "c-exit"
+            assert envelope["event"]["exit_status"] == 7
+            assert envelope["timestamp"] > before
+            break
+    assert _tasks(daemon)["c-exit"]["status"] == "stopped"
+    assert daemon.cli("tasks", "wait", "c-exit").stdout.strip() == b"7"
+    assert daemon.cli("tasks", "rm", "c-exit").stdout.strip() == b"c-exit 7"
+
+
+def test_output_while_daemon_is_down_is_logged_completely(daemon: Daemon) -> None:
+    daemon.cli(
+        "run",
+        "-d",
+        "c-log",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 100000 ]; do echo line-$i; i=$((i+1)); done; sleep 600",
+        check=True,
+    )
+    log = Path(daemon.state, "tasks", daemon.namespace, "c-log", "log", "stdout.log")
+    wait_until(lambda: log.exists() and log.stat().st_size > 1000, what="first output")
+    daemon.kill9()
+    size_at_kill = log.stat().st_size
+    # With the daemon gone, the container keeps writing: it never blocks on its output.
+    wait_until(
+        lambda: log.read_bytes().endswith(b"line-99999\n"),
+        timeout=60,
+        what="all output to reach the log while berthd is down",
+    )
+    assert log.stat().st_size > size_at_kill
+    daemon.start()
+    lines = log.read_bytes().splitlines()
+    assert lines == [f"line-{i}".encode() for i in range(100000)]
+    daemon.cli("tasks", "rm", "-f", "c-log", check=True)
+
+
+def test_attached_client_survives_a_daemon_restart(daemon: Daemon) -> None:
+    # A foreground `berth run` reads the shim's FIFOs directly: a daemon restart cuts
+    # nothing; the client reconnects to wait and gets the exit status and every byte.
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    client = subprocess.Popen(
+        [
+            BERTH,
+            "run",
+            "--rm",
+            "c-attached",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 40 ]; do echo tick-$i; i=$((i+1)); sleep 0.05; done; exit 3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        wait_until(lambda: "c-attached" in daemon.shim_pids(), what="container to start")
+        time.sleep(0.5)
+        daemon.kill9()
+        time.sleep(0.5)
+        daemon.start()
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 3, err
+    assert out.decode().split() == [f"tick-{i}" for i in range(40)]
+    wait_until(
+        lambda: daemon.call("containers.list")["containers"] == [],
+        what="--rm to remove the container",
+    )
+
+
+def test_kill9_of_a_shim_reports_the_task_exited(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "c-shim", "sleep", "600", check=True)
+    task = _tasks(daemon)["c-shim"]
+    shim = daemon.shim_pids()["c-shim"]
+    os.kill(shim, 9)
+    result = daemon.call("tasks.wait", {"container_id": "c-shim"})
+    assert result["exit_status"] == 255  # containerd's "unknown": the shim took it along
+    assert _tasks(daemon)["c-shim"]["status"] == "stopped"
+    # No orphan keeps running unsupervised, and nothing is left a zombie.
+    wait_until(lambda: is_gone(task["pid"]) and is_gone(shim), what="container and shim reaped")  # type: ignore[arg-type]
+    # The same status after a daemon restart (the daemon wrote it down).
+    daemon.restart()
+    assert _tasks(daemon)["c-shim"]["exit_status"] == 255
+    assert daemon.cli("tasks", "rm", "c-shim").stdout.strip() == b"c-shim 255"
+    assert not Path(daemon.state, "tasks", daemon.namespace, "c-shim").exists()
+
+
+def test_shim_killed_while_daemon_is_down(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "c-both", "sleep", "600", check=True)
+    task = _tasks(daemon)["c-both"]
+    shim = daemon.shim_pids()["c-both"]
+    daemon.kill9()
+    os.kill(shim, 9)
+    wait_until(lambda: is_gone(shim), what="shim reaped")
+    daemon.start()
+    after = _tasks(daemon)["c-both"]
+    assert after["status"] == "stopped" and after["exit_status"] == 255
+    wait_until(lambda: is_gone(task["pid"]), what="orphaned container killed")  # type: ignore[arg-type]
+    daemon.cli("tasks", "rm", "c-both", check=True)
+
+
+def test_graceful_daemon_stop_leaves_containers_running(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "c-term", "sleep", "600", check=True)
+    pid = _tasks(daemon)["c-term"]["pid"]
+    daemon.terminate()
+    assert process_state(pid) not in (None, "Z")  # type: ignore[arg-type]
+    daemon.start()
+    assert _tasks(daemon)["c-term"]["status"] == "running"
+    daemon.cli("tasks", "rm", "-f", "c-term", check=True)

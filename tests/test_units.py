@@ -1,0 +1,233 @@
+"""Unit tests of the small pieces: native bindings, names, filters, store, files, loop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+
+import pytest
+import trio
+
+from berth.daemon.events import Exchange, parse_filter, parse_filters
+from berth.daemon.store import Container, Store
+from berth.native import SignalFD, tee
+from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
+from berth.shim.identifiers import validate
+from berth.shim.loop import Future, Lock, Loop
+from berth.shim.reaper import Reaper, exit_code
+from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state, write_state
+
+
+def test_signalfd_reports_child_exit_and_reaper_dispatches_by_pid() -> None:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        loop = Loop()
+        reaper = Reaper(loop)
+        pids = []
+        for code in (0, 3, 7):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(code)
+            pids.append(pid)
+        futures = [reaper.watch(p) for p in pids]
+        while not all(f.done() for f in futures):
+            loop.run_once()
+        assert [f.result() for f in futures] == [0, 3, 7]
+        reaper.close()
+        loop.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_signalfd_record_fields() -> None:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        with SignalFD([signal.SIGCHLD]) as sfd:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(9)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            records = sfd.read()
+            os.waitpid(pid, 0)
+        assert records and records[0].signo == signal.SIGCHLD
+        assert records[0].pid == pid and records[0].status == 9
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_early_exit_is_kept_until_claimed() -> None:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        loop = Loop()
+        reaper = Reaper(loop)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(5)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        reaper.reap()  # nobody asked yet: goes to the early-exit cache
+        fut = reaper.watch(pid)
+        assert fut.done() and fut.result() == 5
+        reaper.close()
+        loop.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_exit_code_mapping() -> None:
+    assert exit_code(3 << 8) == 3
+    assert exit_code(signal.SIGKILL) == 137
+    assert exit_code(signal.SIGTERM) == 143
+
+
+def test_tee_duplicates_without_consuming() -> None:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    os.write(w1, b"hello")
+    assert tee(r1, w2, 100) == 5
+    assert os.read(r2, 100) == b"hello"
+    assert os.read(r1, 100) == b"hello"
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+
+
+def test_loop_tasks_timers_and_lock() -> None:
+    loop = Loop()
+    order: list[str] = []
+    lock = Lock()
+
+    async def worker(name: str, delay: float) -> str:
+        async with lock:
+            order.append(f"{name}-in")
+            await loop.sleep(delay)
+            order.append(f"{name}-out")
+        return name
+
+    a = loop.create_task(worker("a", 0.02))
+    b = loop.create_task(worker("b", 0.0))
+    never: Future[None] = Future()
+    timed = loop.timeout(never, 0.01)
+    while not (a.done() and b.done() and timed.done()):
+        loop.run_once()
+    assert order == ["a-in", "a-out", "b-in", "b-out"]
+    assert isinstance(timed.exception(), TimeoutError)
+    loop.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "../x", "..", ".hidden", "a/b", "a\0b", "-x", "x" * 77, 5, None]
+)
+def test_identifier_validation_refuses_path_tricks(bad: object) -> None:
+    with pytest.raises(InvalidArgument):
+        validate(bad)
+
+
+def test_identifier_validation_accepts_containerd_names() -> None:
+    for good in ("a", "c1", "A.b-c_d", "x" * 76, "0abc"):
+        assert validate(good) == good
+
+
+def test_event_filters_containerd_syntax() -> None:
+    env = {
+        "topic": "/tasks/exit",
+        "namespace": "moby",
+        "event": {"container_id": "c1", "exit_status": 3},
+    }
+    assert parse_filter("namespace==moby,topic~=|^/tasks/|")(env)
+    assert parse_filter('topic=="/tasks/exit"')(env)
+    assert not parse_filter("topic!=/tasks/exit")(env)
+    assert parse_filter("event.container_id==c1")(env)
+    assert not parse_filter("event.container_id==c2")(env)
+    assert parse_filter("event.exit_status")(env)
+    assert parse_filters(["namespace==x", "namespace==moby"])(env)
+    assert parse_filters([])(env)
+    for bad in ("topic~=|[|", "==x", 'topic=="unterminated', "a b"):
+        with pytest.raises(InvalidArgument):
+            parse_filter(bad)
+
+
+async def test_exchange_drops_a_subscriber_that_falls_behind() -> None:
+    exchange = Exchange()
+    slow = exchange.subscribe([])
+    fast = exchange.subscribe(['topic=="/x"'])
+    for i in range(2000):
+        exchange.publish("ns", "/y", {"i": i})
+    assert slow.overflowed and exchange.subscriber_count == 1
+    exchange.publish("ns", "/x", {})
+    envelope = fast.receive.receive_nowait()
+    assert envelope["topic"] == "/x"
+    with pytest.raises(trio.WouldBlock):
+        fast.receive.receive_nowait()
+
+
+def test_store_namespaces_and_containers(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "meta.db")
+    store = Store(path)
+    spec = {"process": {"args": ["true"]}}
+    store.create_container(Container("ns1", "c1", "runc", spec, labels={"a": "b"}))
+    with pytest.raises(AlreadyExists):
+        store.create_container(Container("ns1", "c1", "runc", spec))
+    with pytest.raises(FailedPrecondition):
+        store.delete_namespace("ns1")
+    assert store.get_container("ns1", "c1").labels == {"a": "b"}
+    with pytest.raises(NotFound):
+        store.get_container("ns2", "c1")
+    store.update_container("ns1", "c1", labels={"x": "y"})
+    store.close()
+    reopened = Store(path)  # persisted, schema version recognised
+    assert reopened.get_container("ns1", "c1").labels == {"x": "y"}
+    reopened.delete_container("ns1", "c1")
+    reopened.delete_namespace("ns1")
+    assert [n["name"] for n in reopened.list_namespaces()] == []
+    reopened.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_store_refuses_a_newer_schema(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "meta.db")
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(path)
+
+
+def test_exit_files_are_atomic_and_validated(tmp_path: object) -> None:
+    directory = os.path.join(str(tmp_path), "exit")
+    write_exit_file(directory, "init", ExitRecord(pid=10, status=137, exited_at=123))
+    assert read_exit_file(directory, "init") == ExitRecord(10, 137, 123)
+    assert read_exit_file(directory, "exec-x") is None
+    assert os.listdir(directory) == ["init.json"]  # no temporary left behind
+    with open(os.path.join(directory, "bad.json"), "w") as f:
+        f.write('{"version": 1, "pid": "x"}')
+    with pytest.raises(CorruptExitFile):
+        read_exit_file(directory, "bad")
+    with open(os.path.join(directory, "future.json"), "w") as f:
+        f.write('{"version": 7, "pid": 1, "status": 2, "exited_at": 3, "new_field": true}')
+    assert read_exit_file(directory, "future") == ExitRecord(1, 2, 3)
+
+
+def test_shim_state_file_versioning(tmp_path: object) -> None:
+    bundle = str(tmp_path)
+    record = ShimRecord(
+        1,
+        os.getpid(),
+        process_start_time(os.getpid()) or 0,
+        "/s",
+        1,
+        "c",
+        "ns",
+        bundle,
+        {"binary": "runc"},
+    )
+    write_state(bundle, record)
+    assert read_state(bundle) == record
+    with open(os.path.join(bundle, "shim.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CorruptState):
+        read_state(bundle)
+    with open(os.path.join(bundle, "shim.json"), "w") as f:
+        f.write('{"version": 0}')
+    with pytest.raises(CorruptState):
+        read_state(bundle)
