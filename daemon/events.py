@@ -100,7 +100,9 @@ def parse_filter(text: str) -> Predicate:
                 i += 1
                 chars = []
                 while i < n and text[i] != quote:
-                    if text[i] == "\\" and i + 1 < n:
+                    # In |...| (regular expressions) only \| is an escape, so \d and
+                    # friends reach the regex intact; in "..." a backslash escapes anything.
+                    if text[i] == "\\" and i + 1 < n and (quote == '"' or text[i + 1] == "|"):
                         i += 1
                     chars.append(text[i])
                     i += 1

@@ -100,12 +100,12 @@ async def serve(
                         return
 
             nursery.start_soon(watch_signals)
-            nursery.start_soon(recover)
+            nursery.start_soon(guarded, "recovery", recover)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
             await nursery.start(trio.serve_listeners, handle_connection, [listener])
             log.info("berthd serving on %s (pid %d)", config.address, os.getpid())
             task_status.started()
-            nursery.start_soon(zygote.warm)
+            nursery.start_soon(guarded, "zygote start", zygote.warm)
     finally:
         with trio.CancelScope(shield=True):
             try:

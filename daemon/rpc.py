@@ -90,13 +90,19 @@ class RpcClient:
         return cls(stream, label=kwargs.pop("label", path), **kwargs)
 
     async def handshake(self) -> Welcome:
+        """Say HELLO and wait for WELCOME. Call before run(); any failure is Unavailable."""
         await self._write(self._conn.send(Hello()))
         while True:
-            event = self._conn.next_event()
-            if isinstance(event, NeedData):
-                data = await self._stream.receive_some(RECV_SIZE)
-                self._conn.receive_data(data)
-                continue
+            try:
+                event = self._conn.next_event()
+                if isinstance(event, NeedData):
+                    data = await self._stream.receive_some(RECV_SIZE)
+                    self._conn.receive_data(data)
+                    continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise Unavailable(f"{self.label}: connection lost: {exc}") from None
+            except (RemoteProtocolError, LocalProtocolError) as exc:
+                raise Unavailable(f"{self.label}: handshake failed: {exc}") from None
             if isinstance(event, Welcome):
                 return event
             raise Unavailable(f"{self.label}: unexpected handshake answer {event!r}")

@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from berth.daemon.rpc import RpcClient
+from berth.daemon.rpc import RpcClient, guarded
 from berth.shim.errors import BerthError, Unavailable
 from berth.shim.state import process_start_time
 from berth.shim.task import ShimConfig
@@ -49,10 +49,15 @@ class Zygote:
             )
         finally:
             theirs.close()
+        self._nursery.start_soon(guarded, "zygote watch", self._watch, self._process)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         client = RpcClient(stream, label="zygote", max_frame_size=256 * 1024)
-        await client.handshake()
-        self._nursery.start_soon(client.run)
+        try:
+            await client.handshake()
+        except BaseException:
+            await client.aclose()
+            raise
+        self._nursery.start_soon(guarded, "zygote connection", client.run)
         log.debug("zygote started, pid %d", self._process.pid)
         return client
 
@@ -79,6 +84,13 @@ class Zygote:
         )
         self.spawned += 1
         return int(pid["pid"])
+
+    async def _watch(self, process: trio.Process) -> None:
+        """Reap the zygote when it dies (it is berthd's own child); the next spawn starts
+        a new one."""
+        code = await process.wait()
+        if self._process is process:
+            log.warning("the zygote (pid %d) exited with %s", process.pid, code)
 
     async def _reap(self) -> None:
         process = self._process

@@ -40,7 +40,13 @@ from berth.shim.errors import (
     NotFound,
     Unavailable,
 )
-from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
+from berth.shim.exit import (
+    CorruptExitFile,
+    ExitRecord,
+    is_deleted,
+    read_exit_file,
+    write_exit_file,
+)
 from berth.shim.identifiers import is_valid, validate
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
@@ -299,7 +305,7 @@ class TaskService:
             except BaseException:
                 await client.aclose()
                 raise
-            self._nursery.start_soon(client.run)
+            self._nursery.start_soon(guarded, f"connection to {client.label}", client.run)
         await self._nursery.start(self._supervise_guarded, handle)
 
     async def _supervise_guarded(
@@ -680,11 +686,27 @@ class TaskService:
             shim_pid=record.pid,
             shim_start_time=record.start_time,
         )
+        alive = shims.shim_alive(record.pid, record.start_time)
+        if is_deleted(bundle):
+            # The daemon died inside tasks.delete: finish it, report nothing.
+            log.info("recovery: finishing the deletion of %s/%s", namespace, container_id)
+            if alive:
+                _kill(record.pid)
+            await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+            return
         self._tasks[handle.key] = handle
-        if shims.shim_alive(record.pid, record.start_time):
+        if alive:
             try:
                 await self._attach(handle)
                 processes = await self._call(handle, "list", {}, timeout=10)
+                if not processes:
+                    # The daemon died between starting this shim and creating its task.
+                    log.info(
+                        "recovery: discarding the unused shim of %s/%s", namespace, container_id
+                    )
+                    self._tasks.pop(handle.key, None)
+                    await self._discard(handle)
+                    return
                 for state in processes:
                     exec_id = state.get("exec_id") or ""
                     view = (
@@ -713,6 +735,11 @@ class TaskService:
                     _kill(record.pid)
                 handle.scope.cancel()
         handle.init.pid = _init_pid(bundle)
+        if not handle.init.pid and _safe_exit_record(os.path.join(bundle, "exit"), "init") is None:
+            # The shim died before it ever created the task: nothing ran, nothing to report.
+            self._tasks.pop(handle.key, None)
+            await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+            return
         await self._shim_died(handle)
 
     async def close(self) -> None:

@@ -84,6 +84,28 @@ def read_exit_file(directory: str, process: str) -> ExitRecord | None:
     return ExitRecord(pid=pid, status=status, exited_at=exited_at)
 
 
+DELETED_MARKER = "deleted"
+
+
+def mark_deleted(bundle: str) -> None:
+    """Record durably that the task of `bundle` was deleted (its exit files go next)."""
+    path = os.path.join(bundle, DELETED_MARKER)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dirfd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def is_deleted(bundle: str) -> bool:
+    return os.path.exists(os.path.join(bundle, DELETED_MARKER))
+
+
 def remove_exit_file(directory: str, process: str) -> None:
     try:
         os.unlink(exit_path(directory, process))

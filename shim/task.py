@@ -27,7 +27,7 @@ from berth.shim.errors import (
     InvalidArgument,
     NotFound,
 )
-from berth.shim.exit import ExitRecord, remove_exit_file, write_exit_file
+from berth.shim.exit import ExitRecord, mark_deleted, remove_exit_file, write_exit_file
 from berth.shim.identifiers import validate
 from berth.shim.io import IOConfig, ProcessIO
 from berth.shim.loop import Future, Loop, log
@@ -409,6 +409,9 @@ class Task:
         self.execs.clear()
         proc.io.close()
         self._oom_close()
+        # The marker first, durably: a daemon that recovers from here on must know the task
+        # was deleted, not that it lost its exit status.
+        mark_deleted(self.config.bundle)
         remove_exit_file(self._exit_dir(), proc.name)
         self.deleted = True
         result = _exit_result(proc)
@@ -487,6 +490,9 @@ class Task:
         return self.process(exec_id).describe(self.config)
 
     def list_processes(self) -> list[dict[str, Any]]:
+        """Every process of the task; none once it has been deleted."""
+        if self.deleted:
+            return []
         procs = ([self.init] if self.init else []) + list(self.execs.values())
         return [p.describe(self.config) for p in procs]
 

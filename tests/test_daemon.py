@@ -260,3 +260,65 @@ def _spec(daemon: Daemon, cid: str, args: list[str]) -> dict[str, Any]:
     from berth.daemon.oci import default_spec
 
     return default_spec(cid, daemon.namespace, args, root="", readonly_root=True)
+
+
+def test_oom_kill_is_reported(daemon: Daemon) -> None:
+    from berth.daemon.oci import default_spec
+
+    spec = default_spec(
+        "c-oom",
+        daemon.namespace,
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
+        root="",
+        readonly_root=True,
+    )
+    spec["linux"]["resources"]["memory"] = {"limit": 32 * 1024 * 1024, "swap": 32 * 1024 * 1024}
+    seen: list[str] = []
+    with daemon.client() as c:
+        stream = c.stream(
+            "events.subscribe",
+            {"filters": [f'namespace=={daemon.namespace},topic~="^/tasks/(oom|exit)$"']},
+        )
+        with daemon.client() as other:
+            other.call("containers.create", {"id": "c-oom", "spec": spec})
+            other.call("tasks.create", {"container_id": "c-oom"})
+            other.call("tasks.start", {"container_id": "c-oom"})
+        for envelope in stream:
+            seen.append(envelope["topic"])
+            if envelope["topic"] == "/tasks/exit":
+                assert envelope["event"]["exit_status"] == 137
+                break
+    assert seen == ["/tasks/oom", "/tasks/exit"], seen
+    daemon.call("tasks.delete", {"container_id": "c-oom"})
+
+
+def test_attach_follows_a_detached_task(daemon: Daemon) -> None:
+    daemon.cli(
+        "run", "-d", "c-att", "sh", "-c", "echo first; sleep 1; echo second; exit 4", check=True
+    )
+    r = daemon.cli("tasks", "attach", "c-att")
+    assert r.returncode == 4
+    assert r.stdout == b"first\nsecond\n"
+    daemon.cli("tasks", "rm", "c-att", check=True)
+
+
+def test_a_dead_zygote_is_replaced(daemon: Daemon) -> None:
+    import psutil
+
+    daemon_proc = psutil.Process(daemon.pid)
+    zygotes = [p for p in daemon_proc.children() if "zygote" in " ".join(p.cmdline())]
+    assert len(zygotes) == 1
+    zygotes[0].kill()
+    zygotes[0].wait(5)
+    r = daemon.cli("run", "--rm", "c-zyg", "echo", "new zygote")
+    assert (r.returncode, r.stdout) == (0, b"new zygote\n"), r.stderr
+    assert len([p for p in daemon_proc.children() if "zygote" in " ".join(p.cmdline())]) == 1
+
+
+def test_cli_and_shim_do_not_import_trio() -> None:
+    import subprocess
+    import sys
+
+    for module in ("berth.daemon.cli", "berth.shim.main", "berth.shim.zygote"):
+        code = f"import sys, {module}; sys.exit('trio' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module

@@ -174,3 +174,91 @@ def test_graceful_daemon_stop_leaves_containers_running(daemon: Daemon) -> None:
     daemon.start()
     assert _tasks(daemon)["c-term"]["status"] == "running"
     daemon.cli("tasks", "rm", "-f", "c-term", check=True)
+
+
+def _shim_record(daemon: Daemon, cid: str) -> dict[str, object]:
+    import json
+
+    path = Path(daemon.state, "tasks", daemon.namespace, cid, "shim.json")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def test_daemon_killed_inside_delete_finishes_the_delete(daemon: Daemon) -> None:
+    # Reproduce the window: the shim has deleted the task, the daemon died before it
+    # removed the bundle. The restarted daemon must finish the delete and report no exit.
+    from berth.shim.client import Client
+
+    daemon.cli("run", "-d", "c-del", "sh", "-c", "exit 2", check=True)
+    assert daemon.cli("tasks", "wait", "c-del").stdout.strip() == b"2"
+    record = _shim_record(daemon, "c-del")
+    daemon.kill9()
+    with Client(str(record["address"])) as shim:
+        assert shim.call("delete")["exit_status"] == 2
+        shim.call("shutdown")
+    wait_until(lambda: is_gone(int(record["pid"])), what="the shim to exit")  # type: ignore[call-overload]
+    before = time.time_ns()
+    daemon.start()
+    assert "c-del" not in _tasks(daemon)
+    assert not Path(daemon.state, "tasks", daemon.namespace, "c-del").exists()
+    # Everything published since the restart, up to a sentinel we publish ourselves: no
+    # /tasks/exit (a deleted task must not be reported as exited with 255).
+    sentinel = "sentinel-" + daemon.namespace
+    topics = []
+    with daemon.client() as c:
+        stream = c.stream("events.subscribe", {"since": before})
+        with daemon.client() as other:
+            other.call("namespaces.create", {"name": sentinel})
+        for envelope in stream:
+            topics.append(envelope["topic"])
+            if envelope["namespace"] == sentinel:
+                break
+    assert topics[-1] == "/namespaces/create" and "/tasks/exit" not in topics, topics
+    daemon.call("namespaces.delete", {"name": sentinel})
+    daemon.call("containers.delete", {"id": "c-del"})
+
+
+def test_daemon_killed_between_shim_start_and_task_create(daemon: Daemon) -> None:
+    # Reproduce the window with a shim started by hand in the daemon's layout, whose task
+    # was never created: the restarted daemon stops it and forgets it.
+    import sys
+
+    from tests.helpers import BIN
+
+    bundle = Path(daemon.state, "tasks", daemon.namespace, "c-half")
+    bundle.mkdir(parents=True)
+    (bundle / "config.json").write_text("{}")
+    socket = os.path.join(daemon.state, "s", "half.sock")
+    daemon.kill9()
+    # The reaper lives as long as the shim: read the pid line, do not wait for EOF.
+    reaper = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "reaper.py"),
+            str(BIN / "berth-shim"),
+            "--id",
+            "c-half",
+            "--namespace",
+            daemon.namespace,
+            "--bundle",
+            str(bundle),
+            "--socket",
+            socket,
+            "--detach",
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert reaper.stdout is not None
+    line = reaper.stdout.readline()
+    shim_pid = int(line) if line.strip() else 0
+    try:
+        assert shim_pid and process_state(shim_pid) not in (None, "Z")
+        daemon.start()
+        assert "c-half" not in _tasks(daemon)
+        wait_until(lambda: process_state(shim_pid) in (None, "Z"), what="unused shim stopped")
+        assert not bundle.exists()
+    finally:
+        if shim_pid and process_state(shim_pid) not in (None, "Z"):
+            os.kill(shim_pid, 9)
+        reaper.wait(timeout=10)

@@ -142,6 +142,8 @@ def test_event_filters_containerd_syntax() -> None:
     assert parse_filter("event.exit_status")(env)
     assert parse_filters(["namespace==x", "namespace==moby"])(env)
     assert parse_filters([])(env)
+    assert parse_filter(r"topic~=|^/tasks/\w+$|")(env)  # \w reaches the regex intact
+    assert parse_filter(r"topic~=|^/tasks/(exit\|oom)$|")(env)  # \| writes an alternation
     for bad in ("topic~=|[|", "==x", 'topic=="unterminated', "a b"):
         with pytest.raises(InvalidArgument):
             parse_filter(bad)
@@ -231,3 +233,15 @@ def test_shim_state_file_versioning(tmp_path: object) -> None:
         f.write('{"version": 0}')
     with pytest.raises(CorruptState):
         read_state(bundle)
+
+
+def test_a_newer_shim_state_file_is_still_readable(tmp_path: object) -> None:
+    # A newer writer only adds fields: an older reader accepts the version and ignores them.
+    bundle = str(tmp_path)
+    with open(os.path.join(bundle, "shim.json"), "w") as f:
+        f.write(
+            '{"version": 2, "pid": 10, "start_time": 5, "address": "/s", "protocol": 2, '
+            '"id": "c", "namespace": "ns", "bundle": "/b", "runtime": {}, "cgroup": "/x"}'
+        )
+    record = read_state(bundle)
+    assert record is not None and (record.version, record.pid, record.protocol) == (2, 10, 2)
