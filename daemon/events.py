@@ -31,8 +31,8 @@ import trio
 
 from berth.shim.errors import InvalidArgument
 
-QUEUE_SIZE = 1024
 HISTORY = 4096
+QUEUE_SIZE = HISTORY  # a `since` replay of the whole history must fit
 MAX_FILTER_LEN = 4096
 
 Envelope = dict[str, Any]
@@ -168,6 +168,7 @@ class Exchange:
                     try:
                         sub.send.send_nowait(envelope)
                     except trio.WouldBlock:
+                        sub.overflowed = True
                         break
         self._subscribers.add(sub)
         return sub

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -361,10 +362,13 @@ class ServerConnection:
                         running.cancel()
 
     async def _handle(self, req: Request, scope: trio.CancelScope) -> None:
+        started = time.perf_counter()
         try:
             reply: Any
             with scope:
                 reply = await self._run_handler(req)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s took %.1f ms", req.method, (time.perf_counter() - started) * 1e3)
             if scope.cancelled_caught:
                 reply = ErrorReply.from_exception(req.id, Canceled("request canceled"))
             await self._send(reply)

@@ -128,6 +128,7 @@ class TaskHandle:
     progress: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     supervised: trio.Event = field(default_factory=trio.Event)
+    pump_idle: trio.Event = field(default_factory=trio.Event)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -239,11 +240,15 @@ class TaskService:
                 namespace, container_id, bundle, self._socket(namespace, container_id), runtime
             )
             shim_config = ShimConfig(container_id, namespace, bundle, handle.address, runtime)
-            handle.shim_pid = await self._zygote.spawn(
-                shim_config, os.path.join(bundle, "shim.log")
-            )
+            t0 = time.perf_counter()
+            with trio.CancelScope(shield=True):  # a cancelled create must know its shim
+                handle.shim_pid = await self._zygote.spawn(
+                    shim_config, os.path.join(bundle, "shim.log")
+                )
             handle.shim_start_time = process_start_time(handle.shim_pid) or 0
+            t1 = time.perf_counter()
             await self._attach(handle)
+            t2 = time.perf_counter()
             io = {
                 k: params.get(k)
                 for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")
@@ -259,6 +264,14 @@ class TaskService:
             self._tasks[key] = handle
             result = await self._call(handle, "create", io)
             handle.init.pid = int(result["pid"])
+            log.debug(
+                "task %s/%s created: shim spawn %.1f ms, attach %.1f ms, runtime create %.1f ms",
+                namespace,
+                container_id,
+                (t1 - t0) * 1e3,
+                (t2 - t1) * 1e3,
+                (time.perf_counter() - t2) * 1e3,
+            )
             return {"pid": handle.init.pid}
         except BaseException:
             self._tasks.pop(key, None)
@@ -320,23 +333,47 @@ class TaskService:
     async def _supervise(
         self, handle: TaskHandle, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Relay the shim's events until the shim dies or the task is deleted."""
+        """Relay the shim's events until the shim dies or the task is deleted; reconnect if
+        the connection ends while the shim lives."""
         assert handle.client is not None
-        client = handle.client
-        pump_done = trio.Event()
         with handle.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_events, handle, client, pump_done)
+                nursery.start_soon(self._relay, handle)
                 task_status.started()
                 await shims.wait_for_death(handle.shim_pid)
                 # Events the shim sent before it died are still in the socket: drain them.
                 with trio.move_on_after(2):
-                    await pump_done.wait()
+                    await handle.pump_idle.wait()
                 nursery.cancel_scope.cancel()
         handle.supervised.set()
         if not handle.scope.cancelled_caught and not self.closing and not handle.deleting:
             log.warning("shim of %s/%s (pid %d) died", handle.namespace, handle.id, handle.shim_pid)
             await self._shim_died(handle)
+
+    async def _relay(self, handle: TaskHandle) -> None:
+        """Pump events over the current connection; when it ends with the shim still alive
+        (a protocol error, a full buffer), connect again: the shim replays what is unacked."""
+        while True:
+            client = handle.client
+            assert client is not None
+            handle.pump_idle = trio.Event()
+            await self._pump_events(handle, client, handle.pump_idle)
+            await client.aclose()
+            while True:
+                await trio.sleep(0.1)
+                if handle.deleting or not shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+                    return  # death (or deletion) is handled by the supervisor
+                try:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        new = await shims.connect_shim(handle.address, client.label)
+                        await new.handshake()
+                except (BerthError, OSError, trio.TooSlowError) as exc:
+                    log.warning("reconnecting to %s failed: %s", client.label, exc)
+                    continue
+                log.info("reconnected to %s", client.label)
+                handle.client = new
+                self._nursery.start_soon(guarded, f"connection to {new.label}", new.run)
+                break
 
     async def _pump_events(self, handle: TaskHandle, client: RpcClient, done: trio.Event) -> None:
         try:
@@ -456,22 +493,33 @@ class TaskService:
                 log.error("runtime cleanup of %s failed: %s", handle.id, exc)
 
     async def _discard(self, handle: TaskHandle) -> None:
-        """Undo a failed create: stop the shim and remove the bundle."""
+        """Undo a failed or cancelled create: delete whatever the shim created (it
+        serialises this behind a create still running), stop the shim, remove the bundle;
+        without a usable shim, remove the container through the runtime."""
         handle.deleting = True
-        if handle.client is not None and not handle.client.closed.is_set():
+        cleaned = False
+        client = handle.client
+        if client is not None and not client.closed.is_set():
             try:
-                with trio.move_on_after(5):
-                    await handle.client.call("shutdown", {"now": True})
-            except BerthError:
-                pass
+                with trio.move_on_after(20):
+                    try:
+                        await client.call("delete", {"force": True}, timeout=15)
+                    except NotFound:
+                        pass  # nothing was created
+                    cleaned = True
+                    await client.call("shutdown", {"now": True}, timeout=5)
+            except BerthError as exc:
+                log.warning("discarding %s: %s", handle.id, exc)
+        if not cleaned:
+            await self._runtime_cleanup(handle)
         if handle.shim_pid and shims.shim_alive(handle.shim_pid, handle.shim_start_time):
             with trio.move_on_after(3):
                 await shims.wait_for_death(handle.shim_pid)
             if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
                 _kill(handle.shim_pid)
         handle.scope.cancel()
-        if handle.client is not None:
-            await handle.client.aclose()
+        if client is not None:
+            await client.aclose()
         await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
 
     # -- calls into a shim
@@ -489,8 +537,13 @@ class TaskService:
 
     async def start(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
-        result = await self._call(handle, "start", {"exec_id": exec_id or ""})
         view = handle.process(exec_id)
+        try:
+            result = await self._call(handle, "start", {"exec_id": exec_id or ""})
+        except BerthError:
+            if exec_id:  # the shim made it final (it never ran): so does the daemon
+                view.set_exit(0, UNKNOWN_EXIT, time.time_ns())
+            raise
         if exec_id:
             view.pid = int(result["pid"])
         view.set_status(RUNNING)
@@ -534,9 +587,13 @@ class TaskService:
         view = handle.process(exec_id)
         if handle.shim_dead:
             handle.execs.pop(exec_id, None)
+            view.set_exit(view.pid, UNKNOWN_EXIT, time.time_ns())
             return view.to_wire()
         result = await self._call(handle, "delete", {"exec_id": exec_id})
         handle.execs.pop(exec_id, None)
+        view.set_exit(
+            result.get("pid", 0), result.get("exit_status", 0), result.get("exited_at", 0)
+        )
         return dict(result)
 
     async def delete(
@@ -560,32 +617,52 @@ class TaskService:
                     {"container_id": container_id, "id": container_id, **result},
                 )
             else:
-                reply = await self._call(handle, "delete", {"force": force})
+                try:
+                    reply = await self._call(handle, "delete", {"force": force})
+                except NotFound:
+                    # Deleted by an earlier call that was cut short (or by hand): finish up.
+                    reply = {
+                        "pid": handle.init.pid,
+                        "exit_status": handle.init.exit_status,
+                        "exited_at": handle.init.exited_at,
+                        "seq": 0,
+                    }
                 result = {k: reply.get(k, 0) for k in ("pid", "exit_status", "exited_at")}
-                handle.init.set_exit(result["pid"], result["exit_status"], result["exited_at"])
                 # Let the event pump publish what the shim sent before this reply.
                 last = reply.get("seq", 0)
                 with trio.move_on_after(2):
                     while handle.processed_seq < last and not handle.supervised.is_set():
                         await handle.progress.wait()
+                handle.init.set_exit(result["pid"], result["exit_status"], result["exited_at"])
                 try:
                     await self._call(handle, "shutdown", {}, timeout=5)
                 except BerthError as exc:
                     log.warning("shim shutdown for %s: %s", container_id, exc)
-                with trio.move_on_after(5):
-                    await shims.wait_for_death(handle.shim_pid)
-                if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
-                    log.warning("shim of %s did not exit; killing it", container_id)
-                    _kill(handle.shim_pid)
+                # The shim exits on its own right after that answer; nobody needs to wait
+                # for it, but no shim may outlive its task, so make sure in the background.
+                self._nursery.start_soon(guarded, "shim exit", self._ensure_exit, handle)
         except BaseException:
             handle.deleting = False
+            if handle.supervised.is_set() and not handle.shim_dead and not self.closing:
+                # The shim died during the delete; its supervisor stood back for the delete.
+                with trio.CancelScope(shield=True):
+                    await self._shim_died(handle)
             raise
+        for view in handle.execs.values():  # nobody waits on a deleted task for ever
+            view.set_exit(view.pid, UNKNOWN_EXIT, time.time_ns())
         handle.scope.cancel()
         if handle.client is not None:
             await handle.client.aclose()
         self._tasks.pop(handle.key, None)
         await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
         return result
+
+    async def _ensure_exit(self, handle: TaskHandle) -> None:
+        with trio.move_on_after(5):
+            await shims.wait_for_death(handle.shim_pid)
+        if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+            log.warning("shim of %s did not exit after shutdown; killing it", handle.id)
+            _kill(handle.shim_pid)
 
     async def wait(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
@@ -602,17 +679,28 @@ class TaskService:
             except Unavailable:
                 state = None
             if isinstance(state, dict):
-                view.pid = state.get("pid", view.pid)
-                status = state.get("status", view.status)
-                if status == STOPPED:
-                    view.set_exit(view.pid, state.get("exit_status", 0), state.get("exited_at", 0))
-                else:
-                    view.set_status(status)
+                self._apply_state(view, state)
         out = {**view.to_wire(), "id": container_id, "namespace": namespace}
         if not exec_id:
             out["execs"] = [v.to_wire() for v in handle.execs.values()]
             out["shim_pid"] = handle.shim_pid
         return out
+
+    @staticmethod
+    def _apply_state(view: ProcessView, state: dict[str, Any]) -> None:
+        """Take a shim's report of a process into the cache. An exit counts as final (and
+        wakes waiters) only once the shim has published it, i.e. drained its output; it
+        is not published here: a replayed event does that, or did before a restart."""
+        view.pid = state.get("pid", view.pid)
+        status = state.get("status", view.status)
+        if status != STOPPED:
+            view.set_status(status)
+        elif state.get("exit_published"):
+            view.set_exit(view.pid, state.get("exit_status", 0), state.get("exited_at", 0))
+        else:
+            view.status = STOPPED
+            view.exit_status = state.get("exit_status", 0)
+            view.exited_at = state.get("exited_at", 0)
 
     def list(self, namespace: str) -> list[dict[str, Any]]:
         return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
@@ -714,14 +802,7 @@ class TaskService:
                         if exec_id
                         else handle.init
                     )
-                    view.pid = state.get("pid", 0)
-                    if state.get("status") == STOPPED:
-                        # Published by the replayed exit event; only fill the cache here.
-                        view.status = STOPPED
-                        view.exit_status = state.get("exit_status", 0)
-                        view.exited_at = state.get("exited_at", 0)
-                    else:
-                        view.set_status(state.get("status", CREATED))
+                    self._apply_state(view, state)
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
                 log.error(

@@ -46,6 +46,7 @@ from berth.shim.unixsock import peer_credentials
 MAX_FRAME = 1024 * 1024
 MAX_OUTBUF = 32 * 1024 * 1024
 MAX_CONNECTIONS = 64
+MAX_IN_FLIGHT = 64  # requests per connection (a `wait` is in flight until its exit)
 RECV_SIZE = 64 * 1024
 
 Handler = Callable[["ShimConnection", Request], Awaitable[Any]]
@@ -197,11 +198,13 @@ class ShimServer:
         return {**result, "seq": self.queue.last_seq}
 
     async def _shutdown(self, conn: ShimConnection, req: Request) -> Any:
-        now = bool(req.params.get("now", False))
-        if not now and self.task.init is not None and not self.task.deleted:
-            raise FailedPrecondition("the task has not been deleted")
-        self.shutting_down = True
-        conn.after_flush(self.loop.stop)
+        # Behind the lock: never stop in the middle of a create or delete.
+        async with self._lock:
+            now = bool(req.params.get("now", False))
+            if not now and self.task.init is not None and not self.task.deleted:
+                raise FailedPrecondition("the task has not been deleted")
+            self.shutting_down = True
+            conn.after_flush(self.loop.stop)
         return {}
 
     async def _events(self, conn: ShimConnection, req: Request) -> Any:
@@ -241,6 +244,7 @@ class ShimConnection:
         self._closed = False
         self._after_flush: list[Callable[[], None]] = []
         self._stream_id: int | None = None
+        self._in_flight = 0
         self._subscriber: Callable[[shim_events.Event], None] | None = None
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -277,11 +281,21 @@ class ShimConnection:
             if isinstance(event, Hello):
                 self._send(self._proto.server_handshake(event))
             elif isinstance(event, Request):
+                if self._in_flight >= MAX_IN_FLIGHT:
+                    self._send(ErrorReply(event.id, "unavailable", "too many requests in flight"))
+                    continue
+                self._in_flight += 1
                 self._loop.create_task(self._handle(event), name=event.method)
             elif isinstance(event, Cancel) and event.id == self._stream_id:
                 self._end_stream()
 
     async def _handle(self, req: Request) -> None:
+        try:
+            await self._dispatch(req)
+        finally:
+            self._in_flight -= 1
+
+    async def _dispatch(self, req: Request) -> None:
         handler = self._server.handlers.get(req.method)
         try:
             if handler is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.shim.errors import BerthError, Unavailable
 from berth.shim.protocol import (
@@ -18,7 +18,6 @@ from berth.shim.protocol import (
     ErrorReply,
     Hello,
     NeedData,
-    ReceivedEvent,
     Request,
     Response,
     Role,
@@ -27,6 +26,9 @@ from berth.shim.protocol import (
     Welcome,
 )
 from berth.shim.unixsock import connect_unix
+
+if TYPE_CHECKING:
+    from berth.shim.protocol import ReceivedEvent
 
 
 class Client:

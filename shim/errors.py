@@ -6,7 +6,10 @@ Modelled on containerd's errdefs: a small closed set of codes that a client can 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 
 class BerthError(Exception):

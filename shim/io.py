@@ -258,6 +258,8 @@ class FifoSink(Sink):
             if self._stall_timer is not None:
                 self._stall_timer.cancel()
                 self._stall_timer = None
+            if self.congested():  # still full: the reader must keep draining, or we drop
+                self._stall_timer = self._loop.call_later(self._stall_timeout, self._stalled)
         if not self._buffer:
             self._loop.remove_writer(self._fd)
             self._watching = False
@@ -293,53 +295,74 @@ class FifoSink(Sink):
 
 
 class LogSink(Sink):
-    """A size-bounded, rotated log file: `path`, `path.1` ... `path.<max_files-1>`."""
+    """A size-bounded, rotated log file: `path`, `path.1` ... `path.<max_files-1>`.
+
+    Never blocks and never raises into the pump: a failing disk (ENOSPC, EMFILE) drops
+    output, counted and logged once, and the file is reopened on the next write."""
 
     def __init__(self, path: str, config: LogConfig) -> None:
         self.name = path
         self._config = config
         self._fd = -1
         self._size = 0
+        self._closed = False
         self.written = 0
         self.dropped = 0
         self._error_logged = False
         self._open()
+        if self._fd < 0:
+            raise OSError(f"cannot open log {path}")
 
     def _open(self) -> None:
-        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        try:
+            self._fd = os.open(
+                self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
+            self._size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            self._fd = -1
+            self._fail(exc)
 
     def _rotate(self) -> None:
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1  # never keep a closed descriptor's number around
+        os.close(fd)
         keep = self._config.max_files
-        if keep <= 1:
-            os.unlink(self.name)
-        else:
-            for index in range(keep - 1, 0, -1):
-                src = self.name if index == 1 else f"{self.name}.{index - 1}"
-                try:
-                    os.replace(src, f"{self.name}.{index}")
-                except FileNotFoundError:
-                    pass
+        try:
+            if keep <= 1:
+                os.unlink(self.name)
+            else:
+                for index in range(keep - 1, 0, -1):
+                    src = self.name if index == 1 else f"{self.name}.{index - 1}"
+                    try:
+                        os.replace(src, f"{self.name}.{index}")
+                    except FileNotFoundError:
+                        pass
+        except OSError as exc:
+            self._fail(exc)
         self._open()
 
     def _account(self, n: int) -> None:
         self._size += n
         self.written += n
         if self._size >= self._config.max_size:
-            try:
-                self._rotate()
-            except OSError as exc:
-                self._fail(exc)
+            self._rotate()
 
     def _fail(self, exc: OSError) -> None:
         if not self._error_logged:
-            log(f"log {self.name}: {exc.strerror}; output is being dropped")
+            log(f"log {self.name}: {exc.strerror or exc}; output is being dropped")
             self._error_logged = True
+
+    def _ready(self) -> bool:
+        if self._fd < 0 and not self._closed:
+            self._open()
+        return self._fd >= 0
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            if not self._ready():
+                self.dropped += len(view)
+                return
             try:
                 n = os.write(self._fd, view)
             except OSError as exc:  # ENOSPC and friends: never block the container
@@ -351,21 +374,24 @@ class LogSink(Sink):
             self._account(n)
 
     def splice_from(self, fd: int) -> int | None:
+        if not self._ready():
+            return None
         try:
             n = os.splice(fd, self._fd, CHUNK, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return None
         except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOSYS):
-                return None
-            raise
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                self._fail(exc)
+            return None
         self._account(n)
         return n
 
     def close(self) -> Future[None]:
+        self._closed = True
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            os.close(fd)
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -563,9 +589,10 @@ class ProcessIO:
                     on_decongested=self._resume_pumps,
                 )
             )
+            self._sinks.append(sinks[-1])  # registered at once: close() releases it
         if self.config.log is not None:
             sinks.append(LogSink(f"{self._log_prefix}{stream}.log", self.config.log))
-        self._sinks.extend(sinks)
+            self._sinks.append(sinks[-1])
         return sinks
 
     def _prepare_pipes(self) -> None:
@@ -578,19 +605,17 @@ class ProcessIO:
             stdin_fd = r
             fifo, self._stdin_fifo = self._stdin_fifo, -1
             self._stdin = InputPump(self._loop, fifo, w, close_target=True)
-        pending: list[tuple[int, list[Sink]]] = []
         for stream, sinks in (("stdout", self._stdout_sinks), ("stderr", self._stderr_sinks)):
             if not sinks:
                 continue
             r, w = make_pipe()
             self._runtime_fds.append(w)
-            pending.append((r, sinks))
+            # The pump owns the read end from here on: close() releases it on any failure.
+            self._pumps.append(OutputPump(self._loop, r, sinks, is_pty=False))
             if stream == "stdout":
                 stdout_fd = w
             else:
                 stderr_fd = w
-        for r, sinks in pending:
-            self._pumps.append(OutputPump(self._loop, r, sinks, is_pty=False))
         self.stdio = (stdin_fd, stdout_fd, stderr_fd)
 
     def attach_console(self, master: int) -> None:

@@ -33,14 +33,18 @@ Errors: `RemoteProtocolError` means the peer broke the rules (answer it and carr
 
 from __future__ import annotations
 
-import enum
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING
 
 import msgpack
 
 from berth.shim.errors import BerthError, error_from_wire
+
+if TYPE_CHECKING:
+    from typing import Any, Final
+
+# Plain slotted classes, not dataclasses/enum/typing at run time: this module is imported
+# by every CLI invocation, and those three cost ~10 ms of start-up (measured).
 
 PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
@@ -76,7 +80,7 @@ class RemoteProtocolError(ProtocolError):
         self.request_id = request_id
 
 
-class Role(enum.Enum):
+class Role:
     CLIENT = "client"
     SERVER = "server"
 
@@ -84,37 +88,70 @@ class Role(enum.Enum):
 # --- events ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
-    versions: tuple[int, ...] = SUPPORTED_VERSIONS
-    peer: str = ""
+class _Event:
+    """Value semantics from __slots__: equality and repr over the fields."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(frozen=True, slots=True)
-class Welcome:
-    version: int = PROTOCOL_VERSION
-    peer: str = ""
+class Hello(_Event):
+    __slots__ = ("peer", "versions")
+
+    def __init__(self, versions: tuple[int, ...] = SUPPORTED_VERSIONS, peer: str = "") -> None:
+        self.versions = versions
+        self.peer = peer
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    id: int
-    method: str
-    params: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+class Welcome(_Event):
+    __slots__ = ("peer", "version")
+
+    def __init__(self, version: int = PROTOCOL_VERSION, peer: str = "") -> None:
+        self.version = version
+        self.peer = peer
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
-    id: int
-    result: Any = None
+class Request(_Event):
+    __slots__ = ("id", "meta", "method", "params")
+
+    def __init__(
+        self,
+        id: int,
+        method: str,
+        params: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.method = method
+        self.params: dict[str, Any] = params if params is not None else {}
+        self.meta: dict[str, Any] = meta if meta is not None else {}
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
-    id: int | None
-    code: str
-    message: str
+class Response(_Event):
+    __slots__ = ("id", "result")
+
+    def __init__(self, id: int, result: Any = None) -> None:
+        self.id = id
+        self.result = result
+
+
+class ErrorReply(_Event):
+    __slots__ = ("code", "id", "message")
+
+    def __init__(self, id: int | None, code: str, message: str) -> None:
+        self.id = id
+        self.code = code
+        self.message = message
 
     @classmethod
     def from_exception(cls, request_id: int | None, exc: BerthError) -> ErrorReply:
@@ -124,25 +161,32 @@ class ErrorReply:
         return error_from_wire(self.code, self.message)
 
 
-@dataclass(frozen=True, slots=True)
-class StreamItem:
-    id: int
-    item: Any
+class StreamItem(_Event):
+    __slots__ = ("id", "item")
+
+    def __init__(self, id: int, item: Any) -> None:
+        self.id = id
+        self.item = item
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    id: int
+class StreamEnd(_Event):
+    __slots__ = ("id",)
+
+    def __init__(self, id: int) -> None:
+        self.id = id
 
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    id: int
+class Cancel(_Event):
+    __slots__ = ("id",)
+
+    def __init__(self, id: int) -> None:
+        self.id = id
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class ConnectionClosed(_Event):
     """The peer closed its side cleanly, at a frame boundary."""
+
+    __slots__ = ()
 
 
 class NeedData:
@@ -152,10 +196,9 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 
-Event = Hello | Welcome | Request | Response | ErrorReply | StreamItem | StreamEnd | Cancel
-ReceivedEvent = Event | ConnectionClosed | NeedData
-
-_FINAL = (Response, ErrorReply, StreamEnd)
+if TYPE_CHECKING:
+    Event = Hello | Welcome | Request | Response | ErrorReply | StreamItem | StreamEnd | Cancel
+    ReceivedEvent = Event | ConnectionClosed | NeedData
 
 
 def encode(obj: Any) -> bytes:
@@ -176,7 +219,7 @@ def frame(body: bytes) -> bytes:
 # --- the connection -----------------------------------------------------------------------
 
 
-class _State(enum.Enum):
+class _State:
     HANDSHAKE = "handshake"
     OPEN = "open"
     CLOSED = "closed"
@@ -188,7 +231,7 @@ class Connection:
 
     def __init__(
         self,
-        role: Role,
+        role: str,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
@@ -210,7 +253,6 @@ class Connection:
         self._next_id = 1
         # Requests awaiting their final frame: client = sent by us; server = received.
         self._open: set[int] = set()
-        self._streams: set[int] = set()
 
     # -- introspection
 
@@ -220,7 +262,7 @@ class Connection:
 
     @property
     def is_open(self) -> bool:
-        return self._state is _State.OPEN
+        return self._state == _State.OPEN
 
     def next_request_id(self) -> int:
         rid = self._next_id
@@ -230,36 +272,47 @@ class Connection:
     # -- outgoing
 
     def send(self, event: Event) -> bytes:
-        """Validate `event` against the rules and return the bytes to write."""
+        """Validate `event` against the rules and return the bytes to write. State changes
+        only once the frame is known to be sendable: a refused send changes nothing."""
         if self._state in (_State.ERROR, _State.CLOSED):
-            raise LocalProtocolError(f"cannot send on a {self._state.value} connection")
+            raise LocalProtocolError(f"cannot send on a {self._state} connection")
         body: list[Any]
+        commit: Any = None  # the state change, applied after a successful encode
         if isinstance(event, Hello):
-            if self.role is not Role.CLIENT or self._hello_sent:
+            if self.role != Role.CLIENT or self._hello_sent:
                 raise LocalProtocolError("only a client sends HELLO, once")
-            self._hello_sent = True
             body = [_HELLO, list(event.versions), event.peer or self.peer_name]
+
+            def commit() -> None:
+                self._hello_sent = True
+
         elif isinstance(event, Welcome):
-            if self.role is not Role.SERVER or self._state is not _State.HANDSHAKE:
+            if self.role != Role.SERVER or self._state != _State.HANDSHAKE:
                 raise LocalProtocolError("WELCOME is the server's answer to HELLO")
-            self._state = _State.OPEN
-            self.version = event.version
             body = [_WELCOME, event.version, event.peer or self.peer_name]
+
+            def commit() -> None:
+                self._state = _State.OPEN
+                self.version = event.version
+
         elif isinstance(event, Request):
-            if self.role is not Role.CLIENT:
+            if self.role != Role.CLIENT:
                 raise LocalProtocolError("a server does not send requests")
-            if self._state is not _State.OPEN:
+            if self._state != _State.OPEN:
                 raise LocalProtocolError("no request before WELCOME")
             if event.id in self._open:
                 raise LocalProtocolError(f"request id {event.id} is still open")
-            self._open.add(event.id)
             body = [_REQUEST, event.id, event.method, event.params, event.meta]
+
+            def commit() -> None:
+                self._open.add(event.id)
+
         elif isinstance(event, Cancel):
-            if self.role is not Role.CLIENT or event.id not in self._open:
+            if self.role != Role.CLIENT or event.id not in self._open:
                 raise LocalProtocolError("CANCEL is for a request this client has open")
             body = [_CANCEL, event.id]
         elif isinstance(event, (Response, ErrorReply, StreamItem, StreamEnd)):
-            if self.role is not Role.SERVER:
+            if self.role != Role.SERVER:
                 raise LocalProtocolError("a client does not answer requests")
             if event.id is None:
                 if not isinstance(event, ErrorReply):
@@ -267,18 +320,19 @@ class Connection:
             elif event.id not in self._open:
                 raise LocalProtocolError(f"request id {event.id} is not open")
             if isinstance(event, StreamItem):
-                self._streams.add(event.id)
                 body = [_ITEM, event.id, event.item]
             else:
-                if event.id is not None:
-                    self._open.discard(event.id)
-                    self._streams.discard(event.id)
                 if isinstance(event, Response):
                     body = [_RESPONSE, event.id, event.result]
                 elif isinstance(event, ErrorReply):
                     body = [_ERROR, event.id, event.code, event.message]
                 else:
                     body = [_END, event.id]
+
+                def commit() -> None:
+                    if event.id is not None:
+                        self._open.discard(event.id)
+
         else:  # pragma: no cover - exhaustive over Event
             raise LocalProtocolError(f"unknown event {event!r}")
         try:
@@ -290,13 +344,15 @@ class Connection:
                 f"{type(event).__name__} of {len(data)} bytes exceeds the frame limit "
                 f"{self.max_frame_size}"
             )
+        if commit is not None:
+            commit()
         return frame(data)
 
     # -- incoming
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the peer; b"" means the peer closed its side."""
-        if self._state is _State.ERROR:
+        if self._state == _State.ERROR:
             raise LocalProtocolError("connection is in an error state")
         if not data:
             self._eof = True
@@ -317,7 +373,7 @@ class Connection:
         """The next complete event, NEED_DATA, or ConnectionClosed after a clean EOF.
 
         Raises RemoteProtocolError for a bad frame (see the class for `fatal`)."""
-        if self._state is _State.ERROR:
+        if self._state == _State.ERROR:
             raise LocalProtocolError("connection is in an error state")
         buf = self._buffer
         if len(buf) < HEADER.size:
@@ -349,7 +405,7 @@ class Connection:
                 ) from None
             return self._interpret(message)
         except RemoteProtocolError as exc:
-            if self._state is _State.HANDSHAKE:  # nothing is trusted before the handshake
+            if self._state == _State.HANDSHAKE:  # nothing is trusted before the handshake
                 self._state = _State.ERROR
                 raise RemoteProtocolError(str(exc), fatal=True) from None
             raise
@@ -370,12 +426,12 @@ class Connection:
         if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
             raise RemoteProtocolError("a message must be a list starting with its type")
         kind = msg[0]
-        if self.role is Role.SERVER:
+        if self.role == Role.SERVER:
             return self._interpret_at_server(kind, msg)
         return self._interpret_at_client(kind, msg)
 
     def _interpret_at_server(self, kind: int, msg: list[Any]) -> Event:
-        if self._state is _State.HANDSHAKE:
+        if self._state == _State.HANDSHAKE:
             if kind != _HELLO or len(msg) != 3:
                 self._state = _State.ERROR
                 raise RemoteProtocolError("the first frame must be HELLO", fatal=True)
@@ -401,17 +457,20 @@ class Connection:
             return Hello(tuple(versions), self.remote_peer)
         if kind == _REQUEST:
             rid = msg[1] if len(msg) > 1 and _valid_id(msg[1]) else None
-            if len(msg) != 5 or rid is None:
-                raise RemoteProtocolError("malformed REQUEST", request_id=rid)
-            method, params, meta = msg[2], msg[3], msg[4]
-            if rid in self._open:
+            if rid is not None and rid in self._open:
                 raise RemoteProtocolError(f"request id {rid} is already open")
-            if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_LEN:
-                raise RemoteProtocolError("REQUEST method must be a short string", request_id=rid)
-            if not isinstance(params, dict) or not isinstance(meta, dict):
-                raise RemoteProtocolError("REQUEST params and meta must be maps", request_id=rid)
-            self._open.add(rid)
-            return Request(rid, method, params, meta)
+            problem = ""
+            if len(msg) != 5 or rid is None:
+                problem = "malformed REQUEST"
+            elif not isinstance(msg[2], str) or not 0 < len(msg[2]) <= MAX_METHOD_LEN:
+                problem = "REQUEST method must be a short string"
+            elif not isinstance(msg[3], dict) or not isinstance(msg[4], dict):
+                problem = "REQUEST params and meta must be maps"
+            if rid is not None:
+                self._open.add(rid)  # open even when malformed: the ERROR answer closes it
+            if problem:
+                raise RemoteProtocolError(problem, request_id=rid)
+            return Request(rid, msg[2], msg[3], msg[4])  # type: ignore[arg-type]
         if kind == _CANCEL:
             if len(msg) != 2 or not _valid_id(msg[1]):
                 raise RemoteProtocolError("malformed CANCEL")
@@ -421,7 +480,7 @@ class Connection:
         raise RemoteProtocolError(f"a client may not send message type {kind}")
 
     def _interpret_at_client(self, kind: int, msg: list[Any]) -> Event:
-        if self._state is _State.HANDSHAKE:
+        if self._state == _State.HANDSHAKE:
             if kind == _ERROR and len(msg) == 4:
                 self._state = _State.ERROR
                 raise RemoteProtocolError(f"handshake refused: {msg[3]!s:.200}", fatal=True)
@@ -446,7 +505,7 @@ class Connection:
                 self._close_id(rid)
             return ErrorReply(rid, msg[2], msg[3])
         if kind in (_RESPONSE, _ITEM):
-            if len(msg) != 3:
+            if len(msg) != 3 or not _valid_id(msg[1]):
                 raise RemoteProtocolError("malformed RESPONSE/ITEM")
             rid = msg[1]
             if kind == _RESPONSE:
@@ -456,14 +515,14 @@ class Connection:
                 raise RemoteProtocolError(f"ITEM for request {rid!r} that is not open")
             return StreamItem(rid, msg[2])
         if kind == _END:
-            if len(msg) != 2:
+            if len(msg) != 2 or not _valid_id(msg[1]):
                 raise RemoteProtocolError("malformed END")
             self._close_id(msg[1])
             return StreamEnd(msg[1])
         raise RemoteProtocolError(f"a server may not send message type {kind}")
 
     def _close_id(self, rid: Any) -> None:
-        if rid not in self._open:
+        if not _valid_id(rid) or rid not in self._open:
             raise RemoteProtocolError(f"final frame for request {rid!r} that is not open")
         self._open.discard(rid)
 

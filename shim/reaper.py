@@ -47,7 +47,7 @@ class Reaper:
         self._loop = loop
         self._sfd = SignalFD([signal.SIGCHLD])
         self._watchers: dict[int, Future[int]] = {}
-        self._early: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        self._early: OrderedDict[int, tuple[int, float]] = OrderedDict()  # pid -> (code, when)
         loop.add_reader(self._sfd.fileno(), self._on_signal)
 
     def close(self) -> None:
@@ -75,26 +75,25 @@ class Reaper:
             if fut is not None:
                 fut.set_result(code)
             else:
-                self._early[pid] = (code, time.time())
+                self._early[pid] = (code, time.monotonic())
                 while len(self._early) > EARLY_EXIT_CAPACITY:
                     self._early.popitem(last=False)
 
-    def watch(self, pid: int) -> Future[int]:
-        """A future for `pid`'s exit code, which may already be known."""
+    def watch(self, pid: int, not_before: float = 0.0) -> Future[int]:
+        """A future for `pid`'s exit code, which may already be known.
+
+        `not_before` (monotonic): when the process was asked into being. A cached exit from
+        earlier belongs to an older process that had the same pid, and is discarded."""
         existing = self._watchers.get(pid)
         if existing is not None:
             return existing
         fut: Future[int] = Future()
         early = self._early.pop(pid, None)
-        if early is not None:
+        if early is not None and early[1] >= not_before:
             fut.set_result(early[0])
         else:
             self._watchers[pid] = fut
         return fut
-
-    def early_exit_time(self, pid: int) -> float | None:
-        early = self._early.get(pid)
-        return early[1] if early else None
 
     def forget(self, pid: int) -> None:
         self._watchers.pop(pid, None)
@@ -126,7 +125,7 @@ class Reaper:
             setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT),
         )
         log_debug(f"spawned {pid}: {' '.join(argv[:6])}")
-        return pid, self.watch(pid)
+        return pid, self.watch(pid, time.monotonic())
 
 
 def log_debug(message: str) -> None:

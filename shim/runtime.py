@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.loop import Loop
-from berth.shim.reaper import Reaper
+from berth.shim.reaper import Reaper, log_debug
 
 MAX_CAPTURE = 16 * 1024 * 1024
 
@@ -122,7 +123,9 @@ class Runtime:
                 raise FailedPrecondition(
                     f"OCI runtime binary {self.config.binary!r} is not executable"
                 ) from None
+            started = time.perf_counter()
             code = await exited
+            log_debug(f"{command[0]} took {(time.perf_counter() - started) * 1e3:.1f} ms")
             result = RuntimeResult(
                 stdout=_read_memfd(out) if out >= 0 else b"",
                 stderr=_read_memfd(err) if err >= 0 else b"",

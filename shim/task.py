@@ -35,6 +35,7 @@ from berth.shim.reaper import Reaper
 from berth.shim.runtime import Runtime, RuntimeCommandError, RuntimeConfig, Stdio
 
 IO_DRAIN_TIMEOUT = 2.0
+UNKNOWN_EXIT = 255
 EXEC_WAIT_TIMEOUT = 2.0
 MAX_SPEC_BYTES = 1024 * 1024
 
@@ -92,6 +93,10 @@ class Process:
         self.exited: Future[ExitRecord] = Future()  # set once the exit is published
         self.spec: dict[str, Any] | None = None
         self.started = False
+        # Done once start() has finished (its event published, or failed): the exit of a
+        # process that dies during its own start is published after, never before.
+        self.start_done: Future[None] = Future()
+        self.spawned_at = 0.0  # monotonic time the runtime was asked to create it
 
     @property
     def name(self) -> str:
@@ -107,6 +112,9 @@ class Process:
             "status": self.status,
             "exit_status": self.exit.status if self.exit else 0,
             "exited_at": self.exit.exited_at if self.exit else 0,
+            # True once the exit was published (output drained): a daemon may then treat it
+            # as final without waiting for the (possibly already acknowledged) event.
+            "exit_published": self.exited.done(),
             **self.io.config.to_params(),
         }
 
@@ -169,10 +177,14 @@ class Task:
         io = ProcessIO(self._loop, io_config, self._path("log", ""))
         proc = Process(None, io)
         self.init = proc
-        console = ConsoleSocket(self._console_path()) if io_config.terminal else None
+        console: ConsoleSocket | None = None
         pid_file = self._path("init.pid")
+        created = False
         try:
+            if io_config.terminal:
+                console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = io.stdio
+            proc.spawned_at = time.monotonic()
             try:
                 await self.runtime.create(
                     self.config.id,
@@ -181,6 +193,7 @@ class Task:
                     Stdio(stdin, stdout, stderr),
                     console.path if console else None,
                 )
+                created = True
             finally:
                 io.runtime_spawned()
             if console is not None:
@@ -192,6 +205,11 @@ class Task:
         except BaseException:
             self.init = None
             io.close()
+            if created:  # the runtime made a container this task will never own: remove it
+                try:
+                    await self.runtime.delete(self.config.id, force=True)
+                except Exception as exc:
+                    log(f"cleanup after a failed create: {exc}")
             raise
         finally:
             if console is not None:
@@ -216,16 +234,22 @@ class Task:
             if proc.reaped:
                 raise FailedPrecondition(f"task {self.config.id} has already exited")
             proc.started = True
-            await self.runtime.start(self.config.id)
-            if not proc.reaped:
-                proc.status = RUNNING
-            self._publish(events.TASK_START, pid=proc.pid)
+            try:
+                await self.runtime.start(self.config.id)
+                if not proc.reaped:
+                    proc.status = RUNNING
+                self._publish(events.TASK_START, pid=proc.pid)
+            finally:
+                proc.start_done.set_result(None)
             return {"pid": proc.pid}
         init = self._require_init()
         if init.status != RUNNING:
             raise FailedPrecondition(f"cannot start an exec in a {init.status} task")
         proc.started = True
-        await self._run_exec(proc)
+        try:
+            await self._run_exec(proc)
+        finally:
+            proc.start_done.set_result(None)
         return {"pid": proc.pid}
 
     async def _run_exec(self, proc: Process) -> None:
@@ -234,9 +258,12 @@ class Task:
         pid_file = self._path(f"{proc.name}.pid")
         with open(spec_file, "w") as f:
             json.dump(proc.spec, f)
-        console = ConsoleSocket(self._console_path()) if proc.io.config.terminal else None
+        console: ConsoleSocket | None = None
         try:
+            if proc.io.config.terminal:
+                console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = proc.io.stdio
+            proc.spawned_at = time.monotonic()
             try:
                 await self.runtime.exec(
                     self.config.id,
@@ -251,8 +278,12 @@ class Task:
                 proc.io.attach_console(console.receive_master())
             proc.pid = _read_pid(pid_file)
         except BaseException:
-            proc.status = STOPPED
+            # It never ran (or cannot be supervised): final, so that wait and delete work.
             proc.io.close()
+            proc.reaped = True
+            proc.status = STOPPED
+            proc.exit = ExitRecord(pid=proc.pid, status=UNKNOWN_EXIT, exited_at=time.time_ns())
+            proc.exited.set_result(proc.exit)
             raise
         finally:
             if console is not None:
@@ -268,7 +299,7 @@ class Task:
         self._publish(events.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
     def _watch_exit(self, proc: Process) -> None:
-        self._reaper.watch(proc.pid).add_done_callback(
+        self._reaper.watch(proc.pid, not_before=proc.spawned_at).add_done_callback(
             lambda fut: self._on_reaped(proc, fut.result())
         )
 
@@ -285,37 +316,44 @@ class Task:
         self._loop.create_task(self._finish_exit(proc), name=f"exit {proc.name}")
 
     async def _finish_exit(self, proc: Process) -> None:
-        try:
-            await self._loop.timeout(proc.io.drained(), IO_DRAIN_TIMEOUT)
-        except TimeoutError:
-            log(f"output of {proc.name} not drained after {IO_DRAIN_TIMEOUT}s; closing it")
-        proc.io.close()
         assert proc.exit is not None
-        if proc.exec_id is None:
-            if self._oom is not None:
-                self._check_oom()
-                self._oom_close()
-            running = [p.exited for p in self.execs.values() if p.started and not p.reaped]
-            for fut in running:
-                try:
-                    await self._loop.timeout(fut, EXEC_WAIT_TIMEOUT)
-                except TimeoutError:
-                    break
-            self._publish(
-                events.TASK_EXIT,
-                pid=proc.pid,
-                exit_status=proc.exit.status,
-                exited_at=proc.exit.exited_at,
-            )
-        else:
-            self._publish(
-                events.EXEC_EXIT,
-                exec_id=proc.exec_id,
-                pid=proc.pid,
-                exit_status=proc.exit.status,
-                exited_at=proc.exit.exited_at,
-            )
-        proc.exited.set_result(proc.exit)
+        try:
+            if proc.started and not proc.start_done.done():
+                await proc.start_done  # the start event goes first
+            try:
+                await self._loop.timeout(proc.io.drained(), IO_DRAIN_TIMEOUT)
+            except TimeoutError:
+                log(f"output of {proc.name} not drained after {IO_DRAIN_TIMEOUT}s; closing it")
+            proc.io.close()
+            if proc.exec_id is None:
+                if self._oom is not None:
+                    self._check_oom()
+                    self._oom_close()
+                running = [p.exited for p in self.execs.values() if p.started and not p.reaped]
+                for fut in running:
+                    try:
+                        await self._loop.timeout(fut, EXEC_WAIT_TIMEOUT)
+                    except TimeoutError:
+                        break
+        except Exception as exc:  # whatever went wrong, the exit is still reported
+            log(f"finishing the exit of {proc.name}: {exc!r}")
+        finally:
+            if proc.exec_id is None:
+                self._publish(
+                    events.TASK_EXIT,
+                    pid=proc.pid,
+                    exit_status=proc.exit.status,
+                    exited_at=proc.exit.exited_at,
+                )
+            else:
+                self._publish(
+                    events.EXEC_EXIT,
+                    exec_id=proc.exec_id,
+                    pid=proc.pid,
+                    exit_status=proc.exit.status,
+                    exited_at=proc.exit.exited_at,
+                )
+            proc.exited.set_result(proc.exit)
 
     def _check_oom(self) -> None:
         if self._oom is not None and self._oom.consume():

@@ -188,3 +188,31 @@ def test_cli_errors_are_one_line(daemon: Daemon) -> None:
     assert (
         r.returncode == 1 and r.stderr.decode().strip() == "berth: not found: task ghost not found"
     )
+
+
+def test_a_create_failing_after_the_runtime_created_leaves_no_container(tmp_path: object) -> None:
+    # A runtime that creates the container and then reports a bogus pid: the shim must
+    # remove the container it will never own (the runc state dir ends up empty).
+    wrapper = os.path.join(str(tmp_path), "bad-runtime")
+    with open(wrapper, "w") as f:
+        f.write(
+            "#!/bin/sh\n"
+            'runc "$@"; rc=$?\n'
+            'for a in "$@"; do [ "$prev" = --pid-file ] && echo junk > "$a"; prev=$a; done\n'
+            "exit $rc\n"
+        )
+    os.chmod(wrapper, 0o755)
+    d = Daemon(extra_config=f'[runtimes.bad]\nbinary = "{wrapper}"\n')
+    try:
+        spec = _spec(d, "", ["sleep", "300"])
+        with d.client() as c:
+            c.call("containers.create", {"id": "half", "spec": spec, "runtime": "bad"})
+            with pytest.raises(FailedPrecondition, match="invalid pid"):
+                c.call("tasks.create", {"container_id": "half"})
+        root = os.path.join(d.state, "runtime", "bad", d.namespace)
+        listed = subprocess.run(["runc", "--root", root, "list", "-q"], capture_output=True)
+        assert listed.stdout.split() == []
+        assert d.container_pids() == []
+        assert d.shim_pids() == {}
+    finally:
+        d.cleanup()

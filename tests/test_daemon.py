@@ -322,3 +322,29 @@ def test_cli_and_shim_do_not_import_trio() -> None:
     for module in ("berth.daemon.cli", "berth.shim.main", "berth.shim.zygote"):
         code = f"import sys, {module}; sys.exit('trio' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
+
+
+def test_an_exec_that_cannot_start_is_final(daemon: Daemon) -> None:
+    from berth.shim.errors import FailedPrecondition as Failed
+
+    daemon.cli("run", "-d", "c-badexec", "sleep", "300", check=True)
+    with daemon.client() as c:
+        c.call(
+            "tasks.exec",
+            {
+                "container_id": "c-badexec",
+                "exec_id": "nope",
+                "spec": {"args": ["/no/such/binary"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            },
+        )
+        with pytest.raises(Failed, match="runc exec failed"):
+            c.call("tasks.start", {"container_id": "c-badexec", "exec_id": "nope"})
+        assert (
+            c.call("tasks.wait", {"container_id": "c-badexec", "exec_id": "nope"})["exit_status"]
+            == 255
+        )
+        c.call("tasks.delete_process", {"container_id": "c-badexec", "exec_id": "nope"})
+        # the exec id is free again, and the task still works
+        r = daemon.cli("tasks", "exec", "--exec-id", "nope", "c-badexec", "echo", "ok")
+        assert (r.returncode, r.stdout) == (0, b"ok\n")
+    daemon.cli("tasks", "rm", "-f", "c-badexec", check=True)

@@ -262,3 +262,28 @@ def test_daemon_killed_between_shim_start_and_task_create(daemon: Daemon) -> Non
         if shim_pid and process_state(shim_pid) not in (None, "Z"):
             os.kill(shim_pid, 9)
         reaper.wait(timeout=10)
+
+
+def test_wait_after_restart_for_an_exit_already_acknowledged(daemon: Daemon) -> None:
+    # The exit was published and acknowledged before the restart, so it is not replayed:
+    # the restarted daemon must still know it is final (a wait used to hang here).
+    daemon.cli("run", "-d", "c-acked", "sh", "-c", "exit 3", check=True)
+    assert daemon.cli("tasks", "wait", "c-acked").stdout.strip() == b"3"
+    daemon.restart()
+    r = daemon.cli("tasks", "wait", "c-acked", timeout=10)
+    assert r.stdout.strip() == b"3"
+    daemon.cli("tasks", "rm", "c-acked", check=True)
+
+
+def test_delete_is_idempotent_when_the_shim_already_deleted(daemon: Daemon) -> None:
+    from berth.shim.client import Client
+
+    daemon.cli("run", "-d", "c-twice", "sh", "-c", "exit 0", check=True)
+    daemon.cli("tasks", "wait", "c-twice", check=True)
+    record = _shim_record(daemon, "c-twice")
+    with Client(str(record["address"])) as shim:  # as if an earlier delete was cut short
+        shim.call("delete")
+    r = daemon.cli("tasks", "rm", "c-twice")
+    assert r.returncode == 0, r.stderr
+    assert "c-twice" not in _tasks(daemon)
+    wait_until(lambda: is_gone(int(record["pid"])), what="shim stopped")  # type: ignore[call-overload]

@@ -16,8 +16,16 @@ from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
 from berth.shim.identifiers import validate
 from berth.shim.loop import Future, Lock, Loop
+from berth.shim.protocol import (
+    ErrorReply,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Request,
+    Response,
+)
 from berth.shim.reaper import Reaper, exit_code
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state, write_state
+from tests.test_protocol import pair, raw_frame
 
 
 def test_signalfd_reports_child_exit_and_reaper_dispatches_by_pid() -> None:
@@ -153,7 +161,7 @@ async def test_exchange_drops_a_subscriber_that_falls_behind() -> None:
     exchange = Exchange()
     slow = exchange.subscribe([])
     fast = exchange.subscribe(['topic=="/x"'])
-    for i in range(2000):
+    for i in range(5000):
         exchange.publish("ns", "/y", {"i": i})
     assert slow.overflowed and exchange.subscriber_count == 1
     exchange.publish("ns", "/x", {})
@@ -245,3 +253,84 @@ def test_a_newer_shim_state_file_is_still_readable(tmp_path: object) -> None:
         )
     record = read_state(bundle)
     assert record is not None and (record.version, record.pid, record.protocol) == (2, 10, 2)
+
+
+async def test_since_replays_the_whole_history() -> None:
+    exchange = Exchange()
+    for i in range(3000):
+        exchange.publish("ns", "/y", {"i": i}, timestamp=i + 1)
+    sub = exchange.subscribe([], since=0)
+    got = []
+    while True:
+        try:
+            got.append(sub.receive.receive_nowait()["event"]["i"])
+        except trio.WouldBlock:
+            break
+    assert got == list(range(3000)) and not sub.overflowed
+
+
+def test_a_stale_early_exit_is_not_given_to_a_new_process_with_the_same_pid() -> None:
+    import time as _time
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        loop = Loop()
+        reaper = Reaper(loop)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        reaper.reap()  # cached: nobody claimed it
+        later = _time.monotonic() + 1  # "a new process with this pid was spawned later"
+        fut = reaper.watch(pid, not_before=later)
+        assert not fut.done()
+        reaper.forget(pid)
+        reaper.close()
+        loop.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_log_sink_survives_its_file_vanishing_during_rotation(tmp_path: object) -> None:
+    from berth.shim.io import LogConfig, LogSink
+
+    path = os.path.join(str(tmp_path), "stdout.log")
+    sink = LogSink(path, LogConfig(max_size=4096, max_files=1))
+    sink.write(b"a" * 3000)
+    os.unlink(path)  # removed behind the shim's back: rotation's unlink now fails
+    sink.write(b"b" * 2000)  # crosses max_size: must not raise, must not keep a dead fd
+    sink.write(b"c" * 10)
+    sink.close()
+    with open(path, "rb") as f:
+        assert f.read() == b"c" * 10
+    assert sink.written == 5010
+
+
+def test_a_malformed_request_with_an_id_can_be_answered() -> None:
+    _client, server = pair()
+    server.receive_data(raw_frame([2, 9, "m", "params-not-a-map", {}]))
+    with pytest.raises(RemoteProtocolError) as err:
+        server.next_event()
+    assert err.value.request_id == 9
+    # No LocalProtocolError: the id was opened, so the answer can close it.
+    assert server.send(ErrorReply(9, "invalid_argument", "bad"))
+    assert 9 not in server.open_requests
+
+
+def test_an_unsendable_reply_changes_nothing() -> None:
+    client, server = pair(max_frame=1024)
+    server.receive_data(client.send(Request(1, "m", {}, {})))
+    server.next_event()
+    with pytest.raises(LocalProtocolError):
+        server.send(Response(1, {"blob": b"x" * 5000}))
+    assert 1 in server.open_requests  # still answerable
+    client.receive_data(server.send(ErrorReply(1, "internal", "too big")))
+    assert isinstance(client.next_event(), ErrorReply)
+
+
+def test_a_client_refuses_replies_with_non_integer_ids() -> None:
+    client, _ = pair()
+    for bad in ([3, [1], None], [5, {"x": 1}, None], [6, [1]]):
+        client.receive_data(raw_frame(bad))
+        with pytest.raises(RemoteProtocolError):
+            client.next_event()

@@ -1,0 +1,800 @@
+"""berth's benchmark: berth vs containerd 1.6 (+ containerd-shim-runc-v2) vs bare runc/crun.
+
+Run through `scripts/bench [--quick]` (it enters a private mount namespace first). Every
+comparison is interleaved (A B B A ...) after warm-up, in one run, because these machines
+are shared and noisy: only ratios measured side by side mean anything. Results go to
+bench/results/<time>.md and .json with the version of every tool. Everything started is
+stopped (by pid) at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from berth.daemon.rootfs import build_busybox_rootfs  # noqa: E402
+from berth.shim.client import Client  # noqa: E402
+from tests.helpers import hybrid_crun_fix_needed  # noqa: E402
+from tests.images import build_oci_archive  # noqa: E402
+
+VENV = REPO / ".venv" / "bin"
+BERTH = str(VENV / "berth")
+BERTHD = str(VENV / "berthd")
+REAPER = str(REPO / "tests" / "reaper.py")
+IMAGE = "docker.io/library/busybox:bench"
+NS = "bench"
+
+
+def sh(
+    cmd: list[str], *, check: bool = True, timeout: float = 120, **kw: Any
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        cmd,
+        check=check,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        capture_output=kw.pop("capture_output", True),
+        **kw,
+    )
+
+
+def timed(cmd: list[str], **kw: Any) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        stdout=kw.pop("stdout", subprocess.DEVNULL),
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}"
+        )
+    return elapsed
+
+
+def mem_rollup(pid: int) -> dict[str, float]:
+    """RSS, PSS, USS in MiB from /proc/PID/smaps_rollup (USS = private clean + dirty)."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":"):
+                with contextlib.suppress(ValueError):
+                    values[parts[0][:-1]] = int(parts[1])
+    uss = values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)
+    return {
+        "rss": values.get("Rss", 0) / 1024,
+        "pss": values.get("Pss", 0) / 1024,
+        "uss": uss / 1024,
+    }
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "p99": p99,
+        "n": len(ordered),
+    }
+
+
+# --- the systems -----------------------------------------------------------------------
+
+
+class Daemon:
+    """A daemon under tests/reaper.py (orphaned shims are reaped, by it, not left zombies)."""
+
+    def __init__(self, name: str, command: list[str], log: Path) -> None:
+        self.name = name
+        self.command = command
+        self.log = log
+        self.reapers: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.reapers.append(
+                subprocess.Popen(
+                    [sys.executable, REAPER, *self.command],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+
+    @property
+    def pid(self) -> int | None:
+        reaper = self.reapers[-1]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(
+                Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()[0]
+            )
+        return None
+
+    def kill9(self) -> None:
+        pid = self.pid
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+                time.sleep(0.005)
+
+    def descendants(self) -> list[int]:
+        out: list[int] = []
+        for reaper in self.reapers:
+            stack = [reaper.pid]
+            while stack:
+                pid = stack.pop()
+                with contextlib.suppress(OSError):
+                    for task in Path(f"/proc/{pid}/task").iterdir():
+                        children = (task / "children").read_text().split()
+                        stack.extend(int(c) for c in children)
+                        out.extend(int(c) for c in children)
+        return out
+
+    def stop_everything(self) -> None:
+        for pid in self.descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for reaper in self.reapers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.wait(timeout=15)
+            if reaper.poll() is None:
+                reaper.kill()
+                reaper.wait()
+
+
+class Berth:
+    name = "berth"
+
+    def __init__(self, work: Path, runtime: str = "runc") -> None:
+        self.dir = work / "berth"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.address = str(self.dir / "state" / "berthd.sock")
+        config = self.dir / "berthd.toml"
+        config.write_text(
+            f'root = "{self.dir / "root"}"\nstate = "{self.dir / "state"}"\nlog_level = "warning"\n'
+            '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
+        )
+        self.daemon = Daemon("berthd", [BERTHD, "--config", str(config)], self.dir / "berthd.log")
+        self.env = dict(os.environ, BERTH_ADDRESS=self.address, BERTH_NAMESPACE=NS)
+
+    def start(self) -> None:
+        self.daemon.start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception), Client(self.address) as c:
+                c.call("version")
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f"berthd did not start; see {self.daemon.log}")
+
+    def cli(self, *args: str) -> list[str]:
+        return [BERTH, *args]
+
+    def run_rm(self, cid: str, rootfs: str, runtime: str, args: list[str]) -> list[str]:
+        return self.cli(
+            "run", "--rm", "--read-only", "--rootfs", rootfs, "--runtime", runtime, cid, *args
+        )
+
+    def run_detached(self, cid: str, rootfs: str, args: list[str]) -> list[str]:
+        return self.cli("run", "-d", "--read-only", "--rootfs", rootfs, cid, *args)
+
+    def exec(self, cid: str, exec_id: str) -> list[str]:
+        return self.cli("tasks", "exec", "--exec-id", exec_id, cid, "/bin/true")
+
+    def remove(self, cid: str) -> None:
+        sh(self.cli("tasks", "rm", "-f", cid), check=False, env=self.env)
+        sh(self.cli("containers", "rm", cid), check=False, env=self.env)
+
+    def version_cmd(self) -> list[str]:
+        return self.cli("version")
+
+    def tasks_cmd(self) -> list[str]:
+        return self.cli("tasks", "ls")
+
+    def shim_pids(self) -> list[int]:
+        pids = []
+        for path in (self.dir / "state" / "tasks").glob("*/*/shim.json"):
+            with contextlib.suppress(Exception):
+                pids.append(json.loads(path.read_text())["pid"])
+        return pids
+
+
+class Containerd:
+    name = "containerd"
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "containerd"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.address = str(self.dir / "containerd.sock")
+        config = self.dir / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{self.dir / "root"}"\nstate = "{self.dir / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.address}"\n'
+            f'[ttrpc]\n  address = "{self.address}.ttrpc"\n'
+            '[debug]\n  level = "warn"\n'
+        )
+        self.daemon = Daemon(
+            "containerd", ["containerd", "--config", str(config)], self.dir / "containerd.log"
+        )
+        self.env = dict(os.environ)
+
+    def start(self) -> None:
+        self.daemon.start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sh(self.cli("version"), check=False, timeout=10).returncode == 0:
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"containerd did not start; see {self.daemon.log}")
+
+    def cli(self, *args: str) -> list[str]:
+        return ["ctr", "-a", self.address, "-n", NS, *args]
+
+    def run_rm(self, cid: str, rootfs: str, runtime: str, args: list[str]) -> list[str]:
+        extra = ["--runc-binary", runtime] if runtime != "runc" else []
+        return self.cli("run", "--rm", *extra, IMAGE, cid, *args)
+
+    def run_detached(self, cid: str, rootfs: str, args: list[str]) -> list[str]:
+        return self.cli("run", "-d", IMAGE, cid, *args)
+
+    def exec(self, cid: str, exec_id: str) -> list[str]:
+        return self.cli("tasks", "exec", "--exec-id", exec_id, cid, "/bin/true")
+
+    def remove(self, cid: str) -> None:
+        sh(self.cli("tasks", "kill", "-s", "SIGKILL", cid), check=False)
+        for _ in range(100):
+            if sh(self.cli("tasks", "rm", cid), check=False).returncode == 0:
+                break
+            time.sleep(0.05)
+        sh(self.cli("containers", "rm", cid), check=False)
+
+    def version_cmd(self) -> list[str]:
+        return self.cli("version")
+
+    def tasks_cmd(self) -> list[str]:
+        return self.cli("tasks", "ls")
+
+    def shim_pids(self) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                if (
+                    cmdline
+                    and cmdline[0].endswith(b"containerd-shim-runc-v2")
+                    and self.address.encode() in b" ".join(cmdline)
+                ):
+                    pids.append(int(proc.name))
+        return pids
+
+
+# --- the figures ------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, quick: bool, work: Path) -> None:
+        self.quick = quick
+        self.work = work
+        self.results: dict[str, Any] = {"figures": {}, "notes": []}
+        self.rootfs = str(work / "rootfs")
+        self.bundle = work / "bundle"
+        self.berth = Berth(work)
+        self.containerd = Containerd(work)
+        self.seq = 0
+
+    def uid(self, prefix: str) -> str:
+        self.seq += 1
+        return f"{prefix}{self.seq}"
+
+    # -- set-up
+
+    def prepare(self) -> None:
+        build_busybox_rootfs(self.rootfs)
+        self.bundle.mkdir()
+        sh(["runc", "spec"], cwd=self.bundle)
+        spec = json.loads((self.bundle / "config.json").read_text())
+        spec["process"]["terminal"] = False
+        spec["process"]["args"] = ["/bin/true"]
+        spec["root"] = {"path": self.rootfs, "readonly": True}  # runc refuses a symlinked rootfs
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+        archive = str(self.work / "image.tar")
+        build_oci_archive(self.rootfs, archive, name=IMAGE)
+        self.berth.start()
+        self.containerd.start()
+        sh(self.containerd.cli("images", "import", archive), timeout=300)
+
+    def versions(self) -> dict[str, str]:
+        def first(cmd: list[str]) -> str:
+            with contextlib.suppress(Exception):
+                return sh(cmd).stdout.decode().splitlines()[0].strip()
+            return "?"
+
+        from berth.daemon import __version__
+
+        return {
+            "berth": __version__,
+            "python": platform.python_version(),
+            "containerd": first(["containerd", "--version"]),
+            "runc": first(["runc", "--version"]),
+            "crun": first(["crun", "--version"]),
+            "kernel": platform.release(),
+            "cpus": str(os.cpu_count()),
+        }
+
+    # -- helpers
+
+    def interleave(
+        self, cases: dict[str, Callable[[int], float]], n: int, warmup: int = 2
+    ) -> dict[str, list[float]]:
+        """Run each case n times, alternating the order (A B B A ...) after warm-up."""
+        names = list(cases)
+        for i in range(warmup):
+            for name in names:
+                cases[name](-1 - i)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(n):
+            order = names if i % 2 == 0 else list(reversed(names))
+            for name in order:
+                samples[name].append(cases[name](i))
+        return samples
+
+    def record(
+        self,
+        key: str,
+        title: str,
+        unit: str,
+        samples: dict[str, list[float]],
+        ratio_of: tuple[str, str] | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        figure: dict[str, Any] = {"title": title, "unit": unit, "systems": {}}
+        for name, values in samples.items():
+            figure["systems"][name] = summary([v * scale for v in values])
+        if ratio_of:
+            a, b = samples[ratio_of[0]], samples[ratio_of[1]]
+            pairs = [x / y for x, y in zip(a, b, strict=False) if y]
+            figure["ratio"] = {
+                "of": list(ratio_of),
+                "median_of_pairs": statistics.median(pairs) if pairs else None,
+                "of_medians": statistics.median(a) / statistics.median(b),
+            }
+        self.results["figures"][key] = figure
+        print(self.figure_markdown(key), flush=True)
+
+    def figure_markdown(self, key: str) -> str:
+        fig = self.results["figures"][key]
+        lines = [
+            f"\n### {fig['title']}\n",
+            "| system | median | min | max | n |",
+            "|---|---|---|---|---|",
+        ]
+        for name, s in fig["systems"].items():
+            lines.append(
+                f"| {name} | {s['median']:.1f} {fig['unit']} | {s['min']:.1f} "
+                f"| {s['max']:.1f} | {s['n']} |"
+            )
+        if "ratio" in fig:
+            r = fig["ratio"]
+            lines.append(
+                f"\nratio {r['of'][0]}/{r['of'][1]}: {r['median_of_pairs']:.2f} (median of pairs), "
+                f"{r['of_medians']:.2f} (of medians)"
+            )
+        return "\n".join(lines)
+
+    # -- 1. run --rm /bin/true
+
+    def fig_run_rm(self, runtime: str) -> None:
+        n = 8 if self.quick else 30
+        bare = ["runc"] if runtime == "runc" else ["crun"]
+
+        def berth(i: int) -> float:
+            return timed(
+                self.berth.run_rm(self.uid("r"), self.rootfs, runtime, ["/bin/true"]),
+                env=self.berth.env,
+            )
+
+        def containerd(i: int) -> float:
+            return timed(self.containerd.run_rm(self.uid("r"), self.rootfs, runtime, ["/bin/true"]))
+
+        def bare_run(i: int) -> float:
+            return timed(
+                [
+                    *bare,
+                    "--root",
+                    str(self.work / f"bare-{runtime}"),
+                    "run",
+                    "--bundle",
+                    str(self.bundle),
+                    self.uid("b"),
+                ]
+            )
+
+        samples = self.interleave(
+            {"berth": berth, "containerd": containerd, f"bare {runtime}": bare_run}, n
+        )
+        self.record(
+            f"run_rm_{runtime}",
+            f"run --rm of /bin/true ({runtime})",
+            "ms",
+            samples,
+            ("berth", "containerd"),
+            1000,
+        )
+        fig = self.results["figures"][f"run_rm_{runtime}"]
+        fig["berth_minus_bare_ms"] = (
+            fig["systems"]["berth"]["median"] - fig["systems"][f"bare {runtime}"]["median"]
+        )
+
+    # -- 2. memory per container
+
+    def fig_memory(self, count: int) -> None:
+        started: dict[str, list[str]] = {"berth": [], "containerd": []}
+        systems = {"berth": self.berth, "containerd": self.containerd}
+        try:
+            for _i in range(count):
+                for name, system in systems.items():
+                    cid = self.uid("m")
+                    sh(system.run_detached(cid, self.rootfs, ["sleep", "3600"]), env=system.env)
+                    started[name].append(cid)
+            time.sleep(5)
+            out: dict[str, Any] = {}
+            for name, system in systems.items():
+                shims = [mem_rollup(p) for p in system.shim_pids()]
+                daemon_pid = system.daemon.pid
+                out[name] = {
+                    "shims": len(shims),
+                    "shim_rss": statistics.mean(s["rss"] for s in shims),
+                    "shim_pss": statistics.mean(s["pss"] for s in shims),
+                    "shim_uss": statistics.mean(s["uss"] for s in shims),
+                    "daemon_rss": mem_rollup(daemon_pid)["rss"] if daemon_pid else 0,
+                }
+            zygotes = [
+                p
+                for p in self.berth.daemon.descendants()
+                if b"zygote" in Path(f"/proc/{p}/cmdline").read_bytes()
+            ]
+            if zygotes:
+                out["berth"]["zygote_pss"] = mem_rollup(zygotes[0])["pss"]
+            self.results["figures"][f"memory_{count}"] = {
+                "title": f"memory with {count} sleep containers",
+                "values": out,
+            }
+            print(f"\n### memory with {count} containers (MiB, mean per shim)\n")
+            print("| system | shim RSS | shim PSS | shim USS | daemon RSS |\n|---|---|---|---|---|")
+            for name, v in out.items():
+                print(
+                    f"| {name} | {v['shim_rss']:.2f} | {v['shim_pss']:.2f} "
+                    f"| {v['shim_uss']:.2f} | {v['daemon_rss']:.1f} |"
+                )
+            # -- 3. restart with `count` running
+            self.fig_restart(count, started)
+        finally:
+            for name, system in systems.items():
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(system.remove, started[name]))
+
+    def fig_restart(self, count: int, started: dict[str, list[str]]) -> None:
+        out: dict[str, Any] = {}
+        rounds = 2 if self.quick else 3
+        for name, system in (("berth", self.berth), ("containerd", self.containerd)) * rounds:
+            system.daemon.kill9()
+            t0 = time.perf_counter()
+            system.daemon.start()
+            first = None
+            while first is None:
+                if (
+                    sh(system.version_cmd(), check=False, env=system.env, timeout=10).returncode
+                    == 0
+                ):
+                    first = time.perf_counter() - t0
+            running = None
+            while running is None:
+                r = sh(system.tasks_cmd(), check=False, env=system.env, timeout=10)
+                if r.returncode == 0 and r.stdout.decode().count("RUNNING") >= count:
+                    running = time.perf_counter() - t0
+                else:
+                    time.sleep(0.005)
+            out.setdefault(name, {"first_answer": [], "all_running": []})
+            out[name]["first_answer"].append(first)
+            out[name]["all_running"].append(running)
+        # berth, polled in-process every 5 ms (no CLI start-up in the figure)
+        precise = []
+        for _ in range(rounds):
+            self.berth.daemon.kill9()
+            t0 = time.perf_counter()
+            self.berth.daemon.start()
+            while True:
+                with contextlib.suppress(Exception), Client(self.berth.address, namespace=NS) as c:
+                    tasks = c.call("tasks.list")["tasks"]
+                    if sum(t["status"] == "running" for t in tasks) >= count:
+                        break
+                time.sleep(0.005)
+            precise.append(time.perf_counter() - t0)
+        for key, title in (
+            ("first_answer", "first API answer"),
+            ("all_running", f"all {count} RUNNING"),
+        ):
+            self.record(
+                f"restart_{count}_{key}",
+                f"kill -9 daemon with {count} running, restart: {title} (CLI polling)",
+                "ms",
+                {n: v[key] for n, v in out.items()},
+                ("berth", "containerd"),
+                1000,
+            )
+        self.record(
+            f"restart_{count}_precise",
+            f"berth: restart to all {count} RUNNING, in-process 5 ms polling",
+            "ms",
+            {"berth": precise},
+            None,
+            1000,
+        )
+
+    # -- 4. stdout throughput
+
+    def fig_throughput(self) -> None:
+        blocks = 4096 if self.quick else 16384  # x 64 KiB
+        size = blocks * 65536
+        n = 3 if self.quick else 7
+        dd = f"dd if=/dev/zero bs=64k count={blocks} 2>/dev/null"
+
+        def berth(i: int) -> float:
+            return timed(
+                self.berth.run_rm(self.uid("t"), self.rootfs, "runc", ["sh", "-c", dd]),
+                env=self.berth.env,
+            )
+
+        def berth_log(i: int) -> float:
+            cid = self.uid("tl")
+            start = time.perf_counter()
+            sh(self.berth.run_detached(cid, self.rootfs, ["sh", "-c", dd]), env=self.berth.env)
+            sh(self.berth.cli("tasks", "wait", cid), env=self.berth.env, timeout=600)
+            elapsed = time.perf_counter() - start
+            self.berth.remove(cid)
+            return elapsed
+
+        def containerd(i: int) -> float:
+            return timed(
+                self.containerd.run_rm(self.uid("t"), self.rootfs, "runc", ["sh", "-c", dd])
+            )
+
+        def host(i: int) -> float:
+            return timed(["sh", "-c", f"{dd} | cat > /dev/null"])
+
+        samples = self.interleave(
+            {
+                "berth": berth,
+                "containerd": containerd,
+                "berth log file": berth_log,
+                "host dd|cat": host,
+            },
+            n,
+            warmup=1,
+        )
+        rates = {k: [size / v / 1e6 for v in vals] for k, vals in samples.items()}
+        self.record(
+            "stdout_throughput",
+            f"{size >> 20} MiB through container stdout (MB/s, higher is better)",
+            "MB/s",
+            rates,
+            ("berth", "containerd"),
+        )
+
+    # -- 5. concurrent starts
+
+    def fig_concurrent(self) -> None:
+        count = 40 if self.quick else 100
+        out: dict[str, list[float]] = {}
+        walls: dict[str, float] = {}
+        for name, system in (("berth", self.berth), ("containerd", self.containerd)):
+            ids = [self.uid("cc") for _ in range(count)]
+
+            def start(cid: str, system: Any = system) -> float:
+                return timed(
+                    system.run_detached(cid, self.rootfs, ["sleep", "3600"]), env=system.env
+                )
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                out[name] = list(pool.map(start, ids))
+            walls[name] = time.perf_counter() - t0
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(system.remove, ids))
+        self.record(
+            "concurrent_starts",
+            f"{count} starts, 8 at a time: per start",
+            "ms",
+            out,
+            ("berth", "containerd"),
+            1000,
+        )
+        self.results["figures"]["concurrent_starts"]["wall_s"] = walls
+        print(
+            f"wall: berth {walls['berth']:.2f} s, containerd {walls['containerd']:.2f} s, "
+            f"ratio {walls['berth'] / walls['containerd']:.2f}"
+        )
+
+    # -- 6. exec
+
+    def fig_exec(self) -> None:
+        n = 8 if self.quick else 30
+        ids = {"berth": self.uid("x"), "containerd": self.uid("x")}
+        sh(
+            self.berth.run_detached(ids["berth"], self.rootfs, ["sleep", "3600"]),
+            env=self.berth.env,
+        )
+        sh(self.containerd.run_detached(ids["containerd"], self.rootfs, ["sleep", "3600"]))
+        try:
+            samples = self.interleave(
+                {
+                    "berth": lambda i: timed(
+                        self.berth.exec(ids["berth"], self.uid("e")), env=self.berth.env
+                    ),
+                    "containerd": lambda i: timed(
+                        self.containerd.exec(ids["containerd"], self.uid("e"))
+                    ),
+                },
+                n,
+            )
+            self.record(
+                "exec",
+                "exec of /bin/true into a running container",
+                "ms",
+                samples,
+                ("berth", "containerd"),
+                1000,
+            )
+        finally:
+            self.berth.remove(ids["berth"])
+            self.containerd.remove(ids["containerd"])
+
+    # -- report
+
+    def write(self, out_dir: Path, versions: dict[str, str]) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%dT%H%M%S") + ("-quick" if self.quick else "")
+        self.results["versions"] = versions
+        self.results["quick"] = self.quick
+        (out_dir / f"{stamp}.json").write_text(json.dumps(self.results, indent=2, sort_keys=True))
+        lines = [
+            f"# berth benchmark {stamp}\n",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "",
+        ]
+        lines.append("Every comparison interleaved (A B B A ...) after warm-up, in this one run.\n")
+        for key, fig in self.results["figures"].items():
+            if "systems" in fig:
+                lines.append(self.figure_markdown(key))
+            elif "values" in fig:
+                lines.append(f"\n### {fig['title']} (MiB, mean per shim)\n")
+                lines.append(
+                    "| system | shims | shim RSS | shim PSS | shim USS | daemon RSS |\n"
+                    "|---|---|---|---|---|---|"
+                )
+                for name, v in fig["values"].items():
+                    lines.append(
+                        f"| {name} | {v['shims']} | {v['shim_rss']:.2f} | {v['shim_pss']:.2f} | "
+                        f"{v['shim_uss']:.2f} | {v['daemon_rss']:.1f} |"
+                    )
+                if "zygote_pss" in fig["values"].get("berth", {}):
+                    lines.append(
+                        "\nberth's zygote (shared by all shims): PSS "
+                        f"{fig['values']['berth']['zygote_pss']:.2f} MiB"
+                    )
+        for note in self.results["notes"]:
+            lines.append(f"\nNote: {note}")
+        path = out_dir / f"{stamp}.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+@contextlib.contextmanager
+def private_workdir() -> Iterator[Path]:
+    work = Path(
+        tempfile.mkdtemp(prefix="berth-bench-", dir="/run" if os.path.isdir("/run") else "/tmp")
+    )
+    sh(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmpfs", str(work)])
+    try:
+        yield work
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer runs and smaller sizes (< 5 min)"
+    )
+    parser.add_argument(
+        "--only", action="append", help="run_rm, memory, throughput, concurrent, exec"
+    )
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root", file=sys.stderr)
+        return 2
+    if hybrid_crun_fix_needed():
+        os.makedirs("/sys/fs/cgroup/hugetlb", exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", "hugetlb", "hugetlb", "/sys/fs/cgroup/hugetlb"],
+            check=True,
+        )
+    only = set(args.only or ["run_rm", "memory", "throughput", "concurrent", "exec"])
+    with private_workdir() as work:
+        bench = Bench(args.quick, work)
+        try:
+            bench.prepare()
+            versions = bench.versions()
+            print("versions:", versions, flush=True)
+            if "run_rm" in only:
+                bench.fig_run_rm("runc")
+                bench.fig_run_rm("crun")
+            if "memory" in only:
+                for count in [20] if args.quick else [20, 100]:
+                    bench.fig_memory(count)
+            if "throughput" in only:
+                bench.fig_throughput()
+            if "concurrent" in only:
+                bench.fig_concurrent()
+            if "exec" in only:
+                bench.fig_exec()
+            path = bench.write(Path(args.out), versions)
+            print(f"\nwrote {path}")
+        finally:
+            bench.berth.daemon.stop_everything()
+            bench.containerd.daemon.stop_everything()
+            for runtime in ("runc", "crun"):
+                root = work / f"bare-{runtime}"
+                if root.is_dir():
+                    for cid in root.iterdir():
+                        subprocess.run(
+                            [runtime, "--root", str(root), "delete", "--force", cid.name],
+                            capture_output=True,
+                            check=False,
+                        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
