@@ -71,7 +71,7 @@ async def serve(
         os.chown(config.address, 0, config.socket_group)
     try:
         async with trio.open_nursery() as nursery:
-            zygote = Zygote(nursery)
+            zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
             tasks = TaskService(config, store, exchange, nursery, zygote)
             api = Api(config, store, exchange, tasks, load_server_uuid(config.root), recovered)
             handlers = api.handlers()

@@ -25,8 +25,9 @@ log = logging.getLogger("berthd.shims")
 class Zygote:
     """Owns the zygote process and its control connection; restarts it if it dies."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, work_dir: str) -> None:
         self._nursery = nursery
+        self._work_dir = work_dir  # the zygote's scratch space; cleared at every start
         self._client: RpcClient | None = None
         self._process: trio.Process | None = None
         self._lock = trio.Lock()
@@ -44,6 +45,8 @@ class Zygote:
                     "--zygote",
                     "--ctl-fd",
                     str(theirs.fileno()),
+                    "--work-dir",
+                    self._work_dir,
                 ],
                 pass_fds=(theirs.fileno(),),
             )

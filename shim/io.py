@@ -108,7 +108,7 @@ class IOConfig:
 def open_fifo(path: str, flags: int) -> int:
     """Open `path`, which must be a FIFO; never blocks."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
     except FileNotFoundError:
         raise InvalidArgument(f"FIFO {path} does not exist") from None
     except OSError as exc:

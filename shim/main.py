@@ -96,26 +96,28 @@ def run(config: ShimConfig, ready_fd: int | None = None) -> int:
 
 
 def spawn_detached(config: ShimConfig, log_path: str | None = None, timeout: float = 10.0) -> int:
-    """Fork, detach (new session, own process group, only stdio left open) and run a
-    shim; return its pid once it is serving. The intermediate child is reaped here, so the
-    shim is reparented to init (or the nearest subreaper) and no caller ever waits for it.
+    """Fork and run a shim, detached: a new session (so its own process group) with only
+    stdio left open; return its pid once it is serving.
+
+    One fork, not the classic two: every page an intermediate child touched would become
+    the shim's private memory once the intermediate exited. The caller never waits for
+    the shim: the zygote ignores SIGCHLD (the kernel reaps its children), and a
+    `berth-shim --detach` exits right away, leaving the shim to init or a subreaper. As a
+    session leader the shim could acquire a controlling terminal by opening one; it opens
+    client paths with O_NOCTTY, and a pty master arrives by SCM_RIGHTS, not by open().
     """
     import select
 
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # intermediate
+    if os.fork() == 0:
         try:
             os.close(r)
             os.setsid()
-            if os.fork() == 0:
-                _become_shim(config, w, log_path)
-            os._exit(0)
         except BaseException:
             os._exit(1)
+        _become_shim(config, w, log_path)
     os.close(w)
     try:
-        os.waitpid(pid, 0)
         chunks = []
         deadline_fds = [r]
         while True:
@@ -135,10 +137,9 @@ def spawn_detached(config: ShimConfig, log_path: str | None = None, timeout: flo
 
 
 def _become_shim(config: ShimConfig, ready_w: int, log_path: str | None) -> None:
-    """In the detached grandchild: clean process state, then run. Never returns."""
+    """In the detached child: clean process state, then run. Never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)
         devnull = os.open(os.devnull, os.O_RDWR)
         log_fd = devnull
         if log_path:
@@ -170,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ctl-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--id", help="container id")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--bundle", help="OCI bundle directory (config.json); state goes here")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ctl_fd is None:
             print("berth-shim: --zygote needs --ctl-fd", file=sys.stderr)
             return 2
-        return serve(args.ctl_fd)
+        return serve(args.ctl_fd, args.work_dir)
     if not (args.id and args.bundle and args.socket):
         print("berth-shim: --id, --bundle and --socket are required", file=sys.stderr)
         return 2

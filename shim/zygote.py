@@ -35,12 +35,13 @@ from berth.shim.protocol import (
     Response,
     Role,
 )
+from berth.shim.rehearsal import rehearse
 from berth.shim.task import ShimConfig
 
 MAX_FRAME = 256 * 1024
 
 
-def serve(ctl_fd: int) -> int:
+def serve(ctl_fd: int, work_dir: str | None = None) -> int:
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:  # the daemon died before we set pdeathsig
         return 0
@@ -51,6 +52,11 @@ def serve(ctl_fd: int) -> int:
     sock = socket.socket(fileno=ctl_fd)
     sock.setblocking(True)
     conn = Connection(Role.SERVER, max_frame_size=MAX_FRAME, peer_name="berth-zygote")
+    if os.environ.get("BERTH_ZYGOTE_REHEARSAL", "1") != "0":
+        rehearse(directory=work_dir)  # see berth.shim.rehearsal: fewer copied pages per shim
+    # The shims are the zygote's children, but it never waits: the kernel reaps them
+    # (each shim resets SIGCHLD to the default before doing anything else).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.collect()
     gc.freeze()
     while True:
