@@ -612,49 +612,74 @@ def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V")
 
 
-def _add_version(commands: Any) -> None:
+class _Unused:
+    """Stands in for a sub-parser this invocation does not need."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_built: list[str] = []  # sub-parsers built by the last _parser() call
+
+
+def _only(group: Any, wanted: str | None) -> Any:
+    """add_parser for `group` that builds only `wanted` (and its aliases), or all."""
+
+    def add(name: str, **kwargs: Any) -> Any:
+        if wanted is None or wanted == name or wanted in kwargs.get("aliases", ()):
+            _built.append(name)
+            return group.add_parser(name, **kwargs)
+        return _Unused()
+
+    return add
+
+
+def _add_version(commands: Any, wanted: str | None = None) -> None:
     commands.add_parser("version", help="client and server versions")
 
 
-def _add_namespaces(commands: Any) -> None:
+def _add_namespaces(commands: Any, wanted: str | None = None) -> None:
     ns = commands.add_parser("namespaces", aliases=["ns"], help="manage namespaces")
     ns_sub = ns.add_subparsers(dest="ns_cmd", required=True)
-    p = ns_sub.add_parser("ls", aliases=["list"])
+    add = _only(ns_sub, wanted)
+    p = add("ls", aliases=["list"])
     p.add_argument("--format", choices=["table", "json"], default="table")
-    ns_sub.add_parser("create").add_argument("name")
-    ns_sub.add_parser("rm", aliases=["remove"]).add_argument("names", nargs="+")
+    add("create").add_argument("name")
+    add("rm", aliases=["remove"]).add_argument("names", nargs="+")
 
 
-def _add_containers(commands: Any) -> None:
+def _add_containers(commands: Any, wanted: str | None = None) -> None:
     c = commands.add_parser("containers", aliases=["c"], help="manage containers")
     c_sub = c.add_subparsers(dest="c_cmd", required=True)
-    p = c_sub.add_parser("create")
+    add = _only(c_sub, wanted)
+    p = add("create")
     _container_options(p)
     p.add_argument("id")
     p.add_argument("command", nargs=argparse.REMAINDER)
-    p = c_sub.add_parser("ls", aliases=["list"])
+    p = add("ls", aliases=["list"])
     p.add_argument("--format", choices=["table", "json"], default="table")
-    c_sub.add_parser("info").add_argument("id")
-    c_sub.add_parser("rm", aliases=["delete"]).add_argument("ids", nargs="+")
+    add("info").add_argument("id")
+    add("rm", aliases=["delete"]).add_argument("ids", nargs="+")
 
 
-def _add_tasks(commands: Any) -> None:
+def _add_tasks(commands: Any, wanted: str | None = None) -> None:
     t = commands.add_parser("tasks", aliases=["t"], help="manage tasks")
     t_sub = t.add_subparsers(dest="t_cmd", required=True)
-    p = t_sub.add_parser("start")
+    add = _only(t_sub, wanted)
+    p = add("start")
     p.add_argument("-d", "--detach", action="store_true")
     p.add_argument("id")
-    p = t_sub.add_parser("ls", aliases=["list"])
+    p = add("ls", aliases=["list"])
     p.add_argument("--format", choices=["table", "json"], default="table")
-    p = t_sub.add_parser("kill")
+    p = add("kill")
     p.add_argument("-s", "--signal", default="SIGTERM")
     p.add_argument("--all", "-a", action="store_true", help="signal every process")
     p.add_argument("--exec-id")
     p.add_argument("id")
-    p = t_sub.add_parser("ps")
+    p = add("ps")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("id")
-    p = t_sub.add_parser("exec")
+    p = add("exec")
     p.add_argument("--exec-id", required=True)
     p.add_argument("-t", "--tty", action="store_true")
     p.add_argument("-d", "--detach", action="store_true")
@@ -662,33 +687,33 @@ def _add_tasks(commands: Any) -> None:
     p.add_argument("--cwd")
     p.add_argument("id")
     p.add_argument("command", nargs=argparse.REMAINDER)
-    t_sub.add_parser("attach").add_argument("id")
-    t_sub.add_parser("pause").add_argument("id")
-    t_sub.add_parser("resume").add_argument("id")
-    p = t_sub.add_parser("metrics")
+    add("attach").add_argument("id")
+    add("pause").add_argument("id")
+    add("resume").add_argument("id")
+    p = add("metrics")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("id")
-    p = t_sub.add_parser("wait")
+    p = add("wait")
     p.add_argument("--exec-id")
     p.add_argument("id")
-    p = t_sub.add_parser("rm", aliases=["delete"])
+    p = add("rm", aliases=["delete"])
     p.add_argument("-f", "--force", action="store_true", help="kill the task first")
     p.add_argument("ids", nargs="+")
-    p = t_sub.add_parser("update")
+    p = add("update")
     p.add_argument("--resources", required=True, help="OCI LinuxResources as JSON")
     p.add_argument("id")
-    p = t_sub.add_parser("info")
+    p = add("info")
     p.add_argument("--exec-id")
     p.add_argument("id")
 
 
-def _add_events(commands: Any) -> None:
+def _add_events(commands: Any, wanted: str | None = None) -> None:
     p = commands.add_parser("events", help="stream events")
     p.add_argument("--filter", action="append", help='e.g. topic=="/tasks/exit"')
     p.add_argument("--since", type=int, help="first replay what was published after this ns")
 
 
-def _add_run(commands: Any) -> None:
+def _add_run(commands: Any, wanted: str | None = None) -> None:
     p = commands.add_parser("run", help="create and run a container")
     _container_options(p)
     p.add_argument("--rm", action="store_true", help="delete the container when it exits")
@@ -712,24 +737,43 @@ VERBS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _verb_of(argv: list[str]) -> str | None:
-    """The command word, found without a parser (global options take one value)."""
+GROUPED = ("namespaces", "ns", "containers", "c", "tasks", "t")
+
+
+def _words(argv: list[str]) -> list[str]:
+    """The command words (verb, sub-verb), found without a parser (global options take
+    one value; the first word after an option-like token ends the search)."""
+    words: list[str] = []
     i = 0
-    while i < len(argv):
+    while i < len(argv) and len(words) < 2:
         arg = argv[i]
-        if arg in ("--address", "-a", "--namespace", "-n"):
+        if not words and arg in ("--address", "-a", "--namespace", "-n"):
             i += 2
             continue
         if arg.startswith("-"):
+            if words:
+                break
             i += 1
             continue
-        return arg
-    return None
+        words.append(arg)
+        i += 1
+    return words
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser; with `argv`, only the subparser its command needs (building all
-    of them costs ~10 ms of every CLI start: 27 parsers and their gettext lookups)."""
+    """The argument parser; with `argv`, only the sub-parsers its command needs (building
+    all of them costs ~10 ms of every CLI start: 30 parsers and their gettext lookups)."""
+    words = _words(argv) if argv is not None else []
+    verb = words[0] if words else None
+    sub = words[1] if len(words) > 1 else None
+    _built.clear()
+    parser = _parser(verb, sub)
+    if sub is not None and verb in GROUPED and not _built:
+        parser = _parser(verb, None)  # an unknown sub-verb: every choice, for the error
+    return parser
+
+
+def _parser(verb: str | None, sub: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="berth", description="berth's command-line client")
     parser.add_argument(
         "--address",
@@ -744,9 +788,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="namespace (env BERTH_NAMESPACE; default 'default')",
     )
     commands = parser.add_subparsers(dest="verb", required=True)
-    verb = _verb_of(argv) if argv is not None else None
     if verb in VERBS:
-        VERBS[verb][0](commands)
+        VERBS[verb][0](commands, sub)
     else:
         for add in dict.fromkeys(entry[0] for entry in VERBS.values()):
             add(commands)
