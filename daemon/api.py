@@ -19,9 +19,10 @@ from berth.daemon import __version__
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
+from berth.daemon.storage import Storage
 from berth.daemon.store import Container, Store, check_labels
 from berth.daemon.tasks import TaskService
-from berth.shim.errors import FailedPrecondition, InvalidArgument
+from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.identifiers import validate
 from berth.shim.protocol import PROTOCOL_VERSION, Request
 
@@ -87,9 +88,11 @@ class Api:
         tasks: TaskService,
         server_uuid: str,
         recovered: trio.Event,
+        storage: Storage,
     ) -> None:
         self.config = config
         self.store = store
+        self.storage = storage
         self.exchange = exchange
         self.tasks = tasks
         self.server_uuid = server_uuid
@@ -227,6 +230,10 @@ class Api:
             )
         if not isinstance(options, dict):
             raise InvalidArgument("runtime options must be a map")
+        snapshot_key = _str(doc, "snapshot_key", required=False)
+        snapshotter = _str(doc, "snapshotter", required=False)
+        if snapshot_key:
+            self.storage.snapshotter(snapshotter or None)  # a known snapshotter, or an error
         container = self.store.create_container(
             Container(
                 namespace=ctx.namespace,
@@ -272,7 +279,16 @@ class Api:
         await self.recovered.wait()
         if self.tasks.has_task(ctx.namespace, container_id):
             raise FailedPrecondition(f"container {container_id} has a task; delete it first")
+        container = self.store.get_container(ctx.namespace, container_id)
         self.store.delete_container(ctx.namespace, container_id)
+        if container.snapshot_key:
+            # Its writable snapshot goes with it (a client may have removed it already).
+            try:
+                self.storage.snapshot_remove(
+                    ctx.namespace, container.snapshotter or None, container.snapshot_key
+                )
+            except (NotFound, FailedPrecondition):
+                pass
         self.exchange.publish(ctx.namespace, "/containers/delete", {"id": container_id})
         return {}
 

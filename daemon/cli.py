@@ -56,8 +56,8 @@ class Session:
                 f"cannot reach berthd at {self.address}: {exc} (is berthd running?)"
             ) from None
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        return self.client().call(method, params or {})
+    def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
+        return self.client().call(method, params or {}, **meta)
 
     def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
         """Call, reconnecting while the daemon is down (it is restarted, say): the
@@ -311,6 +311,38 @@ def _run_attached(
         fifos.close()
 
 
+def _positionals(args: argparse.Namespace) -> None:
+    """ctr's grammar: `IMAGE ID [CMD...]`, or `ID [CMD...]` with --rootfs or --busybox."""
+    words = list(args.args)
+    if words and words[0] == "--":
+        words = words[1:]
+    if args.rootfs or args.busybox:
+        if not words:
+            raise CliError("a container ID is required")
+        args.image, args.id, args.command = None, words[0], words[1:]
+    else:
+        if len(words) < 2:
+            raise CliError("IMAGE and ID are required (or --rootfs DIR / --busybox, then ID)")
+        args.image, args.id, args.command = words[0], words[1], words[2:]
+
+
+def _parse_mount(text: str) -> dict[str, Any]:
+    """ctr's --mount: type=bind,src=/host,dst=/path,options=rbind:ro"""
+    fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    dst = fields.get("dst") or fields.get("destination") or fields.get("target")
+    src = fields.get("src") or fields.get("source", "")
+    if not dst or not dst.startswith("/"):
+        raise CliError(f"--mount {text!r}: needs dst=/absolute/path")
+    kind = fields.get("type", "bind")
+    options = [o for o in fields.get("options", "rbind" if kind == "bind" else "").split(":") if o]
+    return {
+        "destination": dst,
+        "type": kind,
+        "source": os.path.abspath(src) if src else kind,
+        "options": options,
+    }
+
+
 def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> dict[str, Any]:
     from berth.daemon.oci import default_spec
 
@@ -326,18 +358,59 @@ def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> di
         readonly_root=not rootfs or args.read_only,
         terminal=args.tty,
         env=args.env,
-        cwd=args.cwd,
+        cwd=args.cwd or "/",
     )
     return spec
 
 
 def _create_container(session: Session, args: argparse.Namespace, container_id: str) -> None:
-    spec = _spec_for(args, container_id, session.namespace)
     labels = dict(item.split("=", 1) for item in args.label) if args.label else {}
-    session.call(
-        "containers.create",
-        {"id": container_id, "spec": spec, "runtime": args.runtime or "", "labels": labels},
-    )
+    doc: dict[str, Any] = {"id": container_id, "runtime": args.runtime or "", "labels": labels}
+    if args.image:
+        from berth.daemon.reference import normalize
+
+        image = normalize(args.image)
+        snapshotter = args.snapshotter or ""
+        session.call("images.unpack", {"name": image, "snapshotter": snapshotter})
+        generated = session.call(
+            "images.spec",
+            {
+                "image": image,
+                "id": container_id,
+                "args": args.command or None,
+                "env": args.env,
+                "cwd": args.cwd,
+                "user": args.user,
+                "terminal": args.tty,
+                "snapshotter": snapshotter,
+            },
+        )
+        spec = generated["spec"]
+        # A lease holds the new snapshot until the container record references it.
+        lease = session.call("leases.create", {"expire_seconds": 60})["id"]
+        try:
+            session.call(
+                "snapshots.prepare",
+                {"key": container_id, "parent": generated["chain_id"], "snapshotter": snapshotter},
+                lease=lease,
+            )
+            doc.update(image=image, snapshotter=snapshotter, snapshot_key=container_id)
+            spec["mounts"] += [_parse_mount(m) for m in args.mount]
+            doc["spec"] = spec
+            session.call("containers.create", doc)
+        finally:
+            with contextlib.suppress(BerthError):
+                session.call("leases.delete", {"id": lease})
+        return
+    spec = _spec_for(args, container_id, session.namespace)
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise CliError("--user with --rootfs/--busybox takes numeric uid[:gid]")
+        spec["process"]["user"] = {"uid": int(uid), "gid": int(gid or uid)}
+    spec["mounts"] += [_parse_mount(m) for m in args.mount]
+    doc["spec"] = spec
+    session.call("containers.create", doc)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -377,6 +450,7 @@ def cmd_namespaces(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_containers(session: Session, args: argparse.Namespace) -> int:
     if args.c_cmd == "create":
+        _positionals(args)
         _create_container(session, args, args.id)
     elif args.c_cmd in ("ls", "list"):
         items = session.call("containers.list")["containers"]
@@ -565,6 +639,7 @@ def cmd_events(session: Session, args: argparse.Namespace) -> int:
 
 
 def cmd_run(session: Session, args: argparse.Namespace) -> int:
+    _positionals(args)
     container_id = args.id
     _create_container(session, args, container_id)
     try:
@@ -604,11 +679,26 @@ def _remove(session: Session, container_id: str) -> None:
 
 def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", help="runtime name from berthd's config (default: its default)")
-    p.add_argument("--rootfs", help="root filesystem directory (default: the embedded busybox)")
+    p.add_argument(
+        "--rootfs", help="a root filesystem directory instead of an image (then: ID CMD)"
+    )
+    p.add_argument(
+        "--busybox",
+        action="store_true",
+        help="the embedded busybox rootfs instead of an image (then: ID CMD)",
+    )
+    p.add_argument("--snapshotter", default="", help="overlayfs (default) or native")
     p.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
     p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     p.add_argument("--env", action="append", default=[], metavar="K=V")
-    p.add_argument("--cwd", default="/")
+    p.add_argument("--cwd", default=None)
+    p.add_argument("--user", "-u", default=None, help="user[:group] (names from the image)")
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind,src=/host,dst=/path,options=rbind:ro",
+    )
     p.add_argument("--label", action="append", default=[], metavar="K=V")
 
 
@@ -654,8 +744,11 @@ def _add_containers(commands: Any, wanted: str | None = None) -> None:
     add = _only(c_sub, wanted)
     p = add("create")
     _container_options(p)
-    p.add_argument("id")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="IMAGE ID [CMD...] (ID [CMD...] with --rootfs or --busybox)",
+    )
     p = add("ls", aliases=["list"])
     p.add_argument("--format", choices=["table", "json"], default="table")
     add("info").add_argument("id")
@@ -719,12 +812,34 @@ def _add_run(commands: Any, wanted: str | None = None) -> None:
     p.add_argument("--rm", action="store_true", help="delete the container when it exits")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background (logs on)")
     p.add_argument("--log", action="store_true", help="also log output in the shim")
-    p.add_argument("id")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="IMAGE ID [CMD...] (ID [CMD...] with --rootfs or --busybox)",
+    )
 
+
+def _lazy(name: str) -> Any:
+    """A function of berth.daemon.cli_images, imported only when its verb is used."""
+
+    def call(*args: Any) -> Any:
+        from berth.daemon import cli_images
+
+        return getattr(cli_images, name)(*args)
+
+    return call
+
+
+_IMAGES = (_lazy("add_images"), _lazy("cmd_images"))
 
 # verb (and alias) -> (the function that adds its parser, the command)
 VERBS: dict[str, tuple[Any, Any]] = {
+    "images": _IMAGES,
+    "i": _IMAGES,
+    "content": (_lazy("add_content"), _lazy("cmd_content")),
+    "snapshots": (_lazy("add_snapshots"), _lazy("cmd_snapshots")),
+    "leases": (_lazy("add_leases"), _lazy("cmd_leases")),
+    "gc": (_lazy("add_gc"), _lazy("cmd_gc")),
     "version": (_add_version, cmd_version),
     "namespaces": (_add_namespaces, cmd_namespaces),
     "ns": (_add_namespaces, cmd_namespaces),
@@ -737,7 +852,19 @@ VERBS: dict[str, tuple[Any, Any]] = {
 }
 
 
-GROUPED = ("namespaces", "ns", "containers", "c", "tasks", "t")
+GROUPED = (
+    "namespaces",
+    "ns",
+    "containers",
+    "c",
+    "tasks",
+    "t",
+    "images",
+    "i",
+    "content",
+    "snapshots",
+    "leases",
+)
 
 
 def _words(argv: list[str]) -> list[str]:

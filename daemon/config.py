@@ -53,6 +53,7 @@ class Config:
     log_max_size: int = 16 * 1024 * 1024
     log_max_files: int = 4
     socket_group: int | None = None
+    default_snapshotter: str = "overlayfs"
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -100,7 +101,7 @@ def load_file(path: str) -> dict[str, Any]:
 
 def from_mapping(doc: dict[str, Any]) -> Config:
     config = Config()
-    for key in ("root", "state", "address", "default_runtime", "log_level"):
+    for key in ("root", "state", "address", "default_runtime", "log_level", "default_snapshotter"):
         if key in doc:
             value = doc[key]
             if not isinstance(value, str):

@@ -24,10 +24,12 @@ import trio
 
 from berth.daemon import config as config_module
 from berth.daemon.api import Api, load_server_uuid, namespace_of
+from berth.daemon.api_storage import StorageApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.rpc import ServerConnection, guarded
 from berth.daemon.shims import Zygote
+from berth.daemon.storage import Storage
 from berth.daemon.store import Store
 from berth.daemon.tasks import TaskService
 from berth.shim.errors import BerthError
@@ -72,9 +74,14 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
-            tasks = TaskService(config, store, exchange, nursery, zygote)
-            api = Api(config, store, exchange, tasks, load_server_uuid(config.root), recovered)
-            handlers = api.handlers()
+            storage = Storage(config.root, config.state, store, config.default_snapshotter)
+            tasks = TaskService(config, store, exchange, nursery, zygote, storage)
+            api = Api(
+                config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage
+            )
+            storage_api = StorageApi(storage, exchange.publish)
+            storage_api.protected = tasks.rootfs_snapshots  # type: ignore[method-assign]
+            handlers = {**api.handlers(), **storage_api.handlers()}
 
             async def handle_connection(stream: trio.SocketStream) -> None:
                 _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]

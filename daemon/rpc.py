@@ -248,13 +248,21 @@ class RpcClient:
 
 @dataclass
 class CallContext:
-    """What a handler knows about the call it serves."""
+    """What a handler knows about the call it serves. `session` lives as long as the
+    connection; `on_close` callbacks run when it ends (e.g. to release an ingest lock)."""
 
     request: Request
     namespace: str
     peer_uid: int
     send_item: Callable[[Any], Awaitable[None]]
     meta: dict[str, Any] = field(default_factory=dict)
+    session: dict[str, Any] = field(default_factory=dict)
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def lease(self) -> str | None:
+        value = self.meta.get("lease")
+        return value if isinstance(value, str) and value else None
 
 
 STREAM_DONE = object()  # a handler returns this after streaming its items
@@ -294,6 +302,8 @@ class ServerConnection:
         self._send_lock = trio.Lock()
         self._scopes: dict[int, trio.CancelScope] = {}
         self._limit = trio.Semaphore(self.MAX_IN_FLIGHT)
+        self._session: dict[str, Any] = {}
+        self._on_close: list[Callable[[], None]] = []
 
     async def _send(self, event: Any) -> None:
         try:
@@ -320,6 +330,11 @@ class ServerConnection:
                     pass
                 nursery.cancel_scope.cancel()
         finally:
+            for cb in self._on_close:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("connection close callback failed")
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
 
@@ -387,7 +402,15 @@ class ServerConnection:
             async def send_item(item: Any) -> None:
                 await self._send(StreamItem(req.id, item))
 
-            ctx = CallContext(req, self._namespace_of(req), self._peer_uid, send_item, req.meta)
+            ctx = CallContext(
+                req,
+                self._namespace_of(req),
+                self._peer_uid,
+                send_item,
+                req.meta,
+                self._session,
+                self._on_close,
+            )
             result = await handler(ctx, req.params)
         except BerthError as exc:
             return ErrorReply.from_exception(req.id, exc)

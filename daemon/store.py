@@ -12,20 +12,68 @@ and migrated forward on open, so a newer daemon reads an older database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.identifiers import validate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
 MAX_LABEL_BYTES = 4096
+
+
+class _Result:
+    __slots__ = ("lastrowid", "rowcount", "rows")
+
+    def __init__(self, rows: list[Any], lastrowid: int | None, rowcount: int) -> None:
+        self.rows = rows
+        self.lastrowid = lastrowid
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+
+class LockedDB:
+    """One SQLite connection shared by the event loop and worker threads: every statement
+    runs under a lock and its rows are fetched before the lock is released."""
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> _Result:
+        with self._lock:
+            cur = self._conn.execute(sql, params)
+            return _Result(cur.fetchall(), cur.lastrowid, cur.rowcount)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[LockedDB]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
 
 _MIGRATIONS = {
     1: """
@@ -49,6 +97,43 @@ _MIGRATIONS = {
             created_at INTEGER NOT NULL,
             updated_at INTEGER NOT NULL,
             PRIMARY KEY (namespace, id)
+        );
+    """,
+    2: """
+        CREATE TABLE content (
+            namespace TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, digest)
+        );
+        CREATE TABLE images (
+            namespace TEXT NOT NULL,
+            name TEXT NOT NULL,
+            media_type TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, name)
+        );
+        CREATE TABLE leases (
+            namespace TEXT NOT NULL,
+            id TEXT NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (namespace, id)
+        );
+        CREATE TABLE lease_resources (
+            namespace TEXT NOT NULL,
+            lease TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            PRIMARY KEY (namespace, lease, kind, key)
         );
     """,
 }
@@ -101,7 +186,7 @@ def check_labels(labels: Any) -> dict[str, str]:
 class Store:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db = LockedDB(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -119,16 +204,11 @@ class Store:
                 "downgrade is not supported"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._db.transaction() as db:
                 for statement in _MIGRATIONS[target].split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {target}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
 
     # -- namespaces
 
@@ -279,6 +359,260 @@ class Store:
         self._db.execute(
             "DELETE FROM containers WHERE namespace = ? AND id = ?", (namespace, container_id)
         )
+
+    # -- content records (a blob is visible in a namespace once recorded there)
+
+    def add_content(
+        self, namespace: str, digest: str, size: int, labels: dict[str, str] | None = None
+    ) -> None:
+        self.ensure_namespace(namespace)
+        now = time.time_ns()
+        self._db.execute(
+            "INSERT INTO content (namespace, digest, size, labels, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(namespace, digest) DO NOTHING",
+            (namespace, digest, size, json.dumps(check_labels(labels)), now, now),
+        )
+
+    def get_content(self, namespace: str, digest: str) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT digest, size, labels, created_at, updated_at FROM content "
+            "WHERE namespace = ? AND digest = ?",
+            (namespace, digest),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"content {digest} not found")
+        return {
+            "digest": row[0],
+            "size": row[1],
+            "labels": json.loads(row[2]),
+            "created_at": row[3],
+            "updated_at": row[4],
+        }
+
+    def list_content(self, namespace: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT digest FROM content WHERE namespace = ? ORDER BY digest", (namespace,)
+        ).fetchall()
+        return [self.get_content(namespace, r[0]) for r in rows]
+
+    def update_content(self, namespace: str, digest: str, labels: dict[str, str]) -> dict[str, Any]:
+        self.get_content(namespace, digest)
+        self._db.execute(
+            "UPDATE content SET labels = ?, updated_at = ? WHERE namespace = ? AND digest = ?",
+            (json.dumps(check_labels(labels)), time.time_ns(), namespace, digest),
+        )
+        return self.get_content(namespace, digest)
+
+    def delete_content(self, namespace: str, digest: str) -> None:
+        if not self._db.execute(
+            "DELETE FROM content WHERE namespace = ? AND digest = ?", (namespace, digest)
+        ).rowcount:
+            raise NotFound(f"content {digest} not found")
+
+    def content_referenced_anywhere(self, digest: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM content WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+            is not None
+        )
+
+    # -- images
+
+    def put_image(
+        self,
+        namespace: str,
+        name: str,
+        target: dict[str, Any],
+        labels: dict[str, str] | None,
+        *,
+        create: bool,
+        update: bool,
+    ) -> dict[str, Any]:
+        """Create and/or replace the image record `name` (-> target descriptor)."""
+        validate_image_name(name)
+        self.ensure_namespace(namespace)
+        now = time.time_ns()
+        with self._db.transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM images WHERE namespace = ? AND name = ?", (namespace, name)
+            ).fetchone()
+            if exists and not update:
+                raise AlreadyExists(f"image {name} already exists")
+            if not exists and not create:
+                raise NotFound(f"image {name} not found")
+            if exists:
+                db.execute(
+                    "UPDATE images SET media_type = ?, digest = ?, size = ?, labels = ?, "
+                    "updated_at = ? WHERE namespace = ? AND name = ?",
+                    (
+                        target["media_type"],
+                        target["digest"],
+                        target["size"],
+                        json.dumps(check_labels(labels)),
+                        now,
+                        namespace,
+                        name,
+                    ),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO images (namespace, name, media_type, digest, size, labels, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        namespace,
+                        name,
+                        target["media_type"],
+                        target["digest"],
+                        target["size"],
+                        json.dumps(check_labels(labels)),
+                        now,
+                        now,
+                    ),
+                )
+        return self.get_image(namespace, name)
+
+    def get_image(self, namespace: str, name: str) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT name, media_type, digest, size, labels, created_at, updated_at FROM images "
+            "WHERE namespace = ? AND name = ?",
+            (namespace, name),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"image {name} not found")
+        return {
+            "name": row[0],
+            "target": {"media_type": row[1], "digest": row[2], "size": row[3]},
+            "labels": json.loads(row[4]),
+            "created_at": row[5],
+            "updated_at": row[6],
+        }
+
+    def list_images(self, namespace: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT name FROM images WHERE namespace = ? ORDER BY name", (namespace,)
+        ).fetchall()
+        return [self.get_image(namespace, r[0]) for r in rows]
+
+    def delete_image(self, namespace: str, name: str) -> None:
+        if not self._db.execute(
+            "DELETE FROM images WHERE namespace = ? AND name = ?", (namespace, name)
+        ).rowcount:
+            raise NotFound(f"image {name} not found")
+
+    def all_images(self) -> list[tuple[str, dict[str, Any]]]:
+        rows = self._db.execute("SELECT namespace, name FROM images").fetchall()
+        return [(r[0], self.get_image(r[0], r[1])) for r in rows]
+
+    # -- leases
+
+    def create_lease(
+        self, namespace: str, lease_id: str, labels: dict[str, str] | None, expires_at: int = 0
+    ) -> dict[str, Any]:
+        validate(lease_id, "lease id")
+        self.ensure_namespace(namespace)
+        try:
+            self._db.execute(
+                "INSERT INTO leases (namespace, id, labels, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (namespace, lease_id, json.dumps(check_labels(labels)), time.time_ns(), expires_at),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"lease {lease_id} already exists") from None
+        return self.get_lease(namespace, lease_id)
+
+    def get_lease(self, namespace: str, lease_id: str) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT id, labels, created_at, expires_at FROM leases WHERE namespace = ? AND id = ?",
+            (namespace, lease_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"lease {lease_id} not found")
+        return {
+            "id": row[0],
+            "labels": json.loads(row[1]),
+            "created_at": row[2],
+            "expires_at": row[3],
+        }
+
+    def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT id FROM leases WHERE namespace = ? ORDER BY id", (namespace,)
+        ).fetchall()
+        return [self.get_lease(namespace, r[0]) for r in rows]
+
+    def delete_lease(self, namespace: str, lease_id: str) -> None:
+        with self._db.transaction() as db:
+            if not db.execute(
+                "DELETE FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)
+            ).rowcount:
+                raise NotFound(f"lease {lease_id} not found")
+            db.execute(
+                "DELETE FROM lease_resources WHERE namespace = ? AND lease = ?",
+                (namespace, lease_id),
+            )
+
+    def add_lease_resource(self, namespace: str, lease_id: str, kind: str, key: str) -> None:
+        self.get_lease(namespace, lease_id)
+        self._db.execute(
+            "INSERT OR IGNORE INTO lease_resources (namespace, lease, kind, key) "
+            "VALUES (?, ?, ?, ?)",
+            (namespace, lease_id, kind, key),
+        )
+
+    def delete_lease_resource(self, namespace: str, lease_id: str, kind: str, key: str) -> None:
+        self._db.execute(
+            "DELETE FROM lease_resources WHERE namespace = ? AND lease = ? AND kind = ? "
+            "AND key = ?",
+            (namespace, lease_id, kind, key),
+        )
+
+    def lease_resources(self, namespace: str, lease_id: str) -> list[tuple[str, str]]:
+        rows = self._db.execute(
+            "SELECT kind, key FROM lease_resources WHERE namespace = ? AND lease = ?",
+            (namespace, lease_id),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def live_lease_resources(self, now: int) -> list[tuple[str, str, str]]:
+        """(namespace, kind, key) held by every unexpired lease: GC roots."""
+        rows = self._db.execute(
+            "SELECT r.namespace, r.kind, r.key FROM lease_resources r JOIN leases l "
+            "ON l.namespace = r.namespace AND l.id = r.lease "
+            "WHERE l.expires_at = 0 OR l.expires_at > ?",
+            (now,),
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def expired_leases(self, now: int) -> list[tuple[str, str]]:
+        rows = self._db.execute(
+            "SELECT namespace, id FROM leases WHERE expires_at != 0 AND expires_at <= ?", (now,)
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def all_content(self) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._db.execute("SELECT namespace, digest FROM content").fetchall()
+        ]
+
+    def all_containers(self) -> list[Container]:
+        rows = self._db.execute("SELECT namespace, id FROM containers").fetchall()
+        return [self.get_container(r[0], r[1]) for r in rows]
+
+
+MAX_IMAGE_NAME = 512
+
+
+def validate_image_name(name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > MAX_IMAGE_NAME
+        or any(c.isspace() or c == "\0" for c in name)
+    ):
+        raise InvalidArgument(
+            f"invalid image name: a non-empty string of at most {MAX_IMAGE_NAME}, no spaces"
+        )
+    return name
 
 
 def _container(row: tuple[Any, ...]) -> Container:

@@ -30,6 +30,7 @@ from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.rootfs import build_busybox_rootfs
 from berth.daemon.rpc import RpcClient, guarded
+from berth.daemon.storage import Storage
 from berth.daemon.store import Store
 from berth.shim import events as shim_topics
 from berth.shim.errors import (
@@ -48,6 +49,7 @@ from berth.shim.exit import (
     write_exit_file,
 )
 from berth.shim.identifiers import is_valid, validate
+from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
 from berth.shim.task import ShimConfig
@@ -168,9 +170,11 @@ class TaskService:
         exchange: Exchange,
         nursery: trio.Nursery,
         zygote: shims.Zygote,
+        storage: Storage,
     ) -> None:
         self._config = config
         self._store = store
+        self._storage = storage
         self._exchange = exchange
         self._nursery = nursery
         self._zygote = zygote
@@ -222,9 +226,20 @@ class TaskService:
         handle: TaskHandle | None = None
         bundle = self._bundle(namespace, container_id)
         try:
-            spec = await self._prepare_spec(container.spec, bundle)
+            raw_rootfs = params.get("rootfs")
+            if raw_rootfs:
+                if not isinstance(raw_rootfs, list):
+                    raise InvalidArgument("rootfs must be a list of mounts")
+                mounts = [Mount.from_wire(m) for m in raw_rootfs]
+            elif container.snapshot_key:
+                mounts = self._storage.snapshot_mounts(
+                    namespace, container.snapshotter or None, container.snapshot_key
+                )
+            else:
+                mounts = []
+            spec = await self._prepare_spec(container.spec, bundle, bool(mounts))
             if os.path.lexists(bundle):
-                await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+                await trio.to_thread.run_sync(remove_bundle, bundle)
             os.makedirs(bundle, mode=0o700)
             _write_json(os.path.join(bundle, "config.json"), spec)
             runtime_root = container.runtime_options.get("root") or self._config.runtime_root(
@@ -253,6 +268,7 @@ class TaskService:
                 k: params.get(k)
                 for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")
             }
+            io["rootfs"] = [m.to_wire() for m in mounts]
             if params.get("log"):
                 log_config: dict[str, Any] = {
                     "max_size": self._config.log_max_size,
@@ -279,12 +295,14 @@ class TaskService:
                 with trio.CancelScope(shield=True):
                     await self._discard(handle)
             else:
-                shutil.rmtree(bundle, ignore_errors=True)
+                remove_bundle(bundle)
             raise
         finally:
             self._reserved.discard(key)
 
-    async def _prepare_spec(self, spec: dict[str, Any], bundle: str) -> dict[str, Any]:
+    async def _prepare_spec(
+        self, spec: dict[str, Any], bundle: str, has_mounts: bool
+    ) -> dict[str, Any]:
         spec = dict(spec)
         root = dict(spec.get("root") or {})
         path = root.get("path") or ""
@@ -298,7 +316,10 @@ class TaskService:
             root["readonly"] = True  # shared by every container that uses it
         elif not os.path.isabs(path):
             path = os.path.join(bundle, path)
-        if not os.path.isdir(path):
+        if has_mounts:
+            if path != os.path.join(bundle, "rootfs"):
+                raise InvalidArgument("with rootfs mounts, the spec's root.path must be 'rootfs'")
+        elif not os.path.isdir(path):
             raise InvalidArgument(f"rootfs {path} does not exist or is not a directory")
         root["path"] = path
         spec["root"] = root
@@ -480,7 +501,8 @@ class TaskService:
                 )
 
     async def _runtime_cleanup(self, handle: TaskHandle) -> None:
-        """Without a shim, the container must not run on: kill and delete it by runtime."""
+        """Without a shim, the container must not run on: kill and delete it by runtime,
+        and unmount the rootfs the shim had mounted."""
         rt = handle.runtime
         base = [rt.binary] + (["--root", rt.root] if rt.root else []) + list(rt.args)
         for args in (["kill", "--all", handle.id, "KILL"], ["delete", "--force", handle.id]):
@@ -491,6 +513,12 @@ class TaskService:
                     )
             except OSError as exc:
                 log.error("runtime cleanup of %s failed: %s", handle.id, exc)
+        rootfs = os.path.join(handle.bundle, "rootfs")
+        if os.path.ismount(rootfs):
+            try:
+                await trio.to_thread.run_sync(unmount_all, rootfs)
+            except OSError as exc:
+                log.error("cannot unmount %s: %s", rootfs, exc)
 
     async def _discard(self, handle: TaskHandle) -> None:
         """Undo a failed or cancelled create: delete whatever the shim created (it
@@ -520,7 +548,7 @@ class TaskService:
         handle.scope.cancel()
         if client is not None:
             await client.aclose()
-        await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
+        await trio.to_thread.run_sync(remove_bundle, handle.bundle)
 
     # -- calls into a shim
 
@@ -654,7 +682,7 @@ class TaskService:
         if handle.client is not None:
             await handle.client.aclose()
         self._tasks.pop(handle.key, None)
-        await trio.to_thread.run_sync(shutil.rmtree, handle.bundle, True)
+        await trio.to_thread.run_sync(remove_bundle, handle.bundle)
         return result
 
     async def _ensure_exit(self, handle: TaskHandle) -> None:
@@ -702,6 +730,23 @@ class TaskService:
             view.exit_status = state.get("exit_status", 0)
             view.exited_at = state.get("exited_at", 0)
 
+    def rootfs_snapshots(self) -> set[tuple[str, str]]:
+        """(snapshotter, scoped key) of every container that has a task: GC keeps them."""
+        out = set()
+        for namespace, container_id in list(self._tasks):
+            try:
+                c = self._store.get_container(namespace, container_id)
+            except BerthError:
+                continue
+            if c.snapshot_key:
+                out.add(
+                    (
+                        c.snapshotter or self._storage.default_snapshotter,
+                        f"{namespace}/{c.snapshot_key}",
+                    )
+                )
+        return out
+
     def list(self, namespace: str) -> list[dict[str, Any]]:
         return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
 
@@ -744,7 +789,7 @@ class TaskService:
                     if record is None:
                         # The daemon died before this task's shim ever ran: nothing to keep.
                         log.info("recovery: removing never-started bundle %s", bundle)
-                        shutil.rmtree(bundle, ignore_errors=True)
+                        remove_bundle(bundle)
                         continue
                     found += 1
                     nursery.start_soon(
@@ -780,7 +825,7 @@ class TaskService:
             log.info("recovery: finishing the deletion of %s/%s", namespace, container_id)
             if alive:
                 _kill(record.pid)
-            await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+            await trio.to_thread.run_sync(remove_bundle, bundle)
             return
         self._tasks[handle.key] = handle
         if alive:
@@ -819,7 +864,7 @@ class TaskService:
         if not handle.init.pid and _safe_exit_record(os.path.join(bundle, "exit"), "init") is None:
             # The shim died before it ever created the task: nothing ran, nothing to report.
             self._tasks.pop(handle.key, None)
-            await trio.to_thread.run_sync(shutil.rmtree, bundle, True)
+            await trio.to_thread.run_sync(remove_bundle, bundle)
             return
         await self._shim_died(handle)
 
@@ -830,6 +875,23 @@ class TaskService:
             handle.scope.cancel()
             if handle.client is not None:
                 await handle.client.aclose()
+
+
+def remove_bundle(bundle: str) -> None:
+    """Remove a task's directory, unmounting its rootfs first. rmtree descends into mount
+    points: with the rootfs still mounted it would delete the snapshot's (or a bind
+    mount's) files. A rootfs that cannot be unmounted keeps the bundle in place."""
+    rootfs = os.path.join(bundle, "rootfs")
+    if os.path.isdir(rootfs) and os.path.ismount(rootfs):
+        try:
+            unmount_all(rootfs)
+        except OSError as exc:
+            log.error("cannot unmount %s (%s); leaving %s in place", rootfs, exc, bundle)
+            return
+        if os.path.ismount(rootfs):
+            log.error("%s is still mounted; leaving %s in place", rootfs, bundle)
+            return
+    shutil.rmtree(bundle, ignore_errors=True)
 
 
 def _safe_exit_record(exit_dir: str, name: str) -> ExitRecord | None:

@@ -1,8 +1,8 @@
 """Kernel interfaces the standard library lacks, bound with cffi (API mode).
 
 Only what berth needs and the stdlib does not offer: signalfd(2) with its siginfo record,
-and tee(2). pidfd_open, waitid(P_PIDFD), pthread_sigmask, splice and SCM_RIGHTS are in the
-stdlib already and are used from there.
+tee(2), mount(2)/umount2(2) and openat2(2). pidfd_open, waitid(P_PIDFD), pthread_sigmask,
+splice and SCM_RIGHTS are in the stdlib already and are used from there.
 """
 
 from __future__ import annotations
@@ -99,4 +99,76 @@ def tee(fd_in: int, fd_out: int, length: int, nonblock: bool = True) -> int:
     return int(n)
 
 
-__all__ = ["SIGINFO_SIZE", "SigInfo", "SignalFD", "tee"]
+# mount(2) flags and openat2(2) resolve flags, as the kernel headers define them.
+MS_RDONLY: int = lib.MS_RDONLY
+MS_NOSUID: int = lib.MS_NOSUID
+MS_NODEV: int = lib.MS_NODEV
+MS_NOEXEC: int = lib.MS_NOEXEC
+MS_REMOUNT: int = lib.MS_REMOUNT
+MS_BIND: int = lib.MS_BIND
+MS_REC: int = lib.MS_REC
+MS_PRIVATE: int = lib.MS_PRIVATE
+MS_SLAVE: int = lib.MS_SLAVE
+MS_NOATIME: int = lib.MS_NOATIME
+MS_RELATIME: int = lib.MS_RELATIME
+MS_STRICTATIME: int = lib.MS_STRICTATIME
+MNT_DETACH: int = lib.MNT_DETACH
+RESOLVE_NO_XDEV: int = lib.RESOLVE_NO_XDEV
+RESOLVE_NO_MAGICLINKS: int = lib.RESOLVE_NO_MAGICLINKS
+RESOLVE_NO_SYMLINKS: int = lib.RESOLVE_NO_SYMLINKS
+RESOLVE_BENEATH: int = lib.RESOLVE_BENEATH
+RESOLVE_IN_ROOT: int = lib.RESOLVE_IN_ROOT
+
+
+def _check(rc: int, what: str, path: str) -> None:
+    if rc < 0:
+        err = ffi.errno
+        raise OSError(err, f"{what} {path}: {os.strerror(err)}", path)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2). `data` is the comma-separated option string (at most a page)."""
+    rc = lib.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else ffi.NULL,
+        flags,
+        data.encode() if data else ffi.NULL,
+    )
+    _check(rc, "mount", target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(lib.umount2(target.encode(), flags), "umount", target)
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open `path` relative to `dirfd` under the `resolve` rules; with
+    RESOLVE_IN_ROOT every "/" and ".." and every symlink is resolved inside `dirfd`,
+    which is what confines a layer's writes to its root (enforced by the kernel)."""
+    fd = lib.berth_openat2(dirfd, path.encode(), flags, mode, resolve)
+    _check(fd, "openat2", path)
+    return int(fd)
+
+
+__all__ = [
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_REMOUNT",
+    "RESOLVE_IN_ROOT",
+    "RESOLVE_NO_MAGICLINKS",
+    "SIGINFO_SIZE",
+    "SigInfo",
+    "SignalFD",
+    "mount",
+    "openat2",
+    "tee",
+    "umount",
+]

@@ -31,6 +31,7 @@ from berth.shim.exit import ExitRecord, mark_deleted, remove_exit_file, write_ex
 from berth.shim.identifiers import validate
 from berth.shim.io import IOConfig, ProcessIO
 from berth.shim.loop import Future, Loop, log
+from berth.shim.mount import Mount, mount_all, unmount_all
 from berth.shim.reaper import Reaper
 from berth.shim.runtime import Runtime, RuntimeCommandError, RuntimeConfig, Stdio
 
@@ -131,6 +132,7 @@ class Task:
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
         self.deleted = False
+        self.rootfs_mounted = False
         self._console_seq = 0
         self._oom: cgroups.OOMWatch | None = None
 
@@ -141,6 +143,14 @@ class Task:
 
     def _exit_dir(self) -> str:
         return self._path("exit")
+
+    def _unmount_rootfs(self) -> None:
+        if self.rootfs_mounted:
+            try:
+                unmount_all(self._path("rootfs"))
+                self.rootfs_mounted = False
+            except OSError as exc:
+                log(f"unmounting the rootfs: {exc}")
 
     def _console_path(self) -> str:
         self._console_seq += 1
@@ -173,6 +183,10 @@ class Task:
         if not os.path.isfile(self._path("config.json")):
             raise InvalidArgument(f"bundle {self.config.bundle} has no config.json")
         io_config = IOConfig.from_params(params)
+        rootfs = params.get("rootfs") or []
+        if not isinstance(rootfs, list):
+            raise InvalidArgument("rootfs must be a list of mounts")
+        mounts = [Mount.from_wire(m) for m in rootfs]
         os.makedirs(self._path("log"), mode=0o700, exist_ok=True)
         io = ProcessIO(self._loop, io_config, self._path("log", ""))
         proc = Process(None, io)
@@ -181,6 +195,12 @@ class Task:
         pid_file = self._path("init.pid")
         created = False
         try:
+            if mounts:
+                # The snapshotter's mount list becomes the bundle's rootfs (containerd's
+                # model: the shim mounts it, and unmounts it when the task is deleted).
+                os.makedirs(self._path("rootfs"), mode=0o755, exist_ok=True)
+                mount_all(mounts, self._path("rootfs"))
+                self.rootfs_mounted = True
             if io_config.terminal:
                 console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = io.stdio
@@ -210,6 +230,7 @@ class Task:
                     await self.runtime.delete(self.config.id, force=True)
                 except Exception as exc:
                     log(f"cleanup after a failed create: {exc}")
+            self._unmount_rootfs()
             raise
         finally:
             if console is not None:
@@ -447,6 +468,7 @@ class Task:
         self.execs.clear()
         proc.io.close()
         self._oom_close()
+        self._unmount_rootfs()
         # The marker first, durably: a daemon that recovers from here on must know the task
         # was deleted, not that it lost its exit status.
         mark_deleted(self.config.bundle)

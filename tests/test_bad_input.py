@@ -142,7 +142,7 @@ def test_a_spec_the_runtime_rejects_leaves_nothing_behind(daemon: Daemon) -> Non
 
 
 def test_container_with_task_cannot_be_deleted(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "busy", "sleep", "600", check=True)
+    daemon.cli("run", "--busybox", "-d", "busy", "sleep", "600", check=True)
     with pytest.raises(FailedPrecondition):
         daemon.call("containers.delete", {"id": "busy"})
     with pytest.raises(FailedPrecondition):

@@ -61,16 +61,16 @@ def run_in_pty(
 
 
 def test_run_echo_and_exit_codes(daemon: Daemon) -> None:
-    r = daemon.cli("run", "--rm", "c-echo", "sh", "-c", "echo hello; echo oops >&2")
+    r = daemon.cli("run", "--busybox", "--rm", "c-echo", "sh", "-c", "echo hello; echo oops >&2")
     assert (r.returncode, r.stdout, r.stderr) == (0, b"hello\n", b"oops\n")
-    assert daemon.cli("run", "--rm", "c-three", "sh", "-c", "exit 3").returncode == 3
+    assert daemon.cli("run", "--busybox", "--rm", "c-three", "sh", "-c", "exit 3").returncode == 3
     # --rm removed both task and container
     assert daemon.call("containers.list")["containers"] == []
     assert daemon.call("tasks.list")["tasks"] == []
 
 
 def test_sigkill_reports_137_and_leaves_no_process(daemon: Daemon) -> None:
-    assert daemon.cli("run", "-d", "c-kill", "sleep", "300").returncode == 0
+    assert daemon.cli("run", "--busybox", "-d", "c-kill", "sleep", "300").returncode == 0
     task = daemon.call("tasks.get", {"container_id": "c-kill"})
     assert task["status"] == "running"
     shim = daemon.shim_pids()["c-kill"]
@@ -85,7 +85,7 @@ def test_sigkill_reports_137_and_leaves_no_process(daemon: Daemon) -> None:
 def test_terminal_run(daemon: Daemon) -> None:
     code, out = run_in_pty(
         daemon,
-        ["run", "--rm", "-t", "c-tty", "sh", "-c", "tty; stty size; exit 5"],
+        ["run", "--busybox", "--rm", "-t", "c-tty", "sh", "-c", "tty; stty size; exit 5"],
         rows=33,
         cols=101,
     )
@@ -94,7 +94,7 @@ def test_terminal_run(daemon: Daemon) -> None:
 
 
 def test_exec_into_a_running_container(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "c-exec", "sleep", "300", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-exec", "sleep", "300", check=True)
     r = daemon.cli(
         "tasks",
         "exec",
@@ -122,6 +122,7 @@ def test_exec_into_a_running_container(daemon: Daemon) -> None:
 def test_pause_resume_and_metrics(daemon: Daemon) -> None:
     daemon.cli(
         "run",
+        "--busybox",
         "-d",
         "c-pause",
         "sh",
@@ -182,6 +183,7 @@ def test_close_stdin(daemon: Daemon) -> None:
 def test_pty_resize_is_visible_inside(daemon: Daemon) -> None:
     daemon.cli(
         "run",
+        "--busybox",
         "-d",
         "-t",
         "c-resize",
@@ -199,10 +201,20 @@ def test_pty_resize_is_visible_inside(daemon: Daemon) -> None:
 
 def test_same_container_under_crun(crun_daemon: Daemon) -> None:
     r = crun_daemon.cli(
-        "run", "--rm", "--runtime", "crun", "c-crun", "sh", "-c", "echo from crun; exit 6"
+        "run",
+        "--busybox",
+        "--rm",
+        "--runtime",
+        "crun",
+        "c-crun",
+        "sh",
+        "-c",
+        "echo from crun; exit 6",
     )
     assert (r.returncode, r.stdout) == (6, b"from crun\n"), r.stderr
-    crun_daemon.cli("run", "-d", "--runtime", "crun", "c-crun2", "sleep", "300", check=True)
+    crun_daemon.cli(
+        "run", "--busybox", "-d", "--runtime", "crun", "c-crun2", "sleep", "300", check=True
+    )
     r = crun_daemon.cli("tasks", "exec", "--exec-id", "e", "c-crun2", "echo", "exec-crun")
     assert (r.returncode, r.stdout) == (0, b"exec-crun\n"), r.stderr
     crun_daemon.cli("tasks", "pause", "c-crun2", check=True)
@@ -232,7 +244,7 @@ def test_events_stream(daemon: Daemon) -> None:
     thread.start()
     subscribed.wait(5)
     time.sleep(0.2)
-    assert daemon.cli("run", "--rm", "c-ev", "sh", "-c", "exit 9").returncode == 9
+    assert daemon.cli("run", "--busybox", "--rm", "c-ev", "sh", "-c", "exit 9").returncode == 9
     thread.join(10)
     topics = [e["topic"] for e in seen]
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
@@ -294,7 +306,14 @@ def test_oom_kill_is_reported(daemon: Daemon) -> None:
 
 def test_attach_follows_a_detached_task(daemon: Daemon) -> None:
     daemon.cli(
-        "run", "-d", "c-att", "sh", "-c", "echo first; sleep 1; echo second; exit 4", check=True
+        "run",
+        "--busybox",
+        "-d",
+        "c-att",
+        "sh",
+        "-c",
+        "echo first; sleep 1; echo second; exit 4",
+        check=True,
     )
     r = daemon.cli("tasks", "attach", "c-att")
     assert r.returncode == 4
@@ -310,7 +329,7 @@ def test_a_dead_zygote_is_replaced(daemon: Daemon) -> None:
     assert len(zygotes) == 1
     zygotes[0].kill()
     zygotes[0].wait(5)
-    r = daemon.cli("run", "--rm", "c-zyg", "echo", "new zygote")
+    r = daemon.cli("run", "--busybox", "--rm", "c-zyg", "echo", "new zygote")
     assert (r.returncode, r.stdout) == (0, b"new zygote\n"), r.stderr
     assert len([p for p in daemon_proc.children() if "zygote" in " ".join(p.cmdline())]) == 1
 
@@ -327,7 +346,7 @@ def test_cli_and_shim_do_not_import_trio() -> None:
 def test_an_exec_that_cannot_start_is_final(daemon: Daemon) -> None:
     from berth.shim.errors import FailedPrecondition as Failed
 
-    daemon.cli("run", "-d", "c-badexec", "sleep", "300", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-badexec", "sleep", "300", check=True)
     with daemon.client() as c:
         c.call(
             "tasks.exec",

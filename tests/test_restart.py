@@ -17,7 +17,7 @@ def _tasks(daemon: Daemon) -> dict[str, dict[str, object]]:
 def test_kill9_daemon_with_ten_running_containers(daemon: Daemon) -> None:
     ids = [f"c{i}" for i in range(10)]
     for cid in ids:
-        daemon.cli("run", "-d", cid, "sleep", "600", check=True)
+        daemon.cli("run", "--busybox", "-d", cid, "sleep", "600", check=True)
     before = _tasks(daemon)
     shims = daemon.shim_pids()
     assert all(before[c]["status"] == "running" for c in ids)
@@ -46,7 +46,7 @@ def test_kill9_daemon_with_ten_running_containers(daemon: Daemon) -> None:
 
 
 def test_exit_while_daemon_is_down_is_reported_after_restart(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "c-exit", "sh", "-c", "sleep 1; exit 7", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-exit", "sh", "-c", "sleep 1; exit 7", check=True)
     before = time.time_ns()
     daemon.kill9()
     pid = int(Path(daemon.state, "tasks", daemon.namespace, "c-exit", "init.pid").read_text())
@@ -73,6 +73,7 @@ def test_exit_while_daemon_is_down_is_reported_after_restart(daemon: Daemon) -> 
 def test_output_while_daemon_is_down_is_logged_completely(daemon: Daemon) -> None:
     daemon.cli(
         "run",
+        "--busybox",
         "-d",
         "c-log",
         "sh",
@@ -105,6 +106,7 @@ def test_attached_client_survives_a_daemon_restart(daemon: Daemon) -> None:
         [
             BERTH,
             "run",
+            "--busybox",
             "--rm",
             "c-attached",
             "sh",
@@ -136,7 +138,7 @@ def test_attached_client_survives_a_daemon_restart(daemon: Daemon) -> None:
 
 
 def test_kill9_of_a_shim_reports_the_task_exited(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "c-shim", "sleep", "600", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-shim", "sleep", "600", check=True)
     task = _tasks(daemon)["c-shim"]
     shim = daemon.shim_pids()["c-shim"]
     os.kill(shim, 9)
@@ -153,7 +155,7 @@ def test_kill9_of_a_shim_reports_the_task_exited(daemon: Daemon) -> None:
 
 
 def test_shim_killed_while_daemon_is_down(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "c-both", "sleep", "600", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-both", "sleep", "600", check=True)
     task = _tasks(daemon)["c-both"]
     shim = daemon.shim_pids()["c-both"]
     daemon.kill9()
@@ -167,7 +169,7 @@ def test_shim_killed_while_daemon_is_down(daemon: Daemon) -> None:
 
 
 def test_graceful_daemon_stop_leaves_containers_running(daemon: Daemon) -> None:
-    daemon.cli("run", "-d", "c-term", "sleep", "600", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-term", "sleep", "600", check=True)
     pid = _tasks(daemon)["c-term"]["pid"]
     daemon.terminate()
     assert process_state(pid) not in (None, "Z")  # type: ignore[arg-type]
@@ -188,7 +190,7 @@ def test_daemon_killed_inside_delete_finishes_the_delete(daemon: Daemon) -> None
     # removed the bundle. The restarted daemon must finish the delete and report no exit.
     from berth.shim.client import Client
 
-    daemon.cli("run", "-d", "c-del", "sh", "-c", "exit 2", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-del", "sh", "-c", "exit 2", check=True)
     assert daemon.cli("tasks", "wait", "c-del").stdout.strip() == b"2"
     record = _shim_record(daemon, "c-del")
     daemon.kill9()
@@ -267,7 +269,7 @@ def test_daemon_killed_between_shim_start_and_task_create(daemon: Daemon) -> Non
 def test_wait_after_restart_for_an_exit_already_acknowledged(daemon: Daemon) -> None:
     # The exit was published and acknowledged before the restart, so it is not replayed:
     # the restarted daemon must still know it is final (a wait used to hang here).
-    daemon.cli("run", "-d", "c-acked", "sh", "-c", "exit 3", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-acked", "sh", "-c", "exit 3", check=True)
     assert daemon.cli("tasks", "wait", "c-acked").stdout.strip() == b"3"
     daemon.restart()
     r = daemon.cli("tasks", "wait", "c-acked", timeout=10)
@@ -278,7 +280,7 @@ def test_wait_after_restart_for_an_exit_already_acknowledged(daemon: Daemon) -> 
 def test_delete_is_idempotent_when_the_shim_already_deleted(daemon: Daemon) -> None:
     from berth.shim.client import Client
 
-    daemon.cli("run", "-d", "c-twice", "sh", "-c", "exit 0", check=True)
+    daemon.cli("run", "--busybox", "-d", "c-twice", "sh", "-c", "exit 0", check=True)
     daemon.cli("tasks", "wait", "c-twice", check=True)
     record = _shim_record(daemon, "c-twice")
     with Client(str(record["address"])) as shim:  # as if an earlier delete was cut short

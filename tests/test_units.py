@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from berth.daemon.events import Exchange, parse_filter, parse_filters
-from berth.daemon.store import Container, Store
+from berth.daemon.store import SCHEMA_VERSION, Container, Store
 from berth.native import SignalFD, tee
 from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
@@ -192,7 +192,7 @@ def test_store_namespaces_and_containers(tmp_path: object) -> None:
     assert [n["name"] for n in reopened.list_namespaces()] == []
     reopened.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_store_refuses_a_newer_schema(tmp_path: object) -> None:

@@ -1,0 +1,508 @@
+"""Apply an image layer (a tar stream) to a directory, safely; compute a layer from a diff.
+
+Confinement is the kernel's job, not string checks': every parent directory is opened with
+openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS) relative to the root, so "/", ".." and
+every symlink met on the way resolve inside the root; the final component is then created,
+replaced or changed relative to that directory fd without following it (O_NOFOLLOW,
+*at calls, lchown, metadata through an fd). What that rules out, each a test:
+absolute paths and ".." (CVE-2014-6407 class), symlinks and hard links pointing out, a
+symlink replaced by a directory, chmod/chown through a symlink (CVE-2021-32760), and
+whiteouts of a parent or of the root. Character and block devices are created only when
+the caller's policy allows them.
+
+Whiteouts follow the OCI image spec: `.wh.<name>` deletes <name> from lower layers,
+`.wh..wh..opq` makes a directory opaque (its lower-layer children go). Applied on an
+overlay mount, deletions become overlay whiteouts by themselves.
+
+The diff ID (sha256 of the uncompressed tar) is computed as the bytes go by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from berth.shim.errors import FailedPrecondition, InvalidArgument
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+XATTR_PREFIXES = ("user.", "security.capability")
+CHUNK = 1 << 20
+
+
+class UnsafeLayer(InvalidArgument):
+    """The layer tried something outside the rules (a hostile or broken image)."""
+
+
+@dataclass
+class ApplyResult:
+    diff_id: str
+    size: int
+    entries: int = 0
+    skipped_devices: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class HashingReader(io.RawIOBase):
+    """Counts and hashes every byte read through it (the layer's diff ID)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.hash.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+def _clean(name: str) -> str:
+    """A member name as a path relative to the root ('' for the root itself)."""
+    if "\0" in name:
+        raise UnsafeLayer(f"entry name with a NUL byte: {name!r}")
+    cleaned = posixpath.normpath("/" + name).lstrip("/")
+    return "" if cleaned == "." else cleaned
+
+
+class _Applier:
+    def __init__(self, root: str, allow_devices: bool) -> None:
+        self.rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.allow_devices = allow_devices
+        self.created: set[str] = set()  # paths this layer made (an opaque marker keeps them)
+        self.dir_times: list[tuple[str, int]] = []
+
+    def close(self) -> None:
+        os.close(self.rootfd)
+
+    # -- resolution
+
+    def parent(self, rel: str, create: bool = True) -> int:
+        """An O_PATH fd of `rel`'s parent directory, resolved inside the root (created
+        with the intermediate directories when missing)."""
+        directory = posixpath.dirname(rel)
+        if not directory:
+            return os.dup(self.rootfd)
+        try:
+            return openat2(
+                self.rootfd, directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, RESOLVE
+            )
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or not create:
+                raise
+        # Create what is missing, one component at a time, where the path really leads
+        # (through in-root symlinks, as containerd does); every prefix is opened from the
+        # layer's root (RESOLVE_IN_ROOT treats the dirfd given as "/").
+        directory = self.resolve(directory)
+        if not directory:
+            return os.dup(self.rootfd)
+        fd = os.dup(self.rootfd)
+        try:
+            parts = directory.split("/")
+            for i, part in enumerate(parts):
+                prefix = "/".join(parts[: i + 1])
+                try:
+                    nxt = openat2(
+                        self.rootfd, prefix, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, RESOLVE
+                    )
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt = openat2(
+                        self.rootfd, prefix, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, RESOLVE
+                    )
+                os.close(fd)
+                fd = nxt
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def resolve(self, rel: str) -> str:
+        """Where `rel` leads inside the root, symlinks followed the way RESOLVE_IN_ROOT
+        follows them, as far as the path exists. This only chooses names; every open is
+        still the kernel's openat2, so an error here cannot reach outside the root."""
+        pending = [p for p in rel.split("/") if p not in ("", ".")]
+        resolved: list[str] = []
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            try:
+                pfd = openat2(
+                    self.rootfd,
+                    "/".join(resolved) or ".",
+                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                    RESOLVE,
+                )
+            except OSError:
+                return "/".join([*resolved, part, *pending])
+            try:
+                st = self.lstat(pfd, part)
+                if st is None or not stat.S_ISLNK(st.st_mode):
+                    resolved.append(part)
+                    continue
+                hops += 1
+                if hops > 40:
+                    raise UnsafeLayer(f"too many levels of symbolic links in {rel!r}")
+                target = os.readlink(part, dir_fd=pfd)
+            finally:
+                os.close(pfd)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+        return "/".join(resolved)
+
+    @staticmethod
+    def lstat(dirfd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def remove(dirfd: int, name: str) -> None:
+        st = _Applier.lstat(dirfd, name)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+
+    # -- entries
+
+    def apply(self, member: tarfile.TarInfo, data: IO[bytes] | None) -> bool:
+        """Apply one entry; False when policy skipped it."""
+        rel = _clean(member.name)
+        base = posixpath.basename(rel)
+        if base.startswith(WHITEOUT):
+            self.whiteout(rel, base)
+            return True
+        if not rel:
+            if member.isdir():  # the root directory itself: metadata only
+                self.metadata(self.rootfd, "", member, is_root=True)
+                return True
+            raise UnsafeLayer("an entry that is the root but not a directory")
+        if (member.ischr() or member.isblk()) and not self.allow_devices:
+            return False
+        pfd = self.parent(rel)
+        try:
+            self.create(pfd, base, rel, member, data)
+        finally:
+            os.close(pfd)
+        self.created.add(rel)
+        return True
+
+    def whiteout(self, rel: str, base: str) -> None:
+        directory = posixpath.dirname(rel)
+        if base == OPAQUE:
+            try:
+                dfd = openat2(
+                    self.rootfd,
+                    directory or ".",
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                    RESOLVE,
+                )
+            except FileNotFoundError:
+                return
+            try:
+                for name in os.listdir(dfd):
+                    child = posixpath.join(directory, name) if directory else name
+                    if child not in self.created:
+                        self.remove(dfd, name)
+            finally:
+                os.close(dfd)
+            return
+        name = base[len(WHITEOUT) :]
+        if name in ("", ".", "..") or "/" in name:
+            raise UnsafeLayer(f"invalid whiteout {rel!r}")
+        try:
+            pfd = self.parent(rel, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            self.remove(pfd, name)
+        finally:
+            os.close(pfd)
+
+    def create(
+        self, pfd: int, name: str, rel: str, m: tarfile.TarInfo, data: IO[bytes] | None
+    ) -> None:
+        existing = self.lstat(pfd, name)
+        if m.isdir():
+            if existing is not None and not stat.S_ISDIR(existing.st_mode):
+                self.remove(pfd, name)  # a symlink (or file) replaced by a directory
+                existing = None
+            if existing is None:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            self.metadata(pfd, name, m)
+            self.dir_times.append((rel, int(m.mtime * 1e9)))
+            return
+        if existing is not None:
+            self.remove(pfd, name)
+        if m.isreg():
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            try:
+                if data is not None:
+                    while chunk := data.read(CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                self.fd_metadata(fd, m)
+            finally:
+                os.close(fd)
+            return
+        if m.issym():
+            os.symlink(m.linkname, name, dir_fd=pfd)
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            os.utime(name, ns=(int(m.mtime * 1e9),) * 2, dir_fd=pfd, follow_symlinks=False)
+            return
+        if m.islnk():
+            target = _clean(m.linkname)
+            if not target:
+                raise UnsafeLayer(f"hard link {rel!r} to the root")
+            tfd = self.parent(target, create=False)
+            try:
+                os.link(
+                    posixpath.basename(target),
+                    name,
+                    src_dir_fd=tfd,
+                    dst_dir_fd=pfd,
+                    follow_symlinks=False,
+                )
+            finally:
+                os.close(tfd)
+            return
+        if m.isfifo() or m.ischr() or m.isblk():
+            kind = stat.S_IFIFO if m.isfifo() else stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            self.metadata(pfd, name, m)
+            return
+        raise UnsafeLayer(f"unsupported entry type {m.type!r} for {rel!r}")
+
+    def metadata(self, pfd: int, name: str, m: tarfile.TarInfo, is_root: bool = False) -> None:
+        """Owner, mode, times and xattrs through an fd of the entry itself (never through
+        a path that could be swapped for a symlink)."""
+        if is_root:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.rootfd)
+        else:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                return
+            if stat.S_ISDIR(st.st_mode) and not is_root:
+                real = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+                )
+                os.close(fd)
+                fd = real
+            if stat.S_ISDIR(st.st_mode):
+                self.fd_metadata(fd, m)
+            else:  # fifo/device: an O_PATH fd cannot fchmod; /proc/self/fd/N names the inode
+                path = f"/proc/self/fd/{fd}"
+                os.chown(path, m.uid, m.gid)
+                os.chmod(path, stat.S_IMODE(m.mode))
+                os.utime(path, ns=(int(m.mtime * 1e9),) * 2)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def fd_metadata(fd: int, m: tarfile.TarInfo) -> None:
+        os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, stat.S_IMODE(m.mode))  # after chown: chown clears setuid bits
+        for key, value in (m.pax_headers or {}).items():
+            if key.startswith("SCHILY.xattr."):
+                attr = key[len("SCHILY.xattr.") :]
+                if attr.startswith(XATTR_PREFIXES):
+                    with contextlib.suppress(OSError):
+                        os.setxattr(fd, attr, value.encode("utf-8", "surrogateescape"))
+        os.utime(fd, ns=(int(m.mtime * 1e9),) * 2)
+
+    def finish(self) -> None:
+        """Directory times last: creating children changed them."""
+        for rel, mtime in reversed(self.dir_times):
+            with contextlib.suppress(OSError):
+                fd = openat2(self.rootfd, rel, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, RESOLVE)
+                try:
+                    os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
+
+
+def apply_layer(
+    root: str, stream: IO[bytes], *, allow_devices: bool = False, expected_diff_id: str = ""
+) -> ApplyResult:
+    """Apply the uncompressed tar `stream` to `root`; verify its diff ID if given."""
+    reader = HashingReader(stream)
+    applier = _Applier(root, allow_devices)
+    result = ApplyResult("", 0)
+    try:
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|") as tar:
+                for member in tar:
+                    data = tar.extractfile(member) if member.isreg() else None
+                    if applier.apply(member, data):
+                        result.entries += 1
+                    else:
+                        result.skipped_devices += 1
+                        result.skipped.append(member.name)
+        except tarfile.TarError as exc:
+            raise InvalidArgument(f"not a valid layer tar: {exc}") from None
+        applier.finish()
+        reader.drain()  # trailing blocks count towards the diff ID
+    finally:
+        applier.close()
+    result.diff_id = reader.digest
+    result.size = reader.size
+    if expected_diff_id and expected_diff_id != result.diff_id:
+        raise FailedPrecondition(
+            f"layer diff ID mismatch: got {result.diff_id}, expected {expected_diff_id}"
+        )
+    return result
+
+
+# --- diffs -----------------------------------------------------------------------------
+
+
+def _entries(root: str) -> dict[str, os.stat_result]:
+    out: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = os.lstat(path)
+    return out
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(CHUNK), fb.read(CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _changed(lower: str, upper: str, rel: str, lst: os.stat_result, ust: os.stat_result) -> bool:
+    if stat.S_IFMT(lst.st_mode) != stat.S_IFMT(ust.st_mode):
+        return True
+    if (lst.st_mode, lst.st_uid, lst.st_gid) != (ust.st_mode, ust.st_uid, ust.st_gid):
+        return True
+    if stat.S_ISLNK(ust.st_mode):
+        return os.readlink(os.path.join(lower, rel)) != os.readlink(os.path.join(upper, rel))
+    if stat.S_ISDIR(ust.st_mode):
+        return lst.st_mtime_ns != ust.st_mtime_ns
+    if stat.S_ISREG(ust.st_mode):
+        if lst.st_size != ust.st_size:
+            return True
+        if lst.st_mtime_ns == ust.st_mtime_ns:
+            return False
+        return not _same_content(os.path.join(lower, rel), os.path.join(upper, rel))
+    return lst.st_rdev != ust.st_rdev
+
+
+def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
+    """Write to `out` the layer that turns `lower` (None: empty) into `upper`: added and
+    changed entries, and whiteouts for removed ones. Deterministic (sorted, PAX). Returns
+    the diff ID (sha256 of the tar)."""
+    hashed = _HashingWriter(out)
+    upper_entries = _entries(upper)
+    lower_entries = _entries(lower) if lower else {}
+    removed_dirs: list[str] = []
+    hardlinks: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        names = sorted(set(upper_entries) | set(lower_entries))
+        for rel in names:
+            if any(rel.startswith(d + "/") for d in removed_dirs):
+                continue
+            ust = upper_entries.get(rel)
+            lst = lower_entries.get(rel)
+            if ust is None:
+                assert lst is not None
+                info = tarfile.TarInfo(
+                    posixpath.join(posixpath.dirname(rel), WHITEOUT + posixpath.basename(rel))
+                )
+                info.mtime = 0
+                tar.addfile(info)
+                if stat.S_ISDIR(lst.st_mode):
+                    removed_dirs.append(rel)
+                continue
+            if lst is not None and lower is not None and not _changed(lower, upper, rel, lst, ust):
+                continue
+            path = os.path.join(upper, rel)
+            info = tar.gettarinfo(path, arcname=rel)
+            key = (ust.st_dev, ust.st_ino)
+            if stat.S_ISREG(ust.st_mode) and ust.st_nlink > 1:
+                if key in hardlinks:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = hardlinks[key]
+                    info.size = 0
+                    tar.addfile(info)
+                    continue
+                hardlinks[key] = rel
+            if info.isreg():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return hashed.digest
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._hash.update(data)
+        self._out.write(data)
+        return len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk

@@ -1,0 +1,333 @@
+"""The content store: content-addressed blobs (sha256) on disk, and named, resumable ingests.
+
+Layout under `<root>/content/`:
+    blobs/sha256/<hex>          committed blobs, read-only, shared by every namespace
+    ingest/<sha256(ref)[:32]>/  one in-progress write: `data`, `meta` (ref, total,
+                                expected, started_at), `lock`
+Namespaces, labels and leases are the metadata layer's business (daemon/store.py): this
+module knows only bytes and digests, and is usable on its own (trio-free).
+
+Rules:
+- A blob is only ever created by renaming a fully written, size- and digest-verified file
+  into place; concurrent commits of the same blob both succeed (the second finds it there).
+- An ingest is identified by its ref and survives a crash or a daemon restart: reopening
+  the ref resumes at its current offset (the digest so far is recomputed from the data).
+- One writer per ref at a time, across processes too (flock on the ingest's `lock`): a
+  second writer gets Unavailable("locked") instead of interleaving bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from berth.shim.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_REF = 512
+CHUNK = 1 << 20
+
+
+def validate_digest(digest: object) -> str:
+    if not isinstance(digest, str) or DIGEST_RE.fullmatch(digest) is None:
+        shown = repr(digest)[:90]
+        raise InvalidArgument(f"invalid digest {shown}: want sha256:<64 lowercase hex>")
+    return digest
+
+
+def validate_ref(ref: object) -> str:
+    if not isinstance(ref, str) or not ref or len(ref) > MAX_REF or "\0" in ref:
+        raise InvalidArgument(f"invalid ingest ref: a non-empty string of at most {MAX_REF}")
+    return ref
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    created_at: int
+
+
+@dataclass(frozen=True)
+class IngestStatus:
+    ref: str
+    offset: int
+    total: int
+    expected: str
+    started_at: int
+    updated_at: int
+
+
+class ContentStore:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.join(root, "content")
+        self.blobs = os.path.join(self.root, "blobs", "sha256")
+        self.ingests = os.path.join(self.root, "ingest")
+        for d in (self.blobs, self.ingests):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    # -- blobs
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.blobs, validate_digest(digest)[7:])
+
+    def info(self, digest: str) -> BlobInfo:
+        try:
+            st = os.stat(self.path(digest))
+        except FileNotFoundError:
+            raise NotFound(f"content {digest} not found") from None
+        return BlobInfo(digest, st.st_size, int(st.st_mtime * 1e9))
+
+    def exists(self, digest: str) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def read(self, digest: str, offset: int = 0, size: int = -1) -> bytes:
+        if offset < 0:
+            raise InvalidArgument("offset must not be negative")
+        try:
+            with open(self.path(digest), "rb") as f:
+                f.seek(offset)
+                return f.read(size if size >= 0 else -1)
+        except FileNotFoundError:
+            raise NotFound(f"content {digest} not found") from None
+
+    def open(self, digest: str) -> int:
+        try:
+            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"content {digest} not found") from None
+
+    def delete(self, digest: str) -> None:
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            raise NotFound(f"content {digest} not found") from None
+
+    def digests(self) -> Iterator[str]:
+        for name in os.listdir(self.blobs):
+            if len(name) == 64 and not name.startswith("."):
+                yield "sha256:" + name
+
+    # -- ingests
+
+    def _ingest_dir(self, ref: str) -> str:
+        return os.path.join(self.ingests, hashlib.sha256(ref.encode()).hexdigest()[:32])
+
+    def writer(self, ref: str, total: int = 0, expected: str = "") -> Writer:
+        """Open (or resume) the ingest `ref`. If `expected` is already stored, raise
+        AlreadyExists: the caller has nothing to write."""
+        validate_ref(ref)
+        if expected:
+            validate_digest(expected)
+            if self.exists(expected):
+                raise AlreadyExists(f"content {expected} already exists")
+        if total < 0:
+            raise InvalidArgument("total must not be negative")
+        directory = self._ingest_dir(ref)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        lock = os.open(
+            os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise Unavailable(f"ingest {ref!r} is locked by another writer") from None
+        try:
+            meta_path = os.path.join(directory, "meta")
+            now = time.time_ns()
+            meta: dict[str, Any] = {
+                "ref": ref,
+                "total": total,
+                "expected": expected,
+                "started_at": now,
+            }
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    old = json.load(f)
+                if old.get("ref") != ref:
+                    raise FailedPrecondition(f"ingest directory of {ref!r} holds another ref")
+                # A resumed ingest keeps what it was started with unless told more.
+                meta["started_at"] = old.get("started_at", now)
+                meta["total"] = total or old.get("total", 0)
+                meta["expected"] = expected or old.get("expected", "")
+            tmp = meta_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, meta_path)
+            return Writer(
+                self,
+                ref,
+                directory,
+                lock,
+                int(meta["total"]),
+                str(meta["expected"]),
+                int(meta["started_at"]),
+            )
+        except BaseException:
+            os.close(lock)
+            raise
+
+    def status(self, ref: str) -> IngestStatus:
+        directory = self._ingest_dir(validate_ref(ref))
+        try:
+            with open(os.path.join(directory, "meta")) as f:
+                meta = json.load(f)
+            data = os.stat(os.path.join(directory, "data"))
+        except FileNotFoundError:
+            raise NotFound(f"ingest {ref!r} not found") from None
+        return IngestStatus(
+            ref,
+            data.st_size,
+            meta.get("total", 0),
+            meta.get("expected", ""),
+            meta.get("started_at", 0),
+            int(data.st_mtime * 1e9),
+        )
+
+    def list_ingests(self) -> list[IngestStatus]:
+        out = []
+        for name in sorted(os.listdir(self.ingests)):
+            try:
+                with open(os.path.join(self.ingests, name, "meta")) as f:
+                    ref = json.load(f)["ref"]
+                out.append(self.status(ref))
+            except (OSError, ValueError, KeyError, NotFound):
+                continue
+        return out
+
+    def abort(self, ref: str) -> None:
+        directory = self._ingest_dir(validate_ref(ref))
+        if not os.path.isdir(directory):
+            raise NotFound(f"ingest {ref!r} not found")
+        lock = os.open(
+            os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Unavailable(f"ingest {ref!r} is being written") from None
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
+class Writer:
+    """One open ingest. `write` appends; `commit` verifies and publishes the blob."""
+
+    def __init__(
+        self,
+        store: ContentStore,
+        ref: str,
+        directory: str,
+        lock: int,
+        total: int,
+        expected: str,
+        started_at: int,
+    ) -> None:
+        self.store = store
+        self.ref = ref
+        self.directory = directory
+        self._lock = lock
+        self.total = total
+        self.expected = expected
+        self.started_at = started_at
+        self._data = os.path.join(directory, "data")
+        self._fd = os.open(self._data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        while True:  # resume: rehash what is there
+            chunk = os.read(self._fd, CHUNK)
+            if not chunk:
+                break
+            self._hash.update(chunk)
+            self.offset += len(chunk)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def write(self, data: bytes, offset: int | None = None) -> int:
+        """Append `data`; `offset`, when given, must be the current offset (a client that
+        resumes must say where). Returns the new offset."""
+        if self._fd < 0:
+            raise FailedPrecondition(f"ingest {self.ref!r} is closed")
+        if offset is not None and offset != self.offset:
+            raise FailedPrecondition(
+                f"write at offset {offset} but ingest {self.ref!r} is at {self.offset}"
+            )
+        if self.total and self.offset + len(data) > self.total:
+            raise InvalidArgument(
+                f"ingest {self.ref!r}: {self.offset + len(data)} bytes exceed the total "
+                f"{self.total}"
+            )
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._hash.update(data)
+        self.offset += len(data)
+        return self.offset
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def commit(self, size: int = 0, expected: str = "") -> str:
+        """Verify size and digest, then publish the blob. On a mismatch nothing is stored
+        and the ingest is discarded. Returns the digest."""
+        if self._fd < 0:
+            raise FailedPrecondition(f"ingest {self.ref!r} is closed")
+        expected = expected or self.expected
+        size = size or self.total
+        actual = self.digest()
+        problem = ""
+        if size and size != self.offset:
+            problem = f"size mismatch: {self.offset} bytes written, {size} expected"
+        elif expected and validate_digest(expected) != actual:
+            problem = f"digest mismatch: got {actual}, expected {expected}"
+        if problem:
+            self._discard()
+            raise FailedPrecondition(f"commit of {self.ref!r} failed: {problem}")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        target = self.store.path(actual)
+        try:
+            os.chmod(self._data, 0o444)
+            if os.path.exists(target):
+                os.unlink(self._data)  # a concurrent commit won the race: same bytes
+            else:
+                os.replace(self._data, target)
+        finally:
+            self._discard()
+        return actual
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer, keeping the ingest for a later resume."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1

@@ -1,0 +1,463 @@
+"""Pull and push over the OCI distribution API (httpx, async under trio).
+
+- HTTP or HTTPS (a CA to trust may be given); redirects followed (blob storage often
+  redirects); `WWW-Authenticate: Bearer` tokens fetched from the realm (with basic
+  credentials when given) and `Basic` answered directly.
+- Blobs are fetched concurrently (3 at a time) into named ingests (`pull-<digest>`), so an
+  interrupted pull resumes with a Range request; every byte is hashed as it arrives and
+  the commit verifies size and digest, so a wrong or truncated blob is never stored.
+- Manifests and indexes are size-capped and checked like archive documents; an index is
+  resolved to the host platform (or the one asked for).
+Imported lazily by berthd: httpx is only loaded when a transfer runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import trio
+
+from berth.daemon import images
+from berth.daemon.content import validate_digest
+from berth.daemon.images import Descriptor
+from berth.daemon.reference import Reference
+from berth.daemon.storage import GC_REF_CONTENT, Storage
+from berth.shim.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+
+ACCEPT = ", ".join(
+    [images.OCI_INDEX, images.OCI_MANIFEST, images.DOCKER_LIST, images.DOCKER_MANIFEST]
+)
+CONCURRENCY = 3
+CHUNK = 1 << 20
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        ref: Reference,
+        *,
+        plain_http: bool = False,
+        username: str = "",
+        password: str = "",
+        tls_ca: str = "",
+        tls_skip_verify: bool = False,
+    ) -> None:
+        self.ref = ref
+        scheme = "http" if plain_http else "https"
+        self.base = f"{scheme}://{ref.host}/v2/{ref.path}"
+        verify: ssl.SSLContext | bool = True
+        if tls_skip_verify:
+            verify = False
+        elif tls_ca:
+            verify = ssl.create_default_context(cadata=tls_ca)
+        self._credentials = (username, password) if username else None
+        self._token: dict[str, str] = {}
+        self._client = httpx.AsyncClient(
+            verify=verify, follow_redirects=True, timeout=httpx.Timeout(30.0, read=300.0)
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- auth
+
+    async def _authorize(self, response: httpx.Response, scope: str) -> str:
+        challenge = response.headers.get("www-authenticate", "")
+        scheme, _, rest = challenge.partition(" ")
+        if scheme.lower() == "basic":
+            if not self._credentials:
+                raise PermissionDenied(f"{self.ref.host} requires credentials (--user)")
+            raw = f"{self._credentials[0]}:{self._credentials[1]}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        if scheme.lower() != "bearer":
+            raise PermissionDenied(f"{self.ref.host}: unsupported authentication {challenge!r}")
+        params = _challenge_params(rest)
+        realm = params.get("realm")
+        if not realm:
+            raise PermissionDenied(f"{self.ref.host}: bearer challenge without a realm")
+        query = {
+            "service": params.get("service", ""),
+            "scope": params.get("scope") or f"repository:{self.ref.path}:{scope}",
+        }
+        auth = httpx.BasicAuth(*self._credentials) if self._credentials else None
+        reply = await self._client.get(realm, params=query, auth=auth)
+        if reply.status_code != 200:
+            raise PermissionDenied(f"token request to {realm} failed: HTTP {reply.status_code}")
+        doc = reply.json()
+        token = doc.get("token") or doc.get("access_token")
+        if not isinstance(token, str):
+            raise PermissionDenied(f"{realm} returned no token")
+        return "Bearer " + token
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scope: str = "pull",
+        headers: dict[str, str] | None = None,
+        content: Any = None,
+    ) -> httpx.Response:
+        headers = dict(headers or {})
+        if scope in self._token:
+            headers["Authorization"] = self._token[scope]
+        response = await self._client.request(method, url, headers=headers, content=content)
+        if response.status_code == 401:
+            self._token[scope] = await self._authorize(response, scope)
+            headers["Authorization"] = self._token[scope]
+            response = await self._client.request(method, url, headers=headers, content=content)
+        if response.status_code == 401:
+            raise PermissionDenied(f"{self.ref.host}: authentication failed")
+        return response
+
+    async def stream(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        """A GET whose body the caller reads (and must close)."""
+        if "pull" in self._token:
+            headers["Authorization"] = self._token["pull"]
+        request = self._client.build_request("GET", url, headers=headers)
+        response = await self._client.send(request, stream=True)
+        if response.status_code == 401:
+            await response.aclose()
+            self._token["pull"] = await self._authorize(response, "pull")
+            headers["Authorization"] = self._token["pull"]
+            response = await self._client.send(
+                self._client.build_request("GET", url, headers=headers), stream=True
+            )
+        return response
+
+    # -- reading
+
+    async def resolve(self) -> tuple[Descriptor, bytes]:
+        """The top descriptor of the reference, with its document."""
+        url = f"{self.base}/manifests/{self.ref.object}"
+        response = await self.request("GET", url, headers={"Accept": ACCEPT})
+        _check(response, f"manifest {self.ref}")
+        data = response.content
+        if len(data) > images.MAX_DOCUMENT:
+            raise InvalidArgument(
+                f"manifest of {self.ref} is larger than {images.MAX_DOCUMENT} bytes"
+            )
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.ref.digest and digest != self.ref.digest:
+            raise FailedPrecondition(f"{self.ref}: the registry served {digest}")
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES:
+            try:
+                media_type = str(images.parse_document(data, "manifest").get("mediaType") or "")
+            except InvalidArgument:
+                media_type = ""
+        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES:
+            raise InvalidArgument(f"{self.ref}: unsupported manifest type {media_type!r}")
+        return Descriptor(media_type, digest, len(data)), data
+
+    async def fetch_document(self, desc: Descriptor) -> bytes:
+        if desc.size > images.MAX_DOCUMENT:
+            raise InvalidArgument(f"{desc.digest}: {desc.size} bytes is too large for a manifest")
+        response = await self.request(
+            "GET", f"{self.base}/manifests/{desc.digest}", headers={"Accept": desc.media_type}
+        )
+        _check(response, f"manifest {desc.digest}")
+        data = response.content
+        if "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest or len(data) != desc.size:
+            raise FailedPrecondition(f"manifest {desc.digest} does not match its digest")
+        return data
+
+    async def fetch_blob(
+        self,
+        storage: Storage,
+        namespace: str,
+        desc: Descriptor,
+        lease: str,
+        progress: Progress,
+        kind: str,
+    ) -> None:
+        """Download a blob into the content store, resuming a previous attempt."""
+        ref = f"pull-{desc.digest}"
+        try:
+            writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
+        except AlreadyExists:
+            await progress(
+                {
+                    "kind": kind,
+                    "digest": desc.digest,
+                    "offset": desc.size,
+                    "total": desc.size,
+                    "status": "exists",
+                }
+            )
+            return
+        try:
+            headers = {"Range": f"bytes={writer.offset}-"} if writer.offset else {}
+            response = await self.stream(f"{self.base}/blobs/{desc.digest}", headers)
+            try:
+                if response.status_code == 200 and writer.offset:
+                    # No range support: start over.
+                    writer.close()
+                    storage.content.abort(f"{namespace}/{ref}")
+                    writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
+                elif response.status_code not in (200, 206):
+                    await response.aread()
+                    _check(response, f"blob {desc.digest}")
+                await progress(
+                    {
+                        "kind": kind,
+                        "digest": desc.digest,
+                        "offset": writer.offset,
+                        "total": desc.size,
+                        "status": "downloading",
+                    }
+                )
+                async for chunk in response.aiter_bytes(CHUNK):
+                    writer.write(chunk)  # hashed as it arrives; more than `size` is refused
+                    await progress(
+                        {
+                            "kind": kind,
+                            "digest": desc.digest,
+                            "offset": writer.offset,
+                            "total": desc.size,
+                            "status": "downloading",
+                        }
+                    )
+            finally:
+                await response.aclose()
+            await trio.to_thread.run_sync(
+                storage.commit, namespace, writer, desc.size, desc.digest, None, lease
+            )
+        finally:
+            writer.close()
+        await progress(
+            {
+                "kind": kind,
+                "digest": desc.digest,
+                "offset": desc.size,
+                "total": desc.size,
+                "status": "done",
+            }
+        )
+
+    # -- writing
+
+    async def blob_exists(self, digest: str) -> bool:
+        response = await self.request("HEAD", f"{self.base}/blobs/{digest}", scope="pull,push")
+        return response.status_code == 200
+
+    async def push_blob(
+        self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
+    ) -> None:
+        if await self.blob_exists(desc.digest):
+            await progress(
+                {
+                    "kind": kind,
+                    "digest": desc.digest,
+                    "offset": desc.size,
+                    "total": desc.size,
+                    "status": "exists",
+                }
+            )
+            return
+        response = await self.request("POST", f"{self.base}/blobs/uploads/", scope="pull,push")
+        if response.status_code not in (202, 201):
+            _check(response, f"upload of {desc.digest}")
+        location = response.headers.get("location")
+        if not location:
+            raise Unavailable(f"{self.ref.host} gave no upload location")
+        url = httpx.URL(self.base).join(location)
+        sent = 0
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal sent
+            with open(storage.content.path(desc.digest), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    sent += len(chunk)
+                    await progress(
+                        {
+                            "kind": kind,
+                            "digest": desc.digest,
+                            "offset": sent,
+                            "total": desc.size,
+                            "status": "uploading",
+                        }
+                    )
+                    yield chunk
+
+        params = dict(url.params)
+        params["digest"] = desc.digest
+        response = await self.request(
+            "PUT",
+            str(url.copy_with(params=params)),
+            scope="pull,push",
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
+            content=body(),
+        )
+        _check(response, f"upload of {desc.digest}", ok=(201, 204))
+        await progress(
+            {
+                "kind": kind,
+                "digest": desc.digest,
+                "offset": desc.size,
+                "total": desc.size,
+                "status": "done",
+            }
+        )
+
+    async def push_manifest(self, reference: str, media_type: str, data: bytes) -> None:
+        response = await self.request(
+            "PUT",
+            f"{self.base}/manifests/{reference}",
+            scope="pull,push",
+            headers={"Content-Type": media_type},
+            content=data,
+        )
+        _check(response, f"manifest {reference}", ok=(200, 201, 204))
+
+
+def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:
+    if response.status_code in ok:
+        return
+    if response.status_code == 404:
+        raise NotFound(f"{what} not found in the registry")
+    if response.status_code in (401, 403):
+        raise PermissionDenied(f"{what}: access denied (HTTP {response.status_code})")
+    raise Unavailable(f"{what}: HTTP {response.status_code} {response.text[:200]}")
+
+
+def _challenge_params(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(text):
+        eq = text.find("=", i)
+        if eq < 0:
+            break
+        key = text[i:eq].strip().strip(",").strip()
+        if eq + 1 < len(text) and text[eq + 1] == '"':
+            end = text.find('"', eq + 2)
+            end = len(text) if end < 0 else end
+            out[key] = text[eq + 2 : end]
+            i = end + 1
+        else:
+            end = text.find(",", eq)
+            end = len(text) if end < 0 else end
+            out[key] = text[eq + 1 : end].strip()
+            i = end
+        while i < len(text) and text[i] in ", ":
+            i += 1
+    return out
+
+
+async def pull(
+    storage: Storage,
+    namespace: str,
+    ref: Reference,
+    client: RegistryClient,
+    progress: Progress,
+    *,
+    platform: dict[str, str] | None,
+    unpack: bool,
+    snapshotter: str | None,
+) -> dict[str, Any]:
+    """Pull `ref` into `namespace`; returns the image record."""
+    wanted = platform or images.host()
+    with storage.lease(namespace, None) as lease:
+        top, top_data = await client.resolve()
+        documents: list[tuple[Descriptor, bytes, dict[str, str]]] = []
+        desc, data = top, top_data
+        for _ in range(4):
+            if desc.media_type in images.MANIFEST_TYPES:
+                break
+            entries = images.parse_index(data, desc.media_type)
+            choice = [e for e in entries if images.platform_matches(e.platform, wanted)]
+            if not choice:
+                raise NotFound(f"{ref}: no manifest for {wanted}")
+            documents.append((desc, data, {f"{GC_REF_CONTENT}.m.0": choice[0].digest}))
+            desc = choice[0]
+            data = await client.fetch_document(desc)
+        else:
+            raise InvalidArgument(f"{ref}: indexes nested too deeply")
+        manifest = images.parse_manifest(data, desc.media_type)
+        refs = {f"{GC_REF_CONTENT}.config": manifest.config.digest}
+        refs.update(
+            {f"{GC_REF_CONTENT}.l.{i}": layer.digest for i, layer in enumerate(manifest.layers)}
+        )
+        documents.append((desc, data, refs))
+        limiter = trio.CapacityLimiter(CONCURRENCY)
+
+        async def fetch(d: Descriptor, kind: str) -> None:
+            async with limiter:
+                await client.fetch_blob(storage, namespace, d, lease, progress, kind)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch, manifest.config, "config")
+            for layer in manifest.layers:
+                nursery.start_soon(fetch, layer, "layer")
+        images.parse_config(storage.content_read(namespace, manifest.config.digest))  # validates
+        for d, doc, labels in reversed(documents):
+            storage.put_blob(namespace, doc, d.digest, d.size, labels, lease)
+        image = storage.store.put_image(
+            namespace, str(ref), top.to_wire(), {}, create=True, update=True
+        )
+        if unpack:
+            await trio.to_thread.run_sync(
+                lambda: storage.unpack(namespace, str(ref), snapshotter, platform, lease)
+            )
+        return image
+
+
+async def push(
+    storage: Storage,
+    namespace: str,
+    local: str,
+    ref: Reference,
+    client: RegistryClient,
+    progress: Progress,
+    platform: dict[str, str] | None,
+) -> dict[str, Any]:
+    """Push the local image `local` to `ref`; returns the pushed top descriptor."""
+    image = storage.store.get_image(namespace, local)
+    top = Descriptor.from_wire(image["target"])
+    manifests: list[Descriptor] = []
+    if top.media_type in images.INDEX_TYPES:
+        for entry in images.parse_index(storage.read_json(namespace, top), top.media_type):
+            if platform is None or images.platform_matches(entry.platform, platform):
+                try:
+                    storage.store.get_content(namespace, entry.digest)
+                except NotFound:
+                    continue  # a platform that was never pulled
+                manifests.append(entry)
+    else:
+        manifests.append(top)
+    limiter = trio.CapacityLimiter(CONCURRENCY)
+
+    async def upload(d: Descriptor, kind: str) -> None:
+        async with limiter:
+            await client.push_blob(storage, d, progress, kind)
+
+    for mdesc in manifests:
+        manifest = images.parse_manifest(storage.read_json(namespace, mdesc), mdesc.media_type)
+        async with trio.open_nursery() as nursery:
+            for layer in manifest.layers:
+                nursery.start_soon(upload, layer, "layer")
+            nursery.start_soon(upload, manifest.config, "config")
+        await client.push_manifest(
+            mdesc.digest, mdesc.media_type, storage.read_json(namespace, mdesc)
+        )
+    if top.media_type in images.INDEX_TYPES and platform is not None and len(manifests) == 1:
+        top = manifests[0]  # only one platform was pushed: tag that manifest
+    await client.push_manifest(
+        ref.tag or top.digest, top.media_type, storage.read_json(namespace, top)
+    )
+    validate_digest(top.digest)
+    return top.to_wire()

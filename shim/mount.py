@@ -1,0 +1,205 @@
+"""Mounts: the one plain structure snapshotters produce and a shim consumes.
+
+A mount is `{"type", "source", "options", "target"?}`, containerd's shape. A snapshotter
+describes a root filesystem as a list of them; the shim mounts the list on the bundle's
+rootfs before `runc create` and unmounts it on delete. Neither knows the other.
+
+Kernel facts that bite here:
+- overlay's option string must fit in one page (4096 bytes) with every lowerdir spelled
+  out; with many layers it does not. Then the lowerdirs are written relative to their
+  common parent and mount(2) is called from inside it (the shim is single-threaded, so a
+  chdir is safe).
+- "bind,ro" needs two calls: a bind mount ignores MS_RDONLY, a remount applies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from berth.native import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    mount,
+    umount,
+)
+from berth.shim.errors import InvalidArgument
+
+PAGE = 4096
+MAX_MOUNTS = 64
+
+_FLAGS = {
+    "ro": (MS_RDONLY, True),
+    "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True),
+    "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True),
+    "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True),
+    "exec": (MS_NOEXEC, False),
+    "bind": (MS_BIND, True),
+    "rbind": (MS_BIND | MS_REC, True),
+}
+KNOWN_TYPES = ("bind", "rbind", "overlay", "tmpfs")
+
+
+class Mount:
+    __slots__ = ("options", "source", "target", "type")
+
+    def __init__(
+        self, type: str, source: str, options: list[str] | None = None, target: str = ""
+    ) -> None:
+        self.type = type
+        self.source = source
+        self.options = list(options or [])
+        self.target = target
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.type,
+            "source": self.source,
+            "options": list(self.options),
+        }
+        if self.target:
+            out["target"] = self.target
+        return out
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Mount:
+        if not isinstance(doc, dict):
+            raise InvalidArgument("a mount must be a map")
+        kind, source = doc.get("type"), doc.get("source")
+        options, target = doc.get("options") or [], doc.get("target") or ""
+        if not isinstance(kind, str) or kind not in KNOWN_TYPES:
+            raise InvalidArgument(f"unsupported mount type {kind!r}")
+        if not isinstance(source, str) or "\0" in source:
+            raise InvalidArgument("mount source must be a string")
+        if not isinstance(options, list) or not all(
+            isinstance(o, str) and "\0" not in o for o in options
+        ):
+            raise InvalidArgument("mount options must be a list of strings")
+        if not isinstance(target, str) or (
+            target and (os.path.isabs(target) or ".." in target.split("/"))
+        ):
+            raise InvalidArgument("a mount target must be a relative path without ..")
+        return cls(kind, source, options, target)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mount) and self.to_wire() == other.to_wire()
+
+    def __repr__(self) -> str:
+        return f"Mount({self.type!r}, {self.source!r}, {self.options!r})"
+
+
+def parse_options(options: list[str]) -> tuple[int, list[str]]:
+    """(mount flags, the options left for the filesystem's data string)."""
+    flags = 0
+    data = []
+    for option in options:
+        if option in _FLAGS:
+            bit, on = _FLAGS[option]
+            flags = flags | bit if on else flags & ~bit
+        else:
+            data.append(option)
+    return flags, data
+
+
+def _overlay_data(data: list[str]) -> tuple[str, str | None]:
+    """The option string, and a directory to chdir into when it had to be shortened."""
+    text = ",".join(data)
+    if len(text) < PAGE:
+        return text, None
+    lower = next((d for d in data if d.startswith("lowerdir=")), None)
+    if lower is None:
+        raise InvalidArgument("overlay options are longer than a page")
+    dirs = lower[len("lowerdir=") :].split(":")
+    common = os.path.commonpath(dirs)
+    relative = ":".join(os.path.relpath(d, common) for d in dirs)
+    shortened = [f"lowerdir={relative}" if d is lower else d for d in data]
+    text = ",".join(shortened)
+    if len(text) >= PAGE:
+        raise InvalidArgument("overlay options are longer than a page even when relative")
+    return text, common
+
+
+def mount_one(m: Mount, target: str) -> None:
+    flags, data = parse_options(m.options)
+    if m.type in ("bind", "rbind"):
+        flags |= MS_BIND | (MS_REC if m.type == "rbind" else 0)
+    if flags & MS_BIND:
+        mount(m.source, target, "", flags & ~MS_RDONLY, "")
+        if flags & MS_RDONLY:
+            mount("", target, "", flags | MS_REMOUNT | MS_RDONLY, "")
+        return
+    if m.type == "overlay":
+        text, chdir_to = _overlay_data(data)
+        if chdir_to is None:
+            mount(m.source, target, "overlay", flags, text)
+            return
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chdir(chdir_to)
+            mount(m.source, os.path.abspath(target), "overlay", flags, text)
+        finally:
+            os.fchdir(cwd)
+            os.close(cwd)
+        return
+    mount(m.source, target, m.type, flags, ",".join(data))
+
+
+def mount_all(mounts: list[Mount], root: str) -> None:
+    """Mount `mounts` in order on `root` (their `target`s below it); all or nothing."""
+    if len(mounts) > MAX_MOUNTS:
+        raise InvalidArgument(f"at most {MAX_MOUNTS} mounts")
+    done: list[str] = []
+    try:
+        for m in mounts:
+            target = os.path.join(root, m.target) if m.target else root
+            mount_one(m, target)
+            done.append(target)
+    except BaseException:
+        for target in reversed(done):
+            with contextlib.suppress(OSError):
+                umount(target, MNT_DETACH)
+        raise
+
+
+def unmount_all(root: str, depth: int = 32) -> None:
+    """Unmount everything mounted on `root` (stacked mounts included)."""
+    for _ in range(depth):
+        try:
+            umount(root, 0)
+        except OSError as exc:
+            if exc.errno in (22, 2):  # EINVAL: not a mount point (any more); ENOENT
+                return
+            umount(root, MNT_DETACH)
+
+
+@contextlib.contextmanager
+def temporary_mount(mounts: list[Mount], base: str) -> Iterator[str]:
+    """Mount `mounts` on a fresh directory under `base`; yield it; unmount and remove it.
+    A single bind mount is not mounted at all: its source is yielded (containerd's
+    shortcut, and the common case of a first layer)."""
+    if len(mounts) == 1 and mounts[0].type in ("bind", "rbind") and "ro" not in mounts[0].options:
+        yield mounts[0].source
+        return
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    directory = os.path.join(base, f"m{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(directory, 0o700)
+    try:
+        mount_all(mounts, directory)
+        try:
+            yield directory
+        finally:
+            unmount_all(directory)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
