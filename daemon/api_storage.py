@@ -71,6 +71,8 @@ class StorageApi:
             if service == "gc" and not method:
                 table["gc"] = getattr(self, name)
             elif method:
+                if method.startswith("write_"):  # content.write.open/chunk/commit/abort
+                    method = "write." + method[len("write_") :]
                 table[f"{service}.{method}"] = getattr(self, name)
         return table
 
@@ -130,6 +132,7 @@ class StorageApi:
         except AlreadyExists:
             return {"exists": True, "offset": 0}
         writers[ref] = writer
+        writer.lease = ctx.lease  # the commit records the blob under it
         return {"exists": False, "offset": writer.offset}
 
     def _writer(self, ctx: CallContext, p: dict[str, Any]) -> tuple[str, Writer]:
@@ -161,7 +164,7 @@ class StorageApi:
                 size,
                 _str(p, "expected", required=False),
                 check_labels(p.get("labels")),
-                ctx.lease,
+                ctx.lease or writer.lease,
             )
         finally:
             self._writers(ctx).pop(ref, None)

@@ -247,6 +247,7 @@ class Writer:
         self.total = total
         self.expected = expected
         self.started_at = started_at
+        self.lease: str | None = None  # the lease a caller opened it under, if any
         self._data = os.path.join(directory, "data")
         self._fd = os.open(self._data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._hash = hashlib.sha256()

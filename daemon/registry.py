@@ -14,6 +14,7 @@ Imported lazily by berthd: httpx is only loaded when a transfer runs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from berth.daemon.reference import Reference
 from berth.daemon.storage import GC_REF_CONTENT, Storage
 from berth.shim.errors import (
     AlreadyExists,
+    BerthError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -325,6 +327,30 @@ class RegistryClient:
         _check(response, f"manifest {reference}", ok=(200, 201, 204))
 
 
+@contextlib.asynccontextmanager
+async def _transfers() -> AsyncIterator[trio.Nursery]:
+    """A nursery for concurrent transfers whose failure surfaces as the typed error of the
+    first transfer that failed (trio wraps errors leaving a nursery in an ExceptionGroup)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
+        while stack:
+            exc = stack.pop(0)
+            if isinstance(exc, BaseExceptionGroup):
+                stack.extend(exc.exceptions)
+            else:
+                leaves.append(exc)
+        typed = [e for e in leaves if isinstance(e, BerthError)]
+        if typed:
+            raise typed[0] from None
+        if any(isinstance(e, httpx.HTTPError) for e in leaves):
+            raise Unavailable(f"registry transfer failed: {leaves[0]}") from None
+        raise
+
+
 def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:
     if response.status_code in ok:
         return
@@ -399,7 +425,7 @@ async def pull(
             async with limiter:
                 await client.fetch_blob(storage, namespace, d, lease, progress, kind)
 
-        async with trio.open_nursery() as nursery:
+        async with _transfers() as nursery:
             nursery.start_soon(fetch, manifest.config, "config")
             for layer in manifest.layers:
                 nursery.start_soon(fetch, layer, "layer")
@@ -447,7 +473,7 @@ async def push(
 
     for mdesc in manifests:
         manifest = images.parse_manifest(storage.read_json(namespace, mdesc), mdesc.media_type)
-        async with trio.open_nursery() as nursery:
+        async with _transfers() as nursery:
             for layer in manifest.layers:
                 nursery.start_soon(upload, layer, "layer")
             nursery.start_soon(upload, manifest.config, "config")

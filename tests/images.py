@@ -52,18 +52,30 @@ def layer_tar(root: str) -> bytes:
     return buf.getvalue()
 
 
+def compress(raw: bytes, compression: str) -> tuple[bytes, str]:
+    if compression == "gzip":
+        return gzip.compress(raw, compresslevel=6, mtime=0), LAYER_GZIP
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(raw), LAYER_GZIP.replace("gzip", "zstd")
+    return raw, LAYER_GZIP.removesuffix("+gzip")
+
+
 def build_oci_archive(
-    root: str,
+    root: str | list[str],
     out: str,
     *,
     name: str = "docker.io/library/busybox:test",
     cmd: list[str] | None = None,
     env: list[str] | None = None,
     extra_config: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """Write an OCI image-layout tar of `root` to `out`; return the digests."""
-    raw = layer_tar(root)
-    gz = gzip.compress(raw, compresslevel=6, mtime=0)
+    compression: str = "gzip",
+) -> dict[str, Any]:
+    """Write an OCI image-layout tar of `root` (one directory per layer) to `out`."""
+    roots = [root] if isinstance(root, str) else root
+    raws = [layer_tar(r) for r in roots]
+    blobs_and_types = [compress(raw, compression) for raw in raws]
     config_doc: dict[str, Any] = {
         "architecture": "amd64",
         "os": "linux",
@@ -72,7 +84,7 @@ def build_oci_archive(
             "Cmd": cmd or ["sh"],
             **(extra_config or {}),
         },
-        "rootfs": {"type": "layers", "diff_ids": [_digest(raw)]},
+        "rootfs": {"type": "layers", "diff_ids": [_digest(raw) for raw in raws]},
         "history": [{"created_by": "berth tests/images.py"}],
     }
     config = json.dumps(config_doc, sort_keys=True).encode()
@@ -81,7 +93,10 @@ def build_oci_archive(
             "schemaVersion": 2,
             "mediaType": MANIFEST,
             "config": {"mediaType": CONFIG, "digest": _digest(config), "size": len(config)},
-            "layers": [{"mediaType": LAYER_GZIP, "digest": _digest(gz), "size": len(gz)}],
+            "layers": [
+                {"mediaType": media, "digest": _digest(blob), "size": len(blob)}
+                for blob, media in blobs_and_types
+            ],
         },
         sort_keys=True,
     ).encode()
@@ -106,7 +121,7 @@ def build_oci_archive(
         "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
         "index.json": index,
     }
-    for blob in (gz, config, manifest):
+    for blob in [b for b, _ in blobs_and_types] + [config, manifest]:
         files["blobs/sha256/" + _digest(blob)[7:]] = blob
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -126,6 +141,47 @@ def build_oci_archive(
     return {
         "manifest": _digest(manifest),
         "config": _digest(config),
-        "layer": _digest(gz),
-        "diff_id": _digest(raw),
+        "layers": [_digest(b) for b, _ in blobs_and_types],
+        "diff_ids": [_digest(raw) for raw in raws],
     }
+
+
+def build_docker_archive(
+    root: str, out: str, *, tag: str = "busybox:docker", cmd: list[str] | None = None
+) -> str:
+    """A `docker save`-style archive (manifest.json, <id>.json, <layer>/layer.tar) of
+    `root`; returns the config digest."""
+    raw = layer_tar(root)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": cmd or ["sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [_digest(raw)]},
+        },
+        sort_keys=True,
+    ).encode()
+    config_id = _digest(config)[7:]
+    layer_dir = _digest(raw)[7:]
+    files = {
+        f"{config_id}.json": config,
+        f"{layer_dir}/layer.tar": raw,
+        f"{layer_dir}/VERSION": b"1.0",
+        "manifest.json": json.dumps(
+            [
+                {
+                    "Config": f"{config_id}.json",
+                    "RepoTags": [tag],
+                    "Layers": [f"{layer_dir}/layer.tar"],
+                }
+            ]
+        ).encode(),
+        "repositories": json.dumps({tag.split(":")[0]: {tag.split(":")[1]: layer_dir}}).encode(),
+    }
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for arcname in sorted(files):
+            info = tarfile.TarInfo(arcname)
+            info.size = len(files[arcname])
+            info.mtime = EPOCH
+            tar.addfile(info, io.BytesIO(files[arcname]))
+    return _digest(config)
