@@ -688,6 +688,101 @@ class Bench:
             self.berth.remove(ids["berth"])
             self.containerd.remove(ids["containerd"])
 
+    # -- 7. images: import + unpack, pull from a loopback registry
+
+    def fig_images(self) -> None:
+        n = 3 if self.quick else 7
+        mib = 8 if self.quick else 32
+        layers = []
+        for i in range(2):
+            d = self.work / f"layer{i}"
+            d.mkdir(exist_ok=True)
+            (d / f"data{i}").write_bytes(os.urandom(mib << 20))  # incompressible
+            layers.append(str(d))
+        archive = str(self.work / "big.tar")
+        name = "docker.io/library/big:bench"
+        build_oci_archive([self.rootfs, *layers], archive, name=name)
+        size = os.path.getsize(archive)
+        port = _free_port()
+        registry = self._registry(port)
+        try:
+            ref = f"127.0.0.1:{port}/bench/big:v1"
+            sh(self.berth.cli("images", "import", archive), env=self.berth.env, timeout=600)
+            sh(
+                self.berth.cli("images", "push", "--plain-http", ref, name),
+                env=self.berth.env,
+                timeout=600,
+            )
+            sh(self.berth.cli("images", "rm", "--sync", name), env=self.berth.env)
+
+            def berth_import(i: int) -> float:
+                t = timed(self.berth.cli("images", "import", archive), env=self.berth.env)
+                sh(self.berth.cli("images", "rm", "--sync", name), env=self.berth.env)
+                return t
+
+            def ctr_import(i: int) -> float:
+                t = timed(self.containerd.cli("images", "import", archive))
+                sh(self.containerd.cli("images", "rm", "--sync", name))
+                return t
+
+            def berth_pull(i: int) -> float:
+                t = timed(self.berth.cli("images", "pull", "--plain-http", ref), env=self.berth.env)
+                sh(self.berth.cli("images", "rm", "--sync", ref), env=self.berth.env)
+                return t
+
+            def ctr_pull(i: int) -> float:
+                t = timed(self.containerd.cli("images", "pull", "--plain-http", ref))
+                sh(self.containerd.cli("images", "rm", "--sync", ref))
+                return t
+
+            samples = self.interleave(
+                {"berth": berth_import, "containerd": ctr_import}, n, warmup=1
+            )
+            self.record(
+                "image_import",
+                f"import + unpack of a {size >> 20} MiB image archive",
+                "ms",
+                samples,
+                ("berth", "containerd"),
+                1000,
+            )
+            samples = self.interleave({"berth": berth_pull, "containerd": ctr_pull}, n, warmup=1)
+            self.record(
+                "image_pull",
+                "pull + unpack of the same image from a loopback registry",
+                "ms",
+                samples,
+                ("berth", "containerd"),
+                1000,
+            )
+        finally:
+            registry.terminate()
+            registry.wait(timeout=10)
+
+    def _registry(self, port: int) -> subprocess.Popen[bytes]:
+        data = self.work / "registry"
+        data.mkdir(exist_ok=True)
+        config = self.work / "registry.yml"
+        config.write_text(
+            f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {data}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n"
+        )
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import socket
+
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            time.sleep(0.02)
+        proc.kill()
+        raise RuntimeError("the registry did not start")
+
     # -- report
 
     def write(self, out_dir: Path, versions: dict[str, str]) -> Path:
@@ -728,6 +823,14 @@ class Bench:
         return path
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
 def private_workdir() -> Iterator[Path]:
     work = Path(
@@ -760,7 +863,7 @@ def main() -> int:
             ["mount", "-t", "cgroup", "-o", "hugetlb", "hugetlb", "/sys/fs/cgroup/hugetlb"],
             check=True,
         )
-    only = set(args.only or ["run_rm", "memory", "throughput", "concurrent", "exec"])
+    only = set(args.only or ["run_rm", "memory", "throughput", "concurrent", "exec", "images"])
     with private_workdir() as work:
         bench = Bench(args.quick, work)
         try:
@@ -779,6 +882,8 @@ def main() -> int:
                 bench.fig_concurrent()
             if "exec" in only:
                 bench.fig_exec()
+            if "images" in only:
+                bench.fig_images()
             path = bench.write(Path(args.out), versions)
             print(f"\nwrote {path}")
         finally:
