@@ -643,8 +643,15 @@ def cmd_run(session: Session, args: argparse.Namespace) -> int:
     container_id = args.id
     _create_container(session, args, container_id)
     try:
+        log: Any = True
+        if args.log_max_size or args.log_max_files:
+            log = {
+                k: v
+                for k, v in (("max_size", args.log_max_size), ("max_files", args.log_max_files))
+                if v
+            }
         if args.detach:
-            params = {"container_id": container_id, "terminal": args.tty, "log": True}
+            params = {"container_id": container_id, "terminal": args.tty, "log": log}
             size = terminal_size() if args.tty else None
             if size:
                 params.update(width=size[0], height=size[1])
@@ -656,7 +663,7 @@ def cmd_run(session: Session, args: argparse.Namespace) -> int:
             container_id,
             terminal=args.tty,
             exec_id=None,
-            create_params={"log": True} if args.log else {},
+            create_params={"log": log} if args.log else {},
         )
     except BaseException:
         if args.rm:
@@ -812,6 +819,20 @@ def _add_run(commands: Any, wanted: str | None = None) -> None:
     p.add_argument("--rm", action="store_true", help="delete the container when it exits")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background (logs on)")
     p.add_argument("--log", action="store_true", help="also log output in the shim")
+    p.add_argument(
+        "--log-max-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="rotate the shim's log at this size (default: berthd's config)",
+    )
+    p.add_argument(
+        "--log-max-files",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rotated files to keep (default: berthd's config)",
+    )
     p.add_argument(
         "args",
         nargs=argparse.REMAINDER,

@@ -94,9 +94,11 @@ def remove_namespace_cgroups(namespace: str) -> None:
 class Daemon:
     """A berthd started by a test; see the module docstring."""
 
-    def __init__(self, *, private_mount_ns: bool = False, extra_config: str = "") -> None:
+    def __init__(
+        self, *, private_mount_ns: bool = False, extra_config: str = "", base_dir: str | None = None
+    ) -> None:
         # Short paths: UNIX socket names must fit in 107 bytes.
-        self.dir = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+        self.dir = base_dir or tempfile.mkdtemp(prefix="bt-", dir="/tmp")
         self.root = os.path.join(self.dir, "root")
         self.state = os.path.join(self.dir, "state")
         self.address = os.path.join(self.state, "berthd.sock")
@@ -244,6 +246,19 @@ class Daemon:
                     found.append(int(entry))
         return found
 
+    def descendants(self) -> list[int]:
+        """Every live process below this daemon's reapers (the shims end up there)."""
+        found: list[int] = []
+        stack = [r.pid for r in self.reapers if r.poll() is None]
+        while stack:
+            pid = stack.pop()
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    for child in (task / "children").read_text().split():
+                        found.append(int(child))
+                        stack.append(int(child))
+        return found
+
     def cleanup(self) -> None:
         """Stop everything, by pid, and remove every trace."""
         for pid in self.container_pids():
@@ -253,6 +268,8 @@ class Daemon:
         for pid in self.pids:
             if process_state(pid) not in (None, "Z"):
                 kill(pid)
+        for pid in self.descendants():  # whatever the state files could not name
+            kill(pid)
         runtime_dir = Path(self.state, "runtime")
         if runtime_dir.is_dir():
             for runtime in runtime_dir.iterdir():
