@@ -224,7 +224,7 @@ class Api:
         if isinstance(runtime, dict):
             options = runtime.get("options") or {}
             runtime = runtime.get("name") or self.config.default_runtime
-        if not isinstance(runtime, str) or runtime not in self.config.runtimes:
+        if not isinstance(runtime, str) or self.config.runtime_entry(runtime) is None:
             raise InvalidArgument(
                 f"unknown runtime {runtime!r}; configured: {sorted(self.config.runtimes)}"
             )

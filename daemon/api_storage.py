@@ -12,6 +12,7 @@ keeps serving tasks meanwhile.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,6 +32,9 @@ from berth.shim.mount import Mount
 T = TypeVar("T")
 MAX_READ = 1 << 20
 WRITERS = "content.writers"
+GC_DELAY = 1.0  # seconds after a delete before the collector runs (a burst is one run)
+
+log = logging.getLogger("berthd.gc")
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -58,6 +62,25 @@ class StorageApi:
     def __init__(self, storage: Storage, publish: Callable[..., Any]) -> None:
         self.storage = storage
         self.publish = publish
+        self._gc_requested = trio.Event()
+
+    def request_gc(self) -> None:
+        """A delete made something unreferenced: collect soon (background_collector)."""
+        self._gc_requested.set()
+
+    async def background_collector(self) -> None:
+        """containerd collects after deletions, not only on demand; so does berth: a
+        second after a delete, so a burst of deletes costs one collection. Whatever a
+        lease, an image, a container or a running task references is never collected."""
+        while True:
+            await self._gc_requested.wait()
+            await trio.sleep(GC_DELAY)
+            self._gc_requested = trio.Event()
+            try:
+                result = await in_thread(self.storage.gc, self.protected())
+                log.debug("background GC: %s", result.to_wire())
+            except Exception:
+                log.exception("background GC failed")
 
     def handlers(self) -> dict[str, Handler]:
         names = [
@@ -253,7 +276,9 @@ class StorageApi:
         self.storage.store.delete_image(ctx.namespace, name)
         self.publish(ctx.namespace, "/images/delete", {"name": name})
         if p.get("sync"):
-            await in_thread(self.storage.gc)
+            await in_thread(self.storage.gc, self.protected())
+        else:
+            self.request_gc()
         return {}
 
     async def images_import(self, ctx: CallContext, p: dict[str, Any]) -> Any:
@@ -497,7 +522,9 @@ class StorageApi:
     async def leases_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         self.storage.store.delete_lease(ctx.namespace, _str(p, "id"))
         if p.get("sync"):
-            await in_thread(self.storage.gc)
+            await in_thread(self.storage.gc, self.protected())
+        else:
+            self.request_gc()
         return {}
 
     async def leases_add_resource(self, ctx: CallContext, p: dict[str, Any]) -> Any:

@@ -16,6 +16,10 @@ args = []                          # extra global arguments
 [container_log]                    # defaults for the shim's log mode
 max_size = 16777216
 max_files = 4
+
+[grpc]                             # containerd's gRPC API (berth-grpc), for dockerd and ctr
+address = "/run/berth/containerd.sock"   # unset: not served
+gid = 0                            # the socket's group (mode 0660): root-equivalent access
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from berth.shim.errors import InvalidArgument
 from berth.shim.identifiers import validate
 
 DEFAULT_ROOT = "/var/lib/berth"
+# containerd's names for its runc shim; engines send them, berth runs them with runc.
+CONTAINERD_RUNC_NAMES = (
+    "io.containerd.runc.v2",
+    "io.containerd.runc.v1",
+    "io.containerd.runtime.v1.linux",
+)
 DEFAULT_STATE = "/run/berth"
 
 
@@ -54,6 +64,8 @@ class Config:
     log_max_files: int = 4
     socket_group: int | None = None
     default_snapshotter: str = "overlayfs"
+    grpc_address: str = ""
+    grpc_gid: int = 0
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -65,11 +77,24 @@ class Config:
             }
 
     def validate(self) -> None:
-        for path_name in ("root", "state", "address"):
-            if not os.path.isabs(getattr(self, path_name)):
+        for path_name in ("root", "state", "address", "grpc_address"):
+            value = getattr(self, path_name)
+            if value and not os.path.isabs(value):
                 raise InvalidArgument(f"{path_name} must be an absolute path")
+        if self.grpc_address and os.path.abspath(self.grpc_address) == os.path.abspath(
+            self.address
+        ):
+            raise InvalidArgument("[grpc] address must differ from berthd's own address")
         if self.default_runtime not in self.runtimes:
             raise InvalidArgument(f"default runtime {self.default_runtime!r} is not configured")
+
+    def runtime_entry(self, name: str) -> RuntimeEntry | None:
+        """The configured runtime `name`; containerd's runc runtime names resolve to the
+        `runc` entry unless configured themselves."""
+        entry = self.runtimes.get(name)
+        if entry is None and name in CONTAINERD_RUNC_NAMES:
+            entry = self.runtimes.get("runc")
+        return entry
 
     def runtime_root(self, entry: RuntimeEntry, namespace: str) -> str:
         if entry.root:
@@ -133,6 +158,17 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     if isinstance(log, dict):
         config.log_max_size = int(log.get("max_size", config.log_max_size))
         config.log_max_files = int(log.get("max_files", config.log_max_files))
+    grpc = doc.get("grpc", {})
+    if not isinstance(grpc, dict):
+        raise InvalidArgument("[grpc] must be a table")
+    address = grpc.get("address", "")
+    if not isinstance(address, str):
+        raise InvalidArgument("[grpc] address must be a string")
+    config.grpc_address = address
+    gid = grpc.get("gid", 0)
+    if not isinstance(gid, int) or isinstance(gid, bool) or gid < 0:
+        raise InvalidArgument("[grpc] gid must be a group id")
+    config.grpc_gid = gid
     if "socket_group" in doc:
         config.socket_group = int(doc["socket_group"])
     return config
@@ -146,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", "-a", help="API socket path (default <state>/berthd.sock)")
     parser.add_argument("--default-runtime", help="runtime for containers that name none")
     parser.add_argument("--log-level", help="debug, info, warning, error")
+    parser.add_argument(
+        "--grpc-address", help="serve containerd's gRPC API on this socket (berth-grpc)"
+    )
     return parser.parse_args(argv)
 
 
@@ -158,6 +197,8 @@ def load(argv: list[str] | None = None) -> Config:
         value = getattr(args, key)
         if value:
             doc[key] = os.path.abspath(value) if key in ("root", "state", "address") else value
+    if args.grpc_address:
+        doc.setdefault("grpc", {})["address"] = os.path.abspath(args.grpc_address)
     config = from_mapping(doc)
     config.validate()
     return config

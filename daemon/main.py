@@ -4,7 +4,9 @@
       nursery
         ├── API listener: one task per connection, one per request (rpc.ServerConnection)
         ├── recovery: reattach to every shim in the state dir, then open task calls
+        ├── GC scheduler: collects a second after deletes (images, leases)
         ├── zygote client reader
+        ├── gRPC front end: berth-grpc, a child process, restarted if it dies
         ├── per task: shim connection reader, event pump, death watch (tasks.TaskService)
         └── signal watcher: SIGTERM/SIGINT -> stop serving, leave every shim running
 
@@ -23,6 +25,7 @@ import sys
 import trio
 
 from berth.daemon import config as config_module
+from berth.daemon import frontend
 from berth.daemon.api import Api, load_server_uuid, namespace_of
 from berth.daemon.api_storage import StorageApi
 from berth.daemon.config import Config
@@ -113,6 +116,9 @@ async def serve(
             log.info("berthd serving on %s (pid %d)", config.address, os.getpid())
             task_status.started()
             nursery.start_soon(guarded, "zygote start", zygote.warm)
+            nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
+            if config.grpc_address:
+                nursery.start_soon(guarded, "gRPC front end", frontend.supervise, config)
     finally:
         with trio.CancelScope(shield=True):
             try:

@@ -166,9 +166,10 @@ class Storage:
         try:
             return self.content.writer(f"{namespace}/{ref}", total, expected)
         except AlreadyExists:
-            info = self.content.info(expected)
-            self.store.add_content(namespace, expected, info.size)
-            self._hold(namespace, lease_id, "content", expected)
+            with self._gc_lock:  # a collection must not sweep it between these steps
+                info = self.content.info(expected)
+                self._hold(namespace, lease_id, "content", expected)
+                self.store.add_content(namespace, expected, info.size)
             raise
 
     def commit(
@@ -180,11 +181,14 @@ class Storage:
         labels: dict[str, str] | None = None,
         lease_id: str | None = None,
     ) -> str:
-        digest = writer.commit(size, expected)
-        self.store.add_content(namespace, digest, self.content.info(digest).size, labels)
-        if labels:
-            self.store.update_content(namespace, digest, labels)
-        self._hold(namespace, lease_id, "content", digest)
+        # Under the GC lock: a collection that ran between the blob landing in the store
+        # and its record (or its lease reference) would sweep it as unreferenced.
+        with self._gc_lock:
+            digest = writer.commit(size, expected)
+            self._hold(namespace, lease_id, "content", digest)
+            self.store.add_content(namespace, digest, self.content.info(digest).size, labels)
+            if labels:
+                self.store.update_content(namespace, digest, labels)
         return digest
 
     def put_blob(

@@ -216,7 +216,7 @@ class TaskService:
         container = self._store.get_container(namespace, container_id)
         if key in self._tasks or key in self._reserved:
             raise AlreadyExists(f"task {container_id} already exists")
-        entry = self._config.runtimes.get(container.runtime)
+        entry = self._config.runtime_entry(container.runtime)
         if entry is None:
             raise InvalidArgument(f"unknown runtime {container.runtime!r}")
         binary = container.runtime_options.get("binary_name") or entry.binary
@@ -242,14 +242,17 @@ class TaskService:
                 await trio.to_thread.run_sync(remove_bundle, bundle)
             os.makedirs(bundle, mode=0o700)
             _write_json(os.path.join(bundle, "config.json"), spec)
-            runtime_root = container.runtime_options.get("root") or self._config.runtime_root(
-                entry, namespace
-            )
+            root_option = container.runtime_options.get("root")
+            if isinstance(root_option, str) and root_option:
+                runtime_root = os.path.join(root_option, namespace)  # as containerd's shim
+            else:
+                runtime_root = self._config.runtime_root(entry, namespace)
             runtime = RuntimeConfig(
                 binary=binary,
                 root=runtime_root,
                 args=entry.args,
-                systemd_cgroup=entry.systemd_cgroup,
+                systemd_cgroup=entry.systemd_cgroup
+                or container.runtime_options.get("systemd_cgroup") is True,
             )
             handle = TaskHandle(
                 namespace, container_id, bundle, self._socket(namespace, container_id), runtime
@@ -850,6 +853,12 @@ class TaskService:
                     self._apply_state(view, state)
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
+                if self.closing:
+                    # Shutdown closed the connection under the recovery (found by the soak:
+                    # SIGTERM right after a restart killed healthy shims, and their
+                    # containers' exit statuses became 255). The next daemon recovers it.
+                    log.info("recovery of %s/%s cut short by shutdown", namespace, container_id)
+                    return
                 log.error(
                     "recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
                     record.pid,

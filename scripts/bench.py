@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from berth.daemon.rootfs import build_busybox_rootfs  # noqa: E402
 from berth.shim.client import Client  # noqa: E402
-from tests.helpers import hybrid_crun_fix_needed  # noqa: E402
-from tests.images import build_oci_archive  # noqa: E402
+from tests.helpers import hybrid_crun_fix_needed, remove_namespace_cgroups  # noqa: E402
+from tests.images import build_docker_archive, build_oci_archive  # noqa: E402
 
 VENV = REPO / ".venv" / "bin"
 BERTH = str(VENV / "berth")
@@ -178,10 +178,12 @@ class Berth:
         self.dir = work / "berth"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.address = str(self.dir / "state" / "berthd.sock")
+        self.grpc_address = str(self.dir / "state" / "containerd.sock")
         config = self.dir / "berthd.toml"
         config.write_text(
             f'root = "{self.dir / "root"}"\nstate = "{self.dir / "state"}"\nlog_level = "warning"\n'
             '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
+            f'[grpc]\naddress = "{self.grpc_address}"\n'
         )
         self.daemon = Daemon("berthd", [BERTHD, "--config", str(config)], self.dir / "berthd.log")
         self.env = dict(os.environ, BERTH_ADDRESS=self.address, BERTH_NAMESPACE=NS)
@@ -198,6 +200,21 @@ class Berth:
                 return
             time.sleep(0.005)
         raise RuntimeError(f"berthd did not start; see {self.daemon.log}")
+
+    def wait_grpc(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sh(["ctr", "-a", self.grpc_address, "version"], check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"berth-grpc did not start; see {self.daemon.log}")
+
+    def frontend_pid(self) -> int | None:
+        for pid in self.daemon.descendants():
+            with contextlib.suppress(OSError):
+                if b"berth.daemon.grpc_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
 
     def cli(self, *args: str) -> list[str]:
         return [BERTH, *args]
@@ -319,6 +336,7 @@ class Bench:
         self.bundle = work / "bundle"
         self.berth = Berth(work)
         self.containerd = Containerd(work)
+        self.dockerds: list[Daemon] = []
         self.seq = 0
 
     def uid(self, prefix: str) -> str:
@@ -494,10 +512,16 @@ class Bench:
             ]
             if zygotes:
                 out["berth"]["zygote_pss"] = mem_rollup(zygotes[0])["pss"]
+            front = self.berth.frontend_pid()
+            if front:
+                out["berth"]["frontend_rss"] = mem_rollup(front)["rss"]
+                out["berth"]["frontend_pss"] = mem_rollup(front)["pss"]
             self.results["figures"][f"memory_{count}"] = {
                 "title": f"memory with {count} sleep containers",
                 "values": out,
             }
+            if "frontend_rss" in out["berth"]:
+                print(f"berth-grpc RSS {out['berth']['frontend_rss']:.1f} MiB")
             print(f"\n### memory with {count} containers (MiB, mean per shim)\n")
             print("| system | shim RSS | shim PSS | shim USS | daemon RSS |\n|---|---|---|---|---|")
             for name, v in out.items():
@@ -759,6 +783,120 @@ class Bench:
             registry.terminate()
             registry.wait(timeout=10)
 
+    # -- 8. the real clients: ctr and dockerd, on berth (via berth-grpc) and on containerd
+
+    def fig_clients(self) -> None:
+        n = 6 if self.quick else 20
+        archive = str(self.work / "image.tar")
+        fifo = self.work / "ctr-fifo"
+        fifo.mkdir(exist_ok=True)
+        self.berth.wait_grpc()
+        ctr_berth = ["ctr", "-a", self.berth.grpc_address, "-n", NS]
+        sh([*ctr_berth, "images", "import", archive], timeout=300)
+
+        def berth_ctr(i: int) -> float:
+            return timed(
+                [
+                    *ctr_berth,
+                    "run",
+                    "--rm",
+                    "--fifo-dir",
+                    str(fifo),
+                    IMAGE,
+                    self.uid("c"),
+                    "/bin/true",
+                ]
+            )
+
+        def containerd_ctr(i: int) -> float:
+            return timed(self.containerd.run_rm(self.uid("c"), self.rootfs, "runc", ["/bin/true"]))
+
+        samples = self.interleave({"berth": berth_ctr, "containerd": containerd_ctr}, n)
+        self.record(
+            "ctr_run_rm",
+            "ctr run --rm of /bin/true (containerd's CLI; berth through berth-grpc)",
+            "ms",
+            samples,
+            ("berth", "containerd"),
+            1000,
+        )
+        if not Path("/usr/sbin/dockerd").exists():
+            self.results["notes"].append("dockerd not installed: no docker run figure")
+            return
+        docker_archive = str(self.work / "docker-image.tar")
+        build_docker_archive(self.rootfs, docker_archive, tag="busybox:bench")
+        engines = {
+            "berth": self._dockerd("berth", self.berth.grpc_address),
+            "containerd": self._dockerd("containerd", self.containerd.address),
+        }
+        try:
+            for docker in engines.values():
+                sh([*docker, "load", "-i", docker_archive], timeout=300)
+
+            def runner(docker: list[str]) -> Callable[[int], float]:
+                return lambda i: timed([*docker, "run", "--rm", "busybox:bench", "/bin/true"])
+
+            samples = self.interleave({k: runner(v) for k, v in engines.items()}, n)
+            self.record(
+                "docker_run_rm",
+                "docker run --rm of /bin/true (dockerd 20.10 on each, live-restore)",
+                "ms",
+                samples,
+                ("berth", "containerd"),
+                1000,
+            )
+        finally:
+            for daemon in self.dockerds:
+                daemon.stop_everything()
+            for name in engines:
+                for group in Path("/sys/fs/cgroup").glob(f"*/berth-bench-{name}"):
+                    for sub in sorted(group.glob("**/"), key=lambda p: -len(p.parts)):
+                        with contextlib.suppress(OSError):
+                            sub.rmdir()
+
+    def _dockerd(self, name: str, containerd_address: str) -> list[str]:
+        base = self.work / f"dockerd-{name}"
+        base.mkdir(exist_ok=True)
+        host = f"unix://{base / 'docker.sock'}"
+        daemon = Daemon(
+            f"dockerd-{name}",
+            [
+                "/usr/sbin/dockerd",
+                "--containerd",
+                containerd_address,
+                "--containerd-namespace",
+                f"bench-{name}",
+                "--containerd-plugins-namespace",
+                f"bench-{name}-plugins",
+                "--data-root",
+                str(base / "data"),
+                "--exec-root",
+                str(base / "exec"),
+                "--pidfile",
+                str(base / "dockerd.pid"),
+                "-H",
+                host,
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--live-restore",
+                "--storage-driver",
+                "overlay2",
+                "--cgroup-parent",
+                f"/berth-bench-{name}",
+            ],
+            base / "dockerd.log",
+        )
+        daemon.start()
+        self.dockerds.append(daemon)
+        docker = ["/usr/bin/docker", "-H", host]
+        deadline = time.monotonic() + 60
+        while sh([*docker, "version"], check=False, timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd on {name} did not start; see {base}/dockerd.log")
+            time.sleep(0.2)
+        return docker
+
     def _registry(self, port: int) -> subprocess.Popen[bytes]:
         data = self.work / "registry"
         data.mkdir(exist_ok=True)
@@ -816,6 +954,13 @@ class Bench:
                         "\nberth's zygote (shared by all shims): PSS "
                         f"{fig['values']['berth']['zygote_pss']:.2f} MiB"
                     )
+                if "frontend_rss" in fig["values"].get("berth", {}):
+                    b = fig["values"]["berth"]
+                    lines.append(
+                        "\nberth-grpc (containerd's gRPC API, grpcio; a process of its own): "
+                        f"RSS {b['frontend_rss']:.1f} MiB, PSS {b['frontend_pss']:.1f} MiB. "
+                        f"berthd + berth-grpc RSS: {b['daemon_rss'] + b['frontend_rss']:.1f} MiB"
+                    )
         for note in self.results["notes"]:
             lines.append(f"\nNote: {note}")
         path = out_dir / f"{stamp}.md"
@@ -850,7 +995,9 @@ def main() -> int:
         "--quick", action="store_true", help="fewer runs and smaller sizes (< 5 min)"
     )
     parser.add_argument(
-        "--only", action="append", help="run_rm, memory, throughput, concurrent, exec"
+        "--only",
+        action="append",
+        help="run_rm, memory, throughput, concurrent, exec, images, clients",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -863,7 +1010,9 @@ def main() -> int:
             ["mount", "-t", "cgroup", "-o", "hugetlb", "hugetlb", "/sys/fs/cgroup/hugetlb"],
             check=True,
         )
-    only = set(args.only or ["run_rm", "memory", "throughput", "concurrent", "exec", "images"])
+    only = set(
+        args.only or ["run_rm", "memory", "throughput", "concurrent", "exec", "images", "clients"]
+    )
     with private_workdir() as work:
         bench = Bench(args.quick, work)
         try:
@@ -884,11 +1033,20 @@ def main() -> int:
                 bench.fig_exec()
             if "images" in only:
                 bench.fig_images()
+            if "clients" in only:
+                bench.fig_clients()
             path = bench.write(Path(args.out), versions)
             print(f"\nwrote {path}")
         finally:
+            for dockerd in bench.dockerds:
+                dockerd.stop_everything()
             bench.berth.daemon.stop_everything()
             bench.containerd.daemon.stop_everything()
+            remove_namespace_cgroups(NS)  # berth's /berth/bench/*
+            for group in Path("/sys/fs/cgroup").glob(f"*/{NS}"):  # ctr's /bench/<id>
+                for sub in sorted(group.glob("**/"), key=lambda p: -len(p.parts)):
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
             for runtime in ("runc", "crun"):
                 root = work / f"bare-{runtime}"
                 if root.is_dir():

@@ -9,8 +9,13 @@ Measured on this machine class: ~2.5 ms from request to a serving child, and a p
 memory (USS) per shim under 2 MiB.
 
 It talks to its daemon over an inherited socketpair with the ordinary protocol, serves one
-request at a time, and dies with the daemon (PR_SET_PDEATHSIG); the shims it made are
+request at a time, and dies with the daemon: the daemon's end of the socketpair closes when
+the daemon dies, however it dies, and the zygote exits on that EOF. The shims it made are
 detached and live on.
+
+Kernel fact, where it bit: PR_SET_PDEATHSIG fires when the parent *thread* exits, not the
+parent process. trio starts subprocesses from a worker thread, and its idle workers exit
+after seconds, so a pdeathsig zygote was killed shortly after every start.
 """
 
 from __future__ import annotations
@@ -42,9 +47,6 @@ MAX_FRAME = 256 * 1024
 
 
 def serve(ctl_fd: int, work_dir: str | None = None) -> int:
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() == 1:  # the daemon died before we set pdeathsig
-        return 0
     try:
         prctl.set_proctitle("berth-shim zygote")
     except Exception:

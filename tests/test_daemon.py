@@ -325,7 +325,11 @@ def test_a_dead_zygote_is_replaced(daemon: Daemon) -> None:
     import psutil
 
     daemon_proc = psutil.Process(daemon.pid)
-    zygotes = [p for p in daemon_proc.children() if "zygote" in " ".join(p.cmdline())]
+
+    def find() -> list[psutil.Process]:
+        return [p for p in daemon_proc.children() if "zygote" in " ".join(p.cmdline())]
+
+    zygotes = wait_until(find, what="the zygote (started right after the socket opens)")
     assert len(zygotes) == 1
     zygotes[0].kill()
     zygotes[0].wait(5)

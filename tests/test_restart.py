@@ -178,6 +178,30 @@ def test_graceful_daemon_stop_leaves_containers_running(daemon: Daemon) -> None:
     daemon.cli("tasks", "rm", "-f", "c-term", check=True)
 
 
+def test_sigterm_during_recovery_leaves_every_shim_alive(daemon: Daemon) -> None:
+    """Found by the soak: a SIGTERM that arrived while a restarted daemon was still
+    reattaching closed the shim connections under the recovery, which took them for
+    broken shims and killed them (their containers then reported 255)."""
+    ids = [f"r{i}" for i in range(12)]
+    for cid in ids:
+        daemon.cli("run", "--busybox", "-d", cid, "sleep", "600", check=True)
+    before = _tasks(daemon)
+    shims = daemon.shim_pids()
+    for _ in range(3):
+        daemon.kill9()
+        daemon.start()
+        daemon.terminate()  # at once: recovery is usually still reattaching
+        for cid in ids:
+            assert process_state(shims[cid]) not in (None, "Z"), f"shim of {cid} was killed"
+            assert process_state(before[cid]["pid"]) not in (None, "Z")  # type: ignore[arg-type]
+    daemon.start()
+    after = _tasks(daemon)
+    assert all(after[c]["status"] == "running" for c in ids)
+    assert "alive but unusable" not in daemon.log_text()
+    for cid in ids:
+        daemon.cli("tasks", "rm", "-f", cid, check=True)
+
+
 def _shim_record(daemon: Daemon, cid: str) -> dict[str, object]:
     import json
 

@@ -1,0 +1,575 @@
+"""containerd 1.6's API types, and conversions between them and berth's own objects.
+
+The message classes come from stubs that scripts/gen-containerd-api generates at install
+time from the .proto files Debian ships (nothing of containerd is in this repository);
+they live in a directory of their own that only the gRPC front end puts on sys.path.
+
+Conversions are pure functions (messages in, berth dicts out, and back), so they are unit
+tested without a daemon. containerd's encodings that matter to real clients:
+- the OCI spec, process and resources travel as JSON inside an Any whose type_url names
+  the runtime-spec type (not as protobuf);
+- runc's options are `containerd.runc.v1.Options`;
+- times are Timestamps, and "never" is Go's zero time, 0001-01-01 (seconds -62135596800),
+  not the Unix epoch: dockerd compares exited_at with the zero time;
+- events are Anys of `containerd.events.<Type>`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import sysconfig
+from typing import Any
+
+from berth.shim.errors import InvalidArgument
+
+STUBS_ENV = "BERTH_CONTAINERD_API"
+STUBS_DIR = "berth_containerd_api"
+
+SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
+CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
+PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
+
+ZERO_TIME_SECONDS = -62135596800  # Go's time.Time{} as a protobuf Timestamp
+MAX_SPEC_JSON = 4 * 1024 * 1024
+
+# containerd's runtime names for the runc shim: berth runs them with its own shim.
+RUNC_RUNTIMES = ("io.containerd.runc.v2", "io.containerd.runc.v1", "io.containerd.runtime.v1.linux")
+
+
+def stubs_path() -> str:
+    explicit = os.environ.get(STUBS_ENV)
+    if explicit:
+        return explicit
+    return os.path.join(sysconfig.get_paths()["purelib"], STUBS_DIR)
+
+
+class _Types:
+    """The generated modules, imported on first use (they are the front end's alone)."""
+
+    def __init__(self) -> None:
+        path = stubs_path()
+        if not os.path.isfile(os.path.join(path, ".generated")):
+            raise RuntimeError(
+                f"containerd API stubs not found in {path}: run scripts/gen-containerd-api"
+            )
+        if path not in sys.path:
+            sys.path.append(path)  # appended: never shadows an installed package
+        m = importlib.import_module
+        svc = "containerd.api.services"
+        self.tasks = m(f"{svc}.tasks.v1.tasks_pb2")
+        self.containers = m(f"{svc}.containers.v1.containers_pb2")
+        self.content = m(f"{svc}.content.v1.content_pb2")
+        self.diff = m(f"{svc}.diff.v1.diff_pb2")
+        self.events = m(f"{svc}.events.v1.events_pb2")
+        self.images = m(f"{svc}.images.v1.images_pb2")
+        self.introspection = m(f"{svc}.introspection.v1.introspection_pb2")
+        self.leases = m(f"{svc}.leases.v1.leases_pb2")
+        self.namespaces = m(f"{svc}.namespaces.v1.namespace_pb2")
+        self.snapshots = m(f"{svc}.snapshots.v1.snapshots_pb2")
+        self.version = m(f"{svc}.version.v1.version_pb2")
+        self.mount = m("containerd.api.types.mount_pb2")
+        self.descriptor = m("containerd.api.types.descriptor_pb2")
+        self.metrics = m("containerd.api.types.metrics_pb2")
+        self.platform = m("containerd.api.types.platform_pb2")
+        self.task = m("containerd.api.types.task.task_pb2")
+        self.runc = m("containerd.runtime.v2.runc.options.oci_pb2")
+        self.cgroups_v1 = m("cgroups.stats.v1.metrics_pb2")
+        self.cgroups_v2 = m("cgroups.v2.stats.metrics_pb2")
+        self.event_modules = [
+            m(f"containerd.api.events.{name}_pb2")
+            for name in ("task", "container", "content", "image", "namespace", "snapshot")
+        ]
+        from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+
+        self.Any = any_pb2.Any
+        self.Empty = empty_pb2.Empty
+        self.Timestamp = timestamp_pb2.Timestamp
+        self.event_types: dict[str, Any] = {}
+        for module in self.event_modules:
+            for name in module.DESCRIPTOR.message_types_by_name:
+                cls = getattr(module, name)
+                self.event_types[cls.DESCRIPTOR.full_name] = cls
+
+
+_types: _Types | None = None
+
+
+def types() -> _Types:
+    global _types
+    if _types is None:
+        _types = _Types()
+    return _types
+
+
+# -- times ------------------------------------------------------------------------------
+
+
+def timestamp(ns: int | None) -> Any:
+    """berth's nanoseconds since the epoch; 0 (never) is Go's zero time, as containerd
+    sends it."""
+    if not ns:
+        return types().Timestamp(seconds=ZERO_TIME_SECONDS, nanos=0)
+    return types().Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def from_timestamp(ts: Any) -> int:
+    if ts is None or ts.seconds <= 0:
+        return 0
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+# -- Any with JSON payloads -------------------------------------------------------------
+
+
+def json_any(type_url: str, doc: Any) -> Any:
+    return types().Any(type_url=type_url, value=json.dumps(doc).encode())
+
+
+def from_json_any(value: Any, expected: str, what: str) -> dict[str, Any]:
+    """The JSON document in an Any of an OCI type; InvalidArgument for anything else."""
+    if value is None or not value.type_url:
+        raise InvalidArgument(f"{what} is required")
+    type_url = value.type_url
+    if type_url.rpartition("/")[2] != expected.rpartition("/")[2] or "runtime-spec" not in (
+        type_url
+    ):
+        raise InvalidArgument(f"{what}: unsupported type {type_url!r}, expected {expected!r}")
+    if len(value.value) > MAX_SPEC_JSON:
+        raise InvalidArgument(f"{what} is too large")
+    try:
+        doc = json.loads(value.value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return doc
+
+
+# -- runtime options --------------------------------------------------------------------
+
+_RUNC_FIELDS = ("binary_name", "root", "systemd_cgroup", "no_pivot_root", "no_new_keyring")
+
+
+def runtime_options_from_any(value: Any) -> dict[str, Any]:
+    """containerd.runc.v1.Options as berth's runtime options (binary_name and root are
+    honoured by the task service); the Any itself is kept to be returned unchanged."""
+    if value is None or not value.type_url:
+        return {}
+    options: dict[str, Any] = {
+        "type_url": value.type_url,
+        "value": bytes(value.value).hex(),
+    }
+    if value.type_url.rpartition("/")[2] == RUNC_OPTIONS_TYPE:
+        parsed = types().runc.Options()
+        try:
+            parsed.ParseFromString(value.value)
+        except Exception as exc:  # google.protobuf.message.DecodeError
+            raise InvalidArgument(f"bad {RUNC_OPTIONS_TYPE}: {exc}") from None
+        for name in _RUNC_FIELDS:
+            field_value = getattr(parsed, name)
+            if field_value:
+                options[name] = field_value
+        if parsed.root and not os.path.isabs(parsed.root):
+            raise InvalidArgument("runc options: root must be an absolute path")
+    return options
+
+
+def runtime_options_to_any(options: dict[str, Any]) -> Any:
+    if not options:
+        return None
+    type_url, raw = options.get("type_url"), options.get("value")
+    if isinstance(type_url, str) and isinstance(raw, str):
+        try:
+            return types().Any(type_url=type_url, value=bytes.fromhex(raw))
+        except ValueError:
+            pass
+    # berth-native options (a dict written through berth's own API): the fields of
+    # containerd.runc.v1.Options that have the right type, nothing else
+    fields = {}
+    for name in _RUNC_FIELDS:
+        value = options.get(name)
+        kind = bool if name in ("systemd_cgroup", "no_pivot_root", "no_new_keyring") else str
+        if value and isinstance(value, kind):
+            fields[name] = value
+    parsed = types().runc.Options(**fields)
+    return types().Any(type_url=RUNC_OPTIONS_TYPE, value=parsed.SerializeToString())
+
+
+# -- generic message <-> dict -----------------------------------------------------------
+
+TIMESTAMP = "google.protobuf.Timestamp"
+
+
+def fill(message: Any, doc: dict[str, Any]) -> Any:
+    """Set the fields of `message` that `doc` names (others ignored): nested messages
+    from dicts, maps from dicts, Timestamps from nanoseconds, repeated fields from
+    lists. Values of the wrong type are an InvalidArgument."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for key, value in doc.items():
+        field = fields.get(key)
+        if field is None or value is None:
+            continue
+        try:
+            _set_field(message, field, value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"field {key}: {exc}") from None
+    return message
+
+
+def _set_field(message: Any, field: Any, value: Any) -> None:
+    name = field.name
+    kind = field.message_type
+    if kind is not None and kind.GetOptions().map_entry:
+        target = getattr(message, name)
+        value_field = kind.fields_by_name["value"]
+        for k, v in dict(value).items():
+            if value_field.message_type is None:
+                target[k] = v
+            else:
+                fill(target[k], v)
+        return
+    if _is_repeated(field):
+        target = getattr(message, name)
+        for item in value:
+            if kind is None:
+                target.append(item)
+            else:
+                fill(target.add(), item)
+        return
+    if kind is not None:
+        if kind.full_name == TIMESTAMP:
+            getattr(message, name).CopyFrom(timestamp(int(value)))
+        elif isinstance(value, dict):
+            fill(getattr(message, name), value)
+        else:
+            getattr(message, name).CopyFrom(value)
+        return
+    setattr(message, name, value)
+
+
+def _is_repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(field.label == 3)  # older protobuf: LABEL_REPEATED
+
+
+def mounts_to_wire(mounts: Any) -> list[dict[str, Any]]:
+    return [
+        {"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
+        for m in mounts
+    ]
+
+
+def mounts_from_wire(mounts: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for m in mounts:
+        out.append(
+            types().mount.Mount(
+                type=m.get("type", ""),
+                source=m.get("source", ""),
+                target=m.get("target", "") or "",
+                options=list(m.get("options") or []),
+            )
+        )
+    return out
+
+
+def descriptor_to_wire(desc: Any) -> dict[str, Any]:
+    return {
+        "media_type": desc.media_type,
+        "digest": desc.digest,
+        "size": desc.size,
+        "annotations": dict(desc.annotations),
+    }
+
+
+def descriptor_from_wire(doc: dict[str, Any]) -> Any:
+    return fill(types().descriptor.Descriptor(), doc)
+
+
+# -- labels and field masks -------------------------------------------------------------
+
+
+def apply_label_mask(
+    current: dict[str, str], update: dict[str, str], paths: list[str]
+) -> dict[str, str]:
+    """containerd's update masks for labels: `labels` replaces them all; `labels.<key>`
+    sets (or, absent from the update, removes) one. No paths: replace."""
+    if not paths or "labels" in paths:
+        return dict(update)
+    result = dict(current)
+    for path in paths:
+        if not path.startswith("labels."):
+            continue
+        key = path[len("labels.") :]
+        if key in update:
+            result[key] = update[key]
+        else:
+            result.pop(key, None)
+    return result
+
+
+# -- objects ----------------------------------------------------------------------------
+
+STATUS = {"created": 1, "running": 2, "stopped": 3, "paused": 4, "pausing": 5}
+
+
+def container_from_message(c: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": c.id,
+        "labels": dict(c.labels),
+        "image": c.image,
+        "snapshotter": c.snapshotter,
+        "snapshot_key": c.snapshot_key,
+        "spec": from_json_any(c.spec, SPEC_TYPE, "spec"),
+    }
+    if c.HasField("runtime"):
+        doc["runtime"] = {
+            "name": c.runtime.name,
+            "options": runtime_options_from_any(
+                c.runtime.options if c.runtime.HasField("options") else None
+            ),
+        }
+    return doc
+
+
+def container_to_message(doc: dict[str, Any]) -> Any:
+    t = types()
+    msg = t.containers.Container(
+        id=doc["id"],
+        labels=doc.get("labels") or {},
+        image=doc.get("image") or "",
+        snapshotter=doc.get("snapshotter") or "",
+        snapshot_key=doc.get("snapshot_key") or "",
+    )
+    runtime = doc.get("runtime") or {}
+    msg.runtime.name = runtime.get("name") or ""
+    options = runtime_options_to_any(runtime.get("options") or {})
+    if options is not None:
+        msg.runtime.options.CopyFrom(options)
+    msg.spec.CopyFrom(json_any(SPEC_TYPE, doc.get("spec") or {}))
+    msg.created_at.CopyFrom(timestamp(doc.get("created_at")))
+    msg.updated_at.CopyFrom(timestamp(doc.get("updated_at")))
+    return msg
+
+
+def process_to_message(container_id: str, doc: dict[str, Any]) -> Any:
+    """A berth process view as containerd.v1.types.Process. `id` is the process's own ID:
+    the container's for the init process, the exec ID for an exec."""
+    exited = doc.get("status") == "stopped"
+    return types().task.Process(
+        container_id=container_id,
+        id=doc.get("exec_id") or container_id,
+        pid=int(doc.get("pid") or 0),
+        status=STATUS.get(str(doc.get("status")), 0),
+        exit_status=int(doc.get("exit_status") or 0) if exited else 0,
+        exited_at=timestamp(doc.get("exited_at") if exited else 0),
+        stdin=doc.get("stdin") or "",
+        stdout=doc.get("stdout") or "",
+        stderr=doc.get("stderr") or "",
+        terminal=bool(doc.get("terminal")),
+    )
+
+
+def content_info_to_message(doc: dict[str, Any]) -> Any:
+    return types().content.Info(
+        digest=doc["digest"],
+        size=int(doc.get("size") or 0),
+        created_at=timestamp(doc.get("created_at")),
+        updated_at=timestamp(doc.get("updated_at")),
+        labels=doc.get("labels") or {},
+    )
+
+
+def image_to_message(doc: dict[str, Any]) -> Any:
+    return types().images.Image(
+        name=doc["name"],
+        labels=doc.get("labels") or {},
+        target=descriptor_from_wire(doc["target"]),
+        created_at=timestamp(doc.get("created_at")),
+        updated_at=timestamp(doc.get("updated_at")),
+    )
+
+
+def image_from_message(image: Any) -> dict[str, Any]:
+    return {
+        "name": image.name,
+        "labels": dict(image.labels),
+        "target": descriptor_to_wire(image.target),
+    }
+
+
+SNAPSHOT_KINDS = {"view": 1, "active": 2, "committed": 3}
+
+
+def snapshot_info_to_message(doc: dict[str, Any]) -> Any:
+    return types().snapshots.Info(
+        name=doc["name"],
+        parent=doc.get("parent") or "",
+        kind=SNAPSHOT_KINDS.get(str(doc.get("kind")), 0),
+        created_at=timestamp(doc.get("created_at")),
+        updated_at=timestamp(doc.get("updated_at")),
+        labels=doc.get("labels") or {},
+    )
+
+
+def lease_to_message(doc: dict[str, Any]) -> Any:
+    return types().leases.Lease(
+        id=doc["id"], created_at=timestamp(doc.get("created_at")), labels=doc.get("labels") or {}
+    )
+
+
+# -- events -----------------------------------------------------------------------------
+
+EVENT_TYPES = {
+    "/tasks/create": "TaskCreate",
+    "/tasks/start": "TaskStart",
+    "/tasks/exit": "TaskExit",
+    "/tasks/delete": "TaskDelete",
+    "/tasks/oom": "TaskOOM",
+    "/tasks/exec-added": "TaskExecAdded",
+    "/tasks/exec-started": "TaskExecStarted",
+    "/tasks/paused": "TaskPaused",
+    "/tasks/resumed": "TaskResumed",
+    "/tasks/checkpointed": "TaskCheckpointed",
+    "/containers/create": "ContainerCreate",
+    "/containers/update": "ContainerUpdate",
+    "/containers/delete": "ContainerDelete",
+    "/images/create": "ImageCreate",
+    "/images/update": "ImageUpdate",
+    "/images/delete": "ImageDelete",
+    "/namespaces/create": "NamespaceCreate",
+    "/namespaces/update": "NamespaceUpdate",
+    "/namespaces/delete": "NamespaceDelete",
+    "/snapshot/prepare": "SnapshotPrepare",
+    "/snapshot/commit": "SnapshotCommit",
+    "/snapshot/remove": "SnapshotRemove",
+    "/content/delete": "ContentDelete",
+}
+
+
+def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
+    """A berth event envelope as containerd's Envelope; None for a topic containerd has
+    no type for (it is not forwarded)."""
+    topic = envelope.get("topic")
+    name = EVENT_TYPES.get(str(topic))
+    if name is None:
+        return None
+    t = types()
+    cls = t.event_types.get(f"containerd.events.{name}")
+    if cls is None:
+        return None
+    payload = envelope.get("event") or {}
+    event = fill(cls(), payload if isinstance(payload, dict) else {})
+    return t.events.Envelope(
+        timestamp=timestamp(envelope.get("timestamp")),
+        namespace=envelope.get("namespace") or "",
+        topic=str(topic),
+        event=t.Any(type_url=f"containerd.events.{name}", value=event.SerializeToString()),
+    )
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+_V1_MEMORY_FIELDS = (
+    "cache",
+    "rss",
+    "rss_huge",
+    "mapped_file",
+    "dirty",
+    "writeback",
+    "inactive_anon",
+    "active_anon",
+    "inactive_file",
+    "active_file",
+    "unevictable",
+    "hierarchical_memory_limit",
+    "hierarchical_swap_limit",
+    "total_cache",
+    "total_rss",
+    "total_rss_huge",
+    "total_mapped_file",
+    "total_dirty",
+    "total_writeback",
+    "total_inactive_anon",
+    "total_active_anon",
+    "total_inactive_file",
+    "total_active_file",
+    "total_unevictable",
+)
+_V1_MEMORY_RENAMES = {
+    "pgpgin": "pg_pg_in",
+    "pgpgout": "pg_pg_out",
+    "pgfault": "pg_fault",
+    "pgmajfault": "pg_maj_fault",
+    "total_pgpgin": "total_pg_pg_in",
+    "total_pgpgout": "total_pg_pg_out",
+    "total_pgfault": "total_pg_fault",
+    "total_pgmajfault": "total_pg_maj_fault",
+}
+_U64 = (1 << 64) - 1
+
+
+def _u64(value: Any) -> int:
+    try:
+        return max(0, min(int(value), _U64))
+    except (TypeError, ValueError):
+        return 0
+
+
+def metrics_any(stats: dict[str, Any]) -> Any:
+    """The shim's cgroup statistics as containerd reports them: an Any of
+    io.containerd.cgroups.v1.Metrics or .v2.Metrics, by the host's cgroup version."""
+    t = types()
+    cpu = stats.get("cpu") or {}
+    memory = stats.get("memory") or {}
+    pids = stats.get("pids") or {}
+    mstat = memory.get("stat") or {}
+    throttling = cpu.get("throttling") or {}
+    if stats.get("cgroup_version") == 2:
+        m2 = t.cgroups_v2.Metrics()
+        m2.pids.current = _u64(pids.get("current"))
+        m2.pids.limit = _u64(pids.get("limit"))
+        m2.cpu.usage_usec = _u64(cpu.get("usage_ns", 0)) // 1000
+        m2.cpu.user_usec = _u64(cpu.get("user_ns", 0)) // 1000
+        m2.cpu.system_usec = _u64(cpu.get("system_ns", 0)) // 1000
+        m2.cpu.nr_periods = _u64(throttling.get("nr_periods"))
+        m2.cpu.nr_throttled = _u64(throttling.get("nr_throttled"))
+        m2.cpu.throttled_usec = _u64(throttling.get("throttled_usec"))
+        fields = m2.memory.DESCRIPTOR.fields_by_name
+        for key, value in mstat.items():
+            if key in fields:
+                setattr(m2.memory, key, _u64(value))
+        m2.memory.usage = _u64(memory.get("usage"))
+        m2.memory.usage_limit = _u64(memory.get("limit"))
+        m2.memory_events.oom_kill = _u64(memory.get("failcnt"))
+        return t.Any(type_url=CGROUPS_V2_METRICS, value=m2.SerializeToString())
+    m1 = t.cgroups_v1.Metrics()
+    m1.pids.current = _u64(pids.get("current"))
+    m1.pids.limit = _u64(pids.get("limit"))
+    m1.cpu.usage.total = _u64(cpu.get("usage_ns"))
+    m1.cpu.usage.kernel = _u64(cpu.get("system_ns"))
+    m1.cpu.usage.user = _u64(cpu.get("user_ns"))
+    m1.cpu.usage.per_cpu.extend(_u64(v) for v in cpu.get("percpu_ns") or [])
+    m1.cpu.throttling.periods = _u64(throttling.get("nr_periods"))
+    m1.cpu.throttling.throttled_periods = _u64(throttling.get("nr_throttled"))
+    m1.cpu.throttling.throttled_time = _u64(throttling.get("throttled_time"))
+    for key in _V1_MEMORY_FIELDS:
+        if key in mstat:
+            setattr(m1.memory, key, _u64(mstat[key]))
+    for key, field_name in _V1_MEMORY_RENAMES.items():
+        if key in mstat:
+            setattr(m1.memory, field_name, _u64(mstat[key]))
+    m1.memory.usage.usage = _u64(memory.get("usage"))
+    m1.memory.usage.max = _u64(memory.get("max_usage"))
+    m1.memory.usage.limit = _u64(memory.get("limit"))
+    m1.memory.usage.failcnt = _u64(memory.get("failcnt"))
+    return t.Any(type_url=CGROUPS_V1_METRICS, value=m1.SerializeToString())

@@ -1,0 +1,257 @@
+"""The real clients of berth's containerd API, started by tests: Docker Engine (Debian's
+dockerd 20.10 with its own CLI) and containerd's `ctr`.
+
+Everything lives in the test's temp dir: dockerd's data root, exec root, pid file and API
+socket; berth's namespace (dockerd's --containerd-namespace) and cgroups (its
+--cgroup-parent, under /berth/<namespace>/ so tests/helpers.Daemon finds and removes every
+container process and cgroup). dockerd runs under tests/reaper.py like berthd; teardown
+removes every container, stops dockerd by pid, and unmounts what it mounted.
+
+dockerd 20.10 writes two paths of its own outside any flag's reach: /etc/docker/key.json
+(its trust key) and /run/docker/plugins (an empty directory). Neither is berth's or any
+installation's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import REAPER, Daemon, is_gone, kill, process_state, wait_until
+
+DOCKERD = "/usr/sbin/dockerd"
+DOCKER = "/usr/bin/docker"  # Debian's 20.10 CLI (a newer one may come first on PATH)
+CTR = "/usr/bin/ctr"
+
+
+def grpc_config(base_dir: str) -> str:
+    return f'[grpc]\naddress = "{os.path.join(base_dir, "state", "containerd.sock")}"\n'
+
+
+def grpc_daemon() -> Daemon:
+    """A berthd that serves containerd's API (berth-grpc) beside its own."""
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+    daemon = Daemon(base_dir=base, extra_config=grpc_config(base))
+    try:
+        wait_grpc(daemon)
+    except BaseException:
+        daemon.cleanup()
+        raise
+    return daemon
+
+
+def grpc_address(daemon: Daemon) -> str:
+    return os.path.join(daemon.dir, "state", "containerd.sock")
+
+
+def _answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def wait_grpc(daemon: Daemon, timeout: float = 30) -> None:
+    """Until berth-grpc accepts connections (started by this berthd: its socket is new)."""
+    wait_until(lambda: _answers(grpc_address(daemon)), timeout=timeout, what="berth-grpc to listen")
+
+
+def frontend_pids(daemon: Daemon) -> list[int]:
+    """The berth-grpc processes of this daemon (children of its berthd)."""
+    found = []
+    for pid in daemon.descendants():
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"berth.daemon.grpc_main" in cmdline:
+                found.append(pid)
+    return found
+
+
+def run(argv: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
+    )
+
+
+class Ctr:
+    """containerd's own CLI pointed at berth (-a), in the daemon's namespace."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.fifo_dir = os.path.join(daemon.dir, "ctr-fifo")
+        os.makedirs(self.fifo_dir, exist_ok=True)
+
+    def cgroup(self, container_id: str) -> str:
+        return f"/berth/{self.daemon.namespace}/ctr-{container_id}"
+
+    def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run(
+            [CTR, "-a", grpc_address(self.daemon), "-n", self.daemon.namespace, *args],
+            timeout=timeout,
+        )
+
+
+class Dockerd:
+    """dockerd 20.10 on berth's containerd socket, private to one test module."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.dir = os.path.join(daemon.dir, "docker")
+        self.data_root = os.path.join(self.dir, "data")
+        self.exec_root = os.path.join(self.dir, "exec")
+        self.pidfile = os.path.join(self.dir, "dockerd.pid")
+        self.host = os.path.join(self.dir, "docker.sock")
+        os.makedirs(self.dir, exist_ok=True)
+        self.reapers: list[subprocess.Popen[bytes]] = []
+        self.pids: list[int] = []
+        self.logs: list[str] = []
+        self.start()
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/berth/{self.daemon.namespace}/docker"
+
+    def start(self) -> None:
+        log_path = os.path.join(self.dir, f"dockerd-{len(self.logs)}.log")
+        self.logs.append(log_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pidfile)  # a kill -9 leaves it behind
+        command = [
+            DOCKERD,
+            "--containerd",
+            grpc_address(self.daemon),
+            "--containerd-namespace",
+            self.daemon.namespace,
+            "--containerd-plugins-namespace",
+            self.daemon.namespace + "-plugins",
+            "--data-root",
+            self.data_root,
+            "--exec-root",
+            self.exec_root,
+            "--pidfile",
+            self.pidfile,
+            "-H",
+            f"unix://{self.host}",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--live-restore",
+            "--storage-driver",
+            "overlay2",
+            "--cgroup-parent",
+            self.cgroup_parent,
+        ]
+        with open(log_path, "wb") as log:
+            reaper = subprocess.Popen(
+                [sys.executable, str(REAPER), *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.reapers.append(reaper)
+
+        def dockerd_pid() -> int | None:
+            with contextlib.suppress(OSError, ValueError):
+                children = (
+                    Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()
+                )
+                if children:
+                    return int(children[0])
+            return None
+
+        def ready() -> bool:
+            if reaper.poll() is not None:
+                raise AssertionError(f"dockerd exited: {self.log_text()}")
+            return self.docker("version", timeout=10).returncode == 0
+
+        self.pids.append(wait_until(dockerd_pid, what="dockerd to start"))
+        wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
+
+    @property
+    def pid(self) -> int:
+        return self.pids[-1]
+
+    def kill9(self) -> None:
+        kill(self.pid)
+        wait_until(lambda: is_gone(self.pid), what="dockerd to die")
+
+    def log_text(self) -> str:
+        out = []
+        for path in self.logs:
+            with contextlib.suppress(OSError):
+                out.append(Path(path).read_text(errors="replace"))
+        return "\n".join(out)
+
+    def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run(
+            [DOCKER, "-H", f"unix://{self.host}", *args],
+            timeout=timeout,
+            env=dict(os.environ, DOCKER_CONFIG=os.path.join(self.dir, "cli")),
+        )
+
+    def ok(self, *args: str, timeout: float = 60) -> str:
+        result = self.docker(*args, timeout=timeout)
+        assert result.returncode == 0, (
+            f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+        )
+        return result.stdout
+
+    def cleanup(self) -> None:
+        """Remove every container, stop dockerd (by pid), unmount what it mounted."""
+        if process_state(self.pid) not in (None, "Z"):
+            with contextlib.suppress(Exception):
+                ids = self.docker("ps", "-aq", timeout=20).stdout.split()
+                if ids:
+                    self.docker("rm", "-f", *ids, timeout=60)
+            kill(self.pid, 15)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: is_gone(self.pid), timeout=20, what="dockerd to stop")
+        for pid in self.pids:
+            if process_state(pid) not in (None, "Z"):
+                kill(pid)
+        for reaper in self.reapers:
+            try:
+                reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
+        runtime_root = Path(self.exec_root, "runtime-runc", self.daemon.namespace)
+        if runtime_root.is_dir():
+            for cid in runtime_root.iterdir():
+                run(["runc", "--root", str(runtime_root), "delete", "--force", cid.name])
+        unmount_below(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def unmount_below(directory: str) -> None:
+    """Unmount everything mounted at or below `directory`, deepest first (dockerd
+    bind-mounts its data root onto itself and leaves it at exit)."""
+    prefix = os.path.realpath(directory)
+    for _ in range(3):
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        below = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+        if not below:
+            return
+        for point in sorted(set(below), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        time.sleep(0.1)
+
+
+def script_tty(command: str, rows: int = 30, cols: int = 100) -> list[str]:
+    """argv that runs `command` on a fresh pty of a known size (util-linux `script`)."""
+    return ["script", "-qec", f"stty rows {rows} cols {cols}; {command}", "/dev/null"]

@@ -1,0 +1,138 @@
+"""containerd's own `ctr` (Debian's containerd 1.6 package, its CLI only) driving berth
+through berth-grpc: image import and unpack over Content/Snapshots/Diff, containers and
+tasks over Containers/Tasks, with rootfs mounts passed in Tasks/Create."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from berth.daemon.rootfs import build_busybox_rootfs
+from tests.clients import CTR, Ctr, frontend_pids, grpc_daemon
+from tests.helpers import is_gone, process_state, wait_until
+from tests.images import build_oci_archive
+
+pytestmark = pytest.mark.container
+
+IMAGE = "docker.io/library/busybox:ctr"
+
+
+@pytest.fixture(scope="module")
+def ctr() -> Iterator[Ctr]:
+    if not os.path.exists(CTR):
+        pytest.fail("ctr is not installed (scripts/setup installs containerd)")
+    daemon = grpc_daemon()
+    work = tempfile.mkdtemp(prefix="bt-img-", dir="/tmp")
+    try:
+        rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
+        archive = os.path.join(work, "busybox-oci.tar")
+        build_oci_archive(rootfs, archive, name=IMAGE)
+        client = Ctr(daemon)
+        imported = client("images", "import", archive)
+        assert imported.returncode == 0, imported.stderr
+        assert "unpacking" in imported.stdout and "done" in imported.stdout
+        yield client
+    finally:
+        daemon.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ok(ctr: Ctr, *args: str) -> str:
+    result = ctr(*args)
+    assert result.returncode == 0, f"ctr {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def _run(ctr: Ctr, container_id: str, *args: str) -> list[str]:
+    return [
+        "run",
+        "--fifo-dir",
+        ctr.fifo_dir,
+        "--cgroup",
+        ctr.cgroup(container_id),
+        *args,
+    ]
+
+
+def test_images_ls_and_snapshots(ctr: Ctr) -> None:
+    listing = _ok(ctr, "images", "ls")
+    assert IMAGE in listing and "linux/amd64" in listing
+    snapshots = _ok(ctr, "snapshots", "ls")
+    assert "Committed" in snapshots  # the unpacked layer, as ctr's unpack committed it
+    # the same image and snapshot through berth's own API: one state, two front doors
+    images = ctr.daemon.call("images.list")["images"]
+    assert [i["name"] for i in images] == [IMAGE]
+
+
+def test_run_rm_echo_and_exit_code(ctr: Ctr) -> None:
+    out = ctr(*_run(ctr, "r1", "--rm", IMAGE, "r1", "echo", "hi"))
+    assert (out.returncode, out.stdout) == (0, "hi\n"), out.stderr
+    out = ctr(*_run(ctr, "r2", "--rm", IMAGE, "r2", "sh", "-c", "exit 5"))
+    assert out.returncode == 5, out.stderr
+    assert _ok(ctr, "containers", "ls", "-q") == ""  # --rm removed both
+
+
+def test_detached_task_operations(ctr: Ctr) -> None:
+    _ok(
+        ctr,
+        *_run(
+            ctr,
+            "d1",
+            "-d",
+            IMAGE,
+            "d1",
+            "sh",
+            "-c",
+            'trap "exit 3" TERM; while true; do sleep 0.1; done',
+        ),
+    )
+    listing = _ok(ctr, "tasks", "ls")
+    line = next(ln for ln in listing.splitlines() if ln.startswith("d1 "))
+    pid = int(line.split()[1])
+    assert "RUNNING" in line and process_state(pid) not in (None, "Z")
+
+    out = ctr(
+        "tasks", "exec", "--fifo-dir", ctr.fifo_dir, "--exec-id", "e1", "d1", "echo", "from-exec"
+    )
+    assert (out.returncode, out.stdout) == (0, "from-exec\n"), out.stderr
+
+    assert str(pid) in _ok(ctr, "tasks", "ps", "d1")
+
+    _ok(ctr, "tasks", "pause", "d1")
+    assert "PAUSED" in _ok(ctr, "tasks", "ls")
+    _ok(ctr, "tasks", "resume", "d1")
+    assert "RUNNING" in _ok(ctr, "tasks", "ls")
+
+    metrics = _ok(ctr, "tasks", "metrics", "d1")
+    assert "memory.usage" in metrics and "pids.current" in metrics
+
+    _ok(ctr, "tasks", "kill", "d1")  # SIGTERM by default -> exit 3
+    wait_until(lambda: "STOPPED" in _ok(ctr, "tasks", "ls"), what="task to stop")
+    assert ctr.daemon.call("tasks.get", {"container_id": "d1"})["exit_status"] == 3
+    wait_until(lambda: is_gone(pid) or process_state(pid) == "Z", what="init gone")
+    _ok(ctr, "tasks", "rm", "d1")
+    _ok(ctr, "containers", "rm", "d1")
+    assert "d1" not in _ok(ctr, "containers", "ls", "-q")
+
+
+def test_images_rm(ctr: Ctr) -> None:
+    other = "docker.io/library/busybox:other"
+    _ok(ctr, "images", "tag", IMAGE, other)
+    assert other in _ok(ctr, "images", "ls", "-q")
+    _ok(ctr, "images", "rm", other)
+    assert other not in _ok(ctr, "images", "ls", "-q")
+    assert IMAGE in _ok(ctr, "images", "ls", "-q")
+
+
+def test_grpc_front_end_is_a_separate_process(ctr: Ctr) -> None:
+    """berth-grpc holds grpcio; berthd itself never imports it."""
+    maps = Path(f"/proc/{ctr.daemon.pid}/maps").read_text()
+    assert "grpc" not in maps
+    fronts = frontend_pids(ctr.daemon)
+    assert len(fronts) == 1
+    assert "cygrpc" in Path(f"/proc/{fronts[0]}/maps").read_text()

@@ -1,0 +1,227 @@
+"""Docker Engine on berth: the real dockerd 20.10, unmodified, with --containerd pointed at
+berth's containerd socket (berth-grpc). Every docker action here goes dockerd -> gRPC ->
+berth-grpc -> berthd -> shim -> runc, on a real container."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from berth.daemon.rootfs import build_busybox_rootfs
+from tests.clients import (
+    DOCKER,
+    DOCKERD,
+    Dockerd,
+    frontend_pids,
+    grpc_daemon,
+    run,
+    script_tty,
+    wait_grpc,
+)
+from tests.helpers import Daemon, is_gone, process_state, wait_until
+from tests.images import build_docker_archive
+
+pytestmark = pytest.mark.container
+
+IMAGE = "busybox:berth"
+LOOP = (
+    'trap "echo got-usr1" USR1; trap "exit 3" TERM; '
+    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"
+)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[tuple[Daemon, Dockerd]]:
+    if not (os.path.exists(DOCKERD) and os.path.exists(DOCKER)):
+        pytest.fail("dockerd is not installed (scripts/setup installs docker.io)")
+    daemon = grpc_daemon()
+    dockerd = None
+    work = tempfile.mkdtemp(prefix="bt-img-", dir="/tmp")
+    try:
+        dockerd = Dockerd(daemon)
+        rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
+        archive = os.path.join(work, "busybox.tar")
+        build_docker_archive(rootfs, archive, tag=IMAGE)
+        dockerd.ok("load", "-i", archive)
+        yield daemon, dockerd
+    finally:
+        if dockerd is not None:
+            dockerd.cleanup()
+        daemon.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _pid(dockerd: Dockerd, name: str) -> int:
+    return int(dockerd.ok("inspect", "-f", "{{.State.Pid}}", name).strip())
+
+
+def _state(dockerd: Dockerd, name: str) -> tuple[str, int]:
+    out = dockerd.ok("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).split()
+    return out[0], int(out[1])
+
+
+def _cgroup_file(pid: int, controller: str, name: str) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path(f"/sys/fs/cgroup/{controller}{path}/{name}")
+    raise AssertionError(f"{pid} has no {controller} cgroup")
+
+
+def test_run_rm_output_and_exit_codes(engine: tuple[Daemon, Dockerd]) -> None:
+    _, dockerd = engine
+    out = dockerd.docker("run", "--rm", IMAGE, "echo", "hi")
+    assert (out.returncode, out.stdout) == (0, "hi\n"), out.stderr
+    out = dockerd.docker("run", "--rm", IMAGE, "sh", "-c", "exit 5")
+    assert out.returncode == 5, out.stderr
+    # --rm: dockerd deleted the task and the container on berth when it exited
+    assert dockerd.ok("ps", "-aq") == ""
+
+
+def test_run_interactive_stdin(engine: tuple[Daemon, Dockerd]) -> None:
+    _, dockerd = engine
+    out = subprocess.run(
+        [
+            DOCKER,
+            "-H",
+            f"unix://{dockerd.host}",
+            "run",
+            "--rm",
+            "-i",
+            IMAGE,
+            "sh",
+            "-c",
+            "read line; echo got:$line",
+        ],
+        input="over-stdin\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # CloseIO(stdin) reaches the shim when the client's stdin ends
+    assert (out.returncode, out.stdout) == (0, "got:over-stdin\n"), out.stderr
+
+
+def test_detached_container_lifecycle(engine: tuple[Daemon, Dockerd]) -> None:
+    _, dockerd = engine
+    dockerd.ok("run", "-d", "--name", "life", IMAGE, "sh", "-c", LOOP)
+    pid = _pid(dockerd, "life")
+    assert process_state(pid) not in (None, "Z")
+
+    # exec, with its exit code
+    assert dockerd.ok("exec", "life", "echo", "exec-ok") == "exec-ok\n"
+    assert dockerd.docker("exec", "life", "sh", "-c", "exit 4").returncode == 4
+
+    # exec -it on a real pty of a known size: the size reaches the container's terminal
+    tty = run(
+        script_tty(
+            f"{DOCKER} -H unix://{dockerd.host} exec -it life sh -c 'sleep 1; stty size; tty'"
+        )
+    )
+    assert "30 100" in tty.stdout, tty.stdout + tty.stderr
+    assert "/dev/pts/" in tty.stdout
+
+    # logs: dockerd read the output from the FIFOs berth's shim wrote
+    wait_until(lambda: "tick 2" in dockerd.ok("logs", "life"), what="log lines")
+
+    # pause / unpause freeze and thaw the container's cgroup
+    dockerd.ok("pause", "life")
+    assert _state(dockerd, "life")[0] == "paused"
+    assert _cgroup_file(pid, "freezer", "freezer.state").read_text().strip() == "FROZEN"
+    dockerd.ok("unpause", "life")
+    assert _state(dockerd, "life")[0] == "running"
+    assert _cgroup_file(pid, "freezer", "freezer.state").read_text().strip() == "THAWED"
+
+    # stats: cgroup figures through Tasks/Metrics (io.containerd.cgroups.v1.Metrics)
+    stats = dockerd.ok("stats", "--no-stream", "--format", "{{.PIDs}} {{.MemUsage}}", "life")
+    pids, mem = stats.split(" ", 1)
+    assert int(pids) >= 1
+    assert not mem.startswith("0B"), stats
+
+    # top: Tasks/ListPids
+    top = dockerd.ok("top", "life")
+    assert str(pid) in top and "sleep 0.2" in top, top  # the init and its current child
+
+    # update: Tasks/Update with LinuxResources as JSON reaches the cgroup
+    dockerd.ok("update", "--memory", "64m", "--memory-swap", "128m", "life")
+    limit = _cgroup_file(pid, "memory", "memory.limit_in_bytes").read_text().strip()
+    assert int(limit) == 64 * 1024 * 1024
+
+    # kill -s: the signal reaches the container's init
+    dockerd.ok("kill", "-s", "USR1", "life")
+    wait_until(lambda: "got-usr1" in dockerd.ok("logs", "life"), what="USR1 handled")
+
+    # stop: SIGTERM, which this init turns into exit 3
+    dockerd.ok("stop", "-t", "10", "life")
+    assert _state(dockerd, "life") == ("exited", 3)
+    wait_until(lambda: is_gone(pid) or process_state(pid) == "Z", what="init gone")
+
+    # restart: a new task, a new init
+    dockerd.ok("start", "life")
+    first = _pid(dockerd, "life")
+    dockerd.ok("restart", "-t", "10", "life")
+    second = _pid(dockerd, "life")
+    assert second != first and _state(dockerd, "life") == ("running", 0)
+
+    # rm -f: killed, deleted on berth, gone
+    dockerd.ok("rm", "-f", "life")
+    wait_until(lambda: is_gone(second) or process_state(second) == "Z", what="rm -f kill")
+    assert "life" not in dockerd.ok("ps", "-a", "--format", "{{.Names}}")
+
+
+def test_stop_kills_after_timeout(engine: tuple[Daemon, Dockerd]) -> None:
+    _, dockerd = engine
+    dockerd.ok(
+        "run",
+        "-d",
+        "--name",
+        "stubborn",
+        IMAGE,
+        "sh",
+        "-c",
+        'trap "" TERM; while true; do sleep 0.2; done',
+    )
+    dockerd.ok("stop", "-t", "1", "stubborn")
+    assert _state(dockerd, "stubborn") == ("exited", 137)
+    dockerd.ok("rm", "stubborn")
+
+
+def test_live_restore_across_dockerd_kill(engine: tuple[Daemon, Dockerd]) -> None:
+    _, dockerd = engine
+    dockerd.ok("run", "-d", "--name", "survivor", IMAGE, "sh", "-c", LOOP)
+    pid = _pid(dockerd, "survivor")
+    dockerd.kill9()
+    dockerd.start()
+    assert _pid(dockerd, "survivor") == pid
+    assert _state(dockerd, "survivor") == ("running", 0)
+    assert dockerd.ok("exec", "survivor", "echo", "still-here") == "still-here\n"
+    dockerd.ok("rm", "-f", "survivor")
+
+
+def test_dockerd_reconnects_after_berthd_kill(engine: tuple[Daemon, Dockerd]) -> None:
+    daemon, dockerd = engine
+    dockerd.ok("run", "-d", "--name", "steady", IMAGE, "sh", "-c", LOOP)
+    pid = _pid(dockerd, "steady")
+    old_frontends = frontend_pids(daemon)
+    assert old_frontends, "berthd runs berth-grpc"
+    daemon.restart()  # kill -9 berthd, start a new one
+    for old in old_frontends:  # the front end died with its berthd
+        wait_until(lambda old=old: is_gone(old), what="old berth-grpc to exit")
+    wait_grpc(daemon)
+    assert process_state(pid) not in (None, "Z"), "the container survived the daemon"
+    # dockerd reconnects by itself; its exec works again
+    wait_until(
+        lambda: dockerd.docker("exec", "steady", "true", timeout=20).returncode == 0,
+        timeout=60,
+        interval=0.5,
+        what="dockerd to reconnect",
+    )
+    # the exit reaches dockerd through the new event stream (dockerd never calls Wait)
+    dockerd.ok("stop", "-t", "10", "steady")
+    assert _state(dockerd, "steady") == ("exited", 3)
+    dockerd.ok("rm", "steady")

@@ -1,0 +1,324 @@
+"""berth-grpc at the wire: containerd's encodings, error codes and event stream, checked
+with a plain grpcio client (the dockerd and ctr tests use the real clients)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from berth.daemon import containerd_api as capi
+from berth.daemon.oci import default_spec
+from tests.clients import grpc_address, grpc_daemon
+from tests.helpers import Daemon, wait_until
+
+pytestmark = pytest.mark.container
+
+
+class Wire:
+    """Raw calls on berth's containerd socket, message classes from the same stubs."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.namespace = daemon.namespace
+        self.t = capi.types()
+        self.channel = grpc.insecure_channel(f"unix:{grpc_address(daemon)}")
+
+    def meta(self, namespace: str | None = "") -> list[tuple[str, str]]:
+        ns = self.namespace if namespace == "" else namespace
+        return [("containerd-namespace", ns)] if ns else []
+
+    def unary(self, path: str, request: Any, response_cls: Any, namespace: str | None = "") -> Any:
+        fn = self.channel.unary_unary(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_cls.FromString,
+        )
+        return fn(request, metadata=self.meta(namespace), timeout=60)
+
+    def code(self, path: str, request: Any, response_cls: Any, **kw: Any) -> Any:
+        with pytest.raises(grpc.RpcError) as info:
+            self.unary(path, request, response_cls, **kw)
+        return info.value.code()
+
+
+@pytest.fixture(scope="module")
+def wire() -> Iterator[Wire]:
+    daemon = grpc_daemon()
+    w = Wire(daemon)
+    try:
+        yield w
+    finally:
+        w.channel.close()
+        daemon.cleanup()
+
+
+C = "/containerd.services.containers.v1.Containers/"
+T = "/containerd.services.tasks.v1.Tasks/"
+
+
+def _container(w: Wire, cid: str, args: list[str], spec_any: Any = None) -> Any:
+    spec = default_spec(cid, w.namespace, args, root="")  # "": berth's default rootfs
+    return w.t.containers.Container(
+        id=cid,
+        runtime=w.t.containers.Container.Runtime(name="io.containerd.runc.v2"),
+        spec=spec_any or capi.json_any(capi.SPEC_TYPE, spec),
+    )
+
+
+def test_health_and_version(wire: Wire) -> None:
+    from grpc_health.v1 import health_pb2
+
+    reply = wire.unary(
+        "/grpc.health.v1.Health/Check",
+        health_pb2.HealthCheckRequest(),
+        health_pb2.HealthCheckResponse,
+        namespace=None,
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    version = wire.unary(
+        "/containerd.services.version.v1.Version/Version",
+        wire.t.Empty(),
+        wire.t.version.VersionResponse,
+        namespace=None,
+    )
+    assert version.version.startswith("1.6.")
+
+
+def test_errors_keep_their_codes(wire: Wire) -> None:
+    t = wire.t
+    get = t.containers.GetContainerRequest(id="nosuch")
+    assert wire.code(C + "Get", get, t.containers.GetContainerResponse) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    # no namespace header: containerd's FailedPrecondition
+    listing = t.containers.ListContainersRequest()
+    assert (
+        wire.code(C + "List", listing, t.containers.ListContainersResponse, namespace=None)
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    # a spec that is not JSON, and a spec of the wrong type: InvalidArgument, nothing made
+    bad_json = t.Any(type_url=capi.SPEC_TYPE, value=b"{not json")
+    create = t.containers.CreateContainerRequest(
+        container=_container(wire, "bad1", ["true"], bad_json)
+    )
+    assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    wrong = t.Any(type_url="types.containerd.io/something/Else", value=b"{}")
+    create = t.containers.CreateContainerRequest(
+        container=_container(wire, "bad2", ["true"], wrong)
+    )
+    assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert not wire.unary(C + "List", listing, t.containers.ListContainersResponse).containers
+    # twice the same id: AlreadyExists
+    good = t.containers.CreateContainerRequest(container=_container(wire, "dup", ["true"]))
+    wire.unary(C + "Create", good, t.containers.CreateContainerResponse)
+    assert wire.code(C + "Create", good, t.containers.CreateContainerResponse) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    wire.unary(C + "Delete", t.containers.DeleteContainerRequest(id="dup"), t.Empty)
+    # what berth does not do: Unimplemented, not a silent success
+    checkpoint = t.tasks.CheckpointTaskRequest(container_id="dup")
+    assert wire.code(T + "Checkpoint", checkpoint, t.tasks.CheckpointTaskResponse) == (
+        grpc.StatusCode.UNIMPLEMENTED
+    )
+
+
+def test_container_round_trip_keeps_encodings(wire: Wire) -> None:
+    t = wire.t
+    options = t.runc.Options(binary_name="runc", root="/tmp/unused-root")
+    container = _container(wire, "rt", ["true"])
+    container.labels["com.example/role"] = "web"
+    container.runtime.options.CopyFrom(
+        t.Any(type_url=capi.RUNC_OPTIONS_TYPE, value=options.SerializeToString())
+    )
+    wire.unary(
+        C + "Create",
+        t.containers.CreateContainerRequest(container=container),
+        t.containers.CreateContainerResponse,
+    )
+    got = wire.unary(
+        C + "Get", t.containers.GetContainerRequest(id="rt"), t.containers.GetContainerResponse
+    ).container
+    assert got.runtime.name == "io.containerd.runc.v2"
+    assert got.runtime.options.type_url == capi.RUNC_OPTIONS_TYPE
+    assert got.runtime.options.value == options.SerializeToString()
+    assert got.spec.type_url == capi.SPEC_TYPE
+    assert json.loads(got.spec.value)["process"]["args"] == ["true"]
+    assert dict(got.labels) == {"com.example/role": "web"}
+    assert got.created_at.seconds > 1_700_000_000
+    # label update by field mask: one label set, the others kept
+    update = t.containers.Container(id="rt")
+    update.labels["extra"] = "1"
+    request = t.containers.UpdateContainerRequest(container=update)
+    request.update_mask.paths.append("labels.extra")
+    updated = wire.unary(C + "Update", request, t.containers.UpdateContainerResponse).container
+    assert dict(updated.labels) == {"com.example/role": "web", "extra": "1"}
+    # filters as containerd parses them, quoted label keys included
+    listing = t.containers.ListContainersRequest(filters=['labels."com.example/role"==web'])
+    found = wire.unary(C + "List", listing, t.containers.ListContainersResponse).containers
+    assert [c.id for c in found] == ["rt"]
+    wire.unary(C + "Delete", t.containers.DeleteContainerRequest(id="rt"), t.Empty)
+
+
+def test_task_lifecycle_with_events(wire: Wire) -> None:
+    t = wire.t
+    events: queue.Queue[Any] = queue.Queue()
+    subscribe = wire.channel.unary_stream(
+        "/containerd.services.events.v1.Events/Subscribe",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.events.Envelope.FromString,
+    )
+    stream = subscribe(
+        t.events.SubscribeRequest(filters=[f"namespace=={wire.namespace},topic~=|^/tasks/|"]),
+        metadata=wire.meta(),
+    )
+
+    def pump() -> None:
+        try:
+            for envelope in stream:
+                events.put(envelope)
+        except grpc.RpcError:
+            pass
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        container = _container(wire, "ev", ["sh", "-c", "sleep 1000"])
+        wire.unary(
+            C + "Create",
+            t.containers.CreateContainerRequest(container=container),
+            t.containers.CreateContainerResponse,
+        )
+        created = wire.unary(
+            T + "Create", t.tasks.CreateTaskRequest(container_id="ev"), t.tasks.CreateTaskResponse
+        )
+        assert created.pid > 0
+        wire.unary(T + "Start", t.tasks.StartRequest(container_id="ev"), t.tasks.StartResponse)
+        process = wire.unary(
+            T + "Get", t.tasks.GetRequest(container_id="ev"), t.tasks.GetResponse
+        ).process
+        assert process.status == 2  # RUNNING
+        assert process.exited_at.seconds == capi.ZERO_TIME_SECONDS  # Go's zero time
+        wire.unary(T + "Kill", t.tasks.KillRequest(container_id="ev", signal=9), t.Empty)
+        waited = wire.unary(
+            T + "Wait", t.tasks.WaitRequest(container_id="ev"), t.tasks.WaitResponse
+        )
+        assert waited.exit_status == 137 and waited.exited_at.seconds > 0
+
+        def exit_event() -> Any:
+            while True:
+                try:
+                    envelope = events.get(timeout=0.1)
+                except queue.Empty:
+                    return None
+                if envelope.topic == "/tasks/exit":
+                    return envelope
+
+        envelope = wait_until(exit_event, timeout=15, what="a /tasks/exit envelope")
+        assert envelope.namespace == wire.namespace
+        assert envelope.event.type_url == "containerd.events.TaskExit"
+        exit_msg = wire.t.event_types["containerd.events.TaskExit"].FromString(envelope.event.value)
+        assert (exit_msg.container_id, exit_msg.id, exit_msg.exit_status) == ("ev", "ev", 137)
+
+        deleted = wire.unary(
+            T + "Delete", t.tasks.DeleteTaskRequest(container_id="ev"), t.tasks.DeleteResponse
+        )
+        assert deleted.exit_status == 137 and deleted.pid == created.pid
+        assert (
+            wire.code(T + "Get", t.tasks.GetRequest(container_id="ev"), t.tasks.GetResponse)
+            == grpc.StatusCode.NOT_FOUND
+        )
+        wire.unary(C + "Delete", t.containers.DeleteContainerRequest(id="ev"), t.Empty)
+    finally:
+        stream.cancel()
+        reader.join(10)
+
+
+def test_content_write_read_update(wire: Wire) -> None:
+    import hashlib
+
+    t = wire.t
+    data = b"berth content " * 500_000  # 7 MB: 1 MiB writes, then one larger than a frame
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    write = wire.channel.stream_stream(
+        "/containerd.services.content.v1.Content/Write",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.content.WriteContentResponse.FromString,
+    )
+
+    def requests() -> Iterator[Any]:
+        yield t.content.WriteContentRequest(
+            action=0, ref="test-ref", total=len(data), expected=digest
+        )
+        for offset in range(0, 2 << 20, 1 << 20):
+            yield t.content.WriteContentRequest(
+                action=1, offset=offset, data=data[offset : offset + (1 << 20)]
+            )
+        # the rest in one message (5 MB): more than one berthd frame holds
+        yield t.content.WriteContentRequest(action=1, offset=2 << 20, data=data[2 << 20 :])
+        commit = t.content.WriteContentRequest(
+            action=2, total=len(data), expected=digest, offset=len(data)
+        )
+        commit.labels["a"] = "1"
+        yield commit
+
+    replies = list(write(requests(), metadata=wire.meta(), timeout=60))
+    assert replies[-1].digest == digest and replies[-1].offset == len(data)
+
+    # the same digest again: AlreadyExists at the first message, as containerd answers
+    with pytest.raises(grpc.RpcError) as info:
+        list(
+            write(
+                iter(
+                    [
+                        t.content.WriteContentRequest(
+                            action=0, ref="again", total=len(data), expected=digest
+                        )
+                    ]
+                ),
+                metadata=wire.meta(),
+                timeout=60,
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    read = wire.channel.unary_stream(
+        "/containerd.services.content.v1.Content/Read",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.content.ReadContentResponse.FromString,
+    )
+    chunks = list(read(t.content.ReadContentRequest(digest=digest), metadata=wire.meta()))
+    assert b"".join(c.data for c in chunks) == data
+    tail = list(
+        read(t.content.ReadContentRequest(digest=digest, offset=10, size=5), metadata=wire.meta())
+    )
+    assert b"".join(c.data for c in tail) == data[10:15]
+
+    update = t.content.UpdateRequest(info=t.content.Info(digest=digest, labels={"b": "2"}))
+    update.update_mask.paths.append("labels.b")
+    info = wire.unary(
+        "/containerd.services.content.v1.Content/Update", update, t.content.UpdateResponse
+    ).info
+    assert dict(info.labels) == {"a": "1", "b": "2"} and info.size == len(data)
+    wire.unary(
+        "/containerd.services.content.v1.Content/Delete",
+        t.content.DeleteContentRequest(digest=digest),
+        t.Empty,
+    )
+    assert (
+        wire.code(
+            "/containerd.services.content.v1.Content/Info",
+            t.content.InfoRequest(digest=digest),
+            t.content.InfoResponse,
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
