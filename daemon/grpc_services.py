@@ -354,31 +354,22 @@ class Services:
         # containerd: "snapshots/<snapshotter>"; berth: "snapshot/<snapshotter>"
         return "snapshot/" + kind[len("snapshots/") :] if kind.startswith("snapshots/") else kind
 
-    @unary
-    async def Leases_AddResource(self, request: Any, call: Call) -> Any:
-        await self._call(
-            call,
-            "leases.add_resource",
-            {
-                "id": request.id,
-                "kind": self._resource_kind(request.resource.type),
-                "key": request.resource.id,
-            },
-        )
+    async def _lease_resource(self, call: Call, method: str, request: Any) -> Any:
+        kind = request.resource.type
+        # containerd: "snapshots/<snapshotter>"; berth: "snapshot/<snapshotter>"
+        if kind.startswith("snapshots/"):
+            kind = "snapshot/" + kind[len("snapshots/") :]
+        params = {"id": request.id, "kind": kind, "key": request.resource.id}
+        await self._call(call, method, params)
         return _empty()
 
     @unary
+    async def Leases_AddResource(self, request: Any, call: Call) -> Any:
+        return await self._lease_resource(call, "leases.add_resource", request)
+
+    @unary
     async def Leases_DeleteResource(self, request: Any, call: Call) -> Any:
-        await self._call(
-            call,
-            "leases.delete_resource",
-            {
-                "id": request.id,
-                "kind": self._resource_kind(request.resource.type),
-                "key": request.resource.id,
-            },
-        )
-        return _empty()
+        return await self._lease_resource(call, "leases.delete_resource", request)
 
     @unary
     async def Leases_ListResources(self, request: Any, call: Call) -> Any:

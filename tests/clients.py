@@ -19,11 +19,10 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.helpers import REAPER, Daemon, is_gone, kill, process_state, wait_until
+from tests.helpers import Daemon, is_gone, kill, process_state, spawn_reaped, wait_until
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's 20.10 CLI (a newer one may come first on PATH)
@@ -154,31 +153,15 @@ class Dockerd:
             "--cgroup-parent",
             self.cgroup_parent,
         ]
-        with open(log_path, "wb") as log:
-            reaper = subprocess.Popen(
-                [sys.executable, str(REAPER), *command],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        reaper, pid = spawn_reaped(command, log_path)
         self.reapers.append(reaper)
-
-        def dockerd_pid() -> int | None:
-            with contextlib.suppress(OSError, ValueError):
-                children = (
-                    Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()
-                )
-                if children:
-                    return int(children[0])
-            return None
 
         def ready() -> bool:
             if reaper.poll() is not None:
                 raise AssertionError(f"dockerd exited: {self.log_text()}")
             return self.docker("version", timeout=10).returncode == 0
 
-        self.pids.append(wait_until(dockerd_pid, what="dockerd to start"))
+        self.pids.append(pid)
         wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
 
     @property

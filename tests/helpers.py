@@ -91,6 +91,28 @@ def remove_namespace_cgroups(namespace: str) -> None:
                 sub.rmdir()
 
 
+def spawn_reaped(command: list[str], log_path: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `command` under tests/reaper.py in a session of its own, output to
+    `log_path`; returns the reaper and the command's pid."""
+    with open(log_path, "wb") as log:
+        reaper = subprocess.Popen(
+            [sys.executable, str(REAPER), *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def child() -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            children = Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()
+            if children:
+                return int(children[0])
+        return None
+
+    return reaper, wait_until(child, what=f"{command[0]} to start")
+
+
 class Daemon:
     """A berthd started by a test; see the module docstring."""
 
@@ -134,24 +156,8 @@ class Daemon:
                 "sh",
                 *command,
             ]
-        with open(log_path, "wb") as log:
-            reaper = subprocess.Popen(
-                [sys.executable, str(REAPER), *command],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        reaper, pid = spawn_reaped(command, log_path)
         self.reapers.append(reaper)
-
-        def daemon_pid() -> int | None:
-            with contextlib.suppress(OSError, ValueError):
-                children = (
-                    Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children").read_text().split()
-                )
-                if children:
-                    return int(children[0])
-            return None
 
         def ready() -> bool:
             if reaper.poll() is not None:
@@ -163,7 +169,6 @@ class Daemon:
             except Exception:
                 return False
 
-        pid = wait_until(daemon_pid, what="berthd to start")
         self.pids.append(pid)
         wait_until(ready, timeout=15, what="berthd to answer")
 
