@@ -85,7 +85,13 @@ CRUN_WRAPPER = (
 def remove_namespace_cgroups(namespace: str) -> None:
     """runc removes a container's own cgroup, not the empty parents it created
     (berth/<namespace>): remove this test's, which are unique to it."""
+    tmpfs = os.stat("/sys/fs/cgroup").st_dev
     for base in Path("/sys/fs/cgroup").glob(f"*/berth/{namespace}"):
+        if os.stat(base).st_dev == tmpfs:
+            # Not a cgroup at all: a runtime wrote "cgroup files" into a plain directory
+            # of the /sys/fs/cgroup tmpfs (where a controller, here hugetlb, is not mounted).
+            shutil.rmtree(base, ignore_errors=True)
+            continue
         for sub in sorted(base.glob("**/"), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 sub.rmdir()
