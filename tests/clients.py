@@ -22,7 +22,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import Daemon, is_gone, kill, process_state, spawn_reaped, wait_until
+from tests.helpers import (
+    Daemon,
+    Reaped,
+    is_gone,
+    kill,
+    process_state,
+    spawn_reaped,
+    wait_until,
+)
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's 20.10 CLI (a newer one may come first on PATH)
@@ -103,10 +111,13 @@ class Ctr:
         )
 
 
-class Dockerd:
+class Dockerd(Reaped):
     """dockerd 20.10 on berth's containerd socket, private to one test module."""
 
+    what = "dockerd"
+
     def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
         self.daemon = daemon
         self.dir = os.path.join(daemon.dir, "docker")
         self.data_root = os.path.join(self.dir, "data")
@@ -114,9 +125,6 @@ class Dockerd:
         self.pidfile = os.path.join(self.dir, "dockerd.pid")
         self.host = os.path.join(self.dir, "docker.sock")
         os.makedirs(self.dir, exist_ok=True)
-        self.reapers: list[subprocess.Popen[bytes]] = []
-        self.pids: list[int] = []
-        self.logs: list[str] = []
         self.start()
 
     @property
@@ -163,21 +171,6 @@ class Dockerd:
 
         self.pids.append(pid)
         wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
-
-    @property
-    def pid(self) -> int:
-        return self.pids[-1]
-
-    def kill9(self) -> None:
-        kill(self.pid)
-        wait_until(lambda: is_gone(self.pid), what="dockerd to die")
-
-    def log_text(self) -> str:
-        out = []
-        for path in self.logs:
-            with contextlib.suppress(OSError):
-                out.append(Path(path).read_text(errors="replace"))
-        return "\n".join(out)
 
     def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return run(

@@ -119,8 +119,36 @@ def spawn_reaped(command: list[str], log_path: str) -> tuple[subprocess.Popen[by
     return reaper, wait_until(child, what=f"{command[0]} to start")
 
 
-class Daemon:
+class Reaped:
+    """A daemon a test runs (again and again) under tests/reaper.py: its pids and logs."""
+
+    what = "daemon"
+
+    def __init__(self) -> None:
+        self.reapers: list[subprocess.Popen[bytes]] = []
+        self.pids: list[int] = []  # every pid of this daemon the test started
+        self.logs: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        return self.pids[-1]
+
+    def kill9(self) -> None:
+        kill(self.pid)
+        wait_until(lambda: is_gone(self.pid), what=f"{self.what} to die")
+
+    def log_text(self) -> str:
+        out = []
+        for path in self.logs:
+            with contextlib.suppress(OSError):
+                out.append(Path(path).read_text(errors="replace"))
+        return "\n".join(out)
+
+
+class Daemon(Reaped):
     """A berthd started by a test; see the module docstring."""
+
+    what = "berthd"
 
     def __init__(
         self, *, private_mount_ns: bool = False, extra_config: str = "", base_dir: str | None = None
@@ -139,9 +167,7 @@ class Daemon:
                 '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
                 '[runtimes.missing]\nbinary = "/nonexistent/runtime"\n' + extra_config
             )
-        self.reapers: list[subprocess.Popen[bytes]] = []
-        self.pids: list[int] = []  # every berthd pid this fixture started
-        self.logs: list[str] = []
+        super().__init__()
         self.start()
 
     # -- lifecycle
@@ -178,14 +204,6 @@ class Daemon:
         self.pids.append(pid)
         wait_until(ready, timeout=15, what="berthd to answer")
 
-    @property
-    def pid(self) -> int:
-        return self.pids[-1]
-
-    def kill9(self) -> None:
-        kill(self.pid)
-        wait_until(lambda: is_gone(self.pid), what="berthd to die")
-
     def terminate(self) -> None:
         kill(self.pid, signal.SIGTERM)
         wait_until(lambda: is_gone(self.pid), what="berthd to stop")
@@ -193,13 +211,6 @@ class Daemon:
     def restart(self) -> None:
         self.kill9()
         self.start()
-
-    def log_text(self) -> str:
-        out = []
-        for path in self.logs:
-            with contextlib.suppress(OSError):
-                out.append(Path(path).read_text(errors="replace"))
-        return "\n".join(out)
 
     # -- clients
 
