@@ -39,9 +39,12 @@ def command(config: Config) -> list[str]:
     return argv
 
 
-async def supervise(config: Config) -> None:
+async def supervise(config: Config, recovered: trio.Event) -> None:
     """Run berth-grpc for as long as this task lives; a crash is logged and followed by
-    a restart after a growing pause (so a broken install does not spin)."""
+    a restart after a growing pause (so a broken install does not spin). It starts once
+    recovery is done: its interpreter start-up (grpcio is a large import) would otherwise
+    compete with reattaching to the shims, and task calls wait for recovery anyway."""
+    await recovered.wait()
     backoff = 0.5
     while True:
         started = trio.current_time()

@@ -118,7 +118,7 @@ async def serve(
             nursery.start_soon(guarded, "zygote start", zygote.warm)
             nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
             if config.grpc_address:
-                nursery.start_soon(guarded, "gRPC front end", frontend.supervise, config)
+                nursery.start_soon(guarded, "gRPC front end", frontend.supervise, config, recovered)
     finally:
         with trio.CancelScope(shield=True):
             try:
