@@ -181,6 +181,7 @@ class TaskService:
         self._tasks: dict[tuple[str, str], TaskHandle] = {}
         self._reserved: set[tuple[str, str]] = set()
         self._rootfs_lock = trio.Lock()
+        self._recovery_scope = trio.CancelScope()
         self.closing = False
 
     # -- paths
@@ -773,37 +774,41 @@ class TaskService:
         if not os.path.isdir(tasks_dir):
             return 0
         found = 0
-        async with trio.open_nursery() as nursery:
-            for namespace in sorted(os.listdir(tasks_dir)):
-                ns_dir = os.path.join(tasks_dir, namespace)
-                if not is_valid(namespace) or not os.path.isdir(ns_dir):
-                    log.error("recovery: ignoring unexpected entry %s", ns_dir)
-                    continue
-                for container_id in sorted(os.listdir(ns_dir)):
-                    bundle = os.path.join(ns_dir, container_id)
-                    if not is_valid(container_id) or not os.path.isdir(bundle):
-                        log.error("recovery: ignoring unexpected entry %s", bundle)
+        # close() cancels this before it closes any shim connection: a shutdown that comes
+        # during recovery must stop it, not look to it like shims that broke (found by the
+        # soak: SIGTERM right after a restart killed healthy shims, exits became 255).
+        with self._recovery_scope:
+            async with trio.open_nursery() as nursery:
+                for namespace in sorted(os.listdir(tasks_dir)):
+                    ns_dir = os.path.join(tasks_dir, namespace)
+                    if not is_valid(namespace) or not os.path.isdir(ns_dir):
+                        log.error("recovery: ignoring unexpected entry %s", ns_dir)
                         continue
-                    try:
-                        record = read_state(bundle)
-                    except CorruptState as exc:
-                        log.error("recovery: skipping %s: %s", bundle, exc)
-                        continue
-                    if record is None:
-                        # The daemon died before this task's shim ever ran: nothing to keep.
-                        log.info("recovery: removing never-started bundle %s", bundle)
-                        remove_bundle(bundle)
-                        continue
-                    found += 1
-                    nursery.start_soon(
-                        guarded,
-                        f"recovery of {namespace}/{container_id}",
-                        self._recover_one,
-                        namespace,
-                        container_id,
-                        bundle,
-                        record,
-                    )
+                    for container_id in sorted(os.listdir(ns_dir)):
+                        bundle = os.path.join(ns_dir, container_id)
+                        if not is_valid(container_id) or not os.path.isdir(bundle):
+                            log.error("recovery: ignoring unexpected entry %s", bundle)
+                            continue
+                        try:
+                            record = read_state(bundle)
+                        except CorruptState as exc:
+                            log.error("recovery: skipping %s: %s", bundle, exc)
+                            continue
+                        if record is None:
+                            # The daemon died before this task's shim ever ran: nothing to keep.
+                            log.info("recovery: removing never-started bundle %s", bundle)
+                            remove_bundle(bundle)
+                            continue
+                        found += 1
+                        nursery.start_soon(
+                            guarded,
+                            f"recovery of {namespace}/{container_id}",
+                            self._recover_one,
+                            namespace,
+                            container_id,
+                            bundle,
+                            record,
+                        )
         return found
 
     async def _recover_one(
@@ -853,12 +858,6 @@ class TaskService:
                     self._apply_state(view, state)
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
-                if self.closing:
-                    # Shutdown closed the connection under the recovery (found by the soak:
-                    # SIGTERM right after a restart killed healthy shims, and their
-                    # containers' exit statuses became 255). The next daemon recovers it.
-                    log.info("recovery of %s/%s cut short by shutdown", namespace, container_id)
-                    return
                 log.error(
                     "recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
                     record.pid,
@@ -880,6 +879,7 @@ class TaskService:
     async def close(self) -> None:
         """Daemon shutdown: stop supervising; the shims and containers live on."""
         self.closing = True
+        self._recovery_scope.cancel()
         for handle in self._tasks.values():
             handle.scope.cancel()
             if handle.client is not None:
