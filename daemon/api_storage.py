@@ -415,7 +415,7 @@ class StorageApi:
     def _snap(self, p: dict[str, Any]) -> str | None:
         return _str(p, "snapshotter", required=False) or None
 
-    async def snapshots_prepare(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def _prepare(self, ctx: CallContext, p: dict[str, Any], *, view: bool) -> Any:
         mounts = await in_thread(
             self.storage.prepare,
             ctx.namespace,
@@ -424,21 +424,15 @@ class StorageApi:
             _str(p, "parent", required=False),
             check_labels(p.get("labels")),
             ctx.lease,
+            view=view,
         )
         return {"mounts": [m.to_wire() for m in mounts]}
 
+    async def snapshots_prepare(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+        return await self._prepare(ctx, p, view=False)
+
     async def snapshots_view(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        mounts = await in_thread(
-            self.storage.prepare,
-            ctx.namespace,
-            self._snap(p),
-            _str(p, "key"),
-            _str(p, "parent", required=False),
-            check_labels(p.get("labels")),
-            ctx.lease,
-            view=True,
-        )
-        return {"mounts": [m.to_wire() for m in mounts]}
+        return await self._prepare(ctx, p, view=True)
 
     async def snapshots_mounts(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         mounts = self.storage.snapshot_mounts(ctx.namespace, self._snap(p), _str(p, "key"))

@@ -298,6 +298,17 @@ def descriptor_from_wire(doc: dict[str, Any]) -> Any:
 # -- labels and field masks -------------------------------------------------------------
 
 
+def label_paths(paths: list[str], what: str, others: tuple[str, ...] = ()) -> list[str]:
+    """The label paths of an update mask (`labels`, `labels.<key>`); any path that is
+    neither a label nor one of `others` is refused, never silently ignored."""
+    labels = [p for p in paths if p == "labels" or p.startswith("labels.")]
+    unsupported = [p for p in paths if p not in labels and p not in others]
+    if unsupported:
+        allowed = ", ".join(("labels", *others))
+        raise InvalidArgument(f"cannot update {what} field(s) {unsupported}: only {allowed}")
+    return labels
+
+
 def apply_label_mask(
     current: dict[str, str], update: dict[str, str], paths: list[str]
 ) -> dict[str, str]:

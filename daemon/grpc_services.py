@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import platform
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,6 +34,7 @@ from berth.shim.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    Unimplemented,
 )
 
 log = logging.getLogger("berth.grpc")
@@ -425,19 +428,14 @@ class Services:
         update = request.container
         current = await self._call(call, "containers.get", {"id": update.id})
         paths = list(request.update_mask.paths)
+        labels = capi.label_paths(paths, "container", ("spec",))
         params: dict[str, Any] = {"id": update.id}
-        label_paths = [p for p in paths if p == "labels" or p.startswith("labels.")]
-        if not paths or label_paths:
+        if not paths or labels:
             params["labels"] = capi.apply_label_mask(
-                current.get("labels") or {}, dict(update.labels), label_paths
+                current.get("labels") or {}, dict(update.labels), labels
             )
         if (not paths and update.HasField("spec")) or "spec" in paths:
             params["spec"] = capi.from_json_any(update.spec, capi.SPEC_TYPE, "spec")
-        unsupported = [
-            p for p in paths if p not in ("spec",) and p != "labels" and not p.startswith("labels.")
-        ]
-        if unsupported:
-            raise InvalidArgument(f"cannot update field(s) {unsupported}: only labels and spec")
         updated = await self._call(call, "containers.update", params)
         return capi.types().containers.UpdateContainerResponse(
             container=capi.container_to_message(updated)
@@ -453,7 +451,7 @@ class Services:
     @unary
     async def Tasks_Create(self, request: Any, call: Call) -> Any:
         if request.HasField("checkpoint") and request.checkpoint.digest:
-            raise capi_unimplemented("restoring a checkpoint")
+            raise Unimplemented("restoring a checkpoint is not supported by berth")
         params: dict[str, Any] = {
             "container_id": request.container_id,
             "stdin": request.stdin or None,
@@ -634,7 +632,7 @@ class Services:
                 continue  # it exited meanwhile
             metrics.append(
                 t.metrics.Metric(
-                    timestamp=capi.timestamp(_now_ns()),
+                    timestamp=capi.timestamp(time.time_ns()),
                     id=task["id"],
                     data=capi.metrics_any(stats),
                 )
@@ -664,10 +662,7 @@ class Services:
     async def Content_Update(self, request: Any, call: Call) -> Any:
         info = request.info
         current = await self._call(call, "content.info", {"digest": info.digest})
-        paths = list(request.update_mask.paths)
-        bad = [p for p in paths if p != "labels" and not p.startswith("labels.")]
-        if bad:
-            raise InvalidArgument(f"cannot update content field(s) {bad}: only labels")
+        paths = capi.label_paths(list(request.update_mask.paths), "content")
         labels = capi.apply_label_mask(current.get("labels") or {}, dict(info.labels), paths)
         doc = await self._call(call, "content.update", {"digest": info.digest, "labels": labels})
         return capi.types().content.UpdateResponse(info=capi.content_info_to_message(doc))
@@ -750,7 +745,7 @@ class Services:
         total, expected = 0, ""
         labels: dict[str, str] = {}
         offset = 0
-        started_at = _now_ns()
+        started_at = time.time_ns()
         async for req in requests:
             if not ref:
                 if not req.ref:
@@ -775,7 +770,7 @@ class Services:
             response = t.content.WriteContentResponse(
                 action=action,
                 started_at=capi.timestamp(started_at),
-                updated_at=capi.timestamp(_now_ns()),
+                updated_at=capi.timestamp(time.time_ns()),
                 total=total,
             )
             if action in (1, 2):  # WRITE, COMMIT
@@ -841,11 +836,11 @@ class Services:
         update = capi.image_from_message(request.image)
         paths = list(request.update_mask.paths)
         if paths:
+            labels = capi.label_paths(paths, "image", ("target",))
             current = await self._call(call, "images.get", {"name": update["name"]})
-            label_paths = [p for p in paths if p == "labels" or p.startswith("labels.")]
-            if label_paths:
+            if labels:
                 current["labels"] = capi.apply_label_mask(
-                    current.get("labels") or {}, update["labels"], label_paths
+                    current.get("labels") or {}, update["labels"], labels
                 )
             if "target" in paths:
                 current["target"] = update["target"]
@@ -915,10 +910,7 @@ class Services:
         current = await self._call(
             call, "snapshots.stat", {"snapshotter": request.snapshotter, "key": info.name}
         )
-        paths = list(request.update_mask.paths)
-        bad = [p for p in paths if p != "labels" and not p.startswith("labels.")]
-        if bad:
-            raise InvalidArgument(f"cannot update snapshot field(s) {bad}: only labels")
+        paths = capi.label_paths(list(request.update_mask.paths), "snapshot")
         labels = capi.apply_label_mask(current.get("labels") or {}, dict(info.labels), paths)
         doc = await self._call(
             call,
@@ -980,12 +972,6 @@ class Services:
         return capi.types().diff.DiffResponse(diff=capi.descriptor_from_wire(result["diff"]))
 
 
-def capi_unimplemented(what: str) -> BerthError:
-    from berth.shim.errors import Unimplemented
-
-    return Unimplemented(f"{what} is not supported by berth")
-
-
 def _snap_params(request: Any) -> dict[str, Any]:
     return {
         "snapshotter": request.snapshotter,
@@ -1006,15 +992,7 @@ def _ingest_status(doc: dict[str, Any]) -> Any:
     )
 
 
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()
-
-
 def _arch() -> str:
-    import platform
-
     machine = platform.machine()
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 

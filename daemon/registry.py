@@ -192,15 +192,7 @@ class RegistryClient:
         try:
             writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
         except AlreadyExists:
-            await progress(
-                {
-                    "kind": kind,
-                    "digest": desc.digest,
-                    "offset": desc.size,
-                    "total": desc.size,
-                    "status": "exists",
-                }
-            )
+            await _report_exists(progress, kind, desc)
             return
         try:
             headers = {"Range": f"bytes={writer.offset}-"} if writer.offset else {}
@@ -261,15 +253,7 @@ class RegistryClient:
         self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
     ) -> None:
         if await self.blob_exists(desc.digest):
-            await progress(
-                {
-                    "kind": kind,
-                    "digest": desc.digest,
-                    "offset": desc.size,
-                    "total": desc.size,
-                    "status": "exists",
-                }
-            )
+            await _report_exists(progress, kind, desc)
             return
         response = await self.request("POST", f"{self.base}/blobs/uploads/", scope="pull,push")
         if response.status_code not in (202, 201):
@@ -487,3 +471,16 @@ async def push(
     )
     validate_digest(top.digest)
     return top.to_wire()
+
+
+async def _report_exists(progress: Progress, kind: str, desc: Descriptor) -> None:
+    """The progress item of a blob nothing had to move for."""
+    await progress(
+        {
+            "kind": kind,
+            "digest": desc.digest,
+            "offset": desc.size,
+            "total": desc.size,
+            "status": "exists",
+        }
+    )
