@@ -593,12 +593,9 @@ class Storage:
     def _import_oci(
         self, namespace: str, read_member: Any, blob: Any, name: str | None
     ) -> list[dict[str, Any]]:
-        layout = read_member("oci-layout")
-        try:
-            if json.loads(layout).get("imageLayoutVersion") != "1.0.0":
-                raise InvalidArgument("unsupported oci-layout version")
-        except ValueError:
-            raise InvalidArgument("oci-layout is not valid JSON") from None
+        layout = images.parse_document(read_member("oci-layout"), "oci-layout")
+        if layout.get("imageLayoutVersion") != "1.0.0":
+            raise InvalidArgument("unsupported oci-layout version")
         entries = images.parse_index(read_member("index.json"), images.OCI_INDEX)
         if not entries:
             raise InvalidArgument("the archive's index.json lists no image")

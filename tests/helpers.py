@@ -246,9 +246,9 @@ class Daemon(Reaped):
         """container id -> live shim pid, from shim.json (checked against start time)."""
         out = {}
         for bundle in self.task_dirs():
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                record = json.loads((bundle / "shim.json").read_text())
-                pid, start = record["pid"], record["start_time"]
+            with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+                record = json.loads((bundle / "shim.json").read_text())  # may be corrupt
+                pid, start = int(record["pid"]), record["start_time"]
                 if process_start_time(pid) == start and process_state(pid) != "Z":
                     out[bundle.name] = pid
         return out

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from berth.shim.client import Client
@@ -324,6 +324,10 @@ def test_shim_memory_stays_bounded(fuzz_shim: StandaloneShim) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(st.binary(max_size=300), st.sampled_from(["shim.json", "exit/init.json", "init.pid"]))
+@example(b"0", "shim.json")  # valid JSON, not an object
+@example(b'{"version": 1, "pid": "1", "start_time": null}', "shim.json")
+@example(b"[]", "exit/init.json")
+@example(b"-1", "init.pid")
 def test_corrupt_state_files_are_reported_and_skipped(data: bytes, name: str) -> None:
     d = Daemon()
     try:

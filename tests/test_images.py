@@ -462,6 +462,35 @@ def _layout_with_index(path: str, index: dict[str, Any], blobs: dict[str, bytes]
             tar.addfile(info, __import__("io").BytesIO(data))
 
 
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"oci-layout": b"0", "index.json": b"{}"}, "oci-layout must be a JSON object"),
+        ({"oci-layout": b"[1]", "index.json": b"{}"}, "oci-layout must be a JSON object"),
+        ({"oci-layout": b"{", "index.json": b"{}"}, "oci-layout is not valid JSON"),
+        (
+            {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": b'"x"'},
+            "must be a JSON object",
+        ),
+        ({"manifest.json": b"{}"}, "manifest.json must be a non-empty list"),
+        ({"manifest.json": b"[0]"}, "manifest.json entries need Config and Layers"),
+    ],
+)
+def test_malformed_archive_documents_are_clear_errors(
+    daemon: Daemon, members: dict[str, bytes], message: str
+) -> None:
+    path = os.path.join(daemon.dir, "malformed.tar")
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    with pytest.raises(InvalidArgument, match=message):
+        daemon.call("images.import", {"path": path})
+    assert daemon.call("images.list")["images"] == []
+    assert daemon.call("version")["protocol"] == 1
+
+
 def test_ambiguous_and_mismatched_documents_are_rejected(daemon: Daemon) -> None:
     import hashlib
 
