@@ -282,7 +282,21 @@ class Daemon(Reaped):
         return found
 
     def cleanup(self) -> None:
-        """Stop everything, by pid, and remove every trace."""
+        """Stop everything, by pid, and remove every trace. Every step runs even if an
+        earlier one fails (a test may have corrupted the state on purpose); the first
+        failure is raised at the end."""
+        errors: list[Exception] = []
+        for step in (self._kill_everything, self._delete_runtime_state, self._wait_reapers):
+            try:
+                step()
+            except Exception as exc:
+                errors.append(exc)
+        remove_namespace_cgroups(self.namespace)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+    def _kill_everything(self) -> None:
         for pid in self.container_pids():
             kill(pid)
         for pid in self.shim_pids().values():
@@ -292,6 +306,8 @@ class Daemon(Reaped):
                 kill(pid)
         for pid in self.descendants():  # whatever the state files could not name
             kill(pid)
+
+    def _delete_runtime_state(self) -> None:
         runtime_dir = Path(self.state, "runtime")
         if runtime_dir.is_dir():
             for runtime in runtime_dir.iterdir():
@@ -306,11 +322,11 @@ class Daemon(Reaped):
                                 capture_output=True,
                                 timeout=30,
                             )
+
+    def _wait_reapers(self) -> None:
         for reaper in self.reapers:
             try:
                 reaper.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 reaper.kill()
                 reaper.wait()
-        remove_namespace_cgroups(self.namespace)
-        shutil.rmtree(self.dir, ignore_errors=True)
