@@ -329,16 +329,17 @@ class StorageApi:
         platform = _str(p, "platform", required=False)
         client = self._registry(ref, p)
         try:
-            image = await registry.pull(
-                self.storage,
-                ctx.namespace,
-                ref,
-                client,
-                ctx.send_item,
-                platform=images.parse_platform(platform) if platform else None,
-                unpack=bool(p.get("unpack", True)),
-                snapshotter=_str(p, "snapshotter", required=False) or None,
-            )
+            async with registry.transport_errors(ref.host):
+                image = await registry.pull(
+                    self.storage,
+                    ctx.namespace,
+                    ref,
+                    client,
+                    ctx.send_item,
+                    platform=images.parse_platform(platform) if platform else None,
+                    unpack=bool(p.get("unpack", True)),
+                    snapshotter=_str(p, "snapshotter", required=False) or None,
+                )
         finally:
             await client.aclose()
         self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
@@ -355,15 +356,16 @@ class StorageApi:
         platform = _str(p, "platform", required=False)
         client = self._registry(ref, p)
         try:
-            top = await registry.push(
-                self.storage,
-                ctx.namespace,
-                local,
-                ref,
-                client,
-                ctx.send_item,
-                images.parse_platform(platform) if platform else None,
-            )
+            async with registry.transport_errors(ref.host):
+                top = await registry.push(
+                    self.storage,
+                    ctx.namespace,
+                    local,
+                    ref,
+                    client,
+                    ctx.send_item,
+                    images.parse_platform(platform) if platform else None,
+                )
         finally:
             await client.aclose()
         await ctx.send_item({"kind": "result", "name": str(ref), "digest": top["digest"]})

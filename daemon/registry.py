@@ -65,7 +65,10 @@ class RegistryClient:
         if tls_skip_verify:
             verify = False
         elif tls_ca:
-            verify = ssl.create_default_context(cadata=tls_ca)
+            try:
+                verify = ssl.create_default_context(cadata=tls_ca)
+            except (ssl.SSLError, ValueError) as exc:
+                raise InvalidArgument(f"tls_ca is not a PEM certificate: {exc}") from None
         self._credentials = (username, password) if username else None
         self._token: dict[str, str] = {}
         self._client = httpx.AsyncClient(
@@ -99,7 +102,12 @@ class RegistryClient:
         reply = await self._client.get(realm, params=query, auth=auth)
         if reply.status_code != 200:
             raise PermissionDenied(f"token request to {realm} failed: HTTP {reply.status_code}")
-        doc = reply.json()
+        try:
+            doc = reply.json()
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise PermissionDenied(f"{realm} answered with no JSON object")
         token = doc.get("token") or doc.get("access_token")
         if not isinstance(token, str):
             raise PermissionDenied(f"{realm} returned no token")
@@ -330,9 +338,37 @@ async def _transfers() -> AsyncIterator[trio.Nursery]:
         typed = [e for e in leaves if isinstance(e, BerthError)]
         if typed:
             raise typed[0] from None
-        if any(isinstance(e, httpx.HTTPError) for e in leaves):
-            raise Unavailable(f"registry transfer failed: {leaves[0]}") from None
+        for leaf in leaves:
+            if isinstance(leaf, TRANSPORT_ERRORS):
+                raise Unavailable(f"registry transfer failed: {describe(leaf)}") from None
         raise
+
+
+TRANSPORT_ERRORS = (httpx.HTTPError, ssl.SSLError, trio.BrokenResourceError)
+
+
+def describe(exc: BaseException) -> str:
+    """The first non-empty message along an exception's cause chain: httpx's errors from a
+    TLS handshake on trio carry none themselves, the ssl error below them says why."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if text:
+            return text
+        current = current.__cause__ or current.__context__
+    return type(exc).__name__
+
+
+@contextlib.asynccontextmanager
+async def transport_errors(host: str) -> AsyncIterator[None]:
+    """Turn a transport failure anywhere in a pull or push (connect, TLS, a cut stream)
+    into Unavailable with the reason, instead of an internal error."""
+    try:
+        yield
+    except TRANSPORT_ERRORS as exc:
+        raise Unavailable(f"{host}: {describe(exc)}") from None
 
 
 def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -28,8 +26,9 @@ from berth.shim.errors import (
     Unavailable,
 )
 from berth.shim.mount import temporary_mount
-from tests.helpers import Daemon, kill, wait_until
+from tests.helpers import Daemon, wait_until
 from tests.images import build_docker_archive, build_oci_archive
+from tests.registry import Registry, free_port
 
 IMAGE = "docker.io/library/busybox:test"
 
@@ -101,68 +100,6 @@ def image_files(busybox_rootfs: str) -> Iterator[dict[str, Any]]:
         yield out
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Registry:
-    """Debian's docker-registry on a loopback port with its own storage (and htpasswd)."""
-
-    def __init__(self, auth: tuple[str, str] | None = None) -> None:
-        if shutil.which("docker-registry") is None:
-            pytest.fail("docker-registry is not installed (scripts/setup installs it)")
-        self.dir = tempfile.mkdtemp(prefix="bt-reg-", dir="/tmp")
-        self.port = _free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        config = [
-            "version: 0.1",
-            "log:",
-            "  level: warn",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {self.dir}/data",
-            "  delete:",
-            "    enabled: true",
-            "http:",
-            f"  addr: {self.host}",
-        ]
-        if auth:
-            hashed = subprocess.run(
-                ["htpasswd", "-Bbn", auth[0], auth[1]], check=True, capture_output=True, text=True
-            ).stdout.strip()
-            Path(self.dir, "htpasswd").write_text(hashed + "\n")
-            config += [
-                "auth:",
-                "  htpasswd:",
-                "    realm: berth-test",
-                f"    path: {self.dir}/htpasswd",
-            ]
-        Path(self.dir, "config.yml").write_text("\n".join(config) + "\n")
-        self.proc = subprocess.Popen(
-            ["docker-registry", "serve", f"{self.dir}/config.yml"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_until(up, what="the registry to listen")
-
-    def close(self) -> None:
-        kill(self.proc.pid, 15)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --- the content store -----------------------------------------------------------------
@@ -557,7 +494,7 @@ def test_ambiguous_and_mismatched_documents_are_rejected(daemon: Daemon) -> None
 
 
 def test_push_and_pull_with_a_real_registry(daemon: Daemon, image_files: dict[str, Any]) -> None:
-    registry = Registry(auth=("berth", "s3cret"))
+    registry = Registry(auth=("basic", ("berth", "s3cret")))
     try:
         daemon.cli("images", "import", image_files["two"], check=True)
         ref = f"{registry.host}/team/two:v1"
@@ -591,5 +528,64 @@ def test_push_and_pull_with_a_real_registry(daemon: Daemon, image_files: dict[st
                     },
                 )
             )
+    finally:
+        registry.close()
+
+
+def test_registry_transport_failures_are_typed_errors(daemon: Daemon) -> None:
+    """Unreachable, untrusted or misconfigured: typed errors with the reason, never an
+    internal error, and nothing stored."""
+    port = free_port()  # nothing listens there
+    with pytest.raises(Unavailable, match="connect"), daemon.client() as c:
+        list(c.stream("images.pull", {"ref": f"127.0.0.1:{port}/x/y:v1", "plain_http": True}))
+    with pytest.raises(InvalidArgument, match="tls_ca"), daemon.client() as c:
+        list(c.stream("images.pull", {"ref": f"127.0.0.1:{port}/x/y:v1", "tls_ca": "junk"}))
+    assert daemon.call("images.list")["images"] == []
+    assert daemon.call("content.list")["content"] == []
+
+
+def test_pull_and_push_over_tls_with_bearer_tokens(
+    daemon: Daemon, image_files: dict[str, Any]
+) -> None:
+    """https (a CA given with --tls-ca) and token auth: the registry answers 401 with a
+    Bearer challenge, berth gets a token for the challenge's scope from the realm with the
+    user's credentials, and retries with it."""
+    registry = Registry(auth=("token", ("berth", "s3cret")), tls=True)
+    assert registry.tokens is not None
+    ca = os.path.join(daemon.dir, "registry-ca.pem")
+    Path(ca).write_text(registry.ca)
+    try:
+        daemon.cli("images", "import", image_files["two"], check=True)
+        ref = f"{registry.host}/team/two:v1"
+        # the certificate is not trusted without --tls-ca: a clear error, nothing pushed
+        r = daemon.cli("images", "push", "--user", "berth:s3cret", ref, "two:test")
+        assert r.returncode != 0 and b"certificate" in r.stderr.lower(), r.stderr
+        # wrong password: the token service refuses, and so does berth
+        r = daemon.cli("images", "push", "--tls-ca", ca, "--user", "berth:wrong", ref, "two:test")
+        assert r.returncode != 0 and b"token" in r.stderr, r.stderr
+        assert registry.tokens.requests and not registry.tokens.requests[-1]["ok"]
+        registry.tokens.requests.clear()
+        r = daemon.cli("images", "push", "--tls-ca", ca, "--user", "berth:s3cret", ref, "two:test")
+        assert r.returncode == 0, r.stderr + registry.log().encode()
+        pushed = r.stdout.split()[-1].decode()
+        assert pushed == image_files["two_digests"]["manifest"]
+        granted = [q for q in registry.tokens.requests if q["ok"]]
+        assert granted, registry.tokens.requests
+        assert all(q["service"] == ["berth-test-registry"] for q in granted)
+        assert any("repository:team/two:pull,push" in q["scopes"] for q in granted), granted
+        daemon.cli("images", "rm", "--sync", "two:test", check=True)
+        assert daemon.call("content.list")["content"] == []
+        registry.tokens.requests.clear()
+        r = daemon.cli("images", "pull", "--tls-ca", ca, "--user", "berth:s3cret", ref)
+        assert r.returncode == 0, r.stderr + registry.log().encode()
+        assert daemon.call("images.get", {"name": ref})["target"]["digest"] == pushed
+        assert any("repository:team/two:pull" in q["scopes"] for q in registry.tokens.requests), (
+            registry.tokens.requests
+        )
+        r = daemon.cli("run", "--rm", ref, "p-tls", "cat", "/opt/layer2")
+        assert (r.returncode, r.stdout) == (0, b"second layer\n"), r.stderr
+        # anonymous: the token service refuses to issue a token without credentials
+        with pytest.raises(PermissionDenied), daemon.client() as c:
+            list(c.stream("images.pull", {"ref": ref, "tls_ca": registry.ca}))
     finally:
         registry.close()

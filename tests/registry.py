@@ -1,0 +1,215 @@
+"""A real registry for the tests: Debian's docker-registry (distribution 2.8) on a loopback
+port with its own storage, optionally behind TLS, htpasswd (basic) or token (bearer) auth.
+
+The token service is the one part written here, because distribution does not ship one:
+a small HTTP server on loopback that checks basic credentials and issues the JWT the
+registry verifies (RS256, signed by `openssl dgst`, the signing certificate in the `x5c`
+header and in the registry's `rootcertbundle`). It records every request it served, so a
+test can show that the bearer flow really happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import kill, wait_until
+
+SERVICE = "berth-test-registry"
+ISSUER = "berth-test-issuer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def self_signed(directory: str, name: str, *, ip: str | None = None) -> tuple[str, str]:
+    """A fresh RSA key and self-signed certificate (PEM paths), valid for one day."""
+    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.crt")
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-subj", f"/CN={ip or name}", "-keyout", key, "-out", cert]
+    if ip:
+        command += ["-addext", f"subjectAltName=IP:{ip}"]
+    subprocess.run(command, check=True, capture_output=True)
+    return key, cert
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A bearer-token service for the registry (see the module docstring)."""
+
+    def __init__(self, directory: str, credentials: tuple[str, str]) -> None:
+        self.key, self.cert = self_signed(directory, "token-signer")
+        der = subprocess.run(
+            ["openssl", "x509", "-in", self.cert, "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        self._x5c = base64.b64encode(der).decode()
+        self._credentials = credentials
+        self.requests: list[dict[str, object]] = []  # what was asked, and the answer
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server._serve(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self._httpd.server_address[1]}/token"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _serve(self, request: BaseHTTPRequestHandler) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        scopes = query.get("scope", [])
+        expected = "Basic " + base64.b64encode(":".join(self._credentials).encode()).decode()
+        granted = request.headers.get("Authorization") == expected
+        self.requests.append({"scopes": scopes, "service": query.get("service"), "ok": granted})
+        if not granted:
+            request.send_response(401)
+            request.end_headers()
+            return
+        body = json.dumps({"token": self.token(scopes), "expires_in": 300}).encode()
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    def token(self, scopes: list[str]) -> str:
+        """A JWT granting every requested `repository:NAME:ACTIONS` scope."""
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        claims = {
+            "iss": ISSUER,
+            "sub": self._credentials[0],
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": _b64url(os.urandom(12)),
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", self.key],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
+        return signing_input + "." + _b64url(signature)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(10)
+
+
+class Registry:
+    """docker-registry on a loopback port with its own storage dir.
+
+    auth: None, ("basic", (user, password)) or ("token", (user, password)).
+    tls: serve https with a fresh self-signed certificate (`ca` is its PEM text)."""
+
+    def __init__(
+        self, auth: tuple[str, tuple[str, str]] | None = None, *, tls: bool = False
+    ) -> None:
+        if shutil.which("docker-registry") is None:
+            pytest.fail("docker-registry is not installed (scripts/setup installs it)")
+        self.dir = tempfile.mkdtemp(prefix="bt-reg-", dir="/tmp")
+        self.tokens: TokenServer | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self._start(auth, tls)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, auth: tuple[str, tuple[str, str]] | None, tls: bool) -> None:
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        config = ["version: 0.1", "log:", "  level: warn", "storage:", "  filesystem:"]
+        config += [f"    rootdirectory: {self.dir}/data", "  delete:", "    enabled: true"]
+        config += ["http:", f"  addr: {self.host}"]
+        self.ca = ""
+        if tls:
+            key, cert = self_signed(self.dir, "registry", ip="127.0.0.1")
+            self.ca = Path(cert).read_text()
+            config += ["  tls:", f"    certificate: {cert}", f"    key: {key}"]
+        if auth and auth[0] == "basic":
+            user, password = auth[1]
+            hashed = subprocess.run(
+                ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+            ).stdout.strip()
+            Path(self.dir, "htpasswd").write_text(hashed + "\n")
+            config += ["auth:", "  htpasswd:", "    realm: berth-test"]
+            config += [f"    path: {self.dir}/htpasswd"]
+        elif auth and auth[0] == "token":
+            self.tokens = TokenServer(self.dir, auth[1])
+            config += ["auth:", "  token:", f"    realm: {self.tokens.realm}"]
+            config += [f"    service: {SERVICE}", f"    issuer: {ISSUER}"]
+            config += [f"    rootcertbundle: {self.tokens.cert}"]
+        elif auth:
+            raise ValueError(f"unknown auth {auth[0]!r}")
+        Path(self.dir, "config.yml").write_text("\n".join(config) + "\n")
+        with open(Path(self.dir, "registry.log"), "wb") as log:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", f"{self.dir}/config.yml"],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("docker-registry exited: " + self.log())
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(up, what="the registry to listen")
+
+    def log(self) -> str:
+        try:
+            return Path(self.dir, "registry.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc is not None:
+            kill(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.tokens is not None:
+            self.tokens.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
