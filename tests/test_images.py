@@ -589,3 +589,48 @@ def test_pull_and_push_over_tls_with_bearer_tokens(
             list(c.stream("images.pull", {"ref": ref, "tls_ca": registry.ca}))
     finally:
         registry.close()
+
+
+def test_a_pull_cut_by_a_daemon_crash_resumes_where_it_stopped(daemon: Daemon) -> None:
+    """kill -9 of berthd in the middle of a layer download: the bytes already written stay
+    in the ingest, and the next pull asks the registry for the rest (a Range request; its
+    first progress item starts past zero) and ends with the same verified digest."""
+    work = Path(tempfile.mkdtemp(prefix="bt-big-", dir="/tmp"))
+    registry = Registry()
+    try:
+        (work / "layer/opt").mkdir(parents=True)
+        (work / "layer/opt/big").write_bytes(os.urandom(48 << 20))  # incompressible
+        archive = str(work / "big.tar")
+        digests = build_oci_archive(
+            str(work / "layer"), archive, name="docker.io/library/big:test", compression="none"
+        )
+        daemon.cli("images", "import", "--no-unpack", archive, check=True)
+        ref = f"{registry.host}/team/big:v1"
+        daemon.cli("images", "push", "--plain-http", ref, "big:test", check=True)
+        daemon.cli("images", "rm", "--sync", "big:test", check=True)
+        assert daemon.call("content.list")["content"] == []
+        layer = digests["layers"][0]
+        params = {"ref": ref, "plain_http": True, "unpack": False}
+        cut_at = 0
+        with daemon.client() as c:
+            for item in c.stream("images.pull", params):
+                if item.get("digest") == layer and item.get("offset", 0) >= 8 << 20:
+                    cut_at = item["offset"]
+                    daemon.kill9()  # mid-download
+                    break
+        assert cut_at, "the layer finished before it could be cut"
+        daemon.start()
+        ingests = daemon.call("content.ingests")["ingests"]
+        assert [i["offset"] for i in ingests if i["ref"].endswith(layer)] >= [cut_at]
+        resumed_from = None
+        with daemon.client() as c:
+            for item in c.stream("images.pull", params):
+                if item.get("digest") == layer and resumed_from is None:
+                    resumed_from = item.get("offset", 0)
+        assert resumed_from is not None and resumed_from >= cut_at, (resumed_from, cut_at)
+        assert daemon.call("images.get", {"name": ref})["target"]["digest"] == digests["manifest"]
+        assert daemon.call("content.info", {"digest": layer})["size"] > 48 << 20  # verified
+        assert daemon.call("content.ingests")["ingests"] == []
+    finally:
+        registry.close()
+        shutil.rmtree(work, ignore_errors=True)
