@@ -67,7 +67,7 @@ class RegistryClient:
         elif tls_ca:
             try:
                 verify = ssl.create_default_context(cadata=tls_ca)
-            except (ssl.SSLError, ValueError) as exc:
+            except (ssl.SSLError, ValueError, TypeError) as exc:
                 raise InvalidArgument(f"tls_ca is not a PEM certificate: {exc}") from None
         self._credentials = (username, password) if username else None
         self._token: dict[str, str] = {}
@@ -99,7 +99,14 @@ class RegistryClient:
             "scope": params.get("scope") or f"repository:{self.ref.path}:{scope}",
         }
         auth = httpx.BasicAuth(*self._credentials) if self._credentials else None
-        reply = await self._client.get(realm, params=query, auth=auth)
+        try:
+            reply = await self._client.get(realm, params=query, auth=auth)
+        except httpx.InvalidURL as exc:
+            raise PermissionDenied(
+                f"{self.ref.host}: unusable bearer realm {realm!r}: {exc}"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"token service {realm}: {describe(exc)}") from None
         if reply.status_code != 200:
             raise PermissionDenied(f"token request to {realm} failed: HTTP {reply.status_code}")
         try:
@@ -109,8 +116,10 @@ class RegistryClient:
         if not isinstance(doc, dict):
             raise PermissionDenied(f"{realm} answered with no JSON object")
         token = doc.get("token") or doc.get("access_token")
-        if not isinstance(token, str):
+        if not isinstance(token, str) or not token:
             raise PermissionDenied(f"{realm} returned no token")
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            raise PermissionDenied(f"{realm} returned a token that is not a header value")
         return "Bearer " + token
 
     async def request(
@@ -120,16 +129,23 @@ class RegistryClient:
         *,
         scope: str = "pull",
         headers: dict[str, str] | None = None,
-        content: Any = None,
+        content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
     ) -> httpx.Response:
+        """One request, retried once with fresh credentials after a 401. A streamed body is
+        given as a factory: a retry (a token that expired mid-push) needs a new stream."""
         headers = dict(headers or {})
         if scope in self._token:
             headers["Authorization"] = self._token[scope]
-        response = await self._client.request(method, url, headers=headers, content=content)
+
+        def body() -> Any:
+            return content() if callable(content) else content
+
+        response = await self._client.request(method, url, headers=headers, content=body())
         if response.status_code == 401:
+            await response.aclose()
             self._token[scope] = await self._authorize(response, scope)
             headers["Authorization"] = self._token[scope]
-            response = await self._client.request(method, url, headers=headers, content=content)
+            response = await self._client.request(method, url, headers=headers, content=body())
         if response.status_code == 401:
             raise PermissionDenied(f"{self.ref.host}: authentication failed")
         return response
@@ -274,6 +290,7 @@ class RegistryClient:
 
         async def body() -> AsyncIterator[bytes]:
             nonlocal sent
+            sent = 0
             with open(storage.content.path(desc.digest), "rb") as f:
                 while chunk := f.read(CHUNK):
                     sent += len(chunk)
@@ -295,7 +312,7 @@ class RegistryClient:
             str(url.copy_with(params=params)),
             scope="pull,push",
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
-            content=body(),
+            content=body,
         )
         _check(response, f"upload of {desc.digest}", ok=(201, 204))
         await progress(
@@ -335,16 +352,23 @@ async def _transfers() -> AsyncIterator[trio.Nursery]:
                 stack.extend(exc.exceptions)
             else:
                 leaves.append(exc)
+        if any(isinstance(e, trio.Cancelled) for e in leaves):
+            raise  # a cancellation (e.g. the client went away) stays one
         typed = [e for e in leaves if isinstance(e, BerthError)]
         if typed:
             raise typed[0] from None
         for leaf in leaves:
-            if isinstance(leaf, TRANSPORT_ERRORS):
+            if isinstance(leaf, REGISTRY_ERRORS):
                 raise Unavailable(f"registry transfer failed: {describe(leaf)}") from None
-        raise
+        # Anything else (the API client's stream broke, ENOSPC while writing a blob) leaves
+        # as itself, so the RPC layer treats it as it treats it everywhere else.
+        raise leaves[0] from None
 
 
-TRANSPORT_ERRORS = (httpx.HTTPError, ssl.SSLError, trio.BrokenResourceError)
+# What a registry (or the network to it) can cause: transport and TLS failures, and URLs
+# it hands out (an upload location) that do not parse. Not trio's stream errors: httpx
+# wraps its own; a bare one comes from the API client's progress stream.
+REGISTRY_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError)
 
 
 def describe(exc: BaseException) -> str:
@@ -352,13 +376,17 @@ def describe(exc: BaseException) -> str:
     TLS handshake on trio carry none themselves, the ssl error below them says why."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    text = ""
+    while current is not None and id(current) not in seen and not text:
         seen.add(id(current))
         text = str(current).strip()
-        if text:
-            return text
+        # __context__ even where suppressed: httpcore re-raises its own ConnectError with
+        # the context suppressed, and the reason (the ssl error) is only found there.
         current = current.__cause__ or current.__context__
-    return type(exc).__name__
+    text = text or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({text})"
+    return text
 
 
 @contextlib.asynccontextmanager
@@ -367,7 +395,7 @@ async def transport_errors(host: str) -> AsyncIterator[None]:
     into Unavailable with the reason, instead of an internal error."""
     try:
         yield
-    except TRANSPORT_ERRORS as exc:
+    except REGISTRY_ERRORS as exc:
         raise Unavailable(f"{host}: {describe(exc)}") from None
 
 

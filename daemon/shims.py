@@ -115,8 +115,10 @@ class Zygote:
 
 
 def shim_alive(pid: int, start_time: int) -> bool:
-    """True if `pid` is the same process that recorded `start_time` (not a reused pid)."""
-    if pid <= 0:
+    """True if `pid` is the same process that recorded `start_time` (not a reused pid).
+    Without a known start time the identity is unknown: False, so that a corrupt record can
+    never make berthd signal an unrelated process (or init, or itself)."""
+    if pid <= 1 or start_time <= 0 or pid == os.getpid():
         return False
     current = process_start_time(pid)
     if current is None:
@@ -128,7 +130,7 @@ def shim_alive(pid: int, start_time: int) -> bool:
         return False
     if state == b"Z":
         return False
-    return current == start_time or start_time == 0
+    return current == start_time
 
 
 async def wait_for_death(pid: int) -> None:

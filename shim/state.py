@@ -100,6 +100,8 @@ def read_state(bundle: str) -> ShimRecord | None:
             bundle=_str(doc, "bundle"),
             runtime=runtime if isinstance(runtime, dict) else {},
         )
+        if record.pid <= 1 or record.start_time <= 0:
+            raise CorruptState(f"{path}: pid {record.pid} / start_time {record.start_time}")
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, CorruptState):
             raise

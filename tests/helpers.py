@@ -61,6 +61,10 @@ def is_gone(pid: int) -> bool:
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal one process. pid <= 0 would mean a process group or every process (kill(2)):
+    refused, since pids here may come from state files a test corrupted on purpose."""
+    if not isinstance(pid, int) or pid <= 0:
+        raise ValueError(f"refusing to signal pid {pid!r}")
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 
@@ -248,7 +252,9 @@ class Daemon(Reaped):
         for bundle in self.task_dirs():
             with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
                 record = json.loads((bundle / "shim.json").read_text())  # may be corrupt
-                pid, start = int(record["pid"]), record["start_time"]
+                pid, start = record["pid"], record["start_time"]
+                if not (type(pid) is int and pid > 0 and type(start) is int):
+                    continue
                 if process_start_time(pid) == start and process_state(pid) != "Z":
                     out[bundle.name] = pid
         return out
@@ -286,24 +292,37 @@ class Daemon(Reaped):
         earlier one fails (a test may have corrupted the state on purpose); the first
         failure is raised at the end."""
         errors: list[Exception] = []
-        for step in (self._kill_everything, self._delete_runtime_state, self._wait_reapers):
+        for step in (
+            self._kill_containers,
+            self._kill_shims,
+            self._kill_daemons,
+            self._kill_descendants,
+            self._delete_runtime_state,
+            self._wait_reapers,
+            lambda: remove_namespace_cgroups(self.namespace),
+        ):
             try:
                 step()
             except Exception as exc:
                 errors.append(exc)
-        remove_namespace_cgroups(self.namespace)
         shutil.rmtree(self.dir, ignore_errors=True)
         if errors:
             raise errors[0]
 
-    def _kill_everything(self) -> None:
+    def _kill_containers(self) -> None:
         for pid in self.container_pids():
             kill(pid)
+
+    def _kill_shims(self) -> None:
         for pid in self.shim_pids().values():
             kill(pid)
+
+    def _kill_daemons(self) -> None:
         for pid in self.pids:
             if process_state(pid) not in (None, "Z"):
                 kill(pid)
+
+    def _kill_descendants(self) -> None:
         for pid in self.descendants():  # whatever the state files could not name
             kill(pid)
 

@@ -11,6 +11,7 @@ test can show that the bearer flow really happened.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -153,6 +154,8 @@ class Registry:
             raise
 
     def _start(self, auth: tuple[str, tuple[str, str]] | None, tls: bool) -> None:
+        if auth and auth[0] == "token":  # binds its own port first: no collision below
+            self.tokens = TokenServer(self.dir, auth[1])
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         config = ["version: 0.1", "log:", "  level: warn", "storage:", "  filesystem:"]
@@ -171,8 +174,7 @@ class Registry:
             Path(self.dir, "htpasswd").write_text(hashed + "\n")
             config += ["auth:", "  htpasswd:", "    realm: berth-test"]
             config += [f"    path: {self.dir}/htpasswd"]
-        elif auth and auth[0] == "token":
-            self.tokens = TokenServer(self.dir, auth[1])
+        elif auth and auth[0] == "token" and self.tokens is not None:
             config += ["auth:", "  token:", f"    realm: {self.tokens.realm}"]
             config += [f"    service: {SERVICE}", f"    issuer: {ISSUER}"]
             config += [f"    rootcertbundle: {self.tokens.cert}"]
@@ -203,13 +205,104 @@ class Registry:
             return ""
 
     def close(self) -> None:
-        if self.proc is not None:
-            kill(self.proc.pid, 15)
+        try:
+            if self.proc is not None:
+                kill(self.proc.pid, 15)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.tokens is not None:
-            self.tokens.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+                if self.tokens is not None:
+                    self.tokens.close()
+            finally:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StallingRelay:
+    """A loopback TCP relay in front of the registry. While stalled, it stops passing the
+    registry's bytes on once one connection has carried `stall_after` of them: a download
+    then stands still in the middle of a blob for as long as the test needs, with no
+    timing involved. `release()` lets everything through from then on."""
+
+    def __init__(self, target_port: int, stall_after: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._stall_after = stall_after
+        self._released = threading.Event()
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.host = f"127.0.0.1:{self.port}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _track(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+        return sock
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._track(socket.create_connection(self._target))
+            except OSError:
+                client.close()
+                continue
+            self._track(client)
+            for source, sink, stall in ((client, upstream, False), (upstream, client, True)):
+                thread = threading.Thread(
+                    target=self._pump, args=(source, sink, stall), daemon=True
+                )
+                with self._lock:
+                    self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, stall: bool) -> None:
+        carried = 0
+        try:
+            while True:
+                if stall and carried >= self._stall_after:
+                    self._released.wait()
+                    if self._closing:
+                        return
+                    stall = False
+                limit = 1 << 16
+                if stall:
+                    limit = min(limit, self._stall_after - carried)
+                data = source.recv(limit)
+                if not data:
+                    break
+                sink.sendall(data)
+                carried += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closing = True
+        self._released.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() (Linux)
+        self._listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(10)

@@ -8,9 +8,11 @@ BERTH_FUZZ_EXAMPLES for a longer run.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from berth.shim.client import Client
 from berth.shim.protocol import HEADER, Connection, Hello, Request, Role
-from tests.helpers import Daemon, wait_until
+from tests.helpers import Daemon, kill, wait_until
 from tests.test_shim import StandaloneShim
 
 EXAMPLES = int(os.environ.get("BERTH_FUZZ_EXAMPLES", "60"))
@@ -328,6 +330,7 @@ def test_shim_memory_stays_bounded(fuzz_shim: StandaloneShim) -> None:
 @example(b'{"version": 1, "pid": "1", "start_time": null}', "shim.json")
 @example(b"[]", "exit/init.json")
 @example(b"-1", "init.pid")
+@example(b'{"version": 1, "pid": -1, "start_time": null}', "shim.json")  # never kill(-1)
 def test_corrupt_state_files_are_reported_and_skipped(data: bytes, name: str) -> None:
     d = Daemon()
     try:
@@ -344,4 +347,31 @@ def test_corrupt_state_files_are_reported_and_skipped(data: bytes, name: str) ->
             assert tasks["victim"]["status"] in ("running", "stopped")
         wait_until(lambda: d.call("version")["protocol"] == 1)
     finally:
+        d.cleanup()
+
+
+def test_a_state_file_never_makes_berthd_signal_an_unrelated_process() -> None:
+    """A shim.json whose pid names some other process, with no start time to prove its
+    identity, and whose shim cannot be reached: berthd must skip it, not kill that pid."""
+    d = Daemon()
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        d.cli("run", "--busybox", "-d", "victim", "sleep", "600", check=True)
+        d.kill9()
+        path = Path(d.state, "tasks", d.namespace, "victim", "shim.json")
+        record = json.loads(path.read_text())
+        record.update(pid=bystander.pid, start_time=0, address=str(Path(d.dir, "nowhere.sock")))
+        path.write_text(json.dumps(record))
+        d.start()
+
+        def restarted_log() -> str:
+            return Path(d.logs[-1]).read_text(errors="replace")
+
+        wait_until(lambda: "recovered" in restarted_log(), what="the recovery to finish")
+        assert "skipping" in restarted_log() and "killing it" not in restarted_log()
+        assert d.call("version")["protocol"] == 1
+        assert bystander.poll() is None, "berthd killed a process it does not own"
+    finally:
+        kill(bystander.pid)
+        bystander.wait()
         d.cleanup()
