@@ -169,7 +169,7 @@ class Dockerd(Reaped):
                 raise AssertionError(f"dockerd exited: {self.log_text()}")
             return self.docker("version", timeout=10).returncode == 0
 
-        self.pids.append(pid)
+        self.remember(pid)
         wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
 
     def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -196,9 +196,8 @@ class Dockerd(Reaped):
             kill(self.pid, 15)
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: is_gone(self.pid), timeout=20, what="dockerd to stop")
-        for pid in self.pids:
-            if process_state(pid) not in (None, "Z"):
-                kill(pid)
+        for pid in self.live_pids():
+            kill(pid)
         for reaper in self.reapers:
             try:
                 reaper.wait(timeout=10)

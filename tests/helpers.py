@@ -131,7 +131,23 @@ class Reaped:
     def __init__(self) -> None:
         self.reapers: list[subprocess.Popen[bytes]] = []
         self.pids: list[int] = []  # every pid of this daemon the test started
+        self._start_times: dict[int, int | None] = {}
         self.logs: list[str] = []
+
+    def remember(self, pid: int) -> None:
+        """Record a started pid with its start time, so that it is never confused with a
+        later process that reuses the number."""
+        self.pids.append(pid)
+        self._start_times[pid] = process_start_time(pid)
+
+    def live_pids(self) -> list[int]:
+        """The pids this test started that are still those processes and still running."""
+        return [
+            pid
+            for pid in self.pids
+            if process_state(pid) not in (None, "Z")
+            and process_start_time(pid) == self._start_times.get(pid)
+        ]
 
     @property
     def pid(self) -> int:
@@ -205,7 +221,7 @@ class Daemon(Reaped):
             except Exception:
                 return False
 
-        self.pids.append(pid)
+        self.remember(pid)
         wait_until(ready, timeout=15, what="berthd to answer")
 
     def terminate(self) -> None:
@@ -318,9 +334,8 @@ class Daemon(Reaped):
             kill(pid)
 
     def _kill_daemons(self) -> None:
-        for pid in self.pids:
-            if process_state(pid) not in (None, "Z"):
-                kill(pid)
+        for pid in self.live_pids():
+            kill(pid)
 
     def _kill_descendants(self) -> None:
         for pid in self.descendants():  # whatever the state files could not name
