@@ -18,6 +18,7 @@ import trio
 from berth.daemon import __version__
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
+from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
 from berth.daemon.storage import Storage
 from berth.daemon.store import Container, Store, check_labels
@@ -181,7 +182,7 @@ class Api:
     # -- namespaces
 
     async def namespaces_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return {"namespaces": self.store.list_namespaces()}
+        return paged("namespaces", self.store.list_namespaces(), "name", params)
 
     async def namespaces_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         return self.store.get_namespace(_str(params, "name"))
@@ -258,7 +259,8 @@ class Api:
         return self.store.get_container(ctx.namespace, _str(params, "id")).to_wire()
 
     async def containers_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return {"containers": [c.to_wire() for c in self.store.list_containers(ctx.namespace)]}
+        containers = [c.to_wire() for c in self.store.list_containers(ctx.namespace)]
+        return paged("containers", containers, "id", params)
 
     async def containers_update(self, ctx: CallContext, params: dict[str, Any]) -> Any:
         spec = params.get("spec")
@@ -406,4 +408,4 @@ class Api:
         return await self.tasks.get(ctx.namespace, self._cid(params), self._exec_id(params))
 
     async def task_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return {"tasks": self.tasks.list(ctx.namespace)}
+        return paged("tasks", self.tasks.list(ctx.namespace), "id", params)

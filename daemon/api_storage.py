@@ -22,6 +22,7 @@ import trio
 from berth.daemon import images
 from berth.daemon.content import Writer, validate_digest, validate_ref
 from berth.daemon.images import Descriptor
+from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
 from berth.daemon.storage import Storage
 from berth.daemon.store import check_labels
@@ -105,7 +106,7 @@ class StorageApi:
         return self.storage.content_info(ctx.namespace, validate_digest(p.get("digest")))
 
     async def content_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return {"content": self.storage.store.list_content(ctx.namespace)}
+        return paged("content", self.storage.store.list_content(ctx.namespace), "digest", p)
 
     async def content_read(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         offset, size = p.get("offset", 0), p.get("size", MAX_READ)
@@ -256,7 +257,7 @@ class StorageApi:
         return self.storage.store.get_image(ctx.namespace, _str(p, "name"))
 
     async def images_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return {"images": self.storage.store.list_images(ctx.namespace)}
+        return paged("images", self.storage.store.list_images(ctx.namespace), "name", p)
 
     async def images_tag(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         source = self.storage.store.get_image(ctx.namespace, _str(p, "source"))
@@ -470,7 +471,8 @@ class StorageApi:
         )
 
     async def snapshots_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return {"snapshots": self.storage.snapshot_list(ctx.namespace, self._snap(p))}
+        snapshots = self.storage.snapshot_list(ctx.namespace, self._snap(p))
+        return paged("snapshots", snapshots, "key", p)
 
     # -- diff -----------------------------------------------------------------------------
 
@@ -513,7 +515,7 @@ class StorageApi:
         return self.storage.store.create_lease(ctx.namespace, lease_id, labels, expires_at)
 
     async def leases_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return {"leases": self.storage.store.list_leases(ctx.namespace)}
+        return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p)
 
     async def leases_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         self.storage.store.delete_lease(ctx.namespace, _str(p, "id"))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
+from berth.daemon.paging import all_pages
 from berth.shim.client import Client
 from berth.shim.errors import BerthError, Unavailable
 
@@ -431,7 +432,7 @@ def cmd_version(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_namespaces(session: Session, args: argparse.Namespace) -> int:
     if args.ns_cmd in ("ls", "list"):
-        spaces = session.call("namespaces.list")["namespaces"]
+        spaces = list(all_pages(session.call, "namespaces.list", "namespaces", {}))
         if args.format == "json":
             _json(spaces)
         else:
@@ -453,7 +454,7 @@ def cmd_containers(session: Session, args: argparse.Namespace) -> int:
         _positionals(args)
         _create_container(session, args, args.id)
     elif args.c_cmd in ("ls", "list"):
-        items = session.call("containers.list")["containers"]
+        items = list(all_pages(session.call, "containers.list", "containers", {}))
         if args.format == "json":
             _json(items)
         else:
@@ -482,7 +483,7 @@ def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
             return 0
         return _run_attached(session, args.id, terminal=terminal, exec_id=None, create_params={})
     if sub in ("ls", "list"):
-        tasks = session.call("tasks.list")["tasks"]
+        tasks = list(all_pages(session.call, "tasks.list", "tasks", {}))
         if args.format == "json":
             _json(tasks)
         else:

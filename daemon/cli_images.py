@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from berth.daemon.cli import CliError, Session, _json, _only, _print_table, _ts
+from berth.daemon.paging import all_pages
 from berth.daemon.reference import normalize
 
 
@@ -133,7 +134,7 @@ class Progress:
 def cmd_images(session: Session, args: argparse.Namespace) -> int:
     sub = args.i_cmd
     if sub in ("ls", "list"):
-        found = session.call("images.list")["images"]
+        found = list(all_pages(session.call, "images.list", "images", {}))
         if args.format == "json":
             _json(found)
         else:
@@ -248,7 +249,7 @@ def add_content(commands: Any, wanted: str | None = None) -> None:
 def cmd_content(session: Session, args: argparse.Namespace) -> int:
     sub = args.ct_cmd
     if sub in ("ls", "list"):
-        items = session.call("content.list")["content"]
+        items = list(all_pages(session.call, "content.list", "content", {}))
         if args.format == "json":
             _json(items)
         else:
@@ -326,7 +327,7 @@ def add_snapshots(commands: Any, wanted: str | None = None) -> None:
 def cmd_snapshots(session: Session, args: argparse.Namespace) -> int:
     sub, base = args.s_cmd, {"snapshotter": args.snapshotter}
     if sub in ("ls", "list"):
-        items = session.call("snapshots.list", base)["snapshots"]
+        items = list(all_pages(session.call, "snapshots.list", "snapshots", base))
         if args.format == "json":
             _json(items)
         else:
@@ -373,7 +374,7 @@ def add_leases(commands: Any, wanted: str | None = None) -> None:
 def cmd_leases(session: Session, args: argparse.Namespace) -> int:
     sub = args.l_cmd
     if sub in ("ls", "list"):
-        items = session.call("leases.list")["leases"]
+        items = list(all_pages(session.call, "leases.list", "leases", {}))
         if args.format == "json":
             _json(items)
         else:

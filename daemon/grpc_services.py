@@ -27,6 +27,7 @@ from google.protobuf import message_factory
 from berth.daemon import containerd_api as capi
 from berth.daemon.aioclient import AsyncClient
 from berth.daemon.filters import parse_filters
+from berth.daemon.paging import all_pages_async
 from berth.shim.errors import (
     AlreadyExists,
     BerthError,
@@ -187,6 +188,17 @@ class Services:
     async def _call(self, call: Call, method: str, params: dict[str, Any], **kw: Any) -> Any:
         return await self.backend.call(method, params, **call.meta(**kw))
 
+    async def _list(
+        self, call: Call | None, method: str, field: str, params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Every item of one of berthd's lists, page by page (one reply frame is bounded)."""
+        meta = call.meta() if call is not None else {}
+
+        async def one(m: str, p: dict[str, Any]) -> Any:
+            return await self.backend.call(m, p, **meta)
+
+        return await all_pages_async(one, method, field, params)
+
     # -- version, introspection, health --------------------------------------------------
 
     @unary
@@ -268,7 +280,7 @@ class Services:
     @unary
     async def Namespaces_List(self, request: Any, call: Call) -> Any:
         t = capi.types()
-        result = await self.backend.call("namespaces.list", {})
+        result = {"namespaces": await self._list(None, "namespaces.list", "namespaces", {})}
         keep = _filters([request.filter])
         return t.namespaces.ListNamespacesResponse(
             namespaces=[
@@ -346,7 +358,7 @@ class Services:
 
     @unary
     async def Leases_List(self, request: Any, call: Call) -> Any:
-        result = await self._call(call, "leases.list", {})
+        result = {"leases": await self._list(call, "leases.list", "leases", {})}
         keep = _filters(request.filters)
         return capi.types().leases.ListResponse(
             leases=[capi.lease_to_message(x) for x in result.get("leases", []) if keep(x)]
@@ -397,7 +409,7 @@ class Services:
 
     @unary
     async def Containers_List(self, request: Any, call: Call) -> Any:
-        result = await self._call(call, "containers.list", {})
+        result = {"containers": await self._list(call, "containers.list", "containers", {})}
         keep = _filters(request.filters)
         return capi.types().containers.ListContainersResponse(
             containers=[
@@ -407,7 +419,7 @@ class Services:
 
     @streaming
     async def Containers_ListStream(self, request: Any, call: Call) -> AsyncIterator[Any]:
-        result = await self._call(call, "containers.list", {})
+        result = {"containers": await self._list(call, "containers.list", "containers", {})}
         keep = _filters(request.filters)
         for c in result.get("containers", []):
             if keep(c):
@@ -511,7 +523,7 @@ class Services:
 
     @unary
     async def Tasks_List(self, request: Any, call: Call) -> Any:
-        result = await self._call(call, "tasks.list", {})
+        result = {"tasks": await self._list(call, "tasks.list", "tasks", {})}
         keep = _filters([request.filter])
         return capi.types().tasks.ListTasksResponse(
             tasks=[
@@ -619,7 +631,7 @@ class Services:
     async def Tasks_Metrics(self, request: Any, call: Call) -> Any:
         t = capi.types()
         keep = _filters(request.filters)
-        result = await self._call(call, "tasks.list", {})
+        result = {"tasks": await self._list(call, "tasks.list", "tasks", {})}
         metrics = []
         for task in result.get("tasks", []):
             if not keep({"id": task["id"], "namespace": call.namespace}):
@@ -671,7 +683,7 @@ class Services:
     async def Content_List(self, request: Any, call: Call) -> AsyncIterator[Any]:
         t = capi.types()
         keep = _filters(request.filters)
-        result = await self._call(call, "content.list", {})
+        result = {"content": await self._list(call, "content.list", "content", {})}
         batch = [capi.content_info_to_message(c) for c in result.get("content", []) if keep(c)]
         for i in range(0, len(batch), LIST_BATCH):
             yield t.content.ListContentResponse(info=batch[i : i + LIST_BATCH])
@@ -820,7 +832,7 @@ class Services:
 
     @unary
     async def Images_List(self, request: Any, call: Call) -> Any:
-        result = await self._call(call, "images.list", {})
+        result = {"images": await self._list(call, "images.list", "images", {})}
         keep = _filters(request.filters)
         return capi.types().images.ListImagesResponse(
             images=[capi.image_to_message(i) for i in result.get("images", []) if keep(i)]
@@ -925,7 +937,11 @@ class Services:
     async def Snapshots_List(self, request: Any, call: Call) -> AsyncIterator[Any]:
         t = capi.types()
         keep = _filters(request.filters)
-        result = await self._call(call, "snapshots.list", {"snapshotter": request.snapshotter})
+        result = {
+            "snapshots": await self._list(
+                call, "snapshots.list", "snapshots", {"snapshotter": request.snapshotter}
+            )
+        }
         infos = [capi.snapshot_info_to_message(s) for s in result.get("snapshots", []) if keep(s)]
         for i in range(0, len(infos), LIST_BATCH):
             yield t.snapshots.ListSnapshotsResponse(info=infos[i : i + LIST_BATCH])

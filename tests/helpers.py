@@ -242,9 +242,16 @@ class Daemon(Reaped):
             return c.call(method, params or {})
 
     def cli(
-        self, *args: str, input: bytes | None = None, timeout: float = 60, check: bool = False
+        self,
+        *args: str,
+        input: bytes | None = None,
+        timeout: float = 60,
+        check: bool = False,
+        namespace: str | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        env = dict(os.environ, BERTH_ADDRESS=self.address, BERTH_NAMESPACE=self.namespace)
+        env = dict(
+            os.environ, BERTH_ADDRESS=self.address, BERTH_NAMESPACE=namespace or self.namespace
+        )
         return subprocess.run(
             [BERTH, *args],
             input=input if input is not None else b"",

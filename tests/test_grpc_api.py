@@ -322,3 +322,51 @@ def test_content_write_read_update(wire: Wire) -> None:
         )
         == grpc.StatusCode.NOT_FOUND
     )
+
+
+def test_lists_larger_than_a_frame_arrive_whole(wire: Wire) -> None:
+    """60 containers of ~80 KiB each (~5 MB): more than one 4 MiB reply frame. berthd pages
+    the list for clients that ask; the CLI and berth-grpc (Containers/List and ListStream)
+    ask, so each returns all 60, once each."""
+    d, ns = wire.daemon, "bigns"
+    ids = [f"big-{i:02d}" for i in range(60)]
+    with d.client(ns) as c:
+        for cid in ids:
+            spec = default_spec(cid, ns, ["true"], root="")
+            spec["annotations"] = {"filler": "x" * (80 << 10)}
+            c.call("containers.create", {"id": cid, "spec": spec})
+        try:
+            first = c.call("containers.list", {"page": {}})
+            assert first["next"] and 0 < len(first["containers"]) < 60
+            rest = c.call("containers.list", {"page": {"after": first["next"]}})
+            paged = [x["id"] for x in first["containers"] + rest["containers"]]
+            assert rest["next"] is None and paged == ids  # key order, none twice
+            r = d.cli("containers", "ls", "--format", "json", namespace=ns)
+            assert r.returncode == 0, r.stderr
+            assert sorted(x["id"] for x in json.loads(r.stdout)) == ids
+            # A client that accepts 16 MiB replies, as ctr does (grpcio's default is 4 MiB).
+            channel = grpc.insecure_channel(
+                f"unix:{grpc_address(d)}", options=[("grpc.max_receive_message_length", 16 << 20)]
+            )
+            list_all = channel.unary_unary(
+                C + "List",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=wire.t.containers.ListContainersResponse.FromString,
+            )
+            got = list_all(
+                wire.t.containers.ListContainersRequest(), metadata=wire.meta(ns), timeout=60
+            )
+            channel.close()
+            assert sorted(x.id for x in got.containers) == ids
+            stream = wire.channel.unary_stream(
+                C + "ListStream",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=wire.t.containers.ListContainerMessage.FromString,
+            )
+            streamed = stream(
+                wire.t.containers.ListContainersRequest(), metadata=wire.meta(ns), timeout=60
+            )
+            assert sorted(m.container.id for m in streamed) == ids
+        finally:
+            for cid in ids:
+                c.call("containers.delete", {"id": cid})

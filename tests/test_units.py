@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+from typing import Any
 
 import pytest
 import trio
@@ -334,3 +335,30 @@ def test_a_client_refuses_replies_with_non_integer_ids() -> None:
         client.receive_data(raw_frame(bad))
         with pytest.raises(RemoteProtocolError):
             client.next_event()
+
+
+def test_paged_lists() -> None:
+    from berth.daemon.paging import PAGE_BYTES, all_pages, paged
+
+    items = [{"id": f"c{i:03d}", "blob": "x" * (PAGE_BYTES // 5)} for i in range(12)]
+    assert paged("c", items, "id", {}) == {"c": items}  # no page asked: the whole list
+    pages = []
+    after = None
+    while True:
+        reply = paged("c", items[::-1], "id", {"page": {} if after is None else {"after": after}})
+        pages.append([x["id"] for x in reply["c"]])
+        after = reply["next"]
+        if after is None:
+            break
+    assert len(pages) > 2 and [i for p in pages for i in p] == [x["id"] for x in items]
+
+    def call(method: str, params: dict[str, Any]) -> Any:
+        return paged("c", items, "id", params)
+
+    assert list(all_pages(call, "x.list", "c", {})) == items
+    huge = [{"id": "a", "blob": "x" * (PAGE_BYTES + 1)}, {"id": "b"}]
+    assert paged("c", huge, "id", {"page": {}}) == {"c": huge[:1], "next": "a"}  # alone
+    assert paged("c", [], "id", {"page": {}}) == {"c": [], "next": None}
+    for bad in ({"page": []}, {"page": {"after": 3}}):
+        with pytest.raises(InvalidArgument):
+            paged("c", items, "id", bad)
