@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The HTTP libraries log every request (and upload-session URLs) at INFO/DEBUG: that is
+    # noise in berthd's log, and berth logs what matters about a transfer itself.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         trio.run(serve, config)
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -38,10 +39,13 @@ from berth.shim.errors import (
     Unavailable,
 )
 
+log = logging.getLogger("berthd.registry")
+
 ACCEPT = ", ".join(
     [images.OCI_INDEX, images.OCI_MANIFEST, images.DOCKER_LIST, images.DOCKER_MANIFEST]
 )
 CONCURRENCY = 3
+TRANSFER_ATTEMPTS = 3
 CHUNK = 1 << 20
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -202,6 +206,20 @@ class RegistryClient:
             raise FailedPrecondition(f"manifest {desc.digest} does not match its digest")
         return data
 
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Run one blob transfer, again after a transport failure (a connection reset, a
+        keep-alive connection the server closed as it was reused): each retry resumes or
+        re-checks, so it repeats no work that already landed."""
+        for n in range(1, TRANSFER_ATTEMPTS + 1):
+            try:
+                await attempt()
+                return
+            except httpx.TransportError as exc:
+                if n == TRANSFER_ATTEMPTS:
+                    raise
+                log.warning("%s: %s (attempt %d); retrying", what, describe(exc), n)
+                await trio.sleep(0.2 * n)
+
     async def fetch_blob(
         self,
         storage: Storage,
@@ -212,6 +230,20 @@ class RegistryClient:
         kind: str,
     ) -> None:
         """Download a blob into the content store, resuming a previous attempt."""
+        await self._retrying(
+            f"download of {desc.digest}",
+            lambda: self._fetch_blob_once(storage, namespace, desc, lease, progress, kind),
+        )
+
+    async def _fetch_blob_once(
+        self,
+        storage: Storage,
+        namespace: str,
+        desc: Descriptor,
+        lease: str,
+        progress: Progress,
+        kind: str,
+    ) -> None:
         ref = f"pull-{desc.digest}"
         try:
             writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
@@ -276,7 +308,15 @@ class RegistryClient:
     async def push_blob(
         self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
     ) -> None:
-        if await self.blob_exists(desc.digest):
+        await self._retrying(
+            f"upload of {desc.digest}",
+            lambda: self._push_blob_once(storage, desc, progress, kind),
+        )
+
+    async def _push_blob_once(
+        self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
+    ) -> None:
+        if await self.blob_exists(desc.digest):  # also after a retry: it may have landed
             await _report_exists(progress, kind, desc)
             return
         response = await self.request("POST", f"{self.base}/blobs/uploads/", scope="pull,push")

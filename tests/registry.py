@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -221,15 +222,21 @@ class Registry:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class StallingRelay:
-    """A loopback TCP relay in front of the registry. While stalled, it stops passing the
-    registry's bytes on once one connection has carried `stall_after` of them: a download
-    then stands still in the middle of a blob for as long as the test needs, with no
-    timing involved. `release()` lets everything through from then on."""
+class Relay:
+    """A loopback TCP relay in front of the registry, to disturb downloads at exact points.
 
-    def __init__(self, target_port: int, stall_after: int) -> None:
+    stall_after: once one connection has carried that many of the registry's bytes, hold
+    the rest back until `release()`: a download stands still mid-blob for as long as the
+    test needs, with no timing involved. cut_once_after: the first connection to carry
+    that many is reset (RST) right there, as a network failure would."""
+
+    def __init__(
+        self, target_port: int, *, stall_after: int | None = None, cut_once_after: int | None = None
+    ) -> None:
         self._target = ("127.0.0.1", target_port)
-        self._stall_after = stall_after
+        self._stall_after = stall_after if stall_after is not None else 1 << 62
+        self._cut_after = cut_once_after
+        self.cuts = 0
         self._released = threading.Event()
         self._closing = False
         self._sockets: list[socket.socket] = []
@@ -260,26 +267,33 @@ class StallingRelay:
                 client.close()
                 continue
             self._track(client)
-            for source, sink, stall in ((client, upstream, False), (upstream, client, True)):
+            for source, sink, downstream in ((client, upstream, False), (upstream, client, True)):
                 thread = threading.Thread(
-                    target=self._pump, args=(source, sink, stall), daemon=True
+                    target=self._pump, args=(source, sink, downstream), daemon=True
                 )
                 with self._lock:
                     self._threads.append(thread)
                 thread.start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, stall: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, downstream: bool) -> None:
+        """Copy one direction; `downstream` (registry -> client) is the one disturbed."""
         carried = 0
         try:
             while True:
-                if stall and carried >= self._stall_after:
-                    self._released.wait()
-                    if self._closing:
-                        return
-                    stall = False
                 limit = 1 << 16
-                if stall:
+                if downstream and not self._released.is_set():
+                    if carried >= self._stall_after:
+                        self._released.wait()
+                        if self._closing:
+                            return
+                        continue
                     limit = min(limit, self._stall_after - carried)
+                if downstream and self._cut_after is not None and not self.cuts:
+                    if carried >= self._cut_after:
+                        self.cuts += 1
+                        self._reset(source, sink)
+                        return
+                    limit = min(limit, self._cut_after - carried)
                 data = source.recv(limit)
                 if not data:
                     break
@@ -291,6 +305,18 @@ class StallingRelay:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _reset(*sockets: socket.socket) -> None:
+        """Abort both ends. Kernel fact: close() does not end a recv() another thread is
+        blocked in, and the socket lives on until that returns, so nothing would be sent;
+        shutdown(SHUT_RD) wakes that thread first, then close() with linger 0 sends RST."""
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RD)
+        for sock in sockets:
+            sock.close()
 
     def close(self) -> None:
         self._closing = True
