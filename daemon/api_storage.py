@@ -11,10 +11,11 @@ keeps serving tasks meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -310,10 +311,12 @@ class StorageApi:
             all_platforms=not platform,
         )
 
-    def _registry(self, ref: Any, p: dict[str, Any]) -> Any:
-        from berth.daemon.registry import RegistryClient
+    @contextlib.asynccontextmanager
+    async def _registry(self, ref: Any, p: dict[str, Any]) -> AsyncIterator[Any]:
+        """A registry client for one pull or push: transport failures typed, closed after."""
+        from berth.daemon import registry
 
-        return RegistryClient(
+        client = registry.RegistryClient(
             ref,
             plain_http=bool(p.get("plain_http")),
             username=_str(p, "username", required=False),
@@ -321,6 +324,11 @@ class StorageApi:
             tls_ca=_str(p, "tls_ca", required=False),
             tls_skip_verify=bool(p.get("tls_skip_verify")),
         )
+        try:
+            async with registry.transport_errors(ref.host):
+                yield client
+        finally:
+            await client.aclose()
 
     async def images_pull(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         """Stream progress items, then one {kind: result} item."""
@@ -328,21 +336,17 @@ class StorageApi:
 
         ref = reference.parse(_str(p, "ref"))
         platform = _str(p, "platform", required=False)
-        client = self._registry(ref, p)
-        try:
-            async with registry.transport_errors(ref.host):
-                image = await registry.pull(
-                    self.storage,
-                    ctx.namespace,
-                    ref,
-                    client,
-                    ctx.send_item,
-                    platform=images.parse_platform(platform) if platform else None,
-                    unpack=bool(p.get("unpack", True)),
-                    snapshotter=_str(p, "snapshotter", required=False) or None,
-                )
-        finally:
-            await client.aclose()
+        async with self._registry(ref, p) as client:
+            image = await registry.pull(
+                self.storage,
+                ctx.namespace,
+                ref,
+                client,
+                ctx.send_item,
+                platform=images.parse_platform(platform) if platform else None,
+                unpack=bool(p.get("unpack", True)),
+                snapshotter=_str(p, "snapshotter", required=False) or None,
+            )
         self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
         await ctx.send_item(
             {"kind": "result", "name": image["name"], "digest": image["target"]["digest"]}
@@ -355,20 +359,16 @@ class StorageApi:
         ref = reference.parse(_str(p, "ref"))
         local = _str(p, "local", required=False) or str(ref)
         platform = _str(p, "platform", required=False)
-        client = self._registry(ref, p)
-        try:
-            async with registry.transport_errors(ref.host):
-                top = await registry.push(
-                    self.storage,
-                    ctx.namespace,
-                    local,
-                    ref,
-                    client,
-                    ctx.send_item,
-                    images.parse_platform(platform) if platform else None,
-                )
-        finally:
-            await client.aclose()
+        async with self._registry(ref, p) as client:
+            top = await registry.push(
+                self.storage,
+                ctx.namespace,
+                local,
+                ref,
+                client,
+                ctx.send_item,
+                images.parse_platform(platform) if platform else None,
+            )
         await ctx.send_item({"kind": "result", "name": str(ref), "digest": top["digest"]})
         return STREAM_DONE
 
