@@ -273,14 +273,19 @@ class StorageApi:
         self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
         return image
 
-    async def images_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        name = _str(p, "name")
-        self.storage.store.delete_image(ctx.namespace, name)
-        self.publish(ctx.namespace, "/images/delete", {"name": name})
+    async def _collect_after_delete(self, p: dict[str, Any]) -> None:
+        """`sync`: collect now, before answering; otherwise the background collector runs
+        shortly (containerd's scheduler behaves alike)."""
         if p.get("sync"):
             await in_thread(self.storage.gc, self.protected())
         else:
             self.request_gc()
+
+    async def images_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+        name = _str(p, "name")
+        self.storage.store.delete_image(ctx.namespace, name)
+        self.publish(ctx.namespace, "/images/delete", {"name": name})
+        await self._collect_after_delete(p)
         return {}
 
     async def images_import(self, ctx: CallContext, p: dict[str, Any]) -> Any:
@@ -519,10 +524,7 @@ class StorageApi:
 
     async def leases_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         self.storage.store.delete_lease(ctx.namespace, _str(p, "id"))
-        if p.get("sync"):
-            await in_thread(self.storage.gc, self.protected())
-        else:
-            self.request_gc()
+        await self._collect_after_delete(p)
         return {}
 
     async def leases_add_resource(self, ctx: CallContext, p: dict[str, Any]) -> Any:

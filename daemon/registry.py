@@ -206,7 +206,7 @@ class RegistryClient:
             raise FailedPrecondition(f"manifest {desc.digest} does not match its digest")
         return data
 
-    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
         """Run one blob transfer, again after a transport failure (a connection reset, a
         keep-alive connection the server closed as it was reused): each retry resumes or
         re-checks, so it repeats no work that already landed."""
@@ -230,20 +230,6 @@ class RegistryClient:
         kind: str,
     ) -> None:
         """Download a blob into the content store, resuming a previous attempt."""
-        await self._retrying(
-            f"download of {desc.digest}",
-            lambda: self._fetch_blob_once(storage, namespace, desc, lease, progress, kind),
-        )
-
-    async def _fetch_blob_once(
-        self,
-        storage: Storage,
-        namespace: str,
-        desc: Descriptor,
-        lease: str,
-        progress: Progress,
-        kind: str,
-    ) -> None:
         ref = f"pull-{desc.digest}"
         try:
             writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
@@ -306,14 +292,6 @@ class RegistryClient:
         return response.status_code == 200
 
     async def push_blob(
-        self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
-    ) -> None:
-        await self._retrying(
-            f"upload of {desc.digest}",
-            lambda: self._push_blob_once(storage, desc, progress, kind),
-        )
-
-    async def _push_blob_once(
         self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
     ) -> None:
         if await self.blob_exists(desc.digest):  # also after a retry: it may have landed
@@ -405,10 +383,10 @@ async def _transfers() -> AsyncIterator[trio.Nursery]:
         raise leaves[0] from None
 
 
-# What a registry (or the network to it) can cause: transport and TLS failures, and URLs
-# it hands out (an upload location) that do not parse. Not trio's stream errors: httpx
-# wraps its own; a bare one comes from the API client's progress stream.
-REGISTRY_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError)
+# What a registry (or the network to it) can cause: transport and TLS failures (httpx wraps
+# the ssl and trio stream errors below it), and URLs it hands out (an upload location) that
+# do not parse. A bare trio stream error comes from the API client's progress stream.
+REGISTRY_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
 
 
 def describe(exc: BaseException) -> str:
@@ -511,7 +489,10 @@ async def pull(
 
         async def fetch(d: Descriptor, kind: str) -> None:
             async with limiter:
-                await client.fetch_blob(storage, namespace, d, lease, progress, kind)
+                await client.retrying(
+                    f"download of {d.digest}",
+                    lambda: client.fetch_blob(storage, namespace, d, lease, progress, kind),
+                )
 
         async with _transfers() as nursery:
             nursery.start_soon(fetch, manifest.config, "config")
@@ -557,7 +538,9 @@ async def push(
 
     async def upload(d: Descriptor, kind: str) -> None:
         async with limiter:
-            await client.push_blob(storage, d, progress, kind)
+            await client.retrying(
+                f"upload of {d.digest}", lambda: client.push_blob(storage, d, progress, kind)
+            )
 
     for mdesc in manifests:
         manifest = images.parse_manifest(storage.read_json(namespace, mdesc), mdesc.media_type)
