@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from berth.daemon.shims import shim_alive
 from berth.shim.client import Client
 from berth.shim.state import process_start_time
 
@@ -276,9 +277,7 @@ class Daemon(Reaped):
             with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
                 record = json.loads((bundle / "shim.json").read_text())  # may be corrupt
                 pid, start = record["pid"], record["start_time"]
-                if not (type(pid) is int and pid > 0 and type(start) is int):
-                    continue
-                if process_start_time(pid) == start and process_state(pid) != "Z":
+                if type(pid) is int and type(start) is int and shim_alive(pid, start):
                     out[bundle.name] = pid
         return out
 
