@@ -25,7 +25,6 @@ import hashlib
 import io
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import IO, Any
 
 from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from berth.shim.errors import FailedPrecondition, InvalidArgument
+from berth.shim.fs import remove_tree, walk_tree
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -196,7 +196,7 @@ class _Applier:
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dirfd)
+            remove_tree(name, dir_fd=dirfd)  # any depth: layers decide the shape
         else:
             os.unlink(name, dir_fd=dirfd)
 
@@ -402,12 +402,7 @@ def apply_layer(
 
 
 def _entries(root: str) -> dict[str, os.stat_result]:
-    out: dict[str, os.stat_result] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = os.lstat(path)
-    return out
+    return dict(walk_tree(root))
 
 
 def _same_content(a: str, b: str) -> bool:

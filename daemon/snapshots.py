@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -36,7 +36,10 @@ from berth.shim.errors import (
     InvalidArgument,
     NotFound,
 )
+from berth.shim.fs import remove_tree, tree_usage
 from berth.shim.mount import Mount
+
+log = logging.getLogger("berth.snapshots")
 
 KIND_ACTIVE, KIND_VIEW, KIND_COMMITTED = "active", "view", "committed"
 MAX_KEY = 1024
@@ -193,14 +196,14 @@ class _MetadataSnapshotter(Snapshotter):
                 key, parent, kind, dict(labels or {}), now, now, int(cur.lastrowid or 0)
             )
             directory = self._dir(info)
-            shutil.rmtree(directory, ignore_errors=True)  # a leftover of a crash, never data
+            remove_tree(directory)  # a leftover of a crash, never data
             os.makedirs(directory, mode=0o700)
             self._populate(info)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             if "info" in locals():
-                shutil.rmtree(self._dir(info), ignore_errors=True)
+                self._remove_dir(self._dir(info))
             raise
         return info
 
@@ -249,7 +252,18 @@ class _MetadataSnapshotter(Snapshotter):
         if child:
             raise FailedPrecondition(f"snapshot {key} has children (e.g. {child[0]})")
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (info.id,))
-        shutil.rmtree(self._dir(info), ignore_errors=True)
+        self._remove_dir(self._dir(info))
+
+    @staticmethod
+    def _remove_dir(directory: str) -> bool:
+        """Remove a snapshot's directory; a failure is logged, and `cleanup()` at the next
+        start tries again (the row is gone, so the directory is a leftover)."""
+        try:
+            remove_tree(directory)
+            return True
+        except OSError as exc:
+            log.error("cannot remove snapshot directory %s: %s", directory, exc)
+            return False
 
     def stat(self, key: str) -> SnapshotInfo:
         return self._row(key)
@@ -263,16 +277,7 @@ class _MetadataSnapshotter(Snapshotter):
         return self._row(key)
 
     def usage(self, key: str) -> Usage:
-        info = self._row(key)
-        size = inodes = 0
-        for dirpath, dirnames, filenames in os.walk(self.fs(info)):
-            for name in dirnames + filenames:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                size += st.st_blocks * 512
-                inodes += 1
+        size, inodes = tree_usage(self.fs(self._row(key)))
         return Usage(size, inodes)
 
     def walk(self, prefix: str = "") -> list[SnapshotInfo]:
@@ -283,12 +288,13 @@ class _MetadataSnapshotter(Snapshotter):
         return [self._row(r[0]) for r in rows]
 
     def cleanup(self) -> int:
-        """Remove snapshot directories that have no metadata row (crash leftovers)."""
+        """Remove snapshot directories that have no metadata row (crash leftovers). One
+        that cannot be removed is logged and left for the next start: it must never stop
+        this one."""
         ids = {str(r[0]) for r in self._db.execute("SELECT id FROM snapshots")}
         removed = 0
         for name in os.listdir(self.data):
-            if name not in ids:
-                shutil.rmtree(os.path.join(self.data, name), ignore_errors=True)
+            if name not in ids and self._remove_dir(os.path.join(self.data, name)):
                 removed += 1
         return removed
 
@@ -330,7 +336,7 @@ class OverlaySnapshotter(_MetadataSnapshotter):
         ]
 
     def _committed(self, info: SnapshotInfo) -> None:
-        shutil.rmtree(os.path.join(self._dir(info), "work"), ignore_errors=True)
+        self._remove_dir(os.path.join(self._dir(info), "work"))
 
     def upper(self, key: str) -> str:
         """The directory holding exactly this snapshot's own changes (for diffs)."""

@@ -48,6 +48,7 @@ from berth.shim.exit import (
     read_exit_file,
     write_exit_file,
 )
+from berth.shim.fs import remove_tree
 from berth.shim.identifiers import is_valid, validate
 from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig
@@ -903,7 +904,10 @@ def remove_bundle(bundle: str) -> None:
         if os.path.ismount(rootfs):
             log.error("%s is still mounted; leaving %s in place", rootfs, bundle)
             return
-    shutil.rmtree(bundle, ignore_errors=True)
+    try:
+        remove_tree(bundle)
+    except OSError as exc:
+        log.error("cannot remove %s: %s", bundle, exc)
 
 
 def _safe_exit_record(exit_dir: str, name: str) -> ExitRecord | None:

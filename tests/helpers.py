@@ -25,6 +25,7 @@ from typing import Any
 
 from berth.daemon.shims import shim_alive
 from berth.shim.client import Client
+from berth.shim.fs import remove_tree
 from berth.shim.state import process_start_time
 
 HERE = Path(__file__).resolve().parent
@@ -327,7 +328,10 @@ class Daemon(Reaped):
                 step()
             except Exception as exc:
                 errors.append(exc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            remove_tree(self.dir)  # a container may have left a tree of any depth
+        except OSError as exc:
+            errors.append(exc)
         if errors:
             raise errors[0]
 

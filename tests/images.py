@@ -71,10 +71,12 @@ def build_oci_archive(
     env: list[str] | None = None,
     extra_config: dict[str, Any] | None = None,
     compression: str = "gzip",
+    raw_layers: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    """Write an OCI image-layout tar of `root` (one directory per layer) to `out`."""
+    """Write an OCI image-layout tar of `root` (one directory per layer) to `out`;
+    `raw_layers` (uncompressed tars, e.g. hostile ones) are added on top."""
     roots = [root] if isinstance(root, str) else root
-    raws = [layer_tar(r) for r in roots]
+    raws = [layer_tar(r) for r in roots] + list(raw_layers or [])
     blobs_and_types = [compress(raw, compression) for raw in raws]
     config_doc: dict[str, Any] = {
         "architecture": "amd64",

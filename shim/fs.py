@@ -1,0 +1,200 @@
+"""Directory trees of any depth: remove, measure and walk them without recursion.
+
+A container (or a hostile image layer) decides the shape of the trees berth later removes
+and measures: a process inside a container can make a directory 10,000 levels deep in its
+writable layer. `shutil.rmtree` and `os.walk` recurse on Python 3.11 (RecursionError at
+~1,000 levels) and build absolute paths (ENAMETOOLONG past PATH_MAX, 4096 bytes); either
+failure left snapshot directories behind that a later start-up cleanup tripped over.
+
+The walkers here hold one directory fd at a time, move down with openat(name, O_NOFOLLOW)
+and back up with openat(".."), and check each step up against the (st_dev, st_ino) they
+recorded on the way down, so a directory moved during the walk is an error, never a jump
+to somewhere else. Symlinks are never followed; another filesystem mounted inside the tree
+is never entered (removing a tree must not delete what a mount shows).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TreeChanged(OSError):
+    """The tree changed under the walk (a directory moved away)."""
+
+
+class MountPointInTheWay(OSError):
+    """A directory inside the tree is a mount point."""
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount `fd` lies on (/proc/self/fdinfo, Linux >= 3.15): unlike
+    st_dev it also tells a bind mount of the same filesystem apart."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOSYS, "no mnt_id in /proc/self/fdinfo")
+
+
+@dataclass
+class _Level:
+    name: str  # this directory's name in its parent ("" for the top)
+    prefix: str  # its path relative to the top, with a trailing "/" ("" for the top)
+    dev: int
+    ino: int
+    pending: list[str] = field(default_factory=list)  # names not visited yet (reversed)
+
+
+class _Walk:
+    """A cursor over a tree: one open directory fd and the stack of levels above it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # owned from here on
+        st = os.fstat(fd)
+        self.mount = mount_id(fd)
+        self.levels = [_Level("", "", st.st_dev, st.st_ino, self._listing())]
+
+    def _listing(self) -> list[str]:
+        names = os.listdir(self.fd)
+        names.reverse()  # pop() from the end visits them in directory order
+        return names
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def rel(self, name: str) -> str:
+        return self.levels[-1].prefix + name
+
+    def descend(self, name: str) -> bool:
+        """Enter subdirectory `name` of the current one; False when it is no directory
+        any more (replaced meanwhile); MountPointInTheWay when something is mounted on it."""
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+                return False
+            raise
+        try:
+            st = os.fstat(child)
+            if mount_id(child) != self.mount:
+                raise MountPointInTheWay(errno.EBUSY, f"mount point in the tree: {self.rel(name)}")
+        except BaseException:
+            os.close(child)
+            raise
+        os.close(self.fd)
+        self.fd = child
+        self.levels.append(_Level(name, f"{self.rel(name)}/", st.st_dev, st.st_ino))
+        self.levels[-1].pending = self._listing()
+        return True
+
+    def ascend(self) -> str:
+        """Go back to the parent directory; return the name of the one left."""
+        left = self.levels.pop()
+        parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
+        st = os.fstat(parent)
+        expected = self.levels[-1]
+        if (st.st_dev, st.st_ino) != (expected.dev, expected.ino):
+            os.close(parent)
+            raise TreeChanged(errno.ESTALE, f"directory moved during the walk: {left.name}")
+        os.close(self.fd)
+        self.fd = parent
+        return left.name
+
+    def next_entry(self) -> tuple[str, os.stat_result] | None:
+        """The next unvisited entry of the current directory (None when it has none
+        left); entries that vanished meanwhile are skipped."""
+        pending = self.levels[-1].pending
+        while pending:
+            name = pending.pop()
+            try:
+                return name, os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+        return None
+
+
+def _open_dir(path: str, dir_fd: int | None) -> int:
+    return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def walk_tree(top: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry below `top` as (path relative to `top`, lstat), parents before their
+    children, at any depth. Mount points inside the tree are listed but not entered."""
+    walk = _Walk(_open_dir(top, None))
+    try:
+        while True:
+            entry = walk.next_entry()
+            if entry is None:
+                if len(walk.levels) == 1:
+                    return
+                walk.ascend()
+                continue
+            name, st = entry
+            yield walk.rel(name), st
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    walk.descend(name)
+                except MountPointInTheWay:
+                    pass
+    finally:
+        walk.close()
+
+
+def tree_usage(top: str) -> tuple[int, int]:
+    """(bytes allocated, inodes) of everything below `top`, at any depth."""
+    size = inodes = 0
+    for _, st in walk_tree(top):
+        size += st.st_blocks * 512
+        inodes += 1
+    return size, inodes
+
+
+def remove_tree(path: str, *, dir_fd: int | None = None) -> None:
+    """Remove `path` and everything below it, at any depth; a missing `path` is fine.
+
+    Never follows a symlink (a symlink is removed, not its target) and never enters a
+    mount inside the tree: a mount point there fails the removal (MountPointInTheWay,
+    EBUSY) instead of deleting what the mount shows. Other errors propagate (OSError)."""
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        _unlink(path, dir_fd)
+        return
+    walk = _Walk(_open_dir(path, dir_fd))
+    try:
+        while True:
+            entry = walk.next_entry()
+            if entry is None:
+                if len(walk.levels) == 1:
+                    break
+                name = walk.ascend()
+                os.rmdir(name, dir_fd=walk.fd)
+                continue
+            name, st = entry
+            if not stat.S_ISDIR(st.st_mode):
+                _unlink(name, walk.fd)
+            elif not walk.descend(name):
+                walk.levels[-1].pending.append(name)  # replaced meanwhile: look again
+    finally:
+        walk.close()
+    try:
+        os.rmdir(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink(name: str, dir_fd: int | None) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,137 @@
+"""What a hostile container, a hostile image and an unlucky operator can do (round 2).
+
+Each test is the regression test of one finding of the second hardening round: it failed
+on the code before the fix. Real daemons, real runc, real overlay mounts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from berth.shim.fs import remove_tree
+from tests.helpers import Daemon
+from tests.images import build_oci_archive
+
+pytestmark = pytest.mark.container
+
+
+def tar_of(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", mode: int = 0o644) -> Any:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+def deep_layer(depth: int) -> bytes:
+    """A layer holding one directory chain `depth` levels deep."""
+    path, entries = "deep", []
+    for _ in range(depth):
+        entries.append(member(path, tarfile.DIRTYPE, mode=0o755))
+        path += "/d"
+    return tar_of(*entries)
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bt-hostile-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        remove_tree(str(path))
+
+
+def import_image(daemon: Daemon, archive: str) -> None:
+    result = daemon.cli("images", "import", archive)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def snapshot_dirs(daemon: Daemon) -> list[str]:
+    return sorted(os.listdir(Path(daemon.root, "snapshots", "overlayfs", "snapshots")))
+
+
+# --- 1. trees of any depth -----------------------------------------------------------------
+
+
+def test_a_1500_level_image_layer_is_removed_and_the_daemon_restarts(
+    daemon: Daemon, busybox_rootfs: str, work: Path
+) -> None:
+    archive = str(work / "deep.tar")
+    build_oci_archive(
+        busybox_rootfs, archive, name="docker.io/library/deep:1", raw_layers=[deep_layer(1500)]
+    )
+    import_image(daemon, archive)
+    assert snapshot_dirs(daemon)
+    assert daemon.cli("images", "rm", "deep:1").returncode == 0
+    gc = daemon.call("gc", {})
+    assert gc["errors"] == [], gc
+    assert gc["removed"]["snapshots"] == 2, gc
+    assert snapshot_dirs(daemon) == []
+    daemon.restart()
+    assert daemon.call("version")["version"]
+
+
+def test_a_container_that_digs_2100_levels_deep_is_removed_and_the_daemon_restarts(
+    daemon: Daemon, busybox_rootfs: str, work: Path
+) -> None:
+    archive = str(work / "plain.tar")
+    build_oci_archive(busybox_rootfs, archive, name="docker.io/library/plain:1")
+    import_image(daemon, archive)
+    # Two 1,050-level chains, one moved into the other's deepest directory: 2,101 levels,
+    # past both Python's recursion limit and PATH_MAX (no path names the deepest ones).
+    dig = (
+        "cd /tmp && p=d && i=1 && while [ $i -lt 1050 ]; do p=$p/d; i=$((i+1)); done &&"
+        " mkdir -p a/$p b/$p && mv a b/$p/ && echo dug"
+    )
+    run = daemon.cli("run", "--user", "1000", "plain:1", "digger", "sh", "-c", dig)
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout == b"dug\n"
+    assert daemon.cli("tasks", "rm", "digger").returncode == 0
+    removed = daemon.cli("containers", "rm", "digger")
+    assert removed.returncode == 0, removed.stderr.decode()
+    assert daemon.cli("images", "rm", "plain:1").returncode == 0
+    assert daemon.call("gc", {})["errors"] == []
+    assert snapshot_dirs(daemon) == []
+    daemon.restart()
+    assert daemon.call("version")["version"]
+
+
+def test_a_start_up_cleanup_that_fails_on_one_item_logs_it_and_carries_on(
+    daemon: Daemon, work: Path
+) -> None:
+    """A leftover snapshot dir that cannot be removed (here: something is mounted inside
+    it) must neither stop berthd from starting nor be deleted through the mount."""
+    daemon.terminate()
+    data = Path(daemon.root, "snapshots", "overlayfs", "snapshots")
+    stuck = data / "9999" / "fs" / "mnt"
+    stuck.mkdir(parents=True)
+    (data / "9998" / "fs").mkdir(parents=True)  # an ordinary leftover next to it
+    shown = work / "shown"
+    shown.mkdir()
+    (shown / "precious").write_text("keep me")
+    subprocess.run(["mount", "--bind", str(shown), str(stuck)], check=True)
+    try:
+        daemon.start()
+        assert daemon.call("version")["version"]
+        assert (shown / "precious").read_text() == "keep me"
+        assert snapshot_dirs(daemon) == ["9999"]
+        assert "cannot remove snapshot directory" in daemon.log_text()
+    finally:
+        subprocess.run(["umount", str(stuck)], check=True)
