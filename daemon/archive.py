@@ -31,9 +31,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from berth.native import (
+    RESOLVE_BENEATH,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    openat2,
+)
 from berth.shim.errors import FailedPrecondition, InvalidArgument
-from berth.shim.fs import remove_tree, walk_tree
+from berth.shim.fs import NotRegularFile, open_regular, remove_tree, walk_tree
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -405,8 +411,45 @@ def _entries(root: str) -> dict[str, os.stat_result]:
     return dict(walk_tree(root))
 
 
-def _same_content(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+class _Tree:
+    """One side of a diff: a directory whose files are opened without following
+    symlinks, beneath it, and only when regular (a container may swap a file for a FIFO
+    while it is diffed; open(2) of a FIFO would block)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open(self, rel: str) -> IO[bytes]:
+        try:
+            fd = open_regular(rel, dir_fd=self.fd, resolve=_RESOLVE_DIFF)
+        except NotRegularFile:
+            raise FailedPrecondition(f"{rel} changed while it was diffed") from None
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidArgument(f"path too long to diff: {rel[:80]}...") from None
+            raise
+        if fd is None:
+            raise FailedPrecondition(f"{rel} vanished while it was diffed")
+        return os.fdopen(fd, "rb")
+
+    def readlink(self, rel: str) -> str:
+        parent, name = posixpath.split(rel)
+        pfd = openat2(self.fd, parent or ".", os.O_PATH | os.O_CLOEXEC, _RESOLVE_DIFF)
+        try:
+            return os.readlink(name, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+
+_RESOLVE_DIFF = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+
+
+def _same_content(lower: _Tree, upper: _Tree, rel: str) -> bool:
+    with lower.open(rel) as fa, upper.open(rel) as fb:
         while True:
             x, y = fa.read(CHUNK), fb.read(CHUNK)
             if x != y:
@@ -415,13 +458,15 @@ def _same_content(a: str, b: str) -> bool:
                 return True
 
 
-def _changed(lower: str, upper: str, rel: str, lst: os.stat_result, ust: os.stat_result) -> bool:
+def _changed(
+    lower: _Tree, upper: _Tree, rel: str, lst: os.stat_result, ust: os.stat_result
+) -> bool:
     if stat.S_IFMT(lst.st_mode) != stat.S_IFMT(ust.st_mode):
         return True
     if (lst.st_mode, lst.st_uid, lst.st_gid) != (ust.st_mode, ust.st_uid, ust.st_gid):
         return True
     if stat.S_ISLNK(ust.st_mode):
-        return os.readlink(os.path.join(lower, rel)) != os.readlink(os.path.join(upper, rel))
+        return lower.readlink(rel) != upper.readlink(rel)
     if stat.S_ISDIR(ust.st_mode):
         return lst.st_mtime_ns != ust.st_mtime_ns
     if stat.S_ISREG(ust.st_mode):
@@ -429,7 +474,7 @@ def _changed(lower: str, upper: str, rel: str, lst: os.stat_result, ust: os.stat
             return True
         if lst.st_mtime_ns == ust.st_mtime_ns:
             return False
-        return not _same_content(os.path.join(lower, rel), os.path.join(upper, rel))
+        return not _same_content(lower, upper, rel)
     return lst.st_rdev != ust.st_rdev
 
 
@@ -437,9 +482,20 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
     """Write to `out` the layer that turns `lower` (None: empty) into `upper`: added and
     changed entries, and whiteouts for removed ones. Deterministic (sorted, PAX). Returns
     the diff ID (sha256 of the tar)."""
+    upper_tree = _Tree(upper)
+    lower_tree = _Tree(lower) if lower else None
+    try:
+        return _write_diff(lower_tree, upper_tree, out)
+    finally:
+        upper_tree.close()
+        if lower_tree is not None:
+            lower_tree.close()
+
+
+def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
     hashed = _HashingWriter(out)
-    upper_entries = _entries(upper)
-    lower_entries = _entries(lower) if lower else {}
+    upper_entries = _entries(upper.path)
+    lower_entries = _entries(lower.path) if lower else {}
     removed_dirs: list[str] = []
     hardlinks: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -451,18 +507,19 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
             lst = lower_entries.get(rel)
             if ust is None:
                 assert lst is not None
-                info = tarfile.TarInfo(
+                whiteout = tarfile.TarInfo(
                     posixpath.join(posixpath.dirname(rel), WHITEOUT + posixpath.basename(rel))
                 )
-                info.mtime = 0
-                tar.addfile(info)
+                whiteout.mtime = 0
+                tar.addfile(whiteout)
                 if stat.S_ISDIR(lst.st_mode):
                     removed_dirs.append(rel)
                 continue
             if lst is not None and lower is not None and not _changed(lower, upper, rel, lst, ust):
                 continue
-            path = os.path.join(upper, rel)
-            info = tar.gettarinfo(path, arcname=rel)
+            info = _tarinfo(upper, rel, ust)
+            if info is None:
+                continue  # a socket: no layer can carry one (docker skips them too)
             key = (ust.st_dev, ust.st_ino)
             if stat.S_ISREG(ust.st_mode) and ust.st_nlink > 1:
                 if key in hardlinks:
@@ -473,11 +530,34 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
                     continue
                 hardlinks[key] = rel
             if info.isreg():
-                with open(path, "rb") as f:
+                with upper.open(rel) as f:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
     return hashed.digest
+
+
+def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | None:
+    """The tar header of one entry, from its lstat (what tarfile.gettarinfo does by
+    path, without a path that could be longer than PATH_MAX or swapped)."""
+    info = tarfile.TarInfo(rel)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = st.st_mtime
+    if stat.S_ISREG(st.st_mode):
+        info.type, info.size = tarfile.REGTYPE, st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, tree.readlink(rel)
+    elif stat.S_ISFIFO(st.st_mode):
+        info.type = tarfile.FIFOTYPE
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        return None
+    return info
 
 
 class _HashingWriter(io.RawIOBase):

@@ -22,8 +22,9 @@ from typing import Any
 
 from berth.daemon.content import validate_digest
 from berth.daemon.oci import default_spec
-from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 from berth.shim.errors import FailedPrecondition, InvalidArgument
+from berth.shim.fs import NotRegularFile, open_regular
 
 MAX_DOCUMENT = 4 * 1024 * 1024
 MAX_ETC_FILE = 1024 * 1024
@@ -287,19 +288,19 @@ def platform_matches(candidate: dict[str, Any] | None, wanted: dict[str, str]) -
 
 
 def _read_in_root(root: str, path: str) -> str | None:
-    """A file of the image read through openat2 inside `root`, capped; None if absent."""
+    """A file of the image read inside `root` (see shim.fs.open_regular: confined, never
+    blocking, regular files only), capped; None if absent."""
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = openat2(
-            rootfd,
-            path,
-            os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY,
-            RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
-        )
+        fd = open_regular(path, dir_fd=rootfd, resolve=RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    except NotRegularFile:
+        raise InvalidArgument(f"the image's {path} is not a regular file") from None
     except OSError:
         return None
     finally:
         os.close(rootfd)
+    if fd is None:
+        return None
     try:
         data = os.read(fd, MAX_ETC_FILE + 1)
     finally:

@@ -323,6 +323,7 @@ class Daemon(Reaped):
             self._delete_runtime_state,
             self._wait_reapers,
             lambda: remove_namespace_cgroups(self.namespace),
+            self._unmount_leftovers,
         ):
             try:
                 step()
@@ -334,6 +335,16 @@ class Daemon(Reaped):
             errors.append(exc)
         if errors:
             raise errors[0]
+
+    def _unmount_leftovers(self) -> None:
+        """Whatever is still mounted under this daemon's dir (a test that failed half-way,
+        a daemon killed inside an import), deepest first, so nothing is deleted through a
+        mount and nothing stays mounted."""
+        prefix = self.dir.rstrip("/") + "/"
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
     def _kill_containers(self) -> None:
         for pid in self.container_pids():

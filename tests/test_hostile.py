@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from berth.shim.errors import InvalidArgument
 from berth.shim.fs import remove_tree
 from tests.helpers import Daemon
 from tests.images import build_oci_archive
@@ -135,3 +136,39 @@ def test_a_start_up_cleanup_that_fails_on_one_item_logs_it_and_carries_on(
         assert "cannot remove snapshot directory" in daemon.log_text()
     finally:
         subprocess.run(["umount", str(stuck)], check=True)
+
+
+# --- 2. files read from a rootfs -----------------------------------------------------------
+
+
+def test_an_image_whose_passwd_and_group_are_fifos_gets_a_clear_error_at_once(
+    daemon: Daemon, busybox_rootfs: str, work: Path
+) -> None:
+    """Each call used to hang a worker thread for ever in open(2) of the FIFO; 41 of them
+    used up trio's thread pool and every later run and import hung too."""
+    archive = str(work / "fifo.tar")
+    fifos = tar_of(
+        member("etc/passwd", tarfile.FIFOTYPE, mode=0o644),
+        member("etc/group", tarfile.FIFOTYPE, mode=0o644),
+    )
+    build_oci_archive(busybox_rootfs, archive, name="docker.io/library/fifo:1", raw_layers=[fifos])
+    import_image(daemon, archive)
+    with daemon.client() as client:
+        client.call("images.unpack", {"name": "docker.io/library/fifo:1"})
+    for i in range(45):  # more than trio's 40 worker threads
+        with daemon.client() as client:
+            client._sock.settimeout(10)  # a hang fails the test instead of hanging it
+            with pytest.raises(InvalidArgument, match="/etc/passwd is not a regular file"):
+                client.call(
+                    "images.spec",
+                    {"image": "docker.io/library/fifo:1", "id": f"f{i}", "user": "nobody"},
+                )
+    run = daemon.cli("run", "--rm", "--user", "nobody", "fifo:1", "f-run", "true", timeout=20)
+    assert run.returncode == 1
+    assert b"/etc/passwd is not a regular file" in run.stderr
+    # The daemon still serves everything else: an import and a run.
+    plain = str(work / "plain.tar")
+    build_oci_archive(busybox_rootfs, plain, name="docker.io/library/plain:2")
+    import_image(daemon, plain)
+    ok = daemon.cli("run", "--rm", "plain:2", "ok", "echo", "fine", timeout=30)
+    assert (ok.returncode, ok.stdout) == (0, b"fine\n"), ok.stderr.decode()
