@@ -23,6 +23,7 @@ import sys
 import sysconfig
 from typing import Any
 
+from berth.daemon.documents import load_json_object
 from berth.shim.errors import InvalidArgument
 
 STUBS_ENV = "BERTH_CONTAINERD_API"
@@ -141,15 +142,7 @@ def from_json_any(value: Any, expected: str, what: str) -> dict[str, Any]:
         type_url
     ):
         raise InvalidArgument(f"{what}: unsupported type {type_url!r}, expected {expected!r}")
-    if len(value.value) > MAX_SPEC_JSON:
-        raise InvalidArgument(f"{what} is too large")
-    try:
-        doc = json.loads(value.value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{what} must be a JSON object")
-    return doc
+    return load_json_object(value.value, what, max_size=MAX_SPEC_JSON)
 
 
 # -- runtime options --------------------------------------------------------------------

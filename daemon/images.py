@@ -14,13 +14,13 @@ Everything read from an archive or a registry is untrusted:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform as host_platform
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth.daemon.content import validate_digest
+from berth.daemon.documents import load_json_object
 from berth.daemon.oci import default_spec
 from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 from berth.shim.errors import FailedPrecondition, InvalidArgument
@@ -119,16 +119,8 @@ class Descriptor:
 
 
 def parse_document(data: bytes, what: str) -> dict[str, Any]:
-    """A size-capped JSON object."""
-    if len(data) > MAX_DOCUMENT:
-        raise InvalidArgument(f"{what} is larger than {MAX_DOCUMENT} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{what} must be a JSON object")
-    return doc
+    """A size- and nesting-capped JSON object."""
+    return load_json_object(data, what, max_size=MAX_DOCUMENT)
 
 
 def check_kind(doc: dict[str, Any], expected_type: str, what: str) -> None:

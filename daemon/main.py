@@ -97,9 +97,13 @@ async def serve(
                 )
 
             async def recover() -> None:
-                found = await tasks.recover()
-                recovered.set()
-                log.info("recovered %d task(s)", found)
+                try:
+                    found = await tasks.recover()
+                    log.info("recovered %d task(s)", found)
+                finally:
+                    # Even a recovery that failed opens the task calls: waiting for ever
+                    # on it would hang every client (the failure is logged by `guarded`).
+                    recovered.set()
 
             async def watch_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from berth.daemon import archive, images
 from berth.daemon.content import ContentStore, Writer, validate_digest
+from berth.daemon.documents import load_json
 from berth.daemon.images import Descriptor
 from berth.daemon.reference import normalize
 from berth.daemon.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
@@ -639,10 +640,9 @@ class Storage:
         name: str | None,
         lease: str,
     ) -> list[dict[str, Any]]:
-        try:
-            manifest_list = json.loads(read_member("manifest.json"))
-        except ValueError:
-            raise InvalidArgument("manifest.json is not valid JSON") from None
+        manifest_list = load_json(
+            read_member("manifest.json"), "manifest.json", max_size=MAX_ARCHIVE_DOCUMENT
+        )
         if not isinstance(manifest_list, list) or not manifest_list:
             raise InvalidArgument("manifest.json must be a non-empty list")
         created = []
@@ -905,8 +905,8 @@ class Storage:
             return
         try:
             data = self.content.read(digest, 0, MAX_ARCHIVE_DOCUMENT + 1)
-            doc = json.loads(data)
-        except (NotFound, ValueError, UnicodeDecodeError):
+            doc = load_json(data, digest, max_size=MAX_ARCHIVE_DOCUMENT)
+        except (NotFound, InvalidArgument):
             return
         if not isinstance(doc, dict):
             return

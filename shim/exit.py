@@ -77,7 +77,7 @@ def read_exit_file(directory: str, process: str) -> ExitRecord | None:
         pid, status, exited_at = doc["pid"], doc["status"], doc["exited_at"]
         if not all(isinstance(v, int) for v in (pid, status, exited_at)):
             raise CorruptExitFile("exit file fields must be integers")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         if isinstance(exc, CorruptExitFile):
             raise
         raise CorruptExitFile(f"unreadable exit file: {exc}") from None

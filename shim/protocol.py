@@ -52,6 +52,10 @@ HEADER: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 4 * 1024 * 1024
 MAX_METHOD_LEN: Final = 128
 MAX_REQUEST_ID: Final = 2**63 - 1
+# Request params and meta nest at most this deep. msgpack alone accepts ~1,000 levels,
+# and a handler that later walks or JSON-encodes such a value (a container's spec is
+# stored as JSON) died with RecursionError; real requests nest fewer than 10 levels.
+MAX_NESTING: Final = 64
 # Slack the caller may feed beyond one maximal frame before it must drain next_event().
 FEED_SLACK: Final = 256 * 1024
 
@@ -210,6 +214,24 @@ def decode(data: bytes) -> Any:
     """Decode one msgpack document. msgpack bounds every container length by len(data) and
     refuses deep nesting (StackError), so a small frame cannot make us allocate much."""
     return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether maps and lists nest deeper than `limit` in `value` (iterative: a check of
+    deep input must not itself recurse)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def frame(body: bytes) -> bytes:
@@ -466,6 +488,8 @@ class Connection:
                 problem = "REQUEST method must be a short string"
             elif not isinstance(msg[3], dict) or not isinstance(msg[4], dict):
                 problem = "REQUEST params and meta must be maps"
+            elif nesting_exceeds(msg[3], MAX_NESTING) or nesting_exceeds(msg[4], MAX_NESTING):
+                problem = f"REQUEST params nest deeper than {MAX_NESTING} levels"
             if rid is not None:
                 self._open.add(rid)  # open even when malformed: the ERROR answer closes it
             if problem:

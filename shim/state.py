@@ -102,7 +102,7 @@ def read_state(bundle: str) -> ShimRecord | None:
         )
         if record.pid <= 1 or record.start_time <= 0:
             raise CorruptState(f"{path}: pid {record.pid} / start_time {record.start_time}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         if isinstance(exc, CorruptState):
             raise
         raise CorruptState(f"{path}: {exc}") from None

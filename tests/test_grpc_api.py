@@ -117,6 +117,15 @@ def test_errors_keep_their_codes(wire: Wire) -> None:
     assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
+    # nested 100,000 deep (json.loads raised RecursionError: UNKNOWN), or 65 deep
+    for depth in (100_000, 65):
+        deep = t.Any(type_url=capi.SPEC_TYPE, value=b'{"a":' * depth + b"1" + b"}" * depth)
+        create = t.containers.CreateContainerRequest(
+            container=_container(wire, f"deep{depth}", ["true"], deep)
+        )
+        assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
     assert not wire.unary(C + "List", listing, t.containers.ListContainersResponse).containers
     # twice the same id: AlreadyExists
     good = t.containers.CreateContainerRequest(container=_container(wire, "dup", ["true"]))

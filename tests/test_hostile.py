@@ -11,6 +11,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,46 @@ def test_an_image_whose_passwd_and_group_are_fifos_gets_a_clear_error_at_once(
     import_image(daemon, plain)
     ok = daemon.cli("run", "--rm", "plain:2", "ok", "echo", "fine", timeout=30)
     assert (ok.returncode, ok.stdout) == (0, b"fine\n"), ok.stderr.decode()
+
+
+# --- 11. deep nesting and hostile patterns ------------------------------------------------
+
+
+def test_deeply_nested_requests_and_filters_are_invalid_arguments(daemon: Daemon) -> None:
+    spec: dict[str, Any] = {"process": {"args": ["true"]}}
+    node = spec
+    for _ in range(1000):
+        node["x"] = {}
+        node = node["x"]
+    with daemon.client() as client:
+        with pytest.raises(InvalidArgument, match="nest deeper"):
+            client.call("containers.create", {"container": {"id": "deep", "spec": spec}})
+        with pytest.raises(InvalidArgument, match="bad regular expression"):
+            for _ in client.stream("events.subscribe", {"filters": ["topic~=" + "(" * 1000]}):
+                pass
+        assert client.call("containers.list", {})["containers"] == []
+        assert client.call("version")["version"]
+
+
+def test_a_pathological_filter_regex_cannot_stall_the_event_loop(daemon: Daemon) -> None:
+    """`(a|a)*$` backtracks 2^n steps on n a's and a b with Python's re, inside berthd's
+    event loop (for every publish, and for every replayed event). RE2 (containerd's regexp
+    syntax and semantics) is linear."""
+    since = time.time_ns()
+    spec = {"process": {"args": ["true"]}}
+    with daemon.client() as client:
+        client.call("containers.create", {"container": {"id": "a" * 60 + "b", "spec": spec}})
+        client.call("containers.create", {"container": {"id": "aaa", "spec": spec}})
+    with daemon.client() as subscriber, daemon.client() as client:
+        subscriber._sock.settimeout(10)  # a stalled loop fails the test instead of hanging it
+        client._sock.settimeout(10)
+        events = subscriber.stream(
+            "events.subscribe", {"filters": ['event.id~="^(a|a)*$"'], "since": since}
+        )
+        try:
+            first = next(events)
+            assert (first["topic"], first["event"]["id"]) == ("/containers/create", "aaa")
+            client.call("containers.create", {"container": {"id": "a" * 59 + "c", "spec": spec}})
+            assert client.call("version")["version"]
+        finally:
+            events.close()

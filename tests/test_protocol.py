@@ -159,6 +159,27 @@ def test_deep_nesting_is_refused() -> None:
         server.next_event()
 
 
+@pytest.mark.parametrize("depth", [65, 1000])
+def test_request_params_nested_too_deep_are_answered_and_the_connection_survives(
+    depth: int,
+) -> None:
+    """msgpack decodes ~1,000 levels; handlers that walk or JSON-encode params must never
+    see more than MAX_NESTING (a 1,000-deep spec was a RecursionError, `internal`)."""
+    _, server = pair(max_frame=1 << 20)
+    params: dict[str, object] = {}
+    node = params
+    for _ in range(depth - 1):
+        node["x"] = {}
+        node = node["x"]  # type: ignore[assignment]
+    server.receive_data(raw_frame([2, 7, "containers.create", params, {}]))
+    with pytest.raises(RemoteProtocolError, match="nest deeper") as err:
+        server.next_event()
+    assert (err.value.fatal, err.value.request_id) == (False, 7)
+    ok = {"spec": {"linux": {"resources": {"devices": [{"allow": False}]}}}}
+    server.receive_data(raw_frame([2, 8, "containers.create", ok, {}]))
+    assert server.next_event() == Request(8, "containers.create", ok, {})
+
+
 def test_handshake_rules() -> None:
     server = Connection(Role.SERVER)
     server.receive_data(raw_frame([2, 1, "m", {}, {}]))
