@@ -27,6 +27,27 @@ from berth.shim.errors import BerthError, Unavailable
 
 DEFAULT_ADDRESS = "/run/berth/berthd.sock"
 RECONNECT_INTERVAL = 0.1
+DEFAULT_TIMEOUT = 30.0
+# Calls whose length depends on a container or on the data they move: no deadline, but a
+# daemon that stops answering is still detected (Client's liveness check).
+LONG_CALLS = frozenset(
+    {
+        "tasks.wait",
+        "tasks.create",
+        "tasks.delete",
+        "images.import",
+        "images.export",
+        "images.unpack",
+        "snapshots.prepare",
+        "snapshots.view",
+        "snapshots.commit",
+        "snapshots.remove",
+        "snapshots.usage",
+        "diff.apply",
+        "diff.diff",
+        "gc",
+    }
+)
 
 
 class CliError(Exception):
@@ -39,9 +60,10 @@ class CliError(Exception):
 class Session:
     """Connection settings; opens clients on demand (a signal handler needs its own)."""
 
-    def __init__(self, address: str, namespace: str) -> None:
+    def __init__(self, address: str, namespace: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
         self.namespace = namespace
+        self.timeout = timeout
         self._client: Client | None = None
 
     def client(self) -> Client:
@@ -51,14 +73,16 @@ class Session:
 
     def connect(self) -> Client:
         try:
-            return Client(self.address, namespace=self.namespace, peer_name="berth")
+            return Client(
+                self.address, namespace=self.namespace, timeout=self.timeout, peer_name="berth"
+            )
         except Unavailable as exc:
-            raise CliError(
-                f"cannot reach berthd at {self.address}: {exc} (is berthd running?)"
-            ) from None
+            hint = " (is berthd running?)" if str(exc).startswith("cannot connect") else ""
+            raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
 
     def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
-        return self.client().call(method, params or {}, **meta)
+        timeout = None if method in LONG_CALLS else self.timeout
+        return self.client().call(method, params or {}, timeout=timeout, **meta)
 
     def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
         """Call, reconnecting while the daemon is down (it is restarted, say): the
@@ -896,7 +920,7 @@ def _words(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv) and len(words) < 2:
         arg = argv[i]
-        if not words and arg in ("--address", "-a", "--namespace", "-n"):
+        if not words and arg in ("--address", "-a", "--namespace", "-n", "--timeout"):
             i += 2
             continue
         if arg.startswith("-"):
@@ -936,6 +960,15 @@ def _parser(verb: str | None, sub: str | None) -> argparse.ArgumentParser:
         default=os.environ.get("BERTH_NAMESPACE", "default"),
         help="namespace (env BERTH_NAMESPACE; default 'default')",
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("BERTH_TIMEOUT", DEFAULT_TIMEOUT)),
+        metavar="SECONDS",
+        help="how long a call may wait for berthd before it gives up (env BERTH_TIMEOUT; "
+        f"default {DEFAULT_TIMEOUT:g}); waits, events and transfers have no deadline but "
+        "notice a daemon that stops answering",
+    )
     commands = parser.add_subparsers(dest="verb", required=True)
     if verb in VERBS:
         VERBS[verb][0](commands, sub)
@@ -948,7 +981,7 @@ def _parser(verb: str | None, sub: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    session = Session(args.address, args.namespace)
+    session = Session(args.address, args.namespace, args.timeout)
     try:
         return int(VERBS[args.verb][1](session, args))
     except CliError as exc:

@@ -6,10 +6,11 @@ Works against berthd's socket and against a shim's socket alike.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from berth.shim.errors import BerthError, Unavailable
+from berth.shim.errors import BerthError, DeadlineExceeded, Unavailable
 from berth.shim.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
@@ -31,29 +32,65 @@ if TYPE_CHECKING:
     from berth.shim.protocol import ReceivedEvent
 
 
+class _Default:
+    """The type of the "use the client's timeout" default (None means: no deadline)."""
+
+
+_DEFAULT = _Default()
+
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a unary call (and the handshake) may take before the peer counts as not
+answering (a stopped or wedged daemon): a client never hangs for ever."""
+KEEPALIVE_IDLE = 10.0
+"""Seconds of silence on a long call (wait, a stream) before the peer is pinged; it then
+has `timeout` seconds to answer the ping, or the connection counts as dead."""
+_PING = "ping"  # any answer proves liveness: an unknown method gets an ERROR reply too
+
+
 class Client:
+    """A blocking connection. Unary calls have a deadline (`timeout`); long calls
+    (`call(..., timeout=None)` and streams) have none but check that the peer is alive.
+    A peer that does not answer raises Unavailable (handshake, liveness) or
+    DeadlineExceeded (a unary call)."""
+
     def __init__(
         self,
         path: str,
         *,
         namespace: str | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        keepalive: float | None = None,
         peer_name: str = "berth-client",
         max_frame_size: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.path = path
         self.namespace = namespace
+        self.timeout = timeout
+        self.keepalive = keepalive if keepalive is not None else min(KEEPALIVE_IDLE, timeout)
+        self._ping_id: int | None = None
+        self._ping_deadline = 0.0
         try:
-            self._sock = connect_unix(path, timeout=5.0)
+            self._sock = connect_unix(path, timeout=timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(f"cannot connect to {path}: {exc.strerror}") from None
         except OSError as exc:
             raise Unavailable(f"cannot connect to {path}: {exc}") from None
-        self._sock.settimeout(timeout)
         self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
-        self._send(Hello())
-        event = self._next()
+        try:
+            self._send(Hello())
+            event = self._next(time.monotonic() + timeout, "the handshake")
+        except DeadlineExceeded:
+            self._sock.close()
+            raise Unavailable(
+                f"{path} does not answer: no handshake within {timeout:g}s "
+                "(is the daemon stopped or overloaded?)"
+            ) from None
+        except BaseException:
+            self._sock.close()
+            raise
         if not isinstance(event, Welcome):
+            self._sock.close()
             raise Unavailable(f"unexpected handshake answer {event!r}")
 
     def close(self) -> None:
@@ -71,19 +108,49 @@ class Client:
         except OSError as exc:
             raise Unavailable(f"connection to {self.path} lost: {exc}") from None
 
-    def _next(self) -> ReceivedEvent:
+    def _next(self, deadline: float | None, what: str) -> ReceivedEvent:
+        """The next event. With a `deadline`, DeadlineExceeded once it passes; without one
+        (a long call), the peer is pinged after `keepalive` seconds of silence and must
+        answer within `timeout`, else Unavailable."""
         while True:
             event = self._conn.next_event()
             if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed):
                     raise Unavailable(f"{self.path} closed the connection")
+                if self._ping_id is not None and getattr(event, "id", None) == self._ping_id:
+                    self._ping_id = None  # the peer is alive; its answer means nothing else
+                    continue
                 return event
+            now = time.monotonic()
+            if deadline is not None:
+                wait = deadline - now
+                if wait <= 0:
+                    raise DeadlineExceeded(
+                        f"{self.path} did not answer {what} within {self.timeout:g}s "
+                        "(is the daemon stopped or overloaded?)"
+                    )
+            elif self._ping_id is not None:
+                wait = self._ping_deadline - now
+                if wait <= 0:
+                    raise Unavailable(
+                        f"{self.path} does not answer: no reply to a liveness check within "
+                        f"{self.timeout:g}s (is the daemon stopped?)"
+                    )
+            else:
+                wait = self.keepalive
+            self._sock.settimeout(max(wait, 0.001))
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:
-                raise
+                if deadline is None and self._ping_id is None:
+                    self._ping_id = self._conn.next_request_id()
+                    self._ping_deadline = time.monotonic() + self.timeout
+                    self._send(Request(self._ping_id, _PING, {}, {}))
+                continue
             except OSError as exc:
                 raise Unavailable(f"connection to {self.path} lost: {exc}") from None
+            if data and self._ping_id is not None:
+                self._ping_deadline = time.monotonic() + self.timeout  # it is talking
             self._conn.receive_data(data)
 
     def _meta(self, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -92,11 +159,23 @@ class Client:
             out.setdefault("namespace", self.namespace)
         return out
 
-    def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | _Default | None = _DEFAULT,
+        **meta: Any,
+    ) -> Any:
+        """One request and its reply. `timeout`: seconds (default: the client's), or None
+        for a call whose length depends on a container or on data (wait, import): no
+        deadline, but a peer that stops answering is detected."""
+        seconds = self.timeout if isinstance(timeout, _Default) else timeout
+        deadline = None if seconds is None else time.monotonic() + seconds
         rid = self._conn.next_request_id()
         self._send(Request(rid, method, params or {}, self._meta(meta)))
         while True:
-            event = self._next()
+            event = self._next(deadline, method)
             if isinstance(event, Response) and event.id == rid:
                 return event.result
             if isinstance(event, ErrorReply) and event.id in (rid, None):
@@ -105,13 +184,14 @@ class Client:
     def stream(
         self, method: str, params: dict[str, Any] | None = None, **meta: Any
     ) -> Iterator[Any]:
-        """Yield a server stream's items; closing the generator cancels the stream."""
+        """Yield a server stream's items; closing the generator cancels the stream. No
+        deadline (a stream lasts as long as it lasts), but a dead peer is detected."""
         rid = self._conn.next_request_id()
         self._send(Request(rid, method, params or {}, self._meta(meta)))
         finished = False
         try:
             while True:
-                event = self._next()
+                event = self._next(None, method)
                 if isinstance(event, StreamItem) and event.id == rid:
                     yield event.item
                 elif isinstance(event, StreamEnd) and event.id == rid:

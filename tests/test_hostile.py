@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from berth.shim.errors import InvalidArgument
+from berth.shim.client import Client
+from berth.shim.errors import InvalidArgument, Unavailable
 from berth.shim.fs import remove_tree
-from tests.helpers import Daemon
+from tests.helpers import BERTH, Daemon, kill
 from tests.images import build_oci_archive
 
 pytestmark = pytest.mark.container
@@ -215,4 +218,69 @@ def test_a_pathological_filter_regex_cannot_stall_the_event_loop(daemon: Daemon)
             client.call("containers.create", {"container": {"id": "a" * 59 + "c", "spec": spec}})
             assert client.call("version")["version"]
         finally:
+            events.close()
+
+
+# --- 3. a daemon that does not answer ---------------------------------------------------
+
+
+def test_the_cli_gives_up_on_a_stopped_daemon_but_long_calls_stay_open(daemon: Daemon) -> None:
+    started = daemon.cli("run", "--busybox", "-d", "sleeper", "sh", "-c", "sleep 1; exit 7")
+    assert started.returncode == 0, started.stderr.decode()
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    waiter = subprocess.Popen(
+        [BERTH, "--timeout", "2", "tasks", "wait", "sleeper"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)
+        kill(daemon.pid, signal.SIGSTOP)
+        try:
+            for argv in (["version"], ["tasks", "ls"]):
+                began = time.monotonic()
+                result = daemon.cli("--timeout", "2", *argv, timeout=30)
+                assert result.returncode == 1
+                assert b"does not answer" in result.stderr, result.stderr
+                assert time.monotonic() - began < 10
+            # a long call does not give up: the container's exit is still to come
+            time.sleep(4)
+            assert waiter.poll() is None, waiter.communicate()
+        finally:
+            kill(daemon.pid, signal.SIGCONT)
+        out, err = waiter.communicate(timeout=30)
+        assert (waiter.returncode, out) == (0, b"7\n"), err
+    finally:
+        if waiter.poll() is None:
+            kill(waiter.pid)
+            waiter.wait()
+
+
+def test_a_stream_notices_a_daemon_that_stops_answering(daemon: Daemon) -> None:
+    with Client(daemon.address, timeout=1.0, keepalive=0.5) as client:
+        events = client.stream("events.subscribe", {})
+        kill(daemon.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(Unavailable, match="does not answer"):
+                next(events)
+            assert time.monotonic() - began < 5
+        finally:
+            kill(daemon.pid, signal.SIGCONT)
+    # A live daemon answers the pings: a quiet stream stays open for many keepalive periods.
+    since = time.time_ns()
+    with daemon.client() as other:
+        other.call("namespaces.create", {"name": "n1" + daemon.namespace[2:]})
+    with Client(daemon.address, timeout=1.0, keepalive=0.2) as client:
+        events = client.stream("events.subscribe", {"since": since})
+        assert next(events)["topic"] == "/namespaces/create"  # replayed: subscribed now
+        later = threading.Timer(
+            2.0, daemon.call, ("namespaces.create", {"name": "n2" + daemon.namespace[2:]})
+        )
+        later.start()
+        try:
+            assert next(events)["event"]["name"] == "n2" + daemon.namespace[2:]
+        finally:
+            later.join()
             events.close()
