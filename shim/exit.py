@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from berth.shim.fs import atomic_write, reserve
+
 EXIT_FILE_VERSION = 1
 MAX_EXIT_FILE = 4096
 
@@ -38,21 +40,14 @@ def exit_path(directory: str, process: str) -> str:
 
 def write_exit_file(directory: str, process: str, record: ExitRecord) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    final = exit_path(directory, process)
-    tmp = f"{final}.tmp"
-    data = json.dumps(record.to_json()).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    atomic_write(exit_path(directory, process), json.dumps(record.to_json()).encode())
+
+
+def reserve_exit_file(directory: str, process: str) -> None:
+    """Preallocate the space `process`'s exit file will need, when the process is created,
+    so that its status reaches the disk even if the disk is full by the time it exits."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    reserve(exit_path(directory, process), MAX_EXIT_FILE)
 
 
 class CorruptExitFile(ValueError):
@@ -89,17 +84,7 @@ DELETED_MARKER = "deleted"
 
 def mark_deleted(bundle: str) -> None:
     """Record durably that the task of `bundle` was deleted (its exit files go next)."""
-    path = os.path.join(bundle, DELETED_MARKER)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dirfd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    atomic_write(os.path.join(bundle, DELETED_MARKER), b"")
 
 
 def is_deleted(bundle: str) -> bool:
@@ -107,7 +92,8 @@ def is_deleted(bundle: str) -> bool:
 
 
 def remove_exit_file(directory: str, process: str) -> None:
-    try:
-        os.unlink(exit_path(directory, process))
-    except FileNotFoundError:
-        pass
+    for path in (exit_path(directory, process), exit_path(directory, process) + ".tmp"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

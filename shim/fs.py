@@ -226,3 +226,45 @@ def open_regular(path: str, *, dir_fd: int, resolve: int) -> int | None:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` durably: written to `path.tmp`, fsynced, renamed over
+    `path`, and the directory fsynced. After any crash a reader sees the old file or the
+    whole new one, never a part.
+
+    `path.tmp` may already exist, preallocated by `reserve()`: it is overwritten in place
+    (no O_TRUNC), so a reserved write needs no free space (an exit status must reach the
+    disk even when the disk is full)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(view):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(data))
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def reserve(path: str, size: int = 4096, mode: int = 0o600) -> None:
+    """Preallocate `size` bytes for a later `atomic_write(path, ...)` of at most that size."""
+    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from berth.shim.fs import atomic_write
+
 STATE_FILE = "shim.json"
 STATE_VERSION = 1
 MAX_STATE_FILE = 64 * 1024
@@ -62,13 +64,7 @@ def process_start_time(pid: int) -> int | None:
 
 
 def write_state(bundle: str, record: ShimRecord) -> None:
-    path = os.path.join(bundle, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record.to_json(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(os.path.join(bundle, STATE_FILE), json.dumps(record.to_json()).encode())
 
 
 def read_state(bundle: str) -> ShimRecord | None:

@@ -27,7 +27,13 @@ from berth.shim.errors import (
     InvalidArgument,
     NotFound,
 )
-from berth.shim.exit import ExitRecord, mark_deleted, remove_exit_file, write_exit_file
+from berth.shim.exit import (
+    ExitRecord,
+    mark_deleted,
+    remove_exit_file,
+    reserve_exit_file,
+    write_exit_file,
+)
 from berth.shim.identifiers import validate
 from berth.shim.io import IOConfig, ProcessIO
 from berth.shim.loop import Future, Loop, log
@@ -36,6 +42,7 @@ from berth.shim.reaper import Reaper
 from berth.shim.runtime import Runtime, RuntimeCommandError, RuntimeConfig, Stdio
 
 IO_DRAIN_TIMEOUT = 2.0
+EXIT_FILE_RETRY = 1.0  # seconds between attempts to write an exit file that failed
 UNKNOWN_EXIT = 255
 EXEC_WAIT_TIMEOUT = 2.0
 MAX_SPEC_BYTES = 1024 * 1024
@@ -188,6 +195,9 @@ class Task:
             raise InvalidArgument("rootfs must be a list of mounts")
         mounts = [Mount.from_wire(m) for m in rootfs]
         os.makedirs(self._path("log"), mode=0o700, exist_ok=True)
+        # The exit status must be durable even if the disk fills up while the task runs:
+        # its file's space is taken now (a full disk fails the create instead).
+        reserve_exit_file(self._exit_dir(), "init")
         io = ProcessIO(self._loop, io_config, self._path("log", ""))
         proc = Process(None, io)
         self.init = proc
@@ -327,14 +337,26 @@ class Task:
     def _on_reaped(self, proc: Process, code: int) -> None:
         """Durable first: the exit file is on disk before anything else happens."""
         record = ExitRecord(pid=proc.pid, status=code, exited_at=time.time_ns())
-        try:
-            write_exit_file(self._exit_dir(), proc.name, record)
-        except OSError as exc:  # a full disk must not lose the in-memory status
-            log(f"could not write exit file for {proc.name}: {exc}")
+        self._write_exit(proc, record)
         proc.reaped = True
         proc.exit = record
         proc.status = STOPPED
         self._loop.create_task(self._finish_exit(proc), name=f"exit {proc.name}")
+
+    def _write_exit(self, proc: Process, record: ExitRecord, attempt: int = 1) -> None:
+        """Write the exit file; should that fail even with its space reserved (EIO, a
+        state dir replaced meanwhile), the status stays in memory, is reported as usual,
+        and the write is retried until it succeeds or the process is deleted."""
+        if self.deleted or (proc.exec_id is not None and self.execs.get(proc.exec_id) is not proc):
+            return
+        try:
+            write_exit_file(self._exit_dir(), proc.name, record)
+            if attempt > 1:
+                log(f"exit file of {proc.name} written at attempt {attempt}")
+        except OSError as exc:
+            if attempt == 1:
+                log(f"could not write exit file for {proc.name}: {exc}; retrying")
+            self._loop.call_later(EXIT_FILE_RETRY, self._write_exit, proc, record, attempt + 1)
 
     async def _finish_exit(self, proc: Process) -> None:
         assert proc.exit is not None
@@ -408,6 +430,7 @@ class Task:
         width, height = params.get("width"), params.get("height")
         if io_config.terminal and isinstance(width, int) and isinstance(height, int):
             spec["consoleSize"] = {"width": width, "height": height}
+        reserve_exit_file(self._exit_dir(), f"exec-{exec_id}")  # as for init: see create()
         proc = Process(
             exec_id, ProcessIO(self._loop, io_config, self._path("log", f"exec-{exec_id}."))
         )

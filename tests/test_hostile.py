@@ -6,6 +6,7 @@ on the code before the fix. Real daemons, real runc, real overlay mounts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 from berth.shim.client import Client
 from berth.shim.errors import InvalidArgument, Unavailable
 from berth.shim.fs import remove_tree
-from tests.helpers import BERTH, Daemon, kill
+from tests.helpers import BERTH, Daemon, is_gone, kill, wait_until
 from tests.images import build_oci_archive
 
 pytestmark = pytest.mark.container
@@ -284,3 +285,43 @@ def test_a_stream_notices_a_daemon_that_stops_answering(daemon: Daemon) -> None:
         finally:
             later.join()
             events.close()
+
+
+# --- 6. an exit status on a full disk ------------------------------------------------------
+
+
+def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) -> None:
+    """The exit file's space is reserved when the task is created: a container that exits
+    on a full state dir, while berthd is down, with its shim killed afterwards, still
+    reports its true status (was 255: the write failed with ENOSPC)."""
+    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], check=True)
+    d: Daemon | None = None
+    try:
+        d = Daemon(base_dir=small)
+        gate = work / "gate"
+        gate.mkdir()
+        script = "while [ ! -e /gate/go ]; do sleep 0.05; done; exit 42"
+        mount = f"type=bind,src={gate},dst=/gate"
+        started = d.cli("run", "--busybox", "-d", "--mount", mount, "c42", "sh", "-c", script)
+        assert started.returncode == 0, started.stderr.decode()
+        pid = d.call("tasks.get", {"container_id": "c42"})["pid"]
+        shim = d.shim_pids()["c42"]
+        d.kill9()
+        filler = Path(small, "filler")
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * (1 << 16))
+        (gate / "go").touch()
+        wait_until(lambda: is_gone(pid), what="the container to exit and be reaped")
+        kill(shim)
+        wait_until(lambda: is_gone(shim), what="the shim to die")
+        filler.unlink()
+        d.start()
+        with d.client() as client:
+            assert client.call("tasks.wait", {"container_id": "c42"})["exit_status"] == 42
+    finally:
+        if d is not None:
+            d.cleanup()
+        subprocess.run(["umount", "-l", small], check=False)
+        os.rmdir(small)
