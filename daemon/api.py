@@ -24,6 +24,7 @@ from berth.daemon.storage import Storage
 from berth.daemon.store import Container, Store, check_labels
 from berth.daemon.tasks import TaskService
 from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.fs import atomic_write
 from berth.shim.identifiers import validate
 from berth.shim.protocol import PROTOCOL_VERSION, Request
 
@@ -75,8 +76,7 @@ def load_server_uuid(root: str) -> str:
             return str(uuid.UUID(f.read().strip()))
     except (OSError, ValueError):
         value = str(uuid.uuid4())
-        with open(path, "w") as f:
-            f.write(value + "\n")
+        atomic_write(path, f"{value}\n".encode())
         return value
 
 

@@ -66,6 +66,7 @@ class Config:
     default_snapshotter: str = "overlayfs"
     grpc_address: str = ""
     grpc_gid: int = 0
+    rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -185,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--grpc-address", help="serve containerd's gRPC API on this socket (berth-grpc)"
     )
+    parser.add_argument(
+        "--rebuild-metadata",
+        action="store_true",
+        help="start although the metadata database is missing or broken: rebuild what the "
+        "disk holds (containers of running tasks; blobs and snapshots held by a lease)",
+    )
     return parser.parse_args(argv)
 
 
@@ -200,5 +207,6 @@ def load(argv: list[str] | None = None) -> Config:
     if args.grpc_address:
         doc.setdefault("grpc", {})["address"] = os.path.abspath(args.grpc_address)
     config = from_mapping(doc)
+    config.rebuild_metadata = args.rebuild_metadata
     config.validate()
     return config

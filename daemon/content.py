@@ -36,6 +36,7 @@ from berth.shim.errors import (
     NotFound,
     Unavailable,
 )
+from berth.shim.fs import atomic_write
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_REF = 512
@@ -165,10 +166,7 @@ class ContentStore:
                 meta["started_at"] = old.get("started_at", now)
                 meta["total"] = total or old.get("total", 0)
                 meta["expected"] = expected or old.get("expected", "")
-            tmp = meta_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, meta_path)
+            atomic_write(meta_path, json.dumps(meta).encode())
             return Writer(
                 self,
                 ref,

@@ -16,7 +16,6 @@ in their own sessions and process groups, and hold everything a container needs.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ import sys
 import trio
 
 from berth.daemon import config as config_module
-from berth.daemon import frontend
+from berth.daemon import frontend, startup
 from berth.daemon.api import Api, load_server_uuid, namespace_of
 from berth.daemon.api_storage import StorageApi
 from berth.daemon.config import Config
@@ -41,33 +40,20 @@ from berth.shim.unixsock import bind_unix, peer_credentials
 log = logging.getLogger("berthd")
 
 
-def _prepare_dirs(config: Config) -> int:
-    """Create the directories (0700 where secrets or bundles live) and take the lock
-    that keeps a second daemon off the same state dir."""
-    os.makedirs(config.root, mode=0o700, exist_ok=True)
-    os.makedirs(config.state, mode=0o711, exist_ok=True)
-    for d in (config.tasks_dir, config.sockets_dir):
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-    os.makedirs(os.path.dirname(config.address), exist_ok=True)
-    lock_fd = os.open(
-        os.path.join(config.state, "berthd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise SystemExit(f"berthd: another berthd is running on {config.state}") from None
-    os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
-    return lock_fd
-
-
 async def serve(
     config: Config, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    lock_fd = _prepare_dirs(config)
-    store = Store(config.db_path)
+    startup.prepare_dirs(config)
+    locks = startup.take_locks(config)
+    try:
+        startup.check_metadata(config)
+        rebuild = config.rebuild_metadata and startup.is_blank(config.db_path)
+        if config.rebuild_metadata:
+            startup.set_aside_orphaned_snapshots(config)
+        store = Store(config.db_path)
+    except BaseException:
+        locks.release()
+        raise
     store.ensure_namespace("default")
     exchange = Exchange()
     recovered = trio.Event()
@@ -78,6 +64,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
             storage = Storage(config.root, config.state, store, config.default_snapshotter)
+            if rebuild:
+                startup.rebuild_metadata(config, store, storage)
             tasks = TaskService(config, store, exchange, nursery, zygote, storage)
             api = Api(
                 config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage
@@ -130,7 +118,7 @@ async def serve(
             except FileNotFoundError:
                 pass
             store.close()
-            os.close(lock_fd)
+            locks.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, config)
     except KeyboardInterrupt:
         pass
+    except startup.StartupError as exc:
+        print(f"berthd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

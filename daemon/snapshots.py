@@ -124,9 +124,9 @@ class _MetadataSnapshotter(Snapshotter):
         self.root = os.path.join(root, "snapshots", name)
         self.data = os.path.join(self.root, "snapshots")
         os.makedirs(self.data, mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(
-            os.path.join(self.root, "metadata.db"), isolation_level=None, check_same_thread=False
-        )
+        path = os.path.join(self.root, "metadata.db")
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # private
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(

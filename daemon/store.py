@@ -4,6 +4,9 @@ Tasks are deliberately *not* here: a task's truth lives with its shim and in its
 (shim.json, exit files), which survive a daemon crash by construction. What is here must
 survive a reboot.
 
+The database file is created 0600 before SQLite opens it: SQLite gives its -wal and -shm
+files the database's mode, and these files hold container environments (secrets).
+
 WAL mode with synchronous=NORMAL: a committed transaction survives kill -9 of the daemon
 (the WAL is written before commit returns); only a power loss may drop the last commits,
 and never leaves the database inconsistent. The schema is versioned (`PRAGMA user_version`)
@@ -186,6 +189,7 @@ def check_labels(labels: Any) -> dict[str, str]:
 class Store:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # see below
         self._db = LockedDB(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -48,7 +48,7 @@ from berth.shim.exit import (
     read_exit_file,
     write_exit_file,
 )
-from berth.shim.fs import remove_tree
+from berth.shim.fs import atomic_write, remove_tree
 from berth.shim.identifiers import is_valid, validate
 from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig
@@ -936,5 +936,4 @@ def _kill(pid: int) -> None:
 def _write_json(path: str, doc: dict[str, Any]) -> None:
     import json
 
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    atomic_write(path, json.dumps(doc).encode())

@@ -316,7 +316,7 @@ class LogSink(Sink):
     def _open(self) -> None:
         try:
             self._fd = os.open(
-                self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+                self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
             )
             self._size = os.fstat(self._fd).st_size
         except OSError as exc:

@@ -198,6 +198,8 @@ class Task:
         # The exit status must be durable even if the disk fills up while the task runs:
         # its file's space is taken now (a full disk fails the create instead).
         reserve_exit_file(self._exit_dir(), "init")
+        # The runtime creates its log 0644; everything in a bundle is private.
+        os.close(os.open(self.runtime.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         io = ProcessIO(self._loop, io_config, self._path("log", ""))
         proc = Process(None, io)
         self.init = proc
@@ -585,8 +587,11 @@ class Task:
 
 
 def _read_pid(path: str) -> int:
+    """The pid the runtime wrote (it writes the file 0644: made private here, like every
+    file in a bundle)."""
     try:
         with open(path) as f:
+            os.fchmod(f.fileno(), 0o600)
             text = f.read(64).strip()
     except FileNotFoundError:
         raise FailedPrecondition("the runtime did not write its pid file") from None

@@ -195,9 +195,13 @@ class Daemon(Reaped):
     # -- lifecycle
 
     def start(self) -> None:
+        self.start_with()
+
+    def start_with(self, *flags: str) -> None:
+        """Start berthd with extra command-line flags."""
         log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
         self.logs.append(log_path)
-        command = [BERTHD, "--config", self.config_path]
+        command = [BERTHD, "--config", self.config_path, *flags]
         if self.private_mount_ns:
             command = [
                 "unshare",

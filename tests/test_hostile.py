@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import signal
+import sqlite3
 import subprocess
 import tarfile
 import tempfile
@@ -24,7 +25,7 @@ import pytest
 from berth.shim.client import Client
 from berth.shim.errors import InvalidArgument, Unavailable
 from berth.shim.fs import remove_tree
-from tests.helpers import BERTH, Daemon, is_gone, kill, wait_until
+from tests.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
 from tests.images import build_oci_archive
 
 pytestmark = pytest.mark.container
@@ -325,3 +326,96 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
             d.cleanup()
         subprocess.run(["umount", "-l", small], check=False)
         os.rmdir(small)
+
+
+# --- 4, 5, 10. an unlucky operator -------------------------------------------------------
+
+
+def test_a_second_daemon_on_the_same_root_is_refused_naming_the_first(daemon: Daemon) -> None:
+    started = daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600")
+    assert started.returncode == 0, started.stderr.decode()
+    other_state = tempfile.mkdtemp(prefix="bt-other-", dir="/tmp")
+    try:
+        second = subprocess.run(
+            [BERTHD, "--root", daemon.root, "--state", other_state],
+            capture_output=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        message = second.stderr.decode()
+        assert f"the root {daemon.root} is in use by another berthd (pid {daemon.pid}" in message
+        assert len(message.strip().splitlines()) == 1, message
+        assert daemon.call("containers.get", {"id": "kept"})["id"] == "kept"
+        assert daemon.call("tasks.get", {"container_id": "kept"})["status"] == "running"
+    finally:
+        remove_tree(other_state)
+
+
+def test_a_lost_database_next_to_data_is_an_error_not_a_fresh_start(
+    daemon: Daemon, busybox_rootfs: str, work: Path
+) -> None:
+    archive = str(work / "plain.tar")
+    build_oci_archive(busybox_rootfs, archive, name="docker.io/library/plain:3")
+    import_image(daemon, archive)
+    started = daemon.cli("run", "-d", "plain:3", "survivor", "sleep", "600")
+    assert started.returncode == 0, started.stderr.decode()
+    pid = daemon.call("tasks.get", {"container_id": "survivor"})["pid"]
+    daemon.kill9()
+    db = Path(daemon.root, "meta.db")
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # everything into meta.db itself
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    saved = db.read_bytes()
+    for damage in ("garbage", "truncated", "deleted"):
+        for p in db.parent.glob("meta.db-*"):
+            p.unlink()
+        if damage == "garbage":
+            db.write_bytes(b"this is not a database" * 100)
+        elif damage == "truncated":
+            db.write_bytes(saved[: len(saved) // 2])
+        else:
+            db.unlink()
+        result = subprocess.run(
+            [BERTHD, "--config", daemon.config_path], capture_output=True, timeout=30
+        )
+        message = result.stderr.decode()
+        assert result.returncode == 1, message
+        assert len(message.strip().splitlines()) == 1, message
+        assert str(db) in message and "--rebuild-metadata" in message, message
+        assert "Traceback" not in message
+        assert not is_gone(pid)  # nothing was touched: the container runs on
+    # the explicit rebuild: the running task is manageable again, nothing is collected
+    daemon.start_with("--rebuild-metadata")
+    assert "rebuild:" in daemon.log_text()
+    assert daemon.call("containers.get", {"id": "survivor"})["snapshot_key"] == "survivor"
+    leases = daemon.call("leases.list", {})["leases"]
+    assert [lease["id"].startswith("rebuilt-") for lease in leases] == [True]
+    assert daemon.call("gc", {})["removed"]["snapshots"] == 0
+    assert not is_gone(pid)
+    assert daemon.cli("tasks", "rm", "-f", "survivor").returncode == 0
+    assert daemon.cli("containers", "rm", "survivor").returncode == 0
+
+
+def test_root_state_and_databases_are_private_whatever_existed(tmp_path: Path) -> None:
+    base = tempfile.mkdtemp(prefix="bt-modes-", dir="/tmp")
+    for name in ("root", "state"):
+        os.mkdir(os.path.join(base, name), 0o755)
+        os.chmod(os.path.join(base, name), 0o755)
+    d = Daemon(base_dir=base)
+    try:
+        started = d.cli("run", "--busybox", "-d", "--env", "SECRET=s3cr3t", "c1", "sleep", "60")
+        assert started.returncode == 0, started.stderr.decode()
+        d.terminate()
+        os.chmod(Path(d.root, "meta.db"), 0o644)  # as an older berthd left it
+        d.start()
+        assert os.stat(d.root).st_mode & 0o777 == 0o700
+        assert os.stat(d.state).st_mode & 0o777 == 0o711
+        private = [Path(d.root, "uuid"), *Path(d.root).glob("**/*.db*")]
+        private += [p for p in Path(d.state, "tasks").glob("**/*") if p.is_file()]
+        assert len(private) > 5
+        for path in private:
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+        for path in Path(d.state).iterdir():
+            if path.is_dir():
+                assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+    finally:
+        d.cleanup()
