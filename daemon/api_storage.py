@@ -74,9 +74,13 @@ class StorageApi:
         """containerd collects after deletions, not only on demand; so does berth: a
         second after a delete, so a burst of deletes costs one collection. Whatever a
         lease, an image, a container or a running task references is never collected."""
+        # Also every half ingest expiry: stale ingests and expired leases go without a
+        # delete to trigger a collection.
+        period = max(self.storage.ingest_expiry / 2, GC_DELAY)
         while True:
-            await self._gc_requested.wait()
-            await trio.sleep(GC_DELAY)
+            with trio.move_on_after(period):
+                await self._gc_requested.wait()
+                await trio.sleep(GC_DELAY)
             self._gc_requested = trio.Event()
             try:
                 result = await in_thread(self.storage.gc, self.protected())
@@ -223,6 +227,8 @@ class StorageApi:
                     "offset": s.offset,
                     "total": s.total,
                     "expected": s.expected,
+                    "started_at": s.started_at,
+                    "updated_at": s.updated_at,
                 }
                 for s in self.storage.content.list_ingests()
                 if s.ref.startswith(prefix)

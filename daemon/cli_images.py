@@ -244,6 +244,8 @@ def add_content(commands: Any, wanted: str | None = None) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V")
     p.add_argument("ref")
     add("rm", aliases=["delete"]).add_argument("digests", nargs="+")
+    _fmt(add("ingests", help="in-progress (or abandoned) writes"))
+    add("abort", help="remove in-progress writes").add_argument("refs", nargs="+")
 
 
 def cmd_content(session: Session, args: argparse.Namespace) -> int:
@@ -298,6 +300,25 @@ def cmd_content(session: Session, args: argparse.Namespace) -> int:
         for digest in args.digests:
             session.call("content.delete", {"digest": digest})
             print(digest)
+        return 0
+    if sub == "ingests":
+        ingests = session.call("content.ingests", {})["ingests"]
+        if args.format == "json":
+            _json(ingests)
+        else:
+            _print_table(
+                [
+                    [i["ref"], _size(i["offset"]), _size(i["total"]) if i["total"] else "-"]
+                    + [_ts(i.get("updated_at", 0))]
+                    for i in ingests
+                ],
+                ["REF", "WRITTEN", "TOTAL", "UPDATED"],
+            )
+        return 0
+    if sub == "abort":
+        for ref in args.refs:
+            session.call("content.write.abort", {"ref": ref})
+            print(ref)
         return 0
     raise CliError(f"unknown content command {sub}")
 

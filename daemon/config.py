@@ -13,6 +13,10 @@ binary = "crun"
 args = []                          # extra global arguments
 # root = "/run/berth/runtime/crun" # the runtime's --root (default: <state>/runtime/<name>/<ns>)
 
+[content]
+ingest_expiry = 3600               # seconds before an ingest no lease holds and nobody
+                                   # writes is stale: GC removes it
+
 [container_log]                    # defaults for the shim's log mode
 max_size = 16777216
 max_files = 4
@@ -66,6 +70,7 @@ class Config:
     default_snapshotter: str = "overlayfs"
     grpc_address: str = ""
     grpc_gid: int = 0
+    ingest_expiry: float = 3600.0
     rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
 
     def __post_init__(self) -> None:
@@ -159,6 +164,13 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     if isinstance(log, dict):
         config.log_max_size = int(log.get("max_size", config.log_max_size))
         config.log_max_files = int(log.get("max_files", config.log_max_files))
+    content = doc.get("content", {})
+    if not isinstance(content, dict):
+        raise InvalidArgument("[content] must be a table")
+    expiry = content.get("ingest_expiry", config.ingest_expiry)
+    if not isinstance(expiry, (int, float)) or isinstance(expiry, bool) or expiry <= 0:
+        raise InvalidArgument("[content] ingest_expiry must be a positive number of seconds")
+    config.ingest_expiry = float(expiry)
     grpc = doc.get("grpc", {})
     if not isinstance(grpc, dict):
         raise InvalidArgument("[grpc] must be a table")

@@ -63,9 +63,17 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
-            storage = Storage(config.root, config.state, store, config.default_snapshotter)
+            storage = Storage(
+                config.root,
+                config.state,
+                store,
+                config.default_snapshotter,
+                ingest_expiry=config.ingest_expiry,
+            )
             if rebuild:
                 startup.rebuild_metadata(config, store, storage)
+            if dropped := storage.drop_temporary_leases():
+                log.info("dropped %d temporary lease(s) of a previous daemon", dropped)
             tasks = TaskService(config, store, exchange, nursery, zygote, storage)
             api = Api(
                 config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 import threading
@@ -39,18 +40,22 @@ from berth.daemon.documents import load_json
 from berth.daemon.images import Descriptor
 from berth.daemon.reference import normalize
 from berth.daemon.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
-from berth.daemon.store import Store, validate_image_name
+from berth.daemon.store import TEMPORARY_LEASE_LABEL, Store, validate_image_name
 from berth.shim.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
-from berth.shim.mount import Mount, temporary_mount
+from berth.shim.mount import Mount, release_leftover_mounts, temporary_mount
+
+log = logging.getLogger("berth.storage")
 
 GC_REF_CONTENT = "containerd.io/gc.ref.content"
 GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 TEMP_LEASE_SECONDS = 3600
+DEFAULT_INGEST_EXPIRY = 3600.0  # seconds an ingest no live lease holds may sit unwritten
 MAX_ARCHIVE_DOCUMENT = images.MAX_DOCUMENT
 
 
@@ -64,9 +69,11 @@ class GCResult:
     blobs: int = 0
     snapshots: int = 0
     leases: int = 0
+    ingests: int = 0
     seconds: float = 0.0
     kept_blobs: int = 0
     kept_snapshots: int = 0
+    kept_ingests: int = 0
     errors: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
@@ -76,8 +83,13 @@ class GCResult:
                 "blobs": self.blobs,
                 "snapshots": self.snapshots,
                 "leases": self.leases,
+                "ingests": self.ingests,
             },
-            "kept": {"blobs": self.kept_blobs, "snapshots": self.kept_snapshots},
+            "kept": {
+                "blobs": self.kept_blobs,
+                "snapshots": self.kept_snapshots,
+                "ingests": self.kept_ingests,
+            },
             "seconds": self.seconds,
             "errors": self.errors,
         }
@@ -99,9 +111,15 @@ def decompressor(media_type: str, raw: IO[bytes]) -> IO[bytes]:
 
 class Storage:
     def __init__(
-        self, root: str, state: str, store: Store, default_snapshotter: str = "overlayfs"
+        self,
+        root: str,
+        state: str,
+        store: Store,
+        default_snapshotter: str = "overlayfs",
+        ingest_expiry: float = DEFAULT_INGEST_EXPIRY,
     ) -> None:
         self.store = store
+        self.ingest_expiry = ingest_expiry
         self.content = ContentStore(root)
         self.snapshotters: dict[str, Snapshotter] = {
             name: cls(root) for name, cls in SNAPSHOTTERS.items()
@@ -111,6 +129,10 @@ class Storage:
         self.default_snapshotter = default_snapshotter
         self.mounts_dir = os.path.join(state, "mounts")
         os.makedirs(self.mounts_dir, mode=0o700, exist_ok=True)
+        if released := release_leftover_mounts(self.mounts_dir):
+            log.warning(
+                "released %d mount(s) a previous daemon left in %s", released, self.mounts_dir
+            )
         self._gc_lock = threading.Lock()  # GC and everything that creates objects
         self._snap_lock = threading.RLock()
 
@@ -131,7 +153,7 @@ class Storage:
         self.store.create_lease(
             namespace,
             temp,
-            {"berth.io/temporary": "true"},
+            {TEMPORARY_LEASE_LABEL: "true"},
             expires_at=now_ns() + TEMP_LEASE_SECONDS * 10**9,
         )
         try:
@@ -889,8 +911,42 @@ class Storage:
                         progress = True
                 for info in doomed:
                     result.errors.append(f"snapshot {name}/{info.key} could not be removed")
+            self._sweep_ingests(now, result)
         result.seconds = time.monotonic() - started
         return result
+
+    def _sweep_ingests(self, now: int, result: GCResult) -> None:
+        """An ingest is kept while a live lease holds it or while it is being written to
+        (its lock is held) or was written to in the last `ingest_expiry` seconds; else it
+        is stale (its writer died, a daemon crashed mid-import) and removed."""
+        leased = {
+            f"{ns}/{key}"
+            for ns, kind, key in self.store.live_lease_resources(now)
+            if kind == "ingest"
+        }
+        cutoff = now - int(self.ingest_expiry * 1e9)
+        for status in self.content.list_ingests():
+            if status.ref in leased or status.updated_at > cutoff:
+                result.kept_ingests += 1
+                continue
+            try:
+                self.content.abort(status.ref)
+                result.ingests += 1
+            except Unavailable:  # a writer holds it right now
+                result.kept_ingests += 1
+            except NotFound:
+                pass
+
+    def drop_temporary_leases(self) -> int:
+        """Leases berthd took for one operation (an import, a pull) die with the process
+        that ran it: a starting daemon drops those of its predecessors, so what they held
+        (a partial ingest) becomes collectable instead of being held for an hour."""
+        dropped = 0
+        for namespace, lease_id in self.store.temporary_leases():
+            with contextlib.suppress(NotFound):
+                self.store.delete_lease(namespace, lease_id)
+                dropped += 1
+        return dropped
 
     def _mark_from_document(
         self,

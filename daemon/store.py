@@ -29,6 +29,7 @@ from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from berth.shim.identifiers import validate
 
 SCHEMA_VERSION = 2
+TEMPORARY_LEASE_LABEL = "berth.io/temporary"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
 MAX_LABEL_BYTES = 4096
@@ -585,6 +586,14 @@ class Store:
             (now,),
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def temporary_leases(self) -> list[tuple[str, str]]:
+        """(namespace, id) of the leases berthd itself took for one operation."""
+        rows = self._db.execute(
+            "SELECT namespace, id FROM leases WHERE json_extract(labels, ?) = 'true'",
+            (f'$."{TEMPORARY_LEASE_LABEL}"',),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def expired_leases(self, now: int) -> list[tuple[str, str]]:
         rows = self._db.execute(

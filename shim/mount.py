@@ -203,3 +203,48 @@ def temporary_mount(mounts: list[Mount], base: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(directory)
+
+
+def mount_points_under(directory: str) -> list[str]:
+    """Mount points strictly below `directory`, deepest first (from /proc/self/mountinfo,
+    whose paths escape space, tab, newline and backslash as octal)."""
+    prefix = os.path.join(os.path.abspath(directory), "")
+    points = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) > 4:
+                point = _unescape(fields[4])
+                if point.startswith(prefix):
+                    points.append(point)
+    return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
+
+
+def _unescape(raw: bytes) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def release_leftover_mounts(directory: str) -> int:
+    """Unmount everything mounted below `directory` and empty it: what a daemon killed in
+    the middle of an import or a diff left there (its temporary mounts live for ever
+    otherwise, and what they hide cannot be collected). Only for a directory no live
+    process uses: call it with the daemon's lock held. Returns how many were unmounted."""
+    from berth.shim.fs import remove_tree
+
+    points = mount_points_under(directory)
+    for point in points:
+        with contextlib.suppress(OSError):
+            umount(point, MNT_DETACH)
+    for name in os.listdir(directory):
+        with contextlib.suppress(OSError):
+            remove_tree(os.path.join(directory, name))
+    return len(points)

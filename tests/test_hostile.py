@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -25,6 +27,7 @@ import pytest
 from berth.shim.client import Client
 from berth.shim.errors import InvalidArgument, Unavailable
 from berth.shim.fs import remove_tree
+from berth.shim.mount import mount_points_under
 from tests.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
 from tests.images import build_oci_archive
 
@@ -419,3 +422,85 @@ def test_root_state_and_databases_are_private_whatever_existed(tmp_path: Path) -
                 assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
     finally:
         d.cleanup()
+
+
+# --- 7, 8. what a crash in the middle of an import leaves ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_image(busybox_rootfs: str) -> Iterator[str]:
+    """busybox plus a 48 MiB layer of random bytes (gzip cannot shrink it): an import
+    that takes long enough to be killed in the middle, while writing and while unpacking."""
+    work = tempfile.mkdtemp(prefix="bt-big-", dir="/tmp")
+    try:
+        rng = random.Random(9)
+        payload = rng.randbytes(48 << 20)
+        layer = tar_of(member("big.bin", data=payload))
+        archive = os.path.join(work, "big.tar")
+        build_oci_archive(
+            busybox_rootfs, archive, name="docker.io/library/big:1", raw_layers=[layer]
+        )
+        yield archive
+    finally:
+        remove_tree(work)
+
+
+def _import_until(daemon: Daemon, archive: str, cut: Any) -> None:
+    """Start importing `archive`, kill -9 the daemon once `cut()` holds, restart it."""
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    cli = subprocess.Popen(
+        [BERTH, "images", "import", archive],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(cut, timeout=60, interval=0.002, what="the import to get far enough")
+        daemon.kill9()
+    finally:
+        cli.kill()
+        cli.wait()
+    daemon.start()
+
+
+def test_a_crash_during_an_unpack_leaves_no_mount_behind(daemon: Daemon, big_image: str) -> None:
+    mounts = Path(daemon.state, "mounts")
+    _import_until(daemon, big_image, lambda: mount_points_under(str(mounts)))
+    assert mount_points_under(str(mounts)) == []
+    assert os.listdir(mounts) == []
+    assert "released 1 mount(s)" in daemon.log_text()
+    # and the store is whole: the import runs again to the end
+    again = daemon.cli("images", "import", big_image, timeout=120)
+    assert again.returncode == 0, again.stderr.decode()
+    assert daemon.call("gc", {})["errors"] == []
+
+
+def test_a_partial_ingest_of_a_dead_import_expires_and_gc_reclaims_it(
+    busybox_rootfs: str, big_image: str
+) -> None:
+    daemon = Daemon(extra_config="[content]\ningest_expiry = 2\n")
+    try:
+        ingests = Path(daemon.root, "content", "ingest")
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in ingests.glob("*/data"))
+
+        _import_until(daemon, big_image, lambda: written() >= 8 << 20)
+        listed = daemon.cli("content", "ingests", "--format", "json")
+        assert listed.returncode == 0, listed.stderr.decode()
+        (ingest,) = json.loads(listed.stdout)
+        assert ingest["offset"] >= 8 << 20
+        # its temporary lease died with the daemon: nothing holds it once it is stale
+        assert daemon.call("leases.list", {})["leases"] == []
+        time.sleep(2.5)
+        wait_until(lambda: not list(ingests.iterdir()), timeout=10, what="GC to reclaim it")
+        assert json.loads(daemon.cli("content", "ingests", "--format", "json").stdout) == []
+        # abort by hand, for an ingest nobody holds
+        with daemon.client() as client:
+            client.call("content.write.open", {"ref": "by-hand"})
+            client.call("content.write.chunk", {"ref": "by-hand", "data": b"x" * 1000, "offset": 0})
+        aborted = daemon.cli("content", "abort", "by-hand")
+        assert aborted.returncode == 0, aborted.stderr.decode()
+        assert not list(ingests.iterdir())
+    finally:
+        daemon.cleanup()
