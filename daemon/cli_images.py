@@ -308,8 +308,12 @@ def cmd_content(session: Session, args: argparse.Namespace) -> int:
         else:
             _print_table(
                 [
-                    [i["ref"], _size(i["offset"]), _size(i["total"]) if i["total"] else "-"]
-                    + [_ts(i.get("updated_at", 0))]
+                    [
+                        i["ref"],
+                        _size(i["offset"]),
+                        _size(i["total"]) if i["total"] else "-",
+                        _ts(i.get("updated_at", 0)),
+                    ]
                     for i in ingests
                 ],
                 ["REF", "WRITTEN", "TOTAL", "UPDATED"],
