@@ -282,12 +282,14 @@ class Api:
         if self.tasks.has_task(ctx.namespace, container_id):
             raise FailedPrecondition(f"container {container_id} has a task; delete it first")
         container = self.store.get_container(ctx.namespace, container_id)
-        self.store.delete_container(ctx.namespace, container_id)
+        self.storage.freeing(lambda: self.store.delete_container(ctx.namespace, container_id))
         if container.snapshot_key:
             # Its writable snapshot goes with it (a client may have removed it already).
             try:
-                self.storage.snapshot_remove(
-                    ctx.namespace, container.snapshotter or None, container.snapshot_key
+                self.storage.freeing(
+                    lambda: self.storage.snapshot_remove(
+                        ctx.namespace, container.snapshotter or None, container.snapshot_key
+                    )
                 )
             except (NotFound, FailedPrecondition):
                 pass

@@ -25,7 +25,7 @@ from berth.daemon.content import Writer, validate_digest, validate_ref
 from berth.daemon.images import Descriptor
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
-from berth.daemon.storage import Storage
+from berth.daemon.storage import GCResult, Storage
 from berth.daemon.store import check_labels
 from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from berth.shim.identifiers import validate
@@ -83,7 +83,7 @@ class StorageApi:
                 await trio.sleep(GC_DELAY)
             self._gc_requested = trio.Event()
             try:
-                result = await in_thread(self.storage.gc, self.protected())
+                result = await self._gc()
                 log.debug("background GC: %s", result.to_wire())
             except Exception:
                 log.exception("background GC failed")
@@ -129,7 +129,8 @@ class StorageApi:
         )
 
     async def content_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        self.storage.content_delete(ctx.namespace, validate_digest(p.get("digest")))
+        digest = validate_digest(p.get("digest"))
+        self.storage.freeing(lambda: self.storage.content_delete(ctx.namespace, digest))
         return {}
 
     def _writers(self, ctx: CallContext) -> dict[str, Writer]:
@@ -283,13 +284,13 @@ class StorageApi:
         """`sync`: collect now, before answering; otherwise the background collector runs
         shortly (containerd's scheduler behaves alike)."""
         if p.get("sync"):
-            await in_thread(self.storage.gc, self.protected())
+            await self._gc()
         else:
             self.request_gc()
 
     async def images_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         name = _str(p, "name")
-        self.storage.store.delete_image(ctx.namespace, name)
+        self.storage.freeing(lambda: self.storage.store.delete_image(ctx.namespace, name))
         self.publish(ctx.namespace, "/images/delete", {"name": name})
         await self._collect_after_delete(p)
         return {}
@@ -465,7 +466,11 @@ class StorageApi:
         return {}
 
     async def snapshots_remove(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        await in_thread(self.storage.snapshot_remove, ctx.namespace, self._snap(p), _str(p, "key"))
+        snapshotter, key = self._snap(p), _str(p, "key")
+        await in_thread(
+            self.storage.freeing,
+            lambda: self.storage.snapshot_remove(ctx.namespace, snapshotter, key),
+        )
         return {}
 
     async def snapshots_stat(self, ctx: CallContext, p: dict[str, Any]) -> Any:
@@ -529,7 +534,8 @@ class StorageApi:
         return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p)
 
     async def leases_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        self.storage.store.delete_lease(ctx.namespace, _str(p, "id"))
+        lease_id = _str(p, "id")
+        self.storage.freeing(lambda: self.storage.store.delete_lease(ctx.namespace, lease_id))
         await self._collect_after_delete(p)
         return {}
 
@@ -550,8 +556,15 @@ class StorageApi:
         return {"resources": [{"kind": k, "key": v} for k, v in resources]}
 
     async def gc(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        result = await in_thread(self.storage.gc, self.protected())
-        return result.to_wire()
+        return (await self._gc()).to_wire()
+
+    async def _gc(self) -> GCResult:
+        """A collection (which may need the reserve on a full disk); the reserve is taken
+        again afterwards if it was released and the collection freed enough."""
+        protected = self.protected()
+        result: GCResult = await in_thread(self.storage.freeing, lambda: self.storage.gc(protected))
+        await in_thread(self.storage.reserve.restore)
+        return result
 
     def protected(self) -> set[tuple[str, str]]:
         """Hook: snapshots the task service needs kept (set by the daemon)."""

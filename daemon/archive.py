@@ -46,6 +46,7 @@ OPAQUE = ".wh..wh..opq"
 RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 XATTR_PREFIXES = ("user.", "security.capability")
 CHUNK = 1 << 20
+SPARSE_BLOCK = 64 << 10  # all-zero blocks of this size become holes
 
 
 class UnsafeLayer(InvalidArgument):
@@ -286,10 +287,7 @@ class _Applier:
             )
             try:
                 if data is not None:
-                    while chunk := data.read(CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
+                    _write_file(fd, data, m)
                 self.fd_metadata(fd, m)
             finally:
                 os.close(fd)
@@ -370,6 +368,47 @@ class _Applier:
                     os.utime(fd, ns=(mtime, mtime))
                 finally:
                     os.close(fd)
+
+
+_ZEROS = bytes(SPARSE_BLOCK)
+
+
+def _write_file(fd: int, data: IO[bytes], m: tarfile.TarInfo) -> None:
+    """The content of regular file `m`, with its holes kept as holes: a sparse member's
+    data regions only (a 1 MB layer can hold a 10 GiB sparse file: written out in full,
+    it filled the disk), and any all-zero block of a plain member skipped too."""
+    sparse: list[tuple[int, int]] = m.sparse or []  # type: ignore[assignment]
+    regions = [(offset, size) for offset, size in (sparse or [(0, m.size)]) if size]
+    source: Any = data
+    if m.sparse:
+        # tarfile's member reader (a BufferedReader over its _FileInFile) can only be
+        # positioned through the raw reader: in a stream ("r|") the buffered one asks the
+        # stream whether it is seekable, which it cannot answer. The raw one jumps over a
+        # hole without producing its zeros, and only ever forward (as the map is sorted).
+        source = data.raw  # type: ignore[attr-defined]
+    for offset, size in regions:
+        if offset < 0 or offset + size > m.size:
+            raise UnsafeLayer(f"sparse map of {m.name!r} points outside the file")
+        if m.sparse:
+            source.seek(offset)
+        position, end = offset, offset + size
+        while position < end:
+            chunk = source.read(min(CHUNK, end - position))
+            if not chunk:
+                raise InvalidArgument(f"layer entry {m.name!r} is shorter than its header says")
+            view = memoryview(chunk)
+            for start in range(0, len(view), SPARSE_BLOCK):
+                block = view[start : start + SPARSE_BLOCK]
+                if block != _ZEROS[: len(block)]:
+                    _pwrite_all(fd, block, position + start)
+            position += len(chunk)
+    os.ftruncate(fd, m.size)  # trailing holes (and a file of zeros only)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def apply_layer(

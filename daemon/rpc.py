@@ -5,10 +5,8 @@ server side of the daemon's API socket. The protocol logic itself is the sans-IO
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from typing import Any
 
 import trio
 
+from berth.daemon.store import out_of_space
 from berth.shim.errors import (
     BerthError,
     Canceled,
@@ -270,13 +269,6 @@ class CallContext:
 STREAM_DONE = object()  # a handler returns this after streaming its items
 
 
-def _out_of_space(exc: BaseException) -> bool:
-    """A full disk (or quota): a condition to report clearly, not an internal error."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-
-
 async def guarded(what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     """Run one background job of the daemon so that its failure is logged and contained:
     a broken connection or a confused shim must never take berthd down."""
@@ -426,7 +418,7 @@ class ServerConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise
         except Exception as exc:
-            if _out_of_space(exc):
+            if out_of_space(exc):
                 log.error("%s: out of space: %s", req.method, exc)
                 return ErrorReply.from_exception(
                     req.id, Unavailable(f"{req.method}: no space left on device ({exc})")

@@ -30,9 +30,9 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from berth.daemon import archive, images
 from berth.daemon.content import ContentStore, Writer, validate_digest
@@ -40,7 +40,7 @@ from berth.daemon.documents import load_json
 from berth.daemon.images import Descriptor
 from berth.daemon.reference import normalize
 from berth.daemon.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
-from berth.daemon.store import TEMPORARY_LEASE_LABEL, Store, validate_image_name
+from berth.daemon.store import TEMPORARY_LEASE_LABEL, Store, out_of_space, validate_image_name
 from berth.shim.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -51,10 +51,12 @@ from berth.shim.errors import (
 from berth.shim.mount import Mount, release_leftover_mounts, temporary_mount
 
 log = logging.getLogger("berth.storage")
+T = TypeVar("T")
 
 GC_REF_CONTENT = "containerd.io/gc.ref.content"
 GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 TEMP_LEASE_SECONDS = 3600
+RESERVE_BYTES = 8 << 20  # kept free for deletes on a full disk (SpaceReserve)
 DEFAULT_INGEST_EXPIRY = 3600.0  # seconds an ingest no live lease holds may sit unwritten
 MAX_ARCHIVE_DOCUMENT = images.MAX_DOCUMENT
 
@@ -95,6 +97,54 @@ class GCResult:
         }
 
 
+class SpaceReserve:
+    """A preallocated ballast file in the root, released when an operation that frees
+    space fails for want of space, and taken again once space is back.
+
+    Deleting needs a little space first: SQLite appends a delete to its WAL before the
+    pages are freed. On a full disk (a hostile layer filled it, say) `leases rm`,
+    `snapshots rm` and `gc` all failed with ENOSPC, so nothing could be recovered in-band;
+    the reserve is what lets them run."""
+
+    def __init__(self, path: str, size: int = RESERVE_BYTES) -> None:
+        self.path = path
+        self.size = size
+
+    def present(self) -> bool:
+        return os.path.exists(self.path)
+
+    def release(self) -> bool:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        log.warning("the disk is full: released the %d-byte reserve %s", self.size, self.path)
+        return True
+
+    def restore(self) -> bool:
+        """Take the reserve again if it is gone and twice its size is free."""
+        if self.present():
+            return True
+        st = os.statvfs(os.path.dirname(self.path))
+        if st.f_bavail * st.f_frsize < 2 * self.size:
+            return False
+        tmp = f"{self.path}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not out_of_space(exc):
+                raise
+            return False
+        return True
+
+
 def decompressor(media_type: str, raw: IO[bytes]) -> IO[bytes]:
     """The uncompressed stream of a layer blob of `media_type`."""
     kind = images.LAYER_TYPES.get(media_type)
@@ -133,12 +183,24 @@ class Storage:
             log.warning(
                 "released %d mount(s) a previous daemon left in %s", released, self.mounts_dir
             )
+        self.reserve = SpaceReserve(os.path.join(root, "reserve"))
+        self.reserve.restore()
         self._gc_lock = threading.Lock()  # GC and everything that creates objects
         self._snap_lock = threading.RLock()
 
     def close(self) -> None:
         for s in self.snapshotters.values():
             s.close()
+
+    def freeing(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, an operation that frees space (a delete, a GC); if it fails for want
+        of space, release the reserve and run it once more (see SpaceReserve)."""
+        try:
+            return fn()
+        except Exception as exc:
+            if not out_of_space(exc) or not self.reserve.release():
+                raise
+        return fn()
 
     # -- leases ---------------------------------------------------------------------------
 

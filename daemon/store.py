@@ -16,6 +16,7 @@ and migrated forward on open, so a newer daemon reads an older database.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -172,6 +173,13 @@ class Container:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """A full disk (or quota), as the OS or SQLite reports it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def check_labels(labels: Any) -> dict[str, str]:

@@ -7,6 +7,7 @@ on the code before the fix. Real daemons, real runc, real overlay mounts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -504,3 +505,78 @@ def test_a_partial_ingest_of_a_dead_import_expires_and_gc_reclaims_it(
         assert not list(ingests.iterdir())
     finally:
         daemon.cleanup()
+
+
+# --- 9. sparse files, and deletes on a full disk -----------------------------------------
+
+
+def test_a_sparse_layer_stays_sparse_and_deletes_work_on_a_full_disk(
+    busybox_rootfs: str, work: Path
+) -> None:
+    """A 10 GiB sparse file in a 1 MB layer was written out in full and filled the disk;
+    and then leases rm, snapshots rm and gc failed with ENOSPC too."""
+    source = work / "sparse"
+    source.mkdir()
+    with open(source / "big", "wb") as f:
+        f.truncate(10 << 30)
+        f.seek(5000 << 20)
+        f.write(random.Random(1).randbytes(1 << 20))
+    layer = subprocess.run(
+        ["tar", "--sparse", "--format=posix", "-cf", "-", "-C", str(source), "big"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    assert len(layer) < 2 << 20
+    archive = str(work / "sparse.tar")
+    build_oci_archive(
+        busybox_rootfs, archive, name="docker.io/library/sparse:1", raw_layers=[layer]
+    )
+    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small], check=True)
+    d: Daemon | None = None
+    try:
+        d = Daemon(base_dir=small)
+        import_image(d, archive)
+        (big,) = Path(d.root, "snapshots", "overlayfs", "snapshots").glob("*/fs/big")
+        assert big.stat().st_size == 10 << 30
+        assert big.stat().st_blocks * 512 <= 2 << 20
+        probe = d.cli(
+            "run",
+            "--rm",
+            "sparse:1",
+            "probe",
+            "sh",
+            "-c",
+            "stat -c %s /big; dd if=/big bs=1048576 skip=5000 count=1 2>/dev/null | md5sum",
+        )
+        expected = hashlib.md5(random.Random(1).randbytes(1 << 20)).hexdigest()
+        assert probe.stdout.decode().split() == [str(10 << 30), expected, "-"], probe.stderr
+        # now fill the disk, then free it in-band
+        with d.client() as client:
+            chain = client.call("images.spec", {"image": "docker.io/library/sparse:1", "id": "x"})
+            lease = client.call("leases.create", {"id": "held"})["id"]
+            client.call(
+                "snapshots.prepare", {"key": "k1", "parent": chain["chain_id"]}, lease=lease
+            )
+        filler = Path(small, "filler")
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"\1" * (1 << 16))
+        for argv in (
+            ["images", "rm", "sparse:1"],
+            ["leases", "rm", "held"],
+            ["snapshots", "rm", "k1"],
+            ["gc"],
+        ):
+            result = d.cli(*argv)
+            assert result.returncode == 0, (argv, result.stderr.decode())
+        assert not list(Path(d.root, "snapshots", "overlayfs", "snapshots").iterdir())
+        assert not Path(d.root, "reserve").exists()  # it was spent
+        filler.unlink()
+        assert d.cli("gc").returncode == 0
+        assert Path(d.root, "reserve").stat().st_size == 8 << 20  # and taken again
+    finally:
+        if d is not None:
+            d.cleanup()
+        subprocess.run(["umount", "-l", small], check=False)
+        os.rmdir(small)
