@@ -28,26 +28,6 @@ from berth.shim.errors import BerthError, Unavailable
 DEFAULT_ADDRESS = "/run/berth/berthd.sock"
 RECONNECT_INTERVAL = 0.1
 DEFAULT_TIMEOUT = 30.0
-# Calls whose length depends on a container or on the data they move: no deadline, but a
-# daemon that stops answering is still detected (Client's liveness check).
-LONG_CALLS = frozenset(
-    {
-        "tasks.wait",
-        "tasks.create",
-        "tasks.delete",
-        "images.import",
-        "images.export",
-        "images.unpack",
-        "snapshots.prepare",
-        "snapshots.view",
-        "snapshots.commit",
-        "snapshots.remove",
-        "snapshots.usage",
-        "diff.apply",
-        "diff.diff",
-        "gc",
-    }
-)
 
 
 class CliError(Exception):
@@ -81,8 +61,7 @@ class Session:
             raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
 
     def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
-        timeout = None if method in LONG_CALLS else self.timeout
-        return self.client().call(method, params or {}, timeout=timeout, **meta)
+        return self.client().call(method, params or {}, **meta)
 
     def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
         """Call, reconnecting while the daemon is down (it is restarted, say): the

@@ -45,6 +45,29 @@ answering (a stopped or wedged daemon): a client never hangs for ever."""
 KEEPALIVE_IDLE = 10.0
 """Seconds of silence on a long call (wait, a stream) before the peer is pinged; it then
 has `timeout` seconds to answer the ping, or the connection counts as dead."""
+# Calls whose length depends on a container or on the data they move (berthd's and a
+# shim's): no deadline by default, but a peer that stops answering is still detected.
+LONG_CALLS = frozenset(
+    {
+        "tasks.wait",
+        "tasks.create",
+        "tasks.delete",
+        "images.import",
+        "images.export",
+        "images.unpack",
+        "snapshots.prepare",
+        "snapshots.view",
+        "snapshots.commit",
+        "snapshots.remove",
+        "snapshots.usage",
+        "diff.apply",
+        "diff.diff",
+        "gc",
+        "wait",  # a shim's
+        "create",
+        "delete",
+    }
+)
 _PING = "ping"  # any answer proves liveness: an unknown method gets an ERROR reply too
 
 
@@ -167,10 +190,13 @@ class Client:
         timeout: float | _Default | None = _DEFAULT,
         **meta: Any,
     ) -> Any:
-        """One request and its reply. `timeout`: seconds (default: the client's), or None
-        for a call whose length depends on a container or on data (wait, import): no
-        deadline, but a peer that stops answering is detected."""
-        seconds = self.timeout if isinstance(timeout, _Default) else timeout
+        """One request and its reply. `timeout`: seconds, or None for no deadline (a peer
+        that stops answering is still detected); by default the client's, and None for
+        the LONG_CALLS (their length depends on a container or on data)."""
+        if isinstance(timeout, _Default):
+            seconds = None if method in LONG_CALLS else self.timeout
+        else:
+            seconds = timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         rid = self._conn.next_request_id()
         self._send(Request(rid, method, params or {}, self._meta(meta)))

@@ -315,10 +315,10 @@ class LogSink(Sink):
 
     def _open(self) -> None:
         try:
-            self._fd = os.open(
-                self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-            )
-            self._size = os.fstat(self._fd).st_size
+            # Not O_APPEND: splice(2) into an O_APPEND file fails with EINVAL, and the shim
+            # is the file's only writer; it starts at the end of what is there.
+            self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as exc:
             self._fd = -1
             self._fail(exc)
@@ -347,6 +347,14 @@ class LogSink(Sink):
         if self._size >= self._config.max_size:
             self._rotate()
 
+    def _room(self) -> int:
+        """Bytes the current file may still take: a write never crosses `max_size` (it is
+        cut there, and the rest goes to the next file); was up to one 256 KiB splice
+        over, 1 MiB files reaching 1.25 MB."""
+        if self._size >= self._config.max_size:  # a file that was full when (re)opened
+            self._rotate()
+        return max(self._config.max_size - self._size, 1)  # a failed rotation: go on
+
     def _fail(self, exc: OSError) -> None:
         if not self._error_logged:
             log(f"log {self.name}: {exc.strerror or exc}; output is being dropped")
@@ -363,8 +371,9 @@ class LogSink(Sink):
             if not self._ready():
                 self.dropped += len(view)
                 return
+            room = self._room()  # first: it may rotate, which replaces self._fd
             try:
-                n = os.write(self._fd, view)
+                n = os.write(self._fd, view[:room])
             except OSError as exc:  # ENOSPC and friends: never block the container
                 self.dropped += len(view)
                 self._fail(exc)
@@ -374,10 +383,11 @@ class LogSink(Sink):
             self._account(n)
 
     def splice_from(self, fd: int) -> int | None:
+        room = self._room() if self._ready() else 0  # first: it may rotate (a new fd)
         if not self._ready():
             return None
         try:
-            n = os.splice(fd, self._fd, CHUNK, flags=SPLICE_FLAGS)
+            n = os.splice(fd, self._fd, min(CHUNK, room), flags=SPLICE_FLAGS)
         except BlockingIOError:
             return None
         except OSError as exc:

@@ -302,9 +302,25 @@ def test_log_sink_survives_its_file_vanishing_during_rotation(tmp_path: object) 
     sink.write(b"b" * 2000)  # crosses max_size: must not raise, must not keep a dead fd
     sink.write(b"c" * 10)
     sink.close()
-    with open(path, "rb") as f:
-        assert f.read() == b"c" * 10
+    with open(path, "rb") as f:  # 1096 b's filled the vanished file to 4096; the rest here
+        assert f.read() == b"b" * 904 + b"c" * 10
     assert sink.written == 5010
+
+
+def test_log_sink_rotates_before_a_write_would_cross_its_limit(tmp_path: object) -> None:
+    """Files never exceed max_size (they reached 1.25x: a write or splice landed whole
+    and rotation came after it)."""
+    from berth.shim.io import LogConfig, LogSink
+
+    path = os.path.join(str(tmp_path), "out.log")
+    sink = LogSink(path, LogConfig(max_size=4096, max_files=3))
+    for size in (1000, 5000, 3000, 4096, 1, 6000):
+        sink.write(b"x" * size)
+    sink.close()
+    sizes = [os.path.getsize(p) for p in (path, f"{path}.1", f"{path}.2")]
+    assert all(size <= 4096 for size in sizes), sizes
+    assert sink.written == 19097
+    assert sizes == [19097 % 4096, 4096, 4096]
 
 
 def test_a_malformed_request_with_an_id_can_be_answered() -> None:
