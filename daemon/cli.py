@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
+import select
 import signal
 import stat
 import sys
@@ -114,14 +116,20 @@ def _ts(ns: int) -> str:
 
 
 def _splice_safe(dst: int) -> bool:
-    """Whether splice(FIFO -> dst) cannot sleep while holding the FIFO's pipe mutex.
+    """Whether splice(FIFO -> dst) is safe: only into a pipe or /dev/null.
 
-    Kernel fact that bites here: splice into a file (tty, socket) takes the source pipe's
-    mutex and keeps it while the write blocks; the shim then sleeps uninterruptibly (D
-    state) on that mutex in its own read, write or close of the FIFO. Pipe-to-pipe splice
-    waits without the lock, and regular files and /dev/null do not block."""
+    Kernel facts that bite here:
+    - splice into a file that can block (a tty, a socket) takes the source pipe's mutex
+      and keeps it while the write blocks; the shim then sleeps uninterruptibly (D state)
+      on that mutex in its own read, write or close of the FIFO.
+    - splice into a regular file reads the file offset when it starts and writes it back
+      when it returns, without the lock write(2) takes. With `> log 2>&1` the stdout and
+      stderr copies share one offset: the stderr copy, asleep in splice since the attach,
+      wrote back the old offset at EOF, and the shell's next line overwrote the
+      container's output (found by a run of scripts/demo with its output in a file).
+    Pipe-to-pipe splice waits without the lock and has no offset; /dev/null keeps none."""
     st = os.fstat(dst)
-    if stat.S_ISFIFO(st.st_mode) or stat.S_ISREG(st.st_mode):
+    if stat.S_ISFIFO(st.st_mode):
         return True
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
@@ -145,20 +153,32 @@ def _copy(src: int, dst: int) -> None:
 
 
 def _copy_plain(src: int, dst: int) -> None:
-    """read/write only: used for stdin, whose source (a terminal) may block for ever."""
+    """read/write only: used for stdin, whose source (a terminal) may block for ever, and
+    for regular files. A destination that is full (EAGAIN: someone else made our stdout
+    non-blocking) is waited for; one that fails is reported, and the rest read and
+    dropped so the container never blocks on us."""
+    failed = False
     while True:
         try:
-            data = os.read(src, 1 << 16)
+            data = os.read(src, 1 << 20)
         except OSError:
             return
         if not data:
             return
-        try:
-            view = memoryview(data)
-            while view:
+        if failed:
+            continue
+        view = memoryview(data)
+        while view:
+            try:
                 view = view[os.write(dst, view) :]
-        except OSError:
-            return
+            except BlockingIOError:
+                select.select([], [dst], [])
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:  # a reader that left is not an error
+                    with contextlib.suppress(OSError):
+                        os.write(2, f"berth: output lost: {exc.strerror}\n".encode())
+                failed = True
+                break
 
 
 def _private_dir() -> str:
@@ -957,7 +977,22 @@ def _parser(verb: str | None, sub: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _ensure_std_fds() -> None:
+    """A CLI started with fd 0, 1 or 2 closed (`berth ... <&-`) would give that number to
+    its daemon socket, and a copy thread or a print would then read or write the socket:
+    each of them gets /dev/null instead."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ensure_std_fds()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     session = Session(args.address, args.namespace, args.timeout)

@@ -38,6 +38,7 @@ F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size default; fewer wakeups per MiB
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
+ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
 
 
 DEFAULT_LOG_MAX_SIZE = 16 * 1024 * 1024
@@ -490,9 +491,22 @@ class OutputPump:
             fut.add_done_callback(one_closed)
 
     def abandon(self) -> None:
-        """Stop at once (shim shutdown): close the source and the sinks, unflushed."""
-        if not self._eof:
-            self._finish()
+        """Stop now (the drain timed out, or the shim shuts down): what the source already
+        holds is still passed on (bounded, the sinks count what they must drop), then the
+        source and the sinks are closed. A process that left a writer of its stdout alive
+        (a daemonized grandchild) must not cost the output it wrote before it exited."""
+        if self._eof:
+            return
+        for _ in range(ABANDON_READS):
+            try:
+                data = os.read(self._source, CHUNK)
+            except OSError:  # EAGAIN (nothing left), EIO (pty closed)
+                break
+            if not data:
+                break
+            for sink in self._sinks:
+                sink.write(data)
+        self._finish()
 
 
 class InputPump:

@@ -580,3 +580,54 @@ def test_a_sparse_layer_stays_sparse_and_deletes_work_on_a_full_disk(
             d.cleanup()
         subprocess.run(["umount", "-l", small], check=False)
         os.rmdir(small)
+
+
+# --- 13. a run whose output goes to a file ---------------------------------------------
+
+
+def test_run_into_a_file_shared_by_stdout_and_stderr_keeps_every_line(
+    daemon: Daemon, work: Path
+) -> None:
+    """`scripts/demo > log 2>&1` printed nothing for its first container: the CLI's stderr
+    copy rewound the shared offset (see test_units), and the next line overwrote it. The
+    container closes its stdout early so that the stderr copy is the one to finish last."""
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    log = work / "log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        result = subprocess.run(
+            [
+                BERTH,
+                "run",
+                "--busybox",
+                "--rm",
+                "shared",
+                "sh",
+                "-c",
+                "echo out; exec 1>&-; sleep 0.5; echo err >&2",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            timeout=60,
+        )
+        os.write(fd, b"next\n")  # what the shell's next command writes
+    finally:
+        os.close(fd)
+    assert result.returncode == 0
+    assert log.read_bytes() == b"out\nerr\nnext\n"
+
+
+def test_a_cli_started_with_its_stdio_closed_works(daemon: Daemon) -> None:
+    """With fd 0 closed the daemon socket became fd 0, and the stdin copy read the
+    daemon's replies (the CLI hung)."""
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    result = subprocess.run(
+        [BERTH, "run", "--busybox", "--rm", "closed", "echo", "hi"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert (result.returncode, result.stdout) == (0, b"hi\n"), result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -378,3 +379,46 @@ def test_paged_lists() -> None:
     for bad in ({"page": []}, {"page": {"after": 3}}):
         with pytest.raises(InvalidArgument):
             paged("c", items, "id", bad)
+
+
+def test_two_cli_copies_into_one_file_keep_its_offset(tmp_path: object) -> None:
+    """`berth run ... > log 2>&1`: the stdout and stderr copies share one file offset.
+    splice(2) into a regular file writes back the offset it started with, so the stderr
+    copy (asleep in splice since the attach) rewound what the stdout copy wrote, and the
+    next line of the shell overwrote the container's output."""
+    import threading
+
+    from berth.daemon import cli
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    fd1 = os.open(os.path.join(str(tmp_path), "log"), os.O_WRONLY | os.O_CREAT, 0o600)
+    fd2 = os.dup(fd1)
+    copies = [
+        threading.Thread(target=cli._copy, args=(out_r, fd1)),
+        threading.Thread(target=cli._copy, args=(err_r, fd2)),
+    ]
+    for thread in copies:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while _syscall(copies[1].native_id) not in ("0", "275"):  # read or splice (x86_64)
+            assert time.monotonic() < deadline, "the stderr copy never blocked"
+            time.sleep(0.005)
+        os.write(out_w, b"out\n")
+    finally:
+        os.close(out_w)
+        copies[0].join(5)
+        os.close(err_w)
+        copies[1].join(5)
+    assert os.lseek(fd1, 0, os.SEEK_CUR) == 4
+    for fd in (fd1, fd2, out_r, err_r):
+        os.close(fd)
+
+
+def _syscall(tid: int | None) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return ""
