@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from berth.shim.errors import BerthError, InvalidArgument, Unavailable
-from berth.shim.protocol import (
+from berth.shim.wire.errors import BerthError, InvalidArgument, Unavailable
+from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
     Connection,

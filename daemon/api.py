@@ -23,10 +23,10 @@ from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
 from berth.daemon.storage import Storage
 from berth.daemon.store import Container, Store, check_labels
 from berth.daemon.tasks import TaskService
-from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.fs import atomic_write
-from berth.shim.identifiers import validate
-from berth.shim.protocol import PROTOCOL_VERSION, Request
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.names import validate
+from berth.shim.wire.protocol import PROTOCOL_VERSION, Request
 
 VERSION = __version__
 DEFAULT_NAMESPACE = "default"

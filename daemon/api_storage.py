@@ -27,9 +27,9 @@ from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
 from berth.daemon.storage import GCResult, Storage
 from berth.daemon.store import check_labels
-from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from berth.shim.identifiers import validate
 from berth.shim.mount import Mount
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from berth.shim.wire.names import validate
 
 T = TypeVar("T")
 MAX_READ = 1 << 20

@@ -38,8 +38,8 @@ from berth.native import (
     RESOLVE_NO_SYMLINKS,
     openat2,
 )
-from berth.shim.errors import FailedPrecondition, InvalidArgument
 from berth.shim.fs import NotRegularFile, open_regular, remove_tree, walk_tree
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

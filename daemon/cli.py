@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 from berth.daemon.paging import all_pages
-from berth.shim.client import Client
-from berth.shim.errors import BerthError, Unavailable
+from berth.shim.wire.client import Client
+from berth.shim.wire.errors import BerthError, Unavailable
 
 DEFAULT_ADDRESS = "/run/berth/berthd.sock"
 RECONNECT_INTERVAL = 0.1

@@ -34,8 +34,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.shim.errors import InvalidArgument
-from berth.shim.identifiers import validate
+from berth.shim.wire.errors import InvalidArgument
+from berth.shim.wire.names import validate
 
 DEFAULT_ROOT = "/var/lib/berth"
 # containerd's names for its runc shim; engines send them, berth runs them with runc.

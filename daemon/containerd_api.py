@@ -24,7 +24,7 @@ import sysconfig
 from typing import Any
 
 from berth.daemon.documents import load_json_object
-from berth.shim.errors import InvalidArgument
+from berth.shim.wire.errors import InvalidArgument
 
 STUBS_ENV = "BERTH_CONTAINERD_API"
 STUBS_DIR = "berth_containerd_api"

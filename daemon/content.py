@@ -29,14 +29,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from berth.shim.errors import (
+from berth.shim.fs import atomic_write
+from berth.shim.wire.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from berth.shim.fs import atomic_write
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_REF = 512

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from berth.shim.errors import InvalidArgument
-from berth.shim.protocol import MAX_NESTING, nesting_exceeds
+from berth.shim.wire.errors import InvalidArgument
+from berth.shim.wire.protocol import MAX_NESTING, nesting_exceeds
 
 
 def load_json(data: bytes | str, what: str, *, max_size: int) -> Any:

@@ -28,7 +28,7 @@ from berth.daemon import containerd_api as capi
 from berth.daemon.aioclient import AsyncClient
 from berth.daemon.filters import parse_filters
 from berth.daemon.paging import all_pages_async
-from berth.shim.errors import (
+from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
     FailedPrecondition,

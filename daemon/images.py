@@ -23,8 +23,8 @@ from berth.daemon.content import validate_digest
 from berth.daemon.documents import load_json_object
 from berth.daemon.oci import default_spec
 from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
-from berth.shim.errors import FailedPrecondition, InvalidArgument
 from berth.shim.fs import NotRegularFile, open_regular
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
 
 MAX_DOCUMENT = 4 * 1024 * 1024
 MAX_ETC_FILE = 1024 * 1024

@@ -34,8 +34,8 @@ from berth.daemon.shims import Zygote
 from berth.daemon.storage import Storage
 from berth.daemon.store import Store
 from berth.daemon.tasks import TaskService
-from berth.shim.errors import BerthError
-from berth.shim.unixsock import bind_unix, peer_credentials
+from berth.shim.wire.errors import BerthError
+from berth.shim.wire.unixsock import bind_unix, peer_credentials
 
 log = logging.getLogger("berthd")
 

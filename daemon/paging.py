@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from berth.shim.errors import InvalidArgument
+from berth.shim.wire.errors import InvalidArgument
 
 PAGE_BYTES = 3 * 1024 * 1024  # below the 4 MiB frame, with room for the reply around it
 

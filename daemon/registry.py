@@ -29,7 +29,7 @@ from berth.daemon.content import validate_digest
 from berth.daemon.images import Descriptor
 from berth.daemon.reference import Reference
 from berth.daemon.storage import GC_REF_CONTENT, Storage
-from berth.shim.errors import (
+from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
     FailedPrecondition,

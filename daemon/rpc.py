@@ -1,6 +1,6 @@
 """berth's protocol on trio: an async client (daemon -> shim, daemon -> zygote) and the
 server side of the daemon's API socket. The protocol logic itself is the sans-IO
-`berth.shim.protocol.Connection`; this module only moves its bytes.
+`berth.shim.wire.protocol.Connection`; this module only moves its bytes.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 import trio
 
 from berth.daemon.store import out_of_space
-from berth.shim.errors import (
+from berth.shim.wire.errors import (
     BerthError,
     Canceled,
     Internal,
     Unavailable,
     Unimplemented,
 )
-from berth.shim.protocol import (
+from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
     Connection,
@@ -39,7 +39,7 @@ from berth.shim.protocol import (
     StreamItem,
     Welcome,
 )
-from berth.shim.unixsock import short_path
+from berth.shim.wire.unixsock import short_path
 
 log = logging.getLogger("berthd.rpc")
 RECV_SIZE = 256 * 1024

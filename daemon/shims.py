@@ -15,9 +15,9 @@ import sys
 import trio
 
 from berth.daemon.rpc import RpcClient, guarded
-from berth.shim.errors import BerthError, Unavailable
 from berth.shim.state import process_start_time
 from berth.shim.task import ShimConfig
+from berth.shim.wire.errors import BerthError, Unavailable
 
 log = logging.getLogger("berthd.shims")
 

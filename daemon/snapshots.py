@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.shim.errors import (
+from berth.shim.fs import remove_tree, tree_usage
+from berth.shim.mount import Mount
+from berth.shim.wire.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-from berth.shim.fs import remove_tree, tree_usage
-from berth.shim.mount import Mount
 
 log = logging.getLogger("berth.snapshots")
 

@@ -28,9 +28,9 @@ from berth.daemon.config import Config
 from berth.daemon.documents import load_json_object
 from berth.daemon.storage import Storage
 from berth.daemon.store import MAX_SPEC_BYTES, Container, Store
-from berth.shim.errors import BerthError
-from berth.shim.identifiers import is_valid
 from berth.shim.state import CorruptState, read_state
+from berth.shim.wire.errors import BerthError
+from berth.shim.wire.names import is_valid
 
 DEFAULT_NAMESPACE = "default"
 

@@ -41,14 +41,14 @@ from berth.daemon.images import Descriptor
 from berth.daemon.reference import normalize
 from berth.daemon.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
 from berth.daemon.store import TEMPORARY_LEASE_LABEL, Store, out_of_space, validate_image_name
-from berth.shim.errors import (
+from berth.shim.mount import Mount, release_leftover_mounts, temporary_mount
+from berth.shim.wire.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from berth.shim.mount import Mount, release_leftover_mounts, temporary_mount
 
 log = logging.getLogger("berth.storage")
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from berth.shim.identifiers import validate
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.names import validate
 
 SCHEMA_VERSION = 2
 TEMPORARY_LEASE_LABEL = "berth.io/temporary"

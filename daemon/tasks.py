@@ -32,15 +32,6 @@ from berth.daemon.rootfs import build_busybox_rootfs
 from berth.daemon.rpc import RpcClient, guarded
 from berth.daemon.storage import Storage
 from berth.daemon.store import Store
-from berth.shim import events as shim_topics
-from berth.shim.errors import (
-    AlreadyExists,
-    BerthError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
 from berth.shim.exit import (
     CorruptExitFile,
     ExitRecord,
@@ -49,33 +40,26 @@ from berth.shim.exit import (
     write_exit_file,
 )
 from berth.shim.fs import atomic_write, remove_tree
-from berth.shim.identifiers import is_valid, validate
 from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
 from berth.shim.task import ShimConfig
+from berth.shim.wire import status as shim_topics
+from berth.shim.wire.errors import (
+    AlreadyExists,
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from berth.shim.wire.names import is_valid, validate
+from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOPPED, UNKNOWN_EXIT
 
 log = logging.getLogger("berthd.tasks")
 
-UNKNOWN_EXIT = 255  # containerd's status when the real one cannot be known
 SHIM_CALL_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
-
-CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
-
-# shim topic -> daemon topic (containerd's names)
-TOPICS = {
-    shim_topics.TASK_CREATE: "/tasks/create",
-    shim_topics.TASK_START: "/tasks/start",
-    shim_topics.TASK_EXIT: "/tasks/exit",
-    shim_topics.EXEC_EXIT: "/tasks/exit",
-    shim_topics.TASK_OOM: "/tasks/oom",
-    shim_topics.TASK_PAUSED: "/tasks/paused",
-    shim_topics.TASK_RESUMED: "/tasks/resumed",
-    shim_topics.TASK_DELETE: "/tasks/delete",
-    shim_topics.EXEC_ADDED: "/tasks/exec-added",
-    shim_topics.EXEC_STARTED: "/tasks/exec-started",
-}
 
 
 @dataclass
@@ -470,7 +454,7 @@ class TaskService:
                 exit_status=payload.get("exit_status", 0),
                 exited_at=payload.get("exited_at", 0),
             )
-        daemon_topic = TOPICS.get(topic)
+        daemon_topic = DAEMON_TOPICS.get(topic)
         if daemon_topic is not None:
             self._exchange.publish(handle.namespace, daemon_topic, event, timestamp)
 

@@ -1,4 +1,4 @@
-"""The shim's API: msgpack-RPC (berth.shim.protocol) over its UNIX socket.
+"""The shim's API: msgpack-RPC (berth.shim.wire.protocol) over its UNIX socket.
 
 The socket is path-based, mode 0600, in a 0700 directory, and every connection's peer
 credentials are checked (uid 0, or the shim's own uid): nothing else on the host, and
@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from berth.shim import events as shim_events
-from berth.shim.errors import (
+from berth.shim.loop import Lock, Loop, log
+from berth.shim.task import Task
+from berth.shim.wire.errors import (
     BerthError,
     FailedPrecondition,
     Internal,
@@ -23,8 +25,7 @@ from berth.shim.errors import (
     Unavailable,
     Unimplemented,
 )
-from berth.shim.loop import Lock, Loop, log
-from berth.shim.protocol import (
+from berth.shim.wire.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Connection,
@@ -40,8 +41,7 @@ from berth.shim.protocol import (
     StreamEnd,
     StreamItem,
 )
-from berth.shim.task import Task
-from berth.shim.unixsock import peer_credentials
+from berth.shim.wire.unixsock import peer_credentials
 
 MAX_FRAME = 1024 * 1024
 MAX_OUTBUF = 32 * 1024 * 1024

@@ -14,8 +14,8 @@ import socket
 import struct
 import termios
 
-from berth.shim.errors import FailedPrecondition, InvalidArgument
-from berth.shim.unixsock import bind_unix
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
+from berth.shim.wire.unixsock import bind_unix
 
 
 class ConsoleSocket:

@@ -18,18 +18,6 @@ from typing import Any
 
 MAX_QUEUED = 100_000  # a backstop far above any real backlog; see `publish`
 
-# Topics a shim publishes (the daemon maps them to /tasks/...).
-TASK_CREATE = "task.create"
-TASK_START = "task.start"
-TASK_EXIT = "task.exit"
-TASK_OOM = "task.oom"
-TASK_PAUSED = "task.paused"
-TASK_RESUMED = "task.resumed"
-TASK_DELETE = "task.delete"
-EXEC_ADDED = "exec.added"
-EXEC_STARTED = "exec.started"
-EXEC_EXIT = "exec.exit"
-
 
 @dataclass(frozen=True, slots=True)
 class Event:

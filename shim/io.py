@@ -30,8 +30,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from berth.shim.errors import InvalidArgument
 from berth.shim.loop import Future, Loop, TimerHandle, log
+from berth.shim.wire.errors import InvalidArgument
 
 CHUNK = 256 * 1024
 F_SETPIPE_SZ = 1031

@@ -4,7 +4,7 @@ Standalone use needs no daemon:
 
     berth-shim --id c1 --bundle /path/to/bundle --socket /run/x/c1.sock [--detach]
 
-then drive it over its socket with berth.shim.protocol (create, start, wait, delete, ...).
+then drive it over its socket with berth.shim.wire.protocol (create, start, wait, delete, ...).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from berth.shim import state
 from berth.shim.api import ShimServer
 from berth.shim.events import EventQueue
 from berth.shim.loop import Loop, log
-from berth.shim.protocol import PROTOCOL_VERSION
 from berth.shim.reaper import Reaper
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.task import ShimConfig, Task
-from berth.shim.unixsock import bind_unix
+from berth.shim.wire.protocol import PROTOCOL_VERSION
+from berth.shim.wire.unixsock import bind_unix
 
 # Signals the shim handles through a signalfd instead of dying of them.
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

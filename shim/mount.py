@@ -31,7 +31,7 @@ from berth.native import (
     mount,
     umount,
 )
-from berth.shim.errors import InvalidArgument
+from berth.shim.wire.errors import InvalidArgument
 
 PAGE = 4096
 MAX_MOUNTS = 64

@@ -29,7 +29,10 @@ from berth.shim import state
 from berth.shim.api import ShimServer
 from berth.shim.events import EventQueue
 from berth.shim.loop import Loop
-from berth.shim.protocol import (
+from berth.shim.reaper import Reaper
+from berth.shim.runtime import RuntimeConfig
+from berth.shim.task import ShimConfig, Task
+from berth.shim.wire.protocol import (
     PROTOCOL_VERSION,
     Connection,
     Hello,
@@ -37,10 +40,7 @@ from berth.shim.protocol import (
     Request,
     Role,
 )
-from berth.shim.reaper import Reaper
-from berth.shim.runtime import RuntimeConfig
-from berth.shim.task import ShimConfig, Task
-from berth.shim.unixsock import bind_unix
+from berth.shim.wire.unixsock import bind_unix
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 

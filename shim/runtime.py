@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.loop import Loop
 from berth.shim.reaper import Reaper, log_debug
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_CAPTURE = 16 * 1024 * 1024
 

@@ -21,12 +21,6 @@ from typing import Any
 
 from berth.shim import cgroups, events
 from berth.shim.console import ConsoleSocket, resize
-from berth.shim.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
 from berth.shim.exit import (
     ExitRecord,
     mark_deleted,
@@ -34,20 +28,25 @@ from berth.shim.exit import (
     reserve_exit_file,
     write_exit_file,
 )
-from berth.shim.identifiers import validate
 from berth.shim.io import IOConfig, ProcessIO
 from berth.shim.loop import Future, Loop, log
 from berth.shim.mount import Mount, mount_all, unmount_all
 from berth.shim.reaper import Reaper
 from berth.shim.runtime import Runtime, RuntimeCommandError, RuntimeConfig, Stdio
+from berth.shim.wire import status
+from berth.shim.wire.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from berth.shim.wire.names import validate
+from berth.shim.wire.status import CREATED, PAUSED, RUNNING, STOPPED, UNKNOWN_EXIT
 
 IO_DRAIN_TIMEOUT = 2.0
 EXIT_FILE_RETRY = 1.0  # seconds between attempts to write an exit file that failed
-UNKNOWN_EXIT = 255
 EXEC_WAIT_TIMEOUT = 2.0
 MAX_SPEC_BYTES = 1024 * 1024
-
-CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +251,7 @@ class Task:
         if self._oom.fd >= 0:
             self._loop.add_reader(self._oom.fd, self._check_oom)
         self._publish(
-            events.TASK_CREATE,
+            status.TASK_CREATE,
             bundle=self.config.bundle,
             pid=proc.pid,
             **io_config.to_params(),
@@ -271,7 +270,7 @@ class Task:
                 await self.runtime.start(self.config.id)
                 if not proc.reaped:
                     proc.status = RUNNING
-                self._publish(events.TASK_START, pid=proc.pid)
+                self._publish(status.TASK_START, pid=proc.pid)
             finally:
                 proc.start_done.set_result(None)
             return {"pid": proc.pid}
@@ -329,7 +328,7 @@ class Task:
         self._watch_exit(proc)
         if not proc.reaped:
             proc.status = RUNNING
-        self._publish(events.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
+        self._publish(status.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
     def _watch_exit(self, proc: Process) -> None:
         self._reaper.watch(proc.pid, not_before=proc.spawned_at).add_done_callback(
@@ -385,14 +384,14 @@ class Task:
         finally:
             if proc.exec_id is None:
                 self._publish(
-                    events.TASK_EXIT,
+                    status.TASK_EXIT,
                     pid=proc.pid,
                     exit_status=proc.exit.status,
                     exited_at=proc.exit.exited_at,
                 )
             else:
                 self._publish(
-                    events.EXEC_EXIT,
+                    status.EXEC_EXIT,
                     exec_id=proc.exec_id,
                     pid=proc.pid,
                     exit_status=proc.exit.status,
@@ -402,7 +401,7 @@ class Task:
 
     def _check_oom(self) -> None:
         if self._oom is not None and self._oom.consume():
-            self._publish(events.TASK_OOM)
+            self._publish(status.TASK_OOM)
 
     def _oom_close(self) -> None:
         if self._oom is not None:
@@ -438,7 +437,7 @@ class Task:
         )
         proc.spec = spec
         self.execs[exec_id] = proc
-        self._publish(events.EXEC_ADDED, exec_id=exec_id)
+        self._publish(status.EXEC_ADDED, exec_id=exec_id)
         return {}
 
     async def kill(self, signo: int, all_processes: bool, exec_id: str | None) -> None:
@@ -500,7 +499,7 @@ class Task:
         remove_exit_file(self._exit_dir(), proc.name)
         self.deleted = True
         result = _exit_result(proc)
-        self._publish(events.TASK_DELETE, **result)
+        self._publish(status.TASK_DELETE, **result)
         return result
 
     async def wait(self, exec_id: str | None) -> dict[str, Any]:
@@ -515,7 +514,7 @@ class Task:
         await self.runtime.pause(self.config.id)
         if not init.reaped:
             init.status = PAUSED
-        self._publish(events.TASK_PAUSED)
+        self._publish(status.TASK_PAUSED)
 
     async def resume(self) -> None:
         init = self._require_init()
@@ -524,7 +523,7 @@ class Task:
         await self.runtime.resume(self.config.id)
         if not init.reaped:
             init.status = RUNNING
-        self._publish(events.TASK_RESUMED)
+        self._publish(status.TASK_RESUMED)
 
     async def update(self, resources: dict[str, Any]) -> None:
         init = self._require_init()

@@ -27,9 +27,11 @@ import socket
 
 import prctl
 
-from berth.shim.errors import BerthError, Internal
 from berth.shim.main import spawn_detached
-from berth.shim.protocol import (
+from berth.shim.rehearsal import rehearse
+from berth.shim.task import ShimConfig
+from berth.shim.wire.errors import BerthError, Internal
+from berth.shim.wire.protocol import (
     Connection,
     ConnectionClosed,
     ErrorReply,
@@ -40,8 +42,6 @@ from berth.shim.protocol import (
     Response,
     Role,
 )
-from berth.shim.rehearsal import rehearse
-from berth.shim.task import ShimConfig
 
 MAX_FRAME = 256 * 1024
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from berth.daemon.shims import shim_alive
-from berth.shim.client import Client
 from berth.shim.fs import remove_tree
 from berth.shim.state import process_start_time
+from berth.shim.wire.client import Client
 
 HERE = Path(__file__).resolve().parent
 REAPER = HERE / "reaper.py"

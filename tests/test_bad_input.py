@@ -10,14 +10,14 @@ import subprocess
 import msgpack
 import pytest
 
-from berth.shim.client import Client, raw_socket
-from berth.shim.errors import (
+from berth.shim.wire.client import Client, raw_socket
+from berth.shim.wire.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unimplemented,
 )
-from berth.shim.protocol import HEADER, Connection, Hello, Role
+from berth.shim.wire.protocol import HEADER, Connection, Hello, Role
 from tests.helpers import BERTH, Daemon
 
 

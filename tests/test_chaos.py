@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
-from berth.shim.errors import BerthError
+from berth.shim.wire.errors import BerthError
 from tests.helpers import Daemon, is_gone, process_state, wait_until
 
 EXAMPLES = int(os.environ.get("BERTH_CHAOS_EXAMPLES", "3"))

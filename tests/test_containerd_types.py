@@ -7,7 +7,7 @@ import json
 import pytest
 
 from berth.daemon import containerd_api as capi
-from berth.shim.errors import InvalidArgument
+from berth.shim.wire.errors import InvalidArgument
 
 
 def test_times_zero_is_gos_zero_time() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from berth.shim.errors import FailedPrecondition, NotFound
+from berth.shim.wire.errors import FailedPrecondition, NotFound
 from tests.helpers import BERTH, Daemon, is_gone, wait_until
 
 
@@ -348,7 +348,7 @@ def test_cli_and_shim_do_not_import_trio() -> None:
 
 
 def test_an_exec_that_cannot_start_is_final(daemon: Daemon) -> None:
-    from berth.shim.errors import FailedPrecondition as Failed
+    from berth.shim.wire.errors import FailedPrecondition as Failed
 
     daemon.cli("run", "--busybox", "-d", "c-badexec", "sleep", "300", check=True)
     with daemon.client() as c:

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from berth.shim.client import Client
-from berth.shim.protocol import HEADER, Connection, Hello, Request, Role
+from berth.shim.wire.client import Client
+from berth.shim.wire.protocol import HEADER, Connection, Hello, Request, Role
 from tests.helpers import Daemon, kill, wait_until
 from tests.test_shim import StandaloneShim
 

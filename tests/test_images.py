@@ -18,7 +18,8 @@ import pytest
 
 from berth.daemon.content import ContentStore
 from berth.daemon.snapshots import NativeSnapshotter, OverlaySnapshotter
-from berth.shim.errors import (
+from berth.shim.mount import temporary_mount
+from berth.shim.wire.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -26,7 +27,6 @@ from berth.shim.errors import (
     PermissionDenied,
     Unavailable,
 )
-from berth.shim.mount import temporary_mount
 from tests.helpers import Daemon, kill, wait_until
 from tests.images import build_docker_archive, build_oci_archive
 from tests.registry import Registry, Relay, free_port

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from berth.shim.errors import BerthError
+from berth.shim.wire.errors import BerthError
 from tests.helpers import BERTH, Daemon, wait_until
 
 STREAM_MIB = int(os.environ.get("BERTH_INTEGRITY_MIB", "256"))

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from berth.shim.errors import NotFound, error_from_wire
-from berth.shim.protocol import (
+from berth.shim.wire.errors import NotFound, error_from_wire
+from berth.shim.wire.protocol import (
     HEADER,
     NEED_DATA,
     Cancel,

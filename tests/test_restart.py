@@ -212,7 +212,7 @@ def _shim_record(daemon: Daemon, cid: str) -> dict[str, object]:
 def test_daemon_killed_inside_delete_finishes_the_delete(daemon: Daemon) -> None:
     # Reproduce the window: the shim has deleted the task, the daemon died before it
     # removed the bundle. The restarted daemon must finish the delete and report no exit.
-    from berth.shim.client import Client
+    from berth.shim.wire.client import Client
 
     daemon.cli("run", "--busybox", "-d", "c-del", "sh", "-c", "exit 2", check=True)
     assert daemon.cli("tasks", "wait", "c-del").stdout.strip() == b"2"
@@ -302,7 +302,7 @@ def test_wait_after_restart_for_an_exit_already_acknowledged(daemon: Daemon) -> 
 
 
 def test_delete_is_idempotent_when_the_shim_already_deleted(daemon: Daemon) -> None:
-    from berth.shim.client import Client
+    from berth.shim.wire.client import Client
 
     daemon.cli("run", "--busybox", "-d", "c-twice", "sh", "-c", "exit 0", check=True)
     daemon.cli("tasks", "wait", "c-twice", check=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.oci import default_spec
-from berth.shim.client import Client
-from berth.shim.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from berth.shim.wire.client import Client
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tests.helpers import (
     BIN,
     REAPER,

@@ -14,19 +14,19 @@ import trio
 from berth.daemon.events import Exchange, parse_filter, parse_filters
 from berth.daemon.store import SCHEMA_VERSION, Container, Store
 from berth.native import SignalFD, tee
-from berth.shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
-from berth.shim.identifiers import validate
 from berth.shim.loop import Future, Lock, Loop
-from berth.shim.protocol import (
+from berth.shim.reaper import Reaper, exit_code
+from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state, write_state
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.names import validate
+from berth.shim.wire.protocol import (
     ErrorReply,
     LocalProtocolError,
     RemoteProtocolError,
     Request,
     Response,
 )
-from berth.shim.reaper import Reaper, exit_code
-from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state, write_state
 from tests.test_protocol import pair, raw_frame
 
 

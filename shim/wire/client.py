@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from berth.shim.errors import BerthError, DeadlineExceeded, Unavailable
-from berth.shim.protocol import (
+from berth.shim.wire.errors import BerthError, DeadlineExceeded, Unavailable
+from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
     Connection,
@@ -26,10 +26,10 @@ from berth.shim.protocol import (
     StreamItem,
     Welcome,
 )
-from berth.shim.unixsock import connect_unix
+from berth.shim.wire.unixsock import connect_unix
 
 if TYPE_CHECKING:
-    from berth.shim.protocol import ReceivedEvent
+    from berth.shim.wire.protocol import ReceivedEvent
 
 
 class _Default:

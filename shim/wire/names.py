@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from berth.shim.errors import InvalidArgument
+from berth.shim.wire.errors import InvalidArgument
 
 MAX_LENGTH = 76
 _PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from berth.shim.errors import BerthError, error_from_wire
+from berth.shim.wire.errors import BerthError, error_from_wire
 
 if TYPE_CHECKING:
     from typing import Any, Final

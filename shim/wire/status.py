@@ -1,0 +1,39 @@
+"""Task states, exit statuses and event topics: the vocabulary a shim and berthd share,
+defined once."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# A process's states (containerd's names).
+CREATED: Final = "created"
+RUNNING: Final = "running"
+PAUSED: Final = "paused"
+STOPPED: Final = "stopped"
+
+UNKNOWN_EXIT: Final = 255  # containerd's status when the real one cannot be known
+
+# Topics a shim publishes; berthd publishes each under containerd's name (DAEMON_TOPICS).
+TASK_CREATE: Final = "task.create"
+TASK_START: Final = "task.start"
+TASK_EXIT: Final = "task.exit"
+TASK_OOM: Final = "task.oom"
+TASK_PAUSED: Final = "task.paused"
+TASK_RESUMED: Final = "task.resumed"
+TASK_DELETE: Final = "task.delete"
+EXEC_ADDED: Final = "exec.added"
+EXEC_STARTED: Final = "exec.started"
+EXEC_EXIT: Final = "exec.exit"
+
+DAEMON_TOPICS: Final = {
+    TASK_CREATE: "/tasks/create",
+    TASK_START: "/tasks/start",
+    TASK_EXIT: "/tasks/exit",
+    EXEC_EXIT: "/tasks/exit",
+    TASK_OOM: "/tasks/oom",
+    TASK_PAUSED: "/tasks/paused",
+    TASK_RESUMED: "/tasks/resumed",
+    TASK_DELETE: "/tasks/delete",
+    EXEC_ADDED: "/tasks/exec-added",
+    EXEC_STARTED: "/tasks/exec-started",
+}
