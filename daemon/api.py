@@ -18,10 +18,10 @@ import trio
 from berth.daemon import __version__
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
+from berth.daemon.metadata import Container, Store, check_labels
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
-from berth.daemon.storage import Storage
-from berth.daemon.store import Container, Store, check_labels
+from berth.daemon.storage.service import Storage
 from berth.daemon.tasks import TaskService
 from berth.shim.fs import atomic_write
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 
 import trio
 
-from berth.daemon import images
-from berth.daemon.content import Writer, validate_digest, validate_ref
-from berth.daemon.images import Descriptor
+from berth.daemon.metadata import check_labels
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
-from berth.daemon.storage import GCResult, Storage
-from berth.daemon.store import check_labels
+from berth.daemon.storage import images
+from berth.daemon.storage.content import Writer, validate_digest, validate_ref
+from berth.daemon.storage.images import Descriptor
+from berth.daemon.storage.service import GCResult, Storage
 from berth.shim.mount import Mount
 from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from berth.shim.wire.names import validate
@@ -326,7 +326,7 @@ class StorageApi:
     @contextlib.asynccontextmanager
     async def _registry(self, ref: Any, p: dict[str, Any]) -> AsyncIterator[Any]:
         """A registry client for one pull or push: transport failures typed, closed after."""
-        from berth.daemon import registry
+        from berth.daemon.storage import registry
 
         client = registry.RegistryClient(
             ref,
@@ -344,7 +344,8 @@ class StorageApi:
 
     async def images_pull(self, ctx: CallContext, p: dict[str, Any]) -> Any:
         """Stream progress items, then one {kind: result} item."""
-        from berth.daemon import reference, registry
+        from berth.daemon import reference
+        from berth.daemon.storage import registry
 
         ref = reference.parse(_str(p, "ref"))
         platform = _str(p, "platform", required=False)
@@ -366,7 +367,8 @@ class StorageApi:
         return STREAM_DONE
 
     async def images_push(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        from berth.daemon import reference, registry
+        from berth.daemon import reference
+        from berth.daemon.storage import registry
 
         ref = reference.parse(_str(p, "ref"))
         local = _str(p, "local", required=False) or str(ref)

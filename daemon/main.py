@@ -29,10 +29,10 @@ from berth.daemon.api import Api, load_server_uuid, namespace_of
 from berth.daemon.api_storage import StorageApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
+from berth.daemon.metadata import Store
 from berth.daemon.rpc import ServerConnection, guarded
 from berth.daemon.shims import Zygote
-from berth.daemon.storage import Storage
-from berth.daemon.store import Store
+from berth.daemon.storage.service import Storage
 from berth.daemon.tasks import TaskService
 from berth.shim.wire.errors import BerthError
 from berth.shim.wire.unixsock import bind_unix, peer_credentials

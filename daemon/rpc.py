@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from berth.daemon.store import out_of_space
+from berth.daemon.metadata import out_of_space
 from berth.shim.wire.errors import (
     BerthError,
     Canceled,

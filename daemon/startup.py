@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from berth.daemon.config import Config
 from berth.daemon.documents import load_json_object
-from berth.daemon.storage import Storage
-from berth.daemon.store import MAX_SPEC_BYTES, Container, Store
+from berth.daemon.metadata import MAX_SPEC_BYTES, Container, Store
+from berth.daemon.storage.service import Storage
 from berth.shim.state import CorruptState, read_state
 from berth.shim.wire.errors import BerthError
 from berth.shim.wire.names import is_valid

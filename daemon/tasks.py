@@ -28,10 +28,10 @@ import trio
 from berth.daemon import shims
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
+from berth.daemon.metadata import Store
 from berth.daemon.rootfs import build_busybox_rootfs
 from berth.daemon.rpc import RpcClient, guarded
-from berth.daemon.storage import Storage
-from berth.daemon.store import Store
+from berth.daemon.storage.service import Storage
 from berth.shim.exit import (
     CorruptExitFile,
     ExitRecord,

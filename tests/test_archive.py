@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.daemon.archive import UnsafeLayer, apply_layer, write_diff
+from berth.daemon.storage.archive import UnsafeLayer, apply_layer, write_diff
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
 
 SENTINEL = b"do not touch\n"

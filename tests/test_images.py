@@ -16,8 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
-from berth.daemon.content import ContentStore
-from berth.daemon.snapshots import NativeSnapshotter, OverlaySnapshotter
+from berth.daemon.storage.content import ContentStore
+from berth.daemon.storage.snapshots import NativeSnapshotter, OverlaySnapshotter
 from berth.shim.mount import temporary_mount
 from berth.shim.wire.errors import (
     AlreadyExists,
@@ -290,7 +290,7 @@ def test_gc_keeps_exactly_the_referenced_set(daemon: Daemon, image_files: dict[s
     plain = image_files["plain_digests"]
     assert plain["manifest"] not in content and plain["config"] not in content
     snaps = {s["name"] for s in daemon.call("snapshots.list")["snapshots"]}
-    from berth.daemon.images import chain_ids
+    from berth.daemon.storage.images import chain_ids
 
     assert snaps == {*chain_ids(two["diff_ids"]), "keep"}
     # the lease goes: its blob goes at the next GC; the container goes: its snapshot too
@@ -323,7 +323,7 @@ def test_collector_runs_by_itself_after_deletes(
     wait_until(collected, timeout=15, what="the background collector")
     daemon.cli("images", "rm", "two:test", check=True)
     time.sleep(1.5)  # one more collection has run; the running container's rootfs stays
-    from berth.daemon.images import chain_ids
+    from berth.daemon.storage.images import chain_ids
 
     snaps = {s["name"] for s in daemon.call("snapshots.list")["snapshots"]}
     assert {*chain_ids(image_files["two_digests"]["diff_ids"]), "busy"} <= snaps

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from berth.daemon.events import Exchange, parse_filter, parse_filters
-from berth.daemon.store import SCHEMA_VERSION, Container, Store
+from berth.daemon.metadata import SCHEMA_VERSION, Container, Store
 from berth.native import SignalFD, tee
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
 from berth.shim.loop import Future, Lock, Loop

@@ -19,9 +19,9 @@ import platform as host_platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.daemon.content import validate_digest
 from berth.daemon.documents import load_json_object
 from berth.daemon.oci import default_spec
+from berth.daemon.storage.content import validate_digest
 from berth.native import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 from berth.shim.fs import NotRegularFile, open_regular
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument

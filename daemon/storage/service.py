@@ -34,13 +34,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
-from berth.daemon import archive, images
-from berth.daemon.content import ContentStore, Writer, validate_digest
 from berth.daemon.documents import load_json
-from berth.daemon.images import Descriptor
+from berth.daemon.metadata import TEMPORARY_LEASE_LABEL, Store, out_of_space, validate_image_name
 from berth.daemon.reference import normalize
-from berth.daemon.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
-from berth.daemon.store import TEMPORARY_LEASE_LABEL, Store, out_of_space, validate_image_name
+from berth.daemon.storage import archive, images
+from berth.daemon.storage.content import ContentStore, Writer, validate_digest
+from berth.daemon.storage.images import Descriptor
+from berth.daemon.storage.snapshots import SNAPSHOTTERS, Snapshotter, validate_key
 from berth.shim.mount import Mount, release_leftover_mounts, temporary_mount
 from berth.shim.wire.errors import (
     AlreadyExists,

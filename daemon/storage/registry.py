@@ -24,11 +24,11 @@ from typing import Any
 import httpx
 import trio
 
-from berth.daemon import images
-from berth.daemon.content import validate_digest
-from berth.daemon.images import Descriptor
 from berth.daemon.reference import Reference
-from berth.daemon.storage import GC_REF_CONTENT, Storage
+from berth.daemon.storage import images
+from berth.daemon.storage.content import validate_digest
+from berth.daemon.storage.images import Descriptor
+from berth.daemon.storage.service import GC_REF_CONTENT, Storage
 from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
