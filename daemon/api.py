@@ -22,7 +22,7 @@ from berth.daemon.metadata import Container, Store, check_labels
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
 from berth.daemon.storage.service import Storage
-from berth.daemon.tasks import TaskService
+from berth.daemon.tasks.service import TaskService
 from berth.shim.fs import atomic_write
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.wire.names import validate

@@ -31,9 +31,9 @@ from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Store
 from berth.daemon.rpc import ServerConnection, guarded
-from berth.daemon.shims import Zygote
 from berth.daemon.storage.service import Storage
-from berth.daemon.tasks import TaskService
+from berth.daemon.tasks.service import TaskService
+from berth.daemon.tasks.shims import Zygote
 from berth.shim.wire.errors import BerthError
 from berth.shim.wire.unixsock import bind_unix, peer_credentials
 

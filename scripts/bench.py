@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from berth.daemon.rootfs import build_busybox_rootfs  # noqa: E402
+from berth.daemon.tasks.rootfs import build_busybox_rootfs  # noqa: E402
 from berth.shim.wire.client import Client  # noqa: E402
 from tests.helpers import hybrid_crun_fix_needed, remove_namespace_cgroups  # noqa: E402
 from tests.images import build_docker_archive, build_oci_archive  # noqa: E402

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from berth.daemon.rootfs import build_busybox_rootfs
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.helpers import Daemon, hybrid_crun_fix_needed
 
 

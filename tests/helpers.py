@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from berth.daemon.shims import shim_alive
+from berth.daemon.tasks.shims import shim_alive
 from berth.shim.fs import remove_tree
 from berth.shim.state import process_start_time
 from berth.shim.wire.client import Client

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.daemon.rootfs import build_busybox_rootfs
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.clients import CTR, Ctr, frontend_pids, grpc_daemon
 from tests.helpers import is_gone, process_state, wait_until
 from tests.images import build_oci_archive

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.daemon.rootfs import build_busybox_rootfs
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.clients import (
     DOCKER,
     DOCKERD,

@@ -25,13 +25,13 @@ from typing import Any
 
 import trio
 
-from berth.daemon import shims
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Store
-from berth.daemon.rootfs import build_busybox_rootfs
 from berth.daemon.rpc import RpcClient, guarded
 from berth.daemon.storage.service import Storage
+from berth.daemon.tasks import shims
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from berth.shim.exit import (
     CorruptExitFile,
     ExitRecord,
