@@ -24,11 +24,12 @@ import sys
 import trio
 
 from berth.daemon import config as config_module
-from berth.daemon import frontend, startup
+from berth.daemon import startup
 from berth.daemon.api import Api, load_server_uuid, namespace_of
 from berth.daemon.api_storage import StorageApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
+from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
 from berth.daemon.rpc import ServerConnection, guarded
 from berth.daemon.storage.service import Storage
@@ -118,7 +119,9 @@ async def serve(
             nursery.start_soon(guarded, "zygote start", zygote.warm)
             nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
             if config.grpc_address:
-                nursery.start_soon(guarded, "gRPC front end", frontend.supervise, config, recovered)
+                nursery.start_soon(
+                    guarded, "gRPC front end", supervisor.supervise, config, recovered
+                )
     finally:
         with trio.CancelScope(shield=True):
             try:

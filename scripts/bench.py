@@ -212,7 +212,7 @@ class Berth:
     def frontend_pid(self) -> int | None:
         for pid in self.daemon.descendants():
             with contextlib.suppress(OSError):
-                if b"berth.daemon.grpc_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"berth.daemon.grpc.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return pid
         return None
 

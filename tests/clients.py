@@ -82,7 +82,7 @@ def frontend_pids(daemon: Daemon) -> list[int]:
     for pid in daemon.descendants():
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"berth.daemon.grpc_main" in cmdline:
+            if b"berth.daemon.grpc.main" in cmdline:
                 found.append(pid)
     return found
 

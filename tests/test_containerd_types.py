@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from berth.daemon import containerd_api as capi
+from berth.daemon.grpc import convert as capi
 from berth.shim.wire.errors import InvalidArgument
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from berth.daemon import containerd_api as capi
+from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
 from tests.clients import grpc_address, grpc_daemon
 from tests.helpers import Daemon, wait_until

@@ -24,9 +24,9 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 
-from berth.daemon import containerd_api as capi
-from berth.daemon.aioclient import AsyncClient
 from berth.daemon.filters import parse_filters
+from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.client import AsyncClient
 from berth.daemon.paging import all_pages_async
 from berth.shim.wire.errors import (
     AlreadyExists,

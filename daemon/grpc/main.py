@@ -71,8 +71,8 @@ def _identity(path: str) -> tuple[int, int] | None:
 async def serve(args: argparse.Namespace, parent_fd: int | None = None) -> None:
     import grpc
 
-    from berth.daemon import containerd_api
-    from berth.daemon.grpc_services import Backend, Services, generic_handlers
+    from berth.daemon.grpc import convert as containerd_api
+    from berth.daemon.grpc.services import Backend, Services, generic_handlers
 
     containerd_api.types()  # fail now, with a clear message, if the stubs are missing
     backend = Backend(args.berthd)

@@ -24,7 +24,7 @@ def command(config: Config) -> list[str]:
     argv = [
         sys.executable,
         "-m",
-        "berth.daemon.grpc_main",
+        "berth.daemon.grpc.main",
         "--address",
         config.grpc_address,
         "--berthd",
