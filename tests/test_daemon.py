@@ -342,7 +342,7 @@ def test_cli_and_shim_do_not_import_trio() -> None:
     import subprocess
     import sys
 
-    for module in ("berth.daemon.cli", "berth.shim.main", "berth.shim.zygote"):
+    for module in ("berth.daemon.cli.main", "berth.shim.main", "berth.shim.zygote"):
         code = f"import sys, {module}; sys.exit('trio' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
 

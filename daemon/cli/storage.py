@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from berth.daemon.cli import CliError, Session, _json, _only, _print_table, _ts
+from berth.daemon.cli.main import CliError, Session, _json, _only, _print_table, _ts
 from berth.daemon.paging import all_pages
 from berth.daemon.reference import normalize
 

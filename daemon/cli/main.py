@@ -865,10 +865,10 @@ def _add_run(commands: Any, wanted: str | None = None) -> None:
 
 
 def _lazy(name: str) -> Any:
-    """A function of berth.daemon.cli_images, imported only when its verb is used."""
+    """A function of berth.daemon.cli.storage, imported only when its verb is used."""
 
     def call(*args: Any) -> Any:
-        from berth.daemon import cli_images
+        from berth.daemon.cli import storage as cli_images
 
         return getattr(cli_images, name)(*args)
 
