@@ -25,8 +25,8 @@ import trio
 
 from berth.daemon import config as config_module
 from berth.daemon import startup
-from berth.daemon.api import Api, load_server_uuid, namespace_of
-from berth.daemon.api_storage import StorageApi
+from berth.daemon.api.core import Api, load_server_uuid, namespace_of
+from berth.daemon.api.storage import StorageApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
