@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs  # noqa: E402
 from berth.shim.wire.client import Client  # noqa: E402
-from tests.helpers import hybrid_crun_fix_needed, remove_namespace_cgroups  # noqa: E402
-from tests.images import build_docker_archive, build_oci_archive  # noqa: E402
+from tests.support.helpers import hybrid_crun_fix_needed, remove_namespace_cgroups  # noqa: E402
+from tests.support.images import build_docker_archive, build_oci_archive  # noqa: E402
 
 VENV = REPO / ".venv" / "bin"
 BERTH = str(VENV / "berth")
 BERTHD = str(VENV / "berthd")
-REAPER = str(REPO / "tests" / "reaper.py")
+REAPER = str(REPO / "tests" / "support" / "reaper.py")
 IMAGE = "docker.io/library/busybox:bench"
 NS = "bench"
 
@@ -106,7 +106,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 class Daemon:
-    """A daemon under tests/reaper.py (orphaned shims are reaped, by it, not left zombies)."""
+    """A daemon under tests/support/reaper.py (it reaps orphaned shims: no zombies)."""
 
     def __init__(self, name: str, command: list[str], log: Path) -> None:
         self.name = name

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
-from tests.helpers import Daemon, hybrid_crun_fix_needed
+from tests.support.helpers import Daemon, hybrid_crun_fix_needed
 
 
 def _require_root_and_runc() -> None:

@@ -18,7 +18,7 @@ from berth.shim.wire.errors import (
     Unimplemented,
 )
 from berth.shim.wire.protocol import HEADER, Connection, Hello, Role
-from tests.helpers import BERTH, Daemon
+from tests.support.helpers import BERTH, Daemon
 
 
 def _frame(obj: object) -> bytes:

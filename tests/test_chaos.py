@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
 from berth.shim.wire.errors import BerthError
-from tests.helpers import Daemon, is_gone, process_state, wait_until
+from tests.support.helpers import Daemon, is_gone, process_state, wait_until
 
 EXAMPLES = int(os.environ.get("BERTH_CHAOS_EXAMPLES", "3"))
 STEPS = int(os.environ.get("BERTH_CHAOS_STEPS", "14"))

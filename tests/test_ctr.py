@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
-from tests.clients import CTR, Ctr, frontend_pids, grpc_daemon
-from tests.helpers import is_gone, process_state, wait_until
-from tests.images import build_oci_archive
+from tests.support.clients import CTR, Ctr, frontend_pids, grpc_daemon
+from tests.support.helpers import is_gone, process_state, wait_until
+from tests.support.images import build_oci_archive
 
 pytestmark = pytest.mark.container
 

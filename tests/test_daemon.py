@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from berth.shim.wire.errors import FailedPrecondition, NotFound
-from tests.helpers import BERTH, Daemon, is_gone, wait_until
+from tests.support.helpers import BERTH, Daemon, is_gone, wait_until
 
 
 def run_in_pty(

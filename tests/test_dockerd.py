@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
-from tests.clients import (
+from tests.support.clients import (
     DOCKER,
     DOCKERD,
     Dockerd,
@@ -24,8 +24,8 @@ from tests.clients import (
     script_tty,
     wait_grpc,
 )
-from tests.helpers import Daemon, is_gone, process_state, wait_until
-from tests.images import build_docker_archive
+from tests.support.helpers import Daemon, is_gone, process_state, wait_until
+from tests.support.images import build_docker_archive
 
 pytestmark = pytest.mark.container
 

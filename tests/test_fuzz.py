@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from berth.shim.wire.client import Client
 from berth.shim.wire.protocol import HEADER, Connection, Hello, Request, Role
-from tests.helpers import Daemon, kill, wait_until
+from tests.support.helpers import Daemon, kill, wait_until
 from tests.test_shim import StandaloneShim
 
 EXAMPLES = int(os.environ.get("BERTH_FUZZ_EXAMPLES", "60"))

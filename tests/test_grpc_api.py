@@ -14,8 +14,8 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
-from tests.clients import grpc_address, grpc_daemon
-from tests.helpers import Daemon, wait_until
+from tests.support.clients import grpc_address, grpc_daemon
+from tests.support.helpers import Daemon, wait_until
 
 pytestmark = pytest.mark.container
 

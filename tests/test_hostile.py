@@ -29,8 +29,8 @@ from berth.shim.fs import remove_tree
 from berth.shim.mount import mount_points_under
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import InvalidArgument, Unavailable
-from tests.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
-from tests.images import build_oci_archive
+from tests.support.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
+from tests.support.images import build_oci_archive
 
 pytestmark = pytest.mark.container
 

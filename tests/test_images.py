@@ -27,9 +27,9 @@ from berth.shim.wire.errors import (
     PermissionDenied,
     Unavailable,
 )
-from tests.helpers import Daemon, kill, wait_until
-from tests.images import build_docker_archive, build_oci_archive
-from tests.registry import Registry, Relay, free_port
+from tests.support.helpers import Daemon, kill, wait_until
+from tests.support.images import build_docker_archive, build_oci_archive
+from tests.support.registry import Registry, Relay, free_port
 
 IMAGE = "docker.io/library/busybox:test"
 

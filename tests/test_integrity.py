@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from berth.shim.wire.errors import BerthError
-from tests.helpers import BERTH, Daemon, wait_until
+from tests.support.helpers import BERTH, Daemon, wait_until
 
 STREAM_MIB = int(os.environ.get("BERTH_INTEGRITY_MIB", "256"))
 

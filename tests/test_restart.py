@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import BERTH, Daemon, is_gone, process_state, wait_until
+from tests.support.helpers import BERTH, REAPER, Daemon, is_gone, process_state, wait_until
 
 
 def _tasks(daemon: Daemon) -> dict[str, dict[str, object]]:
@@ -248,7 +248,7 @@ def test_daemon_killed_between_shim_start_and_task_create(daemon: Daemon) -> Non
     # was never created: the restarted daemon stops it and forgets it.
     import sys
 
-    from tests.helpers import BIN
+    from tests.support.helpers import BIN
 
     bundle = Path(daemon.state, "tasks", daemon.namespace, "c-half")
     bundle.mkdir(parents=True)
@@ -259,7 +259,7 @@ def test_daemon_killed_between_shim_start_and_task_create(daemon: Daemon) -> Non
     reaper = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).parent / "reaper.py"),
+            str(REAPER),
             str(BIN / "berth-shim"),
             "--id",
             "c-half",

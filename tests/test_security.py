@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.helpers import Daemon
+from tests.support.helpers import Daemon
 
 
 def _socket_inodes(pid: int) -> set[str]:

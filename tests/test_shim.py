@@ -19,7 +19,7 @@ import pytest
 from berth.daemon.oci import default_spec
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from tests.helpers import (
+from tests.support.helpers import (
     BIN,
     REAPER,
     is_gone,

@@ -388,7 +388,7 @@ def test_two_cli_copies_into_one_file_keep_its_offset(tmp_path: object) -> None:
     next line of the shell overwrote the container's output."""
     import threading
 
-    from berth.daemon.cli.main import main as cli
+    from berth.daemon.cli import main as cli
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()

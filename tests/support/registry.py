@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import kill, wait_until
+from tests.support.helpers import kill, wait_until
 
 SERVICE = "berth-test-registry"
 ISSUER = "berth-test-issuer"

@@ -4,7 +4,7 @@ dockerd 20.10 with its own CLI) and containerd's `ctr`.
 Everything lives in the test's temp dir: dockerd's data root, exec root, pid file and API
 socket; berth's namespace (dockerd's --containerd-namespace) and cgroups (its
 --cgroup-parent, under /berth/<namespace>/ so tests/helpers.Daemon finds and removes every
-container process and cgroup). dockerd runs under tests/reaper.py like berthd; teardown
+container process and cgroup). dockerd runs under tests/support/reaper.py like berthd; teardown
 removes every container, stops dockerd by pid, and unmounts what it mounted.
 
 dockerd 20.10 writes two paths of its own outside any flag's reach: /etc/docker/key.json
@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import (
+from tests.support.helpers import (
     Daemon,
     Reaped,
     is_gone,

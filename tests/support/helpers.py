@@ -1,7 +1,7 @@
 """Test helpers: a real berthd in a private temp dir, and cleanup of everything it made.
 
 Every daemon lives entirely under its own temp dir (root, state, socket, runtime roots),
-runs under tests/reaper.py (see there), uses its own berth namespace (so cgroup paths are
+runs under tests/support/reaper.py (see there), uses its own berth namespace (so cgroup paths are
 unique too), and on teardown every process it produced is stopped by pid: container
 inits (identified by their cgroup path), shims (from their shim.json, checked against
 their start time), the daemon and the reaper.
@@ -104,7 +104,7 @@ def remove_namespace_cgroups(namespace: str) -> None:
 
 
 def spawn_reaped(command: list[str], log_path: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start `command` under tests/reaper.py in a session of its own, output to
+    """Start `command` under tests/support/reaper.py in a session of its own, output to
     `log_path`; returns the reaper and the command's pid."""
     with open(log_path, "wb") as log:
         reaper = subprocess.Popen(
@@ -126,7 +126,7 @@ def spawn_reaped(command: list[str], log_path: str) -> tuple[subprocess.Popen[by
 
 
 class Reaped:
-    """A daemon a test runs (again and again) under tests/reaper.py: its pids and logs."""
+    """A daemon a test runs (again and again) under tests/support/reaper.py: its pids and logs."""
 
     what = "daemon"
 
