@@ -25,8 +25,10 @@ import trio
 
 from berth.daemon import config as config_module
 from berth.daemon import startup
+from berth.daemon.api import routes
 from berth.daemon.api.core import Api, load_server_uuid, namespace_of
 from berth.daemon.api.storage import StorageApi
+from berth.daemon.api.tasks import TaskApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
@@ -79,9 +81,10 @@ async def serve(
             api = Api(
                 config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage
             )
-            storage_api = StorageApi(storage, exchange.publish)
-            storage_api.protected = tasks.rootfs_snapshots  # type: ignore[method-assign]
-            handlers = {**api.handlers(), **storage_api.handlers()}
+            storage_api = StorageApi(storage, exchange.publish, tasks.rootfs_snapshots)
+            handlers = routes.bind(
+                [api.handlers(), TaskApi(tasks).handlers(), storage_api.handlers()], recovered
+            )
 
             async def handle_connection(stream: trio.SocketStream) -> None:
                 _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]

@@ -18,21 +18,15 @@ from typing import Any
 
 import msgpack
 
-from berth.shim.wire.errors import InvalidArgument
-
 PAGE_BYTES = 3 * 1024 * 1024  # below the 4 MiB frame, with room for the reply around it
 
 
-def paged(field: str, items: list[dict[str, Any]], key: str, params: dict[str, Any]) -> Any:
-    """The reply {field: items} — or one page of it if the client asked for pages."""
-    page = params.get("page")
+def paged(field: str, items: list[dict[str, Any]], key: str, page: Any) -> Any:
+    """The reply {field: items}, or one page of it if the client asked for pages (`page`
+    not None: an object whose `after` is where to continue, None for the first page)."""
     if page is None:
         return {field: items}
-    if not isinstance(page, dict):
-        raise InvalidArgument("page must be a map")
-    after = page.get("after")
-    if after is not None and not isinstance(after, str):
-        raise InvalidArgument("page.after must be a string")
+    after = page.after
     out: list[dict[str, Any]] = []
     size = 0
     for item in sorted(items, key=lambda i: str(i.get(key, ""))):

@@ -12,6 +12,9 @@ import pytest
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support.helpers import Daemon, hybrid_crun_fix_needed
 
+# Every daemon a test starts checks each reply against the API contract (api/schema.py).
+os.environ["BERTH_CHECK_REPLIES"] = "1"
+
 
 def _require_root_and_runc() -> None:
     if os.geteuid() != 0:

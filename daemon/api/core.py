@@ -16,11 +16,13 @@ from typing import Any
 import trio
 
 from berth.daemon import __version__
+from berth.daemon.api import schema
+from berth.daemon.api.routes import TypedHandler
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Container, Store, check_labels
 from berth.daemon.paging import paged
-from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
+from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.shim.fs import atomic_write
@@ -37,25 +39,7 @@ def namespace_of(req: Request) -> str:
     return validate(value, "namespace")
 
 
-def _str(params: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
-    value = params.get(key)
-    if value is None or value == "":
-        if required:
-            raise InvalidArgument(f"{key} is required")
-        return default
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{key} must be a string")
-    return value
-
-
-def _int(params: dict[str, Any], key: str, default: int) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{key} must be an integer")
-    return value
-
-
-def _signal(value: Any) -> int:
+def signal_number(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -81,6 +65,9 @@ def load_server_uuid(root: str) -> str:
 
 
 class Api:
+    """Version, introspection, namespaces, containers, events: the handlers that need
+    nothing but the metadata store and the exchange (tasks: tasks.py, storage: storage.py)."""
+
     def __init__(
         self,
         config: Config,
@@ -100,8 +87,9 @@ class Api:
         self.recovered = recovered
         self.started_at = time.time_ns()
 
-    def handlers(self) -> dict[str, Handler]:
-        table: dict[str, Handler] = {
+    def handlers(self) -> dict[str, TypedHandler]:
+        return {
+            "ping": self.ping,
             "version": self.version,
             "introspection.server": self.server,
             "introspection.plugins": self.plugins,
@@ -117,40 +105,17 @@ class Api:
             "containers.delete": self.containers_delete,
             "events.subscribe": self.events_subscribe,
         }
-        for name in (
-            "create",
-            "start",
-            "kill",
-            "delete",
-            "delete_process",
-            "wait",
-            "exec",
-            "pids",
-            "pause",
-            "resume",
-            "resize",
-            "close_io",
-            "metrics",
-            "update",
-            "get",
-            "list",
-        ):
-            table[f"tasks.{name}"] = self._task_handler(getattr(self, f"task_{name}"))
-        return table
-
-    def _task_handler(self, fn: Handler) -> Handler:
-        async def handler(ctx: CallContext, params: dict[str, Any]) -> Any:
-            await self.recovered.wait()  # the task table is complete only after recovery
-            return await fn(ctx, params)
-
-        return handler
 
     # -- introspection
 
-    async def version(self, ctx: CallContext, params: dict[str, Any]) -> Any:
+    async def ping(self, ctx: CallContext, p: schema.Empty) -> Any:
+        """A client's liveness check on a quiet long call."""
+        return {}
+
+    async def version(self, ctx: CallContext, p: schema.Empty) -> Any:
         return {"version": VERSION, "revision": "", "protocol": PROTOCOL_VERSION}
 
-    async def server(self, ctx: CallContext, params: dict[str, Any]) -> Any:
+    async def server(self, ctx: CallContext, p: schema.Empty) -> Any:
         return {
             "uuid": self.server_uuid,
             "pid": os.getpid(),
@@ -160,7 +125,7 @@ class Api:
             "recovered": self.recovered.is_set(),
         }
 
-    async def plugins(self, ctx: CallContext, params: dict[str, Any]) -> Any:
+    async def plugins(self, ctx: CallContext, p: schema.Empty) -> Any:
         runtimes = [
             {
                 "type": "runtime",
@@ -181,71 +146,55 @@ class Api:
 
     # -- namespaces
 
-    async def namespaces_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return paged("namespaces", self.store.list_namespaces(), "name", params)
+    async def namespaces_list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        return paged("namespaces", self.store.list_namespaces(), "name", p.page)
 
-    async def namespaces_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return self.store.get_namespace(_str(params, "name"))
+    async def namespaces_get(self, ctx: CallContext, p: schema.NamespaceName) -> Any:
+        return self.store.get_namespace(p.name)
 
-    async def namespaces_create(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        ns = self.store.create_namespace(_str(params, "name"), params.get("labels"))
+    async def namespaces_create(self, ctx: CallContext, p: schema.NamespaceLabels) -> Any:
+        ns = self.store.create_namespace(p.name, p.labels)
         self.exchange.publish(
             ns["name"], "/namespaces/create", {"name": ns["name"], "labels": ns["labels"]}
         )
         return ns
 
-    async def namespaces_update(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        ns = self.store.update_namespace(_str(params, "name"), check_labels(params.get("labels")))
+    async def namespaces_update(self, ctx: CallContext, p: schema.NamespaceLabels) -> Any:
+        ns = self.store.update_namespace(p.name, check_labels(p.labels))
         self.exchange.publish(
             ns["name"], "/namespaces/update", {"name": ns["name"], "labels": ns["labels"]}
         )
         return ns
 
-    async def namespaces_delete(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        name = validate(_str(params, "name"), "namespace")
-        await self.recovered.wait()
-        if self.tasks.namespace_in_use(name):
-            raise FailedPrecondition(f"namespace {name} still has tasks")
-        self.store.delete_namespace(name)
-        self.exchange.publish(name, "/namespaces/delete", {"name": name})
+    async def namespaces_delete(self, ctx: CallContext, p: schema.NamespaceName) -> Any:
+        if self.tasks.namespace_in_use(p.name):
+            raise FailedPrecondition(f"namespace {p.name} still has tasks")
+        self.store.delete_namespace(p.name)
+        self.exchange.publish(p.name, "/namespaces/delete", {"name": p.name})
         return {}
 
     # -- containers
 
-    async def containers_create(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        doc = params.get("container", params)
-        if not isinstance(doc, dict):
-            raise InvalidArgument("container must be a map")
-        container_id = validate(doc.get("id"), "container id")
-        spec = doc.get("spec")
-        if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+    async def containers_create(self, ctx: CallContext, p: schema.ContainersCreate) -> Any:
+        doc: schema.ContainerFields = p.container or p
+        if doc.id is None:
+            raise InvalidArgument("container id is required")
+        if doc.spec is None or not isinstance(doc.spec.get("process"), dict):
             raise InvalidArgument("spec must be an OCI runtime spec with a process")
-        runtime = doc.get("runtime") or self.config.default_runtime
-        options: dict[str, Any] = {}
-        if isinstance(runtime, dict):
-            options = runtime.get("options") or {}
-            runtime = runtime.get("name") or self.config.default_runtime
-        if not isinstance(runtime, str) or self.config.runtime_entry(runtime) is None:
-            raise InvalidArgument(
-                f"unknown runtime {runtime!r}; configured: {sorted(self.config.runtimes)}"
-            )
-        if not isinstance(options, dict):
-            raise InvalidArgument("runtime options must be a map")
-        snapshot_key = _str(doc, "snapshot_key", required=False)
-        snapshotter = _str(doc, "snapshotter", required=False)
-        if snapshot_key:
-            self.storage.snapshotter(snapshotter or None)  # a known snapshotter, or an error
+        runtime, options = self._runtime(doc.runtime)
+        if doc.snapshot_key:
+            self.storage.snapshotter(doc.snapshotter or None)  # a known one, or an error
         container = self.store.create_container(
             Container(
                 namespace=ctx.namespace,
-                id=container_id,
+                id=doc.id,
                 runtime=runtime,
                 runtime_options=options,
-                spec=spec,
-                labels=check_labels(doc.get("labels")),
-                image=_str(doc, "image", required=False),
-                snapshotter=_str(doc, "snapshotter", required=False),
-                snapshot_key=_str(doc, "snapshot_key", required=False),
+                spec=doc.spec,
+                labels=check_labels(doc.labels),
+                image=doc.image or "",
+                snapshotter=doc.snapshotter or "",
+                snapshot_key=doc.snapshot_key or "",
             )
         )
         self.exchange.publish(
@@ -255,34 +204,42 @@ class Api:
         )
         return container.to_wire()
 
-    async def containers_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return self.store.get_container(ctx.namespace, _str(params, "id")).to_wire()
+    def _runtime(self, runtime: str | schema.RuntimeRef | None) -> tuple[str, dict[str, Any]]:
+        """(runtime name, options) of a create: a name, or {name, options}; a configured one."""
+        options: dict[str, Any] = {}
+        if isinstance(runtime, schema.RuntimeRef):
+            name, options = runtime.name or "", runtime.options
+        else:
+            name = runtime or ""
+        name = name or self.config.default_runtime
+        if self.config.runtime_entry(name) is None:
+            raise InvalidArgument(
+                f"unknown runtime {name!r}; configured: {sorted(self.config.runtimes)}"
+            )
+        return name, options
 
-    async def containers_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
+    async def containers_get(self, ctx: CallContext, p: schema.ContainerId) -> Any:
+        return self.store.get_container(ctx.namespace, p.id).to_wire()
+
+    async def containers_list(self, ctx: CallContext, p: schema.Paged) -> Any:
         containers = [c.to_wire() for c in self.store.list_containers(ctx.namespace)]
-        return paged("containers", containers, "id", params)
+        return paged("containers", containers, "id", p.page)
 
-    async def containers_update(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        spec = params.get("spec")
-        if spec is not None and not isinstance(spec, dict):
-            raise InvalidArgument("spec must be a map")
-        labels = params.get("labels")
+    async def containers_update(self, ctx: CallContext, p: schema.ContainersUpdate) -> Any:
         container = self.store.update_container(
             ctx.namespace,
-            _str(params, "id"),
-            labels=check_labels(labels) if labels is not None else None,
-            spec=spec,
+            p.id,
+            labels=check_labels(p.labels) if p.labels is not None else None,
+            spec=p.spec,
         )
         self.exchange.publish(ctx.namespace, "/containers/update", {"id": container.id})
         return container.to_wire()
 
-    async def containers_delete(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        container_id = _str(params, "id")
-        await self.recovered.wait()
-        if self.tasks.has_task(ctx.namespace, container_id):
-            raise FailedPrecondition(f"container {container_id} has a task; delete it first")
-        container = self.store.get_container(ctx.namespace, container_id)
-        self.storage.freeing(lambda: self.store.delete_container(ctx.namespace, container_id))
+    async def containers_delete(self, ctx: CallContext, p: schema.ContainerId) -> Any:
+        if self.tasks.has_task(ctx.namespace, p.id):
+            raise FailedPrecondition(f"container {p.id} has a task; delete it first")
+        container = self.store.get_container(ctx.namespace, p.id)
+        self.storage.freeing(lambda: self.store.delete_container(ctx.namespace, p.id))
         if container.snapshot_key:
             # Its writable snapshot goes with it (a client may have removed it already).
             try:
@@ -293,19 +250,13 @@ class Api:
                 )
             except (NotFound, FailedPrecondition):
                 pass
-        self.exchange.publish(ctx.namespace, "/containers/delete", {"id": container_id})
+        self.exchange.publish(ctx.namespace, "/containers/delete", {"id": p.id})
         return {}
 
     # -- events
 
-    async def events_subscribe(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        filters = params.get("filters") or []
-        if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
-            raise InvalidArgument("filters must be a list of strings")
-        since = params.get("since")
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
-            raise InvalidArgument("since must be a timestamp in nanoseconds")
-        sub = self.exchange.subscribe(filters, since)
+    async def events_subscribe(self, ctx: CallContext, p: schema.EventsSubscribe) -> Any:
+        sub = self.exchange.subscribe(p.filters, p.since)
         try:
             async for envelope in sub.receive:
                 await ctx.send_item(envelope)
@@ -314,100 +265,3 @@ class Api:
         if sub.overflowed:
             raise FailedPrecondition("event subscriber fell too far behind and was dropped")
         return STREAM_DONE
-
-    # -- tasks
-
-    def _cid(self, params: dict[str, Any]) -> str:
-        return validate(params.get("container_id"), "container id")
-
-    def _exec_id(self, params: dict[str, Any]) -> str | None:
-        value = params.get("exec_id")
-        if value in (None, ""):
-            return None
-        return validate(value, "exec id")
-
-    async def task_create(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.create(ctx.namespace, self._cid(params), params)
-
-    async def task_start(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.start(ctx.namespace, self._cid(params), self._exec_id(params))
-
-    async def task_kill(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        await self.tasks.kill(
-            ctx.namespace,
-            self._cid(params),
-            _signal(params.get("signal", 15)),
-            bool(params.get("all", False)),
-            self._exec_id(params),
-        )
-        return {}
-
-    async def task_delete(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.delete(ctx.namespace, self._cid(params), bool(params.get("force")))
-
-    async def task_delete_process(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        exec_id = self._exec_id(params)
-        if exec_id is None:
-            raise InvalidArgument("exec_id is required")
-        return await self.tasks.delete_process(ctx.namespace, self._cid(params), exec_id)
-
-    async def task_wait(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.wait(ctx.namespace, self._cid(params), self._exec_id(params))
-
-    async def task_exec(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        exec_id = self._exec_id(params)
-        if exec_id is None:
-            raise InvalidArgument("exec_id is required")
-        if not isinstance(params.get("spec"), dict):
-            raise InvalidArgument("spec must be an OCI process")
-        await self.tasks.exec(ctx.namespace, self._cid(params), exec_id, params)
-        return {}
-
-    async def task_pids(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "pids")
-
-    async def task_pause(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "pause")
-
-    async def task_resume(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "resume")
-
-    async def task_resize(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(
-            ctx.namespace,
-            self._cid(params),
-            "resize_pty",
-            {
-                "exec_id": self._exec_id(params) or "",
-                "width": _int(params, "width", 0),
-                "height": _int(params, "height", 0),
-            },
-        )
-
-    async def task_close_io(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(
-            ctx.namespace,
-            self._cid(params),
-            "close_io",
-            {
-                "exec_id": self._exec_id(params) or "",
-                "stdin": bool(params.get("stdin", True)),
-            },
-        )
-
-    async def task_metrics(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.simple(ctx.namespace, self._cid(params), "stats")
-
-    async def task_update(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        resources = params.get("resources")
-        if not isinstance(resources, dict):
-            raise InvalidArgument("resources must be an OCI LinuxResources map")
-        return await self.tasks.simple(
-            ctx.namespace, self._cid(params), "update", {"resources": resources}
-        )
-
-    async def task_get(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return await self.tasks.get(ctx.namespace, self._cid(params), self._exec_id(params))
-
-    async def task_list(self, ctx: CallContext, params: dict[str, Any]) -> Any:
-        return paged("tasks", self.tasks.list(ctx.namespace), "id", params)

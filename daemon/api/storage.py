@@ -18,18 +18,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import msgspec
 import trio
 
+from berth.daemon.api import schema
+from berth.daemon.api.routes import TypedHandler
 from berth.daemon.metadata import check_labels
 from berth.daemon.paging import paged
-from berth.daemon.rpc import STREAM_DONE, CallContext, Handler
+from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage import images
-from berth.daemon.storage.content import Writer, validate_digest, validate_ref
+from berth.daemon.storage.content import Writer
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import GCResult, Storage
 from berth.shim.mount import Mount
 from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from berth.shim.wire.names import validate
 
 T = TypeVar("T")
 MAX_READ = 1 << 20
@@ -43,27 +45,16 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
-def _str(params: dict[str, Any], key: str, *, required: bool = True) -> str:
-    value = params.get(key)
-    if value in (None, ""):
-        if required:
-            raise InvalidArgument(f"{key} is required")
-        return ""
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{key} must be a string")
-    return value
-
-
-def _mounts(value: Any, what: str) -> list[Mount]:
-    if not isinstance(value, list):
-        raise InvalidArgument(f"{what} must be a list of mounts")
-    return [Mount.from_wire(m) for m in value]
-
-
 class StorageApi:
-    def __init__(self, storage: Storage, publish: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        publish: Callable[..., Any],
+        protected: Callable[[], set[tuple[str, str]]] = set,
+    ) -> None:
         self.storage = storage
         self.publish = publish
+        self.protected = protected  # snapshots the task service needs kept (rootfs of tasks)
         self._gc_requested = trio.Event()
 
     def request_gc(self) -> None:
@@ -88,49 +79,69 @@ class StorageApi:
             except Exception:
                 log.exception("background GC failed")
 
-    def handlers(self) -> dict[str, Handler]:
-        names = [
-            n
-            for n in dir(self)
-            if n.startswith(("content_", "images_", "snapshots_", "diff_", "leases_", "gc"))
-        ]
-        table: dict[str, Handler] = {}
-        for name in names:
-            service, _, method = name.partition("_")
-            if service == "gc" and not method:
-                table["gc"] = getattr(self, name)
-            elif method:
-                if method.startswith("write_"):  # content.write.open/chunk/commit/abort
-                    method = "write." + method[len("write_") :]
-                table[f"{service}.{method}"] = getattr(self, name)
-        return table
+    def handlers(self) -> dict[str, TypedHandler]:
+        return {
+            "content.info": self.content_info,
+            "content.list": self.content_list,
+            "content.read": self.content_read,
+            "content.update": self.content_update,
+            "content.delete": self.content_delete,
+            "content.write.open": self.content_write_open,
+            "content.write.chunk": self.content_write_chunk,
+            "content.write.commit": self.content_write_commit,
+            "content.write.abort": self.content_write_abort,
+            "content.status": self.content_status,
+            "content.ingests": self.content_ingests,
+            "images.create": self.images_create,
+            "images.update": self.images_update,
+            "images.get": self.images_get,
+            "images.list": self.images_list,
+            "images.tag": self.images_tag,
+            "images.delete": self.images_delete,
+            "images.import": self.images_import,
+            "images.export": self.images_export,
+            "images.pull": self.images_pull,
+            "images.push": self.images_push,
+            "images.unpack": self.images_unpack,
+            "images.spec": self.images_spec,
+            "snapshots.prepare": self.snapshots_prepare,
+            "snapshots.view": self.snapshots_view,
+            "snapshots.mounts": self.snapshots_mounts,
+            "snapshots.commit": self.snapshots_commit,
+            "snapshots.remove": self.snapshots_remove,
+            "snapshots.stat": self.snapshots_stat,
+            "snapshots.update": self.snapshots_update,
+            "snapshots.usage": self.snapshots_usage,
+            "snapshots.list": self.snapshots_list,
+            "diff.apply": self.diff_apply,
+            "diff.diff": self.diff_diff,
+            "leases.create": self.leases_create,
+            "leases.list": self.leases_list,
+            "leases.delete": self.leases_delete,
+            "leases.add_resource": self.leases_add_resource,
+            "leases.delete_resource": self.leases_delete_resource,
+            "leases.resources": self.leases_resources,
+            "gc": self.gc,
+        }
 
     # -- content --------------------------------------------------------------------------
 
-    async def content_info(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return self.storage.content_info(ctx.namespace, validate_digest(p.get("digest")))
+    async def content_info(self, ctx: CallContext, p: schema.ContentDigest) -> Any:
+        return self.storage.content_info(ctx.namespace, p.digest)
 
-    async def content_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return paged("content", self.storage.store.list_content(ctx.namespace), "digest", p)
+    async def content_list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        return paged("content", self.storage.store.list_content(ctx.namespace), "digest", p.page)
 
-    async def content_read(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        offset, size = p.get("offset", 0), p.get("size", MAX_READ)
-        if not isinstance(offset, int) or not isinstance(size, int) or offset < 0:
-            raise InvalidArgument("offset and size must be integers")
-        size = min(size if size > 0 else MAX_READ, MAX_READ)
-        data = await in_thread(
-            self.storage.content_read, ctx.namespace, validate_digest(p.get("digest")), offset, size
-        )
-        return {"data": data, "offset": offset}
+    async def content_read(self, ctx: CallContext, p: schema.ContentRead) -> Any:
+        size = min(p.size if p.size > 0 else MAX_READ, MAX_READ)
+        data = await in_thread(self.storage.content_read, ctx.namespace, p.digest, p.offset, size)
+        return {"data": data, "offset": p.offset}
 
-    async def content_update(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return self.storage.store.update_content(
-            ctx.namespace, validate_digest(p.get("digest")), check_labels(p.get("labels"))
-        )
+    async def content_update(self, ctx: CallContext, p: schema.ContentUpdate) -> Any:
+        return self.storage.store.update_content(ctx.namespace, p.digest, check_labels(p.labels))
 
-    async def content_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        digest = validate_digest(p.get("digest"))
-        self.storage.freeing(lambda: self.storage.content_delete(ctx.namespace, digest))
+    async def content_delete(self, ctx: CallContext, p: schema.ContentDigest) -> Any:
+        self.storage.freeing(lambda: self.storage.content_delete(ctx.namespace, p.digest))
         return {}
 
     def _writers(self, ctx: CallContext) -> dict[str, Writer]:
@@ -145,73 +156,59 @@ class StorageApi:
             ctx.on_close.append(release)
         return writers
 
-    async def content_write_open(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def content_write_open(self, ctx: CallContext, p: schema.WriteOpen) -> Any:
         """Open (or resume) an ingest on this connection: returns the offset to write at,
         or `exists` when the expected digest is already stored."""
-        ref = validate_ref(p.get("ref"))
-        total, expected = p.get("total", 0), _str(p, "expected", required=False)
-        if not isinstance(total, int) or total < 0:
-            raise InvalidArgument("total must be a non-negative integer")
         writers = self._writers(ctx)
-        if ref in writers:
-            raise FailedPrecondition(f"ingest {ref!r} is already open on this connection")
+        if p.ref in writers:
+            raise FailedPrecondition(f"ingest {p.ref!r} is already open on this connection")
         try:
             writer = await in_thread(
-                self.storage.open_writer, ctx.namespace, ref, total, expected, ctx.lease
+                self.storage.open_writer, ctx.namespace, p.ref, p.total, p.expected or "", ctx.lease
             )
         except AlreadyExists:
             return {"exists": True, "offset": 0}
-        writers[ref] = writer
+        writers[p.ref] = writer
         writer.lease = ctx.lease  # the commit records the blob under it
         return {"exists": False, "offset": writer.offset}
 
-    def _writer(self, ctx: CallContext, p: dict[str, Any]) -> tuple[str, Writer]:
-        ref = validate_ref(p.get("ref"))
+    def _writer(self, ctx: CallContext, ref: str) -> Writer:
         writer = self._writers(ctx).get(ref)
         if writer is None:
             raise FailedPrecondition(f"ingest {ref!r} is not open on this connection")
-        return ref, writer
+        return writer
 
-    async def content_write_chunk(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        _, writer = self._writer(ctx, p)
-        data, offset = p.get("data"), p.get("offset")
-        if not isinstance(data, bytes):
-            raise InvalidArgument("data must be bytes")
-        if offset is not None and not isinstance(offset, int):
-            raise InvalidArgument("offset must be an integer")
-        return {"offset": await in_thread(writer.write, data, offset)}
+    async def content_write_chunk(self, ctx: CallContext, p: schema.WriteChunk) -> Any:
+        writer = self._writer(ctx, p.ref)
+        return {"offset": await in_thread(writer.write, p.data, p.offset)}
 
-    async def content_write_commit(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        ref, writer = self._writer(ctx, p)
-        size = p.get("size", 0)
-        if not isinstance(size, int):
-            raise InvalidArgument("size must be an integer")
+    async def content_write_commit(self, ctx: CallContext, p: schema.WriteCommit) -> Any:
+        writer = self._writer(ctx, p.ref)
         try:
             digest = await in_thread(
                 self.storage.commit,
                 ctx.namespace,
                 writer,
-                size,
-                _str(p, "expected", required=False),
-                check_labels(p.get("labels")),
+                p.size,
+                p.expected or "",
+                check_labels(p.labels),
                 ctx.lease or writer.lease,
             )
         finally:
-            self._writers(ctx).pop(ref, None)
+            self._writers(ctx).pop(p.ref, None)
         return {"digest": digest}
 
-    async def content_write_abort(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        ref = validate_ref(p.get("ref"))
-        writer = self._writers(ctx).pop(ref, None)
+    async def content_write_abort(self, ctx: CallContext, p: schema.IngestRef) -> Any:
+        writer = self._writers(ctx).pop(p.ref, None)
         if writer is not None:
             writer.close()
-        self.storage.content.abort(f"{ctx.namespace}/{ref}")
+        self.storage.content.abort(f"{ctx.namespace}/{p.ref}")
         return {}
 
-    async def content_status(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        status = self.storage.content.status(f"{ctx.namespace}/{validate_ref(p.get('ref'))}")
+    async def content_status(self, ctx: CallContext, p: schema.IngestRef) -> Any:
+        status = self.storage.content.status(f"{ctx.namespace}/{p.ref}")
         return {
-            "ref": p["ref"],
+            "ref": p.ref,
             "offset": status.offset,
             "total": status.total,
             "expected": status.expected,
@@ -219,7 +216,7 @@ class StorageApi:
             "updated_at": status.updated_at,
         }
 
-    async def content_ingests(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def content_ingests(self, ctx: CallContext, p: schema.Empty) -> Any:
         prefix = ctx.namespace + "/"
         return {
             "ingests": [
@@ -238,103 +235,99 @@ class StorageApi:
 
     # -- images ---------------------------------------------------------------------------
 
-    async def images_create(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_create(self, ctx: CallContext, p: schema.ImagePut) -> Any:
         return self._put_image(ctx, p, create=True, update=False)
 
-    async def images_update(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_update(self, ctx: CallContext, p: schema.ImagePut) -> Any:
         return self._put_image(ctx, p, create=False, update=True)
 
-    def _put_image(self, ctx: CallContext, p: dict[str, Any], *, create: bool, update: bool) -> Any:
-        name = _str(p, "name")
-        target = Descriptor.from_wire(p.get("target"))
+    def _put_image(
+        self, ctx: CallContext, p: schema.ImagePut, *, create: bool, update: bool
+    ) -> Any:
+        target = Descriptor.from_wire(msgspec.to_builtins(p.target))
         self.storage.store.get_content(ctx.namespace, target.digest)  # must be there
         image = self.storage.store.put_image(
             ctx.namespace,
-            name,
+            p.name,
             target.to_wire(),
-            check_labels(p.get("labels")),
+            check_labels(p.labels),
             create=create,
             update=update,
         )
         self.publish(
-            ctx.namespace, "/images/create" if create else "/images/update", {"name": name}
+            ctx.namespace, "/images/create" if create else "/images/update", {"name": p.name}
         )
         return image
 
-    async def images_get(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return self.storage.store.get_image(ctx.namespace, _str(p, "name"))
+    async def images_get(self, ctx: CallContext, p: schema.ImageRef) -> Any:
+        return self.storage.store.get_image(ctx.namespace, p.name)
 
-    async def images_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return paged("images", self.storage.store.list_images(ctx.namespace), "name", p)
+    async def images_list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        return paged("images", self.storage.store.list_images(ctx.namespace), "name", p.page)
 
-    async def images_tag(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        source = self.storage.store.get_image(ctx.namespace, _str(p, "source"))
+    async def images_tag(self, ctx: CallContext, p: schema.ImagesTag) -> Any:
+        source = self.storage.store.get_image(ctx.namespace, p.source)
         image = self.storage.store.put_image(
             ctx.namespace,
-            _str(p, "target"),
+            p.target,
             source["target"],
             source["labels"],
             create=True,
-            update=bool(p.get("force")),
+            update=p.force,
         )
         self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
         return image
 
-    async def _collect_after_delete(self, p: dict[str, Any]) -> None:
+    async def _collect_after_delete(self, sync: bool) -> None:
         """`sync`: collect now, before answering; otherwise the background collector runs
         shortly (containerd's scheduler behaves alike)."""
-        if p.get("sync"):
+        if sync:
             await self._gc()
         else:
             self.request_gc()
 
-    async def images_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        name = _str(p, "name")
-        self.storage.freeing(lambda: self.storage.store.delete_image(ctx.namespace, name))
-        self.publish(ctx.namespace, "/images/delete", {"name": name})
-        await self._collect_after_delete(p)
+    async def images_delete(self, ctx: CallContext, p: schema.ImagesDelete) -> Any:
+        self.storage.freeing(lambda: self.storage.store.delete_image(ctx.namespace, p.name))
+        self.publish(ctx.namespace, "/images/delete", {"name": p.name})
+        await self._collect_after_delete(p.sync)
         return {}
 
-    async def images_import(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_import(self, ctx: CallContext, p: schema.ImagesImport) -> Any:
         created = await in_thread(
             self.storage.import_archive,
             ctx.namespace,
-            _str(p, "path"),
-            name=_str(p, "name", required=False) or None,
-            unpack=bool(p.get("unpack", True)),
-            snapshotter=_str(p, "snapshotter", required=False) or None,
+            p.path,
+            name=p.name or None,
+            unpack=p.unpack,
+            snapshotter=p.snapshotter or None,
             lease_id=ctx.lease,
         )
         for image in created:
             self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
         return {"images": created}
 
-    async def images_export(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        names = p.get("names")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise InvalidArgument("names must be a non-empty list of image names")
-        platform = _str(p, "platform", required=False)
+    async def images_export(self, ctx: CallContext, p: schema.ImagesExport) -> Any:
         return await in_thread(
             self.storage.export_archive,
             ctx.namespace,
-            names,
-            _str(p, "path"),
-            images.parse_platform(platform) if platform else None,
-            all_platforms=not platform,
+            p.names,
+            p.path,
+            images.parse_platform(p.platform) if p.platform else None,
+            all_platforms=not p.platform,
         )
 
     @contextlib.asynccontextmanager
-    async def _registry(self, ref: Any, p: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _registry(self, ref: Any, p: schema.Registry) -> AsyncIterator[Any]:
         """A registry client for one pull or push: transport failures typed, closed after."""
         from berth.daemon.storage import registry
 
         client = registry.RegistryClient(
             ref,
-            plain_http=bool(p.get("plain_http")),
-            username=_str(p, "username", required=False),
-            password=_str(p, "password", required=False),
-            tls_ca=_str(p, "tls_ca", required=False),
-            tls_skip_verify=bool(p.get("tls_skip_verify")),
+            plain_http=p.plain_http,
+            username=p.username or "",
+            password=p.password or "",
+            tls_ca=p.tls_ca or "",
+            tls_skip_verify=p.tls_skip_verify,
         )
         try:
             async with registry.transport_errors(ref.host):
@@ -342,13 +335,12 @@ class StorageApi:
         finally:
             await client.aclose()
 
-    async def images_pull(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_pull(self, ctx: CallContext, p: schema.ImagesPull) -> Any:
         """Stream progress items, then one {kind: result} item."""
         from berth.daemon import reference
         from berth.daemon.storage import registry
 
-        ref = reference.parse(_str(p, "ref"))
-        platform = _str(p, "platform", required=False)
+        ref = reference.parse(p.ref)
         async with self._registry(ref, p) as client:
             image = await registry.pull(
                 self.storage,
@@ -356,9 +348,9 @@ class StorageApi:
                 ref,
                 client,
                 ctx.send_item,
-                platform=images.parse_platform(platform) if platform else None,
-                unpack=bool(p.get("unpack", True)),
-                snapshotter=_str(p, "snapshotter", required=False) or None,
+                platform=images.parse_platform(p.platform) if p.platform else None,
+                unpack=p.unpack,
+                snapshotter=p.snapshotter or None,
             )
         self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
         await ctx.send_item(
@@ -366,198 +358,170 @@ class StorageApi:
         )
         return STREAM_DONE
 
-    async def images_push(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_push(self, ctx: CallContext, p: schema.ImagesPush) -> Any:
         from berth.daemon import reference
         from berth.daemon.storage import registry
 
-        ref = reference.parse(_str(p, "ref"))
-        local = _str(p, "local", required=False) or str(ref)
-        platform = _str(p, "platform", required=False)
+        ref = reference.parse(p.ref)
         async with self._registry(ref, p) as client:
             top = await registry.push(
                 self.storage,
                 ctx.namespace,
-                local,
+                p.local or str(ref),
                 ref,
                 client,
                 ctx.send_item,
-                images.parse_platform(platform) if platform else None,
+                images.parse_platform(p.platform) if p.platform else None,
             )
         await ctx.send_item({"kind": "result", "name": str(ref), "digest": top["digest"]})
         return STREAM_DONE
 
-    async def images_unpack(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        platform = _str(p, "platform", required=False)
+    async def images_unpack(self, ctx: CallContext, p: schema.ImagesUnpack) -> Any:
         chain = await in_thread(
             self.storage.unpack,
             ctx.namespace,
-            _str(p, "name"),
-            _str(p, "snapshotter", required=False) or None,
-            images.parse_platform(platform) if platform else None,
+            p.name,
+            p.snapshotter or None,
+            images.parse_platform(p.platform) if p.platform else None,
             ctx.lease,
         )
         return {"chain_id": chain}
 
-    async def images_spec(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def images_spec(self, ctx: CallContext, p: schema.ImagesSpec) -> Any:
         """An OCI runtime spec for a container of an image (its config on safe defaults)."""
-
-        def strings(key: str) -> list[str] | None:
-            value = p.get(key)
-            if value is None:
-                return None
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidArgument(f"{key} must be a list of strings")
-            return value
-
-        user = p.get("user")
-        if user is not None and not isinstance(user, str):
-            raise InvalidArgument("user must be a string")
         spec = await in_thread(
             self.storage.image_spec,
             ctx.namespace,
-            _str(p, "image"),
-            validate(p.get("id"), "container id"),
-            snapshotter=_str(p, "snapshotter", required=False) or None,
-            args=strings("args"),
-            env=strings("env"),
-            cwd=_str(p, "cwd", required=False) or None,
-            user=user,
-            terminal=bool(p.get("terminal")),
+            p.image,
+            p.id,
+            snapshotter=p.snapshotter or None,
+            args=p.args,
+            env=p.env,
+            cwd=p.cwd or None,
+            user=p.user,
+            terminal=p.terminal,
         )
-        chain = await in_thread(self.storage.image_chain, ctx.namespace, _str(p, "image"))
+        chain = await in_thread(self.storage.image_chain, ctx.namespace, p.image)
         return {"spec": spec, "chain_id": chain}
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def _snap(self, p: dict[str, Any]) -> str | None:
-        return _str(p, "snapshotter", required=False) or None
-
-    async def _prepare(self, ctx: CallContext, p: dict[str, Any], *, view: bool) -> Any:
+    async def _prepare(self, ctx: CallContext, p: schema.SnapshotPrepare, *, view: bool) -> Any:
         mounts = await in_thread(
             self.storage.prepare,
             ctx.namespace,
-            self._snap(p),
-            _str(p, "key"),
-            _str(p, "parent", required=False),
-            check_labels(p.get("labels")),
+            p.snapshotter or None,
+            p.key,
+            p.parent or "",
+            check_labels(p.labels),
             ctx.lease,
             view=view,
         )
         return {"mounts": [m.to_wire() for m in mounts]}
 
-    async def snapshots_prepare(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def snapshots_prepare(self, ctx: CallContext, p: schema.SnapshotPrepare) -> Any:
         return await self._prepare(ctx, p, view=False)
 
-    async def snapshots_view(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def snapshots_view(self, ctx: CallContext, p: schema.SnapshotPrepare) -> Any:
         return await self._prepare(ctx, p, view=True)
 
-    async def snapshots_mounts(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        mounts = self.storage.snapshot_mounts(ctx.namespace, self._snap(p), _str(p, "key"))
+    async def snapshots_mounts(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
+        mounts = self.storage.snapshot_mounts(ctx.namespace, p.snapshotter or None, p.key)
         return {"mounts": [m.to_wire() for m in mounts]}
 
-    async def snapshots_commit(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def snapshots_commit(self, ctx: CallContext, p: schema.SnapshotCommit) -> Any:
         await in_thread(
             self.storage.snapshot_commit,
             ctx.namespace,
-            self._snap(p),
-            _str(p, "name"),
-            _str(p, "key"),
-            check_labels(p.get("labels")),
+            p.snapshotter or None,
+            p.name,
+            p.key,
+            check_labels(p.labels),
             ctx.lease,
         )
         return {}
 
-    async def snapshots_remove(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        snapshotter, key = self._snap(p), _str(p, "key")
+    async def snapshots_remove(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
         await in_thread(
             self.storage.freeing,
-            lambda: self.storage.snapshot_remove(ctx.namespace, snapshotter, key),
+            lambda: self.storage.snapshot_remove(ctx.namespace, p.snapshotter or None, p.key),
         )
         return {}
 
-    async def snapshots_stat(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return self.storage.snapshot_info(ctx.namespace, self._snap(p), _str(p, "key"))
+    async def snapshots_stat(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
+        return self.storage.snapshot_info(ctx.namespace, p.snapshotter or None, p.key)
 
-    async def snapshots_update(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def snapshots_update(self, ctx: CallContext, p: schema.SnapshotUpdate) -> Any:
         return self.storage.snapshot_update(
-            ctx.namespace, self._snap(p), _str(p, "key"), check_labels(p.get("labels"))
+            ctx.namespace, p.snapshotter or None, p.key, check_labels(p.labels)
         )
 
-    async def snapshots_usage(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def snapshots_usage(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
         return await in_thread(
-            self.storage.snapshot_usage, ctx.namespace, self._snap(p), _str(p, "key")
+            self.storage.snapshot_usage, ctx.namespace, p.snapshotter or None, p.key
         )
 
-    async def snapshots_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        snapshots = self.storage.snapshot_list(ctx.namespace, self._snap(p))
-        return paged("snapshots", snapshots, "key", p)
+    async def snapshots_list(self, ctx: CallContext, p: schema.SnapshotList) -> Any:
+        snapshots = self.storage.snapshot_list(ctx.namespace, p.snapshotter or None)
+        return paged("snapshots", snapshots, "key", p.page)
 
     # -- diff -----------------------------------------------------------------------------
 
-    async def diff_apply(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        layer = Descriptor.from_wire(p.get("layer"))
+    async def diff_apply(self, ctx: CallContext, p: schema.DiffApply) -> Any:
+        layer = Descriptor.from_wire(msgspec.to_builtins(p.layer))
         diff = await in_thread(
             self.storage.apply,
             ctx.namespace,
             layer,
-            _mounts(p.get("mounts"), "mounts"),
-            _str(p, "expected_diff_id", required=False),
+            [Mount.from_wire(m) for m in p.mounts],
+            p.expected_diff_id or "",
         )
         return {"applied": diff.to_wire()}
 
-    async def diff_diff(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        media_type = _str(p, "media_type", required=False) or images.OCI_LAYER_GZIP
+    async def diff_diff(self, ctx: CallContext, p: schema.DiffDiff) -> Any:
         desc = await in_thread(
             self.storage.diff,
             ctx.namespace,
-            _mounts(p.get("lower") or [], "lower"),
-            _mounts(p.get("upper"), "upper"),
-            media_type,
-            check_labels(p.get("labels")),
+            [Mount.from_wire(m) for m in p.lower],
+            [Mount.from_wire(m) for m in p.upper],
+            p.media_type or images.OCI_LAYER_GZIP,
+            check_labels(p.labels),
             ctx.lease,
         )
         return {"diff": desc.to_wire()}
 
     # -- leases ---------------------------------------------------------------------------
 
-    async def leases_create(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        lease_id = _str(p, "id", required=False) or f"lease-{time.time_ns()}"
-        expire = p.get("expire_seconds", 0)
-        if not isinstance(expire, (int, float)) or expire < 0:
-            raise InvalidArgument("expire_seconds must be a non-negative number")
-        labels = check_labels(p.get("labels"))
-        expires_at = time.time_ns() + int(expire * 1e9) if expire else 0
+    async def leases_create(self, ctx: CallContext, p: schema.LeasesCreate) -> Any:
+        lease_id = p.id or f"lease-{time.time_ns()}"
+        labels = check_labels(p.labels)
+        expires_at = time.time_ns() + int(p.expire_seconds * 1e9) if p.expire_seconds else 0
         gc_expire = labels.get("containerd.io/gc.expire")  # containerd's label, RFC 3339
         if gc_expire and not expires_at:
             expires_at = _rfc3339_ns(gc_expire)
         return self.storage.store.create_lease(ctx.namespace, lease_id, labels, expires_at)
 
-    async def leases_list(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p)
+    async def leases_list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p.page)
 
-    async def leases_delete(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        lease_id = _str(p, "id")
-        self.storage.freeing(lambda: self.storage.store.delete_lease(ctx.namespace, lease_id))
-        await self._collect_after_delete(p)
+    async def leases_delete(self, ctx: CallContext, p: schema.LeasesDelete) -> Any:
+        self.storage.freeing(lambda: self.storage.store.delete_lease(ctx.namespace, p.id))
+        await self._collect_after_delete(p.sync)
         return {}
 
-    async def leases_add_resource(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        self.storage.store.add_lease_resource(
-            ctx.namespace, _str(p, "id"), _str(p, "kind"), _str(p, "key")
-        )
+    async def leases_add_resource(self, ctx: CallContext, p: schema.LeaseResource) -> Any:
+        self.storage.store.add_lease_resource(ctx.namespace, p.id, p.kind, p.key)
         return {}
 
-    async def leases_delete_resource(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        self.storage.store.delete_lease_resource(
-            ctx.namespace, _str(p, "id"), _str(p, "kind"), _str(p, "key")
-        )
+    async def leases_delete_resource(self, ctx: CallContext, p: schema.LeaseResource) -> Any:
+        self.storage.store.delete_lease_resource(ctx.namespace, p.id, p.kind, p.key)
         return {}
 
-    async def leases_resources(self, ctx: CallContext, p: dict[str, Any]) -> Any:
-        resources = self.storage.store.lease_resources(ctx.namespace, _str(p, "id"))
+    async def leases_resources(self, ctx: CallContext, p: schema.LeaseId) -> Any:
+        resources = self.storage.store.lease_resources(ctx.namespace, p.id)
         return {"resources": [{"kind": k, "key": v} for k, v in resources]}
 
-    async def gc(self, ctx: CallContext, p: dict[str, Any]) -> Any:
+    async def gc(self, ctx: CallContext, p: schema.Empty) -> Any:
         return (await self._gc()).to_wire()
 
     async def _gc(self) -> GCResult:
@@ -567,10 +531,6 @@ class StorageApi:
         result: GCResult = await in_thread(self.storage.freeing, lambda: self.storage.gc(protected))
         await in_thread(self.storage.reserve.restore)
         return result
-
-    def protected(self) -> set[tuple[str, str]]:
-        """Hook: snapshots the task service needs kept (set by the daemon)."""
-        return set()
 
 
 def _rfc3339_ns(text: str) -> int:

@@ -7,5 +7,6 @@
 
 Runs in berthd's trio loop. May import berth.daemon's pure leaves, rpc, events, metadata
 and storage (for a container's snapshot mounts), and berth.shim (its wire kernel, its
-state and exit files, ShimConfig); never the API, the CLI or the gRPC front end.
+state and exit files, ShimConfig), and the API contract (api.schema) for the records it
+takes; never the handlers, the CLI or the gRPC front end.
 """

@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
+from berth.daemon.api import schema
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
-from berth.daemon.metadata import Store
+from berth.daemon.metadata import Container, Store
 from berth.daemon.rpc import RpcClient, guarded
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks import shims
@@ -53,7 +55,7 @@ from berth.shim.wire.errors import (
     NotFound,
     Unavailable,
 )
-from berth.shim.wire.names import is_valid, validate
+from berth.shim.wire.names import is_valid
 from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOPPED, UNKNOWN_EXIT
 
 log = logging.getLogger("berthd.tasks")
@@ -196,79 +198,31 @@ class TaskService:
     # -- creation
 
     async def create(
-        self, namespace: str, container_id: str, params: dict[str, Any]
+        self, namespace: str, container_id: str, params: schema.TasksCreate
     ) -> dict[str, Any]:
+        """Prepare the bundle, spawn and attach a shim, and have it create the container."""
         began = time.perf_counter()
         key = (namespace, container_id)
         container = self._store.get_container(namespace, container_id)
         if key in self._tasks or key in self._reserved:
             raise AlreadyExists(f"task {container_id} already exists")
-        entry = self._config.runtime_entry(container.runtime)
-        if entry is None:
-            raise InvalidArgument(f"unknown runtime {container.runtime!r}")
-        binary = container.runtime_options.get("binary_name") or entry.binary
-        if not shutil.which(binary):
-            raise NotFound(f"OCI runtime binary {binary!r} not found for runtime {entry.name}")
+        runtime = self._runtime_config(container, namespace)
         self._reserved.add(key)
         handle: TaskHandle | None = None
         bundle = self._bundle(namespace, container_id)
         try:
-            raw_rootfs = params.get("rootfs")
-            if raw_rootfs:
-                if not isinstance(raw_rootfs, list):
-                    raise InvalidArgument("rootfs must be a list of mounts")
-                mounts = [Mount.from_wire(m) for m in raw_rootfs]
-            elif container.snapshot_key:
-                mounts = self._storage.snapshot_mounts(
-                    namespace, container.snapshotter or None, container.snapshot_key
-                )
-            else:
-                mounts = []
-            spec = await self._prepare_spec(container.spec, bundle, bool(mounts))
-            if os.path.lexists(bundle):
-                await trio.to_thread.run_sync(remove_bundle, bundle)
-            os.makedirs(bundle, mode=0o700)
-            _write_json(os.path.join(bundle, "config.json"), spec)
-            root_option = container.runtime_options.get("root")
-            if isinstance(root_option, str) and root_option:
-                runtime_root = os.path.join(root_option, namespace)  # as containerd's shim
-            else:
-                runtime_root = self._config.runtime_root(entry, namespace)
-            runtime = RuntimeConfig(
-                binary=binary,
-                root=runtime_root,
-                args=entry.args,
-                systemd_cgroup=entry.systemd_cgroup
-                or container.runtime_options.get("systemd_cgroup") is True,
-            )
+            mounts = self._rootfs_mounts(container, params)
+            await self._write_bundle(bundle, container.spec, bool(mounts))
             handle = TaskHandle(
                 namespace, container_id, bundle, self._socket(namespace, container_id), runtime
             )
-            shim_config = ShimConfig(container_id, namespace, bundle, handle.address, runtime)
             t0 = time.perf_counter()
-            with trio.CancelScope(shield=True):  # a cancelled create must know its shim
-                handle.shim_pid = await self._zygote.spawn(
-                    shim_config, os.path.join(bundle, "shim.log")
-                )
-            handle.shim_start_time = process_start_time(handle.shim_pid) or 0
+            await self._spawn_shim(handle)
             t1 = time.perf_counter()
             await self._attach(handle)
             t2 = time.perf_counter()
-            io = {
-                k: params.get(k)
-                for k in ("stdin", "stdout", "stderr", "terminal", "width", "height")
-            }
-            io["rootfs"] = [m.to_wire() for m in mounts]
-            if params.get("log"):
-                log_config: dict[str, Any] = {
-                    "max_size": self._config.log_max_size,
-                    "max_files": self._config.log_max_files,
-                }
-                if isinstance(params["log"], dict):
-                    log_config.update(params["log"])
-                io["log"] = log_config
             self._tasks[key] = handle
-            result = await self._call(handle, "create", io)
+            result = await self._call(handle, "create", self._create_params(params, mounts))
             handle.init.pid = int(result["pid"])
             log.debug(
                 "task %s/%s created: bundle %.1f ms, shim spawn %.1f ms, attach %.1f ms, "
@@ -291,6 +245,80 @@ class TaskService:
             raise
         finally:
             self._reserved.discard(key)
+
+    def _runtime_config(self, container: Container, namespace: str) -> RuntimeConfig:
+        """The OCI runtime of `container`: its configured entry, overridden by the
+        container's runtime options (containerd.runc.v1.Options' binary_name, root,
+        systemd_cgroup)."""
+        entry = self._config.runtime_entry(container.runtime)
+        if entry is None:
+            raise InvalidArgument(f"unknown runtime {container.runtime!r}")
+        options = container.runtime_options
+        binary = options.get("binary_name") or entry.binary
+        if not shutil.which(binary):
+            raise NotFound(f"OCI runtime binary {binary!r} not found for runtime {entry.name}")
+        root_option = options.get("root")
+        if isinstance(root_option, str) and root_option:
+            root = os.path.join(root_option, namespace)  # as containerd's shim
+        else:
+            root = self._config.runtime_root(entry, namespace)
+        return RuntimeConfig(
+            binary=binary,
+            root=root,
+            args=entry.args,
+            systemd_cgroup=entry.systemd_cgroup or options.get("systemd_cgroup") is True,
+        )
+
+    def _rootfs_mounts(self, container: Container, params: schema.TasksCreate) -> list[Mount]:
+        """The mounts of the task's rootfs: given with the create (ctr), or the
+        container's snapshot; none when the spec names a directory."""
+        if params.rootfs:
+            return [Mount.from_wire(m) for m in params.rootfs]
+        if container.snapshot_key:
+            return self._storage.snapshot_mounts(
+                container.namespace, container.snapshotter or None, container.snapshot_key
+            )
+        return []
+
+    async def _write_bundle(self, bundle: str, spec: dict[str, Any], has_mounts: bool) -> None:
+        prepared = await self._prepare_spec(spec, bundle, has_mounts)
+        if os.path.lexists(bundle):
+            await trio.to_thread.run_sync(remove_bundle, bundle)
+        os.makedirs(bundle, mode=0o700)
+        _write_json(os.path.join(bundle, "config.json"), prepared)
+
+    async def _spawn_shim(self, handle: TaskHandle) -> None:
+        config = ShimConfig(
+            handle.id, handle.namespace, handle.bundle, handle.address, handle.runtime
+        )
+        with trio.CancelScope(shield=True):  # a cancelled create must know its shim
+            handle.shim_pid = await self._zygote.spawn(
+                config, os.path.join(handle.bundle, "shim.log")
+            )
+        handle.shim_start_time = process_start_time(handle.shim_pid) or 0
+
+    def _create_params(self, params: schema.TasksCreate, mounts: list[Mount]) -> dict[str, Any]:
+        """What the shim's create takes: the stdio, the rootfs mounts, the log bounds."""
+        io: dict[str, Any] = {
+            "stdin": params.stdin,
+            "stdout": params.stdout,
+            "stderr": params.stderr,
+            "terminal": params.terminal,
+            "width": params.width,
+            "height": params.height,
+            "rootfs": [m.to_wire() for m in mounts],
+        }
+        if params.log:
+            log_config: dict[str, Any] = {
+                "max_size": self._config.log_max_size,
+                "max_files": self._config.log_max_files,
+            }
+            if isinstance(params.log, schema.LogOptions):
+                log_config.update(
+                    {k: v for k, v in msgspec.structs.asdict(params.log).items() if v is not None}
+                )
+            io["log"] = log_config
+        return io
 
     async def _prepare_spec(
         self, spec: dict[str, Any], bundle: str, has_mounts: bool
@@ -586,17 +614,22 @@ class TaskService:
         )
 
     async def exec(
-        self, namespace: str, container_id: str, exec_id: str, params: dict[str, Any]
+        self, namespace: str, container_id: str, exec_id: str, params: schema.TasksExec
     ) -> None:
-        validate(exec_id, "exec id")
         handle = self.get_handle(namespace, container_id)
         if exec_id in handle.execs:
             raise AlreadyExists(f"exec {exec_id} already exists")
         shim_params = {
-            k: params.get(k)
-            for k in ("stdin", "stdout", "stderr", "terminal", "spec", "width", "height", "log")
+            "exec_id": exec_id,
+            "stdin": params.stdin,
+            "stdout": params.stdout,
+            "stderr": params.stderr,
+            "terminal": params.terminal,
+            "spec": params.spec,
+            "width": params.width,
+            "height": params.height,
+            "log": msgspec.to_builtins(params.log) if params.log is not None else None,
         }
-        shim_params["exec_id"] = exec_id
         await self._call(handle, "exec", shim_params)
         handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
 
@@ -742,7 +775,7 @@ class TaskService:
     def list(self, namespace: str) -> list[dict[str, Any]]:
         return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
 
-    async def simple(
+    async def passthrough(
         self, namespace: str, container_id: str, method: str, params: dict[str, Any] | None = None
     ) -> Any:
         """Calls passed through to the shim as they are."""

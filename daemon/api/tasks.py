@@ -1,0 +1,94 @@
+"""The task handlers: tasks and processes, onto the task service (berth.daemon.tasks).
+
+Each one runs only once recovery is complete (schema: after_recovery): before that the
+task table does not yet hold every task the state dir holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from berth.daemon.api import schema
+from berth.daemon.api.core import signal_number
+from berth.daemon.api.routes import TypedHandler
+from berth.daemon.paging import paged
+from berth.daemon.rpc import CallContext
+from berth.daemon.tasks.service import TaskService
+
+
+class TaskApi:
+    def __init__(self, tasks: TaskService) -> None:
+        self.tasks = tasks
+
+    def handlers(self) -> dict[str, TypedHandler]:
+        return {
+            "tasks.create": self.create,
+            "tasks.start": self.start,
+            "tasks.kill": self.kill,
+            "tasks.delete": self.delete,
+            "tasks.delete_process": self.delete_process,
+            "tasks.wait": self.wait,
+            "tasks.exec": self.exec,
+            "tasks.pids": self.pids,
+            "tasks.pause": self.pause,
+            "tasks.resume": self.resume,
+            "tasks.resize": self.resize,
+            "tasks.close_io": self.close_io,
+            "tasks.metrics": self.metrics,
+            "tasks.update": self.update,
+            "tasks.get": self.get,
+            "tasks.list": self.list,
+        }
+
+    async def create(self, ctx: CallContext, p: schema.TasksCreate) -> Any:
+        return await self.tasks.create(ctx.namespace, p.container_id, p)
+
+    async def start(self, ctx: CallContext, p: schema.TaskRef) -> Any:
+        return await self.tasks.start(ctx.namespace, p.container_id, p.exec_id or None)
+
+    async def kill(self, ctx: CallContext, p: schema.TasksKill) -> Any:
+        signo = signal_number(p.signal)
+        await self.tasks.kill(ctx.namespace, p.container_id, signo, p.all, p.exec_id or None)
+        return {}
+
+    async def delete(self, ctx: CallContext, p: schema.TasksDelete) -> Any:
+        return await self.tasks.delete(ctx.namespace, p.container_id, p.force)
+
+    async def delete_process(self, ctx: CallContext, p: schema.TaskProcess) -> Any:
+        return await self.tasks.delete_process(ctx.namespace, p.container_id, p.exec_id)
+
+    async def wait(self, ctx: CallContext, p: schema.TaskRef) -> Any:
+        return await self.tasks.wait(ctx.namespace, p.container_id, p.exec_id or None)
+
+    async def exec(self, ctx: CallContext, p: schema.TasksExec) -> Any:
+        await self.tasks.exec(ctx.namespace, p.container_id, p.exec_id, p)
+        return {}
+
+    async def pids(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "pids")
+
+    async def pause(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "pause")
+
+    async def resume(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "resume")
+
+    async def resize(self, ctx: CallContext, p: schema.TasksResize) -> Any:
+        params = {"exec_id": p.exec_id or "", "width": p.width, "height": p.height}
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "resize_pty", params)
+
+    async def close_io(self, ctx: CallContext, p: schema.TasksCloseIO) -> Any:
+        params = {"exec_id": p.exec_id or "", "stdin": p.stdin}
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "close_io", params)
+
+    async def metrics(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "stats")
+
+    async def update(self, ctx: CallContext, p: schema.TasksUpdate) -> Any:
+        params = {"resources": p.resources}
+        return await self.tasks.passthrough(ctx.namespace, p.container_id, "update", params)
+
+    async def get(self, ctx: CallContext, p: schema.TaskRef) -> Any:
+        return await self.tasks.get(ctx.namespace, p.container_id, p.exec_id or None)
+
+    async def list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        return paged("tasks", self.tasks.list(ctx.namespace), "id", p.page)
