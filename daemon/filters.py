@@ -56,75 +56,108 @@ def _lookup(envelope: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]
     return True, node
 
 
+class _Scanner:
+    """The filter's characters, consumed left to right; errors name the position."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str) -> InvalidArgument:
+        return InvalidArgument(f"invalid filter {self.text!r} at {self.pos}: {message}")
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_spaces(self) -> None:
+        while self.peek().isspace():
+            self.pos += 1
+
+    def accept(self, token: str) -> bool:
+        if self.text.startswith(token, self.pos):
+            self.pos += len(token)
+            return True
+        return False
+
+    def field_part(self) -> str:
+        """One part of a dotted field name: a word, or "a quoted part" (dots and slashes)."""
+        if self.accept('"'):
+            end = self.text.find('"', self.pos)
+            if end < 0:
+                raise self.error("unterminated quoted field name")
+            part, self.pos = self.text[self.pos : end], end + 1
+        else:
+            start = self.pos
+            while self.peek().isalnum() or self.peek() in ("_", "-"):
+                self.pos += 1
+            part = self.text[start : self.pos]
+        if not part:
+            raise self.error("expected a field name")
+        return part
+
+    def quoted_value(self, quote: str) -> str:
+        r"""A value in "..." (a backslash escapes anything) or |...| (only \| is an escape,
+        so \d and friends reach a regular expression intact)."""
+        chars = []
+        while not self.at_end() and self.peek() != quote:
+            if self.peek() == "\\" and self.pos + 1 < len(self.text):
+                following = self.text[self.pos + 1]
+                if quote == '"' or following == "|":
+                    self.pos += 1
+            chars.append(self.peek())
+            self.pos += 1
+        if not self.accept(quote):
+            raise self.error("unterminated quoted value")
+        return "".join(chars)
+
+    def bare_value(self) -> str:
+        start = self.pos
+        while not self.at_end() and self.peek() != "," and not self.peek().isspace():
+            self.pos += 1
+        return self.text[start : self.pos]
+
+
+def _selector(scanner: _Scanner) -> _Selector:
+    """field[.field...] [op value]"""
+    path = [scanner.field_part()]
+    while scanner.accept("."):
+        path.append(scanner.field_part())
+    scanner.skip_spaces()
+    op, value, regex = "", "", None
+    for candidate in ("==", "!=", "~="):
+        if scanner.accept(candidate):
+            op = candidate
+            break
+    if op:
+        scanner.skip_spaces()
+        quote = scanner.peek()
+        if quote in ('"', "|"):
+            scanner.pos += 1
+            value = scanner.quoted_value(quote)
+        else:
+            value = scanner.bare_value()
+        if op == "~=":
+            regex = _compile(value, scanner.error)
+    return _Selector(tuple(path), op, value, regex)
+
+
 def parse_filter(text: str) -> Predicate:
-    """Parse one containerd filter string into a predicate on envelopes."""
+    """Parse one containerd filter string (selectors joined by commas: AND) into a
+    predicate on envelopes."""
     if len(text) > MAX_FILTER_LEN:
         raise InvalidArgument("filter too long")
+    scanner = _Scanner(text)
     selectors: list[_Selector] = []
-    i, n = 0, len(text)
-
-    def error(msg: str) -> InvalidArgument:
-        return InvalidArgument(f"invalid filter {text!r} at {i}: {msg}")
-
-    while i < n:
-        while i < n and text[i].isspace():
-            i += 1
-        parts: list[str] = []
-        while True:
-            if i < n and text[i] == '"':
-                end = text.find('"', i + 1)
-                if end < 0:
-                    raise error("unterminated quoted field name")
-                parts.append(text[i + 1 : end])
-                i = end + 1
-            else:
-                start = i
-                while i < n and (text[i].isalnum() or text[i] in "_-"):
-                    i += 1
-                parts.append(text[start:i])
-            if not parts[-1]:
-                raise error("expected a field name")
-            if i < n and text[i] == ".":
-                i += 1
-                continue
-            break
-        while i < n and text[i].isspace():
-            i += 1
-        op, value, regex = "", "", None
-        if text.startswith(("==", "!=", "~="), i):
-            op = text[i : i + 2]
-            i += 2
-            while i < n and text[i].isspace():
-                i += 1
-            if i < n and text[i] in '"|':
-                quote = text[i]
-                i += 1
-                chars = []
-                while i < n and text[i] != quote:
-                    # In |...| (regular expressions) only \| is an escape, so \d and
-                    # friends reach the regex intact; in "..." a backslash escapes anything.
-                    if text[i] == "\\" and i + 1 < n and (quote == '"' or text[i + 1] == "|"):
-                        i += 1
-                    chars.append(text[i])
-                    i += 1
-                if i >= n:
-                    raise error("unterminated quoted value")
-                i += 1
-                value = "".join(chars)
-            else:
-                start = i
-                while i < n and text[i] != "," and not text[i].isspace():
-                    i += 1
-                value = text[start:i]
-            if op == "~=":
-                regex = _compile(value, error)
-        while i < n and text[i].isspace():
-            i += 1
-        if i < n:
-            if text[i] != ",":
-                raise error("expected ','")
-            i += 1
-        selectors.append(_Selector(tuple(parts), op, value, regex))
+    scanner.skip_spaces()
+    while not scanner.at_end():
+        selectors.append(_selector(scanner))
+        scanner.skip_spaces()
+        if not scanner.at_end() and not scanner.accept(","):
+            raise scanner.error("expected ','")
+        scanner.skip_spaces()
     if not selectors:
         return lambda envelope: True
     return lambda envelope: all(s.matches(envelope) for s in selectors)

@@ -34,6 +34,7 @@ from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
 from berth.daemon.rpc import ServerConnection, guarded
+from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.daemon.tasks.shims import Zygote
@@ -75,7 +76,7 @@ async def serve(
             )
             if rebuild:
                 startup.rebuild_metadata(config, store, storage)
-            if dropped := storage.drop_temporary_leases():
+            if dropped := gc.drop_temporary_leases(storage):
                 log.info("dropped %d temporary lease(s) of a previous daemon", dropped)
             tasks = TaskService(config, store, exchange, nursery, zygote, storage)
             api = Api(

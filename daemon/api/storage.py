@@ -26,10 +26,11 @@ from berth.daemon.api.routes import TypedHandler
 from berth.daemon.metadata import check_labels
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext
-from berth.daemon.storage import images
+from berth.daemon.storage import images, transfer
 from berth.daemon.storage.content import Writer
+from berth.daemon.storage.gc import GCResult
 from berth.daemon.storage.images import Descriptor
-from berth.daemon.storage.service import GCResult, Storage
+from berth.daemon.storage.service import Storage
 from berth.shim.mount import Mount
 from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
@@ -294,7 +295,8 @@ class StorageApi:
 
     async def images_import(self, ctx: CallContext, p: schema.ImagesImport) -> Any:
         created = await in_thread(
-            self.storage.import_archive,
+            transfer.import_archive,
+            self.storage,
             ctx.namespace,
             p.path,
             name=p.name or None,
@@ -308,7 +310,8 @@ class StorageApi:
 
     async def images_export(self, ctx: CallContext, p: schema.ImagesExport) -> Any:
         return await in_thread(
-            self.storage.export_archive,
+            transfer.export_archive,
+            self.storage,
             ctx.namespace,
             p.names,
             p.path,
