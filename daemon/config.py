@@ -74,8 +74,6 @@ class Config:
     rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
 
     def __post_init__(self) -> None:
-        if not self.address:
-            self.address = os.path.join(self.state, "berthd.sock")
         if not self.runtimes:
             self.runtimes = {
                 "runc": RuntimeEntry("runc", "runc"),
@@ -138,7 +136,7 @@ def from_mapping(doc: dict[str, Any]) -> Config:
             if not isinstance(value, str):
                 raise InvalidArgument(f"config {key} must be a string")
             setattr(config, key, value)
-    if "address" not in doc:
+    if not config.address:  # the default: berthd.sock in the state dir (set or default)
         config.address = os.path.join(config.state, "berthd.sock")
     runtimes = doc.get("runtimes")
     if runtimes is not None:
@@ -210,8 +208,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(argv: list[str] | None = None) -> Config:
     args = parse_args(argv)
     doc: dict[str, Any] = load_file(args.config) if args.config else {}
-    if args.state and "address" not in doc and not args.address:
-        doc["address"] = os.path.join(args.state, "berthd.sock")
     for key in ("root", "state", "address", "default_runtime", "log_level"):
         value = getattr(args, key)
         if value:

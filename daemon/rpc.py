@@ -59,7 +59,7 @@ async def open_unix(path: str) -> trio.SocketStream:
 class _Pending:
     __slots__ = ("done", "error", "items", "result")
 
-    def __init__(self, stream: bool) -> None:
+    def __init__(self) -> None:
         self.done = trio.Event()
         self.result: Any = None
         self.error: BerthError | None = None
@@ -189,7 +189,7 @@ class RpcClient:
         if self.closed.is_set():
             raise Unavailable(f"{self.label}: connection closed")
         rid = self._conn.next_request_id()
-        pending = _Pending(stream=False)
+        pending = _Pending()
         self._pending[rid] = pending
         try:
             await self._write(self._conn.send(Request(rid, method, params or {}, meta)))
@@ -210,7 +210,7 @@ class RpcClient:
         if self.closed.is_set():
             raise Unavailable(f"{self.label}: connection closed")
         rid = self._conn.next_request_id()
-        self._pending[rid] = _Pending(stream=False)
+        self._pending[rid] = _Pending()
         await self._write(self._conn.send(Request(rid, method, params or {}, {})))
 
     async def stream(
@@ -220,7 +220,7 @@ class RpcClient:
         if self.closed.is_set():
             raise Unavailable(f"{self.label}: connection closed")
         rid = self._conn.next_request_id()
-        pending = _Pending(stream=True)
+        pending = _Pending()
         send, receive = trio.open_memory_channel[Any](buffer)
         pending.items = send
         self._pending[rid] = pending

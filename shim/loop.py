@@ -84,12 +84,6 @@ class Future(Generic[T]):
         else:
             self._callbacks.append(cb)
 
-    def remove_done_callback(self, cb: Callable[[Future[T]], None]) -> None:
-        try:
-            self._callbacks.remove(cb)
-        except ValueError:
-            pass
-
     def _fire(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:

@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 import prctl
 
@@ -28,19 +29,29 @@ from berth.shim.wire.protocol import PROTOCOL_VERSION
 from berth.shim.wire.unixsock import bind_unix
 
 # Signals the shim handles through a signalfd instead of dying of them.
-_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def run(config: ShimConfig, ready_fd: int | None = None) -> int:
-    """Run the shim's loop until it is shut down. Blocks SIGCHLD first: no thread exists
-    in a shim, ever, so the signalfd sees every SIGCHLD."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *_HANDLED})
-    prctl.set_child_subreaper(True)
-    prctl.set_name("berth-shim")
-    try:
-        prctl.set_proctitle(f"berth-shim {config.namespace}/{config.id}")
-    except Exception:  # cosmetic only
-        pass
+@dataclass
+class Shim:
+    """The parts of one running shim, wired together on one loop."""
+
+    loop: Loop
+    reaper: Reaper
+    queue: EventQueue
+    task: Task
+    server: ShimServer
+    signals: SignalFD
+
+    def close(self) -> None:
+        self.server.close()
+        self.reaper.close()
+        self.signals.close()
+
+
+def assemble(config: ShimConfig) -> Shim:
+    """Build a shim's loop, reaper, task, socket server and signalfd (what a real shim
+    and the zygote's rehearsal both run). SIGCHLD and HANDLED_SIGNALS must be blocked."""
     loop = Loop()
     reaper = Reaper(loop)
     queue = EventQueue()
@@ -50,8 +61,39 @@ def run(config: ShimConfig, ready_fd: int | None = None) -> int:
     os.chmod(socket_dir, 0o700)
     listener = bind_unix(config.socket, mode=0o600)
     server = ShimServer(loop, listener, task, queue)
+    return Shim(loop, reaper, queue, task, server, SignalFD(HANDLED_SIGNALS))
 
-    signals = SignalFD(_HANDLED)
+
+def record_state(config: ShimConfig) -> None:
+    """Write shim.json: how a (restarted, upgraded) daemon finds this shim again."""
+    state.write_state(
+        config.bundle,
+        state.ShimRecord(
+            version=state.STATE_VERSION,
+            pid=os.getpid(),
+            start_time=state.process_start_time(os.getpid()) or 0,
+            address=config.socket,
+            protocol=PROTOCOL_VERSION,
+            id=config.id,
+            namespace=config.namespace,
+            bundle=config.bundle,
+            runtime=config.runtime.to_params(),
+        ),
+    )
+
+
+def run(config: ShimConfig, ready_fd: int | None = None) -> int:
+    """Run the shim's loop until it is shut down. Blocks SIGCHLD first: no thread exists
+    in a shim, ever, so the signalfd sees every SIGCHLD."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *HANDLED_SIGNALS})
+    prctl.set_child_subreaper(True)
+    prctl.set_name("berth-shim")
+    try:
+        prctl.set_proctitle(f"berth-shim {config.namespace}/{config.id}")
+    except Exception:  # cosmetic only
+        pass
+    shim = assemble(config)
+    loop, task, signals = shim.loop, shim.task, shim.signals
 
     def on_signal() -> None:
         for info in signals.read():
@@ -62,21 +104,7 @@ def run(config: ShimConfig, ready_fd: int | None = None) -> int:
                 loop.stop()
 
     loop.add_reader(signals.fileno(), on_signal)
-    start_time = state.process_start_time(os.getpid()) or 0
-    state.write_state(
-        config.bundle,
-        state.ShimRecord(
-            version=state.STATE_VERSION,
-            pid=os.getpid(),
-            start_time=start_time,
-            address=config.socket,
-            protocol=PROTOCOL_VERSION,
-            id=config.id,
-            namespace=config.namespace,
-            bundle=config.bundle,
-            runtime=config.runtime.to_params(),
-        ),
-    )
+    record_state(config)
     if ready_fd is not None:
         os.write(ready_fd, f"ready {os.getpid()}".encode())
         os.close(ready_fd)
@@ -84,9 +112,7 @@ def run(config: ShimConfig, ready_fd: int | None = None) -> int:
     try:
         loop.run()
     finally:
-        server.close()
-        reaper.close()
-        signals.close()
+        shim.close()
         try:
             os.unlink(config.socket)
         except FileNotFoundError:

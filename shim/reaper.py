@@ -36,12 +36,6 @@ def exit_code(status: int) -> int:
     return 255
 
 
-def block_child_signals() -> None:
-    """Block SIGCHLD (and friends) for the signalfd. Call first thing in main, before any
-    thread exists: a thread that still has SIGCHLD unblocked would swallow it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-
-
 class Reaper:
     def __init__(self, loop: Loop) -> None:
         self._loop = loop

@@ -24,25 +24,16 @@ import signal
 import socket
 import tempfile
 
-from berth.native import SignalFD
-from berth.shim import state
-from berth.shim.api import ShimServer
-from berth.shim.events import EventQueue
-from berth.shim.loop import Loop
-from berth.shim.reaper import Reaper
+from berth.shim.main import HANDLED_SIGNALS, assemble, record_state
 from berth.shim.runtime import RuntimeConfig
-from berth.shim.task import ShimConfig, Task
+from berth.shim.task import ShimConfig
 from berth.shim.wire.protocol import (
-    PROTOCOL_VERSION,
     Connection,
     Hello,
     NeedData,
     Request,
     Role,
 )
-from berth.shim.wire.unixsock import bind_unix
-
-HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def rehearse(rounds: int = 4, directory: str | None = None) -> None:
@@ -56,7 +47,7 @@ def rehearse(rounds: int = 4, directory: str | None = None) -> None:
     else:
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *HANDLED})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *HANDLED_SIGNALS})
     try:
         for k in range(rounds):
             with contextlib.suppress(Exception):
@@ -78,30 +69,11 @@ def _session(directory: str, k: int, runtime_binary: str) -> None:
         socket=os.path.join(directory, "s", f"{k}.sock"),
         runtime=RuntimeConfig(binary=runtime_binary, root=os.path.join(directory, "rt")),
     )
-    loop = Loop()
-    reaper = Reaper(loop)
-    queue = EventQueue()
-    task = Task(loop, reaper, config, queue)
-    os.makedirs(os.path.dirname(config.socket), mode=0o700, exist_ok=True)
-    listener = bind_unix(config.socket, mode=0o600)
-    server = ShimServer(loop, listener, task, queue)
-    signals = SignalFD(HANDLED)
+    shim = assemble(config)
+    loop = shim.loop
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        state.write_state(
-            bundle,
-            state.ShimRecord(
-                version=state.STATE_VERSION,
-                pid=os.getpid(),
-                start_time=state.process_start_time(os.getpid()) or 0,
-                address=config.socket,
-                protocol=PROTOCOL_VERSION,
-                id=config.id,
-                namespace=config.namespace,
-                bundle=bundle,
-                runtime=config.runtime.to_params(),
-            ),
-        )
+        record_state(config)
         client.connect(config.socket)
         client.setblocking(False)
         conn = Connection(Role.CLIENT)
@@ -136,8 +108,6 @@ def _session(directory: str, k: int, runtime_binary: str) -> None:
         loop.forget_fd(client.fileno())
     finally:
         client.close()
-        server.close()
-        reaper.reap()
-        reaper.close()
-        signals.close()
+        shim.reaper.reap()
+        shim.close()
         loop.close()

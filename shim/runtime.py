@@ -79,6 +79,18 @@ class RuntimeResult:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def runtime_argv(config: RuntimeConfig, log_path: str, *command: str) -> list[str]:
+    """The command line of one runtime call, for the shim and for berthd alike (berthd
+    kills and deletes a container whose shim died): global options, then the command."""
+    argv = [config.binary]
+    if config.root:
+        argv += ["--root", config.root]
+    argv += ["--log", log_path, "--log-format", "json"]
+    if config.systemd_cgroup:
+        argv.append("--systemd-cgroup")
+    return argv + list(config.args) + list(command)
+
+
 class Runtime:
     """Builds argv for one runtime and runs it through the reaper."""
 
@@ -89,15 +101,7 @@ class Runtime:
         self.log_path = log_path
 
     def argv(self, *command: str) -> list[str]:
-        argv = [self.config.binary]
-        if self.config.root:
-            argv += ["--root", self.config.root]
-        argv += ["--log", self.log_path, "--log-format", "json"]
-        if self.config.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        argv += list(self.config.args)
-        argv += list(command)
-        return argv
+        return runtime_argv(self.config, self.log_path, *command)
 
     async def run(self, *command: str, stdio: Stdio | None = None) -> RuntimeResult:
         """Run one runtime command to completion; raise RuntimeCommandError on failure."""

@@ -10,7 +10,7 @@ import subprocess
 import msgpack
 import pytest
 
-from berth.shim.wire.client import Client, raw_socket
+from berth.shim.wire.client import Client
 from berth.shim.wire.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -18,6 +18,7 @@ from berth.shim.wire.errors import (
     Unimplemented,
 )
 from berth.shim.wire.protocol import HEADER, Connection, Hello, Role
+from berth.shim.wire.unixsock import connect_unix
 from tests.support.helpers import BERTH, Daemon
 
 
@@ -49,7 +50,7 @@ def _still_up(daemon: Daemon) -> None:
 
 
 def test_malformed_and_oversize_frames(daemon: Daemon) -> None:
-    sock = raw_socket(daemon.address)
+    sock = connect_unix(daemon.address, timeout=5.0)
     _, hello = _greeted()
     sock.sendall(hello)
     assert _recv_error(sock)[0] == 1  # WELCOME
@@ -62,7 +63,7 @@ def test_malformed_and_oversize_frames(daemon: Daemon) -> None:
     sock.close()
     _still_up(daemon)
     # Garbage before any handshake: refused, connection closed, daemon unaffected.
-    sock = raw_socket(daemon.address)
+    sock = connect_unix(daemon.address, timeout=5.0)
     sock.sendall(_frame(["not", "hello"]))
     assert _recv_error(sock)[0] == 4
     assert sock.recv(100) == b""

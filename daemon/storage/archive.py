@@ -27,7 +27,6 @@ import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -615,8 +614,3 @@ class _HashingWriter(io.RawIOBase):
     @property
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
-
-
-def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK):
-        yield chunk

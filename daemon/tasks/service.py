@@ -43,7 +43,7 @@ from berth.shim.exit import (
 )
 from berth.shim.fs import atomic_write, remove_tree
 from berth.shim.mount import Mount, unmount_all
-from berth.shim.runtime import RuntimeConfig
+from berth.shim.runtime import RuntimeConfig, runtime_argv
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
 from berth.shim.task import ShimConfig
 from berth.shim.wire import status as shim_topics
@@ -523,13 +523,15 @@ class TaskService:
     async def _runtime_cleanup(self, handle: TaskHandle) -> None:
         """Without a shim, the container must not run on: kill and delete it by runtime,
         and unmount the rootfs the shim had mounted."""
-        rt = handle.runtime
-        base = [rt.binary] + (["--root", rt.root] if rt.root else []) + list(rt.args)
+        log_path = os.path.join(handle.bundle, "runtime.log")
         for args in (["kill", "--all", handle.id, "KILL"], ["delete", "--force", handle.id]):
             try:
                 with trio.move_on_after(10):
                     await trio.run_process(
-                        base + args, check=False, capture_stdout=True, capture_stderr=True
+                        runtime_argv(handle.runtime, log_path, *args),
+                        check=False,
+                        capture_stdout=True,
+                        capture_stderr=True,
                     )
             except OSError as exc:
                 log.error("runtime cleanup of %s failed: %s", handle.id, exc)

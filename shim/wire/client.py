@@ -5,7 +5,6 @@ Works against berthd's socket and against a shim's socket alike.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -235,8 +234,3 @@ class Client:
                     self._send(Cancel(rid))
                 except BerthError:
                     pass
-
-
-def raw_socket(path: str) -> socket.socket:
-    """A connected socket without a handshake (for tests of bad input)."""
-    return connect_unix(path, timeout=5.0)

@@ -11,7 +11,6 @@ import re
 
 from berth.shim.wire.errors import InvalidArgument
 
-MAX_LENGTH = 76
 _PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
 
 

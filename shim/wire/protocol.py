@@ -282,10 +282,6 @@ class Connection:
     def open_requests(self) -> frozenset[int]:
         return frozenset(self._open)
 
-    @property
-    def is_open(self) -> bool:
-        return self._state == _State.OPEN
-
     def next_request_id(self) -> int:
         rid = self._next_id
         self._next_id += 1
