@@ -129,60 +129,63 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 def from_mapping(doc: dict[str, Any]) -> Config:
+    """A Config from a parsed TOML document; InvalidArgument names what is wrong."""
     config = Config()
     for key in ("root", "state", "address", "default_runtime", "log_level", "default_snapshotter"):
         if key in doc:
-            value = doc[key]
-            if not isinstance(value, str):
-                raise InvalidArgument(f"config {key} must be a string")
-            setattr(config, key, value)
+            setattr(config, key, _typed(doc, key, str, "config"))
     if not config.address:  # the default: berthd.sock in the state dir (set or default)
         config.address = os.path.join(config.state, "berthd.sock")
-    runtimes = doc.get("runtimes")
-    if runtimes is not None:
-        if not isinstance(runtimes, dict):
-            raise InvalidArgument("[runtimes] must be a table")
-        entries = {}
-        for name, table in runtimes.items():
-            validate(name, "runtime name")
-            if not isinstance(table, dict) or not isinstance(table.get("binary", name), str):
-                raise InvalidArgument(f"[runtimes.{name}] needs a binary string")
-            args = table.get("args", [])
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise InvalidArgument(f"[runtimes.{name}] args must be a list of strings")
-            entries[name] = RuntimeEntry(
-                name=name,
-                binary=str(table.get("binary", name)),
-                args=tuple(args),
-                root=str(table.get("root", "")),
-                systemd_cgroup=bool(table.get("systemd_cgroup", False)),
-            )
-        config.runtimes = entries
-    log = doc.get("container_log", {})
-    if isinstance(log, dict):
-        config.log_max_size = int(log.get("max_size", config.log_max_size))
-        config.log_max_files = int(log.get("max_files", config.log_max_files))
-    content = doc.get("content", {})
-    if not isinstance(content, dict):
-        raise InvalidArgument("[content] must be a table")
-    expiry = content.get("ingest_expiry", config.ingest_expiry)
+    if "runtimes" in doc:
+        config.runtimes = _runtimes(_table(doc, "runtimes"))
+    log = _table(doc, "container_log")
+    config.log_max_size = int(log.get("max_size", config.log_max_size))
+    config.log_max_files = int(log.get("max_files", config.log_max_files))
+    expiry = _table(doc, "content").get("ingest_expiry", config.ingest_expiry)
     if not isinstance(expiry, (int, float)) or isinstance(expiry, bool) or expiry <= 0:
         raise InvalidArgument("[content] ingest_expiry must be a positive number of seconds")
     config.ingest_expiry = float(expiry)
-    grpc = doc.get("grpc", {})
-    if not isinstance(grpc, dict):
-        raise InvalidArgument("[grpc] must be a table")
-    address = grpc.get("address", "")
-    if not isinstance(address, str):
-        raise InvalidArgument("[grpc] address must be a string")
-    config.grpc_address = address
-    gid = grpc.get("gid", 0)
-    if not isinstance(gid, int) or isinstance(gid, bool) or gid < 0:
+    grpc = _table(doc, "grpc")
+    config.grpc_address = _typed(grpc, "address", str, "[grpc]", "")
+    config.grpc_gid = _typed(grpc, "gid", int, "[grpc]", 0)
+    if config.grpc_gid < 0:
         raise InvalidArgument("[grpc] gid must be a group id")
-    config.grpc_gid = gid
     if "socket_group" in doc:
         config.socket_group = int(doc["socket_group"])
     return config
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"[{name}] must be a table")
+    return table
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    value = table.get(key, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"{where} {key} must be a {kind.__name__}")
+    return value
+
+
+def _runtimes(tables: dict[str, Any]) -> dict[str, RuntimeEntry]:
+    entries = {}
+    for name, table in tables.items():
+        validate(name, "runtime name")
+        if not isinstance(table, dict) or not isinstance(table.get("binary", name), str):
+            raise InvalidArgument(f"[runtimes.{name}] needs a binary string")
+        args = table.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise InvalidArgument(f"[runtimes.{name}] args must be a list of strings")
+        entries[name] = RuntimeEntry(
+            name=name,
+            binary=str(table.get("binary", name)),
+            args=tuple(args),
+            root=str(table.get("root", "")),
+            systemd_cgroup=bool(table.get("systemd_cgroup", False)),
+        )
+    return entries
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,8 @@ threaded, and berthd stays single-threaded and small).
 
     main         berth-grpc's entry point: the grpc.aio server on the containerd socket
     supervisor   berthd's side: start berth-grpc, restart it if it dies
-    services     one translation per containerd service, onto berthd's own API
+    services/    one module per containerd service, translating onto berthd's own API,
+                 and their binding to containerd's service descriptors
     convert      containerd's encodings (Any/JSON specs, runtime options, timestamps,
                  metrics, event envelopes) to and from berth's plain values
     client       the asyncio client of berthd's socket that the services use

@@ -72,7 +72,7 @@ async def serve(args: argparse.Namespace, parent_fd: int | None = None) -> None:
     import grpc
 
     from berth.daemon.grpc import convert as containerd_api
-    from berth.daemon.grpc.services import Backend, Services, generic_handlers
+    from berth.daemon.grpc.services import Backend, generic_handlers
 
     containerd_api.types()  # fail now, with a clear message, if the stubs are missing
     backend = Backend(args.berthd)
@@ -81,14 +81,13 @@ async def serve(args: argparse.Namespace, parent_fd: int | None = None) -> None:
         server_uuid = (await backend.call("introspection.server", {})).get("uuid", "")
     except Exception as exc:  # berthd may still be starting: the uuid is cosmetic
         log.warning("berthd not answering yet: %s", exc)
-    services = Services(backend, server_uuid)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ]
     )
-    server.add_generic_rpc_handlers(generic_handlers(services))
+    server.add_generic_rpc_handlers(generic_handlers(backend, server_uuid))
     os.makedirs(os.path.dirname(args.address), exist_ok=True)
     _unlink_stale(args.address)
     old_umask = os.umask(0o117)  # the socket is created 0660, never briefly wider

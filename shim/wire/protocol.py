@@ -41,7 +41,10 @@ import msgpack
 from berth.shim.wire.errors import BerthError, error_from_wire
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Final
+
+    _Prepared = tuple[list[Any], Callable[[], None] | None]
 
 # Plain slotted classes, not dataclasses/enum/typing at run time: this module is imported
 # by every CLI invocation, and those three cost ~10 ms of start-up (measured).
@@ -294,65 +297,10 @@ class Connection:
         only once the frame is known to be sendable: a refused send changes nothing."""
         if self._state in (_State.ERROR, _State.CLOSED):
             raise LocalProtocolError(f"cannot send on a {self._state} connection")
-        body: list[Any]
-        commit: Any = None  # the state change, applied after a successful encode
-        if isinstance(event, Hello):
-            if self.role != Role.CLIENT or self._hello_sent:
-                raise LocalProtocolError("only a client sends HELLO, once")
-            body = [_HELLO, list(event.versions), event.peer or self.peer_name]
-
-            def commit() -> None:
-                self._hello_sent = True
-
-        elif isinstance(event, Welcome):
-            if self.role != Role.SERVER or self._state != _State.HANDSHAKE:
-                raise LocalProtocolError("WELCOME is the server's answer to HELLO")
-            body = [_WELCOME, event.version, event.peer or self.peer_name]
-
-            def commit() -> None:
-                self._state = _State.OPEN
-                self.version = event.version
-
-        elif isinstance(event, Request):
-            if self.role != Role.CLIENT:
-                raise LocalProtocolError("a server does not send requests")
-            if self._state != _State.OPEN:
-                raise LocalProtocolError("no request before WELCOME")
-            if event.id in self._open:
-                raise LocalProtocolError(f"request id {event.id} is still open")
-            body = [_REQUEST, event.id, event.method, event.params, event.meta]
-
-            def commit() -> None:
-                self._open.add(event.id)
-
-        elif isinstance(event, Cancel):
-            if self.role != Role.CLIENT or event.id not in self._open:
-                raise LocalProtocolError("CANCEL is for a request this client has open")
-            body = [_CANCEL, event.id]
-        elif isinstance(event, (Response, ErrorReply, StreamItem, StreamEnd)):
-            if self.role != Role.SERVER:
-                raise LocalProtocolError("a client does not answer requests")
-            if event.id is None:
-                if not isinstance(event, ErrorReply):
-                    raise LocalProtocolError("only ERROR may carry no request id")
-            elif event.id not in self._open:
-                raise LocalProtocolError(f"request id {event.id} is not open")
-            if isinstance(event, StreamItem):
-                body = [_ITEM, event.id, event.item]
-            else:
-                if isinstance(event, Response):
-                    body = [_RESPONSE, event.id, event.result]
-                elif isinstance(event, ErrorReply):
-                    body = [_ERROR, event.id, event.code, event.message]
-                else:
-                    body = [_END, event.id]
-
-                def commit() -> None:
-                    if event.id is not None:
-                        self._open.discard(event.id)
-
-        else:  # pragma: no cover - exhaustive over Event
+        prepare = self._SENDERS.get(type(event))
+        if prepare is None:  # pragma: no cover - exhaustive over Event
             raise LocalProtocolError(f"unknown event {event!r}")
+        body, commit = prepare(self, event)
         try:
             data = encode(body)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -365,6 +313,84 @@ class Connection:
         if commit is not None:
             commit()
         return frame(data)
+
+    # Each sender checks the rules for one event type and returns the body to encode and
+    # the state change to apply once it is known to be sendable (None: no change).
+
+    def _send_hello(self, event: Hello) -> _Prepared:
+        if self.role != Role.CLIENT or self._hello_sent:
+            raise LocalProtocolError("only a client sends HELLO, once")
+
+        def commit() -> None:
+            self._hello_sent = True
+
+        return [_HELLO, list(event.versions), event.peer or self.peer_name], commit
+
+    def _send_welcome(self, event: Welcome) -> _Prepared:
+        if self.role != Role.SERVER or self._state != _State.HANDSHAKE:
+            raise LocalProtocolError("WELCOME is the server's answer to HELLO")
+
+        def commit() -> None:
+            self._state = _State.OPEN
+            self.version = event.version
+
+        return [_WELCOME, event.version, event.peer or self.peer_name], commit
+
+    def _send_request(self, event: Request) -> _Prepared:
+        if self.role != Role.CLIENT:
+            raise LocalProtocolError("a server does not send requests")
+        if self._state != _State.OPEN:
+            raise LocalProtocolError("no request before WELCOME")
+        if event.id in self._open:
+            raise LocalProtocolError(f"request id {event.id} is still open")
+        return [_REQUEST, event.id, event.method, event.params, event.meta], lambda: self._open.add(
+            event.id
+        )
+
+    def _send_cancel(self, event: Cancel) -> _Prepared:
+        if self.role != Role.CLIENT or event.id not in self._open:
+            raise LocalProtocolError("CANCEL is for a request this client has open")
+        return [_CANCEL, event.id], None
+
+    def _check_answer(self, request_id: int | None, may_lack_id: bool) -> None:
+        if self.role != Role.SERVER:
+            raise LocalProtocolError("a client does not answer requests")
+        if request_id is None:
+            if not may_lack_id:
+                raise LocalProtocolError("only ERROR may carry no request id")
+        elif request_id not in self._open:
+            raise LocalProtocolError(f"request id {request_id} is not open")
+
+    def _closing(self, request_id: int | None) -> Callable[[], None] | None:
+        """The state change of a final frame: its request is no longer open."""
+        return None if request_id is None else lambda: self._open.discard(request_id)
+
+    def _send_item(self, event: StreamItem) -> _Prepared:
+        self._check_answer(event.id, may_lack_id=False)
+        return [_ITEM, event.id, event.item], None
+
+    def _send_response(self, event: Response) -> _Prepared:
+        self._check_answer(event.id, may_lack_id=False)
+        return [_RESPONSE, event.id, event.result], self._closing(event.id)
+
+    def _send_error(self, event: ErrorReply) -> _Prepared:
+        self._check_answer(event.id, may_lack_id=True)
+        return [_ERROR, event.id, event.code, event.message], self._closing(event.id)
+
+    def _send_end(self, event: StreamEnd) -> _Prepared:
+        self._check_answer(event.id, may_lack_id=False)
+        return [_END, event.id], self._closing(event.id)
+
+    _SENDERS: Final[dict[type, Callable[[Connection, Any], _Prepared]]] = {
+        Hello: _send_hello,
+        Welcome: _send_welcome,
+        Request: _send_request,
+        Cancel: _send_cancel,
+        StreamItem: _send_item,
+        Response: _send_response,
+        ErrorReply: _send_error,
+        StreamEnd: _send_end,
+    }
 
     # -- incoming
 

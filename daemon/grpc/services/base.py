@@ -1,0 +1,203 @@
+"""What every service shares: berthd as the services reach it (`Backend`), what a call knows
+of its caller (`Call`), and the wrappers that turn berth's errors into gRPC status codes.
+
+Errors keep their kind across the translation (NotFound is gRPC 5, and so on), since
+clients act on the code: dockerd, for one, takes NotFound from Tasks/Get to mean "already
+deleted".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import grpc
+
+from berth.daemon.filters import parse_filters
+from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.client import AsyncClient
+from berth.daemon.paging import all_pages_async
+from berth.shim.wire.errors import BerthError, FailedPrecondition, Internal
+
+log = logging.getLogger("berth.grpc")
+
+NAMESPACE_HEADER = "containerd-namespace"
+LEASE_HEADER = "containerd-lease"
+MAX_SHARED_IN_FLIGHT = 100  # berthd serves 128 per connection
+LIST_BATCH = 100
+
+CODES = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+    "canceled": grpc.StatusCode.CANCELLED,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+# What grpcio calls: (request, or the iterator of requests; its servicer context) -> a
+# coroutine, or an async iterator of responses.
+Handler = Callable[[Any, Any], Any]
+
+S = TypeVar("S", bound="Service")
+
+
+def grpc_code(exc: BerthError) -> Any:
+    return CODES.get(exc.code, grpc.StatusCode.UNKNOWN)
+
+
+class Backend:
+    """berthd as the front end reaches it: one shared connection for short calls (opened
+    again after a loss), and a connection of its own for every long call or stream."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._shared: AsyncClient | None = None
+        self._connecting = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_SHARED_IN_FLIGHT)
+
+    async def _client(self) -> AsyncClient:
+        async with self._connecting:
+            if self._shared is None or self._shared.closed:
+                self._shared = await AsyncClient.connect(self.address)
+            return self._shared
+
+    async def call(self, method: str, params: dict[str, Any], **meta: Any) -> Any:
+        async with self._slots:
+            client = await self._client()
+            return await client.call(method, params, **meta)
+
+    async def call_alone(self, method: str, params: dict[str, Any], **meta: Any) -> Any:
+        """A call that may wait a long time (Tasks/Wait): on its own connection."""
+        client = await AsyncClient.connect(self.address)
+        try:
+            return await client.call(method, params, **meta)
+        finally:
+            await client.aclose()
+
+    async def stream(self, method: str, params: dict[str, Any], **meta: Any) -> AsyncIterator[Any]:
+        client = await AsyncClient.connect(self.address)
+        try:
+            async for item in client.stream(method, params, **meta):
+                yield item
+        finally:
+            await client.aclose()
+
+    async def session(self) -> AsyncClient:
+        """A connection for a stateful exchange (an ingest lives as long as it)."""
+        return await AsyncClient.connect(self.address)
+
+    async def healthy(self) -> bool:
+        try:
+            await asyncio.wait_for(self.call("version", {}), 2.0)
+            return True
+        except (TimeoutError, BerthError):
+            return False
+
+    async def aclose(self) -> None:
+        if self._shared is not None:
+            await self._shared.aclose()
+
+
+class Call:
+    """What one RPC knows of its caller: the namespace and lease headers."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        headers = dict(context.invocation_metadata() or ())
+        self.namespace: str | None = headers.get(NAMESPACE_HEADER) or None
+        self.lease: str | None = headers.get(LEASE_HEADER) or None
+
+    def meta(self, *, namespaced: bool = True) -> dict[str, Any]:
+        if namespaced and not self.namespace:
+            raise FailedPrecondition("namespace is required: set the containerd-namespace header")
+        return {"namespace": self.namespace, "lease": self.lease}
+
+
+async def abort_with(context: Any, exc: BerthError) -> None:
+    await context.abort(grpc_code(exc), exc.message)
+
+
+def _unexpected(name: str, exc: Exception) -> BerthError:
+    """A bug of this front end, not of the caller: logged, and answered INTERNAL."""
+    log.exception("%s failed", name)
+    return Internal(f"{name}: {type(exc).__name__}: {exc}")
+
+
+def unary(
+    fn: Callable[[S, Any, Call], Awaitable[Any]],
+) -> Callable[[S, Any, Any], Awaitable[Any]]:
+    """One request, one response; berth's errors answered with their gRPC code."""
+
+    @functools.wraps(fn)
+    async def handler(self: S, request: Any, context: Any) -> Any:
+        try:
+            return await fn(self, request, Call(context))
+        except BerthError as exc:
+            await abort_with(context, exc)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            await abort_with(context, _unexpected(fn.__qualname__, exc))
+
+    return handler
+
+
+def streaming(
+    fn: Callable[[S, Any, Call], AsyncIterator[Any]],
+) -> Callable[[S, Any, Any], AsyncIterator[Any]]:
+    """One request, a stream of responses; an error ends the stream with its gRPC code."""
+
+    @functools.wraps(fn)
+    async def handler(self: S, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, Call(context)):
+                yield item
+        except BerthError as exc:
+            await abort_with(context, exc)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            await abort_with(context, _unexpected(fn.__qualname__, exc))
+
+    return handler
+
+
+def filters(values: Any) -> Callable[[dict[str, Any]], bool]:
+    return parse_filters([f for f in values if f])
+
+
+def empty() -> Any:
+    return capi.types().Empty()
+
+
+class Service:
+    """One containerd service. A subclass names, as literal tables, the methods it serves
+    (`methods()`: containerd's method name -> its handler) and the ones it deliberately
+    does not (`UNIMPLEMENTED`: name -> why); the binding refuses to start on anything else."""
+
+    UNIMPLEMENTED: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, backend: Backend, server_uuid: str = "") -> None:
+        self.backend = backend
+        self.server_uuid = server_uuid
+
+    def methods(self) -> dict[str, Handler]:
+        raise NotImplementedError
+
+    async def _call(self, call: Call, method: str, params: dict[str, Any], **kw: Any) -> Any:
+        return await self.backend.call(method, params, **call.meta(**kw))
+
+    async def _list(
+        self, call: Call | None, method: str, field: str, params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Every item of one of berthd's lists, page by page (one reply frame is bounded)."""
+        meta = call.meta() if call is not None else {}
+
+        async def one(m: str, p: dict[str, Any]) -> Any:
+            return await self.backend.call(m, p, **meta)
+
+        return await all_pages_async(one, method, field, params)

@@ -1,0 +1,80 @@
+"""containerd's Namespaces service, onto berthd's namespaces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.services.base import Call, Handler, Service, empty, filters, unary
+from berth.shim.wire.errors import NotFound
+
+
+class Namespaces(Service):
+    """Serves containerd.services.namespaces.v1.Namespaces."""
+
+    def methods(self) -> dict[str, Handler]:
+        return {
+            "Get": self.get,
+            "List": self.list,
+            "Create": self.create,
+            "Update": self.update,
+            "Delete": self.delete,
+        }
+
+    @unary
+    async def get(self, request: Any, call: Call) -> Any:
+        t = capi.types()
+        try:
+            ns = await self.backend.call("namespaces.get", {"name": request.name})
+        except NotFound:
+            # containerd 1.6 answers for a namespace nobody created yet (dockerd asks for
+            # `moby` before it ever creates anything in it); the first object creates it.
+            ns = {"name": request.name, "labels": {}}
+        return t.namespaces.GetNamespaceResponse(
+            namespace=t.namespaces.Namespace(name=ns["name"], labels=ns.get("labels") or {})
+        )
+
+    @unary
+    async def list(self, request: Any, call: Call) -> Any:
+        t = capi.types()
+        result = {"namespaces": await self._list(None, "namespaces.list", "namespaces", {})}
+        keep = filters([request.filter])
+        return t.namespaces.ListNamespacesResponse(
+            namespaces=[
+                t.namespaces.Namespace(name=n["name"], labels=n.get("labels") or {})
+                for n in result.get("namespaces", [])
+                if keep(n)
+            ]
+        )
+
+    @unary
+    async def create(self, request: Any, call: Call) -> Any:
+        t = capi.types()
+        ns = await self.backend.call(
+            "namespaces.create",
+            {"name": request.namespace.name, "labels": dict(request.namespace.labels)},
+        )
+        return t.namespaces.CreateNamespaceResponse(
+            namespace=t.namespaces.Namespace(name=ns["name"], labels=ns.get("labels") or {})
+        )
+
+    @unary
+    async def update(self, request: Any, call: Call) -> Any:
+        t = capi.types()
+        current = await self.backend.call("namespaces.get", {"name": request.namespace.name})
+        labels = capi.apply_label_mask(
+            current.get("labels") or {},
+            dict(request.namespace.labels),
+            list(request.update_mask.paths),
+        )
+        ns = await self.backend.call(
+            "namespaces.update", {"name": request.namespace.name, "labels": labels}
+        )
+        return t.namespaces.UpdateNamespaceResponse(
+            namespace=t.namespaces.Namespace(name=ns["name"], labels=ns.get("labels") or {})
+        )
+
+    @unary
+    async def delete(self, request: Any, call: Call) -> Any:
+        await self.backend.call("namespaces.delete", {"name": request.name})
+        return empty()
