@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-V1_ROOT = "/sys/fs/cgroup"
 USER_HZ = os.sysconf("SC_CLK_TCK")
 
 

@@ -1,4 +1,10 @@
-"""Fixtures: real daemons, real runc/crun, a busybox rootfs; no mock runtime anywhere."""
+"""Fixtures: real daemons, real runc/crun, a busybox rootfs; no mock runtime anywhere.
+
+Every test that needs root and an OCI runtime is marked `container` here, automatically:
+it uses one of the fixtures that start daemons, shims or engines, or its module starts
+them itself (it holds the Daemon helper or declares `pytestmark = container`). Without
+root those are skipped, so `pytest -m "not container"` runs the rest as any user.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,28 @@ from tests.support.helpers import Daemon, hybrid_crun_fix_needed
 os.environ["BERTH_CHECK_REPLIES"] = "1"
 
 
+CONTAINER_FIXTURES = frozenset(
+    {"daemon", "crun_daemon", "make_shim", "fuzz_daemon", "fuzz_shim", "wire", "ctr", "engine"}
+    | {"image_files", "big_image", "world"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        starts_daemons = module is not None and any(
+            value is Daemon for value in vars(module).values()
+        )
+        if starts_daemons or CONTAINER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.container)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("container") is not None and os.geteuid() != 0:
+        pytest.skip("needs root and an OCI runtime (scripts/test runs it as root)")
+
+
 def _require_root_and_runc() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("berth's container tests need root (see README: scripts/test)")
     if shutil.which("runc") is None:
         pytest.fail("runc is not installed (scripts/setup installs it)")
 

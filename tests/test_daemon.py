@@ -339,10 +339,15 @@ def test_a_dead_zygote_is_replaced(daemon: Daemon) -> None:
 
 
 def test_cli_and_shim_do_not_import_trio() -> None:
+    import pkgutil
     import subprocess
     import sys
 
-    for module in ("berth.daemon.cli.main", "berth.shim.main", "berth.shim.zygote"):
+    import berth.daemon.cli
+
+    cli = [f"berth.daemon.cli.{m.name}" for m in pkgutil.iter_modules(berth.daemon.cli.__path__)]
+    assert len(cli) > 10
+    for module in (*cli, "berth.shim.main", "berth.shim.zygote"):
         code = f"import sys, {module}; sys.exit('trio' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
 

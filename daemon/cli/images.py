@@ -1,50 +1,37 @@
-"""`berth images|content|snapshots|leases|gc`: the storage commands of the CLI.
-
-Loaded only when one of these verbs is used (the CLI's start-up stays small). Transfers
-(import, export, pull, push) run in berthd; the CLI names files and shows progress.
+"""`berth images` (alias i): list, inspect, tag, remove, import, export, pull, push and
+unpack images. Transfers (import, export, pull, push) run in berthd; the CLI names files
+and shows progress.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from berth.daemon.cli.main import CliError, Session, _json, _only, _print_table, _ts
+from berth.daemon.cli.output import add_format, human_size, print_json, print_table, timestamp
+from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.daemon.reference import normalize
 
+if TYPE_CHECKING:
+    from berth.daemon.cli.session import Session
 
-def _fmt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=["table", "json"], default="table")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+IMAGES = SubVerbs("i_cmd")
 
 
-# --- images --------------------------------------------------------------------------
-
-
-def add_images(commands: Any, wanted: str | None = None) -> None:
-    i = commands.add_parser("images", aliases=["i"], help="manage images")
-    sub = i.add_subparsers(dest="i_cmd", required=True)
-    add = _only(sub, wanted)
-    _fmt(add("ls", aliases=["list"]))
+def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
+    add = IMAGES.parsers(parser, wanted)
+    add_format(add("ls"))
     p = add("inspect")
     p.add_argument("name")
     p = add("tag")
     p.add_argument("--force", action="store_true")
     p.add_argument("source")
     p.add_argument("target")
-    p = add("rm", aliases=["remove"])
+    p = add("rm")
     p.add_argument("--sync", action="store_true", help="garbage-collect right away")
     p.add_argument("names", nargs="+")
     p = add("import")
@@ -106,7 +93,7 @@ class Progress:
                 total = item.get("total") or 0
                 print(
                     f"{item.get('kind', 'blob')} {key[7:19]}: {item.get('status')} "
-                    f"{_size(item.get('offset', 0))}/{_size(total)}",
+                    f"{human_size(item.get('offset', 0))}/{human_size(total)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -125,321 +112,134 @@ class Progress:
             bar = "#" * int(frac * 30)
             sys.stderr.write(
                 f"\x1b[2K{r.get('kind', 'blob'):8} {digest[7:19]} [{bar:<30}] "
-                f"{_size(offset):>10}/{_size(total):<10} {r.get('status', '')}\n"
+                f"{human_size(offset):>10}/{human_size(total):<10} {r.get('status', '')}\n"
             )
         self._drawn = len(self.rows)
         sys.stderr.flush()
 
 
-def cmd_images(session: Session, args: argparse.Namespace) -> int:
-    sub = args.i_cmd
-    if sub in ("ls", "list"):
-        found = list(all_pages(session.call, "images.list", "images", {}))
-        if args.format == "json":
-            _json(found)
-        else:
-            _print_table(
+def run(session: Session, args: argparse.Namespace) -> int:
+    return IMAGES.run(session, args)
+
+
+@IMAGES("ls", "list")
+def ls(session: Session, args: argparse.Namespace) -> int:
+    found = list(all_pages(session.call, "images.list", "images", {}))
+    if args.format == "json":
+        print_json(found)
+    else:
+        print_table(
+            [
                 [
-                    [
-                        i["name"],
-                        i["target"]["media_type"].rsplit(".", 2)[-2]
-                        if "." in i["target"]["media_type"]
-                        else "-",
-                        i["target"]["digest"],
-                        _size(i["target"]["size"]),
-                        _ts(i["created_at"]),
-                    ]
-                    for i in found
-                ],
-                ["REF", "TYPE", "DIGEST", "SIZE", "CREATED"],
-            )
-        return 0
-    if sub == "inspect":
-        image = session.call("images.get", {"name": normalize(args.name)})
-        digest = image["target"]["digest"]
-        document = session.call("content.read", {"digest": digest})["data"]
-        image["document"] = json.loads(document)
-        _json(image)
-        return 0
-    if sub == "tag":
-        session.call(
-            "images.tag",
-            {
-                "source": normalize(args.source),
-                "target": normalize(args.target),
-                "force": args.force,
-            },
+                    i["name"],
+                    i["target"]["media_type"].rsplit(".", 2)[-2]
+                    if "." in i["target"]["media_type"]
+                    else "-",
+                    i["target"]["digest"],
+                    human_size(i["target"]["size"]),
+                    timestamp(i["created_at"]),
+                ]
+                for i in found
+            ],
+            ["REF", "TYPE", "DIGEST", "SIZE", "CREATED"],
         )
-        print(normalize(args.target))
-        return 0
-    if sub in ("rm", "remove"):
-        for name in args.names:
-            session.call("images.delete", {"name": normalize(name), "sync": args.sync})
-            print(normalize(name))
-        return 0
-    if sub == "import":
-        result = session.call(
-            "images.import",
-            {
-                "path": os.path.abspath(args.file),
-                "name": normalize(args.name) if args.name else "",
-                "unpack": not args.no_unpack,
-                "snapshotter": args.snapshotter,
-            },
-        )
-        for image in result["images"]:
-            print(f"{image['name']} {image['target']['digest']}")
-        return 0
-    if sub == "export":
-        result = session.call(
-            "images.export",
-            {
-                "path": os.path.abspath(args.file),
-                "names": [normalize(n) for n in args.names],
-                "platform": args.platform or "",
-            },
-        )
-        print(f"{result['path']}: {result['images']} image(s), {result['blobs']} blob(s)")
-        return 0
-    if sub == "unpack":
-        print(
-            session.call(
-                "images.unpack", {"name": normalize(args.name), "snapshotter": args.snapshotter}
-            )["chain_id"]
-        )
-        return 0
-    if sub in ("pull", "push"):
-        params: dict[str, Any] = {
-            "ref": normalize(args.ref),
-            **_auth(args),
-            "platform": args.platform or "",
-        }
-        if sub == "pull":
-            params.update(unpack=not args.no_unpack, snapshotter=args.snapshotter)
-        else:
-            params["local"] = normalize(args.local) if args.local else params["ref"]
-        progress = Progress()
-        final: dict[str, Any] = {}
-        for item in session.client().stream(f"images.{sub}", params):
-            if item.get("kind") == "result":
-                final = item
-            else:
-                progress.update(item)
-        print(f"{final.get('name', params['ref'])} {final.get('digest', '')}")
-        return 0
-    raise CliError(f"unknown images command {sub}")
-
-
-# --- content -------------------------------------------------------------------------
-
-
-def add_content(commands: Any, wanted: str | None = None) -> None:
-    c = commands.add_parser("content", help="the content store (blobs)")
-    sub = c.add_subparsers(dest="ct_cmd", required=True)
-    add = _only(sub, wanted)
-    _fmt(add("ls", aliases=["list"]))
-    add("get").add_argument("digest")
-    p = add("ingest")
-    p.add_argument("--expected", default="", help="the digest the data must have")
-    p.add_argument("--label", action="append", default=[], metavar="K=V")
-    p.add_argument("ref")
-    add("rm", aliases=["delete"]).add_argument("digests", nargs="+")
-    _fmt(add("ingests", help="in-progress (or abandoned) writes"))
-    add("abort", help="remove in-progress writes").add_argument("refs", nargs="+")
-
-
-def cmd_content(session: Session, args: argparse.Namespace) -> int:
-    sub = args.ct_cmd
-    if sub in ("ls", "list"):
-        items = list(all_pages(session.call, "content.list", "content", {}))
-        if args.format == "json":
-            _json(items)
-        else:
-            _print_table(
-                [
-                    [
-                        c["digest"],
-                        _size(c["size"]),
-                        ",".join(f"{k}={v}" for k, v in c["labels"].items())[:60],
-                    ]
-                    for c in items
-                ],
-                ["DIGEST", "SIZE", "LABELS"],
-            )
-        return 0
-    if sub == "get":
-        offset = 0
-        out = sys.stdout.buffer
-        while True:
-            data = session.call("content.read", {"digest": args.digest, "offset": offset})["data"]
-            if not data:
-                return 0
-            out.write(data)
-            offset += len(data)
-    if sub == "ingest":
-        opened = session.call("content.write.open", {"ref": args.ref, "expected": args.expected})
-        if opened["exists"]:
-            print(args.expected)
-            return 0
-        offset = opened["offset"]
-        if offset:
-            sys.stdin.buffer.read(offset)  # resume: skip what the ingest already holds
-        while chunk := sys.stdin.buffer.read(1 << 20):
-            offset = session.call(
-                "content.write.chunk", {"ref": args.ref, "data": chunk, "offset": offset}
-            )["offset"]
-        labels = dict(item.split("=", 1) for item in args.label)
-        print(
-            session.call(
-                "content.write.commit",
-                {"ref": args.ref, "expected": args.expected, "labels": labels},
-            )["digest"]
-        )
-        return 0
-    if sub in ("rm", "delete"):
-        for digest in args.digests:
-            session.call("content.delete", {"digest": digest})
-            print(digest)
-        return 0
-    if sub == "ingests":
-        ingests = session.call("content.ingests", {})["ingests"]
-        if args.format == "json":
-            _json(ingests)
-        else:
-            _print_table(
-                [
-                    [
-                        i["ref"],
-                        _size(i["offset"]),
-                        _size(i["total"]) if i["total"] else "-",
-                        _ts(i.get("updated_at", 0)),
-                    ]
-                    for i in ingests
-                ],
-                ["REF", "WRITTEN", "TOTAL", "UPDATED"],
-            )
-        return 0
-    if sub == "abort":
-        for ref in args.refs:
-            session.call("content.write.abort", {"ref": ref})
-            print(ref)
-        return 0
-    raise CliError(f"unknown content command {sub}")
-
-
-# --- snapshots, leases, gc -----------------------------------------------------------
-
-
-def add_snapshots(commands: Any, wanted: str | None = None) -> None:
-    s = commands.add_parser("snapshots", help="snapshots and their mounts")
-    s.add_argument("--snapshotter", default="")
-    sub = s.add_subparsers(dest="s_cmd", required=True)
-    add = _only(sub, wanted)
-    _fmt(add("ls", aliases=["list"]))
-    add("info").add_argument("key")
-    add("mounts").add_argument("key")
-    add("usage").add_argument("key")
-    add("rm", aliases=["delete"]).add_argument("keys", nargs="+")
-    for name in ("prepare", "view"):
-        p = add(name)
-        p.add_argument("key")
-        p.add_argument("parent", nargs="?", default="")
-    p = add("commit")
-    p.add_argument("name")
-    p.add_argument("key")
-
-
-def cmd_snapshots(session: Session, args: argparse.Namespace) -> int:
-    sub, base = args.s_cmd, {"snapshotter": args.snapshotter}
-    if sub in ("ls", "list"):
-        items = list(all_pages(session.call, "snapshots.list", "snapshots", base))
-        if args.format == "json":
-            _json(items)
-        else:
-            _print_table(
-                [[s["name"], s["parent"] or "-", s["kind"].upper()] for s in items],
-                ["KEY", "PARENT", "KIND"],
-            )
-        return 0
-    if sub == "info":
-        _json(session.call("snapshots.stat", {**base, "key": args.key}))
-    elif sub == "mounts":
-        _json(session.call("snapshots.mounts", {**base, "key": args.key})["mounts"])
-    elif sub == "usage":
-        _json(session.call("snapshots.usage", {**base, "key": args.key}))
-    elif sub in ("rm", "delete"):
-        for key in args.keys:
-            session.call("snapshots.remove", {**base, "key": key})
-            print(key)
-    elif sub in ("prepare", "view"):
-        _json(
-            session.call(f"snapshots.{sub}", {**base, "key": args.key, "parent": args.parent})[
-                "mounts"
-            ]
-        )
-    elif sub == "commit":
-        session.call("snapshots.commit", {**base, "name": args.name, "key": args.key})
     return 0
 
 
-def add_leases(commands: Any, wanted: str | None = None) -> None:
-    lease = commands.add_parser("leases", help="leases protect objects being built from GC")
-    sub = lease.add_subparsers(dest="l_cmd", required=True)
-    add = _only(sub, wanted)
-    _fmt(add("ls", aliases=["list"]))
-    p = add("create")
-    p.add_argument("--id", default="")
-    p.add_argument("--expire", type=float, default=86400, help="seconds (0: never)")
-    p.add_argument("--label", action="append", default=[], metavar="K=V")
-    p = add("rm", aliases=["delete"])
-    p.add_argument("--sync", action="store_true", help="garbage-collect right away")
-    p.add_argument("ids", nargs="+")
+@IMAGES("inspect")
+def inspect(session: Session, args: argparse.Namespace) -> int:
+    import json
 
-
-def cmd_leases(session: Session, args: argparse.Namespace) -> int:
-    sub = args.l_cmd
-    if sub in ("ls", "list"):
-        items = list(all_pages(session.call, "leases.list", "leases", {}))
-        if args.format == "json":
-            _json(items)
-        else:
-            _print_table(
-                [
-                    [
-                        lease["id"],
-                        _ts(lease["created_at"]),
-                        _ts(lease["expires_at"]) if lease["expires_at"] else "never",
-                    ]
-                    for lease in items
-                ],
-                ["ID", "CREATED", "EXPIRES"],
-            )
-    elif sub == "create":
-        labels = dict(item.split("=", 1) for item in args.label)
-        print(
-            session.call(
-                "leases.create", {"id": args.id, "expire_seconds": args.expire, "labels": labels}
-            )["id"]
-        )
-    elif sub in ("rm", "delete"):
-        for lease_id in args.ids:
-            session.call("leases.delete", {"id": lease_id, "sync": args.sync})
-            print(lease_id)
+    image = session.call("images.get", {"name": normalize(args.name)})
+    digest = image["target"]["digest"]
+    document = session.call("content.read", {"digest": digest})["data"]
+    image["document"] = json.loads(document)
+    print_json(image)
     return 0
 
 
-def add_gc(commands: Any, wanted: str | None = None) -> None:
-    commands.add_parser("gc", help="remove unreferenced content and snapshots now")
-
-
-def cmd_gc(session: Session, args: argparse.Namespace) -> int:
-    result = session.call("gc")
-    removed = result["removed"]
-    print(
-        f"removed {removed['content']} content record(s), {removed['blobs']} blob(s), "
-        f"{removed['snapshots']} snapshot(s), {removed['leases']} expired lease(s) "
-        f"in {result['seconds'] * 1000:.0f} ms"
+@IMAGES("tag")
+def tag(session: Session, args: argparse.Namespace) -> int:
+    session.call(
+        "images.tag",
+        {
+            "source": normalize(args.source),
+            "target": normalize(args.target),
+            "force": args.force,
+        },
     )
-    for error in result["errors"]:
-        print(f"berth: {error}", file=sys.stderr)
+    print(normalize(args.target))
+    return 0
+
+
+@IMAGES("rm", "remove")
+def rm(session: Session, args: argparse.Namespace) -> int:
+    for name in args.names:
+        session.call("images.delete", {"name": normalize(name), "sync": args.sync})
+        print(normalize(name))
+    return 0
+
+
+@IMAGES("import")
+def import_(session: Session, args: argparse.Namespace) -> int:
+    result = session.call(
+        "images.import",
+        {
+            "path": os.path.abspath(args.file),
+            "name": normalize(args.name) if args.name else "",
+            "unpack": not args.no_unpack,
+            "snapshotter": args.snapshotter,
+        },
+    )
+    for image in result["images"]:
+        print(f"{image['name']} {image['target']['digest']}")
+    return 0
+
+
+@IMAGES("export")
+def export(session: Session, args: argparse.Namespace) -> int:
+    result = session.call(
+        "images.export",
+        {
+            "path": os.path.abspath(args.file),
+            "names": [normalize(n) for n in args.names],
+            "platform": args.platform or "",
+        },
+    )
+    print(f"{result['path']}: {result['images']} image(s), {result['blobs']} blob(s)")
+    return 0
+
+
+@IMAGES("unpack")
+def unpack(session: Session, args: argparse.Namespace) -> int:
+    print(
+        session.call(
+            "images.unpack", {"name": normalize(args.name), "snapshotter": args.snapshotter}
+        )["chain_id"]
+    )
+    return 0
+
+
+@IMAGES("pull")
+@IMAGES("push")
+def transfer(session: Session, args: argparse.Namespace) -> int:
+    """pull or push, with a progress line per layer; berthd does the transfer."""
+    sub = args.i_cmd
+    params: dict[str, Any] = {
+        "ref": normalize(args.ref),
+        **_auth(args),
+        "platform": args.platform or "",
+    }
+    if sub == "pull":
+        params.update(unpack=not args.no_unpack, snapshotter=args.snapshotter)
+    else:
+        params["local"] = normalize(args.local) if args.local else params["ref"]
+    progress = Progress()
+    final: dict[str, Any] = {}
+    for item in session.client().stream(f"images.{sub}", params):
+        if item.get("kind") == "result":
+            final = item
+        else:
+            progress.update(item)
+    print(f"{final.get('name', params['ref'])} {final.get('digest', '')}")
     return 0

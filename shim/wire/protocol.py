@@ -476,47 +476,9 @@ class Connection:
 
     def _interpret_at_server(self, kind: int, msg: list[Any]) -> Event:
         if self._state == _State.HANDSHAKE:
-            if kind != _HELLO or len(msg) != 3:
-                self._state = _State.ERROR
-                raise RemoteProtocolError("the first frame must be HELLO", fatal=True)
-            versions, peer = msg[1], msg[2]
-            if (
-                not isinstance(versions, list)
-                or not versions
-                or len(versions) > 64
-                or not all(isinstance(v, int) for v in versions)
-                or not isinstance(peer, str)
-            ):
-                self._state = _State.ERROR
-                raise RemoteProtocolError("malformed HELLO", fatal=True)
-            common = set(versions) & set(self.versions)
-            if not common:
-                self._state = _State.ERROR
-                raise RemoteProtocolError(
-                    f"no common protocol version (peer {sorted(versions)}, "
-                    f"ours {list(self.versions)})",
-                    fatal=True,
-                )
-            self.remote_peer = peer[:256]
-            return Hello(tuple(versions), self.remote_peer)
+            return self._hello(kind, msg)
         if kind == _REQUEST:
-            rid = msg[1] if len(msg) > 1 and _valid_id(msg[1]) else None
-            if rid is not None and rid in self._open:
-                raise RemoteProtocolError(f"request id {rid} is already open")
-            problem = ""
-            if len(msg) != 5 or rid is None:
-                problem = "malformed REQUEST"
-            elif not isinstance(msg[2], str) or not 0 < len(msg[2]) <= MAX_METHOD_LEN:
-                problem = "REQUEST method must be a short string"
-            elif not isinstance(msg[3], dict) or not isinstance(msg[4], dict):
-                problem = "REQUEST params and meta must be maps"
-            elif nesting_exceeds(msg[3], MAX_NESTING) or nesting_exceeds(msg[4], MAX_NESTING):
-                problem = f"REQUEST params nest deeper than {MAX_NESTING} levels"
-            if rid is not None:
-                self._open.add(rid)  # open even when malformed: the ERROR answer closes it
-            if problem:
-                raise RemoteProtocolError(problem, request_id=rid)
-            return Request(rid, msg[2], msg[3], msg[4])  # type: ignore[arg-type]
+            return self._request(msg)
         if kind == _CANCEL:
             if len(msg) != 2 or not _valid_id(msg[1]):
                 raise RemoteProtocolError("malformed CANCEL")
@@ -524,6 +486,51 @@ class Connection:
         if kind == _HELLO:
             raise RemoteProtocolError("HELLO sent twice")
         raise RemoteProtocolError(f"a client may not send message type {kind}")
+
+    def _hello(self, kind: int, msg: list[Any]) -> Hello:
+        """The client's first frame (rule 1); anything wrong with it is fatal."""
+        if kind != _HELLO or len(msg) != 3:
+            self._state = _State.ERROR
+            raise RemoteProtocolError("the first frame must be HELLO", fatal=True)
+        versions, peer = msg[1], msg[2]
+        if (
+            not isinstance(versions, list)
+            or not versions
+            or len(versions) > 64
+            or not all(isinstance(v, int) for v in versions)
+            or not isinstance(peer, str)
+        ):
+            self._state = _State.ERROR
+            raise RemoteProtocolError("malformed HELLO", fatal=True)
+        if not set(versions) & set(self.versions):
+            self._state = _State.ERROR
+            raise RemoteProtocolError(
+                f"no common protocol version (peer {sorted(versions)}, ours {list(self.versions)})",
+                fatal=True,
+            )
+        self.remote_peer = peer[:256]
+        return Hello(tuple(versions), self.remote_peer)
+
+    def _request(self, msg: list[Any]) -> Request:
+        """A REQUEST; a malformed one that carries an id is opened anyway, so that the
+        ERROR answering it can close it (rule 2)."""
+        rid = msg[1] if len(msg) > 1 and _valid_id(msg[1]) else None
+        if rid is not None and rid in self._open:
+            raise RemoteProtocolError(f"request id {rid} is already open")
+        problem = ""
+        if len(msg) != 5 or rid is None:
+            problem = "malformed REQUEST"
+        elif not isinstance(msg[2], str) or not 0 < len(msg[2]) <= MAX_METHOD_LEN:
+            problem = "REQUEST method must be a short string"
+        elif not isinstance(msg[3], dict) or not isinstance(msg[4], dict):
+            problem = "REQUEST params and meta must be maps"
+        elif nesting_exceeds(msg[3], MAX_NESTING) or nesting_exceeds(msg[4], MAX_NESTING):
+            problem = f"REQUEST params nest deeper than {MAX_NESTING} levels"
+        if rid is not None:
+            self._open.add(rid)
+        if problem:
+            raise RemoteProtocolError(problem, request_id=rid)
+        return Request(rid, msg[2], msg[3], msg[4])  # type: ignore[arg-type]
 
     def _interpret_at_client(self, kind: int, msg: list[Any]) -> Event:
         if self._state == _State.HANDSHAKE:

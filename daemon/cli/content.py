@@ -1,0 +1,127 @@
+"""`berth content`: the content store's blobs (list, read, ingest from stdin, remove) and
+its in-progress writes (list, abort)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from berth.daemon.cli.output import add_format, human_size, print_json, print_table, timestamp
+from berth.daemon.cli.subverbs import SubVerbs
+from berth.daemon.paging import all_pages
+
+if TYPE_CHECKING:
+    import argparse
+
+    from berth.daemon.cli.session import Session
+
+CONTENT = SubVerbs("ct_cmd")
+
+
+def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
+    add = CONTENT.parsers(parser, wanted)
+    add_format(add("ls"))
+    add("get").add_argument("digest")
+    p = add("ingest")
+    p.add_argument("--expected", default="", help="the digest the data must have")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("ref")
+    add("rm").add_argument("digests", nargs="+")
+    add_format(add("ingests", help="in-progress (or abandoned) writes"))
+    add("abort", help="remove in-progress writes").add_argument("refs", nargs="+")
+
+
+def run(session: Session, args: argparse.Namespace) -> int:
+    return CONTENT.run(session, args)
+
+
+@CONTENT("ls", "list")
+def ls(session: Session, args: argparse.Namespace) -> int:
+    items = list(all_pages(session.call, "content.list", "content", {}))
+    if args.format == "json":
+        print_json(items)
+    else:
+        print_table(
+            [
+                [
+                    c["digest"],
+                    human_size(c["size"]),
+                    ",".join(f"{k}={v}" for k, v in c["labels"].items())[:60],
+                ]
+                for c in items
+            ],
+            ["DIGEST", "SIZE", "LABELS"],
+        )
+    return 0
+
+
+@CONTENT("get")
+def get(session: Session, args: argparse.Namespace) -> int:
+    offset = 0
+    out = sys.stdout.buffer
+    while True:
+        data = session.call("content.read", {"digest": args.digest, "offset": offset})["data"]
+        if not data:
+            return 0
+        out.write(data)
+        offset += len(data)
+
+
+@CONTENT("ingest")
+def ingest(session: Session, args: argparse.Namespace) -> int:
+    opened = session.call("content.write.open", {"ref": args.ref, "expected": args.expected})
+    if opened["exists"]:
+        print(args.expected)
+        return 0
+    offset = opened["offset"]
+    if offset:
+        sys.stdin.buffer.read(offset)  # resume: skip what the ingest already holds
+    while chunk := sys.stdin.buffer.read(1 << 20):
+        offset = session.call(
+            "content.write.chunk", {"ref": args.ref, "data": chunk, "offset": offset}
+        )["offset"]
+    labels = dict(item.split("=", 1) for item in args.label)
+    print(
+        session.call(
+            "content.write.commit",
+            {"ref": args.ref, "expected": args.expected, "labels": labels},
+        )["digest"]
+    )
+    return 0
+
+
+@CONTENT("rm", "delete")
+def rm(session: Session, args: argparse.Namespace) -> int:
+    for digest in args.digests:
+        session.call("content.delete", {"digest": digest})
+        print(digest)
+    return 0
+
+
+@CONTENT("ingests")
+def ingests(session: Session, args: argparse.Namespace) -> int:
+    writes = session.call("content.ingests", {})["ingests"]
+    if args.format == "json":
+        print_json(writes)
+    else:
+        print_table(
+            [
+                [
+                    i["ref"],
+                    human_size(i["offset"]),
+                    human_size(i["total"]) if i["total"] else "-",
+                    timestamp(i.get("updated_at", 0)),
+                ]
+                for i in writes
+            ],
+            ["REF", "WRITTEN", "TOTAL", "UPDATED"],
+        )
+    return 0
+
+
+@CONTENT("abort")
+def abort(session: Session, args: argparse.Namespace) -> int:
+    for ref in args.refs:
+        session.call("content.write.abort", {"ref": ref})
+        print(ref)
+    return 0

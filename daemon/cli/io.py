@@ -1,0 +1,248 @@
+"""The IO of attached runs (`berth run`, `tasks start`, `tasks exec` without -d): FIFOs
+that the container's shim reads and writes directly, the threads that copy between them
+and our stdio, the raw terminal, and the signals forwarded while we wait.
+
+Container IO never passes through berthd, so a daemon restart does not cut a running
+`berth run`: it reconnects and keeps waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import stat
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from berth.daemon.cli.session import CliError
+from berth.shim.wire.errors import BerthError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+    from berth.daemon.cli.session import Session
+
+
+def _splice_safe(dst: int) -> bool:
+    """Whether splice(FIFO -> dst) is safe: only into a pipe or /dev/null.
+
+    Kernel facts that bite here:
+    - splice into a file that can block (a tty, a socket) takes the source pipe's mutex
+      and keeps it while the write blocks; the shim then sleeps uninterruptibly (D state)
+      on that mutex in its own read, write or close of the FIFO.
+    - splice into a regular file reads the file offset when it starts and writes it back
+      when it returns, without the lock write(2) takes. With `> log 2>&1` the stdout and
+      stderr copies share one offset: the stderr copy, asleep in splice since the attach,
+      wrote back the old offset at EOF, and the shell's next line overwrote the
+      container's output (found by a run of scripts/demo with its output in a file).
+    Pipe-to-pipe splice waits without the lock and has no offset; /dev/null keeps none."""
+    st = os.fstat(dst)
+    if stat.S_ISFIFO(st.st_mode):
+        return True
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+
+
+def _copy(src: int, dst: int) -> None:
+    """Copy until EOF: splice(2) where that is safe (see _splice_safe), else read/write.
+    Never splice *into* a FIFO from a source that can block (stdin may be a terminal)."""
+    use_splice = _splice_safe(dst) and stat.S_ISFIFO(os.fstat(src).st_mode)
+    while True:
+        if use_splice:
+            try:
+                n = os.splice(src, dst, 1 << 20)
+            except OSError:
+                use_splice = False
+                continue
+            if n == 0:
+                return
+            continue
+        _copy_plain(src, dst)
+        return
+
+
+def _copy_plain(src: int, dst: int) -> None:
+    """read/write only: used for stdin, whose source (a terminal) may block for ever, and
+    for regular files. A destination that is full (EAGAIN: someone else made our stdout
+    non-blocking) is waited for; one that fails is reported, and the rest read and
+    dropped so the container never blocks on us."""
+    failed = False
+    while True:
+        try:
+            data = os.read(src, 1 << 20)
+        except OSError:
+            return
+        if not data:
+            return
+        if failed:
+            continue
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(dst, view) :]
+            except BlockingIOError:
+                select.select([], [dst], [])
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:  # a reader that left is not an error
+                    with contextlib.suppress(OSError):
+                        os.write(2, f"berth: output lost: {exc.strerror}\n".encode())
+                failed = True
+                break
+
+
+def _private_dir() -> str:
+    """A fresh 0700 directory under $TMPDIR (what tempfile.mkdtemp does, without importing
+    tempfile and its dependencies into every CLI start)."""
+    base = os.environ.get("TMPDIR", "/tmp")
+    for _ in range(100):
+        path = os.path.join(base, "berth-io-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise CliError(f"cannot create a private directory in {base}")
+
+
+class Fifos:
+    """FIFOs for one process's stdio, in a private temp dir, removed on close."""
+
+    def __init__(self, stdin: bool, stdout: bool, stderr: bool) -> None:
+        self.dir = _private_dir()
+        self.paths: dict[str, str] = {}
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+            if wanted:
+                path = os.path.join(self.dir, name)
+                os.mkfifo(path, 0o600)
+                self.paths[name] = path
+        self._threads: list[threading.Thread] = []
+        self._fds: list[int] = []
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.paths)
+
+    def attach(self) -> None:
+        """Open our ends (after the shim opened its own) and start copying."""
+        for name, target in (("stdout", 1), ("stderr", 2)):
+            if name in self.paths:
+                fd = os.open(self.paths[name], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                os.set_blocking(fd, True)
+                self._fds.append(fd)
+                self._start(_copy, fd, target, name)
+        if "stdin" in self.paths:
+            fd = os.open(self.paths["stdin"], os.O_WRONLY | os.O_CLOEXEC)
+
+            def pump(dst: int = fd) -> None:
+                _copy_plain(0, dst)
+                os.close(dst)  # the container sees EOF on its stdin
+
+            thread = threading.Thread(target=pump, name="stdin", daemon=True)
+            thread.start()
+
+    def _start(self, fn: Any, *args: Any) -> None:
+        thread = threading.Thread(target=fn, args=args[:2], name=args[2], daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the shim closed the output FIFOs (all output delivered)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
+
+
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    """Our terminal in raw mode while the container's terminal is attached (its own line
+    discipline does the echo and the signals), restored after."""
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def terminal_size() -> tuple[int, int] | None:
+    """(columns, lines) of whichever stdio is a terminal, for the container's terminal."""
+    for fd in (0, 1, 2):
+        try:
+            size = os.get_terminal_size(fd)
+            return size.columns, size.lines
+        except OSError:
+            continue
+    return None
+
+
+def run_attached(
+    session: Session,
+    container_id: str,
+    *,
+    terminal: bool,
+    exec_id: str | None,
+    create_params: dict[str, Any],
+) -> int:
+    """Create (task or exec) with FIFOs, start, forward signals/resizes, wait, drain."""
+    fifos = Fifos(stdin=True, stdout=True, stderr=not terminal)
+    size = terminal_size() if terminal else None
+    params = {"container_id": container_id, "terminal": terminal, **fifos.params(), **create_params}
+    if size:
+        params.update(width=size[0], height=size[1])
+    try:
+        if exec_id:
+            session.call("tasks.exec", {**params, "exec_id": exec_id})
+        else:
+            session.call("tasks.create", params)
+        fifos.attach()
+        target = {"container_id": container_id, "exec_id": exec_id or ""}
+
+        def forward(signo: int, _frame: Any) -> None:
+            try:
+                with session.connect() as c:
+                    c.call("tasks.kill", {**target, "signal": signo})
+            except (BerthError, CliError):
+                pass
+
+        def resize(_signo: int, _frame: Any) -> None:
+            new = terminal_size()
+            if new:
+                try:
+                    with session.connect() as c:
+                        c.call("tasks.resize", {**target, "width": new[0], "height": new[1]})
+                except (BerthError, CliError):
+                    pass
+
+        with raw_terminal(terminal):
+            if terminal:
+                signal.signal(signal.SIGWINCH, resize)
+            else:
+                for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signo, forward)
+            session.call("tasks.start", target)
+            result = session.call_retrying("tasks.wait", target)
+            fifos.drain()
+        if exec_id:
+            session.call_retrying("tasks.delete_process", target)
+        return int(result["exit_status"])
+    finally:
+        fifos.close()

@@ -1,0 +1,69 @@
+"""`berth leases`: the leases that protect objects being built from garbage collection
+(list, create, remove)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from berth.daemon.cli.output import add_format, print_json, print_table, timestamp
+from berth.daemon.cli.subverbs import SubVerbs
+from berth.daemon.paging import all_pages
+
+if TYPE_CHECKING:
+    import argparse
+
+    from berth.daemon.cli.session import Session
+
+LEASES = SubVerbs("l_cmd")
+
+
+def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
+    add = LEASES.parsers(parser, wanted)
+    add_format(add("ls"))
+    p = add("create")
+    p.add_argument("--id", default="")
+    p.add_argument("--expire", type=float, default=86400, help="seconds (0: never)")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p = add("rm")
+    p.add_argument("--sync", action="store_true", help="garbage-collect right away")
+    p.add_argument("ids", nargs="+")
+
+
+def run(session: Session, args: argparse.Namespace) -> int:
+    return LEASES.run(session, args)
+
+
+@LEASES("ls", "list")
+def ls(session: Session, args: argparse.Namespace) -> int:
+    items = list(all_pages(session.call, "leases.list", "leases", {}))
+    if args.format == "json":
+        print_json(items)
+    else:
+        print_table(
+            [
+                [
+                    lease["id"],
+                    timestamp(lease["created_at"]),
+                    timestamp(lease["expires_at"]) if lease["expires_at"] else "never",
+                ]
+                for lease in items
+            ],
+            ["ID", "CREATED", "EXPIRES"],
+        )
+    return 0
+
+
+@LEASES("create")
+def create(session: Session, args: argparse.Namespace) -> int:
+    labels = dict(item.split("=", 1) for item in args.label)
+    params = {"id": args.id, "expire_seconds": args.expire, "labels": labels}
+    print(session.call("leases.create", params)["id"])
+    return 0
+
+
+@LEASES("rm", "delete")
+def rm(session: Session, args: argparse.Namespace) -> int:
+    for lease_id in args.ids:
+        session.call("leases.delete", {"id": lease_id, "sync": args.sync})
+        print(lease_id)
+    return 0

@@ -1,0 +1,54 @@
+"""`berth namespaces` (alias ns): list, create and remove namespaces."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from berth.daemon.cli.output import add_format, print_json, print_table
+from berth.daemon.cli.subverbs import SubVerbs
+from berth.daemon.paging import all_pages
+
+if TYPE_CHECKING:
+    import argparse
+
+    from berth.daemon.cli.session import Session
+
+NAMESPACES = SubVerbs("ns_cmd")
+
+
+def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
+    add = NAMESPACES.parsers(parser, wanted)
+    add_format(add("ls"))
+    add("create").add_argument("name")
+    add("rm").add_argument("names", nargs="+")
+
+
+def run(session: Session, args: argparse.Namespace) -> int:
+    return NAMESPACES.run(session, args)
+
+
+@NAMESPACES("ls", "list")
+def ls(session: Session, args: argparse.Namespace) -> int:
+    spaces = list(all_pages(session.call, "namespaces.list", "namespaces", {}))
+    if args.format == "json":
+        print_json(spaces)
+    else:
+        print_table(
+            [[n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())] for n in spaces],
+            ["NAME", "LABELS"],
+        )
+    return 0
+
+
+@NAMESPACES("create")
+def create(session: Session, args: argparse.Namespace) -> int:
+    session.call("namespaces.create", {"name": args.name})
+    return 0
+
+
+@NAMESPACES("rm", "remove")
+def rm(session: Session, args: argparse.Namespace) -> int:
+    for name in args.names:
+        session.call("namespaces.delete", {"name": name})
+        print(name)
+    return 0

@@ -1,0 +1,46 @@
+"""How the CLI shows results: aligned tables, JSON, times and sizes, and the --format
+option that picks between a table and JSON. Shared by the listing verbs."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from berth.daemon.cli.subverbs import Arguments
+
+
+def add_format(p: Arguments) -> None:
+    """The --format option of a listing (table for people, json for scripts)."""
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+
+def print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*headers).rstrip())
+    for row in rows:
+        print(fmt.format(*row).rstrip())
+
+
+def print_json(doc: Any) -> None:
+    import json  # lazily: most commands never print JSON, and every import costs start-up
+
+    print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def timestamp(ns: int) -> str:
+    """Nanoseconds since the epoch as UTC RFC 3339 (to the second); "-" for none."""
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

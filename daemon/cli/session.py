@@ -1,0 +1,68 @@
+"""The CLI's connection to berthd (Session) and its one error type (CliError).
+
+Imported after the arguments are parsed, so `berth --help` and usage errors never load the
+wire client.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from berth.shim.wire.client import Client
+from berth.shim.wire.errors import Unavailable
+
+RECONNECT_INTERVAL = 0.1
+
+
+class CliError(Exception):
+    """A failure the CLI reports as `berth: MESSAGE` with exit code 1."""
+
+
+class Session:
+    """Connection settings; opens clients on demand (a signal handler needs its own)."""
+
+    def __init__(self, address: str, namespace: str, timeout: float) -> None:
+        self.address = address
+        self.namespace = namespace
+        self.timeout = timeout
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self.connect()
+        return self._client
+
+    def connect(self) -> Client:
+        try:
+            return Client(
+                self.address, namespace=self.namespace, timeout=self.timeout, peer_name="berth"
+            )
+        except Unavailable as exc:
+            hint = " (is berthd running?)" if str(exc).startswith("cannot connect") else ""
+            raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
+
+    def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
+        return self.client().call(method, params or {}, **meta)
+
+    def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
+        """Call, reconnecting while the daemon is down (it is restarted, say): the
+        container is unaffected, so waiting for it must be too."""
+        noted = False
+        while True:
+            try:
+                return self.call(method, params)
+            except (Unavailable, CliError):
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+                if not noted and sys.stderr.isatty():
+                    print("berth: lost berthd; reconnecting...", file=sys.stderr)
+                    noted = True
+                time.sleep(RECONNECT_INTERVAL)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
