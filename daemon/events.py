@@ -51,7 +51,6 @@ class Exchange:
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
         self._history: deque[Envelope] = deque(maxlen=HISTORY)
-        self.published = 0
 
     def subscribe(self, filters: list[str], since: int | None = None) -> Subscription:
         """A new subscription; with `since` (ns), first the remembered envelopes newer
@@ -77,7 +76,6 @@ class Exchange:
             "topic": topic,
             "event": event,
         }
-        self.published += 1
         self._history.append(envelope)
         for sub in list(self._subscribers):
             if not sub.predicate(envelope):

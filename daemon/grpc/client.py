@@ -86,9 +86,6 @@ class AsyncClient:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
     async def aclose(self) -> None:
         self._pump.cancel()
         try:

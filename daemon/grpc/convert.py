@@ -40,9 +40,6 @@ PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
 ZERO_TIME_SECONDS = -62135596800  # Go's time.Time{} as a protobuf Timestamp
 MAX_SPEC_JSON = 4 * 1024 * 1024
 
-# containerd's runtime names for the runc shim: berth runs them with its own shim.
-RUNC_RUNTIMES = ("io.containerd.runc.v2", "io.containerd.runc.v1", "io.containerd.runtime.v1.linux")
-
 
 def stubs_path() -> str:
     explicit = os.environ.get(STUBS_ENV)

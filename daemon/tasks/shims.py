@@ -31,7 +31,6 @@ class Zygote:
         self._client: RpcClient | None = None
         self._process: trio.Process | None = None
         self._lock = trio.Lock()
-        self.spawned = 0
 
     async def _start(self) -> RpcClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,7 +84,6 @@ class Zygote:
         pid = await client.call(
             "spawn", {"config": config.to_params(), "log_path": log_path}, timeout=30
         )
-        self.spawned += 1
         return int(pid["pid"])
 
     async def _watch(self, process: trio.Process) -> None:
