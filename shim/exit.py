@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from berth.shim.fs import atomic_write, reserve
 
@@ -24,6 +25,14 @@ class ExitRecord:
     pid: int
     status: int
     exited_at: int  # nanoseconds since the epoch
+
+    def to_wire(self) -> dict[str, int]:
+        """As the API answers it (wait, delete) and events carry it."""
+        return {"pid": self.pid, "exit_status": self.status, "exited_at": self.exited_at}
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> ExitRecord:
+        return cls(doc.get("pid", 0), doc.get("exit_status", 0), doc.get("exited_at", 0))
 
     def to_json(self) -> dict[str, int]:
         return {

@@ -77,17 +77,24 @@ class ProcessView:
         if self.status != STOPPED:  # an exit is final, whatever order news arrives in
             self.status = status
 
-    def set_exit(self, pid: int, status: int, exited_at: int) -> bool:
+    def set_exit(self, record: ExitRecord) -> bool:
         """Record the exit; False if it was already known."""
         if self.exited.is_set():
             return False
-        if pid:
-            self.pid = pid
+        if record.pid:
+            self.pid = record.pid
         self.status = STOPPED
-        self.exit_status = status
-        self.exited_at = exited_at
+        self.exit_status = record.status
+        self.exited_at = record.exited_at
         self.exited.set()
         return True
+
+    def exit_record(self) -> ExitRecord:
+        return ExitRecord(self.pid, self.exit_status, self.exited_at)
+
+    def unknown_exit(self) -> bool:
+        """Final with containerd's "unknown" status (its shim is gone, it never ran...)."""
+        return self.set_exit(ExitRecord(self.pid, UNKNOWN_EXIT, time.time_ns()))
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -461,7 +468,7 @@ class TaskService:
                 payload.get("exited_at", 0),
             )
             if view is not None:
-                view.set_exit(pid, status, at)
+                view.set_exit(ExitRecord(pid, status, at))
             event.update(id=exec_id or handle.id, pid=pid, exit_status=status, exited_at=at)
         elif topic == shim_topics.EXEC_ADDED:
             handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
@@ -507,7 +514,7 @@ class TaskService:
                     write_exit_file(exit_dir, "init", record)
                 except OSError as exc:
                     log.error("cannot write exit file for %s: %s", handle.id, exc)
-            if view.set_exit(record.pid, record.status, record.exited_at):
+            if view.set_exit(record):
                 self._exchange.publish(
                     handle.namespace,
                     "/tasks/exit",
@@ -592,7 +599,7 @@ class TaskService:
             result = await self._call(handle, "start", {"exec_id": exec_id or ""})
         except BerthError:
             if exec_id:  # the shim made it final (it never ran): so does the daemon
-                view.set_exit(0, UNKNOWN_EXIT, time.time_ns())
+                view.set_exit(ExitRecord(0, UNKNOWN_EXIT, time.time_ns()))
             raise
         if exec_id:
             view.pid = int(result["pid"])
@@ -642,13 +649,11 @@ class TaskService:
         view = handle.process(exec_id)
         if handle.shim_dead:
             handle.execs.pop(exec_id, None)
-            view.set_exit(view.pid, UNKNOWN_EXIT, time.time_ns())
+            view.unknown_exit()
             return view.to_wire()
         result = await self._call(handle, "delete", {"exec_id": exec_id})
         handle.execs.pop(exec_id, None)
-        view.set_exit(
-            result.get("pid", 0), result.get("exit_status", 0), result.get("exited_at", 0)
-        )
+        view.set_exit(ExitRecord.from_wire(result))
         return dict(result)
 
     async def delete(
@@ -660,11 +665,7 @@ class TaskService:
         handle.deleting = True
         try:
             if handle.shim_dead:
-                result = {
-                    "pid": handle.init.pid,
-                    "exit_status": handle.init.exit_status,
-                    "exited_at": handle.init.exited_at,
-                }
+                result = handle.init.exit_record().to_wire()
                 await self._runtime_cleanup(handle)
                 self._exchange.publish(
                     namespace,
@@ -676,19 +677,15 @@ class TaskService:
                     reply = await self._call(handle, "delete", {"force": force})
                 except NotFound:
                     # Deleted by an earlier call that was cut short (or by hand): finish up.
-                    reply = {
-                        "pid": handle.init.pid,
-                        "exit_status": handle.init.exit_status,
-                        "exited_at": handle.init.exited_at,
-                        "seq": 0,
-                    }
-                result = {k: reply.get(k, 0) for k in ("pid", "exit_status", "exited_at")}
+                    reply = {**handle.init.exit_record().to_wire(), "seq": 0}
+                record = ExitRecord.from_wire(reply)
+                result = record.to_wire()
                 # Let the event pump publish what the shim sent before this reply.
                 last = reply.get("seq", 0)
                 with trio.move_on_after(2):
                     while handle.processed_seq < last and not handle.supervised.is_set():
                         await handle.progress.wait()
-                handle.init.set_exit(result["pid"], result["exit_status"], result["exited_at"])
+                handle.init.set_exit(record)
                 try:
                     await self._call(handle, "shutdown", {}, timeout=5)
                 except BerthError as exc:
@@ -704,7 +701,7 @@ class TaskService:
                     await self._shim_died(handle)
             raise
         for view in handle.execs.values():  # nobody waits on a deleted task for ever
-            view.set_exit(view.pid, UNKNOWN_EXIT, time.time_ns())
+            view.unknown_exit()
         handle.scope.cancel()
         if handle.client is not None:
             await handle.client.aclose()
@@ -723,7 +720,7 @@ class TaskService:
         handle = self.get_handle(namespace, container_id)
         view = handle.process(exec_id)
         await view.exited.wait()
-        return {"pid": view.pid, "exit_status": view.exit_status, "exited_at": view.exited_at}
+        return view.exit_record().to_wire()
 
     async def get(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
@@ -751,7 +748,9 @@ class TaskService:
         if status != STOPPED:
             view.set_status(status)
         elif state.get("exit_published"):
-            view.set_exit(view.pid, state.get("exit_status", 0), state.get("exited_at", 0))
+            view.set_exit(
+                ExitRecord(view.pid, state.get("exit_status", 0), state.get("exited_at", 0))
+            )
         else:
             view.status = STOPPED
             view.exit_status = state.get("exit_status", 0)
