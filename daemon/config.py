@@ -5,6 +5,7 @@ state = "/run/berth"               # volatile: sockets, bundles, shim state, exi
 address = "/run/berth/berthd.sock" # the API socket (mode 0660)
 default_runtime = "runc"
 log_level = "info"
+standby = false                    # keep a warm standby berthd behind the active one
 
 [runtimes.runc]
 binary = "runc"
@@ -72,6 +73,8 @@ class Config:
     grpc_gid: int = 0
     ingest_expiry: float = 3600.0
     rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
+    standby: bool = False  # keep a warm standby (berthd --standby) behind the active daemon
+    mode: str = "active"  # "standby" or "takeover": command-line flags only
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -152,6 +155,7 @@ def from_mapping(doc: dict[str, Any]) -> Config:
         raise InvalidArgument("[grpc] gid must be a group id")
     if "socket_group" in doc:
         config.socket_group = int(doc["socket_group"])
+    config.standby = _typed(doc, "standby", bool, "config", False)
     return config
 
 
@@ -199,6 +203,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--grpc-address", help="serve containerd's gRPC API on this socket (berth-grpc)"
     )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--standby",
+        action="store_true",
+        help="wait, warm, as a standby: take over the moment the active berthd dies",
+    )
+    modes.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over from the running berthd (an upgrade): it hands over and exits",
+    )
     parser.add_argument(
         "--rebuild-metadata",
         action="store_true",
@@ -219,5 +234,6 @@ def load(argv: list[str] | None = None) -> Config:
         doc.setdefault("grpc", {})["address"] = os.path.abspath(args.grpc_address)
     config = from_mapping(doc)
     config.rebuild_metadata = args.rebuild_metadata
+    config.mode = "standby" if args.standby else "takeover" if args.takeover else "active"
     config.validate()
     return config

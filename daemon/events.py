@@ -17,11 +17,20 @@ than a timestamp (`since`): a client that was cut off by a daemon restart resubs
 the timestamp of the last envelope it saw, and receives what it missed, including the
 exits that happened while the daemon was down (recovery publishes them with the time the
 process really exited).
+
+Every envelope also carries `seq`, a number that only grows, and `epoch`, the name of its
+numbering; the history (with its numbering) passes from a daemon to its successor (an
+upgrade, a standby's takeover). A client that resubscribes with `after_seq` and `epoch`
+gets exactly what it has not seen: an exit a successor publishes after the handover keeps
+the time it happened, which can be older than the last envelope the client saw, but its
+`seq` is newer. A daemon restarted without a predecessor's history starts a new epoch;
+a client of another epoch then gets the whole history (all of it is new to it).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -51,14 +60,28 @@ class Exchange:
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
         self._history: deque[Envelope] = deque(maxlen=HISTORY)
+        self._seq = 0
+        self.epoch = uuid.uuid4().hex[:12]
 
-    def subscribe(self, filters: list[str], since: int | None = None) -> Subscription:
-        """A new subscription; with `since` (ns), first the remembered envelopes newer
-        than that. No await separates replay and registration, so nothing falls between."""
+    def subscribe(
+        self,
+        filters: list[str],
+        since: int | None = None,
+        after_seq: int | None = None,
+        epoch: str | None = None,
+    ) -> Subscription:
+        """A new subscription; with `since` (ns) or `after_seq` (of `epoch`), first the
+        remembered envelopes newer than that. No await separates replay and registration,
+        so nothing falls between."""
         sub = Subscription(self, parse_filters(filters))
-        if since is not None:
+        if after_seq is not None and epoch is not None and epoch != self.epoch:
+            after_seq = 0  # another numbering: everything here is new to that client
+        if since is not None or after_seq is not None:
             for envelope in self._history:
-                if envelope["timestamp"] > since and sub.predicate(envelope):
+                newer = (since is None or envelope["timestamp"] > since) and (
+                    after_seq is None or envelope["seq"] > after_seq
+                )
+                if newer and sub.predicate(envelope):
                     try:
                         sub.send.send_nowait(envelope)
                     except trio.WouldBlock:
@@ -70,11 +93,14 @@ class Exchange:
     def publish(
         self, namespace: str, topic: str, event: dict[str, Any], timestamp: int | None = None
     ) -> Envelope:
+        self._seq += 1
         envelope = {
             "timestamp": timestamp or time.time_ns(),
             "namespace": namespace,
             "topic": topic,
             "event": event,
+            "seq": self._seq,
+            "epoch": self.epoch,
         }
         self._history.append(envelope)
         for sub in list(self._subscribers):
@@ -88,6 +114,21 @@ class Exchange:
             except trio.ClosedResourceError:
                 self._subscribers.discard(sub)
         return envelope
+
+    def history(self) -> list[Envelope]:
+        """What a successor takes over (see the module docstring)."""
+        return list(self._history)
+
+    def inherit(self, history: list[Envelope]) -> None:
+        """Take over a predecessor's history and its numbering (before anything is
+        published here)."""
+        valid = [e for e in history if isinstance(e, dict) and isinstance(e.get("seq"), int)]
+        if not valid:
+            return
+        self._history.extend(valid[-HISTORY:])
+        self._seq = max([self._seq, *(e["seq"] for e in valid)])
+        if isinstance(valid[-1].get("epoch"), str):
+            self.epoch = valid[-1]["epoch"]
 
     @property
     def subscriber_count(self) -> int:

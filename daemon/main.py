@@ -1,14 +1,17 @@
 """`berthd`: the daemon's entry point and its structure of tasks.
 
-    trio.run(serve)
-      nursery
-        ├── API listener: one task per connection, one per request (rpc.ServerConnection)
-        ├── recovery: reattach to every shim in the state dir, then open task calls
-        ├── GC scheduler: collects a second after deletes (images, leases)
-        ├── zygote client reader
-        ├── gRPC front end: berth-grpc, a child process, restarted if it dies
-        ├── per task: shim connection reader, event pump, death watch (tasks.TaskService)
-        └── signal watcher: SIGTERM/SIGINT -> stop serving, leave every shim running
+    trio.run(run)                 as configured: active, a standby (--standby), or the
+                                  successor of a running daemon (--takeover)
+      serve(): nursery
+        ├── control socket: a standby's attach, a successor's handover (handover.py)
+        └── services: nursery (cancelled as a whole by a shutdown or a handover)
+              ├── API listener: a task per connection, one per request (rpc)
+              ├── recovery: reattach to every shim in the state dir, then open task calls
+              ├── GC scheduler: collects after deletes, and stale things periodically
+              ├── zygote client reader
+              ├── gRPC front end: berth-grpc, a child process, restarted if it dies
+              ├── per task: shim connection reader, event pump, death watch
+              └── signal watcher: SIGTERM/SIGINT -> stop serving, leave every shim running
 
 Killing the daemon, gracefully or with SIGKILL, never touches a container: the shims are
 in their own sessions and process groups, and hold everything a container needs.
@@ -20,12 +23,13 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 import trio
 
 from berth.daemon import config as config_module
-from berth.daemon import startup
-from berth.daemon.api import routes
+from berth.daemon import handover, listeners, notify, standby, startup
+from berth.daemon.api import routes, schema
 from berth.daemon.api.core import Api, load_server_uuid, namespace_of
 from berth.daemon.api.storage import StorageApi
 from berth.daemon.api.tasks import TaskApi
@@ -33,22 +37,42 @@ from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
-from berth.daemon.rpc import ServerConnection, guarded
+from berth.daemon.rpc import Drain, ServerConnection, guarded
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.daemon.tasks.shims import Zygote
 from berth.shim.wire.errors import BerthError
-from berth.shim.wire.unixsock import bind_unix, peer_credentials
+from berth.shim.wire.unixsock import peer_credentials
 
 log = logging.getLogger("berthd")
 
+RESUME_FD_ENV = "BERTH_RESUME"  # set by a daemon that re-executes itself (handover.py)
 
-async def serve(
-    config: Config, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
+
+@dataclass
+class State:
+    """What serve() opened, and how it ends."""
+
+    store: Store
+    locks: startup.Locks
+    listener: listeners.Listener
+    handing_over: bool = False  # a successor asked: serve() waits for the handover's end
+    handed_over: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.store.close()
+            self.locks.release()
+
+
+def open_state(config: Config, locks: startup.Locks | None) -> tuple[Store, startup.Locks, bool]:
+    """Directories, locks and the metadata database (startup.py's checks first)."""
     startup.prepare_dirs(config)
-    locks = startup.take_locks(config)
+    if locks is None:
+        locks = startup.take_locks(config)
     try:
         startup.check_metadata(config)
         rebuild = config.rebuild_metadata and startup.is_blank(config.db_path)
@@ -59,81 +83,232 @@ async def serve(
         locks.release()
         raise
     store.ensure_namespace("default")
-    exchange = Exchange()
-    recovered = trio.Event()
-    listener_sock = bind_unix(config.address, mode=0o660)
-    if config.socket_group is not None:
-        os.chown(config.address, 0, config.socket_group)
+    return store, locks, rebuild
+
+
+async def serve(
+    config: Config,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    *,
+    inheritance: handover.Inheritance | None = None,
+    locks: startup.Locks | None = None,
+) -> None:
+    inheritance = inheritance or handover.Inheritance()
+    store, locks, rebuild = open_state(config, locks)
+    sockets = {**listeners.from_systemd(), **inheritance.sockets}
     try:
-        async with trio.open_nursery() as nursery:
-            zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
-            storage = Storage(
-                config.root,
-                config.state,
-                store,
-                config.default_snapshotter,
-                ingest_expiry=config.ingest_expiry,
-            )
-            if rebuild:
-                startup.rebuild_metadata(config, store, storage)
-            if dropped := gc.drop_temporary_leases(storage):
-                log.info("dropped %d temporary lease(s) of a previous daemon", dropped)
-            tasks = TaskService(config, store, exchange, nursery, zygote, storage)
-            api = Api(
-                config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage
-            )
-            storage_api = StorageApi(storage, exchange.publish, tasks.rootfs_snapshots)
-            handlers = routes.bind(
-                [api.handlers(), TaskApi(tasks).handlers(), storage_api.handlers()], recovered
-            )
-
-            async def handle_connection(stream: trio.SocketStream) -> None:
-                _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
-                if uid not in (0, os.getuid()):
-                    log.warning("refused API connection from uid %d", uid)
-                    await stream.aclose()
-                    return
-                await guarded(
-                    "API connection", ServerConnection(stream, handlers, namespace_of, uid).serve
-                )
-
-            async def recover() -> None:
-                try:
-                    found = await tasks.recover()
-                    log.info("recovered %d task(s)", found)
-                finally:
-                    # Even a recovery that failed opens the task calls: waiting for ever
-                    # on it would hang every client (the failure is logged by `guarded`).
-                    recovered.set()
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signo in signals:
-                        log.info("signal %d: shutting down; containers keep running", signo)
-                        await tasks.close()
-                        nursery.cancel_scope.cancel()
-                        return
-
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(guarded, "recovery", recover)
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
-            await nursery.start(trio.serve_listeners, handle_connection, [listener])
-            log.info("berthd serving on %s (pid %d)", config.address, os.getpid())
-            task_status.started()
-            nursery.start_soon(guarded, "zygote start", zygote.warm)
-            nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
-            if config.grpc_address:
-                nursery.start_soon(
-                    guarded, "gRPC front end", supervisor.supervise, config, recovered
-                )
+        listener = listeners.take(config.address, sockets)
+    except BaseException:
+        store.close()
+        locks.release()
+        raise
+    if listener.bound_here and config.socket_group is not None:
+        os.chown(config.address, 0, config.socket_group)
+    state = State(store, locks, listener)
+    try:
+        async with trio.open_nursery() as outer:
+            await _run_services(config, state, inheritance, rebuild, outer, task_status)
+            if state.handing_over:
+                await trio.sleep_forever()  # the handover finishes (or resumes) this daemon
+            outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if not state.handed_over:
+                listener.unlink_if_ours()
+                notify.notify("STOPPING=1")
+            state.close()
+
+
+async def _run_services(
+    config: Config,
+    state: State,
+    inheritance: handover.Inheritance,
+    rebuild: bool,
+    outer: trio.Nursery,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    store = state.store
+    exchange = Exchange()
+    exchange.inherit(inheritance.history)
+    recovered = trio.Event()
+    drain = Drain(frozenset(name for name, m in schema.METHODS.items() if m.resumable))
+    async with trio.open_nursery() as nursery:
+        zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
+        storage = Storage(
+            config.root,
+            config.state,
+            store,
+            config.default_snapshotter,
+            ingest_expiry=config.ingest_expiry,
+        )
+        if rebuild:
+            startup.rebuild_metadata(config, store, storage)
+        if dropped := gc.drop_temporary_leases(storage):
+            log.info("dropped %d temporary lease(s) of a previous daemon", dropped)
+        tasks = TaskService(config, store, exchange, nursery, zygote, storage)
+        tasks.inherit_seqs(inheritance.task_seqs)
+        api = Api(config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage)
+        storage_api = StorageApi(storage, exchange.publish, tasks.rootfs_snapshots)
+        handlers = routes.bind(
+            [api.handlers(), TaskApi(tasks).handlers(), storage_api.handlers()], recovered
+        )
+
+        async def handle_connection(stream: trio.SocketStream) -> None:
+            _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
+            if uid not in (0, os.getuid()):
+                log.warning("refused API connection from uid %d", uid)
+                await stream.aclose()
+                return
+            connection = ServerConnection(stream, handlers, namespace_of, uid, drain=drain)
+            await guarded("API connection", connection.serve)
+
+        async def recover() -> None:
             try:
-                os.unlink(config.address)
-            except FileNotFoundError:
-                pass
-            store.close()
-            locks.release()
+                found = await tasks.recover()
+                log.info("recovered %d task(s)", found)
+            finally:
+                # Even a recovery that failed opens the task calls: waiting for ever on it
+                # would hang every client (the failure is logged by `guarded`).
+                recovered.set()
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signo in signals:
+                    log.info("signal %d: shutting down; containers keep running", signo)
+                    await tasks.close()
+                    nursery.cancel_scope.cancel()
+                    return
+
+        accepting = trio.CancelScope()
+
+        async def accept() -> None:
+            with accepting:
+                sock = trio.socket.from_stdlib_socket(state.listener.sock)
+                await trio.serve_listeners(handle_connection, [_KeepOpen(sock)])
+
+        async def stop_accepting() -> None:
+            state.handing_over = True
+            accepting.cancel()
+
+        handing = handover.Handing(
+            listener_fd=state.listener.sock.fileno,
+            stop_accepting=stop_accepting,
+            drain=lambda: drain.drain(handover.DRAIN_TIMEOUT),
+            release_tasks=tasks.release,
+            history=exchange.history,
+            close_state=lambda: _close_for_handover(state, storage, nursery),
+            resume=lambda: _resume(config, state, exchange),
+            finish=lambda: _finish(state, outer),
+        )
+        control = handover.ControlServer(config.state, handing)
+        await outer.start(control.serve)
+        nursery.start_soon(watch_signals)
+        nursery.start_soon(guarded, "recovery", recover)
+        nursery.start_soon(accept)
+        log.info("berthd %s serving on %s (pid %d)", _version(), config.address, os.getpid())
+        task_status.started()
+        nursery.start_soon(guarded, "zygote start", zygote.warm)
+        nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
+        if config.grpc_address:
+            nursery.start_soon(
+                guarded,
+                "gRPC front end",
+                supervisor.supervise,
+                config,
+                recovered,
+                lambda: state.handing_over,
+            )
+        await recovered.wait()
+        notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
+        await handover.announce_done(inheritance)
+        if config.standby:
+            nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
+
+
+class _KeepOpen(trio.abc.Listener[trio.SocketStream]):
+    """The API listener, which a handover passes on: when this daemon stops accepting,
+    trio closes the listener it served; this one leaves the socket open."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._inner = trio.SocketListener(sock)
+
+    async def accept(self) -> trio.SocketStream:
+        return await self._inner.accept()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def _version() -> str:
+    from berth.daemon import __version__
+
+    return __version__
+
+
+def _close_for_handover(state: State, storage: Storage, services: trio.Nursery) -> None:
+    """The last step before the successor gets the socket: nothing of this daemon may
+    write any more (its services stop, its databases close, its locks drop)."""
+    services.cancel_scope.cancel()
+    storage.close()
+    state.close()
+
+
+def _finish(state: State, outer: trio.Nursery) -> None:
+    state.handed_over = True
+    outer.cancel_scope.cancel()
+
+
+def _resume(config: Config, state: State, exchange: Exchange) -> None:
+    """The successor did not take over: re-execute this daemon (same pid) with the same
+    listening socket, as systemd would pass it, and the event history in a file."""
+    path = os.path.join(config.state, "resume-history.msgpack")
+    from berth.shim.wire.protocol import encode
+
+    with open(path, "wb") as f:
+        f.write(encode(exchange.history()))
+    fd = state.listener.sock.fileno()
+    os.dup2(fd, listeners.SD_LISTEN_FDS_START)
+    os.set_inheritable(listeners.SD_LISTEN_FDS_START, True)
+    os.environ.update(
+        LISTEN_PID=str(os.getpid()),
+        LISTEN_FDS="1",
+        LISTEN_FDNAMES=listeners.API,
+        **{RESUME_FD_ENV: path},
+    )
+    argv = [a for a in sys.argv if a not in ("--takeover", "--standby")]
+    log.warning("re-executing berthd to resume serving")
+    os.execv(sys.executable, [sys.executable, "-m", "berth.daemon.main", *argv[1:]])
+
+
+def _resumed_history() -> list[dict[str, object]]:
+    path = os.environ.pop(RESUME_FD_ENV, "")
+    if not path:
+        return []
+    from berth.shim.wire.protocol import decode
+
+    try:
+        with open(path, "rb") as f:
+            history = decode(f.read())
+        os.unlink(path)
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the resumed history %s: %s", path, exc)
+        return []
+    return history if isinstance(history, list) else []
+
+
+async def run(config: Config, mode: str) -> None:
+    """Serve as `mode` says: "active", "standby" (serve once the active one is gone), or
+    "takeover" (serve in the place of the running daemon, which hands over)."""
+    if mode == "takeover":
+        inheritance = await handover.take_over(config.state)
+        locks = await startup.wait_for_locks(config)
+        log.info("berthd pid %d handed over to this one", inheritance.predecessor)
+        await serve(config, inheritance=inheritance, locks=locks)
+    elif mode == "standby":
+        inheritance, locks = await standby.stand_by(config)
+        await serve(config, inheritance=inheritance, locks=locks)
+    else:
+        await serve(config, inheritance=handover.Inheritance(history=_resumed_history()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        trio.run(serve, config)
+        trio.run(run, config, config.mode)
     except KeyboardInterrupt:
         pass
-    except startup.StartupError as exc:
+    except (startup.StartupError, BerthError) as exc:
         print(f"berthd: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ from berth.shim.wire.errors import (
     BerthError,
     Canceled,
     Internal,
+    Reconnect,
     Unavailable,
     Unimplemented,
 )
@@ -281,6 +282,40 @@ async def guarded(what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> 
 Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
 
 
+class Drain:
+    """The server side of a handover (an upgrade, a takeover): once it begins, a new
+    request is answered Reconnect at once (not carried out), resumable long calls (waits,
+    streams) end with Reconnect, every other call in flight finishes (bounded), and then
+    every connection is told to go away (a connection-level Reconnect, after the last
+    reply on it). The connections stay open, answering Reconnect, until the process exits:
+    a request that crossed the goodbye is answered, never lost in a reset. Clients repeat
+    on the successor what ended with Reconnect."""
+
+    def __init__(self, resumable: frozenset[str] = frozenset()) -> None:
+        self.resumable = resumable
+        self.active = False
+        self.connections: set[ServerConnection] = set()
+
+    async def drain(self, timeout: float) -> int:
+        """Begin; return once no call is in flight (or `timeout` passed: those left end
+        with Reconnect too) and every connection is closed. Returns how many calls were
+        ended early."""
+        self.active = True
+        ended = sum(c.end_resumable() for c in list(self.connections))
+        with trio.move_on_after(timeout):
+            while any(c.in_flight for c in self.connections):
+                await trio.sleep(0.005)
+        ended += sum(c.end_all() for c in list(self.connections))
+        while any(c.in_flight for c in self.connections):
+            await trio.sleep(0.005)  # their cancellation is already under way
+        for connection in list(self.connections):
+            await connection.go_away()
+        return ended
+
+
+RECONNECT_MESSAGE = "berthd is handing over to its successor; connect again"
+
+
 class ServerConnection:
     """Serves one client connection: requests run concurrently (bounded), each in its own
     cancel scope so CANCEL and a disconnect stop exactly what they should."""
@@ -294,6 +329,7 @@ class ServerConnection:
         namespace_of: Callable[[Request], str],
         peer_uid: int,
         max_frame_size: int = DEFAULT_MAX_FRAME,
+        drain: Drain | None = None,
     ) -> None:
         self._stream = stream
         self._handlers = handlers
@@ -302,9 +338,36 @@ class ServerConnection:
         self._conn = Connection(Role.SERVER, max_frame_size=max_frame_size, peer_name="berthd")
         self._send_lock = trio.Lock()
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._methods: dict[int, str] = {}  # of the requests in flight
+        self._ended: set[int] = set()  # requests a drain ended: their answer is Reconnect
         self._limit = trio.Semaphore(self.MAX_IN_FLIGHT)
         self._session: dict[str, Any] = {}
         self._on_close: list[Callable[[], None]] = []
+        self._drain = drain or Drain()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._scopes)
+
+    def _end(self, rids: list[int]) -> int:
+        for rid in rids:
+            self._ended.add(rid)
+            self._scopes[rid].cancel()
+        return len(rids)
+
+    def end_resumable(self) -> int:
+        resumable = self._drain.resumable
+        return self._end([r for r, m in self._methods.items() if m in resumable])
+
+    def end_all(self) -> int:
+        return self._end([r for r in self._scopes if r not in self._ended])
+
+    async def go_away(self) -> None:
+        """Tell the client to take its next calls elsewhere (see Drain)."""
+        try:
+            await self._send(ErrorReply(None, "unavailable", Reconnect(RECONNECT_MESSAGE).message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+            pass
 
     async def _send(self, event: Any) -> None:
         try:
@@ -321,6 +384,7 @@ class ServerConnection:
             await self._stream.send_all(data)
 
     async def serve(self) -> None:
+        self._drain.connections.add(self)
         try:
             async with trio.open_nursery() as nursery:
                 # Caught inside the nursery: leaving it, errors arrive wrapped in an
@@ -331,6 +395,7 @@ class ServerConnection:
                     pass
                 nursery.cancel_scope.cancel()
         finally:
+            self._drain.connections.discard(self)
             for cb in self._on_close:
                 try:
                     cb()
@@ -368,9 +433,15 @@ class ServerConnection:
                 if isinstance(event, Hello):
                     await self._send(self._conn.server_handshake(event))
                 elif isinstance(event, Request):
+                    if self._drain.active:  # not carried out: the successor will
+                        await self._send(
+                            ErrorReply.from_exception(event.id, Reconnect(RECONNECT_MESSAGE))
+                        )
+                        continue
                     await self._limit.acquire()
                     scope = trio.CancelScope()
                     self._scopes[event.id] = scope
+                    self._methods[event.id] = event.method
                     nursery.start_soon(self._handle, event, scope)
                 elif isinstance(event, Cancel):
                     running = self._scopes.get(event.id)
@@ -386,12 +457,17 @@ class ServerConnection:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s took %.1f ms", req.method, (time.perf_counter() - started) * 1e3)
             if scope.cancelled_caught:
-                reply = ErrorReply.from_exception(req.id, Canceled("request canceled"))
+                error: BerthError = Canceled("request canceled")
+                if req.id in self._ended:
+                    error = Reconnect(RECONNECT_MESSAGE)
+                reply = ErrorReply.from_exception(req.id, error)
             await self._send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self._scopes.pop(req.id, None)
+            self._methods.pop(req.id, None)
+            self._ended.discard(req.id)
             self._limit.release()
 
     async def _run_handler(self, req: Request) -> Any:

@@ -106,6 +106,18 @@ def take_locks(config: Config) -> Locks:
     return Locks(taken)
 
 
+async def wait_for_locks(config: Config, timeout: float = 10.0) -> Locks:
+    """The locks, once their holder (a predecessor handing over) has dropped them."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                return take_locks(config)
+            except StartupError:
+                await trio.sleep(0.002)
+
+
 def _lock(path: str, what: str, directory: str, config: Config) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
     try:

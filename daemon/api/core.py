@@ -256,7 +256,7 @@ class Api:
     # -- events
 
     async def events_subscribe(self, ctx: CallContext, p: schema.EventsSubscribe) -> Any:
-        sub = self.exchange.subscribe(p.filters, p.since)
+        sub = self.exchange.subscribe(p.filters, p.since, p.after_seq, p.epoch)
         try:
             async for envelope in sub.receive:
                 await ctx.send_item(envelope)

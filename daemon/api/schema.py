@@ -105,6 +105,8 @@ class ContainersUpdate(Params, kw_only=True):
 class EventsSubscribe(Params, kw_only=True):
     filters: list[str] = []
     since: int | None = None  # ns: replay what was published after it first
+    after_seq: int | None = None  # replay what is numbered after it (survives a handover)
+    epoch: str | None = None  # the numbering after_seq is of (events.py)
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -440,6 +442,10 @@ class Method:
     stream: bool = False  # answers with items, then the end of the stream
     long: bool = False  # lasts as long as a container or a transfer: no client deadline
     after_recovery: bool = False  # waits until the task table is complete
+    # Ended at once by a handover (its client repeats it on the successor: a wait, a
+    # stream resumed with after_seq, a transfer resumed from its ingests); every other
+    # call in flight is finished first.
+    resumable: bool = False
 
 
 _STREAM = None
@@ -459,13 +465,13 @@ METHODS: dict[str, Method] = {
     "containers.list": Method(Paged, Listing),
     "containers.update": Method(ContainersUpdate, Record),
     "containers.delete": Method(ContainerId, Record, after_recovery=True),
-    "events.subscribe": Method(EventsSubscribe, _STREAM, stream=True, long=True),
+    "events.subscribe": Method(EventsSubscribe, _STREAM, stream=True, long=True, resumable=True),
     "tasks.create": Method(TasksCreate, PidReply, long=True, after_recovery=True),
     "tasks.start": Method(TaskRef, PidReply, after_recovery=True),
     "tasks.kill": Method(TasksKill, Record, after_recovery=True),
     "tasks.delete": Method(TasksDelete, ExitReply, long=True, after_recovery=True),
     "tasks.delete_process": Method(TaskProcess, ExitReply, after_recovery=True),
-    "tasks.wait": Method(TaskRef, ExitReply, long=True, after_recovery=True),
+    "tasks.wait": Method(TaskRef, ExitReply, long=True, after_recovery=True, resumable=True),
     "tasks.exec": Method(TasksExec, Record, after_recovery=True),
     "tasks.pids": Method(ContainerTask, Record, after_recovery=True),
     "tasks.pause": Method(ContainerTask, Record, after_recovery=True),
@@ -495,8 +501,8 @@ METHODS: dict[str, Method] = {
     "images.delete": Method(ImagesDelete, Record),
     "images.import": Method(ImagesImport, Listing, long=True),
     "images.export": Method(ImagesExport, Record, long=True),
-    "images.pull": Method(ImagesPull, _STREAM, stream=True, long=True),
-    "images.push": Method(ImagesPush, _STREAM, stream=True, long=True),
+    "images.pull": Method(ImagesPull, _STREAM, stream=True, long=True, resumable=True),
+    "images.push": Method(ImagesPush, _STREAM, stream=True, long=True, resumable=True),
     "images.unpack": Method(ImagesUnpack, ChainReply, long=True),
     "images.spec": Method(ImagesSpec, SpecReply),
     "snapshots.prepare": Method(SnapshotPrepare, MountsReply, long=True),

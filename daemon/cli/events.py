@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from berth.daemon.cli.output import timestamp
+from berth.daemon.cli.session import CliError
 
 if TYPE_CHECKING:
     import argparse
@@ -20,17 +21,36 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
 
 
 def run(session: Session, args: argparse.Namespace) -> int:
-    client = session.client()
+    """Print events as they come. A daemon restart or upgrade does not end the stream: it
+    resubscribes after the last event it printed (`after_seq`: numbers survive a
+    handover, so nothing is missed or printed twice)."""
+    import time
+
+    from berth.shim.wire.errors import Unavailable
+
+    params: dict[str, Any] = {"filters": args.filter or []}
+    if args.since is not None:
+        params["since"] = args.since
+    last: tuple[str, int] | None = None  # (epoch, seq) of the last event printed
     try:
-        params: dict[str, Any] = {"filters": args.filter or []}
-        if args.since is not None:
-            params["since"] = args.since
-        for envelope in client.stream("events.subscribe", params):
-            print(
-                f"{timestamp(envelope['timestamp'])} {envelope['namespace']} "
-                f"{envelope['topic']} {json.dumps(envelope['event'], sort_keys=True)}",
-                flush=True,
-            )
+        while True:
+            try:
+                for envelope in session.client().stream("events.subscribe", params):
+                    epoch, seq = envelope.get("epoch"), envelope.get("seq")
+                    if isinstance(epoch, str) and isinstance(seq, int):
+                        if last is not None and epoch == last[0] and seq <= last[1]:
+                            continue
+                        last = (epoch, seq)
+                    print(
+                        f"{timestamp(envelope['timestamp'])} {envelope['namespace']} "
+                        f"{envelope['topic']} {json.dumps(envelope['event'], sort_keys=True)}",
+                        flush=True,
+                    )
+                return 0
+            except (Unavailable, CliError):
+                session.reset()
+                if last is not None:
+                    params = {"filters": args.filter or [], "epoch": last[0], "after_seq": last[1]}
+                time.sleep(0.02)
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 from berth.shim.wire.client import Client
-from berth.shim.wire.errors import Unavailable
+from berth.shim.wire.errors import Reconnect, Unavailable
 
 RECONNECT_INTERVAL = 0.1
+HANDOVER_RETRY = 0.02  # seconds between repeats of a call a handing-over daemon refused
 
 
 class CliError(Exception):
@@ -44,7 +45,24 @@ class Session:
             raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
 
     def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
-        return self.client().call(method, params or {}, **meta)
+        """One call. A call the daemon answered Reconnect was not carried out (it is
+        handing over to its successor: an upgrade): it is repeated on a new connection,
+        which the listening socket queues until the successor serves."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.client().call(method, params or {}, **meta)
+            except Reconnect:
+                self.reset()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(HANDOVER_RETRY)
+
+    def reset(self) -> None:
+        """Drop the connection (the next call opens a new one)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def call_retrying(self, method: str, params: dict[str, Any]) -> Any:
         """Call, reconnecting while the daemon is down (it is restarted, say): the
@@ -53,16 +71,16 @@ class Session:
         while True:
             try:
                 return self.call(method, params)
+            except Reconnect:
+                self.reset()  # a handover: the successor answers at once, no message
+                time.sleep(HANDOVER_RETRY)
+                continue
             except (Unavailable, CliError):
-                if self._client is not None:
-                    self._client.close()
-                    self._client = None
+                self.reset()
                 if not noted and sys.stderr.isatty():
                     print("berth: lost berthd; reconnecting...", file=sys.stderr)
                     noted = True
                 time.sleep(RECONNECT_INTERVAL)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.reset()

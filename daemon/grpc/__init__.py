@@ -9,7 +9,8 @@ threaded, and berthd stays single-threaded and small).
                  metrics, event envelopes) to and from berth's plain values
     client       the asyncio client of berthd's socket that the services use
 
-The only place grpcio and protobuf are imported (an import-linter contract). May import
-berth.daemon's pure leaves and berth.shim's wire kernel; never trio, the task service or
-the storage stack (it reaches them only through berthd's socket).
+The only place grpcio and protobuf are imported (an import-linter contract). berth-grpc's
+modules may import berth.daemon's pure leaves and berth.shim's wire kernel, never trio,
+the task service or the storage stack (it reaches them only through berthd's socket);
+`supervisor` is berthd's side (trio, and the process helpers of the task service).
 """

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from berth.shim.wire.errors import BerthError, InvalidArgument, Unavailable
+from berth.shim.wire.errors import BerthError, InvalidArgument, Reconnect, Unavailable
 from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
@@ -32,6 +32,11 @@ from berth.shim.wire.protocol import (
 
 READ_SIZE = 256 * 1024
 STREAM_BUFFER = 64  # items queued per stream before the reader stops reading
+
+
+class _GoingAway(Exception):
+    def __init__(self, error: BerthError) -> None:
+        self.error = error
 
 
 class AsyncClient:
@@ -121,6 +126,8 @@ class AsyncClient:
                 if isinstance(event, ConnectionClosed):
                     return
                 await self._dispatch(event)
+        except _GoingAway as going:
+            failure = going.error  # nothing pending on it was carried out: repeat it
         except (OSError, ProtocolError) as exc:
             failure = Unavailable(f"connection to berthd lost: {exc}")
         finally:
@@ -130,6 +137,9 @@ class AsyncClient:
         rid = getattr(event, "id", None)
         if rid is None:  # a connection-level error: everything on it fails
             if isinstance(event, ErrorReply):
+                error = event.to_exception()
+                if isinstance(error, Reconnect):  # berthd hands over: go elsewhere
+                    raise _GoingAway(error)
                 raise ProtocolError(f"berthd refused the connection: {event.message}")
             return
         future = self._calls.pop(rid, None)

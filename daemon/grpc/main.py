@@ -1,63 +1,110 @@
 """`berth-grpc`: containerd's gRPC API in front of berthd, as a process of its own.
 
-    berth-grpc --address /run/berth/containerd.sock --berthd /run/berth/berthd.sock
+    berth-grpc --address /run/berth/containerd.sock --berthd /run/berth/berthd.sock \
+               --state /run/berth
 
 berthd starts it when `[grpc] address` is configured. It is separate because grpcio is a
 large, threaded library: kept out of berthd, berthd stays small and single-threaded, and
 its cost is visible on its own line in the benchmark. It holds no state: every call is
-translated to berthd's API, so it may die and be started again at any time.
+translated to berthd's API.
 
-It dies with berthd (it watches a pidfd of its parent: PR_SET_PDEATHSIG would fire when
-the *thread* that started it exits, and trio starts processes from worker threads), as
-containerd's socket disappears with containerd; the berthd that starts next starts a new
-one, and clients reconnect as they do to a restarted containerd.
+It outlives berthd's own restarts and upgrades, so that dockerd and ctr never see the
+containerd socket go: berthd records it in `<state>/grpc.json`, and the berthd that
+follows (a successor, a standby, a restart) adopts it; its calls ride over the gap
+(berthd's listening socket queues them; a refused connect is retried for a few seconds).
+It is replaced only by a berth-grpc of another version: the new one binds a temporary
+name and renames it over the socket (no moment without a listener), then the old one
+stops gracefully. A berthd stopping for good stops it; one that berthd does not answer
+for ORPHAN_TIMEOUT seconds exits by itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import stat
 import sys
+from typing import Any
 
 log = logging.getLogger("berth.grpc")
 
 MAX_MESSAGE = 32 * 1024 * 1024
 
 
+ORPHAN_TIMEOUT = 60.0  # seconds without any berthd before this front end exits
+RECORD = "grpc.json"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="berth-grpc", description=__doc__.split("\n")[0])
     parser.add_argument("--address", required=True, help="the gRPC socket to serve")
     parser.add_argument("--berthd", required=True, help="berthd's API socket")
-    parser.add_argument("--parent-pid", type=int, default=0, help="exit when it dies")
+    parser.add_argument("--state", default="", help="berthd's state dir (records this process)")
     parser.add_argument("--socket-group", type=int, default=None)
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
-def _unlink_stale(path: str) -> None:
-    """A socket left by a front end that died with its berthd; never anything else, and
-    never a socket somebody still serves (a containerd, a front end still stopping)."""
+def _check_replaceable(path: str, predecessor: int) -> None:
+    """The socket may be replaced if nobody serves it, or if the one serving it is the
+    front end this one replaces; never a socket of something else (a containerd)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise SystemExit(f"berth-grpc: {path} exists and is not a socket")
+    if predecessor:
+        return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except OSError:
-        os.unlink(path)  # nobody answers: stale
-        return
+        return  # nobody answers: stale
     finally:
         probe.close()
     raise SystemExit(f"berth-grpc: {path} is served by another process")
+
+
+def _record(args: argparse.Namespace) -> None:
+    """Tell berthd (and its successors) who serves the socket."""
+    if not args.state:
+        return
+    from berth.daemon import __version__
+    from berth.shim.fs import atomic_write
+    from berth.shim.state import process_start_time
+
+    doc = {
+        "pid": os.getpid(),
+        "start_time": process_start_time(os.getpid()) or 0,
+        "version": __version__,
+        "address": args.address,
+    }
+    atomic_write(os.path.join(args.state, RECORD), json.dumps(doc).encode())
+
+
+def _predecessor(args: argparse.Namespace) -> int:
+    """The pid of the front end recorded as serving the socket now, if it lives."""
+    if not args.state:
+        return 0
+    from berth.shim.state import process_start_time
+
+    try:
+        with open(os.path.join(args.state, RECORD), "rb") as f:
+            doc = json.loads(f.read(4096))
+        pid, start_time = int(doc["pid"]), int(doc["start_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    if pid != os.getpid() and start_time and process_start_time(pid) == start_time:
+        return pid
+    return 0
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -68,7 +115,7 @@ def _identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-async def serve(args: argparse.Namespace, parent_fd: int | None = None) -> None:
+async def serve(args: argparse.Namespace) -> None:
     import grpc
 
     from berth.daemon.grpc import convert as containerd_api
@@ -89,41 +136,55 @@ async def serve(args: argparse.Namespace, parent_fd: int | None = None) -> None:
     )
     server.add_generic_rpc_handlers(generic_handlers(backend, server_uuid))
     os.makedirs(os.path.dirname(args.address), exist_ok=True)
-    _unlink_stale(args.address)
+    predecessor = _predecessor(args)
+    _check_replaceable(args.address, predecessor)
+    temporary = f"{args.address}.{os.getpid()}"
     old_umask = os.umask(0o117)  # the socket is created 0660, never briefly wider
     try:
-        server.add_insecure_port(f"unix:{args.address}")
+        server.add_insecure_port(f"unix:{temporary}")
         await server.start()
     finally:
         os.umask(old_umask)
-    os.chmod(args.address, 0o660)
+    os.chmod(temporary, 0o660)
     if args.socket_group is not None:
-        os.chown(args.address, 0, args.socket_group)
+        os.chown(temporary, 0, args.socket_group)
+    os.rename(temporary, args.address)  # atomic: the path always names a listening socket
     ours = _identity(args.address)
+    _record(args)
+    if predecessor:
+        log.info("replacing berth-grpc pid %d", predecessor)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(predecessor, signal.SIGTERM)  # it stops gracefully
     log.info("containerd API on %s -> berthd %s (pid %d)", args.address, args.berthd, os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signo in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signo, stop.set)
-    orphaned = False
-    if parent_fd is not None:
-
-        def parent_died() -> None:  # the pidfd stays readable: watch it once
-            nonlocal orphaned
-            loop.remove_reader(parent_fd)
-            orphaned = True
-            stop.set()
-
-        loop.add_reader(parent_fd, parent_died)
+    watch = asyncio.create_task(_exit_when_orphaned(backend, stop))
     await stop.wait()
-    log.info("stopping%s", " (berthd is gone)" if orphaned else "")
+    watch.cancel()
+    log.info("stopping")
     # grpc logs every stream it cancels at stop (open Subscribe calls) as an error.
     logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
-    # Without berthd nothing can be answered: no grace, so the next front end can bind.
-    await server.stop(grace=0 if orphaned else 1.0)
+    await server.stop(grace=5.0)  # calls in flight finish (a successor serves new ones)
     await backend.aclose()
     if _identity(args.address) == ours:  # never a successor's socket
         os.unlink(args.address)
+
+
+async def _exit_when_orphaned(backend: Any, stop: asyncio.Event) -> None:
+    """Stop when no berthd has answered for ORPHAN_TIMEOUT seconds (one that stops for
+    good stops this front end itself; this is for one that died and never came back)."""
+    clock = asyncio.get_running_loop().time
+    seen = clock()
+    while True:
+        await asyncio.sleep(5.0)
+        if await backend.healthy():
+            seen = clock()
+        elif clock() - seen > ORPHAN_TIMEOUT:
+            log.warning("no berthd for %.0f s: exiting", ORPHAN_TIMEOUT)
+            stop.set()
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,16 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    parent_fd = None
-    if args.parent_pid:
-        try:
-            parent_fd = os.pidfd_open(args.parent_pid)
-        except ProcessLookupError:
-            return 0
-        if os.getppid() != args.parent_pid:  # it died (and the pid was reused) already
-            return 0
     try:
-        asyncio.run(serve(args, parent_fd))
+        asyncio.run(serve(args))
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,22 +1,31 @@
-"""berthd's supervision of the gRPC front end (berth-grpc): start it, restart it if it
-dies, stop it with the daemon. It is a child of berthd and dies with it (it watches a
-pidfd of berthd)."""
+"""berthd's supervision of the gRPC front end (berth-grpc): adopt the one that serves (it
+outlives berthd's restarts and upgrades: see grpc/main.py), start one when there is none
+or it is of another version (the new one takes the socket over from the old), restart it
+if it dies, and stop it when berthd stops for good (not when it hands over)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
+from berth.daemon import __version__
 from berth.daemon.config import Config
+from berth.daemon.tasks.shims import shim_alive, wait_for_death
 
 log = logging.getLogger("berthd.grpc")
 
-STOP_TIMEOUT = 3.0
+STOP_TIMEOUT = 8.0  # berth-grpc's grace for calls in flight is 5 s
+STARTUP_TIMEOUT = 30.0
+RECORD = "grpc.json"
 MAX_BACKOFF = 30.0
 
 
@@ -29,8 +38,8 @@ def command(config: Config) -> list[str]:
         config.grpc_address,
         "--berthd",
         config.address,
-        "--parent-pid",
-        str(os.getpid()),
+        "--state",
+        config.state,
         "--log-level",
         config.log_level,
     ]
@@ -39,36 +48,96 @@ def command(config: Config) -> list[str]:
     return argv
 
 
-async def supervise(config: Config, recovered: trio.Event) -> None:
-    """Run berth-grpc for as long as this task lives; a crash is logged and followed by
-    a restart after a growing pause (so a broken install does not spin). It starts once
-    recovery is done: its interpreter start-up (grpcio is a large import) would otherwise
+@dataclass
+class FrontEnd:
+    pid: int
+    start_time: int
+    version: str
+    address: str
+
+
+def recorded(config: Config) -> FrontEnd | None:
+    """The live berth-grpc the state dir records, if any."""
+    try:
+        with open(os.path.join(config.state, RECORD), "rb") as f:
+            doc = json.loads(f.read(4096))
+        front = FrontEnd(
+            int(doc["pid"]), int(doc["start_time"]), str(doc["version"]), str(doc["address"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return front if shim_alive(front.pid, front.start_time) else None
+
+
+async def supervise(config: Config, recovered: trio.Event, stays: Callable[[], bool]) -> None:
+    """Keep one berth-grpc of this version serving for as long as this task lives; stop it
+    when the task ends, unless `stays()` (a handover: the successor adopts it). A crash is
+    followed by a restart after a growing pause (a broken install must not spin). It starts
+    once recovery is done: its interpreter start-up (grpcio is a large import) would
     compete with reattaching to the shims, and task calls wait for recovery anyway."""
     await recovered.wait()
     backoff = 0.5
-    while True:
-        started = trio.current_time()
-        proc = await trio.lowlevel.open_process(
-            command(config), stdin=subprocess.DEVNULL, start_new_session=False
-        )
-        log.info("gRPC front end started (pid %d) on %s", proc.pid, config.grpc_address)
-        try:
-            code = await proc.wait()
-        finally:
-            if proc.returncode is None:
+    current: FrontEnd | None = None
+    try:
+        while True:
+            current = recorded(config)
+            if (
+                current
+                and current.version == __version__
+                and current.address == config.grpc_address
+            ):
+                log.info("gRPC front end pid %d serves %s: adopted", current.pid, current.address)
+                await wait_for_death(current.pid)
+                log.warning("gRPC front end (pid %d) exited; restarting", current.pid)
+            else:
+                started = trio.current_time()
+                current = await _start(config, current)
+                if current is not None:
+                    await wait_for_death(current.pid)
+                    log.warning("gRPC front end (pid %d) exited; restarting", current.pid)
+                if trio.current_time() - started > 60:
+                    backoff = 0.5
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+    finally:
+        if not stays():
+            front = recorded(config)
+            if front is not None:
                 with trio.CancelScope(shield=True):
-                    await _stop(proc)
-        log.warning("gRPC front end (pid %d) exited with %s; restarting", proc.pid, code)
-        if trio.current_time() - started > 60:
-            backoff = 0.5
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, MAX_BACKOFF)
+                    await _stop(front.pid)
 
 
-async def _stop(proc: trio.Process) -> None:
-    proc.send_signal(signal.SIGTERM)
-    with trio.move_on_after(STOP_TIMEOUT):
-        await proc.wait()
-        return
-    proc.kill()
+async def _start(config: Config, old: FrontEnd | None) -> FrontEnd | None:
+    """Start a berth-grpc (it replaces `old` itself, if there is one) and wait until it
+    records itself as the one serving."""
+    proc = await trio.lowlevel.open_process(
+        command(config), stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    log.info(
+        "gRPC front end started (pid %d) on %s%s",
+        proc.pid,
+        config.grpc_address,
+        f", replacing pid {old.pid} ({old.version})" if old else "",
+    )
+    with trio.move_on_after(STARTUP_TIMEOUT):
+        while proc.returncode is None:
+            front = recorded(config)
+            if front is not None and front.pid == proc.pid:
+                trio.lowlevel.spawn_system_task(proc.wait)  # reaped whenever it exits
+                return front
+            await trio.sleep(0.05)
+    if proc.returncode is None:
+        proc.kill()
     await proc.wait()
+    log.error("gRPC front end (pid %d) did not start (exit %s)", proc.pid, proc.returncode)
+    return None
+
+
+async def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with trio.move_on_after(STOP_TIMEOUT):
+        await wait_for_death(pid)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

@@ -176,6 +176,7 @@ class TaskService:
         self._reserved: set[tuple[str, str]] = set()
         self._rootfs_lock = trio.Lock()
         self._recovery_scope = trio.CancelScope()
+        self._inherited_seqs: dict[str, int] = {}
         self.closing = False
 
     # -- paths
@@ -848,6 +849,7 @@ class TaskService:
             runtime,
             shim_pid=record.pid,
             shim_start_time=record.start_time,
+            processed_seq=self._inherited_seqs.get(f"{namespace}/{container_id}", 0),
         )
         alive = shims.shim_alive(record.pid, record.start_time)
         if is_deleted(bundle):
@@ -897,6 +899,18 @@ class TaskService:
             await trio.to_thread.run_sync(remove_bundle, bundle)
             return
         await self._shim_died(handle)
+
+    def inherit_seqs(self, seqs: dict[str, int]) -> None:
+        """The number of the last event a predecessor processed, per task ("ns/id"): a
+        shim replays what was not acknowledged, and what was processed is not published
+        twice."""
+        self._inherited_seqs = dict(seqs)
+
+    async def release(self) -> dict[str, int]:
+        """A handover: stop supervising, leave every shim running (their unacknowledged
+        events wait for the successor); the last event seq processed, per task."""
+        await self.close()
+        return {f"{ns}/{cid}": h.processed_seq for (ns, cid), h in self._tasks.items()}
 
     async def close(self) -> None:
         """Daemon shutdown: stop supervising; the shims and containers live on."""

@@ -20,7 +20,13 @@ from berth.daemon.filters import parse_filters
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.client import AsyncClient
 from berth.daemon.paging import all_pages_async
-from berth.shim.wire.errors import BerthError, FailedPrecondition, Internal
+from berth.shim.wire.errors import (
+    BerthError,
+    FailedPrecondition,
+    Internal,
+    Reconnect,
+    Unavailable,
+)
 
 log = logging.getLogger("berth.grpc")
 
@@ -55,7 +61,17 @@ def grpc_code(exc: BerthError) -> Any:
 
 class Backend:
     """berthd as the front end reaches it: one shared connection for short calls (opened
-    again after a loss), and a connection of its own for every long call or stream."""
+    again after a loss), and a connection of its own for every long call or stream.
+
+    It rides over berthd's restarts and upgrades, so that gRPC clients do not see them:
+    connecting is retried while berthd is away (up to PATIENCE seconds; its listening
+    socket queues connections during a handover, a restart refuses them briefly); a call
+    berthd answered Reconnect was not carried out and is repeated; Tasks/Wait is repeated
+    on any loss (it is idempotent); and an event subscription resumes after the last
+    event it delivered."""
+
+    PATIENCE = 15.0
+    RETRY = 0.02
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -63,36 +79,77 @@ class Backend:
         self._connecting = asyncio.Lock()
         self._slots = asyncio.Semaphore(MAX_SHARED_IN_FLIGHT)
 
+    async def connect(self) -> AsyncClient:
+        """A new connection, waiting (bounded) for a berthd that is away."""
+        deadline = asyncio.get_running_loop().time() + self.PATIENCE
+        while True:
+            try:
+                return await AsyncClient.connect(self.address)
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(self.RETRY)
+
     async def _client(self) -> AsyncClient:
         async with self._connecting:
             if self._shared is None or self._shared.closed:
-                self._shared = await AsyncClient.connect(self.address)
+                self._shared = await self.connect()
             return self._shared
 
     async def call(self, method: str, params: dict[str, Any], **meta: Any) -> Any:
-        async with self._slots:
-            client = await self._client()
-            return await client.call(method, params, **meta)
+        deadline = asyncio.get_running_loop().time() + self.PATIENCE
+        while True:
+            async with self._slots:
+                client = await self._client()
+                try:
+                    return await client.call(method, params, **meta)
+                except Reconnect:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+            await asyncio.sleep(self.RETRY)
 
     async def call_alone(self, method: str, params: dict[str, Any], **meta: Any) -> Any:
-        """A call that may wait a long time (Tasks/Wait): on its own connection."""
-        client = await AsyncClient.connect(self.address)
-        try:
-            return await client.call(method, params, **meta)
-        finally:
-            await client.aclose()
+        """An idempotent call that may wait a long time (Tasks/Wait): on its own
+        connection, and repeated across any loss of berthd."""
+        while True:
+            client = await self.connect()
+            try:
+                return await client.call(method, params, **meta)
+            except Unavailable:
+                await asyncio.sleep(self.RETRY)
+            finally:
+                await client.aclose()
 
     async def stream(self, method: str, params: dict[str, Any], **meta: Any) -> AsyncIterator[Any]:
-        client = await AsyncClient.connect(self.address)
+        client = await self.connect()
         try:
             async for item in client.stream(method, params, **meta):
                 yield item
         finally:
             await client.aclose()
 
+    async def events(self, params: dict[str, Any], **meta: Any) -> AsyncIterator[Any]:
+        """berthd's event stream, resumed after the last event across any loss of berthd
+        (`after_seq` of its `epoch`: the numbering survives a handover, so nothing is lost
+        or repeated; a daemon with another numbering replays all it has)."""
+        last: tuple[str, int] | None = None
+        while True:
+            asked = params if last is None else {**params, "epoch": last[0], "after_seq": last[1]}
+            try:
+                async for envelope in self.stream("events.subscribe", asked, **meta):
+                    mark = _mark(envelope)
+                    if mark is not None:
+                        if last is not None and mark[0] == last[0] and mark[1] <= last[1]:
+                            continue
+                        last = mark
+                    yield envelope
+                return
+            except Unavailable:
+                await asyncio.sleep(self.RETRY)
+
     async def session(self) -> AsyncClient:
         """A connection for a stateful exchange (an ingest lives as long as it)."""
-        return await AsyncClient.connect(self.address)
+        return await self.connect()
 
     async def healthy(self) -> bool:
         try:
@@ -104,6 +161,15 @@ class Backend:
     async def aclose(self) -> None:
         if self._shared is not None:
             await self._shared.aclose()
+
+
+def _mark(envelope: Any) -> tuple[str, int] | None:
+    """(epoch, seq) of an envelope, if it carries them."""
+    if isinstance(envelope, dict):
+        epoch, seq = envelope.get("epoch"), envelope.get("seq")
+        if isinstance(epoch, str) and isinstance(seq, int):
+            return epoch, seq
+    return None
 
 
 class Call:

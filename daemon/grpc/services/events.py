@@ -27,9 +27,7 @@ class Events(Service):
     @streaming
     async def subscribe(self, request: Any, call: Call) -> AsyncIterator[Any]:
         filters(request.filters)  # a bad filter fails here, with containerd's code
-        async for envelope in self.backend.stream(
-            "events.subscribe", {"filters": list(request.filters)}
-        ):
+        async for envelope in self.backend.events({"filters": list(request.filters)}):
             try:
                 message = capi.envelope_to_message(envelope)
             except (BerthError, ValueError, TypeError) as exc:

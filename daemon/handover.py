@@ -1,0 +1,311 @@
+"""Passing berthd on: a planned handover to a successor (an upgrade), and a warm standby
+that takes over when the active daemon dies.
+
+The active daemon serves a private control socket, `<state>/berthd.ctl` (0600, the peer's
+uid checked), with berth's ordinary protocol, and SCM_RIGHTS for file descriptors:
+
+    standby.attach   a standby asks for duplicates of the listening socket (so that it
+                     holds it too, and a client never meets a refusal while it takes
+                     over) and the active daemon's pid and start time (to watch it die)
+    handover.begin   a successor (`berthd --takeover`) asks for everything: the active
+                     daemon stops accepting, drains its calls (rpc.Drain), releases its
+                     shims (their unacknowledged events wait for the successor), hands
+                     over the listening socket, the event history and the last event
+                     number it processed of every task, closes its databases and drops
+                     its locks
+    handover.done    the successor serves: the predecessor exits. If the successor dies
+                     or hangs up before saying so, the predecessor takes its locks back
+                     and carries on (re-executing itself with the same socket: nothing
+                     was ever closed, so no client was refused and nothing is lost)
+
+A refused handover (a downgrade, one already under way) changes nothing.
+
+Kernel facts: a listening socket any process holds queues connections in its backlog;
+`pidfd_open` tells a standby the moment the active daemon is gone, without pid reuse
+races; the lock (flock) decides who is active, and the kernel drops it with its holder.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from berth.daemon import __version__
+from berth.shim.state import process_start_time
+from berth.shim.wire.errors import BerthError, FailedPrecondition, Unavailable
+from berth.shim.wire.protocol import (
+    Connection,
+    ConnectionClosed,
+    ErrorReply,
+    Hello,
+    NeedData,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
+from berth.shim.wire.unixsock import bind_unix, peer_credentials, short_path
+
+log = logging.getLogger("berthd.handover")
+
+CONTROL_SOCKET = "berthd.ctl"
+MAX_FRAME = 64 * 1024 * 1024  # the history of events crosses as one reply
+DRAIN_TIMEOUT = 10.0  # seconds calls in flight may take to finish before they are ended
+DONE_TIMEOUT = 60.0  # seconds a successor has to say it serves
+
+
+def control_path(state: str) -> str:
+    return os.path.join(state, CONTROL_SOCKET)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """'0.2.0' -> (0, 2, 0); anything unparsable sorts first."""
+    try:
+        return tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        return (0,)
+
+
+@dataclass
+class Inheritance:
+    """What a daemon takes over from its predecessor."""
+
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    task_seqs: dict[str, int] = field(default_factory=dict)  # "ns/id" -> last event seq
+    predecessor: int = 0  # pid (a handover waits for it to exit; a standby saw it die)
+    channel: ControlChannel | None = None  # a handover's: say "done" on it once serving
+
+
+# --- the wire: frames plus file descriptors ------------------------------------------------
+
+
+class ControlChannel:
+    """One control connection, either side: frames through the sans-IO Connection, file
+    descriptors alongside them (SCM_RIGHTS)."""
+
+    def __init__(self, sock: trio.socket.SocketType, role: str) -> None:
+        self.sock = sock
+        self.conn = Connection(role, max_frame_size=MAX_FRAME, peer_name=f"berthd {__version__}")
+        self.fds: list[int] = []  # received, not yet claimed
+
+    async def send(self, event: Any, fds: list[int] | None = None) -> None:
+        data = memoryview(self.conn.send(event))
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            sent = await self.sock.sendmsg([data], ancillary)
+            data = data[sent:]
+        while data:
+            data = data[await self.sock.send(data) :]
+
+    async def next(self) -> Any:
+        """The next event (never NeedData); ConnectionClosed at the end."""
+        while True:
+            event = self.conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            space = socket.CMSG_SPACE(16 * array.array("i").itemsize)
+            data, ancillary, _, _ = await self.sock.recvmsg(1 << 20, space)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self.fds.extend(fds)
+            self.conn.receive_data(data)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.sock.close()
+
+
+async def connect(state: str, timeout: float = 5.0) -> ControlChannel:
+    """A client channel to the active daemon's control socket, past the handshake."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(timeout), short_path(control_path(state)) as path:
+            await sock.connect(path)
+            channel = ControlChannel(sock, Role.CLIENT)
+            await channel.send(Hello())
+            if not isinstance(await channel.next(), Welcome):
+                raise Unavailable("the active berthd refused the control handshake")
+    except (OSError, trio.TooSlowError, RemoteProtocolError) as exc:
+        sock.close()
+        raise Unavailable(f"no active berthd answers on {control_path(state)}: {exc}") from None
+    return channel
+
+
+async def call(channel: ControlChannel, method: str, params: dict[str, Any]) -> Any:
+    await channel.send(Request(channel.conn.next_request_id(), method, params, {}))
+    while True:
+        event = await channel.next()
+        if isinstance(event, Response):
+            return event.result
+        if isinstance(event, ErrorReply):
+            raise event.to_exception()
+        if isinstance(event, ConnectionClosed):
+            raise Unavailable("the active berthd closed the control connection")
+
+
+# --- the active daemon's side ----------------------------------------------------------------
+
+
+@dataclass
+class Handing:
+    """What the active daemon does for a handover (main.py provides each step)."""
+
+    listener_fd: Callable[[], int]
+    stop_accepting: Callable[[], Awaitable[None]]
+    drain: Callable[[], Awaitable[int]]
+    release_tasks: Callable[[], Awaitable[dict[str, int]]]
+    history: Callable[[], list[dict[str, Any]]]
+    close_state: Callable[[], None]  # databases closed, locks dropped
+    resume: Callable[[], None]  # the successor failed: take everything back (re-exec)
+    finish: Callable[[], None]  # the successor serves: stop this daemon
+
+
+class ControlServer:
+    def __init__(self, state: str, handing: Handing) -> None:
+        self.path = control_path(state)
+        self.handing = handing
+        self.busy = False
+        self.standbys = 0  # attached: each keeps its control connection open
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = bind_unix(self.path, mode=0o600)
+        async with trio.open_nursery() as nursery:
+            sock = trio.socket.from_stdlib_socket(listener)
+            task_status.started()
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(self._serve_one, conn)
+
+    async def _serve_one(self, sock: trio.socket.SocketType) -> None:
+        _, uid, _ = peer_credentials(sock)  # type: ignore[arg-type]
+        channel = ControlChannel(sock, Role.SERVER)
+        try:
+            if uid not in (0, os.getuid()):
+                log.warning("refused a control connection from uid %d", uid)
+                return
+            await self._requests(channel)
+        except (OSError, trio.BrokenResourceError, RemoteProtocolError) as exc:
+            log.warning("control connection: %s", exc)
+        finally:
+            channel.close()
+
+    async def _requests(self, channel: ControlChannel) -> None:
+        while True:
+            event = await channel.next()
+            if isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, Hello):
+                await channel.send(channel.conn.server_handshake(event))
+            elif isinstance(event, Request):
+                try:
+                    if event.method == "standby.attach":
+                        await self._attach(channel, event)
+                        await self._while_attached(channel)
+                        return
+                    elif event.method == "handover.begin":
+                        await self._hand_over(channel, event)
+                        return
+                    else:
+                        raise FailedPrecondition(f"unknown control method {event.method!r}")
+                except BerthError as exc:
+                    await channel.send(ErrorReply.from_exception(event.id, exc))
+
+    async def _attach(self, channel: ControlChannel, req: Request) -> None:
+        fd = self.handing.listener_fd()
+        reply = {
+            "pid": os.getpid(),
+            "start_time": process_start_time(os.getpid()) or 0,
+            "version": __version__,
+        }
+        await channel.send(Response(req.id, reply), fds=[fd])
+
+    async def _while_attached(self, channel: ControlChannel) -> None:
+        self.standbys += 1
+        try:
+            while not isinstance(await channel.next(), ConnectionClosed):
+                pass
+        finally:
+            self.standbys -= 1
+
+    async def _hand_over(self, channel: ControlChannel, req: Request) -> None:
+        successor = str(req.params.get("version", ""))
+        if version_key(successor) < version_key(__version__):
+            raise FailedPrecondition(
+                f"refusing to hand over to berthd {successor or '?'} (this is {__version__}): "
+                "a downgrade is not supported"
+            )
+        if self.busy:
+            raise FailedPrecondition("a handover is already under way")
+        self.busy = True
+        log.info("handing over to berthd %s (pid %s)", successor, req.params.get("pid"))
+        await self.handing.stop_accepting()
+        ended = await self.handing.drain()
+        seqs = await self.handing.release_tasks()
+        history = self.handing.history()
+        self.handing.close_state()
+        reply = {"history": history, "task_seqs": seqs, "pid": os.getpid(), "ended": ended}
+        try:
+            await channel.send(Response(req.id, reply), fds=[self.handing.listener_fd()])
+            with trio.move_on_after(DONE_TIMEOUT):
+                event = await channel.next()
+                if isinstance(event, Request) and event.method == "handover.done":
+                    await channel.send(Response(event.id, {}))
+                    log.info("the successor serves: this berthd stops")
+                    self.handing.finish()
+                    return
+        except (OSError, trio.BrokenResourceError, RemoteProtocolError) as exc:
+            log.error("the handover broke off: %s", exc)
+        log.error("the successor did not take over: resuming")
+        self.handing.resume()
+
+
+# --- the successor's side ----------------------------------------------------------------
+
+
+async def take_over(state: str) -> Inheritance:
+    """`berthd --takeover`: ask the active daemon to hand over; what it passed on."""
+    channel = await connect(state)
+    try:
+        params = {"version": __version__, "pid": os.getpid()}
+        reply = await call(channel, "handover.begin", params)
+    except BaseException:
+        channel.close()
+        raise
+    if not channel.fds:
+        channel.close()
+        raise Unavailable("the handover carried no listening socket")
+    sock = socket.socket(fileno=channel.fds.pop(0))
+    return Inheritance(
+        sockets={"berthd": sock},
+        history=list(reply.get("history") or []),
+        task_seqs=dict(reply.get("task_seqs") or {}),
+        predecessor=int(reply.get("pid") or 0),
+        channel=channel,
+    )
+
+
+async def announce_done(inheritance: Inheritance) -> None:
+    """Tell the predecessor that this daemon serves (it then exits)."""
+    channel = inheritance.channel
+    if channel is None:
+        return
+    try:
+        await call(channel, "handover.done", {})
+    except BerthError as exc:
+        log.warning("the predecessor did not acknowledge the handover: %s", exc)
+    finally:
+        channel.close()
+        inheritance.channel = None
