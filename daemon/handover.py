@@ -251,11 +251,19 @@ class ControlServer:
             raise FailedPrecondition("a handover is already under way")
         self.busy = True
         log.info("handing over to berthd %s (pid %s)", successor, req.params.get("pid"))
+        began = trio.current_time()
         await self.handing.stop_accepting()
         ended = await self.handing.drain()
+        drained = trio.current_time()
         seqs = await self.handing.release_tasks()
         history = self.handing.history()
         self.handing.close_state()
+        log.info(
+            "drained in %.1f ms (%d call(s) ended for the successor), released in %.1f ms",
+            (drained - began) * 1e3,
+            ended,
+            (trio.current_time() - drained) * 1e3,
+        )
         reply = {"history": history, "task_seqs": seqs, "pid": os.getpid(), "ended": ended}
         try:
             await channel.send(Response(req.id, reply), fds=[self.handing.listener_fd()])
@@ -276,7 +284,13 @@ class ControlServer:
 
 
 async def take_over(state: str) -> Inheritance:
-    """`berthd --takeover`: ask the active daemon to hand over; what it passed on."""
+    """`berthd --takeover`: ask the active daemon to hand over; what it passed on. A
+    daemon that predates handovers (0.1.0 has no control socket) is stopped instead and
+    its shims adopted as after a restart: its socket closes for a moment (its clients
+    reconnect, as after any restart)."""
+    if not os.path.exists(control_path(state)):
+        pid = await _stop_predecessor(state)
+        return Inheritance(predecessor=pid)
     channel = await connect(state)
     try:
         params = {"version": __version__, "pid": os.getpid()}
@@ -295,6 +309,37 @@ async def take_over(state: str) -> Inheritance:
         predecessor=int(reply.get("pid") or 0),
         channel=channel,
     )
+
+
+async def _stop_predecessor(state: str, timeout: float = 30.0) -> int:
+    """SIGTERM the berthd that holds the state dir's lock (it leaves every shim running)
+    and wait until it has exited; its pid (0 if none runs)."""
+    import json
+
+    try:
+        with open(os.path.join(state, "berthd.lock"), "rb") as f:
+            pid = int(json.loads(f.read(4096) or b"{}").get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return 0  # not running
+    if b"berth" not in cmdline:
+        raise FailedPrecondition(f"pid {pid} holds the state dir's lock but is not berthd")
+    log.warning("berthd pid %d cannot hand over (an older release): stopping it", pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return pid
+    try:
+        os.kill(pid, 15)
+        with trio.fail_after(timeout):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return pid
 
 
 async def announce_done(inheritance: Inheritance) -> None:

@@ -31,6 +31,7 @@ class Listener:
     path: str
     bound_here: bool  # berthd bound it (so it may unlink it when it stops for good)
     inode: int = 0
+    source: str = "bound"  # "bound", "systemd" or "predecessor"
 
     def unlink_if_ours(self) -> None:
         """Remove the socket file, if this process bound it and the path still names it."""
@@ -64,11 +65,18 @@ def from_systemd() -> dict[str, socket.socket]:
     return found
 
 
-def take(path: str, inherited: dict[str, socket.socket], *, mode: int = 0o660) -> Listener:
-    """berthd's API socket: inherited (a predecessor's or systemd's) or bound at `path`."""
-    sock = inherited.pop(API, None)
-    if sock is not None:
-        sock.setblocking(False)
-        return Listener(sock, path, bound_here=False)
+def take(
+    path: str,
+    systemd: dict[str, socket.socket],
+    handed: dict[str, socket.socket],
+    *,
+    mode: int = 0o660,
+) -> Listener:
+    """berthd's API socket: a predecessor's, systemd's, or bound at `path`."""
+    for source, sockets in (("predecessor", handed), ("systemd", systemd)):
+        sock = sockets.pop(API, None)
+        if sock is not None:
+            sock.setblocking(False)
+            return Listener(sock, path, bound_here=False, source=source)
     sock = bind_unix(path, mode=mode, backlog=4096)
     return Listener(sock, path, bound_here=True, inode=os.stat(path).st_ino)

@@ -95,9 +95,9 @@ async def serve(
 ) -> None:
     inheritance = inheritance or handover.Inheritance()
     store, locks, rebuild = open_state(config, locks)
-    sockets = {**listeners.from_systemd(), **inheritance.sockets}
     try:
-        listener = listeners.take(config.address, sockets)
+        listener = listeners.take(config.address, listeners.from_systemd(), inheritance.sockets)
+        log.info("listening socket %s: %s", config.address, listener.source)
     except BaseException:
         store.close()
         locks.release()
@@ -184,7 +184,11 @@ async def _run_services(
         async def accept() -> None:
             with accepting:
                 sock = trio.socket.from_stdlib_socket(state.listener.sock)
-                await trio.serve_listeners(handle_connection, [_KeepOpen(sock)])
+                # Connections live in the outer nursery: a handover ends this daemon's
+                # services, not its connections, which answer Reconnect until it exits.
+                await trio.serve_listeners(
+                    handle_connection, [_KeepOpen(sock)], handler_nursery=outer
+                )
 
         async def stop_accepting() -> None:
             state.handing_over = True
@@ -301,14 +305,20 @@ async def run(config: Config, mode: str) -> None:
     "takeover" (serve in the place of the running daemon, which hands over)."""
     if mode == "takeover":
         inheritance = await handover.take_over(config.state)
-        locks = await startup.wait_for_locks(config)
+        if os.environ.get("BERTH_TAKEOVER_FAULT") == "after-handover":  # tests only
+            os._exit(70)  # a successor that dies half-way: the predecessor must resume
+        locks = await startup.wait_for_locks(config, timeout=30.0)
         log.info("berthd pid %d handed over to this one", inheritance.predecessor)
         await serve(config, inheritance=inheritance, locks=locks)
     elif mode == "standby":
         inheritance, locks = await standby.stand_by(config)
         await serve(config, inheritance=inheritance, locks=locks)
+    elif RESUME_FD_ENV in os.environ:  # resuming after a failed handover (_resume)
+        history = _resumed_history()
+        locks = await startup.wait_for_locks(config, timeout=60.0)  # the successor's go
+        await serve(config, inheritance=handover.Inheritance(history=history), locks=locks)
     else:
-        await serve(config, inheritance=handover.Inheritance(history=_resumed_history()))
+        await serve(config)
 
 
 def main(argv: list[str] | None = None) -> int:

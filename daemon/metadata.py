@@ -29,7 +29,7 @@ from typing import Any
 from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.wire.names import validate
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TEMPORARY_LEASE_LABEL = "berth.io/temporary"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
@@ -141,6 +141,14 @@ _MIGRATIONS = {
             PRIMARY KEY (namespace, lease, kind, key)
         );
     """,
+    # 0.2.0: which berth wrote the database last, so that an operator (and a downgrade,
+    # which the older release refuses by the schema version) can tell.
+    3: """
+        CREATE TABLE berth (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+    """,
 }
 
 
@@ -205,6 +213,11 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        from berth.daemon import __version__
+
+        self._db.execute(
+            "INSERT OR REPLACE INTO berth (key, value) VALUES ('version', ?)", (__version__,)
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -212,9 +225,10 @@ class Store:
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"metadata schema {version} is newer than this berthd ({SCHEMA_VERSION}); "
-                "downgrade is not supported"
+            raise FailedPrecondition(
+                f"the metadata database ({version}) was written by a newer berth than this "
+                f"one (schema {SCHEMA_VERSION}): a downgrade is not supported; start the "
+                "newer berthd again"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._db.transaction() as db:

@@ -294,6 +294,7 @@ class Drain:
     def __init__(self, resumable: frozenset[str] = frozenset()) -> None:
         self.resumable = resumable
         self.active = False
+        self.gone_away = False
         self.connections: set[ServerConnection] = set()
 
     async def drain(self, timeout: float) -> int:
@@ -308,6 +309,7 @@ class Drain:
         ended += sum(c.end_all() for c in list(self.connections))
         while any(c.in_flight for c in self.connections):
             await trio.sleep(0.005)  # their cancellation is already under way
+        self.gone_away = True
         for connection in list(self.connections):
             await connection.go_away()
         return ended
@@ -363,7 +365,10 @@ class ServerConnection:
         return self._end([r for r in self._scopes if r not in self._ended])
 
     async def go_away(self) -> None:
-        """Tell the client to take its next calls elsewhere (see Drain)."""
+        """Tell the client to take its next calls elsewhere (see Drain); a client still in
+        its handshake is told once it is done."""
+        if self._conn.version is None:
+            return
         try:
             await self._send(ErrorReply(None, "unavailable", Reconnect(RECONNECT_MESSAGE).message))
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
@@ -432,6 +437,8 @@ class ServerConnection:
                     return
                 if isinstance(event, Hello):
                     await self._send(self._conn.server_handshake(event))
+                    if self._drain.gone_away:  # it connected after the goodbyes
+                        await self.go_away()
                 elif isinstance(event, Request):
                     if self._drain.active:  # not carried out: the successor will
                         await self._send(

@@ -30,9 +30,36 @@ from berth.shim.wire.protocol import (
 from tests.test_protocol import pair, raw_frame
 
 
+def run_single_threaded(check: Any) -> None:
+    """Run `check` in a forked child, which has one thread.
+
+    SIGCHLD blocked in this thread only is not blocked in the threads an earlier
+    test may have left in the pytest process; the kernel may deliver the signal
+    there (default action: discard) and the signalfd never sees it."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(reader)
+        code = 0
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            check()
+        except BaseException:  # reported to the parent
+            import traceback
+
+            os.write(writer, traceback.format_exc().encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as report:
+        failure = report.read().decode()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, failure
+
+
 def test_signalfd_reports_child_exit_and_reaper_dispatches_by_pid() -> None:
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
+    def check() -> None:
         loop = Loop()
         reaper = Reaper(loop)
         pids = []
@@ -47,13 +74,12 @@ def test_signalfd_reports_child_exit_and_reaper_dispatches_by_pid() -> None:
         assert [f.result() for f in futures] == [0, 3, 7]
         reaper.close()
         loop.close()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    run_single_threaded(check)
 
 
 def test_signalfd_record_fields() -> None:
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
+    def check() -> None:
         with SignalFD([signal.SIGCHLD]) as sfd:
             pid = os.fork()
             if pid == 0:
@@ -63,8 +89,8 @@ def test_signalfd_record_fields() -> None:
             os.waitpid(pid, 0)
         assert records and records[0].signo == signal.SIGCHLD
         assert records[0].pid == pid and records[0].status == 9
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    run_single_threaded(check)
 
 
 def test_early_exit_is_kept_until_claimed() -> None:
@@ -201,7 +227,7 @@ def test_store_refuses_a_newer_schema(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "meta.db")
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 99")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(FailedPrecondition, match="newer berth"):
         Store(path)
 
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from berth.shim.wire.errors import BerthError, DeadlineExceeded, Unavailable
+from berth.shim.wire.errors import BerthError, DeadlineExceeded, Reconnect, Unavailable
 from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
@@ -17,7 +17,9 @@ from berth.shim.wire.protocol import (
     ConnectionClosed,
     ErrorReply,
     Hello,
+    LocalProtocolError,
     NeedData,
+    RemoteProtocolError,
     Request,
     Response,
     Role,
@@ -129,13 +131,20 @@ class Client:
             self._sock.sendall(self._conn.send(event))
         except OSError as exc:
             raise Unavailable(f"connection to {self.path} lost: {exc}") from None
+        except LocalProtocolError as exc:  # the connection failed earlier
+            raise Unavailable(f"connection to {self.path} unusable: {exc}") from None
 
     def _next(self, deadline: float | None, what: str) -> ReceivedEvent:
         """The next event. With a `deadline`, DeadlineExceeded once it passes; without one
         (a long call), the peer is pinged after `keepalive` seconds of silence and must
         answer within `timeout`, else Unavailable."""
         while True:
-            event = self._conn.next_event()
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                if Reconnect.PREFIX in str(exc):  # refused in its handshake: a handover
+                    raise Reconnect(str(exc)) from None
+                raise Unavailable(f"{self.path}: protocol error: {exc}") from None
             if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed):
                     raise Unavailable(f"{self.path} closed the connection")

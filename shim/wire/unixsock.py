@@ -67,12 +67,26 @@ def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.soc
 
 
 def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
-    """A blocking client connection to `path` (with `timeout` for connect only)."""
+    """A blocking client connection to `path` (with `timeout` for connect only).
+
+    Kernel fact: a UNIX socket's connect() with a timeout (a non-blocking socket) fails
+    with EAGAIN, rather than waiting, when the listener's backlog is full (a daemon busy
+    taking over, say): that is retried until the timeout, as a blocking connect waits."""
+    import time
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         with short_path(path) as addr:
-            sock.connect(addr)
+            while True:
+                try:
+                    sock.connect(addr)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: backlog full for {timeout}s") from None
+                    time.sleep(0.002)
         sock.settimeout(None)
     except BaseException:
         sock.close()

@@ -173,7 +173,12 @@ class Daemon(Reaped):
     what = "berthd"
 
     def __init__(
-        self, *, private_mount_ns: bool = False, extra_config: str = "", base_dir: str | None = None
+        self,
+        *,
+        private_mount_ns: bool = False,
+        extra_config: str = "",
+        base_dir: str | None = None,
+        top_config: str = "",
     ) -> None:
         # Short paths: UNIX socket names must fit in 107 bytes.
         self.dir = base_dir or tempfile.mkdtemp(prefix="bt-", dir="/tmp")
@@ -186,7 +191,8 @@ class Daemon(Reaped):
         with open(self.config_path, "w") as f:
             f.write(
                 f'root = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
-                '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
+                + top_config  # top-level keys: before the first table
+                + '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
                 '[runtimes.missing]\nbinary = "/nonexistent/runtime"\n' + extra_config
             )
         super().__init__()
@@ -229,6 +235,40 @@ class Daemon(Reaped):
 
         self.remember(pid)
         wait_until(ready, timeout=15, what="berthd to answer")
+
+    def active_pid(self) -> int:
+        """The pid of the berthd holding the state dir's lock (the active one)."""
+        try:
+            doc = json.loads(Path(self.state, "berthd.lock").read_text() or "{}")
+            return int(doc.get("pid", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def take_over(self, *flags: str, wait: bool = True) -> int:
+        """Start `berthd --takeover` (an upgrade in place); with `wait`, until it is the
+        active daemon and its predecessor has exited. Returns its pid."""
+        old = self.active_pid()
+        log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
+        self.logs.append(log_path)
+        reaper, pid = spawn_reaped(
+            [BERTHD, "--config", self.config_path, "--takeover", *flags], log_path
+        )
+        self.reapers.append(reaper)
+        self.remember(pid)
+        if wait:
+            wait_until(
+                lambda: is_gone(old) and self.active_pid() == pid,
+                timeout=30,
+                what=f"berthd {pid} to take over from {old}",
+            )
+        return pid
+
+    def adopt_active(self) -> int:
+        """Remember the active daemon's pid (a standby that took over, say)."""
+        pid = self.active_pid()
+        if pid and pid not in self.pids:
+            self.remember(pid)
+        return pid
 
     def terminate(self) -> None:
         kill(self.pid, signal.SIGTERM)

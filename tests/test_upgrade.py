@@ -1,0 +1,389 @@
+"""Zero-downtime upgrades and takeovers: a planned handover (`berthd --takeover`) under
+load, a warm standby taking over from a killed daemon, and the handover's bad inputs.
+
+Every daemon here is real and runs real containers; the figures (takeover time against
+containerd's restart) are the benchmark's business (scripts/bench), not asserted here.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from berth.shim.wire.client import Client
+from berth.shim.wire.errors import FailedPrecondition
+from berth.shim.wire.protocol import Connection, Hello, Request, Role
+from tests.support.helpers import BERTH, BERTHD, Daemon, is_gone, kill, spawn_reaped, wait_until
+
+pytestmark = pytest.mark.container
+
+ROUNDS = int(os.environ.get("BERTH_UPGRADE_ROUNDS", "5"))
+WRITERS = int(os.environ.get("BERTH_UPGRADE_CONTAINERS", "8"))
+COUNTER = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.02; done"
+
+
+@pytest.fixture
+def standby_daemon() -> Iterator[Daemon]:
+    d = Daemon(top_config="standby = true\n")
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def env(daemon: Daemon) -> dict[str, str]:
+    return dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+
+
+class Refusals:
+    """A client connecting in a tight loop the whole time: every refused connect counted."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.attempts = self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.refused += 1
+            finally:
+                sock.close()
+            self.attempts += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def running(daemon: Daemon) -> int:
+    with Client(daemon.address, namespace=daemon.namespace, timeout=10) as client:
+        tasks = client.call("tasks.list", {})["tasks"]
+    return sum(t["status"] == "running" for t in tasks)
+
+
+# --- a warm standby -------------------------------------------------------------------
+
+
+def test_a_standby_takes_over_a_killed_daemon_without_a_refused_connection(
+    standby_daemon: Daemon,
+) -> None:
+    d = standby_daemon
+    for i in range(5):
+        assert d.cli("run", "--busybox", "-d", f"s{i}", "sleep", "600").returncode == 0
+    exiter = "sleep 1; exit 42"
+    assert d.cli("run", "--busybox", "-d", "ex", "sh", "-c", exiter).returncode == 0
+    wait_until(lambda: "standing by for berthd pid" in d.log_text(), what="a standby")
+    first = d.active_pid()
+    refusals = Refusals(d.address)
+    try:
+        kill(first)
+        wait_until(lambda: d.active_pid() not in (0, first), timeout=10, what="the takeover")
+        wait_until(lambda: running(d) == 5, timeout=10, what="every task RUNNING")
+    finally:
+        refusals.stop()
+    assert refusals.refused == 0 and refusals.attempts > 10, vars(refusals)
+    second = d.adopt_active()
+    with Client(d.address, namespace=d.namespace) as client:
+        assert client.call("tasks.wait", {"container_id": "ex"})["exit_status"] == 42
+        assert client.call("introspection.server", {})["pid"] == second
+    # ... and a fresh standby stands behind the new daemon
+    wait_until(
+        lambda: f"standing by for berthd pid {second}" in d.log_text(), what="a fresh standby"
+    )
+
+
+def test_of_two_racing_standbys_exactly_one_takes_over(daemon: Daemon) -> None:
+    assert daemon.cli("run", "--busybox", "-d", "r1", "sleep", "600").returncode == 0
+    standbys = []
+    for k in range(2):
+        log_path = os.path.join(daemon.dir, f"standby-{k}.log")
+        daemon.logs.append(log_path)
+        reaper, pid = spawn_reaped([BERTHD, "--config", daemon.config_path, "--standby"], log_path)
+        daemon.reapers.append(reaper)
+        daemon.remember(pid)
+        standbys.append((pid, log_path))
+    first = daemon.active_pid()
+    for pid, log_path in standbys:
+        wait_until(
+            lambda p=log_path: f"standing by for berthd pid {first}" in Path(p).read_text(),
+            what=f"standby {pid} to attach",
+        )
+    kill(first)
+    wait_until(lambda: daemon.active_pid() in {p for p, _ in standbys}, what="a takeover")
+    winner = daemon.active_pid()
+    (loser, loser_log) = next((p, lg) for p, lg in standbys if p != winner)
+    wait_until(
+        lambda: f"standing by for berthd pid {winner}" in Path(loser_log).read_text(),
+        what="the other standby to stand behind the winner",
+    )
+    assert not is_gone(loser) and not is_gone(winner)
+    with Client(daemon.address, namespace=daemon.namespace) as client:
+        assert client.call("introspection.server", {})["pid"] == winner
+        assert client.call("tasks.get", {"container_id": "r1"})["status"] == "running"
+
+
+# --- a planned handover under load ----------------------------------------------------
+
+
+class Load:
+    """Clients calling in loops (each call a CLI run whose result is checked), containers
+    exiting with known statuses, and an `events` subscriber, while berthd is upgraded."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.failures: list[str] = []
+        self.latencies: list[float] = []
+        self.expected_exits: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def cli(self, *args: str, expect: bytes | None = None) -> None:
+        began = time.monotonic()
+        result = subprocess.run(
+            [BERTH, *args], env=env(self.daemon), capture_output=True, timeout=120
+        )
+        self.latencies.append(time.monotonic() - began)
+        if result.returncode != 0 or (expect is not None and result.stdout != expect):
+            self.failures.append(f"{args}: {result.returncode} {result.stdout!r} {result.stderr!r}")
+
+    def name(self, prefix: str) -> str:
+        with self._lock:
+            self._n += 1
+            return f"{prefix}{self._n}"
+
+    def loop(self, step: Callable[[], None]) -> None:
+        def run() -> None:
+            while not self._stop.is_set():
+                step()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def exiter(self) -> None:
+        cid = self.name("x")
+        status = self._n % 200 + 1
+        self.expected_exits[cid] = status
+        script = f"sleep 0.3; exit {status}"
+        self.cli("run", "--busybox", "-d", cid, "sh", "-c", script)
+        self.cli("tasks", "wait", cid, expect=f"{status}\n".encode())
+        self.cli("tasks", "rm", cid)
+        self.cli("containers", "rm", cid)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(180)
+
+
+def test_upgrades_under_load_lose_no_call_no_event_no_line(daemon: Daemon) -> None:
+    d = daemon
+    for i in range(WRITERS):
+        assert d.cli("run", "--busybox", "-d", f"w{i}", "sh", "-c", COUNTER).returncode == 0
+    events = subprocess.Popen(
+        [BERTH, "events", "--filter", 'topic=="/tasks/exit"'],
+        env=env(d),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    load = Load(d)
+    try:
+        load.loop(lambda: load.cli("version"))
+        load.loop(lambda: load.cli("tasks", "ls"))
+        load.loop(lambda: _create_remove(load))
+        load.loop(
+            lambda: load.cli(
+                "run", "--busybox", "--rm", load.name("r"), "echo", "hi", expect=b"hi\n"
+            )
+        )
+        load.loop(
+            lambda: load.cli(
+                "tasks", "exec", "--exec-id", load.name("e"), "w0", "echo", "in", expect=b"in\n"
+            )
+        )
+        load.loop(load.exiter)
+        time.sleep(1.0)
+        refusals = Refusals(d.address)
+        handover_latency = []
+        for _ in range(ROUNDS):
+            began = time.monotonic()
+            d.take_over()
+            handover_latency.append(time.monotonic() - began)
+            time.sleep(0.5)
+        refusals.stop()
+        time.sleep(1.0)
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert refusals.refused == 0, vars(refusals)
+    worst, handover = max(load.latencies) * 1e3, max(handover_latency) * 1e3
+    print(
+        f"\n{ROUNDS} upgrades: {len(load.latencies)} calls, worst {worst:.0f} ms, "
+        f"a handover {handover:.0f} ms at most"
+    )
+    # every writer's lines are all in its log, once, in order
+    for i in range(WRITERS):
+        assert d.cli("tasks", "kill", "-s", "SIGKILL", f"w{i}").returncode == 0
+    for i in range(WRITERS):
+        assert d.cli("tasks", "wait", f"w{i}").returncode == 0
+        lines = _log_lines(d, f"w{i}")
+        assert lines == [str(n) for n in range(len(lines))], f"w{i}: {lines[:3]}..."
+        assert len(lines) > 50
+    # every exit event exactly once, with the status its container exited with
+    time.sleep(0.5)
+    kill(events.pid)
+    out, _ = events.communicate(timeout=30)
+    seen = collections.Counter()
+    statuses = {}
+    for line in out.decode().splitlines():
+        event = json.loads(line.split(" ", 3)[3])
+        if event.get("id") == event.get("container_id"):  # the init's exit
+            seen[event["container_id"]] += 1
+            statuses[event["container_id"]] = event["exit_status"]
+    assert load.expected_exits, "some containers exited during the upgrades"
+    for cid, status in load.expected_exits.items():
+        assert (seen[cid], statuses.get(cid)) == (1, status), (cid, seen[cid], statuses.get(cid))
+    assert all(count == 1 for count in seen.values()), [c for c, n in seen.items() if n != 1]
+
+
+def _run_rm(load: Load) -> None:
+    load.cli("run", "--busybox", "--rm", load.name("r"), "echo", "hi", expect=b"hi\n")
+
+
+def _exec(load: Load) -> None:
+    load.cli("tasks", "exec", "--exec-id", load.name("e"), "w0", "echo", "in", expect=b"in\n")
+
+
+def _create_remove(load: Load) -> None:
+    cid = load.name("c")
+    load.cli("containers", "create", "--busybox", cid, "true")
+    load.cli("containers", "rm", cid)
+
+
+def _log_lines(d: Daemon, cid: str) -> list[str]:
+    """The container's log, oldest rotated file first (stdout.log.N ... .1, stdout.log)."""
+    log_dir = Path(d.state, "tasks", d.namespace, cid, "log")
+
+    def age(path: Path) -> int:
+        suffix = path.name.rpartition(".")[2]
+        return int(suffix) if suffix.isdigit() else 0
+
+    files = sorted(log_dir.glob("stdout.log*"), key=age, reverse=True)
+    return b"".join(p.read_bytes() for p in files).decode().split()
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def _control(daemon: Daemon) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(os.path.join(daemon.state, "berthd.ctl"))
+    return sock
+
+
+def _still_serving(daemon: Daemon, pid: int) -> None:
+    assert daemon.active_pid() == pid
+    with Client(daemon.address, namespace=daemon.namespace) as client:
+        assert client.call("introspection.server", {})["pid"] == pid
+        assert client.call("tasks.get", {"container_id": "kept"})["status"] == "running"
+
+
+def test_bad_handover_requests_change_nothing(daemon: Daemon) -> None:
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    pid = daemon.active_pid()
+    # not root: the control socket is 0600 (and the peer's uid is checked as well)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+            os.path.join(daemon.state, "berthd.ctl"),
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert probe.returncode != 0 and b"Permission denied" in probe.stderr
+    # garbage, and a truncated frame
+    for junk in (b"this is not a frame at all", b"\x00\x00\x01\x00\x93\x00"):
+        with _control(daemon) as sock:
+            sock.sendall(junk)
+    _still_serving(daemon, pid)
+    # a downgrade: refused before anything changes
+    with _control(daemon) as sock:
+        conn = Connection(Role.CLIENT)
+        sock.sendall(conn.send(Hello()))
+        sock.sendall(b"")
+        conn.receive_data(sock.recv(65536))
+        conn.next_event()
+        sock.sendall(conn.send(Request(1, "handover.begin", {"version": "0.0.1", "pid": 1}, {})))
+        conn.receive_data(sock.recv(65536))
+        reply = conn.next_event()
+        assert isinstance(reply.to_exception(), FailedPrecondition)  # type: ignore[union-attr]
+        assert "downgrade is not supported" in reply.message  # type: ignore[union-attr]
+    _still_serving(daemon, pid)
+    assert daemon.cli("tasks", "exec", "--exec-id", "e1", "kept", "true").returncode == 0
+
+
+def test_a_successor_that_dies_half_way_leaves_the_old_daemon_serving(daemon: Daemon) -> None:
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    exiter = "sleep 1.5; exit 9"
+    assert daemon.cli("run", "--busybox", "-d", "late", "sh", "-c", exiter).returncode == 0
+    old = daemon.active_pid()
+    refusals = Refusals(daemon.address)
+    try:
+        log_path = os.path.join(daemon.dir, "dying-successor.log")
+        with open(log_path, "wb") as log:
+            dying = subprocess.run(
+                [BERTHD, "--config", daemon.config_path, "--takeover"],
+                env=dict(os.environ, BERTH_TAKEOVER_FAULT="after-handover"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            )
+        assert dying.returncode == 70
+        # the old daemon takes everything back (it re-executes itself: same pid)
+        wait_until(lambda: daemon.active_pid() == old, timeout=30, what="the old one to resume")
+        wait_until(lambda: running(daemon) >= 1, timeout=30, what="the old one to serve")
+    finally:
+        refusals.stop()
+    assert refusals.refused == 0, vars(refusals)
+    _still_serving(daemon, old)
+    with Client(daemon.address, namespace=daemon.namespace) as client:
+        assert client.call("tasks.wait", {"container_id": "late"})["exit_status"] == 9
+    assert "resuming" in daemon.log_text()
+
+
+def test_two_successors_at_once_leave_one_active_daemon(daemon: Daemon) -> None:
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    old = daemon.active_pid()
+    pids = [daemon.take_over(wait=False) for _ in range(2)]
+    wait_until(lambda: is_gone(old), timeout=30, what="the old daemon to hand over")
+    time.sleep(3)
+    live = [p for p in pids if not is_gone(p)]
+    assert len(live) == 1, live
+    assert daemon.active_pid() == live[0]
+    text = daemon.log_text()
+    assert "a handover is already under way" in text or "handed over to this one" in text
+    _still_serving(daemon, live[0])
