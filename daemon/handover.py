@@ -28,8 +28,10 @@ races; the lock (flock) decides who is active, and the kernel drops it with its 
 from __future__ import annotations
 
 import array
+import json
 import logging
 import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from typing import Any
 
 import trio
 
-from berth.daemon import __version__
+from berth.daemon import __version__, listeners
 from berth.shim.state import process_start_time
 from berth.shim.wire.errors import BerthError, FailedPrecondition, Unavailable
 from berth.shim.wire.protocol import (
@@ -82,6 +84,7 @@ class Inheritance:
     history: list[dict[str, Any]] = field(default_factory=list)
     task_seqs: dict[str, int] = field(default_factory=dict)  # "ns/id" -> last event seq
     predecessor: int = 0  # pid (a handover waits for it to exit; a standby saw it die)
+    listener: listeners.Listener | None = None  # bound beside an old daemon that was stopped
     channel: ControlChannel | None = None  # a handover's: say "done" on it once serving
 
 
@@ -283,14 +286,13 @@ class ControlServer:
 # --- the successor's side ----------------------------------------------------------------
 
 
-async def take_over(state: str) -> Inheritance:
+async def take_over(state: str, address: str) -> Inheritance:
     """`berthd --takeover`: ask the active daemon to hand over; what it passed on. A
     daemon that predates handovers (0.1.0 has no control socket) is stopped instead and
-    its shims adopted as after a restart: its socket closes for a moment (its clients
-    reconnect, as after any restart)."""
+    its shims adopted as after a restart; this daemon's socket is put at the path first,
+    so that new clients wait in its backlog rather than being refused (`bind_beside`)."""
     if not os.path.exists(control_path(state)):
-        pid = await _stop_predecessor(state)
-        return Inheritance(predecessor=pid)
+        return await _stop_predecessor(state, address)
     channel = await connect(state)
     try:
         params = {"version": __version__, "pid": os.getpid()}
@@ -311,11 +313,49 @@ async def take_over(state: str) -> Inheritance:
     )
 
 
-async def _stop_predecessor(state: str, timeout: float = 30.0) -> int:
-    """SIGTERM the berthd that holds the state dir's lock (it leaves every shim running)
-    and wait until it has exited; its pid (0 if none runs)."""
-    import json
+async def _stop_predecessor(state: str, address: str, timeout: float = 30.0) -> Inheritance:
+    """SIGTERM the berthd that holds the state dir's lock (it leaves every shim running),
+    with this daemon's socket already at `address`, and wait until it has exited."""
+    pid = _lock_holder(state)
+    if not pid:
+        return Inheritance()
+    log.warning("berthd pid %d cannot hand over (an older release): stopping it", pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return Inheritance(predecessor=pid)
+    listener, previous = listeners.bind_beside(address)
+    try:
+        await _let_calls_finish(pid, timeout=2.0)
+        os.kill(pid, signal.SIGTERM)
+        with trio.fail_after(timeout):
+            while True:  # undo its unlink of the socket path at once (~2 ms of ENOENT)
+                listener.restore_path()
+                with trio.move_on_after(0.002):
+                    await trio.lowlevel.wait_readable(pidfd)
+                    break
+        listener.restore_path()
+    except BaseException:
+        listeners.put_back(listener, previous)
+        raise
+    finally:
+        os.close(pidfd)
+    listeners.forget_previous(previous)
+    return Inheritance(predecessor=pid, listener=listener)
 
+
+async def _let_calls_finish(pid: int, timeout: float) -> None:
+    """New clients reach this daemon's socket now; give the old daemon's accepted
+    connections (CLI calls: a connection each) up to `timeout` to end before it is
+    stopped, which would cut them. Streams that do not end are cut at the timeout."""
+    with trio.move_on_after(timeout):
+        while listeners.served_connections(pid):
+            await trio.sleep(0.005)
+    log.info("the old daemon serves %s connection(s)", listeners.served_connections(pid))
+
+
+def _lock_holder(state: str) -> int:
+    """The pid of the berthd that holds the state dir's lock, 0 if none runs."""
     try:
         with open(os.path.join(state, "berthd.lock"), "rb") as f:
             pid = int(json.loads(f.read(4096) or b"{}").get("pid", 0))
@@ -328,17 +368,6 @@ async def _stop_predecessor(state: str, timeout: float = 30.0) -> int:
         return 0  # not running
     if b"berth" not in cmdline:
         raise FailedPrecondition(f"pid {pid} holds the state dir's lock but is not berthd")
-    log.warning("berthd pid %d cannot hand over (an older release): stopping it", pid)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return pid
-    try:
-        os.kill(pid, 15)
-        with trio.fail_after(timeout):
-            await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
     return pid
 
 

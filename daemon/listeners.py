@@ -31,7 +31,8 @@ class Listener:
     path: str
     bound_here: bool  # berthd bound it (so it may unlink it when it stops for good)
     inode: int = 0
-    source: str = "bound"  # "bound", "systemd" or "predecessor"
+    source: str = "bound"  # "bound", "bound beside an old daemon", "systemd", "predecessor"
+    keep: str | None = None  # a second name of the socket, while an old daemon may unlink it
 
     def unlink_if_ours(self) -> None:
         """Remove the socket file, if this process bound it and the path still names it."""
@@ -43,6 +44,92 @@ class Listener:
             return
         if stat.S_ISSOCK(st.st_mode) and st.st_ino == self.inode:
             os.unlink(self.path)
+
+    def restore_path(self) -> None:
+        """Name this socket at its path again, if something removed the name (an old
+        daemon that unlinks its socket path as it exits; see `bind_beside`)."""
+        if self.keep is None:
+            return
+        try:
+            os.lstat(self.path)
+        except FileNotFoundError:
+            try:
+                os.link(self.keep, self.path)
+            except FileExistsError:
+                pass  # named again by someone else meanwhile: leave it
+
+    def forget_keep(self) -> None:
+        if self.keep is not None:
+            try:
+                os.unlink(self.keep)
+            except FileNotFoundError:
+                pass
+            self.keep = None
+
+
+def bind_beside(path: str, *, mode: int = 0o660) -> tuple[Listener, str | None]:
+    """Bind a fresh socket and move it over `path` in one rename(2), while an older daemon
+    (one that cannot hand its socket over) still serves what it accepted: from that
+    instant connects queue in this socket's backlog instead of being refused. A second
+    name (`path`.keep) lets `restore_path` undo the old daemon's unlink of `path` at its
+    exit (0.1.0 unlinks it unconditionally). Also returns a name of the old socket
+    (`path`.prev, or None), to put back with `put_back` if the takeover fails."""
+    fresh, keep, prev = f"{path}.next", f"{path}.keep", f"{path}.prev"
+    for stale in (fresh, keep, prev):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    sock = bind_unix(fresh, mode=mode, backlog=4096)
+    inode = os.stat(fresh).st_ino
+    os.link(fresh, keep)
+    previous: str | None = prev
+    try:
+        os.link(path, prev)
+    except FileNotFoundError:
+        previous = None
+    os.rename(fresh, path)
+    listener = Listener(sock, path, True, inode, "bound beside an old daemon", keep)
+    return listener, previous
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a listening socket
+
+
+def served_connections(pid: int) -> int | None:
+    """How many connections process `pid` has accepted on its listening UNIX socket(s) and
+    not yet closed (None if it cannot be told). From /proc/net/unix, whose rows for an
+    accepted socket repeat the listening socket's path, and /proc/<pid>/fd."""
+    try:
+        held = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]  # "socket:[inode]"
+            for fd in os.listdir(f"/proc/{pid}/fd")
+        }
+        with open("/proc/net/unix") as table:
+            rows = [line.split() for line in table.read().splitlines()[1:]]
+    except OSError:
+        return None
+    mine = [row for row in rows if len(row) >= 8 and row[6] in held]
+    listening = {row[7] for row in mine if int(row[3], 16) & _SO_ACCEPTCON}
+    return sum(1 for row in mine if row[7] in listening and not int(row[3], 16) & _SO_ACCEPTCON)
+
+
+def put_back(listener: Listener, previous: str | None) -> None:
+    """Undo `bind_beside`: the old daemon's socket at the path again (it keeps serving)."""
+    if previous is not None:
+        os.rename(previous, listener.path)
+    else:
+        listener.unlink_if_ours()
+    listener.forget_keep()
+    listener.sock.close()
+
+
+def forget_previous(previous: str | None) -> None:
+    if previous is not None:
+        try:
+            os.unlink(previous)
+        except FileNotFoundError:
+            pass
 
 
 def from_systemd() -> dict[str, socket.socket]:

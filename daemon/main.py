@@ -37,7 +37,7 @@ from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
-from berth.daemon.rpc import Drain, ServerConnection, guarded
+from berth.daemon.rpc import Drain, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
@@ -96,7 +96,11 @@ async def serve(
     inheritance = inheritance or handover.Inheritance()
     store, locks, rebuild = open_state(config, locks)
     try:
-        listener = listeners.take(config.address, listeners.from_systemd(), inheritance.sockets)
+        listener = inheritance.listener or listeners.take(
+            config.address, listeners.from_systemd(), inheritance.sockets
+        )
+        listener.restore_path()
+        listener.forget_keep()
         log.info("listening socket %s: %s", config.address, listener.source)
     except BaseException:
         store.close()
@@ -157,7 +161,7 @@ async def _run_services(
             _, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
             if uid not in (0, os.getuid()):
                 log.warning("refused API connection from uid %d", uid)
-                await stream.aclose()
+                await refuse(stream, f"uid {uid} may not use berthd", "permission_denied")
                 return
             connection = ServerConnection(stream, handlers, namespace_of, uid, drain=drain)
             await guarded("API connection", connection.serve)
@@ -304,12 +308,16 @@ async def run(config: Config, mode: str) -> None:
     """Serve as `mode` says: "active", "standby" (serve once the active one is gone), or
     "takeover" (serve in the place of the running daemon, which hands over)."""
     if mode == "takeover":
-        inheritance = await handover.take_over(config.state)
+        inheritance = await handover.take_over(config.state, config.address)
         if os.environ.get("BERTH_TAKEOVER_FAULT") == "after-handover":  # tests only
             os._exit(70)  # a successor that dies half-way: the predecessor must resume
-        locks = await startup.wait_for_locks(config, timeout=30.0)
-        log.info("berthd pid %d handed over to this one", inheritance.predecessor)
-        await serve(config, inheritance=inheritance, locks=locks)
+        try:
+            locks = await startup.wait_for_locks(config, timeout=30.0)
+            log.info("berthd pid %d handed over to this one", inheritance.predecessor)
+            await serve(config, inheritance=inheritance, locks=locks)
+        finally:
+            if inheritance.listener is not None:
+                inheritance.listener.forget_keep()
     elif mode == "standby":
         inheritance, locks = await standby.stand_by(config)
         await serve(config, inheritance=inheritance, locks=locks)

@@ -5,6 +5,7 @@ server side of the daemon's API socket. The protocol logic itself is the sans-IO
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -313,6 +314,17 @@ class Drain:
         for connection in list(self.connections):
             await connection.go_away()
         return ended
+
+
+async def refuse(stream: trio.SocketStream, message: str, code: str) -> None:
+    """Refuse a connection with an error the client can show (not a bare close, which a
+    client in its handshake takes for a daemon going away, and tries again)."""
+    with trio.move_on_after(1.0):  # read its HELLO first: closing on unread data resets
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.receive_some(RECV_SIZE)
+            await stream.send_all(Connection(Role.SERVER).refusal(message, code))
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 RECONNECT_MESSAGE = "berthd is handing over to its successor; connect again"

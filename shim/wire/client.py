@@ -9,7 +9,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from berth.shim.wire.errors import BerthError, DeadlineExceeded, Reconnect, Unavailable
+from berth.shim.wire.errors import (
+    BerthError,
+    DeadlineExceeded,
+    Reconnect,
+    Unavailable,
+    error_from_wire,
+)
 from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
     Cancel,
@@ -72,6 +78,10 @@ LONG_CALLS = frozenset(
 _PING = "ping"  # any answer proves liveness: an unknown method gets an ERROR reply too
 
 
+class _ConnectionLost(Unavailable):
+    """The connection closed or broke under a call (an Unavailable like any other)."""
+
+
 class Client:
     """A blocking connection. Unary calls have a deadline (`timeout`); long calls
     (`call(..., timeout=None)` and streams) have none but check that the peer is alive.
@@ -110,6 +120,12 @@ class Client:
                 f"{path} does not answer: no handshake within {timeout:g}s "
                 "(is the daemon stopped or overloaded?)"
             ) from None
+        except _ConnectionLost as exc:
+            # Nothing was asked yet, so asking again is safe: the daemon that accepted
+            # (or queued) this connection stopped before its handshake, as an old daemon
+            # does when its successor takes over without a handover (0.1.0).
+            self._sock.close()
+            raise Reconnect(f"{exc} during the handshake") from None
         except BaseException:
             self._sock.close()
             raise
@@ -130,7 +146,7 @@ class Client:
         try:
             self._sock.sendall(self._conn.send(event))
         except OSError as exc:
-            raise Unavailable(f"connection to {self.path} lost: {exc}") from None
+            raise _ConnectionLost(f"connection to {self.path} lost: {exc}") from None
         except LocalProtocolError as exc:  # the connection failed earlier
             raise Unavailable(f"connection to {self.path} unusable: {exc}") from None
 
@@ -144,10 +160,12 @@ class Client:
             except RemoteProtocolError as exc:
                 if Reconnect.PREFIX in str(exc):  # refused in its handshake: a handover
                     raise Reconnect(str(exc)) from None
+                if exc.code is not None:  # refused, and told why
+                    raise error_from_wire(exc.code, str(exc)) from None
                 raise Unavailable(f"{self.path}: protocol error: {exc}") from None
             if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed):
-                    raise Unavailable(f"{self.path} closed the connection")
+                    raise _ConnectionLost(f"{self.path} closed the connection")
                 if self._ping_id is not None and getattr(event, "id", None) == self._ping_id:
                     self._ping_id = None  # the peer is alive; its answer means nothing else
                     continue
@@ -179,7 +197,7 @@ class Client:
                     self._send(Request(self._ping_id, _PING, {}, {}))
                 continue
             except OSError as exc:
-                raise Unavailable(f"connection to {self.path} lost: {exc}") from None
+                raise _ConnectionLost(f"connection to {self.path} lost: {exc}") from None
             if data and self._ping_id is not None:
                 self._ping_deadline = time.monotonic() + self.timeout  # it is talking
             self._conn.receive_data(data)

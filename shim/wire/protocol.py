@@ -81,10 +81,18 @@ class RemoteProtocolError(ProtocolError):
     and carry on.
     """
 
-    def __init__(self, message: str, *, fatal: bool = False, request_id: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        fatal: bool = False,
+        request_id: int | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.fatal = fatal
         self.request_id = request_id
+        self.code = code  # the peer's error code, when it refused the handshake with one
 
 
 class Role:
@@ -536,7 +544,10 @@ class Connection:
         if self._state == _State.HANDSHAKE:
             if kind == _ERROR and len(msg) == 4:
                 self._state = _State.ERROR
-                raise RemoteProtocolError(f"handshake refused: {msg[3]!s:.200}", fatal=True)
+                code = msg[2] if isinstance(msg[2], str) else None
+                raise RemoteProtocolError(
+                    f"handshake refused: {msg[3]!s:.200}", fatal=True, code=code
+                )
             if kind != _WELCOME or len(msg) != 3 or not self._hello_sent:
                 self._state = _State.ERROR
                 raise RemoteProtocolError("expected WELCOME", fatal=True)

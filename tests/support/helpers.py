@@ -179,7 +179,9 @@ class Daemon(Reaped):
         extra_config: str = "",
         base_dir: str | None = None,
         top_config: str = "",
+        berthd: str = BERTHD,
     ) -> None:
+        self.berthd = berthd  # another release's, in the compatibility tests
         # Short paths: UNIX socket names must fit in 107 bytes.
         self.dir = base_dir or tempfile.mkdtemp(prefix="bt-", dir="/tmp")
         self.root = os.path.join(self.dir, "root")
@@ -207,7 +209,7 @@ class Daemon(Reaped):
         """Start berthd with extra command-line flags."""
         log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
         self.logs.append(log_path)
-        command = [BERTHD, "--config", self.config_path, *flags]
+        command = [self.berthd, "--config", self.config_path, *flags]
         if self.private_mount_ns:
             command = [
                 "unshare",
@@ -244,24 +246,33 @@ class Daemon(Reaped):
         except (OSError, ValueError):
             return 0
 
-    def take_over(self, *flags: str, wait: bool = True) -> int:
-        """Start `berthd --takeover` (an upgrade in place); with `wait`, until it is the
-        active daemon and its predecessor has exited. Returns its pid."""
+    def take_over(self, *flags: str, wait: bool = True, berthd: str = BERTHD) -> int:
+        """Start `berthd --takeover` (an upgrade in place; the tree's berthd unless told);
+        with `wait`, until it is the active daemon and its predecessor has exited."""
         old = self.active_pid()
         log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
         self.logs.append(log_path)
         reaper, pid = spawn_reaped(
-            [BERTHD, "--config", self.config_path, "--takeover", *flags], log_path
+            [berthd, "--config", self.config_path, "--takeover", *flags], log_path
         )
         self.reapers.append(reaper)
         self.remember(pid)
+        self.berthd = berthd
         if wait:
             wait_until(
-                lambda: is_gone(old) and self.active_pid() == pid,
+                lambda: is_gone(old) and self.active_pid() == pid and self._answers(),
                 timeout=30,
-                what=f"berthd {pid} to take over from {old}",
+                what=f"berthd {pid} to take over from {old} and serve",
             )
         return pid
+
+    def _answers(self) -> bool:
+        try:
+            with Client(self.address, timeout=5) as c:
+                c.call("version")
+            return True
+        except Exception:
+            return False
 
     def adopt_active(self) -> int:
         """Remember the active daemon's pid (a standby that took over, say)."""
