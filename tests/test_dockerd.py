@@ -8,17 +8,22 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support.clients import (
+    CTR,
     DOCKER,
     DOCKERD,
     Dockerd,
     frontend_pids,
+    grpc_address,
+    grpc_command,
     grpc_daemon,
     run,
     script_tty,
@@ -227,3 +232,109 @@ def test_dockerd_reconnects_after_berthd_kill(engine: tuple[Daemon, Dockerd]) ->
     dockerd.ok("stop", "-t", "10", "steady")
     assert _state(dockerd, "steady") == ("exited", 3)
     dockerd.ok("rm", "steady")
+
+
+class Loop:
+    """A docker command repeated in a thread until stopped; every failure kept."""
+
+    def __init__(self, command: Callable[[int], subprocess.CompletedProcess[str]]) -> None:
+        self.runs = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(command,), daemon=True)
+        self._thread.start()
+
+    def _run(self, command: Callable[[int], subprocess.CompletedProcess[str]]) -> None:
+        while not self._stop.is_set():
+            result = command(self.runs)
+            self.runs += 1
+            if result.returncode != 0:
+                self.failures.append(f"{result.args[3:]}: {result.stderr.strip()}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+
+COUNT = "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.05; done"
+
+
+def test_exec_and_logs_follow_across_five_berthd_upgrades(engine: tuple[Daemon, Dockerd]) -> None:
+    """dockerd --live-restore on berth's gRPC socket: berthd is upgraded in place five
+    times while `docker exec` runs in a loop and `docker logs -f` follows a container."""
+    daemon, dockerd = engine
+    dockerd.ok("run", "-d", "--name", "upgraded", IMAGE, "sh", "-c", COUNT)
+    frontends = frontend_pids(daemon)
+    follower = subprocess.Popen(
+        [DOCKER, "-H", f"unix://{dockerd.host}", "logs", "-f", "upgraded"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, DOCKER_CONFIG=os.path.join(dockerd.dir, "cli")),
+    )
+    execs = Loop(lambda n: dockerd.docker("exec", "upgraded", "echo", f"exec-{n}", timeout=60))
+    try:
+        for _ in range(5):
+            daemon.take_over()
+            time.sleep(0.5)
+        execs.stop()
+        dockerd.ok("kill", "upgraded")
+        out, err = follower.communicate(timeout=60)  # ends with the container
+    finally:
+        execs.stop()
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    print(f"\n{execs.runs} docker exec, {len(out.splitlines())} lines followed, 5 upgrades")
+    assert execs.failures == [] and execs.runs >= 5, (execs.runs, execs.failures[:3])
+    assert frontend_pids(daemon) == frontends, "berth-grpc outlived every upgrade"
+    lines = out.splitlines()
+    assert lines == [f"line {n}" for n in range(len(lines))], (lines[:3], err)
+    assert len(lines) > 20
+    assert dockerd.ok("inspect", "-f", "{{.State.Status}}", "upgraded").strip() == "exited"
+    dockerd.ok("rm", "upgraded")
+
+
+def test_berth_grpc_replaced_under_docker_and_ctr_calls(engine: tuple[Daemon, Dockerd]) -> None:
+    """A new berth-grpc takes the containerd socket over from the running one (as when
+    berthd's version changes): dockerd's and ctr's calls meanwhile all succeed, and
+    berthd adopts the new front end."""
+    daemon, dockerd = engine
+    dockerd.ok("run", "-d", "--name", "steady2", IMAGE, "sh", "-c", LOOP)
+    (old,) = frontend_pids(daemon)
+    address = grpc_address(daemon)
+    execs = Loop(lambda n: dockerd.docker("exec", "steady2", "true", timeout=60))
+    ctrs = Loop(lambda n: run([CTR, "-a", address, "-n", "moby", "tasks", "ls"], timeout=60))
+    command = grpc_command(daemon)
+    with open(os.path.join(daemon.dir, "berth-grpc-new.log"), "wb") as log:
+        new = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        time.sleep(1.0)
+        wait_until(lambda: is_gone(old), timeout=30, what="the old berth-grpc to stop")
+        wait_until(
+            lambda: f"gRPC front end pid {new.pid} serves" in daemon.log_text(),
+            timeout=30,
+            what="berthd to adopt the new berth-grpc",
+        )
+        time.sleep(1.0)
+    finally:
+        execs.stop()
+        ctrs.stop()
+    try:
+        print(f"\n{execs.runs} docker exec, {ctrs.runs} ctr tasks ls across the replacement")
+        assert (execs.failures, ctrs.failures) == ([], []), (execs.failures[:3], ctrs.failures[:3])
+        assert execs.runs >= 3 and ctrs.runs >= 3
+        assert dockerd.ok("exec", "steady2", "echo", "after") == "after\n"
+        dockerd.ok("stop", "-t", "10", "steady2")
+        assert _state(dockerd, "steady2") == ("exited", 3)
+        dockerd.ok("rm", "steady2")
+    finally:
+        # This test started it, so it stops it (berthd's supervisor then starts its own).
+        new.terminate()
+        try:
+            new.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            new.kill()
+            new.wait()

@@ -3,10 +3,15 @@ with a plain grpcio client (the dockerd and ctr tests use the real clients)."""
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import queue
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,8 +19,8 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
-from tests.support.clients import grpc_address, grpc_daemon
-from tests.support.helpers import Daemon, wait_until
+from tests.support.clients import frontend_pids, grpc_address, grpc_command, grpc_daemon
+from tests.support.helpers import Daemon, is_gone, wait_until
 
 pytestmark = pytest.mark.container
 
@@ -379,3 +384,76 @@ def test_lists_larger_than_a_frame_arrive_whole(wire: Wire) -> None:
         finally:
             for cid in ids:
                 c.call("containers.delete", {"id": cid})
+
+
+def test_subscriptions_resume_across_a_berth_grpc_replacement(wire: Wire) -> None:
+    """A subscriber that subscribes again a moment after its stream ends UNAVAILABLE (as
+    dockerd does) sees every exit exactly once while a new berth-grpc replaces the running one,
+    with exits published all through the switch."""
+    t, daemon = wire.t, wire.daemon
+    TaskExit = t.event_types["containerd.events.TaskExit"]
+    exits: collections.Counter[str] = collections.Counter()
+    ends: list[str] = []
+    done = threading.Event()
+    subscribe = wire.channel.unary_stream(
+        "/containerd.services.events.v1.Events/Subscribe",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.events.Envelope.FromString,
+    )
+    request = t.events.SubscribeRequest(filters=["topic==/tasks/exit"])
+    subscribed = threading.Event()
+
+    def follow() -> None:
+        while not done.is_set():
+            stream = subscribe(request, metadata=wire.meta())
+            subscribed.set()
+            try:
+                for envelope in stream:
+                    exits[TaskExit.FromString(envelope.event.value).container_id] += 1
+            except grpc.RpcError as exc:
+                ends.append(exc.code().name)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return
+                time.sleep(0.3)  # dockerd waits for containerd to serve again, then subscribes
+
+    names = [f"sw{i}" for i in range(20)]
+    for name in names:
+        assert daemon.cli("run", "--busybox", "-d", name, "sleep", "1000").returncode == 0
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    subscribed.wait(10)
+    time.sleep(0.5)
+    (old,) = frontend_pids(daemon)
+    log_path = os.path.join(daemon.dir, "berth-grpc-new.log")
+    with open(log_path, "wb") as log:
+        new = subprocess.Popen(
+            [*grpc_command(daemon)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        # the exits straddle the switch: from the new front end's start to after the old
+        # one has gone
+        wait_until(lambda: "replacing berth-grpc" in Path(log_path).read_text(), timeout=30)
+        with daemon.client() as client:
+            for name in names:
+                client.call("tasks.kill", {"container_id": name, "signal": 9})
+                time.sleep(0.01)
+        wait_until(lambda: is_gone(old), timeout=30, what="the old berth-grpc to stop")
+        try:
+            wait_until(lambda: sum(exits.values()) >= len(names), timeout=30)
+        except AssertionError:
+            raise AssertionError(f"exits seen: {dict(exits)}, streams ended: {ends}") from None
+        time.sleep(0.5)
+        assert {name: exits[name] for name in names} == dict.fromkeys(names, 1), ends
+        assert "UNAVAILABLE" in ends  # the old stream ended so that it could resume
+        assert "resumes where the previous berth-grpc left it" in Path(log_path).read_text()
+    finally:
+        done.set()
+        new.terminate()
+        try:
+            new.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            new.kill()
+            new.wait()
+        for name in names:
+            daemon.cli("tasks", "rm", "-f", name)
+            daemon.cli("containers", "rm", name)

@@ -122,7 +122,7 @@ async def serve(args: argparse.Namespace) -> None:
     from berth.daemon.grpc.services import Backend, generic_handlers
 
     containerd_api.types()  # fail now, with a clear message, if the stubs are missing
-    backend = Backend(args.berthd)
+    backend = Backend(args.berthd, args.state)
     server_uuid = ""
     try:
         server_uuid = (await backend.call("introspection.server", {})).get("uuid", "")
@@ -164,6 +164,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     watch.cancel()
     log.info("stopping")
+    backend.handoff.closing.set()  # subscriptions end, to resume with the successor
+    await asyncio.sleep(0)
     # grpc logs every stream it cancels at stop (open Subscribe calls) as an error.
     logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
     await server.stop(grace=5.0)  # calls in flight finish (a successor serves new ones)

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def grpc_daemon() -> Daemon:
         daemon.cleanup()
         raise
     return daemon
+
+
+def grpc_command(daemon: Daemon) -> list[str]:
+    """A berth-grpc for this daemon, as its supervisor starts one: a new one replaces the
+    one serving (a test that starts it stops it)."""
+    return [
+        sys.executable,
+        "-m",
+        "berth.daemon.grpc.main",
+        "--address",
+        grpc_address(daemon),
+        "--berthd",
+        daemon.address,
+        "--state",
+        daemon.state,
+    ]
 
 
 def grpc_address(daemon: Daemon) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import grpc
@@ -19,6 +19,7 @@ import grpc
 from berth.daemon.filters import parse_filters
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.client import AsyncClient
+from berth.daemon.grpc.handoff import Cursor, Handoff
 from berth.daemon.paging import all_pages_async
 from berth.shim.wire.errors import (
     BerthError,
@@ -73,8 +74,9 @@ class Backend:
     PATIENCE = 15.0
     RETRY = 0.02
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, state_dir: str = "") -> None:
         self.address = address
+        self.handoff = Handoff(state_dir)  # subscriptions passed on when replaced
         self._shared: AsyncClient | None = None
         self._connecting = asyncio.Lock()
         self._slots = asyncio.Semaphore(MAX_SHARED_IN_FLIGHT)
@@ -128,20 +130,24 @@ class Backend:
         finally:
             await client.aclose()
 
-    async def events(self, params: dict[str, Any], **meta: Any) -> AsyncIterator[Any]:
+    async def events(
+        self, params: dict[str, Any], cursor: Cursor | None = None, **meta: Any
+    ) -> AsyncGenerator[Any, None]:
         """berthd's event stream, resumed after the last event across any loss of berthd
         (`after_seq` of its `epoch`: the numbering survives a handover, so nothing is lost
-        or repeated; a daemon with another numbering replays all it has)."""
-        last: tuple[str, int] | None = None
+        or repeated; a daemon with another numbering replays all it has). It starts where
+        `cursor` says (a subscription handed over by a previous berth-grpc) and keeps
+        `cursor` at the last event it gave."""
+        cursor = cursor if cursor is not None else Cursor()
         while True:
-            asked = params if last is None else {**params, "epoch": last[0], "after_seq": last[1]}
+            asked = {**params, **cursor.params()}
             try:
                 async for envelope in self.stream("events.subscribe", asked, **meta):
                     mark = _mark(envelope)
                     if mark is not None:
-                        if last is not None and mark[0] == last[0] and mark[1] <= last[1]:
+                        if cursor.epoch == mark[0] and (cursor.seq or 0) >= mark[1]:
                             continue
-                        last = mark
+                        cursor.epoch, cursor.seq = mark
                     yield envelope
                 return
             except Unavailable:
