@@ -46,6 +46,8 @@ CONTAINERD_RUNC_NAMES = (
     "io.containerd.runtime.v1.linux",
 )
 DEFAULT_STATE = "/run/berth"
+# Flags that act once: a daemon that re-executes itself or spawns a standby drops them.
+ONE_TIME_FLAGS = ("--standby", "--takeover", "--detach")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Config:
     rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
     standby: bool = False  # keep a warm standby (berthd --standby) behind the active daemon
     mode: str = "active"  # "standby" or "takeover": command-line flags only
+    detach: bool = False  # --detach: fork, return once the forked daemon serves (detach.py)
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -215,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="take over from the running berthd (an upgrade): it hands over and exits",
     )
     parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="fork; exit 0 printing the new daemon's pid once it serves, or 1 with its error "
+        "(with --takeover: a synchronous upgrade, as berthd.service's ExecReload)",
+    )
+    parser.add_argument(
         "--rebuild-metadata",
         action="store_true",
         help="start although the metadata database is missing or broken: rebuild what the "
@@ -235,5 +244,8 @@ def load(argv: list[str] | None = None) -> Config:
     config = from_mapping(doc)
     config.rebuild_metadata = args.rebuild_metadata
     config.mode = "standby" if args.standby else "takeover" if args.takeover else "active"
+    if args.detach and args.standby:
+        raise InvalidArgument("--detach goes with --takeover or alone, not with --standby")
+    config.detach = args.detach
     config.validate()
     return config

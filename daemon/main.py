@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from berth.daemon import config as config_module
-from berth.daemon import handover, listeners, notify, standby, startup
+from berth.daemon import detach, handover, listeners, notify, standby, startup
 from berth.daemon.api import routes, schema
 from berth.daemon.api.core import Api, load_server_uuid, namespace_of
 from berth.daemon.api.storage import StorageApi
@@ -229,6 +229,7 @@ async def _run_services(
         await recovered.wait()
         notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
         await handover.announce_done(inheritance)
+        detach.ready()  # berthd --detach: the command that started this daemon returns
         if config.standby:
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
 
@@ -283,7 +284,7 @@ def _resume(config: Config, state: State, exchange: Exchange) -> None:
         LISTEN_FDNAMES=listeners.API,
         **{RESUME_FD_ENV: path},
     )
-    argv = [a for a in sys.argv if a not in ("--takeover", "--standby")]
+    argv = [a for a in sys.argv if a not in config_module.ONE_TIME_FLAGS]
     log.warning("re-executing berthd to resume serving")
     os.execv(sys.executable, [sys.executable, "-m", "berth.daemon.main", *argv[1:]])
 
@@ -344,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     # noise in berthd's log, and berth logs what matters about a transfer itself.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if config.detach and (code := detach.start()) is not None:
+        return code  # the parent: the detached daemon serves (0), or failed (1)
     try:
         trio.run(run, config, config.mode)
     except KeyboardInterrupt:
         pass
     except (startup.StartupError, BerthError) as exc:
         print(f"berthd: {exc}", file=sys.stderr)
+        detach.failed(f"berthd: {exc}")
         return 1
     return 0
 

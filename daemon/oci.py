@@ -122,6 +122,8 @@ def default_spec(
             "cwd": cwd,
             "capabilities": {"bounding": caps, "effective": list(caps), "permitted": list(caps)},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            # not the shim's: berthd.service gives berthd and its shims -999
+            "oomScoreAdj": 0,
             "noNewPrivileges": True,
         },
         "root": {"path": root, "readonly": readonly_root},

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from berth.daemon import handover, startup
-from berth.daemon.config import Config
+from berth.daemon.config import ONE_TIME_FLAGS, Config
 from berth.daemon.events import HISTORY
 from berth.daemon.rpc import RpcClient
 from berth.shim.state import process_start_time
@@ -119,7 +119,7 @@ async def _mirror(config: Config, mirror: deque[dict[str, Any]]) -> None:
 
 def command(config: Config) -> list[str]:
     """This daemon's command line, as a standby."""
-    argv = [a for a in sys.argv[1:] if a not in ("--standby", "--takeover")]
+    argv = [a for a in sys.argv[1:] if a not in ONE_TIME_FLAGS]
     return [sys.executable, "-m", "berth.daemon.main", *argv, "--standby"]
 
 

@@ -48,6 +48,9 @@ class Zygote:
                     self._work_dir,
                 ],
                 pass_fds=(theirs.fileno(),),
+                # NOTIFY_SOCKET is berthd's line to systemd, not the shims': a runtime that
+                # sees it makes a container's start wait for the container to notify.
+                env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
             )
         finally:
             theirs.close()
