@@ -227,6 +227,14 @@ class ControlServer:
                     await channel.send(ErrorReply.from_exception(event.id, exc))
 
     async def _attach(self, channel: ControlChannel, req: Request) -> None:
+        version = str(req.params.get("version", ""))
+        if version != __version__:
+            # After an upgrade the old release's standby must not stay behind the new
+            # daemon (its takeover would be a downgrade): it exits, and a standby of
+            # this version is started in its place.
+            raise FailedPrecondition(
+                f"a standby must be of this berthd's version ({__version__}), not {version or '?'}"
+            )
         fd = self.handing.listener_fd()
         reply = {
             "pid": os.getpid(),

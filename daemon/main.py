@@ -320,7 +320,11 @@ async def run(config: Config, mode: str) -> None:
             if inheritance.listener is not None:
                 inheritance.listener.forget_keep()
     elif mode == "standby":
-        inheritance, locks = await standby.stand_by(config)
+        try:
+            inheritance, locks = await standby.stand_by(config)
+        except standby.StandbyRefused as exc:
+            log.info("standby not wanted: %s; exiting", exc)
+            return
         await serve(config, inheritance=inheritance, locks=locks)
     elif RESUME_FD_ENV in os.environ:  # resuming after a failed handover (_resume)
         history = _resumed_history()

@@ -24,17 +24,21 @@ from typing import Any
 
 import trio
 
-from berth.daemon import handover, startup
+from berth.daemon import __version__, handover, startup
 from berth.daemon.config import ONE_TIME_FLAGS, Config
 from berth.daemon.events import HISTORY
 from berth.daemon.rpc import RpcClient
 from berth.shim.state import process_start_time
-from berth.shim.wire.errors import BerthError, Unavailable
+from berth.shim.wire.errors import BerthError, FailedPrecondition, Unavailable
 
 log = logging.getLogger("berthd.standby")
 
 ATTACH_RETRY = 0.05  # seconds between attempts to find an active daemon
 SPAWN_GRACE = 10.0  # seconds a spawned standby has to attach before another is spawned
+
+
+class StandbyRefused(Exception):
+    """The active daemon does not want this standby (another version): it exits."""
 
 
 async def stand_by(config: Config) -> tuple[handover.Inheritance, startup.Locks]:
@@ -45,7 +49,11 @@ async def stand_by(config: Config) -> tuple[handover.Inheritance, startup.Locks]
         channel = None
         try:
             channel = await handover.connect(config.state)
-            reply = await handover.call(channel, "standby.attach", {})
+            reply = await handover.call(channel, "standby.attach", {"version": __version__})
+        except FailedPrecondition as exc:  # of another version than the active daemon
+            if channel is not None:
+                channel.close()
+            raise StandbyRefused(str(exc)) from None
         except Unavailable:
             if channel is not None:
                 channel.close()

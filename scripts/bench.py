@@ -938,6 +938,10 @@ class Bench:
         for key, fig in self.results["figures"].items():
             if "systems" in fig:
                 lines.append(self.figure_markdown(key))
+            elif "load" in fig:
+                from bench_upgrade import upgrade_markdown
+
+                lines.append(upgrade_markdown(fig))
             elif "values" in fig:
                 lines.append(f"\n### {fig['title']} (MiB, mean per shim)\n")
                 lines.append(
@@ -989,6 +993,33 @@ def private_workdir() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_figures(bench: Bench, only: set[str], quick: bool) -> None:
+    if "run_rm" in only:
+        bench.fig_run_rm("runc")
+        bench.fig_run_rm("crun")
+    if "memory" in only:
+        for count in [20] if quick else [20, 100]:
+            bench.fig_memory(count)
+    simple: dict[str, Callable[[], None]] = {
+        "throughput": bench.fig_throughput,
+        "concurrent": bench.fig_concurrent,
+        "exec": bench.fig_exec,
+        "images": bench.fig_images,
+        "clients": bench.fig_clients,
+    }
+    for name, figure in simple.items():
+        if name in only:
+            figure()
+    if only & {"takeover", "upgrade"}:
+        import bench_upgrade  # scripts/bench_upgrade.py: the figures of in-place upgrades
+
+        if "takeover" in only:
+            for count in [20] if quick else [20, 100]:
+                bench_upgrade.fig_takeover(bench, count)
+        if "upgrade" in only:
+            bench_upgrade.fig_upgrade_load(bench)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -997,7 +1028,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="run_rm, memory, throughput, concurrent, exec, images, clients",
+        help="run_rm, memory, throughput, concurrent, exec, images, clients, takeover, upgrade",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -1011,7 +1042,18 @@ def main() -> int:
             check=True,
         )
     only = set(
-        args.only or ["run_rm", "memory", "throughput", "concurrent", "exec", "images", "clients"]
+        args.only
+        or [
+            "run_rm",
+            "memory",
+            "throughput",
+            "concurrent",
+            "exec",
+            "images",
+            "clients",
+            "takeover",
+            "upgrade",
+        ]
     )
     with private_workdir() as work:
         bench = Bench(args.quick, work)
@@ -1019,22 +1061,7 @@ def main() -> int:
             bench.prepare()
             versions = bench.versions()
             print("versions:", versions, flush=True)
-            if "run_rm" in only:
-                bench.fig_run_rm("runc")
-                bench.fig_run_rm("crun")
-            if "memory" in only:
-                for count in [20] if args.quick else [20, 100]:
-                    bench.fig_memory(count)
-            if "throughput" in only:
-                bench.fig_throughput()
-            if "concurrent" in only:
-                bench.fig_concurrent()
-            if "exec" in only:
-                bench.fig_exec()
-            if "images" in only:
-                bench.fig_images()
-            if "clients" in only:
-                bench.fig_clients()
+            run_figures(bench, only, args.quick)
             path = bench.write(Path(args.out), versions)
             print(f"\nwrote {path}")
         finally:

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.metadata import SCHEMA_VERSION
-from tests.support.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
+from tests.support.helpers import (
+    BERTH,
+    BERTHD,
+    Daemon,
+    container_log_lines,
+    is_gone,
+    kill,
+    wait_until,
+)
 from tests.support.releases import PREVIOUS, HistoryMissing, Installed, install, is_shallow
 
 COUNTER = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.02; done"
@@ -154,7 +162,7 @@ def test_the_previous_release_is_adopted_under_load_and_everything_it_left_works
     ok(d, "tasks", "kill", "-s", "SIGKILL", "logger")
     assert ok(d, "tasks", "wait", "logger") == "137\n"
     # the log is complete: every number once, in order, across the upgrade
-    lines = log_lines(d, "logger")
+    lines = container_log_lines(d.state, d.namespace, "logger")
     assert lines == [str(n) for n in range(len(lines))] and len(lines) > 50, lines[:5]
     # and everything deletes
     for cid in ("logger", "term", "early", "late"):
@@ -211,15 +219,3 @@ def schema_of(d: Daemon) -> int:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
     finally:
         db.close()
-
-
-def log_lines(d: Daemon, cid: str) -> list[str]:
-    """The container's log, oldest rotated file first (stdout.log.N ... .1, stdout.log)."""
-    log_dir = Path(d.state, "tasks", d.namespace, cid, "log")
-
-    def age(path: Path) -> int:
-        suffix = path.name.rpartition(".")[2]
-        return int(suffix) if suffix.isdigit() else 0
-
-    files = sorted(log_dir.glob("stdout.log*"), key=age, reverse=True)
-    return b"".join(p.read_bytes() for p in files).decode().split()

@@ -29,7 +29,7 @@ from tests.support.clients import (
     script_tty,
     wait_grpc,
 )
-from tests.support.helpers import Daemon, is_gone, process_state, wait_until
+from tests.support.helpers import Daemon, is_gone, process_state, stop_child, wait_until
 from tests.support.images import build_docker_archive
 
 pytestmark = pytest.mark.container
@@ -332,9 +332,4 @@ def test_berth_grpc_replaced_under_docker_and_ctr_calls(engine: tuple[Daemon, Do
         dockerd.ok("rm", "steady2")
     finally:
         # This test started it, so it stops it (berthd's supervisor then starts its own).
-        new.terminate()
-        try:
-            new.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            new.kill()
-            new.wait()
+        stop_child(new)

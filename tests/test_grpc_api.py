@@ -20,7 +20,7 @@ import pytest
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
 from tests.support.clients import frontend_pids, grpc_address, grpc_command, grpc_daemon
-from tests.support.helpers import Daemon, is_gone, wait_until
+from tests.support.helpers import Daemon, is_gone, stop_child, wait_until
 
 pytestmark = pytest.mark.container
 
@@ -448,12 +448,7 @@ def test_subscriptions_resume_across_a_berth_grpc_replacement(wire: Wire) -> Non
         assert "resumes where the previous berth-grpc left it" in Path(log_path).read_text()
     finally:
         done.set()
-        new.terminate()
-        try:
-            new.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            new.kill()
-            new.wait()
+        stop_child(new)
         for name in names:
             daemon.cli("tasks", "rm", "-f", name)
             daemon.cli("containers", "rm", name)

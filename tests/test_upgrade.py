@@ -8,7 +8,6 @@ containerd's restart) are the benchmark's business (scripts/bench), not asserted
 from __future__ import annotations
 
 import collections
-import datetime
 import json
 import os
 import socket
@@ -24,7 +23,17 @@ import pytest
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import FailedPrecondition, Reconnect
 from berth.shim.wire.protocol import Connection, Hello, Request, Role
-from tests.support.helpers import BERTH, BERTHD, Daemon, is_gone, kill, spawn_reaped, wait_until
+from tests.support.helpers import (
+    BERTH,
+    BERTHD,
+    Daemon,
+    container_log_lines,
+    handover_windows,
+    is_gone,
+    kill,
+    spawn_reaped,
+    wait_until,
+)
 
 pytestmark = pytest.mark.container
 
@@ -230,6 +239,7 @@ def test_upgrades_under_load_lose_no_call_no_event_no_line(daemon: Daemon) -> No
         stderr=subprocess.PIPE,
     )
     load = Load(d)
+    attached: subprocess.Popen[bytes] | None = None
     try:
         load.loop(lambda: load.cli("version"))
         load.loop(lambda: load.cli("tasks", "ls"))
@@ -245,6 +255,14 @@ def test_upgrades_under_load_lose_no_call_no_event_no_line(daemon: Daemon) -> No
             )
         )
         load.loop(load.exiter)
+        # an attached `berth run` whose life spans every upgrade
+        numbers = "for i in $(seq 1 60); do echo $i; sleep 0.1; done; exit 3"
+        attached = subprocess.Popen(
+            [BERTH, "run", "--busybox", "--rm", "attached", "sh", "-c", numbers],
+            env=env(d),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)
         refusals = Refusals(d.address)
         for _ in range(ROUNDS):
@@ -252,18 +270,29 @@ def test_upgrades_under_load_lose_no_call_no_event_no_line(daemon: Daemon) -> No
             time.sleep(0.5)
         refusals.stop()
         time.sleep(1.0)
+        out, err = attached.communicate(timeout=60)
     finally:
         load.stop()
+        if attached is not None and attached.poll() is None:
+            kill(attached.pid)
+            attached.wait()
+    assert attached is not None
+    assert (attached.returncode, out.split()) == (3, [str(n).encode() for n in range(1, 61)]), err
     assert load.failures == [], load.failures[:5]
     assert (refusals.refused, refusals.failures) == (0, []), vars(refusals)
     print(f"\n{ROUNDS} upgrades, {len(load.calls) + len(refusals.calls)} calls")
-    print(latency_report(load.calls + refusals.calls, handover_windows(d)))
+    print(
+        latency_report(
+            load.calls + refusals.calls,
+            handover_windows([Path(log).read_text(errors="replace") for log in d.logs]),
+        )
+    )
     # every writer's lines are all in its log, once, in order
     for i in range(WRITERS):
         assert d.cli("tasks", "kill", "-s", "SIGKILL", f"w{i}").returncode == 0
     for i in range(WRITERS):
         assert d.cli("tasks", "wait", f"w{i}").returncode == 0
-        lines = _log_lines(d, f"w{i}")
+        lines = container_log_lines(d.state, d.namespace, f"w{i}")
         assert lines == [str(n) for n in range(len(lines))], f"w{i}: {lines[:3]}..."
         assert len(lines) > 50
     # every exit event exactly once, with the status its container exited with
@@ -281,22 +310,6 @@ def test_upgrades_under_load_lose_no_call_no_event_no_line(daemon: Daemon) -> No
     for cid, status in load.expected_exits.items():
         assert (seen[cid], statuses.get(cid)) == (1, status), (cid, seen[cid], statuses.get(cid))
     assert all(count == 1 for count in seen.values()), [c for c, n in seen.items() if n != 1]
-
-
-def handover_windows(daemon: Daemon) -> list[tuple[float, float]]:
-    """(began, ended) of each handover, wall clock, from the daemons' logs: from the
-    old daemon's "handing over" (it stops accepting) to its "the successor serves"."""
-    windows, began = [], None
-    for log in daemon.logs:
-        for line in Path(log).read_text(errors="replace").splitlines():
-            if "handing over to" in line or "the successor serves" in line:
-                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                if "handing over to" in line:
-                    began = stamp
-                elif began is not None:
-                    windows.append((began, stamp))
-                    began = None
-    return windows
 
 
 def latency_report(
@@ -329,18 +342,6 @@ def _create_remove(load: Load) -> None:
     cid = load.name("c")
     load.cli("containers", "create", "--busybox", cid, "true")
     load.cli("containers", "rm", cid)
-
-
-def _log_lines(d: Daemon, cid: str) -> list[str]:
-    """The container's log, oldest rotated file first (stdout.log.N ... .1, stdout.log)."""
-    log_dir = Path(d.state, "tasks", d.namespace, cid, "log")
-
-    def age(path: Path) -> int:
-        suffix = path.name.rpartition(".")[2]
-        return int(suffix) if suffix.isdigit() else 0
-
-    files = sorted(log_dir.glob("stdout.log*"), key=age, reverse=True)
-    return b"".join(p.read_bytes() for p in files).decode().split()
 
 
 # --- bad input --------------------------------------------------------------------------
@@ -384,19 +385,24 @@ def test_bad_handover_requests_change_nothing(daemon: Daemon) -> None:
         with _control(daemon) as sock:
             sock.sendall(junk)
     _still_serving(daemon, pid)
-    # a downgrade: refused before anything changes
-    with _control(daemon) as sock:
-        conn = Connection(Role.CLIENT)
-        sock.sendall(conn.send(Hello()))
-        sock.sendall(b"")
-        conn.receive_data(sock.recv(65536))
-        conn.next_event()
-        sock.sendall(conn.send(Request(1, "handover.begin", {"version": "0.0.1", "pid": 1}, {})))
-        conn.receive_data(sock.recv(65536))
-        reply = conn.next_event()
-        assert isinstance(reply.to_exception(), FailedPrecondition)  # type: ignore[union-attr]
-        assert "downgrade is not supported" in reply.message  # type: ignore[union-attr]
-    _still_serving(daemon, pid)
+    # a downgrade: refused before anything changes; and a standby of another version
+    # (an old release's, left behind by an upgrade) is sent away
+    for method, params, refusal in (
+        ("handover.begin", {"version": "0.0.1", "pid": 1}, "downgrade is not supported"),
+        ("standby.attach", {"version": "0.0.1"}, "a standby must be of this berthd's version"),
+        ("standby.attach", {}, "a standby must be of this berthd's version"),
+    ):
+        with _control(daemon) as sock:
+            conn = Connection(Role.CLIENT)
+            sock.sendall(conn.send(Hello()))
+            conn.receive_data(sock.recv(65536))
+            conn.next_event()
+            sock.sendall(conn.send(Request(1, method, params, {})))
+            conn.receive_data(sock.recv(65536))
+            reply = conn.next_event()
+            assert isinstance(reply.to_exception(), FailedPrecondition)  # type: ignore[union-attr]
+            assert refusal in reply.message, reply  # type: ignore[union-attr]
+        _still_serving(daemon, pid)
     assert daemon.cli("tasks", "exec", "--exec-id", "e1", "kept", "true").returncode == 0
 
 

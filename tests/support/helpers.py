@@ -444,3 +444,44 @@ class Daemon(Reaped):
             except subprocess.TimeoutExpired:
                 reaper.kill()
                 reaper.wait()
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """Stop a process this test started: SIGTERM, then SIGKILL after `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def container_log_lines(state: str, namespace: str, cid: str) -> list[str]:
+    """A container's shim log, oldest rotated file first (stdout.log.N ... .1, stdout.log),
+    split into lines (words, for the numbered-line writers of the tests)."""
+    log_dir = Path(state, "tasks", namespace, cid, "log")
+
+    def age(path: Path) -> int:
+        suffix = path.name.rpartition(".")[2]
+        return int(suffix) if suffix.isdigit() else 0
+
+    files = sorted(log_dir.glob("stdout.log*"), key=age, reverse=True)
+    return b"".join(p.read_bytes() for p in files).decode(errors="replace").split()
+
+
+def handover_windows(log_texts: list[str]) -> list[tuple[float, float]]:
+    """(began, ended) of each handover, wall clock, from berthd logs: from the old
+    daemon's "handing over" (it stops accepting) to its "the successor serves"."""
+    import datetime
+
+    windows, began = [], None
+    for text in log_texts:
+        for line in text.splitlines():
+            if "handing over to" in line or "the successor serves" in line:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if "handing over to" in line:
+                    began = stamp
+                elif began is not None:
+                    windows.append((began, stamp))
+                    began = None
+    return windows
