@@ -14,6 +14,12 @@ binary = "crun"
 args = []                          # extra global arguments
 # root = "/run/berth/runtime/crun" # the runtime's --root (default: <state>/runtime/<name>/<ns>)
 
+[shim]
+python = ""                        # the interpreter that runs the shims (their zygote): unset,
+                                   # the one the installation recorded (scripts/setup picks
+                                   # CPython >= 3.12: immortal objects halve a shim's private
+                                   # memory), else berthd's own
+
 [content]
 ingest_expiry = 3600               # seconds before an ingest no lease holds and nobody
                                    # writes is stale: GC removes it
@@ -25,18 +31,24 @@ max_files = 4
 [grpc]                             # containerd's gRPC API (berth-grpc), for dockerd and ctr
 address = "/run/berth/containerd.sock"   # unset: not served
 gid = 0                            # the socket's group (mode 0660): root-equivalent access
+
+[ttrpc]                            # the same services over ttrpc, served by berth-grpc
+address = "/run/berth/containerd.sock.ttrpc"   # unset: <grpc address>.ttrpc; "": not served
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth.shim.wire.errors import InvalidArgument
 from berth.shim.wire.names import validate
+
+SHIM_PYTHON_RECORD = "berth-shim-python"  # in the venv (sys.prefix): written by scripts/setup
 
 DEFAULT_ROOT = "/var/lib/berth"
 # containerd's names for its runc shim; engines send them, berth runs them with runc.
@@ -73,6 +85,8 @@ class Config:
     default_snapshotter: str = "overlayfs"
     grpc_address: str = ""
     grpc_gid: int = 0
+    ttrpc_address_setting: str | None = None  # None: beside the gRPC socket
+    shim_python_setting: str = ""  # "": the installation's record, else sys.executable
     ingest_expiry: float = 3600.0
     rebuild_metadata: bool = False  # a command-line flag only: never a standing setting
     standby: bool = False  # keep a warm standby (berthd --standby) behind the active daemon
@@ -86,8 +100,33 @@ class Config:
                 "crun": RuntimeEntry("crun", "crun"),
             }
 
+    @property
+    def shim_python(self) -> str:
+        """The interpreter of the zygote (and so of every shim): configured, else the
+        one the installation recorded beside berthd's (`<prefix>/berth-shim-python`,
+        written by scripts/setup), else berthd's own. BERTH_SHIM_PYTHON overrides all."""
+        chosen = os.environ.get("BERTH_SHIM_PYTHON") or self.shim_python_setting
+        if chosen:
+            return chosen
+        try:
+            with open(os.path.join(sys.prefix, SHIM_PYTHON_RECORD)) as f:
+                recorded = f.read(4096).strip()
+        except OSError:
+            recorded = ""
+        if recorded and os.access(recorded, os.X_OK):
+            return recorded
+        return sys.executable
+
+    @property
+    def ttrpc_address(self) -> str:
+        """Where berth-grpc serves ttrpc: configured, or beside the gRPC socket as
+        containerd's `<address>.ttrpc`; "" when not served."""
+        if self.ttrpc_address_setting is not None:
+            return self.ttrpc_address_setting
+        return f"{self.grpc_address}.ttrpc" if self.grpc_address else ""
+
     def validate(self) -> None:
-        for path_name in ("root", "state", "address", "grpc_address"):
+        for path_name in ("root", "state", "address", "grpc_address", "ttrpc_address"):
             value = getattr(self, path_name)
             if value and not os.path.isabs(value):
                 raise InvalidArgument(f"{path_name} must be an absolute path")
@@ -156,6 +195,12 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     config.grpc_gid = _typed(grpc, "gid", int, "[grpc]", 0)
     if config.grpc_gid < 0:
         raise InvalidArgument("[grpc] gid must be a group id")
+    config.shim_python_setting = _typed(_table(doc, "shim"), "python", str, "[shim]", "")
+    if config.shim_python_setting and not os.path.isabs(config.shim_python_setting):
+        raise InvalidArgument("[shim] python must be an absolute path")
+    ttrpc = _table(doc, "ttrpc")
+    if "address" in ttrpc:
+        config.ttrpc_address_setting = _typed(ttrpc, "address", str, "[ttrpc]", "")
     if "socket_group" in doc:
         config.socket_group = int(doc["socket_group"])
     config.standby = _typed(doc, "standby", bool, "config", False)

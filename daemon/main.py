@@ -137,7 +137,7 @@ async def _run_services(
     recovered = trio.Event()
     drain = Drain(frozenset(name for name, m in schema.METHODS.items() if m.resumable))
     async with trio.open_nursery() as nursery:
-        zygote = Zygote(nursery, os.path.join(config.state, "zygote"))
+        zygote = Zygote(nursery, os.path.join(config.state, "zygote"), config.shim_python)
         storage = Storage(
             config.root,
             config.state,

@@ -15,6 +15,7 @@ and migrated forward on open, so a newer daemon reads an older database.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -203,6 +204,31 @@ def check_labels(labels: Any) -> dict[str, str]:
     return dict(labels)
 
 
+def check_extensions(extensions: Any) -> dict[str, dict[str, str]]:
+    """A container's extensions as stored: {name: {type_url, value (base64)}}; anything
+    else, or more than a spec's worth of them, is refused."""
+    if extensions is None:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    size = 0
+    for name, ext in dict(extensions).items():
+        type_url = getattr(ext, "type_url", None)
+        value = getattr(ext, "value", None)
+        if isinstance(ext, dict):
+            type_url, value = ext.get("type_url"), ext.get("value", "")
+        if not name or not isinstance(type_url, str) or not isinstance(value, str):
+            raise InvalidArgument(f"extension {name!r}: needs a type_url and a base64 value")
+        try:
+            base64.b64decode(value, validate=True)
+        except ValueError:
+            raise InvalidArgument(f"extension {name!r}: value is not base64") from None
+        size += len(name) + len(type_url) + len(value)
+        out[name] = {"type_url": type_url, "value": value}
+    if size > MAX_SPEC_BYTES:
+        raise InvalidArgument("extensions are too large")
+    return out
+
+
 class Store:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -359,8 +385,11 @@ class Store:
         labels: dict[str, str] | None = None,
         spec: dict[str, Any] | None = None,
         image: str | None = None,
+        extensions: dict[str, dict[str, str]] | None = None,
     ) -> Container:
         current = self.get_container(namespace, container_id)
+        if extensions is not None:
+            current.extensions = extensions
         if labels is not None:
             current.labels = check_labels(labels)
         if spec is not None:
@@ -368,12 +397,13 @@ class Store:
         if image is not None:
             current.image = image
         self._db.execute(
-            "UPDATE containers SET labels = ?, spec = ?, image = ?, updated_at = ? "
-            "WHERE namespace = ? AND id = ?",
+            "UPDATE containers SET labels = ?, spec = ?, image = ?, extensions = ?, "
+            "updated_at = ? WHERE namespace = ? AND id = ?",
             (
                 json.dumps(current.labels),
                 json.dumps(current.spec),
                 current.image,
+                json.dumps(current.extensions),
                 time.time_ns(),
                 namespace,
                 container_id,

@@ -57,8 +57,10 @@ def prepare_dirs(config: Config) -> None:
     existed before."""
     _make_dir(config.root, PRIVATE_DIR)
     _make_dir(config.state, STATE_DIR)
-    for directory in (config.tasks_dir, config.sockets_dir):
-        _make_dir(directory, PRIVATE_DIR)
+    # Traversable too: a container in a user namespace reaches its rootfs through its
+    # bundle as its remapped root (each bundle stays private: tasks/service.py).
+    _make_dir(config.tasks_dir, STATE_DIR)
+    _make_dir(config.sockets_dir, PRIVATE_DIR)
     os.makedirs(os.path.dirname(config.address), exist_ok=True)
     for path in database_files(config):
         if os.path.exists(path):

@@ -367,10 +367,12 @@ class Bench:
             return "?"
 
         from berth.daemon import __version__
+        from berth.daemon.config import Config
 
         return {
             "berth": __version__,
             "python": platform.python_version(),
+            "shim python": first([Config().shim_python, "--version"]),
             "containerd": first(["containerd", "--version"]),
             "runc": first(["runc", "--version"]),
             "crun": first(["crun", "--version"]),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
+
 USER_HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -41,6 +43,46 @@ def _mounts() -> dict[str, str]:
                 for opt in options.split(","):
                     result.setdefault(opt, mount_point)
     return result
+
+
+def join_cgroup(pid: int, path: str) -> None:
+    """Move process `pid` into cgroup `path` (absolute within each hierarchy) of every
+    mounted hierarchy, creating it where missing: containerd's `ShimCgroup` option."""
+    if not os.path.isabs(path) or ".." in path.split("/"):
+        raise InvalidArgument(f"cgroup path {path!r} must be absolute and plain")
+    hierarchies = sorted(set(_mounts().values()))
+    if not hierarchies:
+        raise FailedPrecondition("no cgroup hierarchy is mounted")
+    for mount_point in hierarchies:
+        directory = mount_point
+        try:
+            for part in [p for p in path.split("/") if p]:
+                parent, directory = directory, os.path.join(directory, part)
+                if not os.path.isdir(directory):
+                    os.mkdir(directory)
+                    _inherit_cpuset(parent, directory)
+            with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot move pid {pid} into cgroup {directory}: {exc}"
+            ) from None
+
+
+def _inherit_cpuset(parent: str, child: str) -> None:
+    """cgroup v1 fact: a new cpuset cgroup starts with no cpus and no mems, and a process
+    cannot join it (ENOSPC) until they are set; take the parent's."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        mine = os.path.join(child, name)
+        if not os.path.exists(mine):
+            continue
+        with open(mine) as f:
+            if f.read().strip():
+                continue
+        with open(os.path.join(parent, name)) as f:
+            value = f.read().strip()
+        with open(mine, "w") as f:
+            f.write(value)
 
 
 def paths_for(pid: int) -> CgroupPaths | None:

@@ -5,10 +5,16 @@ describes a root filesystem as a list of them; the shim mounts the list on the b
 rootfs before `runc create` and unmounts it on delete. Neither knows the other.
 
 Kernel facts that bite here:
-- overlay's option string must fit in one page (4096 bytes) with every lowerdir spelled
-  out; with many layers it does not. Then the lowerdirs are written relative to their
-  common parent and mount(2) is called from inside it (the shim is single-threaded, so a
-  chdir is safe).
+- overlay's option string must fit in one page (4096 bytes, NUL included) with every
+  lowerdir spelled out; with many layers it does not (~35 layers of 117-byte paths).
+  Then the lowerdirs are written relative to their common parent (or as short links,
+  `_mount_overlay`) and mount(2) is called from inside that directory. The working
+  directory belongs to the whole process: the shim is single-threaded and goes there and
+  back; berthd is threaded (trio's worker threads), so it mounts from a child process
+  started in that directory instead.
+- overlay stacks at most 500 lower layers (OVL_MAX_STACK); one more is EINVAL, refused
+  here first with a clear error. The mount lists snapshotters hand out keep absolute
+  paths: a client mounts them as containerd's do (relative from the common parent).
 - "bind,ro" needs two calls: a bind mount ignores MS_RDONLY, a remount applies it.
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +43,7 @@ from berth.shim.wire.errors import InvalidArgument
 
 PAGE = 4096
 MAX_MOUNTS = 64
+OVERLAY_MAX_STACK = 500  # the kernel's OVL_MAX_STACK (fs/overlayfs)
 
 _FLAGS = {
     "ro": (MS_RDONLY, True),
@@ -112,22 +121,45 @@ def parse_options(options: list[str]) -> tuple[int, list[str]]:
     return flags, data
 
 
-def _overlay_data(data: list[str]) -> tuple[str, str | None]:
-    """The option string, and a directory to chdir into when it had to be shortened."""
+def _with_lower(data: list[str], dirs: list[str]) -> str:
+    return ",".join(f"lowerdir={':'.join(dirs)}" if d.startswith("lowerdir=") else d for d in data)
+
+
+def _mount_overlay(m: Mount, target: str, flags: int, data: list[str]) -> None:
+    """An overlay mount whatever its options' length (see the module docstring): as
+    given; else with lowerdirs relative to their common parent; else (many-digit snapshot
+    ids, lowerdirs without a common parent) through a directory of links named 0, 1, ...
+    beside the target. overlay follows a link given as a lowerdir and holds the layer
+    once mounted, so the links go at once."""
+    _check_stack(data)
     text = ",".join(data)
     if len(text) < PAGE:
-        return text, None
-    lower = next((d for d in data if d.startswith("lowerdir=")), None)
-    if lower is None:
-        raise InvalidArgument("overlay options are longer than a page")
-    dirs = lower[len("lowerdir=") :].split(":")
+        mount(m.source, target, "overlay", flags, text)
+        return
+    lower = next((d for d in data if d.startswith("lowerdir=")), "")
+    dirs = lower[len("lowerdir=") :].split(":") if lower else []
+    if not dirs or not all(os.path.isabs(d) for d in dirs):
+        raise InvalidArgument("overlay options are longer than a page, without absolute lowerdirs")
+    target = os.path.abspath(target)
     common = os.path.commonpath(dirs)
-    relative = ":".join(os.path.relpath(d, common) for d in dirs)
-    shortened = [f"lowerdir={relative}" if d is lower else d for d in data]
-    text = ",".join(shortened)
+    text = _with_lower(data, [os.path.relpath(d, common) for d in dirs])
+    if len(text) < PAGE:
+        mount_from(common, m.source, target, flags, text)
+        return
+    text = _with_lower(data, [str(i) for i in range(len(dirs))])
     if len(text) >= PAGE:
-        raise InvalidArgument("overlay options are longer than a page even when relative")
-    return text, common
+        raise InvalidArgument("overlay options are longer than a page even with short lowerdirs")
+    links = os.path.join(os.path.dirname(target), f".lower-{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(links, 0o700)
+    try:
+        for i, d in enumerate(dirs):
+            os.symlink(d, os.path.join(links, str(i)))
+        mount_from(links, m.source, target, flags, text)
+    finally:
+        for i in range(len(dirs)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(links, str(i)))
+        os.rmdir(links)
 
 
 def mount_one(m: Mount, target: str) -> None:
@@ -140,19 +172,68 @@ def mount_one(m: Mount, target: str) -> None:
             mount("", target, "", flags | MS_REMOUNT | MS_RDONLY, "")
         return
     if m.type == "overlay":
-        text, chdir_to = _overlay_data(data)
-        if chdir_to is None:
-            mount(m.source, target, "overlay", flags, text)
-            return
+        _mount_overlay(m, target, flags, data)
+        return
+    mount(m.source, target, m.type, flags, ",".join(data))
+
+
+def _check_stack(data: list[str]) -> None:
+    for option in data:
+        if option.startswith("lowerdir="):
+            layers = option.count(":") + 1
+            if layers > OVERLAY_MAX_STACK:
+                raise InvalidArgument(
+                    f"overlay mount of {layers} lower layers: the kernel stacks at most "
+                    f"{OVERLAY_MAX_STACK}"
+                )
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def mount_from(directory: str, source: str, target: str, flags: int, data: str) -> None:
+    """An overlay mount(2) whose relative lowerdirs resolve from `directory`: in this
+    process if it has one thread (the shim), else from a child started there, since a
+    chdir would move every thread of berthd along with it."""
+    if _single_threaded():
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.chdir(chdir_to)
-            mount(m.source, os.path.abspath(target), "overlay", flags, text)
+            os.chdir(directory)
+            mount(source, target, "overlay", flags, data)
         finally:
             os.fchdir(cwd)
             os.close(cwd)
         return
-    mount(m.source, target, m.type, flags, ",".join(data))
+    entry = _child_mount.__name__
+    helper = f"import sys; from berth.shim.mount import {entry}; {entry}(sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", helper, source, target, str(flags), data],
+        cwd=directory,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        code, _, message = done.stderr.strip().partition(" ")
+        if not code.isdigit():
+            raise OSError(0, f"mount {target} from {directory}: {done.stderr.strip()[-300:]}")
+        raise OSError(int(code), message, target)
+
+
+def _child_mount(argv: list[str]) -> None:
+    """`mount_from`'s child: one mount(2) in its working directory; on failure, the
+    errno and the message on stderr, exit status 1."""
+    source, target, flags, data = argv
+    try:
+        mount(source, target, "overlay", int(flags), data)
+    except OSError as exc:
+        sys.stderr.write(f"{exc.errno or 0} {exc.strerror or exc}\n")
+        raise SystemExit(1) from None
 
 
 def mount_all(mounts: list[Mount], root: str) -> None:

@@ -562,7 +562,7 @@ class Task:
     def resize_pty(self, exec_id: str | None, width: int, height: int) -> None:
         proc = self.process(exec_id)
         if proc.io.console is None:
-            raise FailedPrecondition("process has no terminal")
+            return  # nothing to resize: a no-op, as containerd's runc shim answers
         if proc.reaped:
             raise FailedPrecondition("cannot resize a stopped process")
         resize(proc.io.console, width, height)

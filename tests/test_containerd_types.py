@@ -150,3 +150,39 @@ def test_fill_rejects_wrong_types() -> None:
     t = capi.types()
     with pytest.raises(InvalidArgument, match="pid"):
         capi.fill(t.event_types["containerd.events.TaskExit"](), {"pid": "not a number"})
+
+
+def test_ttrpc_frames_split_anywhere_and_oversize_is_refused() -> None:
+    from berth.daemon.grpc.ttrpc import FrameError, FrameReader, encode_frame
+
+    wire = encode_frame(1, 1, b"first") + encode_frame(3, 1, b"") + encode_frame(5, 2, b"x" * 300)
+    for cut in range(len(wire) + 1):
+        reader = FrameReader()
+        got = []
+        for piece in (wire[:cut], wire[cut:]):
+            reader.feed(piece)
+            got += list(reader.frames())
+        assert got == [(1, 1, 0, b"first"), (3, 1, 0, b""), (5, 2, 0, b"x" * 300)]
+    reader = FrameReader(max_message=100)
+    reader.feed(encode_frame(7, 1, b"y" * 101))
+    with pytest.raises(FrameError):
+        list(reader.frames())
+
+
+def test_ttrpc_envelope_matches_the_hand_encoded_one() -> None:
+    """The server's declared Request decodes what a client encodes from the wire layout."""
+    from berth.daemon.grpc.ttrpc import messages
+    from tests.support.ttrpc import decode_response, encode_request
+
+    raw = encode_request("svc.S", "M", b"\x01\x02", {"containerd-namespace-ttrpc": "ns"}, 5)
+    request = messages().Request.FromString(raw)
+    assert (request.service, request.method, request.payload, request.timeout_nano) == (
+        "svc.S",
+        "M",
+        b"\x01\x02",
+        5,
+    )
+    assert [(kv.key, kv.value) for kv in request.metadata] == [("containerd-namespace-ttrpc", "ns")]
+    m = messages()
+    response = m.Response(status=m.Status(code=5, message="gone"), payload=b"p")
+    assert decode_response(response.SerializeToString()) == (5, "gone", b"p")

@@ -35,6 +35,18 @@ def test_every_method_is_bound_once_and_every_handler_declared() -> None:
         assert not (method.stream and method.reply is not None), name
 
 
+def test_calls_repeated_after_a_dropped_connection_are_declared_and_change_nothing() -> None:
+    from berth.shim.wire.client import LONG_CALLS, READ_ONLY_CALLS
+
+    assert set(schema.METHODS) >= READ_ONLY_CALLS
+    mutating = ("create", "update", "delete", "remove", "commit", "kill", "start", "exec")
+    for name in READ_ONLY_CALLS:
+        verb = name.rpartition(".")[2]
+        assert not any(word in verb for word in mutating), name
+        assert not schema.METHODS[name].stream, name
+    assert {"tasks.wait"} <= READ_ONLY_CALLS & LONG_CALLS
+
+
 def test_a_handler_of_no_method_or_a_method_without_handler_stops_the_binding() -> None:
     async def stray(ctx: CallContext, p: Any) -> Any:
         return {}

@@ -376,3 +376,85 @@ def test_an_exec_that_cannot_start_is_final(daemon: Daemon) -> None:
         r = daemon.cli("tasks", "exec", "--exec-id", "nope", "c-badexec", "echo", "ok")
         assert (r.returncode, r.stdout) == (0, b"ok\n")
     daemon.cli("tasks", "rm", "-f", "c-badexec", check=True)
+
+
+def test_immortalize_makes_objects_immortal_on_the_shim_interpreter() -> None:
+    """On CPython 3.12+ (the shims' interpreter when set-up found one) the zygote's objects
+    become immortal: their reference counts no longer move; on 3.11 nothing is touched."""
+    from tests.support.helpers import shim_python
+
+    code = """
+import sys
+from berth.shim import zygote
+held = {"key": ["a", "list", 12345678901234567890], "t": (object(),)}
+before = sys.getrefcount(held["key"])
+count = zygote.immortalize()
+supported = zygote.immortal_objects_supported()
+after = sys.getrefcount(held["key"])
+extra = [held["key"] for _ in range(1000)]
+moved = sys.getrefcount(held["key"]) - after
+del extra
+print(supported, count > 10000, before < 100, after > 2**30, moved)
+"""
+    out = subprocess.run([shim_python(), "-c", code], capture_output=True, text=True, check=True)
+    supported, many, small, huge, moved = out.stdout.split()
+    if supported == "True":
+        assert (many, small, huge, moved) == ("True", "True", "True", "0"), out.stdout
+    else:
+        assert (many, huge, moved) == ("False", "False", "1000"), out.stdout
+
+
+def test_a_shim_s_memory_stays_flat_over_thousands_of_calls(daemon: Daemon) -> None:
+    """resize, exec and a fresh connection (an attach, as a restarted daemon makes) over
+    and over: the shim's private memory (USS) must not grow with them - an immortal
+    zygote object that a call freed, or a page copied per call, would show here."""
+    import hashlib
+
+    import psutil
+
+    from berth.shim.wire.client import Client
+
+    daemon.cli(
+        "run",
+        "--busybox",
+        "-d",
+        "-t",
+        "c-flat",
+        "sh",
+        "-c",
+        "while :; do sleep 1; done",
+        check=True,
+    )
+    shim = psutil.Process(daemon.shim_pids()["c-flat"])
+    digest = hashlib.sha256(f"{daemon.namespace}/c-flat".encode()).hexdigest()[:24]
+    shim_socket = os.path.join(daemon.state, "s", f"{digest}.sock")
+
+    def rounds(n: int) -> None:
+        with daemon.client() as c:
+            for i in range(n):
+                c.call(
+                    "tasks.resize", {"container_id": "c-flat", "width": 80 + i % 40, "height": 24}
+                )
+                if i % 20 == 0:
+                    exec_id = f"e{i}"
+                    spec = {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+                    c.call(
+                        "tasks.exec", {"container_id": "c-flat", "exec_id": exec_id, "spec": spec}
+                    )
+                    c.call("tasks.start", {"container_id": "c-flat", "exec_id": exec_id})
+                    c.call("tasks.wait", {"container_id": "c-flat", "exec_id": exec_id})
+                    c.call("tasks.delete_process", {"container_id": "c-flat", "exec_id": exec_id})
+                if i % 5 == 0:
+                    with Client(shim_socket, timeout=10) as direct:
+                        direct.call("state", {})
+
+    rounds(300)  # warm-up: first-time allocations, caches
+    warm = shim.memory_full_info().uss
+    rounds(3000)
+    grown = shim.memory_full_info().uss - warm
+    print(
+        f"\nshim USS {warm / 2**20:.2f} MiB after warm-up, "
+        f"{grown / 1024:+.0f} KiB after 3000 rounds"
+    )
+    assert grown < 512 * 1024, grown
+    daemon.cli("tasks", "rm", "-f", "c-flat", check=True)

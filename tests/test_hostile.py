@@ -319,6 +319,10 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
                 f.write(b"\0" * (1 << 16))
         (gate / "go").touch()
         wait_until(lambda: is_gone(pid), what="the container to exit and be reaped")
+        # The shim writes the exit file right after it reaps: killing it in between would
+        # test that window, not the full disk.
+        exit_file = Path(small, "state", "tasks", d.namespace, "c42", "exit", "init.json")
+        wait_until(lambda: b'"status": 42' in exit_file.read_bytes(), what="the exit file")
         kill(shim)
         wait_until(lambda: is_gone(shim), what="the shim to die")
         filler.unlink()
@@ -418,9 +422,14 @@ def test_root_state_and_databases_are_private_whatever_existed(tmp_path: Path) -
         assert len(private) > 5
         for path in private:
             assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
-        for path in Path(d.state).iterdir():
+        # The task tree is traversable, never listable (a user-namespaced container's root
+        # reaches its bundle through it); the bundles themselves are private.
+        traversable = {Path(d.state, "tasks"), Path(d.state, "tasks", d.namespace)}
+        for path in [*Path(d.state).iterdir(), *Path(d.state, "tasks").glob("*/*")]:
             if path.is_dir():
-                assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+                mode = path.stat().st_mode & 0o077
+                assert mode == (0o011 if path in traversable else 0), f"{path} is {oct(mode)}"
+        assert Path(d.state, "tasks", d.namespace, "c1").is_dir()
     finally:
         d.cleanup()
 

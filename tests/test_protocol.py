@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -287,3 +290,46 @@ def test_any_bad_frame_before_the_handshake_is_fatal() -> None:
         with pytest.raises(RemoteProtocolError) as err:
             server.next_event()
         assert err.value.fatal
+
+
+def _dropping_server(path: str, answered: list[str]) -> threading.Thread:
+    """A peer that welcomes each client, reads its request, then closes without answering
+    (what an old release's daemon does with accepted connections as it stops)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+
+    def serve() -> None:
+        with listener:
+            for _ in range(2):
+                sock, _ = listener.accept()
+                with sock:
+                    server = Connection(Role.SERVER)
+                    while True:
+                        server.receive_data(sock.recv(65536))
+                        event = server.next_event()
+                        if isinstance(event, Hello):
+                            sock.sendall(server.send(server.server_handshake(event)))
+                        elif isinstance(event, Request):
+                            answered.append(event.method)
+                            break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_dropped_call_is_repeatable_only_if_it_changes_nothing(tmp_path: Path) -> None:
+    from berth.shim.wire.client import Client
+    from berth.shim.wire.errors import Reconnect, Unavailable
+
+    path = str(tmp_path / "peer.sock")
+    seen: list[str] = []
+    thread = _dropping_server(path, seen)
+    with Client(path, timeout=5) as client, pytest.raises(Reconnect):
+        client.call("tasks.list", {})  # the CLI repeats it on a new connection
+    with Client(path, timeout=5) as client, pytest.raises(Unavailable) as lost:
+        client.call("tasks.kill", {"container_id": "x", "signal": 9})
+    assert not isinstance(lost.value, Reconnect)  # it may have been carried out
+    thread.join(5)
+    assert seen == ["tasks.list", "tasks.kill"]

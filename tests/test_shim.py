@@ -20,12 +20,12 @@ from berth.daemon.oci import default_spec
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tests.support.helpers import (
-    BIN,
     REAPER,
     is_gone,
     kill,
     process_state,
     remove_namespace_cgroups,
+    shim_python,
     wait_until,
 )
 
@@ -50,7 +50,9 @@ class StandaloneShim:
             [
                 sys.executable,
                 str(REAPER),
-                str(BIN / "berth-shim"),
+                shim_python(),
+                "-m",
+                "berth.shim.main",
                 "--id",
                 container_id,
                 "--namespace",

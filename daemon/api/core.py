@@ -20,7 +20,7 @@ from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
-from berth.daemon.metadata import Container, Store, check_labels
+from berth.daemon.metadata import Container, Store, check_extensions, check_labels
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage.service import Storage
@@ -160,6 +160,12 @@ class Api:
         return ns
 
     async def namespaces_update(self, ctx: CallContext, p: schema.NamespaceLabels) -> Any:
+        """Labels of a namespace, which the update creates if need be (as containerd's
+        store does: a client sets a fresh namespace's default labels before anything)."""
+        try:
+            self.store.get_namespace(p.name)
+        except NotFound:
+            return await self.namespaces_create(ctx, p)
         ns = self.store.update_namespace(p.name, check_labels(p.labels))
         self.exchange.publish(
             ns["name"], "/namespaces/update", {"name": ns["name"], "labels": ns["labels"]}
@@ -195,6 +201,7 @@ class Api:
                 image=doc.image or "",
                 snapshotter=doc.snapshotter or "",
                 snapshot_key=doc.snapshot_key or "",
+                extensions=check_extensions(doc.extensions),
             )
         )
         self.exchange.publish(
@@ -231,6 +238,8 @@ class Api:
             p.id,
             labels=check_labels(p.labels) if p.labels is not None else None,
             spec=p.spec,
+            image=p.image,
+            extensions=check_extensions(p.extensions) if p.extensions is not None else None,
         )
         self.exchange.publish(ctx.namespace, "/containers/update", {"id": container.id})
         return container.to_wire()

@@ -73,6 +73,14 @@ class RuntimeRef(Struct, omit_defaults=True, kw_only=True):
     options: Doc = {}
 
 
+class Extension(Struct, kw_only=True):
+    """An opaque typed value a client keeps on a container (containerd's Any): its bytes
+    base64-encoded, as Go's JSON shows them."""
+
+    type_url: str
+    value: str = ""
+
+
 class ContainerFields(Params, kw_only=True):
     id: Name | None = None
     spec: Doc | None = None
@@ -81,6 +89,7 @@ class ContainerFields(Params, kw_only=True):
     image: str | None = None
     snapshotter: str | None = None
     snapshot_key: str | None = None
+    extensions: dict[str, Extension] | None = None
 
 
 class ContainersCreate(ContainerFields, kw_only=True):
@@ -97,6 +106,8 @@ class ContainersUpdate(Params, kw_only=True):
     id: Name
     labels: Labels | None = None
     spec: Doc | None = None
+    image: str | None = None
+    extensions: dict[str, Extension] | None = None  # replaces them all
 
 
 # -- events ------------------------------------------------------------------------------
@@ -243,17 +254,23 @@ class ImagesDelete(ImageRef, kw_only=True):
     sync: bool = False
 
 
+class ImagesList(Paged, kw_only=True):
+    usage: bool = False  # add content_size and platforms to each image (images ls)
+
+
 class ImagesImport(Params, kw_only=True):
     path: str
     name: str | None = None
     unpack: bool = True
     snapshotter: str | None = None
+    progress: bool = False  # stream progress items before the reply
 
 
 class ImagesExport(Params, kw_only=True):
     path: str
     names: Annotated[list[ImageName], Meta(min_length=1)]
     platform: str | None = None
+    progress: bool = False  # stream progress items before the reply
 
 
 class Registry(Params, kw_only=True):
@@ -393,10 +410,12 @@ class ExitReply(Reply, kw_only=True):
 class WriteOpenReply(Reply, kw_only=True):
     exists: bool
     offset: int
+    digest: str = ""  # of the bytes the ingest holds (containerd's Write reports it)
 
 
 class OffsetReply(Reply, kw_only=True):
     offset: int
+    digest: str = ""  # of the bytes written so far
 
 
 class DigestReply(Reply, kw_only=True):
@@ -491,12 +510,13 @@ METHODS: dict[str, Method] = {
     "content.write.chunk": Method(WriteChunk, OffsetReply),
     "content.write.commit": Method(WriteCommit, DigestReply),
     "content.write.abort": Method(IngestRef, Record),
+    "content.write.close": Method(IngestRef, Record),
     "content.status": Method(IngestRef, Record),
     "content.ingests": Method(Empty, Listing),
     "images.create": Method(ImagePut, Record),
     "images.update": Method(ImagePut, Record),
     "images.get": Method(ImageRef, Record),
-    "images.list": Method(Paged, Listing),
+    "images.list": Method(ImagesList, Listing),
     "images.tag": Method(ImagesTag, Record),
     "images.delete": Method(ImagesDelete, Record),
     "images.import": Method(ImagesImport, Listing, long=True),

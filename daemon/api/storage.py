@@ -46,6 +46,23 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
+def _progress_sender(ctx: CallContext) -> Callable[[dict[str, Any]], None]:
+    """Send progress items from a worker thread to the caller, best effort: a client that
+    went away stops the items, never the transfer."""
+    broken = False
+
+    def send(item: dict[str, Any]) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            trio.from_thread.run(ctx.send_item, item)
+        except (Exception, trio.Cancelled):
+            broken = True
+
+    return send
+
+
 class StorageApi:
     def __init__(
         self,
@@ -91,6 +108,7 @@ class StorageApi:
             "content.write.chunk": self.content_write_chunk,
             "content.write.commit": self.content_write_commit,
             "content.write.abort": self.content_write_abort,
+            "content.write.close": self.content_write_close,
             "content.status": self.content_status,
             "content.ingests": self.content_ingests,
             "images.create": self.images_create,
@@ -171,7 +189,7 @@ class StorageApi:
             return {"exists": True, "offset": 0}
         writers[p.ref] = writer
         writer.lease = ctx.lease  # the commit records the blob under it
-        return {"exists": False, "offset": writer.offset}
+        return {"exists": False, "offset": writer.offset, "digest": writer.digest()}
 
     def _writer(self, ctx: CallContext, ref: str) -> Writer:
         writer = self._writers(ctx).get(ref)
@@ -181,7 +199,8 @@ class StorageApi:
 
     async def content_write_chunk(self, ctx: CallContext, p: schema.WriteChunk) -> Any:
         writer = self._writer(ctx, p.ref)
-        return {"offset": await in_thread(writer.write, p.data, p.offset)}
+        offset = await in_thread(writer.write, p.data, p.offset)
+        return {"offset": offset, "digest": writer.digest()}
 
     async def content_write_commit(self, ctx: CallContext, p: schema.WriteCommit) -> Any:
         writer = self._writer(ctx, p.ref)
@@ -194,10 +213,20 @@ class StorageApi:
                 p.expected or "",
                 check_labels(p.labels),
                 ctx.lease or writer.lease,
+                exists_ok=False,
             )
         finally:
             self._writers(ctx).pop(p.ref, None)
         return {"digest": digest}
+
+    async def content_write_close(self, ctx: CallContext, p: schema.IngestRef) -> Any:
+        """Let this connection's ingest go, keeping its bytes for a resume: a writer that
+        stops without a commit frees the ref for the next one at once (a connection's
+        close does too, but only once berthd notices it)."""
+        writer = self._writers(ctx).pop(p.ref, None)
+        if writer is not None:
+            writer.close()
+        return {}
 
     async def content_write_abort(self, ctx: CallContext, p: schema.IngestRef) -> Any:
         writer = self._writers(ctx).pop(p.ref, None)
@@ -263,8 +292,17 @@ class StorageApi:
     async def images_get(self, ctx: CallContext, p: schema.ImageRef) -> Any:
         return self.storage.store.get_image(ctx.namespace, p.name)
 
-    async def images_list(self, ctx: CallContext, p: schema.Paged) -> Any:
-        return paged("images", self.storage.store.list_images(ctx.namespace), "name", p.page)
+    async def images_list(self, ctx: CallContext, p: schema.ImagesList) -> Any:
+        """`usage`: each image also gets its content size and platforms (images ls)."""
+        reply = paged("images", self.storage.store.list_images(ctx.namespace), "name", p.page)
+        if p.usage:
+            await in_thread(self._add_usage, ctx.namespace, reply["images"])
+        return reply
+
+    def _add_usage(self, namespace: str, found: list[dict[str, Any]]) -> None:
+        for image in found:
+            target = Descriptor.from_wire(image["target"])
+            image.update(transfer.image_usage(self.storage, namespace, target))
 
     async def images_tag(self, ctx: CallContext, p: schema.ImagesTag) -> Any:
         source = self.storage.store.get_image(ctx.namespace, p.source)
@@ -294,7 +332,9 @@ class StorageApi:
         return {}
 
     async def images_import(self, ctx: CallContext, p: schema.ImagesImport) -> Any:
-        created = await in_thread(
+        """`progress`: pull's progress items stream before the reply (and the reply once
+        more as a {kind: result} item, for a client reading the call as a stream)."""
+        result = await in_thread(
             transfer.import_archive,
             self.storage,
             ctx.namespace,
@@ -303,13 +343,17 @@ class StorageApi:
             unpack=p.unpack,
             snapshotter=p.snapshotter or None,
             lease_id=ctx.lease,
+            progress=_progress_sender(ctx) if p.progress else None,
         )
-        for image in created:
+        for image in result["images"]:
             self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
-        return {"images": created}
+        if p.progress:
+            await ctx.send_item({"kind": "result", **result})
+        return result
 
     async def images_export(self, ctx: CallContext, p: schema.ImagesExport) -> Any:
-        return await in_thread(
+        """`progress`: as for images.import."""
+        result = await in_thread(
             transfer.export_archive,
             self.storage,
             ctx.namespace,
@@ -317,7 +361,11 @@ class StorageApi:
             p.path,
             images.parse_platform(p.platform) if p.platform else None,
             all_platforms=not p.platform,
+            progress=_progress_sender(ctx) if p.progress else None,
         )
+        if p.progress:
+            await ctx.send_item({"kind": "result", **result})
+        return result
 
     @contextlib.asynccontextmanager
     async def _registry(self, ref: Any, p: schema.Registry) -> AsyncIterator[Any]:

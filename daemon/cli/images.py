@@ -91,9 +91,9 @@ class Progress:
         if not self.tty:
             if item.get("status") != previous:
                 total = item.get("total") or 0
+                sizes = f" {human_size(item.get('offset', 0))}/{human_size(total)}" if total else ""
                 print(
-                    f"{item.get('kind', 'blob')} {key[7:19]}: {item.get('status')} "
-                    f"{human_size(item.get('offset', 0))}/{human_size(total)}",
+                    f"{item.get('kind', 'blob')} {_short(key)}: {item.get('status')}{sizes}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -111,11 +111,32 @@ class Progress:
             )
             bar = "#" * int(frac * 30)
             sys.stderr.write(
-                f"\x1b[2K{r.get('kind', 'blob'):8} {digest[7:19]} [{bar:<30}] "
+                f"\x1b[2K{r.get('kind', 'blob'):8} {_short(digest):12} [{bar:<30}] "
                 f"{human_size(offset):>10}/{human_size(total):<10} {r.get('status', '')}\n"
             )
         self._drawn = len(self.rows)
         sys.stderr.flush()
+
+
+def _short(key: str) -> str:
+    """A blob as the progress lines show it: 12 hex digits of its digest (or, for a blob
+    whose digest is not known yet, of the archive member it comes from: `<hex>/layer.tar`
+    or `blobs/sha256/<hex>` in a `docker save` archive)."""
+    if key.startswith("sha256:"):
+        return key[7:19]
+    return max(key.split("/"), key=len)[:12]
+
+
+def _streamed(session: Session, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run a transfer that streams progress items, showing them; its {kind: result}."""
+    progress = Progress()
+    final: dict[str, Any] = {}
+    for item in session.client().stream(method, params):
+        if item.get("kind") == "result":
+            final = item
+        else:
+            progress.update(item)
+    return final
 
 
 def run(session: Session, args: argparse.Namespace) -> int:
@@ -124,7 +145,7 @@ def run(session: Session, args: argparse.Namespace) -> int:
 
 @IMAGES("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
-    found = list(all_pages(session.call, "images.list", "images", {}))
+    found = list(all_pages(session.call, "images.list", "images", {"usage": True}))
     if args.format == "json":
         print_json(found)
     else:
@@ -136,12 +157,13 @@ def ls(session: Session, args: argparse.Namespace) -> int:
                     if "." in i["target"]["media_type"]
                     else "-",
                     i["target"]["digest"],
-                    human_size(i["target"]["size"]),
+                    human_size(i.get("content_size", i["target"]["size"])),
+                    ",".join(i.get("platforms") or []) or "-",
                     timestamp(i["created_at"]),
                 ]
                 for i in found
             ],
-            ["REF", "TYPE", "DIGEST", "SIZE", "CREATED"],
+            ["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "CREATED"],
         )
     return 0
 
@@ -182,28 +204,34 @@ def rm(session: Session, args: argparse.Namespace) -> int:
 
 @IMAGES("import")
 def import_(session: Session, args: argparse.Namespace) -> int:
-    result = session.call(
+    result = _streamed(
+        session,
         "images.import",
         {
             "path": os.path.abspath(args.file),
             "name": normalize(args.name) if args.name else "",
             "unpack": not args.no_unpack,
             "snapshotter": args.snapshotter,
+            "progress": True,
         },
     )
-    for image in result["images"]:
+    for image in result.get("images", []):
         print(f"{image['name']} {image['target']['digest']}")
+    for absent in result.get("absent", []):
+        print(f"{absent['name']}: {absent['platform']} not in the archive ({absent['digest']})")
     return 0
 
 
 @IMAGES("export")
 def export(session: Session, args: argparse.Namespace) -> int:
-    result = session.call(
+    result = _streamed(
+        session,
         "images.export",
         {
             "path": os.path.abspath(args.file),
             "names": [normalize(n) for n in args.names],
             "platform": args.platform or "",
+            "progress": True,
         },
     )
     print(f"{result['path']}: {result['images']} image(s), {result['blobs']} blob(s)")
@@ -234,12 +262,6 @@ def transfer(session: Session, args: argparse.Namespace) -> int:
         params.update(unpack=not args.no_unpack, snapshotter=args.snapshotter)
     else:
         params["local"] = normalize(args.local) if args.local else params["ref"]
-    progress = Progress()
-    final: dict[str, Any] = {}
-    for item in session.client().stream(f"images.{sub}", params):
-        if item.get("kind") == "result":
-            final = item
-        else:
-            progress.update(item)
+    final = _streamed(session, f"images.{sub}", params)
     print(f"{final.get('name', params['ref'])} {final.get('digest', '')}")
     return 0

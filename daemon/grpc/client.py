@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from berth.shim.wire.client import READ_ONLY_CALLS
 from berth.shim.wire.errors import BerthError, InvalidArgument, Reconnect, Unavailable
 from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -185,7 +186,13 @@ class AsyncClient:
             await self._writer.drain()
             return await future
         except (OSError, ConnectionError) as exc:
+            if method in READ_ONLY_CALLS:  # changes nothing: the backend asks again
+                raise Reconnect(f"connection to berthd lost: {exc}") from None
             raise Unavailable(f"connection to berthd lost: {exc}") from None
+        except Unavailable as exc:
+            if exc is self._failure and method in READ_ONLY_CALLS:
+                raise Reconnect(f"{exc} before answering {method}") from None
+            raise
         except asyncio.CancelledError:
             if self._calls.pop(rid, None) is not None:
                 self._cancel(rid)

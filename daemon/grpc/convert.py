@@ -16,6 +16,7 @@ tested without a daemon. containerd's encodings that matter to real clients:
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import os
@@ -33,6 +34,7 @@ SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+RUNC_V1_OPTIONS_TYPE = "containerd.linux.runc.RuncOptions"
 CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
 CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
 PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
@@ -78,6 +80,7 @@ class _Types:
         self.platform = m("containerd.api.types.platform_pb2")
         self.task = m("containerd.api.types.task.task_pb2")
         self.runc = m("containerd.runtime.v2.runc.options.oci_pb2")
+        self.runc_v1 = m("containerd.runtime.linux.runctypes.runc_pb2")
         self.cgroups_v1 = m("cgroups.stats.v1.metrics_pb2")
         self.cgroups_v2 = m("cgroups.v2.stats.metrics_pb2")
         self.event_modules = [
@@ -144,7 +147,20 @@ def from_json_any(value: Any, expected: str, what: str) -> dict[str, Any]:
 
 # -- runtime options --------------------------------------------------------------------
 
-_RUNC_FIELDS = ("binary_name", "root", "systemd_cgroup", "no_pivot_root", "no_new_keyring")
+_RUNC_FIELDS = (
+    "binary_name",
+    "root",
+    "systemd_cgroup",
+    "no_pivot_root",
+    "no_new_keyring",
+    "shim_cgroup",
+)
+# The v1 runtime's (io.containerd.runtime.v1.linux) options: its field -> the v2 field
+_RUNC_V1_FIELDS = {
+    "runtime": "binary_name",
+    "runtime_root": "root",
+    "systemd_cgroup": "systemd_cgroup",
+}
 
 
 def runtime_options_from_any(value: Any) -> dict[str, Any]:
@@ -156,19 +172,31 @@ def runtime_options_from_any(value: Any) -> dict[str, Any]:
         "type_url": value.type_url,
         "value": bytes(value.value).hex(),
     }
-    if value.type_url.rpartition("/")[2] == RUNC_OPTIONS_TYPE:
-        parsed = types().runc.Options()
-        try:
-            parsed.ParseFromString(value.value)
-        except Exception as exc:  # google.protobuf.message.DecodeError
-            raise InvalidArgument(f"bad {RUNC_OPTIONS_TYPE}: {exc}") from None
-        for name in _RUNC_FIELDS:
-            field_value = getattr(parsed, name)
-            if field_value:
-                options[name] = field_value
-        if parsed.root and not os.path.isabs(parsed.root):
-            raise InvalidArgument("runc options: root must be an absolute path")
+    kind = value.type_url.rpartition("/")[2]
+    if kind == RUNC_OPTIONS_TYPE:
+        fields = {name: name for name in _RUNC_FIELDS}
+        parsed = _parse_options(types().runc.Options(), value.value, kind)
+    elif kind == RUNC_V1_OPTIONS_TYPE:
+        fields = _RUNC_V1_FIELDS
+        parsed = _parse_options(types().runc_v1.RuncOptions(), value.value, kind)
+    else:
+        return options
+    for theirs, ours in fields.items():
+        field_value = getattr(parsed, theirs)
+        if field_value:
+            options[ours] = field_value
+    for name in ("root", "shim_cgroup"):
+        if options.get(name) and not os.path.isabs(options[name]):
+            raise InvalidArgument(f"runc options: {name} must be an absolute path")
     return options
+
+
+def _parse_options(message: Any, raw: bytes, kind: str) -> Any:
+    try:
+        message.ParseFromString(raw)
+    except Exception as exc:  # google.protobuf.message.DecodeError
+        raise InvalidArgument(f"bad {kind}: {exc}") from None
+    return message
 
 
 def runtime_options_to_any(options: dict[str, Any]) -> Any:
@@ -331,6 +359,7 @@ def container_from_message(c: Any) -> dict[str, Any]:
         "snapshotter": c.snapshotter,
         "snapshot_key": c.snapshot_key,
         "spec": from_json_any(c.spec, SPEC_TYPE, "spec"),
+        "extensions": extensions_to_wire(c.extensions),
     }
     if c.HasField("runtime"):
         doc["runtime"] = {
@@ -340,6 +369,14 @@ def container_from_message(c: Any) -> dict[str, Any]:
             ),
         }
     return doc
+
+
+def extensions_to_wire(extensions: Any) -> dict[str, dict[str, str]]:
+    """A container's map of Any as berthd keeps it (the bytes base64-encoded)."""
+    return {
+        name: {"type_url": ext.type_url, "value": base64.b64encode(ext.value).decode()}
+        for name, ext in extensions.items()
+    }
 
 
 def container_to_message(doc: dict[str, Any]) -> Any:
@@ -357,6 +394,12 @@ def container_to_message(doc: dict[str, Any]) -> Any:
     if options is not None:
         msg.runtime.options.CopyFrom(options)
     msg.spec.CopyFrom(json_any(SPEC_TYPE, doc.get("spec") or {}))
+    for name, ext in (doc.get("extensions") or {}).items():
+        msg.extensions[name].CopyFrom(
+            t.Any(
+                type_url=ext.get("type_url") or "", value=base64.b64decode(ext.get("value") or "")
+            )
+        )
     msg.created_at.CopyFrom(timestamp(doc.get("created_at")))
     msg.updated_at.CopyFrom(timestamp(doc.get("updated_at")))
     return msg

@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("berth.grpc")
@@ -38,6 +39,7 @@ MAX_MESSAGE = 32 * 1024 * 1024
 
 
 ORPHAN_TIMEOUT = 60.0  # seconds without any berthd before this front end exits
+REPLACED_LINGER = 1.0  # seconds a replaced front end serves on before it stops
 RECORD = "grpc.json"
 
 
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", required=True, help="the gRPC socket to serve")
     parser.add_argument("--berthd", required=True, help="berthd's API socket")
     parser.add_argument("--state", default="", help="berthd's state dir (records this process)")
+    parser.add_argument("--ttrpc-address", default="", help="also serve over ttrpc here")
     parser.add_argument("--socket-group", type=int, default=None)
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -138,18 +141,22 @@ async def serve(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(args.address), exist_ok=True)
     predecessor = _predecessor(args)
     _check_replaceable(args.address, predecessor)
-    temporary = f"{args.address}.{os.getpid()}"
-    old_umask = os.umask(0o117)  # the socket is created 0660, never briefly wider
-    try:
-        server.add_insecure_port(f"unix:{temporary}")
+    if args.ttrpc_address:
+        _check_replaceable(args.ttrpc_address, predecessor)
+
+    async def grpc_listen(path: str) -> None:
+        server.add_insecure_port(f"unix:{path}")
         await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(temporary, 0o660)
-    if args.socket_group is not None:
-        os.chown(temporary, 0, args.socket_group)
-    os.rename(temporary, args.address)  # atomic: the path always names a listening socket
-    ours = _identity(args.address)
+
+    ours = {args.address: await _listen(args, args.address, grpc_listen)}
+    ttrpc_server = None
+    if args.ttrpc_address:
+        from berth.daemon.grpc.services import ttrpc_routes
+        from berth.daemon.grpc.ttrpc import Server
+
+        ttrpc_server = Server(ttrpc_routes(backend, server_uuid))
+        ours[args.ttrpc_address] = await _listen(args, args.ttrpc_address, ttrpc_server.listen)
+        log.info("ttrpc on %s", args.ttrpc_address)
     _record(args)
     if predecessor:
         log.info("replacing berth-grpc pid %d", predecessor)
@@ -163,15 +170,44 @@ async def serve(args: argparse.Namespace) -> None:
     watch = asyncio.create_task(_exit_when_orphaned(backend, stop))
     await stop.wait()
     watch.cancel()
+    if _identity(args.address) != ours[args.address]:
+        # Replaced: the path names the successor's socket now, but a client may have
+        # connected to this one just before the rename and not yet sent its call; grpc
+        # cancels a call that arrives once the server stops. Serve on a moment first.
+        log.info("replaced: serving calls already on their way for %.1f s", REPLACED_LINGER)
+        await asyncio.sleep(REPLACED_LINGER)
     log.info("stopping")
     backend.handoff.closing.set()  # subscriptions end, to resume with the successor
     await asyncio.sleep(0)
     # grpc logs every stream it cancels at stop (open Subscribe calls) as an error.
     logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
-    await server.stop(grace=5.0)  # calls in flight finish (a successor serves new ones)
+    stopping = [server.stop(grace=5.0)]  # calls in flight finish (a successor serves new ones)
+    if ttrpc_server is not None:
+        stopping.append(ttrpc_server.stop(grace=5.0))
+    await asyncio.gather(*stopping)
     await backend.aclose()
-    if _identity(args.address) == ours:  # never a successor's socket
-        os.unlink(args.address)
+    for path, identity in ours.items():
+        if _identity(path) == identity:  # never a successor's socket
+            os.unlink(path)
+
+
+async def _listen(
+    args: argparse.Namespace, path: str, listen: Callable[[str], Awaitable[None]]
+) -> tuple[int, int] | None:
+    """Serve `path`: bound under a temporary name, given its mode and group, then renamed
+    over the path (atomic: the path always names a listening socket, a predecessor's
+    until this one's). Its identity, to never remove a successor's socket."""
+    temporary = f"{path}.{os.getpid()}"
+    old_umask = os.umask(0o117)  # the socket is created 0660, never briefly wider
+    try:
+        await listen(temporary)
+    finally:
+        os.umask(old_umask)
+    os.chmod(temporary, 0o660)
+    if args.socket_group is not None:
+        os.chown(temporary, 0, args.socket_group)
+    os.rename(temporary, path)
+    return _identity(path)
 
 
 async def _exit_when_orphaned(backend: Any, stop: asyncio.Event) -> None:

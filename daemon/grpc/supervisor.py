@@ -43,6 +43,8 @@ def command(config: Config) -> list[str]:
         "--log-level",
         config.log_level,
     ]
+    if config.ttrpc_address:
+        argv += ["--ttrpc-address", config.ttrpc_address]
     if config.grpc_gid:
         argv += ["--socket-group", str(config.grpc_gid)]
     return argv

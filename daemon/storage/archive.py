@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import posixpath
 import stat
@@ -46,6 +47,23 @@ RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 XATTR_PREFIXES = ("user.", "security.capability")
 CHUNK = 1 << 20
 SPARSE_BLOCK = 64 << 10  # all-zero blocks of this size become holes
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
+MAX_MTIME_NS = 2**62  # what utimensat(2) takes, with room (PAX mtimes are free-form floats)
+# What the kernel answers when a layer's entries do not fit together (a parent that is a
+# file, a symlink loop, a name too long): the layer's fault, so `invalid argument` naming
+# the entry. Anything else (ENOSPC, EIO, EROFS) is the host's and stays as it is.
+LAYER_FAULTS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+        errno.EMLINK,
+        errno.EINVAL,
+    }
+)
 
 
 class UnsafeLayer(InvalidArgument):
@@ -87,6 +105,27 @@ class HashingReader(io.RawIOBase):
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
+
+
+def _shown(name: str) -> str:
+    """A member name for a message: quoted, and cut short (a name may be kilobytes long)."""
+    return repr(name if len(name) <= 200 else name[:200] + "...")
+
+
+def _check_header(m: tarfile.TarInfo) -> None:
+    """Refuse header values no file can take (PAX headers carry free-form numbers and
+    strings): they would fail deep in a syscall wrapper as an internal error."""
+    for what, value in (("uid", m.uid), ("gid", m.gid)):
+        if not 0 <= value <= MAX_ID:
+            raise UnsafeLayer(f"layer entry {_shown(m.name)}: {what} {value} is out of range")
+    if not math.isfinite(m.mtime) or abs(m.mtime * 1e9) >= MAX_MTIME_NS:
+        raise UnsafeLayer(
+            f"layer entry {_shown(m.name)}: modification time {m.mtime} is out of range"
+        )
+    if (m.issym() or m.islnk()) and (not m.linkname or "\0" in m.linkname):
+        raise UnsafeLayer(
+            f"layer entry {_shown(m.name)}: link target {_shown(m.linkname)} is not a path"
+        )
 
 
 def _clean(name: str) -> str:
@@ -211,6 +250,7 @@ class _Applier:
     def apply(self, member: tarfile.TarInfo, data: IO[bytes] | None) -> bool:
         """Apply one entry; False when policy skipped it."""
         rel = _clean(member.name)
+        _check_header(member)
         base = posixpath.basename(rel)
         if base.startswith(WHITEOUT):
             self.whiteout(rel, base)
@@ -297,20 +337,7 @@ class _Applier:
             os.utime(name, ns=(int(m.mtime * 1e9),) * 2, dir_fd=pfd, follow_symlinks=False)
             return
         if m.islnk():
-            target = _clean(m.linkname)
-            if not target:
-                raise UnsafeLayer(f"hard link {rel!r} to the root")
-            tfd = self.parent(target, create=False)
-            try:
-                os.link(
-                    posixpath.basename(target),
-                    name,
-                    src_dir_fd=tfd,
-                    dst_dir_fd=pfd,
-                    follow_symlinks=False,
-                )
-            finally:
-                os.close(tfd)
+            self.hard_link(pfd, name, rel, m.linkname)
             return
         if m.isfifo() or m.ischr() or m.isblk():
             kind = stat.S_IFIFO if m.isfifo() else stat.S_IFCHR if m.ischr() else stat.S_IFBLK
@@ -318,6 +345,43 @@ class _Applier:
             self.metadata(pfd, name, m)
             return
         raise UnsafeLayer(f"unsupported entry type {m.type!r} for {rel!r}")
+
+    def hard_link(self, pfd: int, name: str, rel: str, linkname: str) -> None:
+        """Link `rel` to an entry already in the root (this layer's, or a lower one's, as
+        the layer is applied on the mounted snapshot). An absolute target is named
+        inside the root ("/x" is the root's x); one that climbs out of it ("../../x"), is
+        not there, or is a directory is the layer's fault (docker refuses them too)."""
+        if posixpath.normpath(linkname).split("/")[0] == "..":
+            raise UnsafeLayer(
+                f"hard link {_shown(rel)} points to {_shown(linkname)}, outside the layer"
+            )
+        target = _clean(linkname)
+        if not target:
+            raise UnsafeLayer(f"hard link {_shown(rel)} to the root")
+        absent = UnsafeLayer(
+            f"hard link {_shown(rel)} points to {_shown(linkname)}, which is not in the layer"
+        )
+        try:
+            tfd = self.parent(target, create=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise absent from None
+            raise
+        try:
+            st = self.lstat(tfd, posixpath.basename(target))
+            if st is None:
+                raise absent
+            if stat.S_ISDIR(st.st_mode):
+                raise UnsafeLayer(f"hard link {_shown(rel)} points to directory {_shown(linkname)}")
+            os.link(
+                posixpath.basename(target),
+                name,
+                src_dir_fd=tfd,
+                dst_dir_fd=pfd,
+                follow_symlinks=False,
+            )
+        finally:
+            os.close(tfd)
 
     def metadata(self, pfd: int, name: str, m: tarfile.TarInfo, is_root: bool = False) -> None:
         """Owner, mode, times and xattrs through an fd of the entry itself (never through
@@ -410,6 +474,18 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _apply_entry(applier: _Applier, member: tarfile.TarInfo, data: IO[bytes] | None) -> bool:
+    """Apply one entry; a failure the entry caused (see LAYER_FAULTS) is `invalid
+    argument` naming it, not an internal error."""
+    try:
+        return applier.apply(member, data)
+    except OSError as exc:
+        if exc.errno not in LAYER_FAULTS:
+            raise
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UnsafeLayer(f"layer entry {_shown(member.name)}: {reason}") from None
+
+
 def apply_layer(
     root: str, stream: IO[bytes], *, allow_devices: bool = False, expected_diff_id: str = ""
 ) -> ApplyResult:
@@ -422,7 +498,7 @@ def apply_layer(
             with tarfile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|") as tar:
                 for member in tar:
                     data = tar.extractfile(member) if member.isreg() else None
-                    if applier.apply(member, data):
+                    if _apply_entry(applier, member, data):
                         result.entries += 1
                     else:
                         result.skipped_devices += 1

@@ -1,7 +1,11 @@
-"""Garbage collection, mark and sweep as containerd's: roots are images (-> their content
-graph -> the snapshots of their layers, by chain ID), containers (-> their snapshot),
-unexpired leases and `containerd.io/gc.ref.*` labels on marked content; a marked snapshot
-keeps its parents. Everything else goes: content records, then blobs no namespace
+"""Garbage collection, mark and sweep as containerd's: roots are images (their target,
+and the `containerd.io/gc.ref.*` labels of the image), containers (their snapshot and
+labels), unexpired leases, and content and snapshots labelled `containerd.io/gc.root`.
+From marked content and snapshots only their gc.ref labels lead on, never what a document
+names: a client that leaves a layer out of its manifest's labels (a pull that discards
+unpacked layers) means it to go with the pull's lease. A marked snapshot keeps its
+parents, and an image config keeps the snapshots of its layers by chain ID (berth's own
+unpack labels nothing). Everything else goes: content records, then blobs no namespace
 records, then snapshots (children before parents), then stale ingests.
 """
 
@@ -17,6 +21,7 @@ from berth.daemon.storage import images
 from berth.daemon.storage.service import (
     GC_REF_CONTENT,
     GC_REF_SNAPSHOT,
+    GC_ROOT,
     LEASED_SNAPSHOT,
     MAX_ARCHIVE_DOCUMENT,
     Storage,
@@ -87,10 +92,32 @@ def collect(storage: Storage, protected_snapshots: set[tuple[str, str]] | None =
     return result
 
 
+def _label_refs(
+    namespace: str,
+    labels: dict[str, str],
+    pending: list[tuple[str, str]],
+    snapshots: set[tuple[str, str]],
+) -> None:
+    """What containerd's gc.ref labels name: `containerd.io/gc.ref.content`, alone or
+    followed by `.` or `/` and any name, a blob; `containerd.io/gc.ref.snapshot.<name>`
+    (optionally `/` and any name), a snapshot of snapshotter <name>."""
+    for label, value in labels.items():
+        if label.startswith(GC_REF_CONTENT):
+            rest = label[len(GC_REF_CONTENT) :]
+            if not rest or rest[0] in "./":
+                pending.append((namespace, value))
+        elif label.startswith(GC_REF_SNAPSHOT):
+            snapshotter = label[len(GC_REF_SNAPSHOT) :].split("/", 1)[0]
+            snapshots.add((snapshotter, f"{namespace}/{value}"))
+
+
 def _roots(storage: Storage, now: int, marks: Marks) -> list[tuple[str, str]]:
     """Mark the snapshots the roots hold directly; return the content they hold (to mark
     with everything it references)."""
-    pending = [(ns, image["target"]["digest"]) for ns, image in storage.store.all_images()]
+    pending = []
+    for ns, image in storage.store.all_images():
+        pending.append((ns, image["target"]["digest"]))
+        _label_refs(ns, image.get("labels") or {}, pending, marks.snapshots)
     for ns, kind, key in storage.store.live_lease_resources(now):
         if kind == "content":
             pending.append((ns, key))
@@ -100,12 +127,40 @@ def _roots(storage: Storage, now: int, marks: Marks) -> list[tuple[str, str]]:
         if container.snapshot_key:
             snapshotter = container.snapshotter or storage.default_snapshotter
             marks.snapshots.add((snapshotter, f"{container.namespace}/{container.snapshot_key}"))
+        _label_refs(container.namespace, container.labels, pending, marks.snapshots)
+    for ns, digest in storage.store.all_content():
+        with contextlib.suppress(NotFound):
+            if GC_ROOT in storage.store.get_content(ns, digest)["labels"]:
+                pending.append((ns, digest))
+    for name, store in storage.snapshotters.items():
+        for info in store.walk():
+            if GC_ROOT in info.labels:
+                marks.snapshots.add((name, info.key))
     return pending
 
 
 def _mark(storage: Storage, pending: list[tuple[str, str]], marks: Marks) -> None:
-    """Mark `pending` content and all it references (gc.ref labels and the documents
-    themselves), then the ancestors of every marked snapshot."""
+    """Mark `pending` content and what its gc.ref labels name, then every marked
+    snapshot's ancestors and what their labels name, until nothing new is marked."""
+    snapshots_done: set[tuple[str, str]] = set()
+    while pending or marks.snapshots - snapshots_done:
+        _mark_content(storage, pending, marks)
+        for name, key in marks.snapshots - snapshots_done:
+            snapshots_done.add((name, key))
+            snapshotter = storage.snapshotters.get(name)
+            if snapshotter is None:
+                continue
+            try:
+                info = snapshotter.stat(key)
+            except NotFound:
+                continue
+            ns = key.split("/", 1)[0]
+            _label_refs(ns, info.labels, pending, marks.snapshots)
+            if info.parent:
+                marks.snapshots.add((name, info.parent))
+
+
+def _mark_content(storage: Storage, pending: list[tuple[str, str]], marks: Marks) -> None:
     while pending:
         ns, digest = pending.pop()
         if (ns, digest) in marks.content:
@@ -115,21 +170,8 @@ def _mark(storage: Storage, pending: list[tuple[str, str]], marks: Marks) -> Non
             record = storage.store.get_content(ns, digest)
         except NotFound:
             continue
-        for label, value in record["labels"].items():
-            if label.startswith(GC_REF_CONTENT):
-                pending.append((ns, value))
-            elif label.startswith(GC_REF_SNAPSHOT):
-                marks.snapshots.add((label[len(GC_REF_SNAPSHOT) :], f"{ns}/{value}"))
-        _mark_from_document(storage, ns, digest, record["size"], pending, marks.snapshots)
-    for name, snapshotter in storage.snapshotters.items():
-        for _, key in [m for m in marks.snapshots if m[0] == name]:
-            try:
-                info = snapshotter.stat(key)
-            except NotFound:
-                continue
-            while info.parent:
-                marks.snapshots.add((name, info.parent))
-                info = snapshotter.stat(info.parent)
+        _label_refs(ns, record["labels"], pending, marks.snapshots)
+        _mark_layer_snapshots(storage, ns, digest, record["size"], marks.snapshots)
 
 
 def _sweep_content(storage: Storage, marks: Marks, result: GCResult) -> None:
@@ -152,7 +194,9 @@ def _sweep_snapshots(storage: Storage, marks: Marks, result: GCResult) -> None:
     """Unmarked snapshots, children before parents (a parent with a child refuses)."""
     for name, snapshotter in storage.snapshotters.items():
         every = snapshotter.walk()
-        doomed = [info for info in every if (name, info.key) not in marks.snapshots]
+        # Newest first: a child is always newer than its parent (prepared on a committed
+        # one), so one pass removes a chain of any depth; the rounds are a safety net.
+        doomed = [info for info in reversed(every) if (name, info.key) not in marks.snapshots]
         result.kept_snapshots += len(every) - len(doomed)
         progress = True
         while doomed and progress:
@@ -206,15 +250,17 @@ def drop_temporary_leases(storage: Storage) -> int:
     return dropped
 
 
-def _mark_from_document(
+def _mark_layer_snapshots(
     storage: Storage,
     namespace: str,
     digest: str,
     size: int,
-    pending: list[tuple[str, str]],
     marked_snaps: set[tuple[str, str]],
 ) -> None:
-    """Follow what an index, manifest or config references, by parsing it."""
+    """The snapshots of an image config's layers (by chain ID), which berth's unpack
+    leaves unlabelled; containerd's unpacker labels the config with gc.ref.snapshot, which
+    `_label_refs` follows. Content a document names is never marked here: only labels
+    keep content."""
     if size > MAX_ARCHIVE_DOCUMENT:
         return
     try:
@@ -224,17 +270,6 @@ def _mark_from_document(
         return
     if not isinstance(doc, dict):
         return
-    if isinstance(doc.get("manifests"), list):
-        for m in doc["manifests"]:
-            if isinstance(m, dict) and isinstance(m.get("digest"), str):
-                pending.append((namespace, m["digest"]))
-    if isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list):
-        cfg = doc["config"].get("digest")
-        if isinstance(cfg, str):
-            pending.append((namespace, cfg))
-        for layer in doc["layers"]:
-            if isinstance(layer, dict) and isinstance(layer.get("digest"), str):
-                pending.append((namespace, layer["digest"]))
     rootfs = doc.get("rootfs")
     if isinstance(rootfs, dict) and isinstance(rootfs.get("diff_ids"), list):
         with contextlib.suppress(InvalidArgument):

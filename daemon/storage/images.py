@@ -264,6 +264,17 @@ def parse_platform(text: str) -> dict[str, str]:
     return out
 
 
+def format_platform(platform: dict[str, Any] | None) -> str:
+    """A platform as people write it (`linux/amd64`, `linux/arm64/v8`), for messages and
+    listings; "unknown" for a descriptor that names none."""
+    if not platform:
+        return "unknown"
+    parts = [str(platform.get("os") or "?"), str(platform.get("architecture") or "?")]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return "/".join(parts)
+
+
 def platform_matches(candidate: dict[str, Any] | None, wanted: dict[str, str]) -> bool:
     if not candidate:
         return False

@@ -25,10 +25,10 @@ import httpx
 import trio
 
 from berth.daemon.reference import Reference
-from berth.daemon.storage import images
+from berth.daemon.storage import images, schema1, transfer
 from berth.daemon.storage.content import validate_digest
 from berth.daemon.storage.images import Descriptor
-from berth.daemon.storage.service import GC_REF_CONTENT, Storage
+from berth.daemon.storage.service import GC_REF_CONTENT, Storage, decompressor
 from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
@@ -43,6 +43,7 @@ log = logging.getLogger("berthd.registry")
 
 ACCEPT = ", ".join(
     [images.OCI_INDEX, images.OCI_MANIFEST, images.DOCKER_LIST, images.DOCKER_MANIFEST]
+    + [f"{t}; q=0.5" for t in schema1.TYPES]  # old registries' images: converted on pull
 )
 CONCURRENCY = 3
 TRANSFER_ATTEMPTS = 3
@@ -181,18 +182,24 @@ class RegistryClient:
             raise InvalidArgument(
                 f"manifest of {self.ref} is larger than {images.MAX_DOCUMENT} bytes"
             )
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        media_type = _manifest_type(response.headers.get("content-type", ""), data)
+        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES + schema1.TYPES:
+            raise InvalidArgument(f"{self.ref}: unsupported manifest type {media_type!r}")
+        if media_type in schema1.TYPES:
+            digest = schema1.canonical_digest(data)
+        else:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self.ref.digest and digest != self.ref.digest:
             raise FailedPrecondition(f"{self.ref}: the registry served {digest}")
-        media_type = response.headers.get("content-type", "").split(";")[0].strip()
-        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES:
-            try:
-                media_type = str(images.parse_document(data, "manifest").get("mediaType") or "")
-            except InvalidArgument:
-                media_type = ""
-        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES:
-            raise InvalidArgument(f"{self.ref}: unsupported manifest type {media_type!r}")
         return Descriptor(media_type, digest, len(data)), data
+
+    async def blob_size(self, digest: str) -> int:
+        """A blob's size as the registry states it (HEAD), 0 if it does not say: schema 1
+        manifests give none."""
+        response = await self.request("HEAD", f"{self.base}/blobs/{digest}")
+        _check(response, f"blob {digest}")
+        length = response.headers.get("content-length", "")
+        return int(length) if length.isdigit() else 0
 
     async def fetch_document(self, desc: Descriptor) -> bytes:
         if desc.size > images.MAX_DOCUMENT:
@@ -427,6 +434,22 @@ def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) ->
     raise Unavailable(f"{what}: HTTP {response.status_code} {response.text[:200]}")
 
 
+def _manifest_type(content_type: str, data: bytes) -> str:
+    """The media type of a served manifest: its Content-Type when that is one berth
+    knows, else what the document declares (a schema 1 manifest declares none: its
+    schemaVersion says it)."""
+    media_type = content_type.split(";")[0].strip()
+    if media_type in images.INDEX_TYPES + images.MANIFEST_TYPES + schema1.TYPES:
+        return media_type
+    try:
+        doc = images.parse_document(data, "manifest")
+    except InvalidArgument:
+        return ""
+    if schema1.is_schema1(doc):
+        return schema1.SIGNED_MANIFEST if "signatures" in doc else schema1.MANIFEST
+    return str(doc.get("mediaType") or "")
+
+
 def _challenge_params(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     i = 0
@@ -465,40 +488,11 @@ async def pull(
     wanted = platform or images.host()
     with storage.lease(namespace, None) as lease:
         top, top_data = await client.resolve()
-        documents: list[tuple[Descriptor, bytes, dict[str, str]]] = []
-        desc, data = top, top_data
-        for _ in range(4):
-            if desc.media_type in images.MANIFEST_TYPES:
-                break
-            entries = images.parse_index(data, desc.media_type)
-            choice = [e for e in entries if images.platform_matches(e.platform, wanted)]
-            if not choice:
-                raise NotFound(f"{ref}: no manifest for {wanted}")
-            documents.append((desc, data, {f"{GC_REF_CONTENT}.m.0": choice[0].digest}))
-            desc = choice[0]
-            data = await client.fetch_document(desc)
+        fetcher = _Fetcher(storage, namespace, client, lease, progress)
+        if top.media_type in schema1.TYPES:
+            top, documents = await _convert_schema1(fetcher, top_data)
         else:
-            raise InvalidArgument(f"{ref}: indexes nested too deeply")
-        manifest = images.parse_manifest(data, desc.media_type)
-        refs = {f"{GC_REF_CONTENT}.config": manifest.config.digest}
-        refs.update(
-            {f"{GC_REF_CONTENT}.l.{i}": layer.digest for i, layer in enumerate(manifest.layers)}
-        )
-        documents.append((desc, data, refs))
-        limiter = trio.CapacityLimiter(CONCURRENCY)
-
-        async def fetch(d: Descriptor, kind: str) -> None:
-            async with limiter:
-                await client.retrying(
-                    f"download of {d.digest}",
-                    lambda: client.fetch_blob(storage, namespace, d, lease, progress, kind),
-                )
-
-        async with _transfers() as nursery:
-            nursery.start_soon(fetch, manifest.config, "config")
-            for layer in manifest.layers:
-                nursery.start_soon(fetch, layer, "layer")
-        images.parse_config(storage.content_read(namespace, manifest.config.digest))  # validates
+            documents = await _fetch_image(fetcher, ref, top, top_data, wanted)
         for d, doc, labels in reversed(documents):
             storage.put_blob(namespace, doc, d.digest, d.size, labels, lease)
         image = storage.store.put_image(
@@ -509,6 +503,124 @@ async def pull(
                 lambda: storage.unpack(namespace, str(ref), snapshotter, platform, lease)
             )
         return image
+
+
+Documents = list[tuple[Descriptor, bytes, dict[str, str]]]  # to store, with their gc labels
+
+
+class _Fetcher:
+    """Downloads of one pull: blobs into the content store under its lease, a few at a
+    time, each retried after a transport failure."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        namespace: str,
+        client: RegistryClient,
+        lease: str,
+        progress: Progress,
+    ) -> None:
+        self.storage = storage
+        self.namespace = namespace
+        self.client = client
+        self.lease = lease
+        self.progress = progress
+        self.limiter = trio.CapacityLimiter(CONCURRENCY)
+
+    async def fetch(self, desc: Descriptor, kind: str) -> None:
+        async with self.limiter:
+            await self.client.retrying(
+                f"download of {desc.digest}",
+                lambda: self.client.fetch_blob(
+                    self.storage, self.namespace, desc, self.lease, self.progress, kind
+                ),
+            )
+
+    async def fetch_all(self, blobs: list[tuple[Descriptor, str]]) -> None:
+        async with _transfers() as nursery:
+            for desc, kind in blobs:
+                nursery.start_soon(self.fetch, desc, kind)
+
+
+async def _fetch_image(
+    fetcher: _Fetcher, ref: Reference, top: Descriptor, data: bytes, wanted: dict[str, str]
+) -> Documents:
+    """Resolve an index to the manifest of `wanted`, fetch its config and layers; the
+    documents on the way, to store once everything they reference is stored."""
+    documents: Documents = []
+    desc = top
+    for _ in range(4):
+        if desc.media_type in images.MANIFEST_TYPES:
+            break
+        entries = images.parse_index(data, desc.media_type)
+        choice = [e for e in entries if images.platform_matches(e.platform, wanted)]
+        if not choice:
+            have = ", ".join(images.format_platform(e.platform) for e in entries) or "none"
+            raise NotFound(
+                f"{ref}: no manifest for platform {images.format_platform(wanted)} (have {have})"
+            )
+        documents.append((desc, data, {f"{GC_REF_CONTENT}.m.0": choice[0].digest}))
+        desc = choice[0]
+        data = await fetcher.client.fetch_document(desc)
+    else:
+        raise InvalidArgument(f"{ref}: indexes nested too deeply")
+    manifest = images.parse_manifest(data, desc.media_type)
+    documents.append((desc, data, _manifest_refs(manifest)))
+    await fetcher.fetch_all(
+        [(manifest.config, "config")] + [(layer, "layer") for layer in manifest.layers]
+    )
+    config = fetcher.storage.content_read(fetcher.namespace, manifest.config.digest)
+    images.parse_config(config)  # validates
+    return documents
+
+
+def _manifest_refs(manifest: images.Manifest) -> dict[str, str]:
+    refs = {f"{GC_REF_CONTENT}.config": manifest.config.digest}
+    refs.update(
+        {f"{GC_REF_CONTENT}.l.{i}": layer.digest for i, layer in enumerate(manifest.layers)}
+    )
+    return refs
+
+
+async def _convert_schema1(fetcher: _Fetcher, data: bytes) -> tuple[Descriptor, Documents]:
+    """Fetch a schema 1 image's layers and convert it (see schema1.py): the converted
+    manifest becomes the image's target; its config and manifest are the documents."""
+    steps = schema1.parse(data)
+    blob_sums = list(dict.fromkeys(s.blob_sum for s in steps if not s.throwaway))
+    sizes = {d: await fetcher.client.blob_size(d) for d in blob_sums}
+    await fetcher.fetch_all(
+        [(Descriptor(images.DOCKER_LAYER_GZIP, d, sizes[d]), "layer") for d in blob_sums]
+    )
+    layers = {
+        d: await trio.to_thread.run_sync(_describe_layer, fetcher.storage, fetcher.namespace, d)
+        for d in blob_sums
+    }
+    config_data, manifest_data = schema1.convert(steps, layers)
+    manifest = images.parse_manifest(manifest_data, images.DOCKER_MANIFEST)
+    images.parse_config(config_data)  # validates
+    desc = Descriptor(
+        images.DOCKER_MANIFEST,
+        "sha256:" + hashlib.sha256(manifest_data).hexdigest(),
+        len(manifest_data),
+    )
+    return desc, [
+        (desc, manifest_data, _manifest_refs(manifest)),
+        (manifest.config, config_data, {}),
+    ]
+
+
+def _describe_layer(storage: Storage, namespace: str, digest: str) -> tuple[Descriptor, str]:
+    """A downloaded schema 1 layer's descriptor (gzip'd or, rarely, plain) and diff ID."""
+    size = storage.content_info(namespace, digest)["size"]
+    with open(storage.content.path(digest), "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        media_type = images.DOCKER_LAYER_GZIP if gzipped else images.DOCKER_LAYER
+        stream = decompressor(media_type, raw)
+        uncompressed = hashlib.sha256()
+        while chunk := stream.read(CHUNK):
+            uncompressed.update(chunk)
+    return Descriptor(media_type, digest, size), "sha256:" + uncompressed.hexdigest()
 
 
 async def push(
@@ -523,17 +635,7 @@ async def push(
     """Push the local image `local` to `ref`; returns the pushed top descriptor."""
     image = storage.store.get_image(namespace, local)
     top = Descriptor.from_wire(image["target"])
-    manifests: list[Descriptor] = []
-    if top.media_type in images.INDEX_TYPES:
-        for entry in images.parse_index(storage.read_json(namespace, top), top.media_type):
-            if platform is None or images.platform_matches(entry.platform, platform):
-                try:
-                    storage.store.get_content(namespace, entry.digest)
-                except NotFound:
-                    continue  # a platform that was never pulled
-                manifests.append(entry)
-    else:
-        manifests.append(top)
+    manifests = _pushable(storage, namespace, local, top, platform)
     limiter = trio.CapacityLimiter(CONCURRENCY)
 
     async def upload(d: Descriptor, kind: str) -> None:
@@ -558,6 +660,43 @@ async def push(
     )
     validate_digest(top.digest)
     return top.to_wire()
+
+
+def _pushable(
+    storage: Storage,
+    namespace: str,
+    local: str,
+    top: Descriptor,
+    platform: dict[str, str] | None,
+) -> list[Descriptor]:
+    """The manifests a push uploads, checked before anything is sent: an index goes
+    whole or not at all (a registry refuses an index whose manifests it lacks, after
+    every layer went up), so one whose other platforms are not held here is refused
+    locally, unless `platform` picks one that is."""
+    held, absent = transfer.platforms_held(storage, namespace, top)
+    if top.media_type not in images.INDEX_TYPES:
+        if absent:
+            raise FailedPrecondition(f"cannot push {local}: some of its layers are not held here")
+        return held
+    if platform is not None:
+        chosen = [e for e in held if images.platform_matches(e.platform, platform)]
+        if not chosen:
+            raise FailedPrecondition(
+                f"cannot push {local}: no image for platform {images.format_platform(platform)}"
+                f" is held here (held: {_platforms(held)})"
+            )
+        return chosen[:1]
+    if absent:
+        raise FailedPrecondition(
+            f"cannot push {local}: its index lists platforms not held here "
+            f"({_platforms(absent)}; pulled for one platform only?); push the held ones "
+            f"one at a time with --platform ({_platforms(held)})"
+        )
+    return held
+
+
+def _platforms(descs: list[Descriptor]) -> str:
+    return ", ".join(images.format_platform(d.platform) for d in descs) or "none"
 
 
 async def _report_exists(progress: Progress, kind: str, desc: Descriptor) -> None:

@@ -10,22 +10,24 @@ holds a lease, and every object it creates is recorded as a lease resource; GC n
 removes what an unexpired lease holds. Callers may pass their own lease (the API's
 `lease` meta field), or the operation takes a temporary one.
 
-GC (mark and sweep, like containerd's): roots are images (-> their content graph -> the
-snapshots of their layers, by chain ID), containers (-> their snapshot), unexpired leases,
-and `containerd.io/gc.ref.*` labels on marked content. A marked snapshot keeps its parents.
-Everything else is removed: content records, then blobs no namespace records, then
-snapshots, children before parents.
+GC (mark and sweep, like containerd's; gc.py): roots are images, containers, unexpired
+leases and `containerd.io/gc.root` content and snapshots; from them only
+`containerd.io/gc.ref.*` labels lead on (and an image config to its layers' snapshots). A
+marked snapshot keeps its parents. Everything else is removed: content records, then blobs
+no namespace records, then snapshots, children before parents.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import logging
 import os
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -51,6 +53,7 @@ T = TypeVar("T")
 
 GC_REF_CONTENT = "containerd.io/gc.ref.content"
 GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+GC_ROOT = "containerd.io/gc.root"  # content or a snapshot so labelled is a GC root
 LEASED_SNAPSHOT = "snapshot/"  # a lease resource kind: snapshot/<snapshotter>
 TEMP_LEASE_SECONDS = 3600
 DEFAULT_INGEST_EXPIRY = 3600.0  # seconds an ingest no live lease holds may sit unwritten
@@ -67,12 +70,38 @@ def decompressor(media_type: str, raw: IO[bytes]) -> IO[bytes]:
     if kind is None:
         raise InvalidArgument(f"unsupported layer media type {media_type!r}")
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        return _Decompressed(gz, kind, (EOFError, gzip.BadGzipFile, zlib.error))  # type: ignore[return-value]
     if kind == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw)
+        reader = zstandard.ZstdDecompressor().stream_reader(raw)
+        return _Decompressed(reader, kind, (zstandard.ZstdError,))  # type: ignore[return-value]
     return raw
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressing reader whose format errors (a blob that is not the gzip or zstd
+    its media type says: truncated, bad CRC, garbage) are the image's fault, `invalid
+    argument`, not an internal error from deep inside the layer apply. A failure to read
+    the blob itself (EIO) stays what it is."""
+
+    def __init__(self, stream: Any, kind: str, errors: tuple[type[Exception], ...]) -> None:
+        self._stream = stream
+        self._kind = kind
+        self._errors = errors
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._stream.read(len(buffer))
+        except self._errors as exc:
+            raise InvalidArgument(f"layer blob is not valid {self._kind}: {exc}") from None
+        n = len(data)
+        buffer[:n] = data
+        return n
 
 
 class Storage:
@@ -181,12 +210,21 @@ class Storage:
         expected: str = "",
         labels: dict[str, str] | None = None,
         lease_id: str | None = None,
+        *,
+        exists_ok: bool = True,
     ) -> str:
+        """Publish `writer`'s blob and record it in `namespace`. Without `exists_ok`, a
+        blob the namespace records already is AlreadyExists (containerd's commit; the
+        ingest is gone all the same and the lease holds the blob), its labels untouched."""
         # Under the GC lock: a collection that ran between the blob landing in the store
         # and its record (or its lease reference) would sweep it as unreferenced.
         with self.gc_lock:
             digest = writer.commit(size, expected)
             self._hold(namespace, lease_id, "content", digest)
+            if not exists_ok:
+                with contextlib.suppress(NotFound):
+                    self.store.get_content(namespace, digest)
+                    raise AlreadyExists(f"content {digest}: already exists")
             self.store.add_content(namespace, digest, self.content.info(digest).size, labels)
             if labels:
                 self.store.update_content(namespace, digest, labels)
@@ -400,9 +438,19 @@ class Storage:
                 if len(entries) == 1 and untagged:
                     matching = untagged
             if not matching:
-                have = [e.platform for e in entries]
-                raise NotFound(f"no manifest for platform {wanted} in {desc.digest} (have {have})")
+                have = ", ".join(images.format_platform(e.platform) for e in entries) or "none"
+                raise NotFound(
+                    f"no manifest for platform {images.format_platform(wanted)} in "
+                    f"{desc.digest} (have {have})"
+                )
             desc = matching[0]
+            try:
+                self.store.get_content(namespace, desc.digest)
+            except NotFound:
+                raise NotFound(
+                    f"the image's {images.format_platform(wanted)} manifest {desc.digest} is "
+                    "not held here (it was pulled or imported for other platforms)"
+                ) from None
         raise InvalidArgument("indexes nested too deeply")
 
     def image_config(

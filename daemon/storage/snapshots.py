@@ -235,9 +235,11 @@ class _MetadataSnapshotter(Snapshotter):
         if self._db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
             raise AlreadyExists(f"snapshot {name} already exists")
         merged = {**info.labels, **(labels or {})}
+        now = time.time_ns()  # a committed snapshot is a new one: created and updated now
         self._db.execute(
-            "UPDATE snapshots SET key = ?, kind = ?, labels = ?, updated_at = ? WHERE id = ?",
-            (name, KIND_COMMITTED, json.dumps(merged), time.time_ns(), info.id),
+            "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_at = ?, updated_at = ? "
+            "WHERE id = ?",
+            (name, KIND_COMMITTED, json.dumps(merged), now, now, info.id),
         )
         self._committed(info)
 
@@ -249,8 +251,8 @@ class _MetadataSnapshotter(Snapshotter):
         child = self._db.execute(
             "SELECT key FROM snapshots WHERE parent = ? LIMIT 1", (key,)
         ).fetchone()
-        if child:
-            raise FailedPrecondition(f"snapshot {key} has children (e.g. {child[0]})")
+        if child:  # containerd's words, which clients match: "cannot remove snapshot with child"
+            raise FailedPrecondition(f"cannot remove snapshot with child: {key} has {child[0]}")
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (info.id,))
         self._remove_dir(self._dir(info))
 

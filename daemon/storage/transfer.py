@@ -1,26 +1,189 @@
 """Image archives: import an OCI image layout or a `docker save` tar, export an OCI layout
 (with a docker-compatible manifest.json). Functions over a `Storage`: blobs go through its
 content store under a lease, images into its metadata.
+
+What ctr, docker and podman do, berth does:
+- an index may list platforms whose blobs the archive lacks (`ctr export` and berth's own
+  export after a single-platform pull write such archives): the platforms it holds are
+  imported, the others reported as absent, and the host's image is unpacked when held;
+- `docker save` layers that are plain tars are stored gzip-compressed (as docker pushes
+  them), with their uncompressed digest (the config's diff ID) as a label;
+- a failed import (a hostile layer that does not unpack, say) leaves the image records as
+  they were: what it stored is only leased, and the collector takes it.
+Progress: a callback gets pull's items (kind, digest, offset, total, status).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
-from typing import Any
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
 
 from berth.daemon.documents import load_json
 from berth.daemon.metadata import validate_image_name
 from berth.daemon.reference import normalize
 from berth.daemon.storage import images
-from berth.daemon.storage.content import validate_digest
+from berth.daemon.storage.content import Writer, validate_digest
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import GC_REF_CONTENT, MAX_ARCHIVE_DOCUMENT, Storage
 from berth.shim.wire.errors import InvalidArgument, NotFound
+
+ProgressFn = Callable[[dict[str, Any]], None]
+UNCOMPRESSED = "containerd.io/uncompressed"  # containerd's label: a blob's uncompressed digest
+GZIP_LEVEL = 6  # gzip's default, and Go's (docker's, containerd's): size and speed balanced
+PROGRESS_INTERVAL = 0.1  # seconds between two items of one blob (a change of status: at once)
+CHUNK = 1 << 20
+
+
+class Reporter:
+    """Progress items of one transfer, shaped like a pull's; at most one per blob every
+    PROGRESS_INTERVAL, except when its status changes. Without a callback: silent."""
+
+    def __init__(self, send: ProgressFn | None) -> None:
+        self._send = send
+        self._last: dict[str, tuple[str, float]] = {}
+
+    def __call__(self, kind: str, digest: str, offset: int, total: int, status: str) -> None:
+        if self._send is None:
+            return
+        now = time.monotonic()
+        previous = self._last.get(digest)
+        if previous and previous[0] == status and now - previous[1] < PROGRESS_INTERVAL:
+            return
+        self._last[digest] = (status, now)
+        self._send(
+            {"kind": kind, "digest": digest, "offset": offset, "total": total, "status": status}
+        )
+
+
+class _Counting(io.RawIOBase):
+    """A reader that reports how far it has been read (a blob copied into the store or
+    into an archive)."""
+
+    def __init__(self, raw: IO[bytes], report: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._report = report
+        self.offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.offset += n
+        self._report(self.offset)
+        return n
+
+
+class _IngestSink:
+    """A content-store ingest as the file a GzipFile writes to."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes) -> int:
+        self._writer.write(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class _Found:
+    """An image an archive holds: its name, its top descriptor, the platforms of its index
+    the archive lacks."""
+
+    name: str
+    target: Descriptor
+    absent: list[tuple[str, str]] = field(default_factory=list)  # (platform, digest)
+
+
+class _Archive:
+    """An archive being imported: its members, read under the caps for documents, and
+    stored into `namespace` under `lease` with progress."""
+
+    def __init__(
+        self, storage: Storage, namespace: str, tar: tarfile.TarFile, lease: str, report: Reporter
+    ) -> None:
+        self.storage = storage
+        self.namespace = namespace
+        self.tar = tar
+        self.lease = lease
+        self.report = report
+        self.members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isreg()}
+
+    def open(self, member_name: str) -> tuple[IO[bytes], int]:
+        m = self.members.get(member_name.lstrip("./"))
+        if m is None:
+            raise InvalidArgument(f"archive has no {member_name}")
+        f = self.tar.extractfile(m)
+        assert f is not None
+        return f, m.size
+
+    def read(self, member_name: str, cap: int = MAX_ARCHIVE_DOCUMENT) -> bytes:
+        f, size = self.open(member_name)
+        if size > cap:
+            raise InvalidArgument(f"{member_name} in the archive is larger than {cap} bytes")
+        return f.read(cap + 1)
+
+    @staticmethod
+    def blob_name(digest: str) -> str:
+        return f"blobs/sha256/{validate_digest(digest)[7:]}"
+
+    def has(self, desc: Descriptor) -> bool:
+        return self.blob_name(desc.digest) in self.members
+
+    def document(self, desc: Descriptor) -> bytes:
+        data = self.read(self.blob_name(desc.digest))
+        if "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+            raise InvalidArgument(f"blob {desc.digest} does not match its digest")
+        return data
+
+    def store(self, desc: Descriptor, kind: str, labels: dict[str, str] | None = None) -> None:
+        """Copy blob `desc` of the archive into the content store (verified there)."""
+        f, size = self.open(self.blob_name(desc.digest))
+        if size != desc.size:
+            raise InvalidArgument(f"blob {desc.digest} is {size} bytes, not {desc.size}")
+        self.put(f, kind, desc.digest, desc.size, labels)
+
+    def put(
+        self,
+        f: IO[bytes],
+        kind: str,
+        digest: str = "",
+        size: int = 0,
+        labels: dict[str, str] | None = None,
+        key: str = "",
+    ) -> str:
+        """Store `f` (verified against `digest` and `size` when given); progress items
+        go under `key` (the digest when known, the member's name otherwise)."""
+        shown = key or digest
+
+        def progress(offset: int) -> None:
+            self.report(kind, shown, offset, size, "importing")
+
+        stored = self.storage.put_blob(
+            self.namespace,
+            cast(IO[bytes], _Counting(f, progress)),
+            digest,
+            size,
+            labels,
+            self.lease,
+        )
+        self.report(kind, shown, size, size, "done")
+        return stored
 
 
 def import_archive(
@@ -32,97 +195,177 @@ def import_archive(
     unpack: bool = True,
     snapshotter: str | None = None,
     lease_id: str | None = None,
-) -> list[dict[str, Any]]:
-    """Import an OCI image-layout tar or a `docker save` archive from `path`."""
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Import an OCI image-layout tar or a `docker save` archive from `path`: {images:
+    the records made, absent: [{name, platform, digest}] an index lists but the archive
+    lacks}."""
     if not os.path.isabs(path):
         raise InvalidArgument("the archive path must be absolute")
     try:
         tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with` below
     except (OSError, tarfile.TarError) as exc:
         raise InvalidArgument(f"cannot read archive {path}: {exc}") from None
+    report = Reporter(progress)
     with tar, storage.lease(namespace, lease_id) as lease:
-        members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isreg()}
-
-        def read_member(member_name: str, cap: int = MAX_ARCHIVE_DOCUMENT) -> bytes:
-            m = members.get(member_name.lstrip("./"))
-            if m is None:
-                raise InvalidArgument(f"archive has no {member_name}")
-            if m.size > cap:
-                raise InvalidArgument(f"{member_name} in the archive is larger than {cap} bytes")
-            f = tar.extractfile(m)
-            assert f is not None
-            return f.read(cap + 1)
-
-        def blob(desc: Descriptor, labels: dict[str, str] | None = None) -> None:
-            m = members.get(f"blobs/sha256/{validate_digest(desc.digest)[7:]}")
-            if m is None:
-                raise InvalidArgument(f"archive lacks blob {desc.digest}")
-            if m.size != desc.size:
-                raise InvalidArgument(f"blob {desc.digest} is {m.size} bytes, not {desc.size}")
-            f = tar.extractfile(m)
-            assert f is not None
-            storage.put_blob(namespace, f, desc.digest, desc.size, labels, lease)
-
-        if "index.json" in members:
-            created = _import_oci(storage, namespace, read_member, blob, name)
-        elif "manifest.json" in members:
-            created = _import_docker(storage, namespace, read_member, members, tar, name, lease)
+        archive = _Archive(storage, namespace, tar, lease, report)
+        if "index.json" in archive.members:
+            found = _import_oci(archive, name)
+        elif "manifest.json" in archive.members:
+            found = _import_docker(archive, name)
         else:
             raise InvalidArgument(
                 "not an OCI image layout or docker archive (no index.json or manifest.json)"
             )
-        for image in created:
-            if unpack:
-                storage.unpack(namespace, image["name"], snapshotter, lease_id=lease)
-        return created
+        created = _record(storage, namespace, found, unpack, snapshotter, lease, report)
+    absent = [
+        {"name": f.name, "platform": platform, "digest": digest}
+        for f in found
+        for platform, digest in f.absent
+    ]
+    return {"images": created, "absent": absent}
 
 
-def _walk(storage: Storage, namespace: str, desc: Descriptor, fetch: Any, depth: int = 0) -> None:
-    """Store `desc` and everything it references, children first."""
+def _record(
+    storage: Storage,
+    namespace: str,
+    found: list[_Found],
+    unpack: bool,
+    snapshotter: str | None,
+    lease: str,
+    report: Reporter,
+) -> list[dict[str, Any]]:
+    """Create (or move) the image records and unpack what this host runs; if anything
+    fails, the records are put back as they were (bad input changes nothing)."""
+    previous: dict[str, dict[str, Any] | None] = {}
+    created = []
+    try:
+        for image in found:
+            if image.name not in previous:
+                try:
+                    previous[image.name] = storage.store.get_image(namespace, image.name)
+                except NotFound:
+                    previous[image.name] = None
+            created.append(
+                storage.store.put_image(
+                    namespace, image.name, image.target.to_wire(), {}, create=True, update=True
+                )
+            )
+        for image in found:
+            if unpack and _held_for_host(storage, namespace, image.target):
+                report("unpack", image.target.digest, 0, 0, "unpacking")
+                storage.unpack(namespace, image.name, snapshotter, lease_id=lease)
+                report("unpack", image.target.digest, 0, 0, "done")
+    except BaseException:
+        for image_name, old in previous.items():
+            with contextlib.suppress(Exception):
+                if old is None:
+                    storage.store.delete_image(namespace, image_name)
+                else:
+                    storage.store.put_image(
+                        namespace,
+                        image_name,
+                        old["target"],
+                        old["labels"],
+                        create=True,
+                        update=True,
+                    )
+        raise
+    return created
+
+
+def _held_for_host(storage: Storage, namespace: str, target: Descriptor) -> bool:
+    """Whether the host platform's image of `target` is stored whole (else there is
+    nothing to unpack here: an archive of other platforms only)."""
+    try:
+        _mdesc, manifest = storage.manifest_for(namespace, target)
+    except NotFound:
+        return False
+    return _manifest_held(storage, namespace, manifest)
+
+
+def _manifest_held(storage: Storage, namespace: str, manifest: images.Manifest) -> bool:
+    for desc in (manifest.config, *manifest.layers):
+        try:
+            storage.store.get_content(namespace, desc.digest)
+        except NotFound:
+            return False
+    return True
+
+
+def platforms_held(
+    storage: Storage, namespace: str, target: Descriptor
+) -> tuple[list[Descriptor], list[Descriptor]]:
+    """The manifests an image's index lists, split into those stored whole (manifest,
+    config and layers) and those not (a single-platform pull holds one of many)."""
+    if target.media_type not in images.INDEX_TYPES:
+        manifest = images.parse_manifest(storage.read_json(namespace, target), target.media_type)
+        return ([target], []) if _manifest_held(storage, namespace, manifest) else ([], [target])
+    held: list[Descriptor] = []
+    absent: list[Descriptor] = []
+    for entry in images.parse_index(storage.read_json(namespace, target), target.media_type):
+        try:
+            manifest = images.parse_manifest(storage.read_json(namespace, entry), entry.media_type)
+        except (NotFound, InvalidArgument):
+            absent.append(entry)  # not stored, or a nested index: not pushable as one
+            continue
+        (held if _manifest_held(storage, namespace, manifest) else absent).append(entry)
+    return held, absent
+
+
+def _store_image(
+    archive: _Archive, desc: Descriptor, absent: list[tuple[str, str]], depth: int = 0
+) -> str:
+    """Store `desc` and everything it references, children first. Returns "" when done, or
+    the digest of a blob the archive lacks; an index's children that the archive lacks
+    are left out (listed in `absent`) as long as one of them is held."""
     if depth > 4:
         raise InvalidArgument("image indexes nested too deeply")
-    if desc.media_type in images.INDEX_TYPES:
-        data = fetch(desc, read=True)
-        refs = {}
-        for i, child in enumerate(images.parse_index(data, desc.media_type)):
-            _walk(storage, namespace, child, fetch, depth + 1)
-            refs[f"{GC_REF_CONTENT}.m.{i}"] = child.digest
-        fetch(desc, labels=refs)
-    elif desc.media_type in images.MANIFEST_TYPES:
-        data = fetch(desc, read=True)
-        manifest = images.parse_manifest(data, desc.media_type)
-        refs = {f"{GC_REF_CONTENT}.config": manifest.config.digest}
-        fetch(manifest.config)
-        for i, layer in enumerate(manifest.layers):
-            fetch(layer)
-            refs[f"{GC_REF_CONTENT}.l.{i}"] = layer.digest
-        fetch(desc, labels=refs)
-    else:
+    if desc.media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES:
         raise InvalidArgument(f"unsupported image media type {desc.media_type!r}")
+    if not archive.has(desc):
+        return desc.digest
+    data = archive.document(desc)
+    if desc.media_type in images.INDEX_TYPES:
+        refs: dict[str, str] = {}
+        first_missing = ""
+        for child in images.parse_index(data, desc.media_type):
+            missing = _store_image(archive, child, absent, depth + 1)
+            if missing:
+                absent.append((images.format_platform(child.platform), child.digest))
+                first_missing = first_missing or missing
+            else:
+                refs[f"{GC_REF_CONTENT}.m.{len(refs)}"] = child.digest
+        if not refs:
+            return first_missing or desc.digest
+        archive.store(desc, "index", refs)
+        return ""
+    manifest = images.parse_manifest(data, desc.media_type)
+    for blob in (manifest.config, *manifest.layers):
+        if not archive.has(blob):
+            return blob.digest
+    refs = {f"{GC_REF_CONTENT}.config": manifest.config.digest}
+    archive.store(manifest.config, "config")
+    for i, layer in enumerate(manifest.layers):
+        archive.store(layer, "layer")
+        refs[f"{GC_REF_CONTENT}.l.{i}"] = layer.digest
+    archive.store(desc, "manifest", refs)
+    return ""
 
 
-def _import_oci(
-    storage: Storage, namespace: str, read_member: Any, blob: Any, name: str | None
-) -> list[dict[str, Any]]:
-    layout = images.parse_document(read_member("oci-layout"), "oci-layout")
+def _import_oci(archive: _Archive, name: str | None) -> list[_Found]:
+    layout = images.parse_document(archive.read("oci-layout"), "oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
         raise InvalidArgument("unsupported oci-layout version")
-    entries = images.parse_index(read_member("index.json"), images.OCI_INDEX)
+    entries = images.parse_index(archive.read("index.json"), images.OCI_INDEX)
     if not entries:
         raise InvalidArgument("the archive's index.json lists no image")
-
-    def fetch(desc: Descriptor, read: bool = False, labels: dict[str, str] | None = None) -> bytes:
-        m_data = b""
-        if read:
-            m_data = read_member(f"blobs/sha256/{validate_digest(desc.digest)[7:]}")
-            if "sha256:" + hashlib.sha256(m_data).hexdigest() != desc.digest:
-                raise InvalidArgument(f"blob {desc.digest} does not match its digest")
-        blob(desc, labels)
-        return m_data
-
-    created = []
+    found: list[_Found] = []
     for entry in entries:
-        _walk(storage, namespace, entry, fetch)
+        absent: list[tuple[str, str]] = []
+        missing = _store_image(archive, entry, absent)
+        if missing:
+            raise InvalidArgument(f"archive lacks blob {missing}")
         image_name = (
             name
             if (name and len(entries) == 1)
@@ -132,53 +375,37 @@ def _import_oci(
                 or entry.digest
             )
         )
-        created.append(
-            storage.store.put_image(
-                namespace, image_name, entry.to_wire(), {}, create=True, update=True
-            )
-        )
-    return created
+        found.append(_Found(image_name, entry, absent))
+    return found
 
 
-def _import_docker(
-    storage: Storage,
-    namespace: str,
-    read_member: Any,
-    members: dict[str, tarfile.TarInfo],
-    tar: tarfile.TarFile,
-    name: str | None,
-    lease: str,
-) -> list[dict[str, Any]]:
+def _import_docker(archive: _Archive, name: str | None) -> list[_Found]:
     manifest_list = load_json(
-        read_member("manifest.json"), "manifest.json", max_size=MAX_ARCHIVE_DOCUMENT
+        archive.read("manifest.json"), "manifest.json", max_size=MAX_ARCHIVE_DOCUMENT
     )
     if not isinstance(manifest_list, list) or not manifest_list:
         raise InvalidArgument("manifest.json must be a non-empty list")
-    created = []
+    found: list[_Found] = []
     for item in manifest_list:
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("Config"), str)
             or not isinstance(item.get("Layers"), list)
+            or not all(isinstance(layer, str) for layer in item["Layers"])
         ):
-            raise InvalidArgument("manifest.json entries need Config and Layers")
-        config_data = read_member(item["Config"])
-        images.parse_config(config_data)  # validates
-        config_digest = storage.put_blob(namespace, config_data, lease_id=lease)
-        layers: list[dict[str, Any]] = []
-        for layer_name in item["Layers"]:
-            if not isinstance(layer_name, str):
-                raise InvalidArgument("manifest.json Layers must be strings")
-            m = members.get(layer_name.lstrip("./"))
-            if m is None:
-                raise InvalidArgument(f"archive has no layer {layer_name}")
-            f = tar.extractfile(m)
-            assert f is not None
-            head = f.read(2)
-            f.seek(0)
-            media = images.OCI_LAYER_GZIP if head == b"\x1f\x8b" else images.OCI_LAYER
-            digest = storage.put_blob(namespace, f, size=m.size, lease_id=lease)
-            layers.append({"mediaType": media, "digest": digest, "size": m.size})
+            raise InvalidArgument("manifest.json entries need Config and Layers (strings)")
+        config_data = archive.read(item["Config"])
+        config = images.parse_config(config_data)  # validates
+        if len(config.diff_ids) != len(item["Layers"]):
+            raise InvalidArgument(
+                f"{item['Config']} lists {len(config.diff_ids)} diff IDs for "
+                f"{len(item['Layers'])} layers"
+            )
+        config_digest = archive.put(io.BytesIO(config_data), "config", size=len(config_data))
+        layers = [
+            _docker_layer(archive, layer_name, diff_id)
+            for layer_name, diff_id in zip(item["Layers"], config.diff_ids, strict=True)
+        ]
         manifest = json.dumps(
             {
                 "schemaVersion": 2,
@@ -194,23 +421,61 @@ def _import_docker(
         ).encode()
         refs = {f"{GC_REF_CONTENT}.config": config_digest}
         refs.update({f"{GC_REF_CONTENT}.l.{i}": layer["digest"] for i, layer in enumerate(layers)})
-        manifest_digest = storage.put_blob(namespace, manifest, labels=refs, lease_id=lease)
-        target = {
-            "media_type": images.OCI_MANIFEST,
-            "digest": manifest_digest,
-            "size": len(manifest),
-        }
+        manifest_digest = archive.put(
+            io.BytesIO(manifest), "manifest", size=len(manifest), labels=refs
+        )
+        target = Descriptor(images.OCI_MANIFEST, manifest_digest, len(manifest))
         tags = item.get("RepoTags") or []
         names = (
             [name]
             if name
             else [_full_ref(t) for t in tags if isinstance(t, str)] or [manifest_digest]
         )
-        for image_name in names:
-            created.append(
-                storage.store.put_image(namespace, image_name, target, {}, create=True, update=True)
+        found.extend(_Found(image_name, target) for image_name in names)
+    return found
+
+
+def _docker_layer(archive: _Archive, layer_name: str, diff_id: str) -> dict[str, Any]:
+    """Store one `docker save` layer as docker pushes it: gzip-compressed (a plain tar is
+    compressed here, its digest checked against the config's diff ID as it goes)."""
+    f, size = archive.open(layer_name)
+    head = f.read(2)
+    f.seek(0)
+    if head == b"\x1f\x8b":
+        digest = archive.put(f, "layer", size=size, key=layer_name)
+        return {"mediaType": images.OCI_LAYER_GZIP, "digest": digest, "size": size}
+    storage, namespace = archive.storage, archive.namespace
+    ref = f"import-{uuid.uuid4().hex}"
+    writer = storage.open_writer(namespace, ref, 0, "", archive.lease)
+    try:
+        uncompressed = hashlib.sha256()
+        with gzip.GzipFile(
+            fileobj=cast(IO[bytes], _IngestSink(writer)),
+            mode="wb",
+            compresslevel=GZIP_LEVEL,
+            mtime=0,
+        ) as gz:
+            done = 0
+            while chunk := f.read(CHUNK):
+                uncompressed.update(chunk)
+                gz.write(chunk)
+                done += len(chunk)
+                archive.report("layer", layer_name, done, size, "compressing")
+        if "sha256:" + uncompressed.hexdigest() != diff_id:
+            raise InvalidArgument(
+                f"layer {layer_name} of the archive is not the config's diff ID {diff_id}"
             )
-    return created
+        digest = storage.commit(namespace, writer, 0, "", {UNCOMPRESSED: diff_id}, archive.lease)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            storage.content.abort(f"{namespace}/{ref}")
+    archive.report("layer", layer_name, size, size, "done")
+    return {
+        "mediaType": images.OCI_LAYER_GZIP,
+        "digest": digest,
+        "size": storage.content.info(digest).size,
+    }
 
 
 def export_archive(
@@ -220,12 +485,15 @@ def export_archive(
     path: str,
     platform: dict[str, str] | None = None,
     all_platforms: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Write an OCI image-layout tar (with a docker-compatible manifest.json) of the
-    images `names` to `path`. Deterministic: same images, same bytes."""
+    images `names` to `path`. Deterministic: same images, same bytes. An index whose
+    other platforms are not held here is written as it is (it re-imports: see above)."""
     if not os.path.isabs(path):
         raise InvalidArgument("the archive path must be absolute")
-    blobs: dict[str, int] = {}
+    report = Reporter(progress)
+    blobs: dict[str, str] = {}  # digest -> kind
     index_entries = []
     docker_manifest = []
     for name in names:
@@ -259,57 +527,105 @@ def export_archive(
         sort_keys=True,
     ).encode()
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-
-        def add(arcname: str, data: bytes | None = None, blob_digest: str | None = None) -> None:
-            info = tarfile.TarInfo(arcname)
-            info.mtime = 0
-            info.mode = 0o644
-            if blob_digest is not None:
-                info.size = storage.content.info(blob_digest).size
-                with open(storage.content.path(blob_digest), "rb") as f:
-                    tar.addfile(info, f)
-            else:
-                assert data is not None
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-        for directory in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(directory)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
-            tar.addfile(info)
-        for digest in sorted(blobs):
-            add(f"blobs/sha256/{digest[7:]}", blob_digest=digest)
-        add("index.json", index)
-        add("manifest.json", json.dumps(docker_manifest, sort_keys=True).encode())
-        add("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-    os.replace(tmp, path)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for directory in ("blobs", "blobs/sha256"):
+                info = tarfile.TarInfo(directory)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+                tar.addfile(info)
+            for digest in sorted(blobs):
+                _add_blob(storage, tar, digest, blobs[digest], report)
+            _add_file(tar, "index.json", index)
+            _add_file(tar, "manifest.json", json.dumps(docker_manifest, sort_keys=True).encode())
+            _add_file(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return {"path": path, "blobs": len(blobs), "images": len(names)}
+
+
+def _add_file(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
+    info = tarfile.TarInfo(arcname)
+    info.mtime, info.mode, info.size = 0, 0o644, len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_blob(
+    storage: Storage, tar: tarfile.TarFile, digest: str, kind: str, report: Reporter
+) -> None:
+    info = tarfile.TarInfo(f"blobs/sha256/{digest[7:]}")
+    info.mtime, info.mode = 0, 0o644
+    info.size = storage.content.info(digest).size
+    total = info.size
+
+    def progress(offset: int) -> None:
+        report(kind, digest, offset, total, "exporting")
+
+    with open(storage.content.path(digest), "rb") as f:
+        tar.addfile(info, cast(IO[bytes], _Counting(f, progress)))
+    report(kind, digest, total, total, "done")
 
 
 def _collect(
     storage: Storage,
     namespace: str,
     desc: Descriptor,
-    out: dict[str, int],
+    out: dict[str, str],
     platform: dict[str, str] | None,
     depth: int = 0,
 ) -> None:
+    """The blobs of `desc` held here (digest -> kind), children of an index that are not
+    held left out."""
     if depth > 4:
         raise InvalidArgument("image indexes nested too deeply")
-    out[desc.digest] = desc.size
     if desc.media_type in images.INDEX_TYPES:
+        out[desc.digest] = "index"
         for child in images.parse_index(storage.read_json(namespace, desc), desc.media_type):
             if platform is None or images.platform_matches(child.platform, platform):
                 with contextlib.suppress(NotFound):
                     storage.store.get_content(namespace, child.digest)
                     _collect(storage, namespace, child, out, platform, depth + 1)
     elif desc.media_type in images.MANIFEST_TYPES:
+        out[desc.digest] = "manifest"
         manifest = images.parse_manifest(storage.read_json(namespace, desc), desc.media_type)
-        out[manifest.config.digest] = manifest.config.size
+        out[manifest.config.digest] = "config"
         for layer in manifest.layers:
             storage.store.get_content(namespace, layer.digest)
-            out[layer.digest] = layer.size
+            out[layer.digest] = "layer"
+
+
+def image_usage(storage: Storage, namespace: str, target: Descriptor) -> dict[str, Any]:
+    """What `images ls` shows, as ctr does: `content_size`, the bytes of the image for
+    this host (index, manifest, config and layers; another platform's when the host's is
+    not held), and `platforms`, those its index lists (its config's, for a manifest)."""
+    size = target.size
+    platforms: list[str] = []
+    try:
+        manifests = [target]
+        if target.media_type in images.INDEX_TYPES:
+            entries = images.parse_index(storage.read_json(namespace, target), target.media_type)
+            platforms = [images.format_platform(e.platform) for e in entries]
+            host = images.host()
+            held, _absent = platforms_held(storage, namespace, target)
+            manifests = sorted(held, key=lambda e: not images.platform_matches(e.platform, host))
+        if manifests:
+            mdesc = manifests[0]
+            manifest = images.parse_manifest(storage.read_json(namespace, mdesc), mdesc.media_type)
+            size += 0 if mdesc is target else mdesc.size
+            size += manifest.config.size + sum(layer.size for layer in manifest.layers)
+            if not platforms:
+                platforms = [_config_platform(storage, namespace, manifest.config)]
+    except (NotFound, InvalidArgument):
+        pass  # a broken or partial image still lists, with what is known
+    return {"content_size": size, "platforms": platforms}
+
+
+def _config_platform(storage: Storage, namespace: str, config: Descriptor) -> str:
+    doc = images.parse_document(storage.read_json(namespace, config), "image config")
+    return images.format_platform(
+        {k: doc.get(k) for k in ("os", "architecture", "variant") if isinstance(doc.get(k), str)}
+    )
 
 
 def _full_ref(name: str) -> str:

@@ -34,6 +34,7 @@ from berth.daemon.rpc import RpcClient, guarded
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks import shims
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
+from berth.shim.cgroups import join_cgroup
 from berth.shim.exit import (
     CorruptExitFile,
     ExitRecord,
@@ -226,6 +227,9 @@ class TaskService:
             )
             t0 = time.perf_counter()
             await self._spawn_shim(handle)
+            shim_cgroup = container.runtime_options.get("shim_cgroup")
+            if isinstance(shim_cgroup, str) and shim_cgroup:
+                await trio.to_thread.run_sync(join_cgroup, handle.shim_pid, shim_cgroup)
             t1 = time.perf_counter()
             await self._attach(handle)
             t2 = time.perf_counter()
@@ -264,7 +268,16 @@ class TaskService:
         options = container.runtime_options
         binary = options.get("binary_name") or entry.binary
         if not shutil.which(binary):
-            raise NotFound(f"OCI runtime binary {binary!r} not found for runtime {entry.name}")
+            # In the words of Go's os/exec, which containerd's clients match on.
+            if "/" in binary:
+                raise NotFound(
+                    f"runtime {entry.name}: OCI runtime binary not found: "
+                    f"fork/exec {binary}: no such file or directory"
+                )
+            raise NotFound(
+                f"runtime {entry.name}: OCI runtime binary not found: "
+                f'exec: "{binary}": executable file not found in $PATH'
+            )
         root_option = options.get("root")
         if isinstance(root_option, str) and root_option:
             root = os.path.join(root_option, namespace)  # as containerd's shim
@@ -292,7 +305,17 @@ class TaskService:
         prepared = await self._prepare_spec(spec, bundle, has_mounts)
         if os.path.lexists(bundle):
             await trio.to_thread.run_sync(remove_bundle, bundle)
-        os.makedirs(bundle, mode=0o700)
+        namespace_dir = os.path.dirname(bundle)
+        if not os.path.isdir(namespace_dir):
+            os.makedirs(namespace_dir, mode=0o711, exist_ok=True)
+            os.chmod(namespace_dir, 0o711)  # traversable, not listable (umask aside)
+        os.mkdir(bundle, mode=0o700)
+        remapped_root_gid = _host_gid_of_root(prepared)
+        if remapped_root_gid is not None:
+            # runc mounts the rootfs from inside the user namespace, as the remapped root:
+            # it must traverse the bundle (containerd: mode 0710, that root's group).
+            os.chown(bundle, -1, remapped_root_gid)
+            os.chmod(bundle, 0o710)
         _write_json(os.path.join(bundle, "config.json"), prepared)
 
     async def _spawn_shim(self, handle: TaskHandle) -> None:
@@ -963,6 +986,24 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _host_gid_of_root(spec: dict[str, Any]) -> int | None:
+    """The host gid that a user-namespaced container's gid 0 maps to (None without one)."""
+    linux = spec.get("linux")
+    if not isinstance(linux, dict):
+        return None
+    namespaces = linux.get("namespaces") or []
+    if not any(isinstance(n, dict) and n.get("type") == "user" for n in namespaces):
+        return None
+    for mapping in linux.get("gidMappings") or []:
+        try:
+            inside, host, size = (int(mapping[k]) for k in ("containerID", "hostID", "size"))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidArgument(f"bad gidMappings entry {mapping!r}") from None
+        if inside <= 0 < inside + size:
+            return host - inside
+    return None
 
 
 def _write_json(path: str, doc: dict[str, Any]) -> None:

@@ -25,8 +25,9 @@ log = logging.getLogger("berthd.shims")
 class Zygote:
     """Owns the zygote process and its control connection; restarts it if it dies."""
 
-    def __init__(self, nursery: trio.Nursery, work_dir: str) -> None:
+    def __init__(self, nursery: trio.Nursery, work_dir: str, python: str = sys.executable) -> None:
         self._nursery = nursery
+        self._python = python  # the shims' interpreter: may differ from berthd's
         self._work_dir = work_dir  # the zygote's scratch space; cleared at every start
         self._client: RpcClient | None = None
         self._process: trio.Process | None = None
@@ -38,7 +39,7 @@ class Zygote:
             theirs.set_inheritable(True)
             self._process = await trio.lowlevel.open_process(
                 [
-                    sys.executable,
+                    self._python,
                     "-m",
                     "berth.shim.main",
                     "--zygote",
@@ -63,7 +64,7 @@ class Zygote:
             await client.aclose()
             raise
         self._nursery.start_soon(guarded, "zygote connection", client.run)
-        log.debug("zygote started, pid %d", self._process.pid)
+        log.debug("zygote started, pid %d (%s)", self._process.pid, self._python)
         return client
 
     async def _ensure(self) -> RpcClient:

@@ -75,6 +75,38 @@ LONG_CALLS = frozenset(
         "delete",
     }
 )
+# berthd's calls that change nothing: one whose connection dropped before its answer is
+# repeated on a new connection (an old release's daemon may close connections it accepted
+# as it stops for its successor; for anything else, a repeat could do the work twice).
+READ_ONLY_CALLS = frozenset(
+    {
+        "ping",
+        "version",
+        "introspection.server",
+        "introspection.plugins",
+        "namespaces.get",
+        "namespaces.list",
+        "containers.get",
+        "containers.list",
+        "tasks.get",
+        "tasks.list",
+        "tasks.pids",
+        "tasks.metrics",
+        "tasks.wait",
+        "content.info",
+        "content.list",
+        "content.status",
+        "content.ingests",
+        "images.get",
+        "images.list",
+        "snapshots.stat",
+        "snapshots.mounts",
+        "snapshots.usage",
+        "snapshots.list",
+        "leases.list",
+        "leases.resources",
+    }
+)
 _PING = "ping"  # any answer proves liveness: an unknown method gets an ERROR reply too
 
 
@@ -225,13 +257,18 @@ class Client:
             seconds = timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         rid = self._conn.next_request_id()
-        self._send(Request(rid, method, params or {}, self._meta(meta)))
-        while True:
-            event = self._next(deadline, method)
-            if isinstance(event, Response) and event.id == rid:
-                return event.result
-            if isinstance(event, ErrorReply) and event.id in (rid, None):
-                raise event.to_exception()
+        try:
+            self._send(Request(rid, method, params or {}, self._meta(meta)))
+            while True:
+                event = self._next(deadline, method)
+                if isinstance(event, Response) and event.id == rid:
+                    return event.result
+                if isinstance(event, ErrorReply) and event.id in (rid, None):
+                    raise event.to_exception()
+        except _ConnectionLost as exc:
+            if method in READ_ONLY_CALLS:  # changes nothing: asking again is safe
+                raise Reconnect(f"{exc} before answering {method}") from None
+            raise
 
     def stream(
         self, method: str, params: dict[str, Any] | None = None, **meta: Any

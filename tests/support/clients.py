@@ -69,6 +69,8 @@ def grpc_command(daemon: Daemon) -> list[str]:
         daemon.address,
         "--state",
         daemon.state,
+        "--ttrpc-address",
+        grpc_address(daemon) + ".ttrpc",
     ]
 
 

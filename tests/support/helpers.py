@@ -35,6 +35,14 @@ BERTHD = str(BIN / "berthd")
 BERTH = str(BIN / "berth")
 
 
+def shim_python() -> str:
+    """The interpreter berthd runs shims on (the installation's record, BERTH_SHIM_PYTHON):
+    standalone shims in the tests use the same one."""
+    from berth.daemon.config import Config
+
+    return Config().shim_python
+
+
 def wait_until(
     predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> Any:

@@ -7,6 +7,7 @@ same bytes: entries sorted, owners 0, fixed mtimes, gzip without a timestamp.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -187,3 +188,132 @@ def build_docker_archive(
             info.mtime = EPOCH
             tar.addfile(info, io.BytesIO(files[arcname]))
     return _digest(config)
+
+
+# --- building blocks for archives and registries of any shape ---------------------------
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def image_blobs(
+    raws: list[bytes],
+    *,
+    cmd: list[str] | None = None,
+    architecture: str = "amd64",
+    variant: str = "",
+    compression: str = "gzip",
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One image's blobs (layers from the uncompressed tars `raws`, config, manifest) by
+    digest, and its manifest's descriptor with the platform set (for an index)."""
+    layers = [compress(raw, compression) for raw in raws]
+    config_doc: dict[str, Any] = {
+        "architecture": architecture,
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": cmd or ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [_digest(raw) for raw in raws]},
+    }
+    if variant:
+        config_doc["variant"] = variant
+    config = json.dumps(config_doc, sort_keys=True).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": CONFIG, "digest": _digest(config), "size": len(config)},
+            "layers": [
+                {"mediaType": media, "digest": _digest(blob), "size": len(blob)}
+                for blob, media in layers
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+    blobs = {_digest(b): b for b, _ in layers} | {_digest(config): config}
+    blobs[_digest(manifest)] = manifest
+    platform = {"os": "linux", "architecture": architecture} | (
+        {"variant": variant} if variant else {}
+    )
+    desc = {
+        "mediaType": MANIFEST,
+        "digest": _digest(manifest),
+        "size": len(manifest),
+        "platform": platform,
+    }
+    return desc, blobs
+
+
+def index_blob(manifests: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes]:
+    """An OCI index of `manifests` (descriptors), and its descriptor."""
+    data = json.dumps(
+        {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}, sort_keys=True
+    ).encode()
+    return {"mediaType": INDEX, "digest": _digest(data), "size": len(data)}, data
+
+
+def write_oci_layout(out: str, images: dict[str, dict[str, Any]], blobs: dict[str, bytes]) -> None:
+    """An OCI image-layout tar: index.json lists `images` (name -> top descriptor), and
+    the blobs given (only those: an archive may lack some) are in blobs/sha256."""
+    entries = [
+        {**desc, "annotations": {"io.containerd.image.name": name}}
+        for name, desc in sorted(images.items())
+    ]
+    files = {
+        "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+        "index.json": json.dumps({"schemaVersion": 2, "manifests": entries}).encode(),
+    }
+    files.update({f"blobs/sha256/{digest[7:]}": data for digest, data in blobs.items()})
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for arcname in sorted(files):
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mode, info.mtime = len(files[arcname]), 0o644, EPOCH
+            tar.addfile(info, io.BytesIO(files[arcname]))
+
+
+def schema1_image(
+    steps: list[tuple[bytes | None, dict[str, Any]]], *, signed: bool = False
+) -> tuple[bytes, dict[str, bytes], str]:
+    """A Docker schema 1 manifest and its blobs. `steps`, oldest first: (uncompressed
+    layer tar, or None for an empty `throwaway` step; extra v1Compatibility keys). Signed:
+    the `+prettyjws` form, with a signature block as libtrust lays it out (not a valid
+    signature: no client checks it)."""
+    empty = gzip.compress(b"\0" * 1024, mtime=0)  # the empty tar's blob, as docker wrote it
+    blobs: dict[str, bytes] = {}
+    fs_layers, history = [], []
+    parent = ""
+    for i, (raw, extra) in enumerate(steps):
+        blob = gzip.compress(raw, mtime=0) if raw is not None else empty
+        blobs[_digest(blob)] = blob
+        v1 = {"id": f"{i + 1:064x}", "created": f"2020-01-0{i + 1}T00:00:00Z", **extra}
+        if parent:
+            v1["parent"] = parent
+        if raw is None:
+            v1["throwaway"] = True
+        parent = v1["id"]
+        fs_layers.insert(0, {"blobSum": _digest(blob)})
+        history.insert(0, {"v1Compatibility": json.dumps(v1, sort_keys=True)})
+    doc = {
+        "schemaVersion": 1,
+        "name": "old/app",
+        "tag": "v1",
+        "architecture": "amd64",
+        "fsLayers": fs_layers,
+        "history": history,
+    }
+    payload = json.dumps(doc, indent=3).encode()
+    if not signed:
+        return payload, blobs, _digest(payload)
+    # libtrust: the payload up to its closing brace, then the signatures, then the tail.
+    cut = payload.rstrip().rfind(b"}")
+    body = payload[:cut].rstrip()
+    tail = payload[len(body) :]
+    protected = {
+        "formatLength": len(body),
+        "formatTail": base64.urlsafe_b64encode(tail).rstrip(b"=").decode(),
+        "time": "2020-01-01T00:00:00Z",
+    }
+    signature = {
+        "header": {"alg": "ES256"},
+        "signature": "c2lnbmF0dXJl",
+        "protected": base64.urlsafe_b64encode(json.dumps(protected).encode()).rstrip(b"=").decode(),
+    }
+    signed_doc = body + b',\n   "signatures": ' + json.dumps([signature], indent=3).encode()
+    return signed_doc + tail, blobs, _digest(payload)

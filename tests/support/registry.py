@@ -332,3 +332,63 @@ class Relay:
             sock.close()
         for thread in threads:
             thread.join(10)
+
+
+class StaticRegistry:
+    """A registry of fixed documents, for what distribution 2.8 no longer serves (schema 1
+    manifests: it refuses their push). GET and HEAD of /v2/<name>/manifests/<ref> (as given:
+    bytes and Content-Type, None for no header) and /v2/<name>/blobs/<digest>; it records
+    the paths asked for."""
+
+    def __init__(
+        self, manifests: dict[str, tuple[bytes, str | None]], blobs: dict[str, bytes]
+    ) -> None:
+        self.manifests = manifests  # "<name>/<ref>" -> (document, content type)
+        self.blobs = blobs  # digest -> bytes
+        self.requests: list[str] = []
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                registry._serve(self, body=True)
+
+            def do_HEAD(self) -> None:
+                registry._serve(self, body=False)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _serve(self, request: BaseHTTPRequestHandler, *, body: bool) -> None:
+        path = urllib.parse.urlsplit(request.path).path
+        self.requests.append(f"{request.command} {path}")
+        data: bytes | None = None
+        content_type: str | None = "application/octet-stream"
+        if path == "/v2/":
+            data, content_type = b"{}", "application/json"
+        elif "/manifests/" in path:
+            name, _, ref = path[len("/v2/") :].partition("/manifests/")
+            data, content_type = self.manifests.get(f"{name}/{ref}", (None, None))
+        elif "/blobs/" in path:
+            data = self.blobs.get(path.rsplit("/", 1)[-1])
+        if data is None:
+            request.send_response(404)
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
+        request.send_response(200)
+        if content_type is not None:
+            request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if body:
+            request.wfile.write(data)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(10)

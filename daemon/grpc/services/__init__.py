@@ -32,6 +32,7 @@ from berth.daemon.grpc.services.namespaces import Namespaces
 from berth.daemon.grpc.services.snapshots import Snapshots
 from berth.daemon.grpc.services.tasks import Tasks
 from berth.daemon.grpc.services.version import Version
+from berth.daemon.grpc.ttrpc import Route
 
 __all__ = [
     "SERVICES",
@@ -41,6 +42,7 @@ __all__ = [
     "bind",
     "descriptors",
     "generic_handlers",
+    "ttrpc_routes",
 ]
 
 SERVICES: dict[str, tuple[str, type[Service]]] = {
@@ -79,6 +81,14 @@ def descriptors() -> list[tuple[Any, type[Service]]]:
 def bind(descriptor: Any, service: Service) -> dict[str, Any]:
     """containerd's method name -> its grpcio method handler, for one service; a
     `BindingError` if the service's tables and the descriptor disagree."""
+    return {
+        method.name: _method_handler(method, fn) for method, fn in _checked(descriptor, service)
+    }
+
+
+def _checked(descriptor: Any, service: Service) -> list[tuple[Any, Handler]]:
+    """Each method of the descriptor with the function that answers it (its handler, or
+    an UNIMPLEMENTED answer); a `BindingError` if the tables and the descriptor disagree."""
     implemented = service.methods()
     unimplemented = service.UNIMPLEMENTED
     named = implemented.keys() | unimplemented.keys()
@@ -87,7 +97,7 @@ def bind(descriptor: Any, service: Service) -> dict[str, Any]:
     problems = [f"{n}: bound and listed as unimplemented" for n in both]
     problems += [f"{n}: no such method in the descriptor" for n in named - declared]
     problems += [f"{n}: neither bound nor listed as unimplemented" for n in declared - named]
-    table = {}
+    table = []
     for method in descriptor.methods:
         fn = implemented.get(method.name)
         if fn is None:
@@ -95,7 +105,7 @@ def bind(descriptor: Any, service: Service) -> dict[str, Any]:
         elif inspect.isasyncgenfunction(fn) != method.server_streaming:
             shape = "a stream" if method.server_streaming else "a single message"
             problems.append(f"{method.name}: the descriptor answers {shape}, its handler does not")
-        table[method.name] = _method_handler(method, fn)
+        table.append((method, fn))
     if problems:
         raise BindingError(f"{descriptor.full_name}: " + "; ".join(sorted(problems)))
     return table
@@ -109,6 +119,20 @@ def generic_handlers(backend: Backend, server_uuid: str = "") -> list[Any]:
         )
         for descriptor, cls in descriptors()
     ]
+
+
+def ttrpc_routes(backend: Backend, server_uuid: str = "") -> dict[tuple[str, str], Route]:
+    """(service, method) -> its route, for the ttrpc socket: the same handlers as gRPC's."""
+    routes = {}
+    for descriptor, cls in descriptors():
+        for method, fn in _checked(descriptor, cls(backend, server_uuid)):
+            routes[(descriptor.full_name, method.name)] = Route(
+                request_cls=message_factory.GetMessageClass(method.input_type),
+                response_cls=message_factory.GetMessageClass(method.output_type),
+                handler=fn,
+                streaming=method.client_streaming or method.server_streaming,
+            )
+    return routes
 
 
 def _unimplemented(service: str, method: str, streaming_response: bool) -> Handler:

@@ -71,7 +71,9 @@ class Containers(Service):
         update = request.container
         current = await self._call(call, "containers.get", {"id": update.id})
         paths = list(request.update_mask.paths)
-        labels = capi.label_paths(paths, "container", ("spec",))
+        extension_paths = [p for p in paths if p == "extensions" or p.startswith("extensions.")]
+        others = ("spec", "image", *extension_paths)
+        labels = capi.label_paths(paths, "container", others)
         params: dict[str, Any] = {"id": update.id}
         if not paths or labels:
             params["labels"] = capi.apply_label_mask(
@@ -79,6 +81,14 @@ class Containers(Service):
             )
         if (not paths and update.HasField("spec")) or "spec" in paths:
             params["spec"] = capi.from_json_any(update.spec, capi.SPEC_TYPE, "spec")
+        if "image" in paths or (not paths and update.image):
+            params["image"] = update.image
+        if not paths or extension_paths:
+            params["extensions"] = _masked_extensions(
+                current.get("extensions") or {},
+                capi.extensions_to_wire(update.extensions),
+                [p.removeprefix("extensions") for p in extension_paths],
+            )
         updated = await self._call(call, "containers.update", params)
         return capi.types().containers.UpdateContainerResponse(
             container=capi.container_to_message(updated)
@@ -88,3 +98,19 @@ class Containers(Service):
     async def delete(self, request: Any, call: Call) -> Any:
         await self._call(call, "containers.delete", {"id": request.id})
         return empty()
+
+
+def _masked_extensions(
+    current: dict[str, Any], update: dict[str, Any], keys: list[str]
+) -> dict[str, Any]:
+    """containerd's mask for extensions: `extensions` (or no mask) replaces them all,
+    `extensions.<name>` sets one (or removes it, when the update lacks it)."""
+    if not keys or "" in keys:
+        return update
+    result = dict(current)
+    for key in (k.removeprefix(".") for k in keys):
+        if key in update:
+            result[key] = update[key]
+        else:
+            result.pop(key, None)
+    return result

@@ -6,9 +6,13 @@ messages have (up to 32 MiB).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import grpc
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.client import AsyncClient
@@ -23,7 +27,7 @@ from berth.daemon.grpc.services.base import (
     streaming,
     unary,
 )
-from berth.shim.wire.errors import AlreadyExists, BerthError, InvalidArgument
+from berth.shim.wire.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
 
 READ_CHUNK = 1 << 20
 WRITE_CHUNK = 1 << 20  # gRPC messages may hold 32 MiB; berthd's frames hold 4
@@ -114,94 +118,155 @@ class Content(Service):
 
     async def write(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         """containerd's ingest protocol: the first message names the ref; STAT reports,
-        WRITE appends at the current offset, COMMIT (with optional data) seals it. The
-        ingest lives on a berthd connection of its own, released when the stream ends."""
+        WRITE appends at the current offset, COMMIT (with optional data) seals it and ends
+        the stream. The ingest lives on a berthd connection of its own; a stream that ends
+        without a commit releases it (keeping its bytes for a resume) before it ends, so
+        the next writer of the ref finds it free."""
         call = Call(context)
-        session: AsyncClient | None = None
+        ingest: _Ingest | None = None
         try:
             meta = call.meta()
-            session = await self.backend.session()
-            async for item in self._write_session(requests, session, meta):
-                yield item
+            ingest = _Ingest(await self.backend.session(), meta)
+            async for req in requests:
+                yield await ingest.handle(req)
+                if int(req.action) == COMMIT:
+                    return
+        except _OutOfRange as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, exc.message)
         except BerthError as exc:
             await abort_with(context, exc)
         finally:
-            if session is not None:
-                await session.aclose()
+            if ingest is not None:
+                await ingest.release()
 
-    async def _write_session(
-        self, requests: AsyncIterator[Any], session: AsyncClient, meta: dict[str, Any]
-    ) -> AsyncIterator[Any]:
-        t = capi.types()
-        ref = ""
-        total, expected = 0, ""
-        labels: dict[str, str] = {}
-        offset = 0
-        started_at = time.time_ns()
-        async for req in requests:
-            if not ref:
-                if not req.ref:
-                    raise InvalidArgument("the first write request must name a ref")
-                ref = req.ref
-                total, expected = int(req.total), req.expected
-                opened = await session.call(
-                    "content.write.open", {"ref": ref, "total": total, "expected": expected}, **meta
+
+STAT, WRITE, COMMIT = 0, 1, 2
+EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+RELEASE_TIMEOUT = 5.0
+
+
+class _OutOfRange(InvalidArgument):
+    """containerd answers a write away from the current offset OutOfRange, which berth's
+    own error set lacks; it stays within this front end."""
+
+
+class _Ingest:
+    """One Write stream's ingest, as containerd's content service keeps it: the offset
+    and the digest of the bytes received so far, the total and expected digest the
+    messages declared."""
+
+    def __init__(self, session: AsyncClient, meta: dict[str, Any]) -> None:
+        self.session = session
+        self.meta = meta
+        self.ref = ""
+        self.total = 0
+        self.expected = ""
+        self.labels: dict[str, str] = {}
+        self.offset = 0
+        self.digest = EMPTY_DIGEST
+        self.open = False  # berthd holds the ingest's lock for this stream
+        self.started_at = time.time_ns()
+        self.updated_at = self.started_at
+
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+        return await self.session.call(method, {"ref": self.ref, **params}, **self.meta)
+
+    async def _open(self) -> None:
+        opened = await self._call(
+            "content.write.open", {"total": self.total, "expected": self.expected}
+        )
+        if opened.get("exists"):
+            raise AlreadyExists(f"content {self.expected}: already exists")
+        self.open = True
+        self.offset = int(opened.get("offset") or 0)
+        self.digest = opened.get("digest") or (EMPTY_DIGEST if not self.offset else "")
+
+    async def _first(self, req: Any) -> None:
+        if not req.ref:
+            raise InvalidArgument("the first write request must name a ref")
+        self.ref = req.ref
+        self.total, self.expected = int(req.total), req.expected
+        await self._open()
+
+    async def _expect(self, expected: str) -> None:
+        """A digest declared after the first message: if it is stored already, the
+        ingest is dropped and the writer told so (containerd checks at every message)."""
+        self.expected = expected
+        try:
+            await self.session.call("content.info", {"digest": expected}, **self.meta)
+        except NotFound:
+            return
+        await self._call("content.write.abort", {})
+        self.open = False
+        raise AlreadyExists(f"blob with expected digest {expected} exists")
+
+    async def handle(self, req: Any) -> Any:
+        """Apply one request; the response to send."""
+        if not self.ref:
+            await self._first(req)
+        else:
+            if req.ref and req.ref != self.ref:
+                raise InvalidArgument(
+                    f"ref changed from {self.ref!r} to {req.ref!r} within a write"
                 )
-                if opened.get("exists"):
-                    raise AlreadyExists(f"content {expected}: already exists")
-                offset = int(opened.get("offset") or 0)
-            elif req.ref and req.ref != ref:
-                raise InvalidArgument(f"ref changed from {ref!r} to {req.ref!r} within a write")
-            if req.total:
-                total = int(req.total)
-            if req.expected:
-                expected = req.expected
-            if req.labels:
-                labels = dict(req.labels)
-            action = int(req.action)
-            response = t.content.WriteContentResponse(
-                action=action,
-                started_at=capi.timestamp(started_at),
-                updated_at=capi.timestamp(time.time_ns()),
-                total=total,
+            if req.expected and req.expected != self.expected:
+                await self._expect(req.expected)
+        if req.total:
+            self.total = int(req.total)
+        if req.labels:
+            self.labels = dict(req.labels)
+        action = int(req.action)
+        if action in (WRITE, COMMIT):
+            await self._write(req)
+            if action == COMMIT:
+                await self._commit()
+        elif action != STAT:
+            raise InvalidArgument(f"unknown write action {action}")
+        return capi.types().content.WriteContentResponse(
+            action=action,
+            started_at=capi.timestamp(self.started_at),
+            updated_at=capi.timestamp(self.updated_at),
+            offset=self.offset,
+            total=self.total,
+            digest=self.digest,
+        )
+
+    async def _write(self, req: Any) -> None:
+        if req.offset > 0 and req.offset != self.offset:
+            raise _OutOfRange(f"write @{req.offset} must occur at current offset {self.offset}")
+        if req.offset == 0 and self.offset > 0:
+            # containerd truncates an ingest written again from the start
+            await self._call("content.write.abort", {})
+            self.open = False
+            await self._open()
+        data = bytes(req.data)
+        for start in range(0, len(data), WRITE_CHUNK):  # berthd's frames are bounded
+            written = await self._call(
+                "content.write.chunk",
+                {"data": data[start : start + WRITE_CHUNK], "offset": self.offset},
             )
-            if action in (1, 2):  # WRITE, COMMIT
-                if req.offset == 0 and offset > 0:
-                    # containerd truncates an ingest written again from the start
-                    await session.call("content.write.abort", {"ref": ref}, **meta)
-                    reopened = await session.call(
-                        "content.write.open",
-                        {"ref": ref, "total": total, "expected": expected},
-                        **meta,
-                    )
-                    if reopened.get("exists"):
-                        raise AlreadyExists(f"content {expected}: already exists")
-                    offset = int(reopened.get("offset") or 0)
-                elif req.offset and req.offset != offset:
-                    raise InvalidArgument(
-                        f"write at {req.offset} must occur at the current offset {offset}"
-                    )
-                data = bytes(req.data)
-                for start in range(0, len(data), WRITE_CHUNK):  # berthd's frames are bounded
-                    written = await session.call(
-                        "content.write.chunk",
-                        {"ref": ref, "data": data[start : start + WRITE_CHUNK], "offset": offset},
-                        **meta,
-                    )
-                    offset = int(written["offset"])
-                if action == 2:
-                    committed = await session.call(
-                        "content.write.commit",
-                        {"ref": ref, "size": total, "expected": expected, "labels": labels},
-                        **meta,
-                    )
-                    response.digest = committed["digest"]
-            elif action != 0:
-                raise InvalidArgument(f"unknown write action {action}")
-            elif expected:
-                response.digest = expected
-            response.offset = offset
-            yield response
+            self.offset = int(written["offset"])
+            self.digest = written.get("digest") or ""
+            self.updated_at = time.time_ns()
+
+    async def _commit(self) -> None:
+        self.open = False  # committed or failed, berthd has let the ingest go
+        committed = await self._call(
+            "content.write.commit",
+            {"size": self.total, "expected": self.expected, "labels": self.labels},
+        )
+        self.digest = committed["digest"]
+
+    async def release(self) -> None:
+        """Let the ingest go (its bytes stay for a resume) before the stream ends, then
+        close the connection. Bounded: a berthd that does not answer drops the lock
+        itself when the connection closes."""
+        try:
+            if self.open:
+                with contextlib.suppress(BerthError, TimeoutError):
+                    await asyncio.wait_for(self._call("content.write.close", {}), RELEASE_TIMEOUT)
+        finally:
+            await self.session.aclose()
 
 
 def _ingest_status(doc: dict[str, Any]) -> Any:

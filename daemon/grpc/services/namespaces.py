@@ -61,7 +61,10 @@ class Namespaces(Service):
     @unary
     async def update(self, request: Any, call: Call) -> Any:
         t = capi.types()
-        current = await self.backend.call("namespaces.get", {"name": request.namespace.name})
+        try:
+            current = await self.backend.call("namespaces.get", {"name": request.namespace.name})
+        except NotFound:
+            current = {}  # berthd creates it, as containerd does
         labels = capi.apply_label_mask(
             current.get("labels") or {},
             dict(request.namespace.labels),
