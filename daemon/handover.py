@@ -182,6 +182,11 @@ class ControlServer:
         self.handing = handing
         self.busy = False
         self.standbys = 0  # attached: each keeps its control connection open
+        # Set once this daemon's own start is complete (its predecessor, if any, has been
+        # told it serves): a successor asking earlier waits, else this daemon could hand
+        # over and exit before that word, and its predecessor would resume beside the
+        # successor's successor.
+        self.settled = trio.Event()
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = bind_unix(self.path, mode=0o600)
@@ -261,6 +266,11 @@ class ControlServer:
         if self.busy:
             raise FailedPrecondition("a handover is already under way")
         self.busy = True
+        with trio.move_on_after(DONE_TIMEOUT):
+            await self.settled.wait()
+        if not self.settled.is_set():
+            self.busy = False
+            raise FailedPrecondition("this berthd is still starting (taking over): try again")
         log.info("handing over to berthd %s (pid %s)", successor, req.params.get("pid"))
         began = trio.current_time()
         await self.handing.stop_accepting()

@@ -229,6 +229,7 @@ async def _run_services(
         await recovered.wait()
         notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
         await handover.announce_done(inheritance)
+        control.settled.set()  # from now on this daemon may hand over in its turn
         detach.ready()  # berthd --detach: the command that started this daemon returns
         if config.standby:
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
