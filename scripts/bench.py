@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -714,6 +715,48 @@ class Bench:
             self.berth.remove(ids["berth"])
             self.containerd.remove(ids["containerd"])
 
+    # -- the CLI's start: `version` (one round trip), wall time and the CPU it costs
+
+    def fig_cli(self) -> None:
+        n = 10 if self.quick else 40
+        commands = {
+            "berth": (self.berth.version_cmd(), self.berth.env),
+            "containerd": (self.containerd.version_cmd(), None),
+        }
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
+
+        def case(name: str) -> Callable[[int], float]:
+            command, env = commands[name]
+
+            def one(i: int) -> float:
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)  # us, not os.times' ticks
+                elapsed = timed(command, env=env)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(
+                    after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                )
+                return elapsed
+
+            return one
+
+        samples = self.interleave({name: case(name) for name in commands}, n)
+        self.record(
+            "cli_version",
+            "`version` through each one's CLI (start-up + one call), wall",
+            "ms",
+            samples,
+            ("berth", "containerd"),
+            1000,
+        )
+        self.record(
+            "cli_version_cpu",
+            "`version` through each one's CLI: CPU of the CLI process",
+            "ms",
+            {name: values[-n:] for name, values in cpu.items()},  # not the warm-up's
+            ("berth", "containerd"),
+            1000,
+        )
+
     # -- 7. images: import + unpack, pull from a loopback registry
 
     def fig_images(self) -> None:
@@ -1008,6 +1051,7 @@ def run_figures(bench: Bench, only: set[str], quick: bool) -> None:
         "exec": bench.fig_exec,
         "images": bench.fig_images,
         "clients": bench.fig_clients,
+        "cli": bench.fig_cli,
     }
     for name, figure in simple.items():
         if name in only:
@@ -1030,7 +1074,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="run_rm, memory, throughput, concurrent, exec, images, clients, takeover, upgrade",
+        help="run_rm, memory, throughput, concurrent, exec, images, clients, cli, takeover, "
+        "upgrade",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -1053,6 +1098,7 @@ def main() -> int:
             "exec",
             "images",
             "clients",
+            "cli",
             "takeover",
             "upgrade",
         ]

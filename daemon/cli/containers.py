@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
 
 from berth.daemon.cli.output import add_format, print_json, print_table
 from berth.daemon.cli.session import CliError
@@ -14,7 +13,10 @@ from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.shim.wire.errors import BerthError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from typing import Any
+
     from berth.daemon.cli.session import Session
     from berth.daemon.cli.subverbs import Arguments
 

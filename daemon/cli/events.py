@@ -4,13 +4,14 @@ until interrupted."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
 
 from berth.daemon.cli.output import timestamp
 from berth.daemon.cli.session import CliError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
     from berth.daemon.cli.session import Session
 

@@ -16,11 +16,11 @@ import signal
 import stat
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from berth.daemon.cli.session import CliError
 from berth.shim.wire.errors import BerthError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any

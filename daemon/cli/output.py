@@ -4,9 +4,11 @@ option that picks between a table and JSON. Shared by the listing verbs."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from typing import Any
+
     from berth.daemon.cli.subverbs import Arguments
 
 

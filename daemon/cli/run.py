@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import TYPE_CHECKING, Any
 
 from berth.daemon.cli.containers import container_options, create_container, positionals
 from berth.daemon.cli.io import run_attached, terminal_size
 from berth.daemon.cli.session import CliError
 from berth.shim.wire.errors import BerthError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from typing import Any
+
     from berth.daemon.cli.session import Session
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import Reconnect, Unavailable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
+if TYPE_CHECKING:
+    from typing import Any
 
 RECONNECT_INTERVAL = 0.1
 HANDOVER_RETRY = 0.02  # seconds between repeats of a call a handing-over daemon refused

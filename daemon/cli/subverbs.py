@@ -3,22 +3,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
+    from typing import Any
 
     from berth.daemon.cli.session import Session
 
     Command = Callable[[Session, argparse.Namespace], int]
 
+    from typing import Protocol
 
-class Arguments(Protocol):
-    """A sub-verb's parser as the code that fills it sees it: an ArgumentParser, or the
-    stand-in for a sub-verb this start does not run."""
+    class Arguments(Protocol):
+        """A sub-verb's parser as the code that fills it sees it: an ArgumentParser, or
+        the stand-in for a sub-verb this start does not run."""
 
-    def add_argument(self, *args: Any, **kwargs: Any) -> Any: ...
+        def add_argument(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class _Unused:
@@ -67,6 +68,7 @@ class SubVerbs:
         def add(name: str, **kwargs: Any) -> Arguments:
             aliases = self._aliases[name]
             if every or wanted == name or wanted in aliases:
+                kwargs.setdefault("formatter_class", parser.formatter_class)
                 return sub.add_parser(name, aliases=aliases, **kwargs)
             return _UNUSED
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from berth.shim.wire.errors import (
     BerthError,
@@ -35,7 +34,10 @@ from berth.shim.wire.protocol import (
 )
 from berth.shim.wire.unixsock import connect_unix
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from typing import Any
+
     from berth.shim.wire.protocol import ReceivedEvent
 
 

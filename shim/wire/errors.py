@@ -6,8 +6,7 @@ Modelled on containerd's errdefs: a small closed set of codes that a client can 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:  # `typing` costs every CLI start ~9 ms: annotations only
     from typing import ClassVar
 

@@ -34,12 +34,12 @@ Errors: `RemoteProtocolError` means the peer broke the rules (answer it and carr
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 import msgpack
 
 from berth.shim.wire.errors import BerthError, error_from_wire
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, Final

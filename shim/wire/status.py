@@ -3,7 +3,10 @@ defined once."""
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
+if TYPE_CHECKING:
+    from typing import Final
+
 
 # A process's states (containerd's names).
 CREATED: Final = "created"
