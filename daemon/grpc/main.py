@@ -20,6 +20,14 @@ for ORPHAN_TIMEOUT seconds exits by itself.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and "ssl" not in sys.modules:
+    # berth-grpc only ever serves and calls UNIX sockets, and grpc carries its own TLS
+    # (BoringSSL, built in). Python's ssl module, which asyncio imports for TLS it never
+    # does here, maps libssl and libcrypto: 4 MiB of this process's private memory.
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` -> ImportError
+
 import argparse
 import asyncio
 import contextlib
@@ -29,7 +37,6 @@ import os
 import signal
 import socket
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
