@@ -1,0 +1,57 @@
+"""containerd's own Go client as a test client: `tests/support/goclient/main.go`, a probe
+built from Debian's golang-github-containerd-containerd-dev (GOPATH mode, Go from
+golang-go; both installed by scripts/setup) into build/, once per source version."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).parent / "goclient" / "main.go"
+GOPATH = "/usr/share/gocode"
+BUILD = Path(__file__).resolve().parents[2] / "build" / "goclient"
+
+
+def probe() -> str:
+    """The probe's path, built if need be; the test fails (not skips) without Go."""
+    if (
+        shutil.which("go") is None
+        or not Path(GOPATH, "src/github.com/containerd/containerd").is_dir()
+    ):
+        pytest.fail("needs golang-go and golang-github-containerd-containerd-dev (scripts/setup)")
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    binary = BUILD / f"goclient-{digest}"
+    if not binary.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "GO111MODULE": "off",
+            "GOPATH": GOPATH,
+            "GOCACHE": str(BUILD / "cache"),
+            "GOFLAGS": "",
+        }
+        partial = binary.with_suffix(".partial")
+        subprocess.run(
+            ["go", "build", "-o", str(partial), "."],
+            cwd=SOURCE.parent,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        partial.rename(binary)
+    return str(binary)
+
+
+def run(address: str, namespace: str, rootfs: str, flow: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [probe(), address, namespace, rootfs, flow],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -1,0 +1,61 @@
+"""containerd's own Go client (the library dockerd, nerdctl and BuildKit link) against
+berth's containerd sockets, unmodified: a probe built from Debian's containerd 1.6 sources
+(tests/support/goclient), one flow per test, each something that client relies on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
+from tests.support import goclient
+from tests.support.clients import grpc_address, grpc_daemon
+from tests.support.helpers import Daemon
+
+pytestmark = pytest.mark.container
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Daemon, str]]:
+    goclient.probe()  # built before any daemon runs (a first build takes a while)
+    daemon = grpc_daemon()
+    try:
+        yield daemon, build_busybox_rootfs(os.path.join(daemon.dir, "rootfs"))
+    finally:
+        daemon.cleanup()
+
+
+def _flow(served: tuple[Daemon, str], flow: str) -> str:
+    daemon, rootfs = served
+    result = goclient.run(grpc_address(daemon), daemon.namespace, rootfs, flow)
+    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_fresh_namespace_gets_its_default_labels(served: tuple[Daemon, str]) -> None:
+    """SetLabel on a namespace nobody created: the client's set-up of a fresh namespace
+    (Namespaces.Update creates it, as containerd's store does)."""
+    _flow(served, "namespace-labels")
+
+
+def test_a_created_task_is_deleted_by_a_deferred_cleanup(served: tuple[Daemon, str]) -> None:
+    """NewTask, then Delete(WithProcessKill) without ever starting it."""
+    _flow(served, "created-task-delete")
+
+
+def test_container_extensions_come_back(served: tuple[Daemon, str]) -> None:
+    _flow(served, "extensions")
+
+
+def test_a_container_runs_and_reports_its_exit_status(served: tuple[Daemon, str]) -> None:
+    """NewContainer, NewTask, Wait, Start: exit status 7 through the client's channel."""
+    _flow(served, "run")
+
+
+def test_the_ttrpc_client_talks_to_the_ttrpc_socket(served: tuple[Daemon, str]) -> None:
+    """containerd's ttrpc library on `<address>.ttrpc`: Version, Tasks.List with the
+    namespace in ttrpc's header, and NotFound with its gRPC code."""
+    out = _flow(served, "ttrpc")
+    assert "code = NotFound" in out
