@@ -5,6 +5,7 @@ state = "/run/berth"               # volatile: sockets, bundles, shim state, exi
 address = "/run/berth/berthd.sock" # the API socket (mode 0660)
 default_runtime = "runc"
 log_level = "info"
+log_format = "text"                # or "json": one object a line (--log-format; berth-grpc too)
 standby = false                    # keep a warm standby berthd behind the active one
 
 [runtimes.runc]
@@ -34,6 +35,16 @@ gid = 0                            # the socket's group (mode 0660): root-equiva
 
 [ttrpc]                            # the same services over ttrpc, served by berth-grpc
 address = "/run/berth/containerd.sock.ttrpc"   # unset: <grpc address>.ttrpc; "": not served
+
+[network]                          # CNI network attachments (berth run --net NAME)
+conf_dir = "/etc/cni/net.d"        # network config lists (.conflist, .conf)
+plugin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]   # CNI_PATH: where the plugins are
+default_subnet = "10.77.0.0/24"    # of `bridge`, berth's network when none is so named
+default_bridge = "berth0"
+
+[metrics]                          # Prometheus metrics, as containerd's [metrics] (off by default)
+address = "127.0.0.1:1338"         # HOST:PORT ([::1]:PORT for IPv6) serving GET /v1/metrics;
+                                   # unset or "": not served (flag: --metrics-address)
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ CONTAINERD_RUNC_NAMES = (
     "io.containerd.runtime.v1.linux",
 )
 DEFAULT_STATE = "/run/berth"
+LOG_FORMATS = ("text", "json")  # logs.py writes them
 # Flags that act once: a daemon that re-executes itself or spawns a standby drops them.
 ONE_TIME_FLAGS = ("--standby", "--takeover", "--detach")
 
@@ -78,6 +90,7 @@ class Config:
     address: str = ""
     default_runtime: str = "runc"
     log_level: str = "info"
+    log_format: str = "text"  # LOG_FORMATS
     runtimes: dict[str, RuntimeEntry] = field(default_factory=dict)
     log_max_size: int = 16 * 1024 * 1024
     log_max_files: int = 4
@@ -92,6 +105,11 @@ class Config:
     standby: bool = False  # keep a warm standby (berthd --standby) behind the active daemon
     mode: str = "active"  # "standby" or "takeover": command-line flags only
     detach: bool = False  # --detach: fork, return once the forked daemon serves (detach.py)
+    metrics_address: str = ""  # HOST:PORT of the Prometheus endpoint; "": not served
+    network_conf_dir: str = "/etc/cni/net.d"
+    network_plugin_dirs: tuple[str, ...] = ("/usr/lib/cni", "/opt/cni/bin")
+    network_default_subnet: str = "10.77.0.0/24"
+    network_default_bridge: str = "berth0"
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -134,8 +152,12 @@ class Config:
             self.address
         ):
             raise InvalidArgument("[grpc] address must differ from berthd's own address")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.default_runtime not in self.runtimes:
             raise InvalidArgument(f"default runtime {self.default_runtime!r} is not configured")
+        if self.metrics_address:
+            split_host_port(self.metrics_address, "[metrics] address")
 
     def runtime_entry(self, name: str) -> RuntimeEntry | None:
         """The configured runtime `name`; containerd's runc runtime names resolve to the
@@ -168,6 +190,19 @@ class Config:
         return os.path.join(self.root, "rootfs", "busybox")
 
 
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); InvalidArgument if it is not
+    one. The host must be given: a metrics endpoint on every interface is a choice."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"{what} must be HOST:PORT (e.g. 127.0.0.1:1338), not {address!r}")
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise InvalidArgument(f"{what}: bad host {host!r}")
+    return host, int(port)
+
+
 def load_file(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         return tomllib.load(f)
@@ -176,7 +211,15 @@ def load_file(path: str) -> dict[str, Any]:
 def from_mapping(doc: dict[str, Any]) -> Config:
     """A Config from a parsed TOML document; InvalidArgument names what is wrong."""
     config = Config()
-    for key in ("root", "state", "address", "default_runtime", "log_level", "default_snapshotter"):
+    for key in (
+        "root",
+        "state",
+        "address",
+        "default_runtime",
+        "log_level",
+        "log_format",
+        "default_snapshotter",
+    ):
         if key in doc:
             setattr(config, key, _typed(doc, key, str, "config"))
     if not config.address:  # the default: berthd.sock in the state dir (set or default)
@@ -201,10 +244,28 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     ttrpc = _table(doc, "ttrpc")
     if "address" in ttrpc:
         config.ttrpc_address_setting = _typed(ttrpc, "address", str, "[ttrpc]", "")
+    config.metrics_address = _typed(_table(doc, "metrics"), "address", str, "[metrics]", "")
+    _network(config, _table(doc, "network"))
     if "socket_group" in doc:
         config.socket_group = int(doc["socket_group"])
     config.standby = _typed(doc, "standby", bool, "config", False)
     return config
+
+
+def _network(config: Config, table: dict[str, Any]) -> None:
+    config.network_conf_dir = _typed(table, "conf_dir", str, "[network]", config.network_conf_dir)
+    dirs = table.get("plugin_dirs", list(config.network_plugin_dirs))
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
+        raise InvalidArgument("[network] plugin_dirs must be a list of absolute paths")
+    config.network_plugin_dirs = tuple(dirs)
+    config.network_default_subnet = _typed(
+        table, "default_subnet", str, "[network]", config.network_default_subnet
+    )
+    config.network_default_bridge = _typed(
+        table, "default_bridge", str, "[network]", config.network_default_bridge
+    )
+    if not 0 < len(config.network_default_bridge) < 16:  # IFNAMSIZ
+        raise InvalidArgument("[network] default_bridge must be 1-15 characters")
 
 
 def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -248,8 +309,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", "-a", help="API socket path (default <state>/berthd.sock)")
     parser.add_argument("--default-runtime", help="runtime for containers that name none")
     parser.add_argument("--log-level", help="debug, info, warning, error")
+    parser.add_argument("--log-format", help="text (the default) or json: one JSON object per line")
     parser.add_argument(
         "--grpc-address", help="serve containerd's gRPC API on this socket (berth-grpc)"
+    )
+    parser.add_argument(
+        "--metrics-address", help="serve Prometheus metrics on HOST:PORT at /v1/metrics"
     )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
@@ -280,12 +345,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(argv: list[str] | None = None) -> Config:
     args = parse_args(argv)
     doc: dict[str, Any] = load_file(args.config) if args.config else {}
-    for key in ("root", "state", "address", "default_runtime", "log_level"):
+    for key in ("root", "state", "address", "default_runtime", "log_level", "log_format"):
         value = getattr(args, key)
         if value:
             doc[key] = os.path.abspath(value) if key in ("root", "state", "address") else value
     if args.grpc_address:
         doc.setdefault("grpc", {})["address"] = os.path.abspath(args.grpc_address)
+    if args.metrics_address is not None:
+        doc["metrics"] = {**_table(doc, "metrics"), "address": args.metrics_address}
     config = from_mapping(doc)
     config.rebuild_metadata = args.rebuild_metadata
     config.mode = "standby" if args.standby else "takeover" if args.takeover else "active"

@@ -62,6 +62,10 @@ class Exchange:
         self._history: deque[Envelope] = deque(maxlen=HISTORY)
         self._seq = 0
         self.epoch = uuid.uuid4().hex[:12]
+        # Counters for berthd's metrics (plain ints: free when metrics are off).
+        self.published = 0
+        self.replayed = 0  # envelopes sent again to a resubscriber (since / after_seq)
+        self.dropped = 0  # envelopes a subscriber could not take: it was dropped
 
     def subscribe(
         self,
@@ -86,7 +90,9 @@ class Exchange:
                         sub.send.send_nowait(envelope)
                     except trio.WouldBlock:
                         sub.overflowed = True
+                        self.dropped += 1
                         break
+                    self.replayed += 1
         self._subscribers.add(sub)
         return sub
 
@@ -103,6 +109,7 @@ class Exchange:
             "epoch": self.epoch,
         }
         self._history.append(envelope)
+        self.published += 1
         for sub in list(self._subscribers):
             if not sub.predicate(envelope):
                 continue
@@ -110,6 +117,7 @@ class Exchange:
                 sub.send.send_nowait(envelope)
             except trio.WouldBlock:
                 sub.overflowed = True
+                self.dropped += 1
                 sub.close()
             except trio.ClosedResourceError:
                 self._subscribers.discard(sub)

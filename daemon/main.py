@@ -10,6 +10,7 @@
               ├── GC scheduler: collects after deletes, and stale things periodically
               ├── zygote client reader
               ├── gRPC front end: berth-grpc, a child process, restarted if it dies
+              ├── metrics endpoint ([metrics] address): GET /v1/metrics (metrics.py)
               ├── per task: shim connection reader, event pump, death watch
               └── signal watcher: SIGTERM/SIGINT -> stop serving, leave every shim running
 
@@ -23,26 +24,30 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from berth.daemon import config as config_module
-from berth.daemon import detach, handover, listeners, notify, standby, startup
+from berth.daemon import detach, handover, listeners, logs, notify, standby, startup
 from berth.daemon.api import routes, schema
 from berth.daemon.api.core import Api, load_server_uuid, namespace_of
+from berth.daemon.api.network import NetworkApi
 from berth.daemon.api.storage import StorageApi
 from berth.daemon.api.tasks import TaskApi
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
-from berth.daemon.rpc import Drain, ServerConnection, guarded, refuse
+from berth.daemon.network.service import NetworkService, NetworkSettings
+from berth.daemon.rpc import Drain, Observer, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.daemon.tasks.shims import Zygote
-from berth.shim.wire.errors import BerthError
+from berth.shim.wire.errors import BerthError, NotFound
+from berth.shim.wire.status import STOPPED
 from berth.shim.wire.unixsock import peer_credentials
 
 log = logging.getLogger("berthd")
@@ -153,8 +158,18 @@ async def _run_services(
         tasks.inherit_seqs(inheritance.task_seqs)
         api = Api(config, store, exchange, tasks, load_server_uuid(config.root), recovered, storage)
         storage_api = StorageApi(storage, exchange.publish, tasks.rootfs_snapshots)
+        observe = _start_metrics(
+            config, nursery, tasks, store, exchange, storage, lambda: control.standbys
+        )
+        api.networks = networks = _network_service(config)  # deleted with their container
         handlers = routes.bind(
-            [api.handlers(), TaskApi(tasks).handlers(), storage_api.handlers()], recovered
+            [
+                api.handlers(),
+                TaskApi(tasks).handlers(),
+                storage_api.handlers(),
+                NetworkApi(networks).handlers(),
+            ],
+            recovered,
         )
 
         async def handle_connection(stream: trio.SocketStream) -> None:
@@ -163,7 +178,9 @@ async def _run_services(
                 log.warning("refused API connection from uid %d", uid)
                 await refuse(stream, f"uid {uid} may not use berthd", "permission_denied")
                 return
-            connection = ServerConnection(stream, handlers, namespace_of, uid, drain=drain)
+            connection = ServerConnection(
+                stream, handlers, namespace_of, uid, drain=drain, observe=observe
+            )
             await guarded("API connection", connection.serve)
 
         async def recover() -> None:
@@ -174,6 +191,7 @@ async def _run_services(
                 # Even a recovery that failed opens the task calls: waiting for ever on it
                 # would hang every client (the failure is logged by `guarded`).
                 recovered.set()
+            await _reconcile_networks(networks, tasks)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -216,7 +234,7 @@ async def _run_services(
         log.info("berthd %s serving on %s (pid %d)", _version(), config.address, os.getpid())
         task_status.started()
         nursery.start_soon(guarded, "zygote start", zygote.warm)
-        nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
+        _start_background(nursery, storage_api, exchange, networks)
         if config.grpc_address:
             nursery.start_soon(
                 guarded,
@@ -235,6 +253,66 @@ async def _run_services(
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
 
 
+def _network_service(config: Config) -> NetworkService:
+    settings = NetworkSettings(
+        conf_dir=config.network_conf_dir,
+        plugin_dirs=config.network_plugin_dirs,
+        default_subnet=config.network_default_subnet,
+        default_bridge=config.network_default_bridge,
+    )
+    return NetworkService(settings, config.state, config.root)
+
+
+async def _reconcile_networks(networks: NetworkService, tasks: TaskService) -> None:
+    """Release the network attachments nobody lives in any more (a container that exited
+    or went while berthd was down, an ADD a crash cut short)."""
+    released = await networks.reconcile(lambda ns, cid: _task_lives(tasks, ns, cid))
+    if released:
+        log.info("released %d network attachment(s) no live task uses", released)
+
+
+def _start_background(
+    nursery: trio.Nursery, storage_api: StorageApi, exchange: Exchange, networks: NetworkService
+) -> None:
+    nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
+    nursery.start_soon(guarded, "network release", _release_on_exit, exchange, networks)
+
+
+async def _release_on_exit(exchange: Exchange, networks: NetworkService) -> None:
+    """A task's network attachments go when its init exits, as Docker releases a stopped
+    container's addresses (its namespace has nobody left to serve). An exit this misses
+    (a subscriber that fell behind is dropped: it subscribes again) is released with its
+    container, or by the next start's reconcile."""
+    async with trio.open_nursery() as releases:
+        while True:
+            subscription = exchange.subscribe(['topic=="/tasks/exit"'])
+            try:
+                async for envelope in subscription.receive:
+                    event = envelope["event"]
+                    if event.get("id") == event.get("container_id"):
+                        releases.start_soon(
+                            guarded,
+                            "network release",
+                            _detach,
+                            networks,
+                            envelope["namespace"],
+                            event["container_id"],
+                        )
+            finally:
+                subscription.close()
+
+
+async def _detach(networks: NetworkService, namespace: str, container_id: str) -> None:
+    await networks.detach(namespace, container_id)
+
+
+def _task_lives(tasks: TaskService, namespace: str, container_id: str) -> bool:
+    try:
+        return tasks.get_handle(namespace, container_id).init.status != STOPPED
+    except NotFound:
+        return False
+
+
 class _KeepOpen(trio.abc.Listener[trio.SocketStream]):
     """The API listener, which a handover passes on: when this daemon stops accepting,
     trio closes the listener it served; this one leaves the socket open."""
@@ -247,6 +325,27 @@ class _KeepOpen(trio.abc.Listener[trio.SocketStream]):
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _start_metrics(
+    config: Config,
+    services: trio.Nursery,
+    tasks: TaskService,
+    store: Store,
+    exchange: Exchange,
+    storage: Storage,
+    standbys: Callable[[], int],
+) -> Observer | None:
+    """Serve [metrics] (daemon/metrics.py) among the services; the API calls' observer.
+    prometheus_client is imported only here, only when metrics are on."""
+    if not config.metrics_address:
+        return None
+    from berth.daemon import metrics
+
+    figures = metrics.Metrics(metrics.Sources(tasks, store, exchange, storage, standbys))
+    server = metrics.MetricsServer(config.metrics_address, figures)
+    services.start_soon(guarded, "metrics endpoint", server.serve)
+    return figures.observe
 
 
 def _version() -> str:
@@ -341,11 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BerthError, OSError, ValueError) as exc:
         print(f"berthd: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level, config.log_format)
     # The HTTP libraries log every request (and upload-session URLs) at INFO/DEBUG: that is
     # noise in berthd's log, and berth logs what matters about a transfer itself.
     for noisy in ("httpx", "httpcore"):

@@ -663,6 +663,11 @@ class Store:
         rows = self._db.execute("SELECT namespace, id FROM containers").fetchall()
         return [self.get_container(r[0], r[1]) for r in rows]
 
+    def container_images(self) -> dict[tuple[str, str], str]:
+        """(namespace, id) -> image of every container, in one query (berthd's metrics)."""
+        rows = self._db.execute("SELECT namespace, id, image FROM containers").fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
 
 MAX_IMAGE_NAME = 512
 

@@ -281,6 +281,9 @@ async def guarded(what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> 
 
 
 Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
+# Told of every API call once answered: (method, "ok" or the error code, seconds). Unknown
+# methods are "unknown", so a client cannot grow the metrics' label sets at will.
+Observer = Callable[[str, str, float], None]
 
 
 class Drain:
@@ -344,6 +347,7 @@ class ServerConnection:
         peer_uid: int,
         max_frame_size: int = DEFAULT_MAX_FRAME,
         drain: Drain | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self._stream = stream
         self._handlers = handlers
@@ -358,6 +362,7 @@ class ServerConnection:
         self._session: dict[str, Any] = {}
         self._on_close: list[Callable[[], None]] = []
         self._drain = drain or Drain()
+        self._observe = observe
 
     @property
     def in_flight(self) -> int:
@@ -480,6 +485,10 @@ class ServerConnection:
                 if req.id in self._ended:
                     error = Reconnect(RECONNECT_MESSAGE)
                 reply = ErrorReply.from_exception(req.id, error)
+            if self._observe is not None:
+                code = reply.code if isinstance(reply, ErrorReply) else "ok"
+                method = req.method if req.method in self._handlers else "unknown"
+                self._observe(method, code, time.perf_counter() - started)
             await self._send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

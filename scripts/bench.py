@@ -715,6 +715,71 @@ class Bench:
             self.berth.remove(ids["berth"])
             self.containerd.remove(ids["containerd"])
 
+    # -- network attachments: `run --rm /bin/true` with and without a CNI bridge network
+
+    def fig_network(self) -> None:
+        """The cost of an attachment: berth's `run --rm --net bridge` minus its run without
+        a network, against podman's (`--network podman`, its CNI bridge: podman 4.3 with
+        the CNI backend where netavark is not installed) minus podman's `--network none`."""
+        n = 5 if self.quick else 20
+        rootfs = self.rootfs
+        limits = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+
+        def berth(net: list[str]) -> Callable[[int], float]:
+            def one(i: int) -> float:
+                command = self.berth.cli(
+                    "run",
+                    "--rm",
+                    "--read-only",
+                    "--rootfs",
+                    rootfs,
+                    *net,
+                    self.uid("n"),
+                    "/bin/true",
+                )
+                return timed(command, env=self.berth.env)
+
+            return one
+
+        def podman(network: str) -> Callable[[int], float]:
+            def one(i: int) -> float:
+                command = ["podman", "run", "--rm", *limits, "--network", network]
+                return timed([*command, "--rootfs", rootfs, "/bin/true"])
+
+            return one
+
+        cases = {"berth bridge": berth(["--net", "bridge"]), "berth none": berth([])}
+        if shutil.which("podman"):
+            cases.update({"podman bridge": podman("podman"), "podman none": podman("none")})
+        samples = self.interleave(cases, n)
+        self.record(
+            "net_run_rm",
+            "`run --rm /bin/true`, with and without a bridge network",
+            "ms",
+            samples,
+            None,
+            1000,
+        )
+        if "podman bridge" in samples:
+            cost = {
+                "berth": [
+                    b - o
+                    for b, o in zip(samples["berth bridge"], samples["berth none"], strict=True)
+                ],
+                "podman": [
+                    b - o
+                    for b, o in zip(samples["podman bridge"], samples["podman none"], strict=True)
+                ],
+            }
+            self.record(
+                "net_attach_cost",
+                "the cost of a network attachment (bridge run minus none run)",
+                "ms",
+                cost,
+                ("berth", "podman"),
+                1000,
+            )
+
     # -- the CLI's start: `version` (one round trip), wall time and the CPU it costs
 
     def fig_cli(self) -> None:
@@ -1052,6 +1117,7 @@ def run_figures(bench: Bench, only: set[str], quick: bool) -> None:
         "images": bench.fig_images,
         "clients": bench.fig_clients,
         "cli": bench.fig_cli,
+        "network": bench.fig_network,
     }
     for name, figure in simple.items():
         if name in only:
@@ -1064,6 +1130,10 @@ def run_figures(bench: Bench, only: set[str], quick: bool) -> None:
                 bench_upgrade.fig_takeover(bench, count)
         if "upgrade" in only:
             bench_upgrade.fig_upgrade_load(bench)
+    if "metrics" in only:
+        import bench_metrics  # scripts/bench_metrics.py: the cost of berthd's [metrics]
+
+        bench_metrics.fig_metrics(bench)
 
 
 def main() -> int:
@@ -1075,7 +1145,7 @@ def main() -> int:
         "--only",
         action="append",
         help="run_rm, memory, throughput, concurrent, exec, images, clients, cli, takeover, "
-        "upgrade",
+        "upgrade, metrics",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -1099,8 +1169,10 @@ def main() -> int:
             "images",
             "clients",
             "cli",
+            "network",
             "takeover",
             "upgrade",
+            "metrics",
         ]
     )
     with private_workdir() as work:

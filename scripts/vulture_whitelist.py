@@ -4,7 +4,7 @@ messages filled field by field), or parsed for completeness from an image config
 
 # ruff: noqa
 # API contract records (daemon/api/schema.py): fields are the wire format.
-revision, chain_id, kept, long  # noqa
+revision, chain_id, kept, long, host_port, container_port, host_ip  # noqa
 # io.RawIOBase interface of the hashing reader/writer (daemon/storage/archive.py)
 readable, readinto, writable  # noqa
 # protobuf Metrics messages filled field by field (daemon/grpc/convert.py)

@@ -85,14 +85,20 @@ def _inherit_cpuset(parent: str, child: str) -> None:
             f.write(value)
 
 
-def paths_for(pid: int) -> CgroupPaths | None:
-    """The cgroup directories of process `pid`, or None if it is gone."""
+def mounts() -> dict[str, str]:
+    """The cgroup hierarchies' mount points, to pass to paths_for for many pids at once."""
+    return _mounts()
+
+
+def paths_for(pid: int, mounted: dict[str, str] | None = None) -> CgroupPaths | None:
+    """The cgroup directories of process `pid`, or None if it is gone. `mounted`: the
+    result of mounts(), when the caller looks up many pids (berthd's metrics)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    mounts = _mounts()
+    mounts = mounted if mounted is not None else _mounts()
     v1: dict[str, str] = {}
     unified: str | None = None
     for line in lines:

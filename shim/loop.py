@@ -32,14 +32,35 @@ _READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _WRITE = select.EPOLLOUT | select.EPOLLERR
 
 
+# A shim lives as long as its container (months, maybe): its own log (`<bundle>/shim.log`,
+# not the container's output) is rotated at this size, one older file kept (`.1`).
+SHIM_LOG_MAX = 1 << 20
+_log_path = ""  # the file fd 2 appends to, when this process keeps it bounded (log_to)
+
+
 def log(message: str) -> None:
     """Write one line to the shim's log (its stderr). The logging module is not imported:
     it pulls in threading and more, for every container."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     try:
         os.write(2, f"{stamp} berth-shim[{os.getpid()}] {message}\n".encode(errors="replace"))
+        if _log_path and os.fstat(2).st_size >= SHIM_LOG_MAX:
+            os.replace(_log_path, f"{_log_path}.1")
+            log_to(_log_path)
     except OSError:
         pass
+
+
+def log_to(path: str) -> None:
+    """Make fd 2 (this process's log lines, tracebacks, what its children inherit) append
+    to `path`, and keep that file bounded from now on: past SHIM_LOG_MAX bytes it becomes
+    `path.1` (replacing the one before) and a new `path` begins, so a shim never keeps
+    more than about twice the bound. Checked at each of log()'s lines."""
+    global _log_path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 2)  # inheritable, as stderr is
+    os.close(fd)
+    _log_path = path
 
 
 class Future(Generic[T]):

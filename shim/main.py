@@ -21,7 +21,7 @@ from berth.native import SignalFD
 from berth.shim import state
 from berth.shim.api import ShimServer
 from berth.shim.events import EventQueue
-from berth.shim.loop import Loop, log
+from berth.shim.loop import Loop, log, log_to
 from berth.shim.reaper import Reaper
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.task import ShimConfig, Task
@@ -167,12 +167,12 @@ def _become_shim(config: ShimConfig, ready_w: int, log_path: str | None) -> None
     code = 1
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
-        log_fd = devnull
-        if log_path:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        os.dup2(log_fd, 2)
+        if log_path:
+            log_to(log_path)  # fd 2, bounded in size (loop.py)
+        else:
+            os.dup2(devnull, 2)
         # Nothing inherited survives: not the daemon's sockets, not the zygote's pipe.
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, 1 << 20)

@@ -11,6 +11,7 @@ import trio
 
 from berth.daemon.api import routes, schema
 from berth.daemon.api.core import Api
+from berth.daemon.api.network import NetworkApi
 from berth.daemon.api.storage import StorageApi
 from berth.daemon.api.tasks import TaskApi
 from berth.daemon.rpc import CallContext
@@ -24,6 +25,7 @@ def tables() -> list[dict[str, routes.TypedHandler]]:
         Api.__new__(Api).handlers(),
         TaskApi.__new__(TaskApi).handlers(),
         StorageApi.__new__(StorageApi).handlers(),
+        NetworkApi.__new__(NetworkApi).handlers(),
     ]
 
 

@@ -21,6 +21,7 @@ from berth.daemon.api.routes import TypedHandler
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Container, Store, check_extensions, check_labels
+from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
 from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage.service import Storage
@@ -86,6 +87,7 @@ class Api:
         self.server_uuid = server_uuid
         self.recovered = recovered
         self.started_at = time.time_ns()
+        self.networks: NetworkService | None = None  # set by berthd: attachments
 
     def handlers(self) -> dict[str, TypedHandler]:
         return {
@@ -259,6 +261,8 @@ class Api:
                 )
             except (NotFound, FailedPrecondition):
                 pass
+        if self.networks is not None:
+            await self.networks.detach(ctx.namespace, p.id)
         self.exchange.publish(ctx.namespace, "/containers/delete", {"id": p.id})
         return {}
 

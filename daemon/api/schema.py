@@ -110,6 +110,26 @@ class ContainersUpdate(Params, kw_only=True):
     extensions: dict[str, Extension] | None = None  # replaces them all
 
 
+# -- network attachments ------------------------------------------------------------------
+
+
+class PortMapping(Struct, kw_only=True):
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: str | None = None
+
+
+class AttachmentsCreate(Params, kw_only=True):
+    container_id: Name
+    networks: Annotated[list[Name], Meta(max_length=8)] = []  # [] = ["bridge"]
+    ports: Annotated[list[PortMapping], Meta(max_length=256)] = []
+
+
+class AttachmentRef(Params, kw_only=True):
+    container_id: Name
+
+
 # -- events ------------------------------------------------------------------------------
 
 
@@ -185,6 +205,10 @@ class TaskProcess(Params, kw_only=True):
 
 class ContainerTask(Params, kw_only=True):
     container_id: Name
+
+
+class TasksShimLog(ContainerTask, kw_only=True):
+    tail: Count = 0  # the last lines; 0: all the shim keeps (its log is bounded)
 
 
 # -- content -----------------------------------------------------------------------------
@@ -427,6 +451,10 @@ class ReadReply(Reply, kw_only=True):
     offset: int
 
 
+class DataReply(Reply, kw_only=True):
+    data: bytes
+
+
 class MountsReply(Reply, kw_only=True):
     mounts: list[Doc]
 
@@ -501,6 +529,7 @@ METHODS: dict[str, Method] = {
     "tasks.update": Method(TasksUpdate, Record, after_recovery=True),
     "tasks.get": Method(TaskRef, Record, after_recovery=True),
     "tasks.list": Method(Paged, Listing, after_recovery=True),
+    "tasks.shim_log": Method(TasksShimLog, DataReply, after_recovery=True),
     "content.info": Method(ContentDigest, Record),
     "content.list": Method(Paged, Listing),
     "content.read": Method(ContentRead, ReadReply),
@@ -543,6 +572,11 @@ METHODS: dict[str, Method] = {
     "leases.delete_resource": Method(LeaseResource, Record),
     "leases.resources": Method(LeaseId, Listing),
     "gc": Method(Empty, GCReply, long=True),
+    "networks.list": Method(Empty, Listing),
+    "attachments.create": Method(AttachmentsCreate, Record, long=True),
+    "attachments.get": Method(AttachmentRef, Record),
+    "attachments.list": Method(Paged, Listing),
+    "attachments.delete": Method(AttachmentRef, Record, long=True),
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from berth.daemon import logs
 from berth.daemon.api import schema
 from berth.daemon.api.core import signal_number
 from berth.daemon.api.routes import TypedHandler
@@ -20,7 +21,7 @@ class TaskApi:
         self.tasks = tasks
 
     def handlers(self) -> dict[str, TypedHandler]:
-        return {
+        table: dict[str, TypedHandler] = {
             "tasks.create": self.create,
             "tasks.start": self.start,
             "tasks.kill": self.kill,
@@ -37,7 +38,9 @@ class TaskApi:
             "tasks.update": self.update,
             "tasks.get": self.get,
             "tasks.list": self.list,
+            "tasks.shim_log": self.shim_log,
         }
+        return {name: _about_the_task(fn) for name, fn in table.items()}
 
     async def create(self, ctx: CallContext, p: schema.TasksCreate) -> Any:
         return await self.tasks.create(ctx.namespace, p.container_id, p)
@@ -92,3 +95,20 @@ class TaskApi:
 
     async def list(self, ctx: CallContext, p: schema.Paged) -> Any:
         return paged("tasks", self.tasks.list(ctx.namespace), "id", p.page)
+
+    async def shim_log(self, ctx: CallContext, p: schema.TasksShimLog) -> Any:
+        return await self.tasks.shim_log(ctx.namespace, p.container_id, p.tail)
+
+
+def _about_the_task(fn: TypedHandler) -> TypedHandler:
+    """The handler, with every line logged during its call (the request's own trio task,
+    and the tasks it spawns: a new task's supervision) naming its namespace, container
+    and exec."""
+
+    async def handler(ctx: CallContext, p: Any) -> Any:
+        container_id = getattr(p, "container_id", "")
+        if container_id:
+            logs.set_about(ctx.namespace, container_id, getattr(p, "exec_id", None) or "")
+        return await fn(ctx, p)
+
+    return handler

@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import os
 
-from berth.daemon.cli.output import add_format, print_json, print_table
+from berth.daemon.cli.output import add_listing, print_json, print_listing
 from berth.daemon.cli.session import CliError
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
         nargs=argparse.REMAINDER,
         help="IMAGE ID [CMD...] (ID [CMD...] with --rootfs or --busybox)",
     )
-    add_format(add("ls"))
+    add_listing(add("ls"))
     add("info").add_argument("id")
     add("rm").add_argument("ids", nargs="+")
 
@@ -51,13 +51,13 @@ def create(session: Session, args: argparse.Namespace) -> int:
 @CONTAINERS("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     items = list(all_pages(session.call, "containers.list", "containers", {}))
-    if args.format == "json":
-        print_json(items)
-    else:
-        print_table(
-            [[c["id"], c["image"] or "-", c["runtime"]["name"]] for c in items],
-            ["CONTAINER", "IMAGE", "RUNTIME"],
-        )
+    print_listing(
+        args,
+        items,
+        "id",
+        ["CONTAINER", "IMAGE", "RUNTIME"],
+        lambda c: [c["id"], c["image"] or "-", c["runtime"]["name"]],
+    )
     return 0
 
 
@@ -101,6 +101,84 @@ def container_options(p: Arguments) -> None:
         metavar="type=bind,src=/host,dst=/path,options=rbind:ro",
     )
     p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a CNI network to attach (repeat for eth1, ...; `berth network ls`), or host, "
+        "or none (default: an empty network namespace)",
+    )
+    p.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:CONTAINER[/udp]",
+        help="publish a container port on the host (with --net NAME)",
+    )
+
+
+def _parse_publish(text: str) -> dict[str, Any]:
+    spec, _, protocol = text.partition("/")
+    parts = spec.rsplit(":", 2)
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[-2:]):
+        raise CliError(f"--publish {text!r}: expected [IP:]HOST:CONTAINER[/tcp|udp]")
+    mapping: dict[str, Any] = {
+        "host_port": int(parts[-2]),
+        "container_port": int(parts[-1]),
+        "protocol": protocol or "tcp",
+    }
+    if len(parts) == 3:
+        mapping["host_ip"] = parts[0]
+    return mapping
+
+
+def _network(session: Session, args: argparse.Namespace, container_id: str, spec: Any) -> bool:
+    """--net: CNI networks (an attachment made now, its network namespace put in the
+    spec), host (no namespace of its own), or none (an empty one, the default). True if
+    an attachment was made (the caller removes it if the container is not created)."""
+    nets: list[str] = args.net
+    if args.publish and not [n for n in nets if n not in ("host", "none")]:
+        raise CliError("--publish needs --net NAME (a CNI network)")
+    if not nets or nets == ["none"]:
+        return False
+    linux = spec.setdefault("linux", {})
+    others = [n for n in linux.get("namespaces") or [] if n.get("type") != "network"]
+    if "host" in nets or "none" in nets:
+        if len(nets) > 1:
+            raise CliError("--net host or none cannot be combined with other networks")
+        linux["namespaces"] = others  # host: the host's network namespace
+        return False
+    params = {
+        "container_id": container_id,
+        "networks": nets,
+        "ports": [_parse_publish(p) for p in args.publish],
+    }
+    attached = session.call("attachments.create", params)
+    linux["namespaces"] = [*others, {"type": "network", "path": attached["netns"]}]
+    taken = {m.get("destination") for m in spec.get("mounts") or []}
+    spec["mounts"] = [
+        *(spec.get("mounts") or []),
+        *(
+            {"destination": target, "type": "bind", "source": source, "options": ["rbind", "rw"]}
+            for target, source in sorted(attached.get("files", {}).items())
+            if target not in taken  # a --mount of the user's own wins
+        ),
+    ]
+    return True
+
+
+def _create(session: Session, args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    """containers.create with --net's attachment: made first, gone again on a failure."""
+    attached = _network(session, args, doc["id"], doc["spec"])
+    try:
+        session.call("containers.create", doc)
+    except BaseException:
+        if attached:
+            with contextlib.suppress(BerthError):
+                session.call("attachments.delete", {"container_id": doc["id"]})
+        raise
 
 
 def positionals(args: argparse.Namespace) -> None:
@@ -192,7 +270,7 @@ def create_container(session: Session, args: argparse.Namespace, container_id: s
             doc.update(image=image, snapshotter=snapshotter, snapshot_key=container_id)
             spec["mounts"] += [_parse_mount(m) for m in args.mount]
             doc["spec"] = spec
-            session.call("containers.create", doc)
+            _create(session, args, doc)
         finally:
             with contextlib.suppress(BerthError):
                 session.call("leases.delete", {"id": lease})
@@ -205,4 +283,4 @@ def create_container(session: Session, args: argparse.Namespace, container_id: s
         spec["process"]["user"] = {"uid": int(uid), "gid": int(gid or uid)}
     spec["mounts"] += [_parse_mount(m) for m in args.mount]
     doc["spec"] = spec
-    session.call("containers.create", doc)
+    _create(session, args, doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from berth.daemon.cli.output import add_format, human_size, print_json, print_table, timestamp
+from berth.daemon.cli.output import add_listing, human_size, print_listing, timestamp
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 
@@ -20,14 +20,14 @@ CONTENT = SubVerbs("ct_cmd")
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add = CONTENT.parsers(parser, wanted)
-    add_format(add("ls"))
+    add_listing(add("ls"))
     add("get").add_argument("digest")
     p = add("ingest")
     p.add_argument("--expected", default="", help="the digest the data must have")
     p.add_argument("--label", action="append", default=[], metavar="K=V")
     p.add_argument("ref")
     add("rm").add_argument("digests", nargs="+")
-    add_format(add("ingests", help="in-progress (or abandoned) writes"))
+    add_listing(add("ingests", help="in-progress (or abandoned) writes"))
     add("abort", help="remove in-progress writes").add_argument("refs", nargs="+")
 
 
@@ -38,20 +38,17 @@ def run(session: Session, args: argparse.Namespace) -> int:
 @CONTENT("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     items = list(all_pages(session.call, "content.list", "content", {}))
-    if args.format == "json":
-        print_json(items)
-    else:
-        print_table(
-            [
-                [
-                    c["digest"],
-                    human_size(c["size"]),
-                    ",".join(f"{k}={v}" for k, v in c["labels"].items())[:60],
-                ]
-                for c in items
-            ],
-            ["DIGEST", "SIZE", "LABELS"],
-        )
+    print_listing(
+        args,
+        items,
+        "digest",
+        ["DIGEST", "SIZE", "LABELS"],
+        lambda c: [
+            c["digest"],
+            human_size(c["size"]),
+            ",".join(f"{k}={v}" for k, v in c["labels"].items())[:60],
+        ],
+    )
     return 0
 
 
@@ -109,21 +106,18 @@ def rm(session: Session, args: argparse.Namespace) -> int:
 @CONTENT("ingests")
 def ingests(session: Session, args: argparse.Namespace) -> int:
     writes = session.call("content.ingests", {})["ingests"]
-    if args.format == "json":
-        print_json(writes)
-    else:
-        print_table(
-            [
-                [
-                    i["ref"],
-                    human_size(i["offset"]),
-                    human_size(i["total"]) if i["total"] else "-",
-                    timestamp(i.get("updated_at", 0)),
-                ]
-                for i in writes
-            ],
-            ["REF", "WRITTEN", "TOTAL", "UPDATED"],
-        )
+    print_listing(
+        args,
+        writes,
+        "ref",
+        ["REF", "WRITTEN", "TOTAL", "UPDATED"],
+        lambda i: [
+            i["ref"],
+            human_size(i["offset"]),
+            human_size(i["total"]) if i["total"] else "-",
+            timestamp(i.get("updated_at", 0)),
+        ],
+    )
     return 0
 
 

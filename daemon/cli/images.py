@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from berth.daemon.cli.output import add_format, human_size, print_json, print_table, timestamp
+from berth.daemon.cli.output import add_listing, human_size, print_json, print_listing, timestamp
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.daemon.reference import normalize
@@ -26,7 +26,7 @@ IMAGES = SubVerbs("i_cmd")
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add = IMAGES.parsers(parser, wanted)
-    add_format(add("ls"))
+    add_listing(add("ls"))
     p = add("inspect")
     p.add_argument("name")
     p = add("tag")
@@ -148,25 +148,22 @@ def run(session: Session, args: argparse.Namespace) -> int:
 @IMAGES("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     found = list(all_pages(session.call, "images.list", "images", {"usage": True}))
-    if args.format == "json":
-        print_json(found)
-    else:
-        print_table(
-            [
-                [
-                    i["name"],
-                    i["target"]["media_type"].rsplit(".", 2)[-2]
-                    if "." in i["target"]["media_type"]
-                    else "-",
-                    i["target"]["digest"],
-                    human_size(i.get("content_size", i["target"]["size"])),
-                    ",".join(i.get("platforms") or []) or "-",
-                    timestamp(i["created_at"]),
-                ]
-                for i in found
-            ],
-            ["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "CREATED"],
-        )
+    print_listing(
+        args,
+        found,
+        "name",
+        ["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "CREATED"],
+        lambda i: [
+            i["name"],
+            i["target"]["media_type"].rsplit(".", 2)[-2]
+            if "." in i["target"]["media_type"]
+            else "-",
+            i["target"]["digest"],
+            human_size(i.get("content_size", i["target"]["size"])),
+            ",".join(i.get("platforms") or []) or "-",
+            timestamp(i["created_at"]),
+        ],
+    )
     return 0
 
 

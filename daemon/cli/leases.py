@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from berth.daemon.cli.output import add_format, print_json, print_table, timestamp
+from berth.daemon.cli.output import add_listing, print_listing, timestamp
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 
@@ -18,7 +18,7 @@ LEASES = SubVerbs("l_cmd")
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add = LEASES.parsers(parser, wanted)
-    add_format(add("ls"))
+    add_listing(add("ls"))
     p = add("create")
     p.add_argument("--id", default="")
     p.add_argument("--expire", type=float, default=86400, help="seconds (0: never)")
@@ -35,20 +35,17 @@ def run(session: Session, args: argparse.Namespace) -> int:
 @LEASES("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     items = list(all_pages(session.call, "leases.list", "leases", {}))
-    if args.format == "json":
-        print_json(items)
-    else:
-        print_table(
-            [
-                [
-                    lease["id"],
-                    timestamp(lease["created_at"]),
-                    timestamp(lease["expires_at"]) if lease["expires_at"] else "never",
-                ]
-                for lease in items
-            ],
-            ["ID", "CREATED", "EXPIRES"],
-        )
+    print_listing(
+        args,
+        items,
+        "id",
+        ["ID", "CREATED", "EXPIRES"],
+        lambda lease: [
+            lease["id"],
+            timestamp(lease["created_at"]),
+            timestamp(lease["expires_at"]) if lease["expires_at"] else "never",
+        ],
+    )
     return 0
 
 

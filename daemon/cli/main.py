@@ -45,7 +45,9 @@ VERBS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "containers": (("c",), "manage containers", "containers"),
     "tasks": (("t",), "manage tasks", "tasks"),
     "events": ((), "stream events", "events"),
+    "network": (("net",), "CNI networks and containers' attachments", "network"),
     "run": ((), "create and run a container", "run"),
+    "completion": ((), "print a shell completion script (bash)", "completion"),
 }
 # verb or alias -> verb
 NAMES = {name: verb for verb, entry in VERBS.items() for name in (verb, *entry[0])}
@@ -59,10 +61,24 @@ def _module(verb: str) -> Verb:
     return module
 
 
-class _Formatter(argparse.HelpFormatter):
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    an error, said on stderr as `berth: ...` (berthd refused the call or cannot be
+       reached, a file cannot be read, ...)
+  2    a usage error (bad options or arguments): nothing was asked of berthd
+  130  interrupted (Ctrl-C)
+  run, tasks start, tasks exec and tasks attach, attached, exit with the status of the
+  container's process (or the exec's): 128+N if signal N killed it (137: SIGKILL); with
+  -d they exit 0 once it started. tasks wait prints that status and exits 0 (as docker
+  wait), tasks rm prints it beside the ID."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's help formatter, sized as argparse sizes it but without importing
     `shutil` for that (shutil brings bz2, lzma and fnmatch: 1.7 ms of every start, since
-    argparse makes a formatter for each argument it adds)."""
+    argparse makes a formatter for each argument it adds). Descriptions and epilogs are
+    printed as written (the exit status table)."""
 
     def __init__(self, prog: str) -> None:
         try:
@@ -111,8 +127,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     verb = NAMES.get(words[0]) if words else None
     sub = words[1] if len(words) > 1 else None
     parser = argparse.ArgumentParser(
-        prog="berth", description="berth's command-line client", formatter_class=_Formatter
+        prog="berth",
+        description="berth's command-line client",
+        epilog=EXIT_STATUS,
+        formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"berth {_version()}")
     parser.add_argument(
         "--address",
         "-a",
@@ -148,6 +168,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from berth.daemon import __version__  # imported already: this package's parent
+
+    return __version__
+
+
 def _ensure_std_fds() -> None:
     """A CLI started with fd 0, 1 or 2 closed (`berth ... <&-`) would give that number to
     its daemon socket, and a copy thread or a print would then read or write the socket:
@@ -181,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 1
+    except OSError as exc:  # a file named on the command line, say: no traceback
+        print(f"berth: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     finally:
         session.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from berth.daemon.cli.output import add_format, print_json, print_table
+from berth.daemon.cli.output import add_listing, print_listing
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 
@@ -17,7 +17,7 @@ NAMESPACES = SubVerbs("ns_cmd")
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add = NAMESPACES.parsers(parser, wanted)
-    add_format(add("ls"))
+    add_listing(add("ls"))
     add("create").add_argument("name")
     add("rm").add_argument("names", nargs="+")
 
@@ -29,13 +29,13 @@ def run(session: Session, args: argparse.Namespace) -> int:
 @NAMESPACES("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     spaces = list(all_pages(session.call, "namespaces.list", "namespaces", {}))
-    if args.format == "json":
-        print_json(spaces)
-    else:
-        print_table(
-            [[n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())] for n in spaces],
-            ["NAME", "LABELS"],
-        )
+    print_listing(
+        args,
+        spaces,
+        "name",
+        ["NAME", "LABELS"],
+        lambda n: [n["name"], ",".join(f"{k}={v}" for k, v in n["labels"].items())],
+    )
     return 0
 
 

@@ -1,5 +1,5 @@
-"""How the CLI shows results: aligned tables, JSON, times and sizes, and the --format
-option that picks between a table and JSON. Shared by the listing verbs."""
+"""How the CLI shows results: aligned tables, JSON, times and sizes, and the options of
+every listing: --format (a table or JSON) and -q (the IDs alone)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
     from typing import Any
 
     from berth.daemon.cli.subverbs import Arguments
@@ -15,6 +17,36 @@ if TYPE_CHECKING:
 def add_format(p: Arguments) -> None:
     """The --format option of a listing (table for people, json for scripts)."""
     p.add_argument("--format", choices=["table", "json"], default="table")
+
+
+def add_listing(p: Arguments) -> None:
+    """A listing's options: --format, and -q for scripts (and shell completion)."""
+    add_format(p)
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="only the IDs (one a line; a list in JSON)"
+    )
+
+
+def print_listing(
+    args: argparse.Namespace,
+    items: list[Any],
+    key: str,
+    headers: list[str],
+    row: Callable[[Any], list[str]],
+) -> None:
+    """Show a listing as its options ask: a table of `row(item)` under `headers`, JSON,
+    or with -q only each item's `key`."""
+    if args.quiet:
+        ids = [item[key] for item in items]
+        if args.format == "json":
+            print_json(ids)
+        else:
+            for value in ids:
+                print(value)
+    elif args.format == "json":
+        print_json(items)
+    else:
+        print_table([row(item) for item in items], headers)
 
 
 def print_table(rows: list[list[str]], headers: list[str]) -> None:

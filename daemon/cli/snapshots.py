@@ -3,7 +3,7 @@ mounts of new ones (prepare, view, commit)."""
 
 from __future__ import annotations
 
-from berth.daemon.cli.output import add_format, print_json, print_table
+from berth.daemon.cli.output import add_listing, print_json, print_listing
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 
@@ -19,7 +19,7 @@ SNAPSHOTS = SubVerbs("s_cmd")
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     parser.add_argument("--snapshotter", default="")
     add = SNAPSHOTS.parsers(parser, wanted)
-    add_format(add("ls"))
+    add_listing(add("ls"))
     add("info").add_argument("key")
     add("mounts").add_argument("key")
     add("usage").add_argument("key")
@@ -40,13 +40,13 @@ def run(session: Session, args: argparse.Namespace) -> int:
 @SNAPSHOTS("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     items = list(all_pages(session.call, "snapshots.list", "snapshots", _base(args)))
-    if args.format == "json":
-        print_json(items)
-    else:
-        print_table(
-            [[s["name"], s["parent"] or "-", s["kind"].upper()] for s in items],
-            ["KEY", "PARENT", "KIND"],
-        )
+    print_listing(
+        args,
+        items,
+        "name",
+        ["KEY", "PARENT", "KIND"],
+        lambda s: [s["name"], s["parent"] or "-", s["kind"].upper()],
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from berth.daemon.cli.output import add_format, print_json, print_table
+from berth.daemon.cli.output import add_format, add_listing, print_json, print_listing, print_table
 from berth.daemon.cli.session import CliError
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
@@ -28,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     p = add("start")
     p.add_argument("-d", "--detach", action="store_true")
     p.add_argument("id")
-    add_format(add("ls"))
+    add_listing(add("ls"))
     p = add("kill")
     p.add_argument("-s", "--signal", default="SIGTERM")
     p.add_argument("--all", "-a", action="store_true", help="signal every process")
     p.add_argument("--exec-id")
     p.add_argument("id")
     p = add("ps")
-    add_format(p)
+    add_listing(p)
     p.add_argument("id")
     p = add("exec")
     p.add_argument("--exec-id", required=True)
@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     p = add("info")
     p.add_argument("--exec-id")
     p.add_argument("id")
+    p = add("shim-log", help="the task's shim's own log (not the container's output)")
+    p.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines")
+    p.add_argument("id")
 
 
 def run(session: Session, args: argparse.Namespace) -> int:
@@ -85,13 +88,13 @@ def start(session: Session, args: argparse.Namespace) -> int:
 @TASKS("ls", "list")
 def ls(session: Session, args: argparse.Namespace) -> int:
     tasks = list(all_pages(session.call, "tasks.list", "tasks", {}))
-    if args.format == "json":
-        print_json(tasks)
-    else:
-        print_table(
-            [[t["id"], str(t["pid"]), t["status"].upper()] for t in tasks],
-            ["TASK", "PID", "STATUS"],
-        )
+    print_listing(
+        args,
+        tasks,
+        "id",
+        ["TASK", "PID", "STATUS"],
+        lambda t: [t["id"], str(t["pid"]), t["status"].upper()],
+    )
     return 0
 
 
@@ -112,10 +115,9 @@ def kill(session: Session, args: argparse.Namespace) -> int:
 @TASKS("ps")
 def ps(session: Session, args: argparse.Namespace) -> int:
     procs = session.call("tasks.pids", {"container_id": args.id})["processes"]
-    if args.format == "json":
-        print_json(procs)
-    else:
-        print_table([[str(p["pid"]), p["exec_id"] or "-"] for p in procs], ["PID", "EXEC"])
+    print_listing(
+        args, procs, "pid", ["PID", "EXEC"], lambda p: [str(p["pid"]), p["exec_id"] or "-"]
+    )
     return 0
 
 
@@ -248,4 +250,13 @@ def update(session: Session, args: argparse.Namespace) -> int:
 @TASKS("info")
 def info(session: Session, args: argparse.Namespace) -> int:
     print_json(session.call("tasks.get", {"container_id": args.id, "exec_id": args.exec_id or ""}))
+    return 0
+
+
+@TASKS("shim-log")
+def shim_log(session: Session, args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise CliError("--tail takes a number of lines >= 0")
+    reply = session.call("tasks.shim_log", {"container_id": args.id, "tail": args.tail})
+    sys.stdout.buffer.write(reply["data"])
     return 0

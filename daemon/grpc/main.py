@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ttrpc-address", default="", help="also serve over ttrpc here")
     parser.add_argument("--socket-group", type=int, default=None)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser.parse_args(argv)
 
 
@@ -96,6 +97,7 @@ def _record(args: argparse.Namespace) -> None:
         "start_time": process_start_time(os.getpid()) or 0,
         "version": __version__,
         "address": args.address,
+        "log_format": args.log_format,  # a berthd logging otherwise starts its own
     }
     atomic_write(os.path.join(args.state, RECORD), json.dumps(doc).encode())
 
@@ -234,11 +236,9 @@ async def _exit_when_orphaned(backend: Any, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from berth.daemon import logs
+
+    logs.setup(args.log_level, args.log_format)  # berthd's format: the two share a stream
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

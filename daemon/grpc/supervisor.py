@@ -42,6 +42,8 @@ def command(config: Config) -> list[str]:
         config.state,
         "--log-level",
         config.log_level,
+        "--log-format",
+        config.log_format,
     ]
     if config.ttrpc_address:
         argv += ["--ttrpc-address", config.ttrpc_address]
@@ -56,6 +58,7 @@ class FrontEnd:
     start_time: int
     version: str
     address: str
+    log_format: str = "text"  # a record that names none: an older berth-grpc, text
 
 
 def recorded(config: Config) -> FrontEnd | None:
@@ -64,7 +67,11 @@ def recorded(config: Config) -> FrontEnd | None:
         with open(os.path.join(config.state, RECORD), "rb") as f:
             doc = json.loads(f.read(4096))
         front = FrontEnd(
-            int(doc["pid"]), int(doc["start_time"]), str(doc["version"]), str(doc["address"])
+            int(doc["pid"]),
+            int(doc["start_time"]),
+            str(doc["version"]),
+            str(doc["address"]),
+            str(doc.get("log_format", "text")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -87,6 +94,7 @@ async def supervise(config: Config, recovered: trio.Event, stays: Callable[[], b
                 current
                 and current.version == __version__
                 and current.address == config.grpc_address
+                and current.log_format == config.log_format
             ):
                 log.info("gRPC front end pid %d serves %s: adopted", current.pid, current.address)
                 await wait_for_death(current.pid)

@@ -132,6 +132,10 @@ class Storage:
         self.reserve.restore()
         self.gc_lock = threading.Lock()  # GC and everything that creates objects
         self.snap_lock = threading.RLock()
+        # What the collections of this daemon did, for berthd's metrics.
+        self.gc_runs = 0
+        self.gc_seconds = 0.0
+        self.gc_removed = dict.fromkeys(("content", "blobs", "snapshots", "leases", "ingests"), 0)
 
     def close(self) -> None:
         for s in self.snapshotters.values():
@@ -564,4 +568,10 @@ class Storage:
         a caller needs kept (the rootfs of live tasks)."""
         from berth.daemon.storage.gc import collect  # gc.py imports this module
 
-        return collect(self, protected_snapshots)
+        result = collect(self, protected_snapshots)
+        with self.gc_lock:  # collections may run in two worker threads at once
+            self.gc_runs += 1
+            self.gc_seconds += result.seconds
+            for kind, count in result.to_wire()["removed"].items():
+                self.gc_removed[kind] = self.gc_removed.get(kind, 0) + count
+        return result

@@ -115,6 +115,10 @@ class Snapshotter(abc.ABC):
     def walk(self, prefix: str = "") -> list[SnapshotInfo]: ...
 
     @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """How many snapshots of each kind (active, committed, view): one cheap query."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
 
@@ -288,6 +292,10 @@ class _MetadataSnapshotter(Snapshotter):
             (len(prefix), prefix),
         ).fetchall()
         return [self._row(r[0]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind").fetchall()
+        return {str(kind): int(n) for kind, n in rows}
 
     def cleanup(self) -> int:
         """Remove snapshot directories that have no metadata row (crash leftovers). One

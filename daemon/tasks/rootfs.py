@@ -32,8 +32,11 @@ def find_busybox() -> str | None:
     return None
 
 
+LAYOUT_VERSION = b"2"  # bumped when the tree built around busybox changes: rebuilt
+
+
 def _digest(path: str) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(LAYOUT_VERSION)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -78,7 +81,11 @@ def build_busybox_rootfs(dest: str, busybox: str | None = None) -> str:
             link = os.path.join(tmp, "bin", applet)
             if not os.path.lexists(link):
                 os.symlink("busybox", link)
-    for name, text in (("passwd", PASSWD), ("group", GROUP), ("hostname", "berth\n")):
+    # hosts and resolv.conf exist (empty) to be mount points: the rootfs is read-only,
+    # and a networked container gets its own bind-mounted over them.
+    etc = [("passwd", PASSWD), ("group", GROUP), ("hostname", "berth\n")]
+    etc += [("hosts", "127.0.0.1\tlocalhost\n"), ("resolv.conf", "")]
+    for name, text in etc:
         with open(os.path.join(tmp, "etc", name), "w") as f:
             f.write(text)
     with open(os.path.join(tmp, MARKER), "w") as f:

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import trio
 
+from berth.daemon import logs
 from berth.daemon.api import schema
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
@@ -43,6 +44,7 @@ from berth.shim.exit import (
     write_exit_file,
 )
 from berth.shim.fs import atomic_write, remove_tree
+from berth.shim.loop import SHIM_LOG_MAX
 from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig, runtime_argv
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
@@ -62,6 +64,7 @@ from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOP
 log = logging.getLogger("berthd.tasks")
 
 SHIM_CALL_TIMEOUT = 30.0
+SHIM_LOG_READ = 2 * SHIM_LOG_MAX + 64 * 1024  # a reply of what a shim keeps (one frame)
 CONNECT_TIMEOUT = 5.0
 
 
@@ -179,6 +182,11 @@ class TaskService:
         self._recovery_scope = trio.CancelScope()
         self._inherited_seqs: dict[str, int] = {}
         self.closing = False
+        # Counters for berthd's metrics (plain ints: free when metrics are off).
+        self.shim_deaths = 0  # shims that died under supervision (their tasks reported exited)
+        self.shim_reconnects = 0  # connections to a live shim made again
+        self.recovered: dict[str, int] = {"reattached": 0, "unusable": 0, "exited": 0}
+        self.recovery_seconds = 0.0  # how long the last recovery took
 
     # -- paths
 
@@ -246,6 +254,7 @@ class TaskService:
                 (t2 - t1) * 1e3,
                 (time.perf_counter() - t2) * 1e3,
             )
+            log.info("task created: pid %d, shim pid %d", handle.init.pid, handle.shim_pid)
             return {"pid": handle.init.pid}
         except BaseException:
             self._tasks.pop(key, None)
@@ -408,6 +417,7 @@ class TaskService:
         """Relay the shim's events until the shim dies or the task is deleted; reconnect if
         the connection ends while the shim lives."""
         assert handle.client is not None
+        logs.set_about(handle.namespace, handle.id)  # this task's lines, and its pumps'
         with handle.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay, handle)
@@ -419,7 +429,14 @@ class TaskService:
                 nursery.cancel_scope.cancel()
         handle.supervised.set()
         if not handle.scope.cancelled_caught and not self.closing and not handle.deleting:
-            log.warning("shim of %s/%s (pid %d) died", handle.namespace, handle.id, handle.shim_pid)
+            log.warning(
+                "shim of %s/%s (pid %d) died",
+                handle.namespace,
+                handle.id,
+                handle.shim_pid,
+                extra=logs.about(handle.namespace, handle.id),
+            )
+            self.shim_deaths += 1
             await self._shim_died(handle)
 
     async def _relay(self, handle: TaskHandle) -> None:
@@ -443,6 +460,7 @@ class TaskService:
                     log.warning("reconnecting to %s failed: %s", client.label, exc)
                     continue
                 log.info("reconnected to %s", client.label)
+                self.shim_reconnects += 1
                 handle.client = new
                 self._nursery.start_soon(guarded, f"connection to {new.label}", new.run)
                 break
@@ -493,6 +511,12 @@ class TaskService:
             )
             if view is not None:
                 view.set_exit(ExitRecord(pid, status, at))
+            log.info(
+                "%s exited with status %s",
+                f"exec {exec_id}" if exec_id else "task",
+                status,
+                extra=logs.about(handle.namespace, handle.id, exec_id),
+            )
             event.update(id=exec_id or handle.id, pid=pid, exit_status=status, exited_at=at)
         elif topic == shim_topics.EXEC_ADDED:
             handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
@@ -539,6 +563,12 @@ class TaskService:
                 except OSError as exc:
                     log.error("cannot write exit file for %s: %s", handle.id, exc)
             if view.set_exit(record):
+                log.info(
+                    "%s reported exited with status %d: its shim is gone",
+                    f"exec {view.exec_id}" if view.exec_id else "task",
+                    record.status,
+                    extra=logs.about(handle.namespace, handle.id, view.exec_id),
+                )
                 self._exchange.publish(
                     handle.namespace,
                     "/tasks/exit",
@@ -628,6 +658,7 @@ class TaskService:
         if exec_id:
             view.pid = int(result["pid"])
         view.set_status(RUNNING)
+        log.info("%s started: pid %d", f"exec {exec_id}" if exec_id else "task", result["pid"])
         return {"pid": int(result["pid"])}
 
     async def kill(
@@ -731,6 +762,7 @@ class TaskService:
             await handle.client.aclose()
         self._tasks.pop(handle.key, None)
         await trio.to_thread.run_sync(remove_bundle, handle.bundle)
+        log.info("task deleted: exit status %d", result["exit_status"])
         return result
 
     async def _ensure_exit(self, handle: TaskHandle) -> None:
@@ -800,6 +832,10 @@ class TaskService:
     def list(self, namespace: str) -> list[dict[str, Any]]:
         return [h.summary() for (ns, _), h in sorted(self._tasks.items()) if ns == namespace]
 
+    def handles(self) -> tuple[TaskHandle, ...]:
+        """Every task of every namespace (berthd's metrics)."""
+        return tuple(self._tasks.values())
+
     async def passthrough(
         self, namespace: str, container_id: str, method: str, params: dict[str, Any] | None = None
     ) -> Any:
@@ -812,6 +848,13 @@ class TaskService:
             handle.init.set_status(RUNNING)
         return result
 
+    async def shim_log(self, namespace: str, container_id: str, tail: int) -> dict[str, Any]:
+        """The task's shim's own log (its lines and errors, not the container's output):
+        its last `tail` lines, or all the shim keeps (it bounds the file itself)."""
+        handle = self.get_handle(namespace, container_id)
+        path = os.path.join(handle.bundle, "shim.log")
+        return {"data": await trio.to_thread.run_sync(_read_log_tail, path, tail)}
+
     # -- recovery
 
     async def recover(self) -> int:
@@ -820,6 +863,7 @@ class TaskService:
         if not os.path.isdir(tasks_dir):
             return 0
         found = 0
+        began = time.monotonic()
         # close() cancels this before it closes any shim connection: a shutdown that comes
         # during recovery must stop it, not look to it like shims that broke (found by the
         # soak: SIGTERM right after a restart killed healthy shims, exits became 255).
@@ -855,11 +899,13 @@ class TaskService:
                             bundle,
                             record,
                         )
+        self.recovery_seconds = time.monotonic() - began
         return found
 
     async def _recover_one(
         self, namespace: str, container_id: str, bundle: str, record: ShimRecord
     ) -> None:
+        logs.set_about(namespace, container_id)  # a task of its own (recover's nursery)
         try:
             runtime = RuntimeConfig.from_params(record.runtime)
         except BerthError:
@@ -903,6 +949,8 @@ class TaskService:
                         else handle.init
                     )
                     self._apply_state(view, state)
+                log.info("recovery: reattached to shim pid %d", record.pid)
+                self.recovered["reattached"] += 1
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
                 log.error(
@@ -915,12 +963,14 @@ class TaskService:
                 if shims.shim_alive(record.pid, record.start_time):
                     _kill(record.pid)
                 handle.scope.cancel()
+                self.recovered["unusable"] += 1
         handle.init.pid = _init_pid(bundle)
         if not handle.init.pid and _safe_exit_record(os.path.join(bundle, "exit"), "init") is None:
             # The shim died before it ever created the task: nothing ran, nothing to report.
             self._tasks.pop(handle.key, None)
             await trio.to_thread.run_sync(remove_bundle, bundle)
             return
+        self.recovered["exited"] += 1
         await self._shim_died(handle)
 
     def inherit_seqs(self, seqs: dict[str, int]) -> None:
@@ -933,6 +983,13 @@ class TaskService:
         """A handover: stop supervising, leave every shim running (their unacknowledged
         events wait for the successor); the last event seq processed, per task."""
         await self.close()
+        for handle in self._tasks.values():
+            log.debug(
+                "handover: shim pid %d left to the successor (events up to seq %d processed)",
+                handle.shim_pid,
+                handle.processed_seq,
+                extra=logs.about(handle.namespace, handle.id),
+            )
         return {f"{ns}/{cid}": h.processed_seq for (ns, cid), h in self._tasks.items()}
 
     async def close(self) -> None:
@@ -971,6 +1028,24 @@ def _safe_exit_record(exit_dir: str, name: str) -> ExitRecord | None:
     except CorruptExitFile as exc:
         log.error("corrupt exit file %s/%s: %s", exit_dir, name, exc)
         return None
+
+
+def _read_log_tail(path: str, tail: int) -> bytes:
+    """The end of a log rotated as shim/loop.py does (`path.1`, then `path`): at most
+    SHIM_LOG_READ bytes of it, and of those only the last `tail` lines (0: all)."""
+    chunks = []
+    for name in (f"{path}.1", path):
+        try:
+            with open(name, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - SHIM_LOG_READ))
+                chunks.append(f.read(SHIM_LOG_READ))
+        except FileNotFoundError:
+            continue
+    data = b"".join(chunks)[-SHIM_LOG_READ:]
+    if tail > 0:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:])
+    return data
 
 
 def _init_pid(bundle: str) -> int:

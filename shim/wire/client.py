@@ -94,6 +94,7 @@ READ_ONLY_CALLS = frozenset(
         "tasks.list",
         "tasks.pids",
         "tasks.metrics",
+        "tasks.shim_log",
         "tasks.wait",
         "content.info",
         "content.list",
@@ -107,6 +108,9 @@ READ_ONLY_CALLS = frozenset(
         "snapshots.list",
         "leases.list",
         "leases.resources",
+        "networks.list",
+        "attachments.get",
+        "attachments.list",
     }
 )
 _PING = "ping"  # any answer proves liveness: an unknown method gets an ERROR reply too

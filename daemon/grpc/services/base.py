@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import grpc
 
+from berth.daemon import logs
 from berth.daemon.filters import parse_filters
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.client import AsyncClient
@@ -210,8 +211,15 @@ def unary(
 
     @functools.wraps(fn)
     async def handler(self: S, request: Any, context: Any) -> Any:
+        call = Call(context)
         try:
-            return await fn(self, request, Call(context))
+            # what the call's log lines are about: a task's calls name its container
+            with logs.scope(
+                call.namespace or "",
+                getattr(request, "container_id", ""),
+                getattr(request, "exec_id", ""),
+            ):
+                return await fn(self, request, call)
         except BerthError as exc:
             await abort_with(context, exc)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -1,0 +1,57 @@
+"""The network handlers: CNI networks and containers' attachments to them, onto
+berth.daemon.network (primitives a CLI or a CRI layer composes: attach before the
+container is created, put the returned namespace path in its spec, delete with it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from berth.daemon.api import schema
+from berth.daemon.api.routes import TypedHandler
+from berth.daemon.network.service import NetworkService
+from berth.daemon.paging import paged
+from berth.daemon.rpc import CallContext
+
+
+class NetworkApi:
+    def __init__(self, networks: NetworkService) -> None:
+        self.service = networks
+
+    def handlers(self) -> dict[str, TypedHandler]:
+        return {
+            "networks.list": self.networks,
+            "attachments.create": self.create,
+            "attachments.get": self.get,
+            "attachments.list": self.list,
+            "attachments.delete": self.delete,
+        }
+
+    async def networks(self, ctx: CallContext, p: schema.Empty) -> Any:
+        found = self.service.networks()
+        return {
+            "networks": [
+                {**n.to_doc(), "source": n.source or "berthd's default"}
+                for _, n in sorted(found.items())
+            ]
+        }
+
+    async def create(self, ctx: CallContext, p: schema.AttachmentsCreate) -> Any:
+        ports = [msgspec.structs.asdict(m) for m in p.ports]
+        attached = await self.service.attach(ctx.namespace, p.container_id, p.networks, ports)
+        return attached.to_wire(self.service.files_dir(ctx.namespace, p.container_id))
+
+    async def get(self, ctx: CallContext, p: schema.AttachmentRef) -> Any:
+        attached = self.service.get(ctx.namespace, p.container_id)
+        return attached.to_wire(self.service.files_dir(ctx.namespace, p.container_id))
+
+    async def list(self, ctx: CallContext, p: schema.Paged) -> Any:
+        items = [
+            a.to_wire(self.service.files_dir(ctx.namespace, a.container_id))
+            for a in self.service.in_namespace(ctx.namespace)
+        ]
+        return paged("attachments", items, "container_id", p.page)
+
+    async def delete(self, ctx: CallContext, p: schema.AttachmentRef) -> Any:
+        return {"released": await self.service.detach(ctx.namespace, p.container_id)}

@@ -1,0 +1,633 @@
+"""berthd's Prometheus endpoint: `[metrics] address = "HOST:PORT"` (or --metrics-address)
+serves `GET /v1/metrics` in Prometheus' text format, as containerd's `[metrics]` does.
+
+- Per container (labels namespace, id, image): CPU (total, user, system), memory (usage,
+  limit, RSS, cache, OOM kills), pids and block IO bytes, read at scrape time from the
+  cgroup files (v1 or v2) of the task's init, which shim/cgroups.py finds. Network bytes
+  are not reported (yet): they would come from a task's network attachment, not cgroups.
+- Per daemon: tasks by status, live shims, API calls by method and error code with their
+  latency (rpc.ServerConnection reports every answered call), shim deaths, reconnects
+  and recovered tasks, event subscribers and events published, replayed and dropped,
+  content store and snapshot counts, GC runs and what they removed, attached standbys,
+  and berthd's own process figures (memory, CPU, fds).
+
+The HTTP side is a minimal HTTP/1.1 server on berthd's own trio loop (no thread of its
+own): one GET per connection, its head bounded (8 KiB) and timed (10 s), answered and
+closed. Anything else is answered 400, 404 or 405 (503 beyond 16 clients at once) and
+changes nothing. The slow parts of a
+scrape (reading the cgroup files of every container, sizing the content store, writing
+the text) run in trio's worker threads, one scrape at a time; the loop only copies the
+task table.
+
+Only this module imports prometheus_client, and berthd imports this module only when
+metrics are on (import-linter keeps it so): it costs the CLI and the shims nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import prometheus_client
+import trio
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics import Counter, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
+from berth.daemon import __version__
+from berth.daemon.config import split_host_port
+from berth.daemon.events import Exchange
+from berth.daemon.metadata import Store
+from berth.daemon.storage.service import Storage
+from berth.daemon.tasks.service import TaskService
+from berth.shim import cgroups
+from berth.shim.cgroups import CgroupPaths
+
+log = logging.getLogger("berthd.metrics")
+
+PATH = "/v1/metrics"
+MAX_HEAD = 8192  # a request head larger than this is refused
+REQUEST_TIMEOUT = 10.0  # to read a request and send its answer
+MAX_CONNECTIONS = 16  # at once; more are answered 503
+V1_UNLIMITED = 1 << 62  # memory.limit_in_bytes at or above: no limit (reported as 0)
+CONTAINER_LABELS = ("namespace", "id", "image")
+
+# No `_created` series beside every counter: Prometheus' text format has no use for them.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+# --- cgroup files -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CgroupSample:
+    """A container's figures, from its cgroup files; None where a file is missing."""
+
+    cpu_seconds: float | None = None
+    cpu_user_seconds: float | None = None
+    cpu_system_seconds: float | None = None
+    memory_usage: int | None = None
+    memory_limit: int | None = None  # 0: unlimited
+    memory_rss: int | None = None
+    memory_cache: int | None = None
+    oom_kills: int | None = None
+    pids: int | None = None
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
+
+
+def _read(directory: str | None, name: str) -> str | None:
+    """A cgroup file's text (they are small: one read), None if missing. os.read, not
+    open(): a scrape reads ~10 files per container, and a text file object costs more
+    than the kernel's own work for most of them."""
+    if directory is None:
+        return None
+    try:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 1 << 16).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _number(text: str | None) -> int | None:
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _pairs(text: str | None) -> dict[str, int]:
+    """`key value` lines (memory.stat, cpu.stat, memory.events, cpuacct.stat)."""
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _v1_blkio(text: str | None) -> tuple[int | None, int | None]:
+    """Bytes read and written, summed over devices: `MAJ:MIN Read|Write N` lines."""
+    if text is None:
+        return None, None
+    totals = {"Read": 0, "Write": 0}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in totals and parts[2].isdigit():
+            totals[parts[1]] += int(parts[2])
+    return totals["Read"], totals["Write"]
+
+
+def _v2_io(text: str | None) -> tuple[int | None, int | None]:
+    """Bytes read and written, summed over devices: `MAJ:MIN rbytes=N wbytes=N ...`."""
+    if text is None:
+        return None, None
+    read = written = 0
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if value.isdigit():
+                if key == "rbytes":
+                    read += int(value)
+                elif key == "wbytes":
+                    written += int(value)
+    return read, written
+
+
+def sample_v1(paths: CgroupPaths) -> CgroupSample:
+    usage = _number(_read(paths.cpu, "cpuacct.usage"))
+    ticks = _pairs(_read(paths.cpu, "cpuacct.stat"))
+    hz = cgroups.USER_HZ
+    memory = _pairs(_read(paths.memory, "memory.stat"))
+    limit = _number(_read(paths.memory, "memory.limit_in_bytes"))
+    blkio = _read(paths.blkio, "blkio.throttle.io_service_bytes_recursive")
+    if blkio is None:
+        blkio = _read(paths.blkio, "blkio.throttle.io_service_bytes")
+    oom = _read(paths.memory, "memory.oom_control")
+    sample = CgroupSample(
+        cpu_seconds=usage / 1e9 if usage is not None else None,
+        cpu_user_seconds=ticks["user"] / hz if "user" in ticks else None,
+        cpu_system_seconds=ticks["system"] / hz if "system" in ticks else None,
+        memory_usage=_number(_read(paths.memory, "memory.usage_in_bytes")),
+        memory_limit=None if limit is None else 0 if limit >= V1_UNLIMITED else limit,
+        memory_rss=memory.get("total_rss", memory.get("rss")),
+        memory_cache=memory.get("total_cache", memory.get("cache")),
+        oom_kills=_pairs(oom).get("oom_kill", 0) if oom is not None else None,
+        pids=_number(_read(paths.pids, "pids.current")),
+    )
+    sample.io_read_bytes, sample.io_write_bytes = _v1_blkio(blkio)
+    return sample
+
+
+def sample_v2(paths: CgroupPaths) -> CgroupSample:
+    cpu = _pairs(_read(paths.cpu, "cpu.stat"))
+    memory = _pairs(_read(paths.memory, "memory.stat"))
+    limit = _read(paths.memory, "memory.max")
+    events = _read(paths.memory, "memory.events")
+
+    def seconds(key: str) -> float | None:
+        return cpu[key] / 1e6 if key in cpu else None
+
+    sample = CgroupSample(
+        cpu_seconds=seconds("usage_usec"),
+        cpu_user_seconds=seconds("user_usec"),
+        cpu_system_seconds=seconds("system_usec"),
+        memory_usage=_number(_read(paths.memory, "memory.current")),
+        memory_limit=0 if limit is not None and limit.strip() == "max" else _number(limit),
+        memory_rss=memory.get("anon"),
+        memory_cache=memory.get("file"),
+        oom_kills=_pairs(events).get("oom_kill", 0) if events is not None else None,
+        pids=_number(_read(paths.pids, "pids.current")),
+    )
+    sample.io_read_bytes, sample.io_write_bytes = _v2_io(_read(paths.blkio, "io.stat"))
+    return sample
+
+
+def sample_cgroup(paths: CgroupPaths) -> CgroupSample:
+    return sample_v1(paths) if paths.version == 1 else sample_v2(paths)
+
+
+# --- what a scrape reports ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A running task whose cgroup a scrape reads."""
+
+    namespace: str
+    id: str
+    pid: int
+
+
+@dataclass
+class Scrape:
+    """One scrape's figures, gathered on the loop (the task table) and in a worker thread
+    (files and databases); the collector reports exactly these."""
+
+    targets: list[Target] = field(default_factory=list)
+    tasks: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    shims_alive: int = 0
+    containers: list[tuple[Target, str, CgroupSample]] = field(default_factory=list)
+    content_blobs: int = 0
+    content_bytes: int = 0
+    snapshots: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The parts of berthd a scrape reads."""
+
+    tasks: TaskService
+    store: Store
+    exchange: Exchange
+    storage: Storage
+    standbys: Callable[[], int]
+
+
+Reading = Callable[[CgroupSample], float | None]
+
+# (name, help, type, what of the sample)
+CONTAINER_METRICS: tuple[tuple[str, str, str, Reading], ...] = (
+    ("cpu_usage_seconds", "CPU time the container used", "counter", lambda s: s.cpu_seconds),
+    ("cpu_user_seconds", "CPU time in user mode", "counter", lambda s: s.cpu_user_seconds),
+    ("cpu_system_seconds", "CPU time in kernel mode", "counter", lambda s: s.cpu_system_seconds),
+    (
+        "memory_usage_bytes",
+        "memory charged to the cgroup (cache too)",
+        "gauge",
+        lambda s: s.memory_usage,
+    ),
+    (
+        "memory_limit_bytes",
+        "the cgroup's memory limit (0: unlimited)",
+        "gauge",
+        lambda s: s.memory_limit,
+    ),
+    (
+        "memory_rss_bytes",
+        "anonymous memory (v1 total_rss, v2 anon)",
+        "gauge",
+        lambda s: s.memory_rss,
+    ),
+    (
+        "memory_cache_bytes",
+        "page cache (v1 total_cache, v2 file)",
+        "gauge",
+        lambda s: s.memory_cache,
+    ),
+    ("memory_oom_events", "processes the OOM killer killed", "counter", lambda s: s.oom_kills),
+    ("pids", "processes and threads in the cgroup", "gauge", lambda s: s.pids),
+    ("blkio_read_bytes", "bytes read from block devices", "counter", lambda s: s.io_read_bytes),
+    ("blkio_write_bytes", "bytes written to block devices", "counter", lambda s: s.io_write_bytes),
+)
+
+
+def _family(
+    name: str, doc: str, kind: str, labels: Iterable[str]
+) -> CounterMetricFamily | GaugeMetricFamily:
+    if kind == "counter":
+        return CounterMetricFamily(name, doc, labels=list(labels))
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class Collector:
+    """prometheus_client's custom collector: the per-container figures and the daemon's
+    counters, as of the scrape under way (`current`)."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+        self.current = Scrape()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._containers(self.current)
+        yield from self._daemon(self.current)
+        yield from self._storage(self.current)
+
+    def _containers(self, scrape: Scrape) -> Iterator[Metric]:
+        for name, doc, kind, reading in CONTAINER_METRICS:
+            family = _family(f"berth_container_{name}", doc, kind, CONTAINER_LABELS)
+            for target, image, sample in scrape.containers:
+                value = reading(sample)
+                if value is not None:
+                    family.add_metric([target.namespace, target.id, image], value)
+            yield family
+
+    def _daemon(self, scrape: Scrape) -> Iterator[Metric]:
+        s = self.sources
+        info = GaugeMetricFamily("berth_build_info", "berthd's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        tasks = GaugeMetricFamily(
+            "berth_tasks", "tasks berthd holds, by status", labels=["namespace", "status"]
+        )
+        for (namespace, status), count in sorted(scrape.tasks.items()):
+            tasks.add_metric([namespace, status], count)
+        yield tasks
+        yield _gauge("berth_shims_alive", "shims berthd supervises", scrape.shims_alive)
+        yield _counter(
+            "berth_shim_deaths", "shims that died under supervision", s.tasks.shim_deaths
+        )
+        yield _counter(
+            "berth_shim_reconnects",
+            "connections to a live shim made again",
+            s.tasks.shim_reconnects,
+        )
+        recovered = CounterMetricFamily(
+            "berth_recovered_tasks",
+            "tasks found at start-up: reattached to their shim, or reported exited "
+            "(shim gone, or alive but unusable and killed)",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(s.tasks.recovered.items()):
+            recovered.add_metric([outcome], count)
+        yield recovered
+        yield _gauge(
+            "berth_recovery_duration_seconds",
+            "how long the start-up recovery took",
+            s.tasks.recovery_seconds,
+        )
+        yield _gauge("berth_event_subscribers", "event streams open", s.exchange.subscriber_count)
+        yield _counter("berth_events_published", "events published", s.exchange.published)
+        yield _counter(
+            "berth_events_replayed",
+            "events sent again to a client that resubscribed",
+            s.exchange.replayed,
+        )
+        yield _counter(
+            "berth_events_dropped",
+            "events a subscriber could not take: it fell behind and its stream was ended",
+            s.exchange.dropped,
+        )
+        yield _gauge(
+            "berth_standbys_attached",
+            "warm standby berthds attached, ready to take over",
+            s.standbys(),
+        )
+
+    def _storage(self, scrape: Scrape) -> Iterator[Metric]:
+        storage = self.sources.storage
+        yield _gauge("berth_content_blobs", "blobs in the content store", scrape.content_blobs)
+        yield _gauge(
+            "berth_content_bytes", "bytes of the content store's blobs", scrape.content_bytes
+        )
+        snapshots = GaugeMetricFamily(
+            "berth_snapshots", "snapshots, by snapshotter and kind", labels=["snapshotter", "kind"]
+        )
+        for (snapshotter, kind), count in sorted(scrape.snapshots.items()):
+            snapshots.add_metric([snapshotter, kind], count)
+        yield snapshots
+        yield _counter("berth_gc_runs", "garbage collections run", storage.gc_runs)
+        yield _counter(
+            "berth_gc_duration_seconds", "time spent collecting garbage", storage.gc_seconds
+        )
+        removed = CounterMetricFamily(
+            "berth_gc_removed", "what garbage collections removed, by kind", labels=["kind"]
+        )
+        for kind, count in sorted(storage.gc_removed.items()):
+            removed.add_metric([kind], count)
+        yield removed
+
+
+def _content_usage(blobs: str) -> tuple[int, int]:
+    count = size = 0
+    try:
+        with os.scandir(blobs) as entries:
+            for entry in entries:
+                try:
+                    size += entry.stat(follow_symlinks=False).st_size
+                    count += 1
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return count, size
+
+
+# --- the endpoint ------------------------------------------------------------------------
+
+
+class Metrics:
+    """The registry berthd's scrapes render, and the API call figures it keeps."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._calls = Counter(
+            "berth_api_calls",
+            "API calls answered, by method and code (ok or the error code)",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "berth_api_call_duration_seconds",
+            "time to answer an API call (a stream or a wait: its whole life)",
+            ["method"],
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+        self.collector = Collector(sources)
+        self.registry.register(self.collector)
+        self._lock = trio.Lock()
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """rpc.Observer: one answered API call."""
+        self._calls.labels(method, code).inc()
+        self._latency.labels(method).observe(seconds)
+
+    async def render(self) -> bytes:
+        """The exposition, one scrape at a time: the task table is copied here, on the
+        loop; files and databases are read, and the text written, in a worker thread.
+        Measured (scripts/bench --only metrics, 100 containers scraped back to back): a
+        `version` call meanwhile takes 0.6 ms (median), against 5.6 ms when the loop did
+        the same work itself in steps of 8 containers."""
+        async with self._lock:
+            scrape = Scrape()
+            for handle in self.sources.tasks.handles():
+                scrape.tasks[(handle.namespace, handle.init.status)] += 1
+                if handle.shim_dead:
+                    continue
+                scrape.shims_alive += 1
+                if handle.init.pid > 0 and not handle.init.exited.is_set():
+                    scrape.targets.append(Target(handle.namespace, handle.id, handle.init.pid))
+            return await trio.to_thread.run_sync(self._render, scrape)
+
+    def _render(self, scrape: Scrape) -> bytes:
+        """In a worker thread: read what the scrape needs, then write the text."""
+        images = self.sources.store.container_images()
+        mounted = cgroups.mounts()
+        for target in scrape.targets:
+            paths = cgroups.paths_for(target.pid, mounted)
+            if paths is not None:
+                image = images.get((target.namespace, target.id), "")
+                scrape.containers.append((target, image, sample_cgroup(paths)))
+        storage = self.sources.storage
+        scrape.content_blobs, scrape.content_bytes = _content_usage(storage.content.blobs)
+        for name, snapshotter in storage.snapshotters.items():
+            for kind, count in snapshotter.counts().items():
+                scrape.snapshots[(name, kind)] = count
+        self.collector.current = scrape
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.collector.current = Scrape()
+
+
+class BadRequest(Exception):
+    pass
+
+
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def parse_head(head: bytes) -> tuple[str, str]:
+    """The method and the path (without its query) of an HTTP/1.x request head;
+    BadRequest if it is not one."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("the request head is not ASCII") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method, target, version = parts
+    if not TOKEN.fullmatch(method):
+        raise BadRequest("malformed method")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadRequest("only HTTP/1.0 and HTTP/1.1 are served")
+    if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
+        raise BadRequest("malformed request target")
+    for line in lines[1:]:
+        name, colon, _ = line.partition(":")
+        if line and (not colon or not TOKEN.fullmatch(name)):
+            raise BadRequest("malformed header line")
+    return method, target.split("?", 1)[0]
+
+
+def route(method: str, path: str) -> int:
+    """The status of a well-formed request: 200 for GET /v1/metrics."""
+    if path != PATH:
+        return 404
+    if method != "GET":
+        return 405
+    return 200
+
+
+def response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    headers = [
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if status == 405:
+        headers.append("Allow: GET")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+async def read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
+    """The request head (up to the blank line); None if the client left first;
+    BadRequest if it outgrows MAX_HEAD."""
+    buffer = bytearray()
+    while True:
+        match = HEAD_END.search(buffer)
+        if match is not None:
+            return bytes(buffer[: match.start()])
+        if len(buffer) > MAX_HEAD:
+            raise BadRequest(f"request head larger than {MAX_HEAD} bytes")
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buffer += data
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """After the answer: end our side, then read what the client still sends (a body, the
+    rest of an oversize head) until it closes, for a while. Closing with unread data would
+    reset the connection, and a reset can destroy the answer before the client reads it."""
+    await stream.send_eof()
+    with trio.move_on_after(1.0):
+        for _ in range(16):
+            if not await stream.receive_some(65536):
+                return
+
+
+class MetricsServer:
+    """GET /v1/metrics on `address` (HOST:PORT), served from the loop it runs on."""
+
+    def __init__(self, address: str, metrics: Metrics) -> None:
+        self.address = address
+        self.host, self.port = split_host_port(address, "[metrics] address")
+        self.metrics = metrics
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def serve(self) -> None:
+        listeners = await self._bind()
+        log.info("serving metrics on http://%s%s", self.address, PATH)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _bind(self) -> list[trio.SocketListener]:
+        """Listen; a port still held (by a predecessor handing over, say) is tried
+        again, with a word in the log if that lasts."""
+        delay = 0.05
+        while True:
+            try:
+                return await trio.open_tcp_listeners(self.port, host=self.host)
+            except OSError as exc:
+                if delay >= 1.0:
+                    log.error("cannot serve metrics on %s: %s; trying again", self.address, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_after(1.0):
+                    await stream.send_all(response(503, b"too many scrapes at once\n"))
+                    await _linger(stream)
+                return
+            try:
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    answer = await self._answer(stream)
+                    if answer:
+                        await stream.send_all(answer)
+                        await _linger(stream)
+            finally:
+                self._slots.release()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _answer(self, stream: trio.SocketStream) -> bytes:
+        try:
+            head = await read_head(stream)
+            if head is None:
+                return b""
+            method, path = parse_head(head)
+        except BadRequest as exc:
+            return response(400, f"{exc}\n".encode())
+        status = route(method, path)
+        if status != 200:
+            return response(status, f"{REASONS[status].lower()}: {method} {path}\n".encode())
+        try:
+            body = await self.metrics.render()
+        except Exception:
+            log.exception("metrics scrape failed")
+            return response(500, b"the scrape failed: see berthd's log\n")
+        return response(200, body, CONTENT_TYPE_PLAIN_0_0_4)

@@ -1,0 +1,361 @@
+"""`NetworkService`: a container's network attachments as berthd keeps them.
+
+An attachment set is an object like a snapshot: created for a container ID (a network
+namespace pinned under `<state>/netns/`, then CNI ADD on each network asked for, as eth0,
+eth1, ...), listed, deleted (DEL in reverse, the namespace unpinned). Its record,
+`<state>/networks/<namespace>/<id>.json`, is written durably before the first plugin runs
+and after each network, so whatever a crash interrupts is found again: `reconcile` (run
+once recovery is done) releases every attachment whose container has no live task and
+every half-made one. The CNI side is berth.daemon.network.cni, the namespaces
+berth.daemon.network.netns; this module only orders them and keeps the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from berth.daemon.network import cni, netns
+from berth.shim.fs import atomic_write
+from berth.shim.wire.errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger("berthd.network")
+
+RECORD_VERSION = 1
+DEFAULT_NETWORK = "bridge"
+MAX_NETWORKS = 8  # interfaces per container
+PROTOCOLS = ("tcp", "udp", "sctp")
+ETC_FILES = ("hosts", "hostname", "resolv.conf")
+FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")  # Docker's, when the host has only local ones
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    conf_dir: str = "/etc/cni/net.d"
+    plugin_dirs: tuple[str, ...] = ("/usr/lib/cni", "/opt/cni/bin")
+    default_subnet: str = "10.77.0.0/24"
+    default_bridge: str = "berth0"
+    ipam_dir: str = ""  # host-local's dataDir for the default network ("": the state root's)
+
+
+@dataclass
+class AttachmentSet:
+    namespace: str
+    container_id: str
+    netns: str
+    attachments: list[cni.Attachment] = field(default_factory=list)
+    complete: bool = False  # every network ADDed
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "namespace": self.namespace,
+            "container_id": self.container_id,
+            "netns": self.netns,
+            "complete": self.complete,
+            "attachments": [a.to_doc() for a in self.attachments],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> AttachmentSet:
+        return cls(
+            namespace=str(doc["namespace"]),
+            container_id=str(doc["container_id"]),
+            netns=str(doc["netns"]),
+            attachments=[cni.Attachment.from_doc(a) for a in doc.get("attachments") or []],
+            complete=bool(doc.get("complete")),
+        )
+
+    def to_wire(self, files_dir: str = "") -> dict[str, Any]:
+        """What a client sees: per network its interface, addresses and ports; the
+        files to bind-mount at /etc/hosts, /etc/hostname and /etc/resolv.conf."""
+        files = {}
+        if files_dir and os.path.isdir(files_dir):
+            files = {f"/etc/{name}": os.path.join(files_dir, name) for name in ETC_FILES}
+        return {
+            "container_id": self.container_id,
+            "netns": self.netns,
+            "complete": self.complete,
+            "files": files,
+            "networks": [
+                {
+                    "network": a.network["name"],
+                    "interface": a.ifname,
+                    "addresses": a.addresses(),
+                    "gateways": _gateways(a.result),
+                    "mac": _mac(a.result, a.ifname),
+                    "ports": a.capability_args.get("portMappings") or [],
+                }
+                for a in self.attachments
+            ],
+        }
+
+
+def _gateways(result: dict[str, Any] | None) -> list[str]:
+    return [ip["gateway"] for ip in (result or {}).get("ips") or [] if ip.get("gateway")]
+
+
+def _mac(result: dict[str, Any] | None, ifname: str) -> str:
+    for interface in (result or {}).get("interfaces") or []:
+        if interface.get("name") == ifname and interface.get("sandbox"):
+            return str(interface.get("mac") or "")
+    return ""
+
+
+def resolv_conf(host_text: str, dns: dict[str, Any] | None) -> str:
+    """The container's resolv.conf: the host's, without nameservers on loopback (they
+    do not answer inside the container's namespace); the network's DNS, or Docker's
+    fallback, when none is left."""
+    lines, servers = [], []
+    for line in host_text.splitlines():
+        words = line.split()
+        if words[:1] == ["nameserver"] and len(words) > 1:
+            if not words[1].startswith(("127.", "::1")):
+                servers.append(words[1])
+            continue
+        lines.append(line)
+    servers = servers or list((dns or {}).get("nameservers") or FALLBACK_NAMESERVERS)
+    return "\n".join([*lines, *(f"nameserver {s}" for s in servers)]) + "\n"
+
+
+def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """portmap's `portMappings` from berth's {host_port, container_port, protocol,
+    host_ip}; InvalidArgument for anything else."""
+    out = []
+    for m in mappings:
+        host, inner = m.get("host_port"), m.get("container_port")
+        protocol = m.get("protocol") or "tcp"
+        if not all(isinstance(p, int) and 0 < p < 65536 for p in (host, inner)):
+            raise InvalidArgument(f"port mapping {m!r}: ports must be 1-65535")
+        if protocol not in PROTOCOLS:
+            raise InvalidArgument(f"port mapping {m!r}: protocol must be one of {PROTOCOLS}")
+        entry: dict[str, Any] = {"hostPort": host, "containerPort": inner, "protocol": protocol}
+        if m.get("host_ip"):
+            entry["hostIP"] = str(m["host_ip"])
+        out.append(entry)
+    return out
+
+
+class NetworkService:
+    def __init__(self, settings: NetworkSettings, state_dir: str, root_dir: str) -> None:
+        self.settings = settings
+        self.plugins = cni.Plugins(list(settings.plugin_dirs))
+        self.netns_dir = os.path.join(state_dir, "netns")
+        self.records_dir = os.path.join(state_dir, "networks")
+        self.ipam_dir = settings.ipam_dir or os.path.join(root_dir, "cni", "networks")
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+
+    # -- networks
+
+    def networks(self) -> dict[str, cni.Network]:
+        """The configured networks, and `bridge` (berth's default) unless one has that
+        name."""
+        found = cni.load_networks(self.settings.conf_dir)
+        if DEFAULT_NETWORK not in found:
+            found[DEFAULT_NETWORK] = cni.default_bridge(
+                DEFAULT_NETWORK,
+                self.settings.default_bridge,
+                self.settings.default_subnet,
+                self.ipam_dir,
+            )
+        return found
+
+    # -- attachments
+
+    def _lock(self, namespace: str, container_id: str) -> trio.Lock:
+        return self._locks.setdefault((namespace, container_id), trio.Lock())
+
+    def _record_path(self, namespace: str, container_id: str) -> str:
+        return os.path.join(self.records_dir, namespace, f"{container_id}.json")
+
+    def files_dir(self, namespace: str, container_id: str) -> str:
+        return os.path.join(self.records_dir, namespace, f"{container_id}.etc")
+
+    def _write_files(self, attached: AttachmentSet) -> None:
+        """hosts, hostname and resolv.conf for the container (bind-mounted by the
+        client, as Docker and nerdctl do), from its first network's address."""
+        directory = self.files_dir(attached.namespace, attached.container_id)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        first = attached.attachments[0]
+        address = first.addresses()[0].split("/")[0] if first.addresses() else ""
+        name = attached.container_id[:63]
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        if address:
+            hosts += f"{address}\t{name}\n"
+        try:
+            with open("/etc/resolv.conf") as f:
+                host_resolv = f.read(1 << 16)
+        except OSError:
+            host_resolv = ""
+        contents = {
+            "hosts": hosts,
+            "hostname": name + "\n",
+            "resolv.conf": resolv_conf(host_resolv, (first.result or {}).get("dns")),
+        }
+        for filename, text in contents.items():
+            atomic_write(os.path.join(directory, filename), text.encode(), mode=0o644)
+
+    def _save(self, attached: AttachmentSet) -> None:
+        path = self._record_path(attached.namespace, attached.container_id)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        atomic_write(path, json.dumps(attached.to_doc()).encode())
+
+    def get(self, namespace: str, container_id: str) -> AttachmentSet:
+        try:
+            with open(self._record_path(namespace, container_id), "rb") as f:
+                return AttachmentSet.from_doc(json.loads(f.read(1 << 22)))
+        except FileNotFoundError:
+            raise NotFound(f"container {container_id} has no network attachment") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(
+                f"attachment record of {container_id} is damaged: {exc}"
+            ) from None
+
+    def in_namespace(self, namespace: str) -> list[AttachmentSet]:
+        directory = os.path.join(self.records_dir, namespace)
+        found = []
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            if name.endswith(".json"):
+                try:
+                    found.append(self.get(namespace, name[: -len(".json")]))
+                except (NotFound, InvalidArgument):
+                    continue
+        return found
+
+    async def attach(
+        self,
+        namespace: str,
+        container_id: str,
+        names: list[str],
+        ports: list[dict[str, Any]],
+    ) -> AttachmentSet:
+        """Pin a namespace for the container and ADD each network, in order; a failure
+        undoes everything (no half-made attachment is left)."""
+        names = names or [DEFAULT_NETWORK]
+        if len(names) > MAX_NETWORKS or len(set(names)) != len(names):
+            raise InvalidArgument(f"networks {names}: at most {MAX_NETWORKS}, each once")
+        mappings = check_ports(ports)
+        known = self.networks()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise NotFound(f"unknown network(s) {unknown}; known: {sorted(known)}")
+        async with self._lock(namespace, container_id):
+            if os.path.exists(self._record_path(namespace, container_id)):
+                raise AlreadyExists(f"container {container_id} already has network attachments")
+            digest = hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
+            attached = AttachmentSet(namespace, container_id, os.path.join(self.netns_dir, digest))
+            self._save(attached)  # first: a crash from here on is found and undone
+            try:
+                await trio.to_thread.run_sync(netns.prepare_dir, self.netns_dir)
+                await trio.to_thread.run_sync(netns.create, attached.netns)
+                for i, name in enumerate(names):
+                    attachment = cni.Attachment(
+                        network=known[name].to_doc(),
+                        container_id=f"{namespace}-{container_id}",
+                        netns=attached.netns,
+                        ifname=f"eth{i}",
+                        capability_args={"portMappings": mappings} if mappings else {},
+                    )
+                    attached.attachments.append(attachment)
+                    self._save(attached)
+                    await cni.add(self.plugins, attachment)
+                    self._save(attached)
+                self._write_files(attached)
+                attached.complete = True
+                self._save(attached)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._release(attached, "its creation failed")
+                raise
+            log.info(
+                "network: %s/%s attached to %s (%s)",
+                namespace,
+                container_id,
+                ", ".join(names),
+                attached.netns,
+            )
+            return attached
+
+    async def detach(self, namespace: str, container_id: str) -> bool:
+        """DEL every network and unpin the namespace; False if there was nothing."""
+        async with self._lock(namespace, container_id):
+            try:
+                attached = self.get(namespace, container_id)
+            except NotFound:
+                return False
+            await self._release(attached, "detached")
+            return True
+
+    async def _release(self, attached: AttachmentSet, why: str) -> None:
+        """DEL (reverse order; each DEL runs even if another failed) and unpin; the record
+        goes only once everything did (else it stays, for the next reconcile)."""
+        failed = None
+        for attachment in reversed(attached.attachments):
+            try:
+                await cni.delete(self.plugins, attachment)
+            except Exception as exc:  # any failure: kept, reported, retried by reconcile
+                failed = failed or exc
+        await trio.to_thread.run_sync(netns.remove, attached.netns)
+        if failed is not None:
+            log.warning(
+                "network: releasing %s/%s (%s) failed: %s",
+                attached.namespace,
+                attached.container_id,
+                why,
+                failed,
+            )
+            return
+        shutil.rmtree(self.files_dir(attached.namespace, attached.container_id), True)
+        try:
+            os.unlink(self._record_path(attached.namespace, attached.container_id))
+        except FileNotFoundError:
+            pass
+        log.info("network: %s/%s released (%s)", attached.namespace, attached.container_id, why)
+
+    async def _check(self, attached: AttachmentSet) -> None:
+        """CNI CHECK of a kept attachment: a problem is logged (the container keeps what
+        it has; an operator decides), never acted on blindly."""
+        if not netns.is_pinned(attached.netns):
+            log.warning(
+                "network: %s/%s: its namespace %s is gone",
+                attached.namespace,
+                attached.container_id,
+                attached.netns,
+            )
+            return
+        for attachment in attached.attachments:
+            try:
+                await cni.check(self.plugins, attachment)
+            except Exception as exc:  # reported, never fatal
+                log.warning(
+                    "network: %s/%s: CHECK of %s: %s",
+                    attached.namespace,
+                    attached.container_id,
+                    attachment.network["name"],
+                    exc,
+                )
+
+    async def reconcile(self, live: Callable[[str, str], bool]) -> int:
+        """Release what no live task uses (its container or task is gone, or it never
+        finished attaching: a crash mid-ADD) and CHECK the rest; run once recovery is
+        complete."""
+        released = 0
+        namespaces = os.listdir(self.records_dir) if os.path.isdir(self.records_dir) else []
+        for namespace in sorted(namespaces):
+            for attached in self.in_namespace(namespace):
+                if attached.complete and live(namespace, attached.container_id):
+                    await self._check(attached)
+                    continue
+                async with self._lock(namespace, attached.container_id):
+                    why = "no live task" if attached.complete else "left half-made"
+                    await self._release(attached, why)
+                    released += 1
+        return released

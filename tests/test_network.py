@@ -1,0 +1,382 @@
+"""berth's network attachments on their own (daemon/network): real CNI plugins (Debian's
+containernetworking-plugins), network namespaces the test makes under its own temp dir, a
+bridge and a subnet of its own; after each test no address lease, veth, netns mount or NAT
+rule of it is left (issue 14, first part: the components, before the task service uses
+them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from berth.daemon.network import cni, netns
+from berth.shim.wire.errors import BerthError, InvalidArgument
+
+pytestmark = pytest.mark.container
+
+PLUGIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
+
+
+class Lab:
+    """A temp dir with a netns dir, a host-local data dir and a bridge network of its own."""
+
+    def __init__(self) -> None:
+        if shutil.which("unshare") is None or not os.path.isdir("/usr/lib/cni"):
+            pytest.fail("needs util-linux and containernetworking-plugins (scripts/setup)")
+        self.dir = Path(tempfile.mkdtemp(prefix="bt-net-", dir="/tmp"))
+        self.ns_dir = str(self.dir / "netns")
+        netns.prepare_dir(self.ns_dir)
+        tag = f"{random.randrange(1 << 24):06x}"
+        self.bridge = f"bt{tag}"
+        self.subnet_prefix = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
+        self.network = cni.default_bridge(
+            name=f"net-{tag}",
+            bridge=self.bridge,
+            subnet=f"{self.subnet_prefix}.0/24",
+            data_dir=str(self.dir / "ipam"),
+        )
+        self.plugins = cni.Plugins(PLUGIN_DIRS)
+        self.namespaces: list[str] = []
+        self.rules_before = _nat_rules()
+
+    def new_netns(self, name: str) -> str:
+        path = os.path.join(self.ns_dir, name)
+        netns.create(path)
+        self.namespaces.append(path)
+        return path
+
+    def attachment(self, cid: str, path: str, **capabilities: object) -> cni.Attachment:
+        return cni.Attachment(
+            network=self.network.to_doc(),
+            container_id=cid,
+            netns=path,
+            ifname="eth0",
+            capability_args=dict(capabilities),
+        )
+
+    def leases(self) -> list[str]:
+        """host-local's lease files (one per address it handed out)."""
+        directory = self.dir / "ipam" / self.network.name
+        if not directory.is_dir():
+            return []
+        return [p.name for p in directory.iterdir() if p.name[0].isdigit() and "last" not in p.name]
+
+    def cleanup(self) -> None:
+        for path in self.namespaces:
+            netns.remove(path)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if os.path.ismount(self.ns_dir):
+            subprocess.run(["umount", "-l", self.ns_dir], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _nat_rules() -> set[str]:
+    done = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True)
+    return {line for line in done.stdout.splitlines() if not line.startswith(("#", ":"))}
+
+
+def _in(path: str, *command: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", f"--net={path}", *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+async def test_two_namespaces_on_one_bridge_talk_and_leave_nothing(lab: Lab) -> None:
+    a, b = lab.new_netns("a"), lab.new_netns("b")
+    assert netns.is_pinned(a) and netns.is_pinned(b)
+    first = await cni.add(lab.plugins, lab.attachment("ca", a))
+    second = await cni.add(lab.plugins, lab.attachment("cb", b))
+    ip_a, ip_b = (x.addresses()[0].split("/")[0] for x in (first, second))
+    assert ip_a.startswith(lab.subnet_prefix) and ip_a != ip_b
+    assert len(lab.leases()) == 2
+    await cni.check(lab.plugins, first)
+    # both ways, through the bridge
+    for source, target in ((a, ip_b), (b, ip_a)):
+        ping = _in(source, "busybox", "ping", "-c", "1", "-W", "3", target)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert "eth0" in _in(a, "ip", "-o", "link").stdout
+    # the attachment record round-trips (berthd keeps it as JSON, DEL after a restart)
+    revived = cni.Attachment.from_doc(json.loads(json.dumps(first.to_doc())))
+    assert revived == first
+    for attachment in (revived, second):
+        await cni.delete(lab.plugins, attachment)
+        await cni.delete(lab.plugins, attachment)  # DEL is idempotent
+    assert lab.leases() == []
+    members = subprocess.run(
+        ["ip", "-o", "link", "show", "master", lab.bridge], capture_output=True, text=True
+    )
+    assert members.stdout.strip() == ""  # no veth left on the bridge
+    assert _nat_rules() <= lab.rules_before  # the masquerade rules went with DEL
+    for path in (a, b):
+        netns.remove(path)
+        assert not os.path.exists(path)
+
+
+async def test_a_published_port_is_reachable_through_the_gateway(lab: Lab) -> None:
+    server_ns = lab.new_netns("srv")
+    host_port = random.randrange(20000, 30000)
+    mapping = [{"hostPort": host_port, "containerPort": 8080, "protocol": "tcp"}]
+    attachment = await cni.add(lab.plugins, lab.attachment("csrv", server_ns, portMappings=mapping))
+    server = subprocess.Popen(
+        ["nsenter", f"--net={server_ns}", "busybox", "nc", "-l", "-p", "8080", "-e", "echo", "hi"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        gateway = f"{lab.subnet_prefix}.1"
+        for _ in range(50):  # the listener needs a moment
+            try:
+                with socket.create_connection((gateway, host_port), timeout=2) as conn:
+                    assert conn.recv(16) == b"hi\n"
+                    break
+            except (ConnectionRefusedError, TimeoutError):
+                import time
+
+                time.sleep(0.1)
+        else:
+            pytest.fail("the published port never answered")
+    finally:
+        server.kill()
+        server.wait(10)
+    await cni.delete(lab.plugins, attachment)
+    assert not any(str(host_port) in rule for rule in _nat_rules())
+
+
+async def test_bad_configs_and_plugins_are_clear_errors_and_change_nothing(lab: Lab) -> None:
+    conf_dir = lab.dir / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "10-good.conflist").write_text(json.dumps(lab.network.to_doc()))
+    (conf_dir / "20-bad.conflist").write_text("{not json")
+    with pytest.raises(InvalidArgument, match=r"20-bad\.conflist"):
+        cni.load_networks(str(conf_dir))
+    (conf_dir / "20-bad.conflist").write_text(json.dumps({"name": "x", "plugins": []}))
+    with pytest.raises(InvalidArgument, match="plugins"):
+        cni.load_networks(str(conf_dir))
+    (conf_dir / "20-bad.conflist").unlink()
+    assert list(cni.load_networks(str(conf_dir))) == [lab.network.name]
+
+    path = lab.new_netns("miss")
+    missing = cni.parse_network(
+        {"cniVersion": "1.0.0", "name": "nope", "plugins": [{"type": "no-such-plugin"}]}
+    )
+    attachment = cni.Attachment(missing.to_doc(), "cmiss", path, "eth0")
+    with pytest.raises(InvalidArgument, match="no-such-plugin"):
+        await cni.add(lab.plugins, attachment)
+    assert attachment.result is None
+
+
+async def test_an_exhausted_range_fails_and_the_failed_add_is_undone(lab: Lab) -> None:
+    one = dict(lab.network.plugins[0])
+    ipam = dict(one["ipam"])
+    start = f"{lab.subnet_prefix}.10"
+    ipam["ranges"] = [
+        [{"subnet": f"{lab.subnet_prefix}.0/24", "rangeStart": start, "rangeEnd": start}]
+    ]
+    one["ipam"] = ipam
+    lab.network = cni.Network(lab.network.name, cni.CNI_VERSION, (one,))
+    a, b = lab.new_netns("one"), lab.new_netns("two")
+    first = await cni.add(lab.plugins, lab.attachment("c1", a))
+    assert first.addresses() == [f"{start}/24"]
+    with pytest.raises(BerthError, match=r"no IP addresses available|range") as failed:
+        await cni.add(lab.plugins, lab.attachment("c2", b))
+    assert "network" in str(failed.value)
+    assert "eth0" not in _in(b, "ip", "-o", "link").stdout  # undone: no veth left in it
+    assert lab.leases() == [start]
+    await cni.delete(lab.plugins, first)
+    assert lab.leases() == []
+
+
+# -- through berthd: `berth run --net`, restarts, clean-up ---------------------------------
+
+
+class NetDaemon:
+    """A berthd whose default network `bridge` has a bridge and subnet of its own (its
+    addresses are leased under the daemon's root)."""
+
+    def __init__(self) -> None:
+        from tests.support.helpers import Daemon
+
+        tag = f"{random.randrange(1 << 24):06x}"
+        self.bridge = f"bb{tag}"
+        self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
+        self.rules_before = _nat_rules()
+        config = (
+            "[network]\n"
+            f'conf_dir = "/nonexistent-{tag}"\n'
+            f'default_subnet = "{self.prefix}.0/24"\n'
+            f'default_bridge = "{self.bridge}"\n'
+        )
+        self.d = Daemon(extra_config=config)
+
+    def leases(self) -> list[str]:
+        directory = Path(self.d.root, "cni", "networks", "bridge")
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if p.name[0].isdigit())
+
+    def address(self, cid: str) -> str:
+        with self.d.client() as c:
+            attached = c.call("attachments.get", {"container_id": cid})
+        return str(attached["networks"][0]["addresses"][0]).split("/")[0]
+
+    def cleanup(self) -> None:
+        self.d.cleanup()
+        for path in Path(self.d.state, "netns").glob("*") if Path(self.d.state).exists() else []:
+            netns.remove(str(path))
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+@pytest.fixture
+def netd() -> Iterator[NetDaemon]:
+    n = NetDaemon()
+    try:
+        yield n
+    finally:
+        n.cleanup()
+
+
+def _ok(n: NetDaemon, *args: str) -> str:
+    r = n.d.cli(*args)
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout.decode()
+
+
+SERVE = "while :; do nc -l -p 8080 -e echo from-$(hostname); done"
+
+
+def test_two_containers_on_the_default_bridge_talk_both_ways(netd: NetDaemon) -> None:
+    assert "bridge" in _ok(netd, "network", "ls")
+    _ok(netd, "run", "-d", "--busybox", "--net", "bridge", "left", "sh", "-c", SERVE)
+    _ok(netd, "run", "-d", "--busybox", "--net", "bridge", "right", "sh", "-c", SERVE)
+    left, right = netd.address("left"), netd.address("right")
+    assert left.startswith(netd.prefix) and left != right
+    for source, target in (("left", right), ("right", left)):
+        out = _ok(netd, "tasks", "exec", "--exec-id", f"x{source}", source, "nc", target, "8080")
+        assert out.startswith("from-"), out
+    listing = _ok(netd, "network", "attachments")
+    assert left in listing and right in listing
+    # its own /etc/hosts, hostname and resolv.conf (no loopback nameserver)
+    hosts = _ok(netd, "tasks", "exec", "--exec-id", "h", "left", "cat", "/etc/hosts")
+    assert f"{left}\tleft" in hosts
+    assert _ok(netd, "tasks", "exec", "--exec-id", "n", "left", "hostname").strip() == "left"
+    resolv = _ok(netd, "tasks", "exec", "--exec-id", "r", "left", "cat", "/etc/resolv.conf")
+    assert "nameserver" in resolv and "nameserver 127." not in resolv
+    for cid in ("left", "right"):
+        _ok(netd, "tasks", "rm", "-f", cid)
+        _ok(netd, "containers", "rm", cid)
+    assert netd.leases() == []
+    assert list(Path(netd.d.state, "netns").glob("*")) == []
+    members = subprocess.run(
+        ["ip", "-o", "link", "show", "master", netd.bridge], capture_output=True, text=True
+    )
+    assert members.stdout.strip() == ""
+    assert _nat_rules() <= netd.rules_before
+
+
+def test_published_port_none_and_host(netd: NetDaemon) -> None:
+    port = random.randrange(20000, 30000)
+    _ok(
+        netd,
+        "run",
+        "-d",
+        "--busybox",
+        "--net",
+        "bridge",
+        "-p",
+        f"{port}:8080",
+        "web",
+        "sh",
+        "-c",
+        SERVE,
+    )
+    gateway = f"{netd.prefix}.1"
+    for _ in range(100):
+        try:
+            with socket.create_connection((gateway, port), timeout=2) as conn:
+                assert conn.recv(64).startswith(b"from-")
+                break
+        except (ConnectionRefusedError, TimeoutError):
+            import time
+
+            time.sleep(0.05)
+    else:
+        pytest.fail("the published port never answered")
+    none = _ok(netd, "run", "--rm", "--busybox", "--net", "none", "n0", "ip", "-o", "link")
+    assert [line.split(":")[1].strip() for line in none.splitlines()] == ["lo"]
+    host = _ok(netd, "run", "--rm", "--busybox", "--net", "host", "h0", "ip", "-o", "link")
+    assert netd.bridge in host  # the host's interfaces
+    bad = netd.d.cli("run", "--rm", "--busybox", "--net", "no-such-net", "b0", "true")
+    assert bad.returncode == 1 and b"unknown network" in bad.stderr
+    assert netd.d.cli("containers", "ls").stdout.decode().count("b0") == 0  # nothing made
+    _ok(netd, "tasks", "rm", "-f", "web")
+    _ok(netd, "containers", "rm", "web")
+    assert not any(str(port) in rule for rule in _nat_rules())
+
+
+def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon) -> None:
+    gate = Path(netd.d.dir, "gate")
+    gate.mkdir()
+    _ok(netd, "run", "-d", "--busybox", "--net", "bridge", "stays", "sh", "-c", SERVE)
+    mount = f"type=bind,src={gate},dst=/gate"
+    script = "while [ ! -e /gate/go ]; do sleep 0.05; done"
+    _ok(
+        netd,
+        "run",
+        "-d",
+        "--busybox",
+        "--net",
+        "bridge",
+        "--mount",
+        mount,
+        "goes",
+        "sh",
+        "-c",
+        script,
+    )
+    stays, goes = netd.address("stays"), netd.address("goes")
+    assert len(netd.leases()) == 2
+    netd.d.kill9()
+    (gate / "go").touch()  # it exits while berthd is down
+    import time
+
+    time.sleep(0.5)
+    netd.d.start()
+    from tests.support.helpers import wait_until
+
+    wait_until(lambda: netd.leases() == [stays], what="the dead container's address released")
+    assert netd.address("stays") == stays
+    out = _ok(netd, "run", "--rm", "--busybox", "--net", "bridge", "probe", "nc", stays, "8080")
+    assert out.startswith("from-")
+    assert goes not in netd.leases()
+    # one that exits while berthd runs gives its address back at once
+    _ok(netd, "run", "--busybox", "--net", "bridge", "brief", "true")
+    wait_until(lambda: netd.leases() == [stays], what="the exited container's address released")
+    _ok(netd, "tasks", "rm", "brief")
+    _ok(netd, "containers", "rm", "brief")
+    _ok(netd, "tasks", "rm", "-f", "stays")
+    _ok(netd, "containers", "rm", "stays")
+    _ok(netd, "tasks", "rm", "goes")
+    _ok(netd, "containers", "rm", "goes")
+    assert netd.leases() == []
