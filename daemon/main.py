@@ -161,7 +161,7 @@ async def _run_services(
         observe = _start_metrics(
             config, nursery, tasks, store, exchange, storage, lambda: control.standbys
         )
-        api.networks = networks = _network_service(config)  # deleted with their container
+        api.networks = networks = _network_service(config, exchange)  # go with their container
         handlers = routes.bind(
             [
                 api.handlers(),
@@ -253,14 +253,14 @@ async def _run_services(
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
 
 
-def _network_service(config: Config) -> NetworkService:
+def _network_service(config: Config, exchange: Exchange) -> NetworkService:
     settings = NetworkSettings(
         conf_dir=config.network_conf_dir,
         plugin_dirs=config.network_plugin_dirs,
         default_subnet=config.network_default_subnet,
         default_bridge=config.network_default_bridge,
     )
-    return NetworkService(settings, config.state, config.root)
+    return NetworkService(settings, config.state, config.root, exchange.publish)
 
 
 async def _reconcile_networks(networks: NetworkService, tasks: TaskService) -> None:

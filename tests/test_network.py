@@ -304,6 +304,58 @@ def test_two_containers_on_the_default_bridge_talk_both_ways(netd: NetDaemon) ->
     assert _nat_rules() <= netd.rules_before
 
 
+def test_a_chosen_address_events_and_tasks_info(netd: NetDaemon) -> None:
+    import json as json_module
+    import threading
+
+    seen: list[dict[str, object]] = []
+
+    def follow() -> None:
+        with netd.d.client() as c:
+            for envelope in c.stream("events.subscribe", {"filters": ['topic~="^/networks/"']}):
+                seen.append(envelope)
+                if len(seen) == 2:
+                    return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    import time
+
+    time.sleep(0.3)  # subscribed
+    chosen = f"{netd.prefix}.42"
+    _ok(
+        netd,
+        "run",
+        "-d",
+        "--busybox",
+        "--net",
+        "bridge",
+        "--ip",
+        f"{chosen}/24",
+        "fixed",
+        "sleep",
+        "600",
+    )
+    assert netd.address("fixed") == chosen
+    inside = _ok(
+        netd, "tasks", "exec", "--exec-id", "a", "fixed", "ip", "-o", "-4", "addr", "show", "eth0"
+    )
+    assert chosen in inside
+    info = json_module.loads(_ok(netd, "tasks", "info", "fixed"))
+    assert info["networks"][0]["addresses"] == [f"{chosen}/24"]
+    assert info["networks"][0]["interface"] == "eth0"
+    bad = netd.d.cli(
+        "run", "-d", "--busybox", "--net", "bridge", "--ip", "10.0.0.1", "nolen", "true"
+    )
+    assert bad.returncode == 1 and b"prefix length" in bad.stderr
+    _ok(netd, "tasks", "rm", "-f", "fixed")
+    _ok(netd, "containers", "rm", "fixed")
+    follower.join(20)
+    assert [e["topic"] for e in seen] == ["/networks/attach", "/networks/detach"]
+    attach_event = seen[0]["event"]
+    assert isinstance(attach_event, dict) and attach_event["container_id"] == "fixed"
+
+
 def test_published_port_none_and_host(netd: NetDaemon) -> None:
     port = random.randrange(20000, 30000)
     _ok(

@@ -39,7 +39,9 @@ class NetworkApi:
 
     async def create(self, ctx: CallContext, p: schema.AttachmentsCreate) -> Any:
         ports = [msgspec.structs.asdict(m) for m in p.ports]
-        attached = await self.service.attach(ctx.namespace, p.container_id, p.networks, ports)
+        attached = await self.service.attach(
+            ctx.namespace, p.container_id, p.networks, ports, p.ips
+        )
         return attached.to_wire(self.service.files_dir(ctx.namespace, p.container_id))
 
     async def get(self, ctx: CallContext, p: schema.AttachmentRef) -> Any:

@@ -124,6 +124,7 @@ class AttachmentsCreate(Params, kw_only=True):
     container_id: Name
     networks: Annotated[list[Name], Meta(max_length=8)] = []  # [] = ["bridge"]
     ports: Annotated[list[PortMapping], Meta(max_length=256)] = []
+    ips: Annotated[list[str], Meta(max_length=4)] = []  # CIDRs on the first network
 
 
 class AttachmentRef(Params, kw_only=True):

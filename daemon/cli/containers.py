@@ -117,6 +117,13 @@ def container_options(p: Arguments) -> None:
         metavar="[IP:]HOST:CONTAINER[/udp]",
         help="publish a container port on the host (with --net NAME)",
     )
+    p.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR/LEN",
+        help="the address on the first --net network (its plugins must take `ips`)",
+    )
 
 
 def _parse_publish(text: str) -> dict[str, Any]:
@@ -139,8 +146,8 @@ def _network(session: Session, args: argparse.Namespace, container_id: str, spec
     spec), host (no namespace of its own), or none (an empty one, the default). True if
     an attachment was made (the caller removes it if the container is not created)."""
     nets: list[str] = args.net
-    if args.publish and not [n for n in nets if n not in ("host", "none")]:
-        raise CliError("--publish needs --net NAME (a CNI network)")
+    if (args.publish or args.ip) and not [n for n in nets if n not in ("host", "none")]:
+        raise CliError("--publish and --ip need --net NAME (a CNI network)")
     if not nets or nets == ["none"]:
         return False
     linux = spec.setdefault("linux", {})
@@ -154,6 +161,7 @@ def _network(session: Session, args: argparse.Namespace, container_id: str, spec
         "container_id": container_id,
         "networks": nets,
         "ports": [_parse_publish(p) for p in args.publish],
+        "ips": args.ip,
     }
     attached = session.call("attachments.create", params)
     linux["namespaces"] = [*others, {"type": "network", "path": attached["netns"]}]

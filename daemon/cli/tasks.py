@@ -249,7 +249,15 @@ def update(session: Session, args: argparse.Namespace) -> int:
 
 @TASKS("info")
 def info(session: Session, args: argparse.Namespace) -> int:
-    print_json(session.call("tasks.get", {"container_id": args.id, "exec_id": args.exec_id or ""}))
+    task = session.call("tasks.get", {"container_id": args.id, "exec_id": args.exec_id or ""})
+    if not args.exec_id:  # the task's network attachments (interfaces, addresses, ports)
+        try:
+            attached = session.call("attachments.get", {"container_id": args.id})
+            task["networks"] = attached["networks"]
+        except BerthError as exc:
+            if exc.code != "not_found":
+                raise
+    print_json(task)
     return 0
 
 

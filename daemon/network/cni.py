@@ -125,7 +125,14 @@ def default_bridge(
     if data_dir:
         ipam["dataDir"] = data_dir
     plugins = (
-        {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True, "ipam": ipam},
+        {
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": True,
+            "ipMasq": True,
+            "ipam": ipam,
+            "capabilities": {"ips": True},  # a chosen address (host-local reads it)
+        },
         {"type": "portmap", "capabilities": {"portMappings": True}},
     )
     return Network(name, CNI_VERSION, plugins)

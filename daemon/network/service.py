@@ -13,6 +13,7 @@ berth.daemon.network.netns; this module only orders them and keeps the records.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -126,6 +127,21 @@ def resolv_conf(host_text: str, dns: dict[str, Any] | None) -> str:
     return "\n".join([*lines, *(f"nameserver {s}" for s in servers)]) + "\n"
 
 
+def check_ips(ips: list[str]) -> list[str]:
+    """Addresses a container asks for, as CIDRs (`10.77.0.9/24`; a bare address is not
+    enough for host-local, which matches it against its ranges by subnet)."""
+    out = []
+    for text in ips:
+        try:
+            interface = ipaddress.ip_interface(text)
+        except ValueError:
+            raise InvalidArgument(f"ip {text!r} is not an address") from None
+        if "/" not in text:
+            raise InvalidArgument(f"ip {text!r}: give the prefix length too (e.g. {text}/24)")
+        out.append(str(interface))
+    return out
+
+
 def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """portmap's `portMappings` from berth's {host_port, container_port, protocol,
     host_ip}; InvalidArgument for anything else."""
@@ -144,9 +160,19 @@ def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+Publish = Callable[[str, str, dict[str, Any]], object]  # (namespace, topic, event)
+
+
 class NetworkService:
-    def __init__(self, settings: NetworkSettings, state_dir: str, root_dir: str) -> None:
+    def __init__(
+        self,
+        settings: NetworkSettings,
+        state_dir: str,
+        root_dir: str,
+        publish: Publish | None = None,
+    ) -> None:
         self.settings = settings
+        self.publish: Publish = publish or (lambda namespace, topic, event: None)
         self.plugins = cni.Plugins(list(settings.plugin_dirs))
         self.netns_dir = os.path.join(state_dir, "netns")
         self.records_dir = os.path.join(state_dir, "networks")
@@ -236,10 +262,13 @@ class NetworkService:
         container_id: str,
         names: list[str],
         ports: list[dict[str, Any]],
+        ips: list[str] | None = None,
     ) -> AttachmentSet:
         """Pin a namespace for the container and ADD each network, in order; a failure
-        undoes everything (no half-made attachment is left)."""
+        undoes everything (no half-made attachment is left). `ips`: the addresses asked
+        for on the first network (CNI's `ips` capability: its plugins must declare it)."""
         names = names or [DEFAULT_NETWORK]
+        chosen = check_ips(ips or [])
         if len(names) > MAX_NETWORKS or len(set(names)) != len(names):
             raise InvalidArgument(f"networks {names}: at most {MAX_NETWORKS}, each once")
         mappings = check_ports(ports)
@@ -257,12 +286,17 @@ class NetworkService:
                 await trio.to_thread.run_sync(netns.prepare_dir, self.netns_dir)
                 await trio.to_thread.run_sync(netns.create, attached.netns)
                 for i, name in enumerate(names):
+                    capability_args: dict[str, Any] = {}
+                    if mappings:
+                        capability_args["portMappings"] = mappings
+                    if chosen and i == 0:
+                        capability_args["ips"] = chosen
                     attachment = cni.Attachment(
                         network=known[name].to_doc(),
                         container_id=f"{namespace}-{container_id}",
                         netns=attached.netns,
                         ifname=f"eth{i}",
-                        capability_args={"portMappings": mappings} if mappings else {},
+                        capability_args=capability_args,
                     )
                     attached.attachments.append(attachment)
                     self._save(attached)
@@ -275,6 +309,9 @@ class NetworkService:
                 with trio.CancelScope(shield=True):
                     await self._release(attached, "its creation failed")
                 raise
+            event = attached.to_wire()
+            del event["files"]
+            self.publish(namespace, "/networks/attach", event)
             log.info(
                 "network: %s/%s attached to %s (%s)",
                 namespace,
@@ -318,6 +355,11 @@ class NetworkService:
             os.unlink(self._record_path(attached.namespace, attached.container_id))
         except FileNotFoundError:
             pass
+        self.publish(
+            attached.namespace,
+            "/networks/detach",
+            {"container_id": attached.container_id, "reason": why},
+        )
         log.info("network: %s/%s released (%s)", attached.namespace, attached.container_id, why)
 
     async def _check(self, attached: AttachmentSet) -> None:
