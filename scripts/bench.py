@@ -760,6 +760,7 @@ class Bench:
             None,
             1000,
         )
+        self._networked_starts(limits)
         if "podman bridge" in samples:
             cost = {
                 "berth": [
@@ -779,6 +780,55 @@ class Bench:
                 ("berth", "podman"),
                 1000,
             )
+
+    def _networked_starts(self, limits: list[str]) -> None:
+        """50 networked containers started 8 at a time (berth `run -d --net bridge`,
+        podman `run -d --network podman`): per start, then all removed."""
+        count = 20 if self.quick else 50
+        rootfs = self.rootfs
+        out: dict[str, list[float]] = {}
+
+        def berth(cid: str) -> float:
+            command = self.berth.cli(
+                "run",
+                "-d",
+                "--read-only",
+                "--rootfs",
+                rootfs,
+                "--net",
+                "bridge",
+                cid,
+                "sleep",
+                "600",
+            )
+            return timed(command, env=self.berth.env)
+
+        def podman(cid: str) -> float:
+            command = ["podman", "run", "-d", *limits, "--name", cid, "--network", "podman"]
+            return timed([*command, "--rootfs", rootfs, "sleep", "600"])
+
+        def podman_remove(cid: str) -> None:
+            sh(["podman", "rm", "-f", "-t", "0", cid], check=False)
+
+        systems = [("berth", berth, self.berth.remove)]
+        if shutil.which("podman"):
+            systems.append(("podman", podman, podman_remove))
+        for name, start, remove in systems:
+            ids = [self.uid("nc") for _ in range(count)]
+            try:
+                with ThreadPoolExecutor(8) as pool:
+                    out[name] = list(pool.map(start, ids))
+            finally:
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(remove, ids))
+        self.record(
+            "net_concurrent_starts",
+            f"{count} networked starts (bridge), 8 at a time: per start",
+            "ms",
+            out,
+            ("berth", "podman") if "podman" in out else None,
+            1000,
+        )
 
     # -- the CLI's start: `version` (one round trip), wall time and the CPU it costs
 
