@@ -40,7 +40,7 @@ from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
-from berth.daemon.network.service import NetworkService, NetworkSettings
+from berth.daemon.network.service import NetworkService, NetworkSettings, Usage
 from berth.daemon.rpc import Drain, Observer, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
@@ -51,6 +51,7 @@ from berth.shim.wire.status import STOPPED
 from berth.shim.wire.unixsock import peer_credentials
 
 log = logging.getLogger("berthd")
+RECONCILE_INTERVAL = 60.0  # seconds between sweeps of network attachments nobody uses
 
 RESUME_FD_ENV = "BERTH_RESUME"  # set by a daemon that re-executes itself (handover.py)
 
@@ -191,7 +192,9 @@ async def _run_services(
                 # Even a recovery that failed opens the task calls: waiting for ever on it
                 # would hang every client (the failure is logged by `guarded`).
                 recovered.set()
-            await _reconcile_networks(networks, tasks)
+            nursery.start_soon(
+                guarded, "network reconcile", _reconcile_networks, networks, _usage(store, tasks)
+            )
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -260,15 +263,37 @@ def _network_service(config: Config, exchange: Exchange) -> NetworkService:
         default_subnet=config.network_default_subnet,
         default_bridge=config.network_default_bridge,
     )
-    return NetworkService(settings, config.state, config.root, exchange.publish)
+    return NetworkService(settings, config.state, exchange.publish)
 
 
-async def _reconcile_networks(networks: NetworkService, tasks: TaskService) -> None:
-    """Release the network attachments nobody lives in any more (a container that exited
-    or went while berthd was down, an ADD a crash cut short)."""
-    released = await networks.reconcile(lambda ns, cid: _task_lives(tasks, ns, cid))
+def _usage(store: Store, tasks: TaskService) -> Usage:
+    def container_exists(namespace: str, container_id: str) -> bool:
+        try:
+            store.get_container(namespace, container_id)
+            return True
+        except NotFound:
+            return False
+
+    def task_exited(namespace: str, container_id: str) -> bool:
+        try:
+            return tasks.get_handle(namespace, container_id).init.status == STOPPED
+        except NotFound:
+            return False
+
+    return Usage(container_exists, task_exited)
+
+
+async def _reconcile_networks(networks: NetworkService, usage: Usage) -> None:
+    """Release the network attachments nobody uses any more (a container that exited or
+    went while berthd was down, an ADD a crash cut short), then now and then those a
+    failed release or a vanished container left."""
+    released = await networks.start(usage)
     if released:
-        log.info("released %d network attachment(s) no live task uses", released)
+        log.info("released %d network attachment(s) nobody uses", released)
+    while True:
+        await trio.sleep(RECONCILE_INTERVAL)
+        if released := await networks.reconcile(usage):
+            log.info("released %d network attachment(s) nobody uses", released)
 
 
 def _start_background(
@@ -304,13 +329,6 @@ async def _release_on_exit(exchange: Exchange, networks: NetworkService) -> None
 
 async def _detach(networks: NetworkService, namespace: str, container_id: str) -> None:
     await networks.detach(namespace, container_id)
-
-
-def _task_lives(tasks: TaskService, namespace: str, container_id: str) -> bool:
-    try:
-        return tasks.get_handle(namespace, container_id).init.status != STOPPED
-    except NotFound:
-        return False
 
 
 class _KeepOpen(trio.abc.Listener[trio.SocketStream]):

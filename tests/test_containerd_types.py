@@ -186,3 +186,28 @@ def test_ttrpc_envelope_matches_the_hand_encoded_one() -> None:
     m = messages()
     response = m.Response(status=m.Status(code=5, message="gone"), payload=b"p")
     assert decode_response(response.SerializeToString()) == (5, "gone", b"p")
+
+
+def test_a_schema1_digest_pins_what_is_parsed_not_bytes_after_the_payload() -> None:
+    """Bytes appended after a signed schema 1 payload (a duplicate `fsLayers` key, which
+    JSON parsers keep the last of) change neither the digest nor what is converted."""
+    import hashlib
+
+    from berth.daemon.storage import schema1
+    from tests.support.images import schema1_image
+
+    data, _, digest = schema1_image([(b"\0" * 1024, {})], signed=True)
+    assert schema1.canonical_digest(data) == digest
+    genuine = [step.blob_sum for step in schema1.parse(data)]
+    evil_blob = "sha256:" + hashlib.sha256(b"evil").hexdigest()
+    evil_v1 = json.dumps({"id": "e" * 64})
+    tail_start = data.rstrip().rfind(b"}")
+    hostile = (
+        data[:tail_start].rstrip()
+        + f', "fsLayers": [{{"blobSum": "{evil_blob}"}}],'.encode()
+        + f' "history": [{{"v1Compatibility": {json.dumps(evil_v1)}}}]'.encode()
+        + data[tail_start:]
+    )
+    assert json.loads(hostile)["fsLayers"] == [{"blobSum": evil_blob}]  # what a parser sees
+    assert schema1.canonical_digest(hostile) == digest  # the same pinned digest...
+    assert [step.blob_sum for step in schema1.parse(hostile)] == genuine  # ...the same image

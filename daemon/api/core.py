@@ -7,6 +7,7 @@ validated before anything else looks at it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal as signals
 import time
@@ -27,12 +28,15 @@ from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.shim.fs import atomic_write
-from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.errors import BerthError, FailedPrecondition, InvalidArgument, NotFound
 from berth.shim.wire.names import validate
 from berth.shim.wire.protocol import PROTOCOL_VERSION, Request
 
 VERSION = __version__
 DEFAULT_NAMESPACE = "default"
+
+
+log = logging.getLogger("berthd.api")
 
 
 def namespace_of(req: Request) -> str:
@@ -262,7 +266,10 @@ class Api:
             except (NotFound, FailedPrecondition):
                 pass
         if self.networks is not None:
-            await self.networks.detach(ctx.namespace, p.id)
+            try:
+                await self.networks.detach(ctx.namespace, p.id)
+            except BerthError as exc:  # the container is gone: its attachment is swept later
+                log.warning("container %s deleted; its network attachment: %s", p.id, exc)
         self.exchange.publish(ctx.namespace, "/containers/delete", {"id": p.id})
         return {}
 

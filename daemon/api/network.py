@@ -38,6 +38,7 @@ class NetworkApi:
         }
 
     async def create(self, ctx: CallContext, p: schema.AttachmentsCreate) -> Any:
+        await self.service.ready.wait()  # the first reconcile must not release it
         ports = [msgspec.structs.asdict(m) for m in p.ports]
         attached = await self.service.attach(
             ctx.namespace, p.container_id, p.networks, ports, p.ips

@@ -194,6 +194,12 @@ async def answer(routes: dict[tuple[str, str], Route], raw: bytes) -> bytes:
             details = f"{request.service}/{request.method} streams: use the gRPC socket"
         else:
             code, details, payload = await _call(route, request)
+    if len(payload) > MAX_MESSAGE - 1024:  # a Go ttrpc client refuses larger messages
+        code, details = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            (f"response of {len(payload)} bytes exceeds ttrpc's {MAX_MESSAGE}: use gRPC"),
+        )
+        payload = b""
     status = m.Status(code=code.value[0], message=details)
     return bytes(m.Response(status=status, payload=payload).SerializeToString())
 

@@ -201,15 +201,21 @@ class Plugins:
         if attachment.args:
             env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in attachment.args.items())
         binary = self.find(str(plugin["type"]))
-        with trio.fail_after(PLUGIN_TIMEOUT):
-            done = await trio.run_process(
-                [binary],
-                stdin=json.dumps(conf).encode(),
-                capture_stdout=True,
-                capture_stderr=True,
-                env=env,
-                check=False,
-            )
+        try:
+            with trio.fail_after(PLUGIN_TIMEOUT):
+                done = await trio.run_process(
+                    [binary],
+                    stdin=json.dumps(conf).encode(),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    env=env,
+                    check=False,
+                )
+        except trio.TooSlowError:  # typed like every other failure: DEL goes on, ADD undoes
+            raise Unavailable(
+                f"network {network['name']}: plugin {plugin['type']} {command} did not answer "
+                f"within {PLUGIN_TIMEOUT:g}s"
+            ) from None
         return _answer(network["name"], str(plugin["type"]), command, done)
 
 

@@ -12,13 +12,15 @@ berth.daemon.network.netns; this module only orders them and keeps the records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,7 @@ class NetworkSettings:
     plugin_dirs: tuple[str, ...] = ("/usr/lib/cni", "/opt/cni/bin")
     default_subnet: str = "10.77.0.0/24"
     default_bridge: str = "berth0"
-    ipam_dir: str = ""  # host-local's dataDir for the default network ("": the state root's)
+    ipam_dir: str = ""  # host-local's dataDir for the default network ("": <state>/cni/networks)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class AttachmentSet:
     netns: str
     attachments: list[cni.Attachment] = field(default_factory=list)
     complete: bool = False  # every network ADDed
+    releasing: bool = False  # a release began (and, if the record is still here, failed)
+    saved_at: float = 0.0  # when the record was last written (time.time())
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,8 @@ class AttachmentSet:
             "container_id": self.container_id,
             "netns": self.netns,
             "complete": self.complete,
+            "releasing": self.releasing,
+            "saved_at": self.saved_at,
             "attachments": [a.to_doc() for a in self.attachments],
         }
 
@@ -73,6 +79,8 @@ class AttachmentSet:
             netns=str(doc["netns"]),
             attachments=[cni.Attachment.from_doc(a) for a in doc.get("attachments") or []],
             complete=bool(doc.get("complete")),
+            releasing=bool(doc.get("releasing")),
+            saved_at=float(doc.get("saved_at") or 0.0),
         )
 
     def to_wire(self, files_dir: str = "") -> dict[str, Any]:
@@ -161,6 +169,29 @@ def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 Publish = Callable[[str, str, dict[str, Any]], object]  # (namespace, topic, event)
+ORPHAN_GRACE = 120.0  # seconds an attachment may wait for its container to be created
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the task service knows, as reconcile asks it."""
+
+    container_exists: Callable[[str, str], bool]
+    task_exited: Callable[[str, str], bool]  # it had a task, and that task is stopped
+
+
+def _why_release(attached: AttachmentSet, usage: Usage) -> str:
+    """Why `attached` should go now ("" to keep it)."""
+    if attached.releasing:
+        return "a release that failed before"
+    if not attached.complete:
+        return "left half-made"
+    namespace, container_id = attached.namespace, attached.container_id
+    if usage.container_exists(namespace, container_id):
+        return "its task exited" if usage.task_exited(namespace, container_id) else ""
+    if time.time() - attached.saved_at > ORPHAN_GRACE:
+        return "its container is gone"
+    return ""
 
 
 class NetworkService:
@@ -168,7 +199,6 @@ class NetworkService:
         self,
         settings: NetworkSettings,
         state_dir: str,
-        root_dir: str,
         publish: Publish | None = None,
     ) -> None:
         self.settings = settings
@@ -176,8 +206,14 @@ class NetworkService:
         self.plugins = cni.Plugins(list(settings.plugin_dirs))
         self.netns_dir = os.path.join(state_dir, "netns")
         self.records_dir = os.path.join(state_dir, "networks")
-        self.ipam_dir = settings.ipam_dir or os.path.join(root_dir, "cni", "networks")
+        # host-local's leases live beside the records that free them: in the state dir,
+        # which a reboot empties together with every namespace and veth they were for.
+        self.ipam_dir = settings.ipam_dir or os.path.join(state_dir, "cni", "networks")
         self._locks: dict[tuple[str, str], trio.Lock] = {}
+        # Attachment calls wait for the first reconcile: it must not release what a call
+        # is making (api/network.py waits on it).
+        self.ready = trio.Event()
+        self._dir_prepared = False
 
     # -- networks
 
@@ -196,8 +232,18 @@ class NetworkService:
 
     # -- attachments
 
-    def _lock(self, namespace: str, container_id: str) -> trio.Lock:
-        return self._locks.setdefault((namespace, container_id), trio.Lock())
+    @contextlib.asynccontextmanager
+    async def _locked(self, namespace: str, container_id: str) -> AsyncIterator[None]:
+        """One operation at a time per container; the lock is dropped once nobody holds
+        or waits for it (containers come and go: the table must not grow with them)."""
+        key = (namespace, container_id)
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(key, None)
 
     def _record_path(self, namespace: str, container_id: str) -> str:
         return os.path.join(self.records_dir, namespace, f"{container_id}.json")
@@ -230,6 +276,7 @@ class NetworkService:
             atomic_write(os.path.join(directory, filename), text.encode(), mode=0o644)
 
     def _save(self, attached: AttachmentSet) -> None:
+        attached.saved_at = time.time()
         path = self._record_path(attached.namespace, attached.container_id)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         atomic_write(path, json.dumps(attached.to_doc()).encode())
@@ -276,14 +323,27 @@ class NetworkService:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise NotFound(f"unknown network(s) {unknown}; known: {sorted(known)}")
-        async with self._lock(namespace, container_id):
+        async with self._locked(namespace, container_id):
             if os.path.exists(self._record_path(namespace, container_id)):
-                raise AlreadyExists(f"container {container_id} already has network attachments")
+                previous = self.get(namespace, container_id)
+                if not previous.releasing:
+                    raise AlreadyExists(f"container {container_id} already has network attachments")
+                await self._release(previous, "a release that failed before")
+                if os.path.exists(self._record_path(namespace, container_id)):
+                    raise AlreadyExists(
+                        f"container {container_id}: its previous attachments cannot be "
+                        "released yet (see berthd's log)"
+                    )
+            # The digest names it to the plugins and pins its namespace: IDs may contain
+            # `-`, so "namespace-id" could name two containers (host-local's leases and
+            # portmap's chains are keyed by it).
             digest = hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
             attached = AttachmentSet(namespace, container_id, os.path.join(self.netns_dir, digest))
             self._save(attached)  # first: a crash from here on is found and undone
             try:
-                await trio.to_thread.run_sync(netns.prepare_dir, self.netns_dir)
+                if not self._dir_prepared:
+                    await trio.to_thread.run_sync(netns.prepare_dir, self.netns_dir)
+                    self._dir_prepared = True
                 await trio.to_thread.run_sync(netns.create, attached.netns)
                 for i, name in enumerate(names):
                     capability_args: dict[str, Any] = {}
@@ -293,7 +353,7 @@ class NetworkService:
                         capability_args["ips"] = chosen
                     attachment = cni.Attachment(
                         network=known[name].to_doc(),
-                        container_id=f"{namespace}-{container_id}",
+                        container_id=digest,
                         netns=attached.netns,
                         ifname=f"eth{i}",
                         capability_args=capability_args,
@@ -322,8 +382,12 @@ class NetworkService:
             return attached
 
     async def detach(self, namespace: str, container_id: str) -> bool:
-        """DEL every network and unpin the namespace; False if there was nothing."""
-        async with self._lock(namespace, container_id):
+        """DEL every network and unpin the namespace; False if there was nothing. A
+        failed release raises nothing: its record stays, marked, and is retried (by
+        `retry_releases` and by the next attach of that ID)."""
+        if not os.path.exists(self._record_path(namespace, container_id)):
+            return False  # most containers have no network: no lock, no work
+        async with self._locked(namespace, container_id):
             try:
                 attached = self.get(namespace, container_id)
             except NotFound:
@@ -333,7 +397,10 @@ class NetworkService:
 
     async def _release(self, attached: AttachmentSet, why: str) -> None:
         """DEL (reverse order; each DEL runs even if another failed) and unpin; the record
-        goes only once everything did (else it stays, for the next reconcile)."""
+        goes only once everything did (else it stays, marked `releasing`, and is retried)."""
+        if not attached.releasing:
+            attached.releasing = True
+            self._save(attached)
         failed = None
         for attachment in reversed(attached.attachments):
             try:
@@ -385,19 +452,37 @@ class NetworkService:
                     exc,
                 )
 
-    async def reconcile(self, live: Callable[[str, str], bool]) -> int:
-        """Release what no live task uses (its container or task is gone, or it never
-        finished attaching: a crash mid-ADD) and CHECK the rest; run once recovery is
-        complete."""
-        released = 0
+    def _all(self) -> list[AttachmentSet]:
         namespaces = os.listdir(self.records_dir) if os.path.isdir(self.records_dir) else []
-        for namespace in sorted(namespaces):
-            for attached in self.in_namespace(namespace):
-                if attached.complete and live(namespace, attached.container_id):
-                    await self._check(attached)
+        return [a for ns in sorted(namespaces) for a in self.in_namespace(ns)]
+
+    async def reconcile(self, usage: Usage) -> int:
+        """Release what nobody needs: what was being released (a release that failed:
+        retried), what never finished attaching (a crash mid-ADD), what belongs to a
+        task that exited, and what belongs to no container once ORPHAN_GRACE has passed
+        (a client attaches before it creates the container: a fresh one is kept). Each
+        record is read again under its lock: a stale copy is never released. berthd runs
+        it once recovery is complete (`start`) and now and then after."""
+        released = 0
+        for seen in self._all():
+            async with self._locked(seen.namespace, seen.container_id):
+                try:
+                    attached = self.get(seen.namespace, seen.container_id)
+                except NotFound:
                     continue
-                async with self._lock(namespace, attached.container_id):
-                    why = "no live task" if attached.complete else "left half-made"
+                why = _why_release(attached, usage)
+                if why:
                     await self._release(attached, why)
                     released += 1
+        return released
+
+    async def start(self, usage: Usage) -> int:
+        """The first reconcile, before any attachment call is served (`ready`), then a
+        CHECK of what is kept."""
+        try:
+            released = await self.reconcile(usage)
+        finally:
+            self.ready.set()
+        for attached in self._all():
+            await self._check(attached)
         return released

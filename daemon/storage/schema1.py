@@ -49,8 +49,10 @@ def is_schema1(doc: dict[str, Any]) -> bool:
 
 
 def parse(data: bytes) -> list[Step]:
-    """The steps of a schema 1 manifest, oldest first; everything checked."""
-    doc = images.parse_document(data, "schema 1 manifest")
+    """The steps of a schema 1 manifest, oldest first; everything checked. Read from
+    the signed payload (`payload`), the very bytes its digest is of: whatever a document
+    carries beyond them (a duplicate key after the payload's end) is never used."""
+    doc = images.parse_document(payload(data), "schema 1 manifest")
     fs_layers, history = doc.get("fsLayers"), doc.get("history")
     if not isinstance(fs_layers, list) or not isinstance(history, list):
         raise InvalidArgument("schema 1 manifest needs fsLayers and history lists")
@@ -72,11 +74,18 @@ def parse(data: bytes) -> list[Step]:
 
 
 def canonical_digest(data: bytes) -> str:
-    """The digest a registry gives a schema 1 manifest: of the signed payload for the
-    prettyjws form, of the bytes otherwise."""
+    """The digest a registry gives a schema 1 manifest: of its payload (`payload`)."""
+    return "sha256:" + hashlib.sha256(payload(data)).hexdigest()
+
+
+def payload(data: bytes) -> bytes:
+    """What a schema 1 manifest says: for the signed (prettyjws) form, the payload the
+    signature's `formatLength` and `formatTail` rebuild (the document without its
+    signatures); the bytes themselves otherwise. The digest is of it, and it is what is
+    parsed: hashing one text and parsing another would let bytes after the payload
+    change the image a digest pins."""
     doc = images.parse_document(data, "schema 1 manifest")
     signatures = doc.get("signatures")
-    payload = data
     if isinstance(signatures, list) and signatures and isinstance(signatures[0], dict):
         try:
             protected = json.loads(_b64url(str(signatures[0].get("protected", ""))))
@@ -85,8 +94,11 @@ def canonical_digest(data: bytes) -> str:
             raise InvalidArgument("schema 1 manifest with an unreadable signature") from None
         if not isinstance(length, int) or not 0 < length <= len(data):
             raise InvalidArgument("schema 1 signature with an invalid formatLength")
-        payload = data[:length] + tail
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+        signed = data[:length] + tail
+        if "signatures" in images.parse_document(signed, "schema 1 signed payload"):
+            raise InvalidArgument("schema 1 signed payload carries signatures itself")
+        return signed
+    return data
 
 
 def _b64url(text: str) -> bytes:
