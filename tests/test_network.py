@@ -502,9 +502,17 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
             address = attached[cid]["networks"][0]["addresses"][0].split("/")[0]
             assert address in netd.leases()
     # then everything goes, and nothing is left behind
-    for cid in [c.split()[0] for c in _ok(netd, "containers", "ls").splitlines()[1:]]:
+    containers = [c.split()[0] for c in _ok(netd, "containers", "ls").splitlines()[1:]]
+    for cid in containers:
         netd.d.cli("tasks", "rm", "-f", cid)
         _ok(netd, "containers", "rm", cid)
+    # A kill between `run`'s attach and its container's creation leaves an attachment for a
+    # container that never came: berthd keeps it for a grace period (a client may still be
+    # about to create it), then sweeps it; here it is deleted as a client would.
+    with netd.d.client() as c:
+        for orphan in c.call("attachments.list")["attachments"]:
+            assert orphan["container_id"] not in containers, orphan
+            c.call("attachments.delete", {"container_id": orphan["container_id"]})
     from tests.support.helpers import wait_until
 
     wait_until(lambda: netd.leases() == [], what="every address released")
@@ -515,3 +523,28 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
     )
     assert members.stdout.strip() == ""
     assert _nat_rules() <= netd.rules_before
+
+
+def test_what_reconcile_releases_and_what_it_keeps() -> None:
+    """The rule berthd applies at start and every minute (service._why_release)."""
+    import time
+
+    from berth.daemon.network.service import ORPHAN_GRACE, AttachmentSet, Usage, _why_release
+
+    def usage(exists: bool, exited: bool) -> Usage:
+        return Usage(lambda ns, cid: exists, lambda ns, cid: exists and exited)
+
+    def record(**fields: object) -> AttachmentSet:
+        attached = AttachmentSet("ns", "c1", "/nonexistent", complete=True)
+        attached.saved_at = time.time()
+        for key, value in fields.items():
+            setattr(attached, key, value)
+        return attached
+
+    assert _why_release(record(), usage(True, False)) == ""  # a live task's
+    assert _why_release(record(), usage(True, True)) == "its task exited"
+    assert _why_release(record(), usage(False, False)) == ""  # its container is coming
+    old = time.time() - ORPHAN_GRACE - 1
+    assert _why_release(record(saved_at=old), usage(False, False)) == "its container is gone"
+    assert _why_release(record(complete=False), usage(True, False)) == "left half-made"
+    assert _why_release(record(releasing=True), usage(True, False)).startswith("a release")
