@@ -136,11 +136,14 @@ def immortalize() -> int:
         ctypes.c_uint32.from_address(address).value = 0xFFFFFFFF
         stack.extend(gc.get_referents(obj))
         if isinstance(obj, types.CodeType):
-            # Only what a code object stores: co_code, co_varnames and the like are built
-            # anew at each access on 3.12+ (immortalizing those copies would only leak).
+            # co_code, co_varnames, co_freevars and co_cellvars are made on first access
+            # and cached on the code object (3.12): made here, before the fork, they are
+            # shared and immortal too (measured: shim USS 1.35 -> 1.24 MiB with them).
             stack.extend(obj.co_consts)
             stack.extend(obj.co_names)
-            stack.extend((obj.co_linetable, obj.co_exceptiontable))
+            stack.extend(obj.co_varnames)
+            stack.extend(obj.co_freevars + obj.co_cellvars)
+            stack.extend((obj.co_code, obj.co_linetable, obj.co_exceptiontable))
             stack.extend((obj.co_filename, obj.co_name, obj.co_qualname))
     return len(seen)
 

@@ -149,8 +149,13 @@ def test_detached_container_lifecycle(engine: tuple[Daemon, Dockerd]) -> None:
     assert not mem.startswith("0B"), stats
 
     # top: Tasks/ListPids
-    top = dockerd.ok("top", "life")
-    assert str(pid) in top and "sleep 0.2" in top, top  # the init and its current child
+    # the init and its current child (between two sleeps it has none for an instant)
+    def listed() -> str | None:
+        out = dockerd.ok("top", "life")
+        return out if "sleep 0.2" in out else None
+
+    top = wait_until(listed, what="docker top to list the loop's sleep")
+    assert str(pid) in top and "sleep 0.2" in top, top
 
     # update: Tasks/Update with LinuxResources as JSON reaches the cgroup
     dockerd.ok("update", "--memory", "64m", "--memory-swap", "128m", "life")
