@@ -6,6 +6,7 @@ them)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -251,6 +252,11 @@ class NetDaemon:
         return str(attached["networks"][0]["addresses"][0]).split("/")[0]
 
     def cleanup(self) -> None:
+        # What a failed test left attached is DELeted first (a NAT rule outlives the
+        # namespace that a plain unmount would remove).
+        with contextlib.suppress(Exception), self.d.client() as c:
+            for left in c.call("attachments.list")["attachments"]:
+                c.call("attachments.delete", {"container_id": left["container_id"]})
         self.d.cleanup()
         for path in Path(self.d.state, "netns").glob("*") if Path(self.d.state).exists() else []:
             netns.remove(str(path))
