@@ -166,7 +166,7 @@ async def _run_services(
         handlers = routes.bind(
             [
                 api.handlers(),
-                TaskApi(tasks).handlers(),
+                TaskApi(tasks, store, networks).handlers(),
                 storage_api.handlers(),
                 NetworkApi(networks).handlers(),
             ],

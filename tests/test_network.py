@@ -362,6 +362,29 @@ def test_a_chosen_address_events_and_tasks_info(netd: NetDaemon) -> None:
     assert isinstance(attach_event, dict) and attach_event["container_id"] == "fixed"
 
 
+def test_a_later_task_of_a_networked_container_is_attached_again(netd: NetDaemon) -> None:
+    """Its first task's attachment goes when that task exits; `tasks start` of the same
+    container gets the same networks, address and namespace path again."""
+    from tests.support.helpers import wait_until
+
+    chosen = f"{netd.prefix}.77"
+    gate = Path(netd.d.dir, "gate")
+    gate.mkdir()
+    mount = f"type=bind,src={gate},dst=/gate"
+    script = "if [ -e /gate/ran ]; then sleep 600; else touch /gate/ran; fi"  # exits, then stays
+    ip = ["--net", "bridge", "--ip", f"{chosen}/24", "--mount", mount]
+    _ok(netd, "run", "--busybox", *ip, "again", "sh", "-c", script)
+    wait_until(lambda: netd.leases() == [], what="the first task's address released")
+    _ok(netd, "tasks", "rm", "again")
+    _ok(netd, "tasks", "start", "-d", "again")
+    assert netd.address("again") == chosen
+    inside = _ok(netd, "tasks", "exec", "--exec-id", "x", "again", "ip", "-o", "-4", "addr")
+    assert chosen in inside
+    _ok(netd, "tasks", "rm", "-f", "again")
+    _ok(netd, "containers", "rm", "again")
+    wait_until(lambda: netd.leases() == [], what="every address released")
+
+
 def test_published_port_none_and_host(netd: NetDaemon) -> None:
     port = random.randrange(20000, 30000)
     _ok(

@@ -11,14 +11,20 @@ from berth.daemon import logs
 from berth.daemon.api import schema
 from berth.daemon.api.core import signal_number
 from berth.daemon.api.routes import TypedHandler
+from berth.daemon.metadata import Store
+from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
 from berth.daemon.rpc import CallContext
 from berth.daemon.tasks.service import TaskService
 
 
 class TaskApi:
-    def __init__(self, tasks: TaskService) -> None:
+    def __init__(
+        self, tasks: TaskService, store: Store | None = None, networks: NetworkService | None = None
+    ) -> None:
         self.tasks = tasks
+        self.store = store
+        self.networks = networks  # a container's later task gets its attachment again
 
     def handlers(self) -> dict[str, TypedHandler]:
         table: dict[str, TypedHandler] = {
@@ -43,6 +49,9 @@ class TaskApi:
         return {name: _about_the_task(fn) for name, fn in table.items()}
 
     async def create(self, ctx: CallContext, p: schema.TasksCreate) -> Any:
+        if self.store is not None and self.networks is not None:
+            labels = self.store.get_container(ctx.namespace, p.container_id).labels
+            await self.networks.ensure(ctx.namespace, p.container_id, labels)
         return await self.tasks.create(ctx.namespace, p.container_id, p)
 
     async def start(self, ctx: CallContext, p: schema.TaskRef) -> Any:

@@ -141,10 +141,11 @@ def _parse_publish(text: str) -> dict[str, Any]:
     return mapping
 
 
-def _network(session: Session, args: argparse.Namespace, container_id: str, spec: Any) -> bool:
+def _network(session: Session, args: argparse.Namespace, doc: dict[str, Any]) -> bool:
     """--net: CNI networks (an attachment made now, its network namespace put in the
     spec), host (no namespace of its own), or none (an empty one, the default). True if
     an attachment was made (the caller removes it if the container is not created)."""
+    container_id, spec = doc["id"], doc["spec"]
     nets: list[str] = args.net
     if (args.publish or args.ip) and not [n for n in nets if n not in ("host", "none")]:
         raise CliError("--publish and --ip need --net NAME (a CNI network)")
@@ -164,6 +165,12 @@ def _network(session: Session, args: argparse.Namespace, container_id: str, spec
         "ips": args.ip,
     }
     attached = session.call("attachments.create", params)
+    # What was asked is kept on the container: its later tasks are attached again.
+    import json  # lazily: only a networked container needs it
+
+    request = {k: params[k] for k in ("networks", "ports", "ips")}
+    labels = doc.setdefault("labels", {})
+    labels["berth.network/request"] = json.dumps(request, separators=(",", ":"))
     linux["namespaces"] = [*others, {"type": "network", "path": attached["netns"]}]
     taken = {m.get("destination") for m in spec.get("mounts") or []}
     spec["mounts"] = [
@@ -179,7 +186,7 @@ def _network(session: Session, args: argparse.Namespace, container_id: str, spec
 
 def _create(session: Session, args: argparse.Namespace, doc: dict[str, Any]) -> None:
     """containers.create with --net's attachment: made first, gone again on a failure."""
-    attached = _network(session, args, doc["id"], doc["spec"])
+    attached = _network(session, args, doc)
     try:
         session.call("containers.create", doc)
     except BaseException:

@@ -170,6 +170,9 @@ def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 Publish = Callable[[str, str, dict[str, Any]], object]  # (namespace, topic, event)
 ORPHAN_GRACE = 120.0  # seconds an attachment may wait for its container to be created
+# A container's label with the attachment it asked for ({networks, ports, ips}, JSON): its
+# later tasks get it again (the first is released when that task exits).
+REQUEST_LABEL = "berth.network/request"
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,25 @@ class NetworkService:
                 attached.netns,
             )
             return attached
+
+    async def ensure(self, namespace: str, container_id: str, labels: dict[str, str]) -> None:
+        """Attach a container again, as its REQUEST_LABEL asks, before another task of
+        it is created (its namespace path, named by digest, is the one in its spec)."""
+        text = labels.get(REQUEST_LABEL)
+        if not text or os.path.exists(self._record_path(namespace, container_id)):
+            return
+        try:
+            request = json.loads(text)
+            names, ports, ips = request["networks"], request["ports"], request.get("ips", [])
+            if not all(isinstance(x, list) for x in (names, ports, ips)):
+                raise TypeError("not lists")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"label {REQUEST_LABEL} of {container_id}: {exc}") from None
+        await self.ready.wait()
+        try:
+            await self.attach(namespace, container_id, names, ports, ips)
+        except AlreadyExists:
+            pass  # attached meanwhile
 
     async def detach(self, namespace: str, container_id: str) -> bool:
         """DEL every network and unpin the namespace; False if there was nothing. A
