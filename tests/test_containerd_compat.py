@@ -16,8 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support.clients import grpc_daemon
-from tests.test_grpc_api import C, T, Wire, _container
+from tests.support.wire import C, T, Wire, container_message, served_wire
 
 pytestmark = pytest.mark.container
 
@@ -26,18 +25,13 @@ N = "/containerd.services.namespaces.v1.Namespaces/"
 
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    daemon = grpc_daemon()
-    w = Wire(daemon)
-    try:
+    with served_wire() as w:
         yield w
-    finally:
-        w.channel.close()
-        daemon.cleanup()
 
 
 def _create(w: Wire, cid: str, args: list[str], **runtime: Any) -> Any:
     t = w.t
-    container = _container(w, cid, args)
+    container = container_message(w, cid, args)
     for key, value in runtime.items():
         setattr(
             container.runtime, key, value
@@ -197,7 +191,7 @@ def test_container_extensions_round_trip(wire: Wire) -> None:
     first = t.Any(type_url="example.com/berth/First", value=b"\x00\x01\xffbinary")
     second = t.Any(type_url="example.com/berth/Second", value=b"two")
     try:
-        container = _container(wire, "with-ext", ["true"])
+        container = container_message(wire, "with-ext", ["true"])
         container.extensions["first"].CopyFrom(first)
         created = wire.unary(
             C + "Create",
@@ -380,7 +374,7 @@ def test_a_spec_with_uid_and_gid_mappings_runs(wire: Wire, busybox_rootfs: str) 
     linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
     linux["uidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
     linux["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
-    container = _container(wire, "userns", [], spec_any=capi.json_any(capi.SPEC_TYPE, spec))
+    container = container_message(wire, "userns", [], spec_any=capi.json_any(capi.SPEC_TYPE, spec))
     log = Path(wire.daemon.root) / "userns.out"
     os.mkfifo(log)
     output: list[bytes] = []
@@ -432,7 +426,7 @@ def test_the_same_services_answer_over_ttrpc(wire: Wire) -> None:
             svc + "version.v1.Version", "Version", t.Empty(), t.version.VersionResponse
         )
         assert version.version
-        container = _container(wire, "over-ttrpc", ["sh", "-c", "exit 3"])
+        container = container_message(wire, "over-ttrpc", ["sh", "-c", "exit 3"])
         client.call(
             svc + "containers.v1.Containers",
             "Create",

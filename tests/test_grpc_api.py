@@ -19,61 +19,17 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
-from tests.support.clients import frontend_pids, grpc_address, grpc_command, grpc_daemon
-from tests.support.helpers import Daemon, is_gone, stop_child, wait_until
+from tests.support.clients import frontend_pids, grpc_address, grpc_command
+from tests.support.helpers import is_gone, stop_child, wait_until
+from tests.support.wire import C, T, Wire, container_message, served_wire
 
 pytestmark = pytest.mark.container
 
 
-class Wire:
-    """Raw calls on berth's containerd socket, message classes from the same stubs."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.namespace = daemon.namespace
-        self.t = capi.types()
-        self.channel = grpc.insecure_channel(f"unix:{grpc_address(daemon)}")
-
-    def meta(self, namespace: str | None = "") -> list[tuple[str, str]]:
-        ns = self.namespace if namespace == "" else namespace
-        return [("containerd-namespace", ns)] if ns else []
-
-    def unary(self, path: str, request: Any, response_cls: Any, namespace: str | None = "") -> Any:
-        fn = self.channel.unary_unary(
-            path,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response_cls.FromString,
-        )
-        return fn(request, metadata=self.meta(namespace), timeout=60)
-
-    def code(self, path: str, request: Any, response_cls: Any, **kw: Any) -> Any:
-        with pytest.raises(grpc.RpcError) as info:
-            self.unary(path, request, response_cls, **kw)
-        return info.value.code()
-
-
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    daemon = grpc_daemon()
-    w = Wire(daemon)
-    try:
+    with served_wire() as w:
         yield w
-    finally:
-        w.channel.close()
-        daemon.cleanup()
-
-
-C = "/containerd.services.containers.v1.Containers/"
-T = "/containerd.services.tasks.v1.Tasks/"
-
-
-def _container(w: Wire, cid: str, args: list[str], spec_any: Any = None) -> Any:
-    spec = default_spec(cid, w.namespace, args, root="")  # "": berth's default rootfs
-    return w.t.containers.Container(
-        id=cid,
-        runtime=w.t.containers.Container.Runtime(name="io.containerd.runc.v2"),
-        spec=spec_any or capi.json_any(capi.SPEC_TYPE, spec),
-    )
 
 
 def test_health_and_version(wire: Wire) -> None:
@@ -110,14 +66,14 @@ def test_errors_keep_their_codes(wire: Wire) -> None:
     # a spec that is not JSON, and a spec of the wrong type: InvalidArgument, nothing made
     bad_json = t.Any(type_url=capi.SPEC_TYPE, value=b"{not json")
     create = t.containers.CreateContainerRequest(
-        container=_container(wire, "bad1", ["true"], bad_json)
+        container=container_message(wire, "bad1", ["true"], bad_json)
     )
     assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     wrong = t.Any(type_url="types.containerd.io/something/Else", value=b"{}")
     create = t.containers.CreateContainerRequest(
-        container=_container(wire, "bad2", ["true"], wrong)
+        container=container_message(wire, "bad2", ["true"], wrong)
     )
     assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
         grpc.StatusCode.INVALID_ARGUMENT
@@ -126,14 +82,14 @@ def test_errors_keep_their_codes(wire: Wire) -> None:
     for depth in (100_000, 65):
         deep = t.Any(type_url=capi.SPEC_TYPE, value=b'{"a":' * depth + b"1" + b"}" * depth)
         create = t.containers.CreateContainerRequest(
-            container=_container(wire, f"deep{depth}", ["true"], deep)
+            container=container_message(wire, f"deep{depth}", ["true"], deep)
         )
         assert wire.code(C + "Create", create, t.containers.CreateContainerResponse) == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
     assert not wire.unary(C + "List", listing, t.containers.ListContainersResponse).containers
     # twice the same id: AlreadyExists
-    good = t.containers.CreateContainerRequest(container=_container(wire, "dup", ["true"]))
+    good = t.containers.CreateContainerRequest(container=container_message(wire, "dup", ["true"]))
     wire.unary(C + "Create", good, t.containers.CreateContainerResponse)
     assert wire.code(C + "Create", good, t.containers.CreateContainerResponse) == (
         grpc.StatusCode.ALREADY_EXISTS
@@ -149,7 +105,7 @@ def test_errors_keep_their_codes(wire: Wire) -> None:
 def test_container_round_trip_keeps_encodings(wire: Wire) -> None:
     t = wire.t
     options = t.runc.Options(binary_name="runc", root="/tmp/unused-root")
-    container = _container(wire, "rt", ["true"])
+    container = container_message(wire, "rt", ["true"])
     container.labels["com.example/role"] = "web"
     container.runtime.options.CopyFrom(
         t.Any(type_url=capi.RUNC_OPTIONS_TYPE, value=options.SerializeToString())
@@ -206,7 +162,7 @@ def test_task_lifecycle_with_events(wire: Wire) -> None:
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        container = _container(wire, "ev", ["sh", "-c", "sleep 1000"])
+        container = container_message(wire, "ev", ["sh", "-c", "sleep 1000"])
         wire.unary(
             C + "Create",
             t.containers.CreateContainerRequest(container=container),

@@ -21,9 +21,8 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
-from tests.support.clients import grpc_daemon
 from tests.support.images import layer_tar
-from tests.test_grpc_api import Wire
+from tests.support.wire import Wire, served_wire
 
 pytestmark = pytest.mark.container
 
@@ -41,13 +40,8 @@ OVERLAY_MAX_STACK = 500  # the kernel's OVL_MAX_STACK: lower layers one overlay 
 
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    daemon = grpc_daemon()
-    w = Wire(daemon)
-    try:
+    with served_wire() as w:
         yield w
-    finally:
-        w.channel.close()
-        daemon.cleanup()
 
 
 def _digest(data: bytes) -> str:

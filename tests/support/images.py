@@ -24,6 +24,22 @@ LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 EPOCH = 0
 
 
+def _manifest(config: bytes, layers: list[tuple[bytes, str]]) -> bytes:
+    """An OCI image manifest of `config` and its (blob, media type) layers."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": CONFIG, "digest": _digest(config), "size": len(config)},
+            "layers": [
+                {"mediaType": media, "digest": _digest(blob), "size": len(blob)}
+                for blob, media in layers
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+
+
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -91,18 +107,7 @@ def build_oci_archive(
         "history": [{"created_by": "berth tests/images.py"}],
     }
     config = json.dumps(config_doc, sort_keys=True).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": {"mediaType": CONFIG, "digest": _digest(config), "size": len(config)},
-            "layers": [
-                {"mediaType": media, "digest": _digest(blob), "size": len(blob)}
-                for blob, media in blobs_and_types
-            ],
-        },
-        sort_keys=True,
-    ).encode()
+    manifest = _manifest(config, blobs_and_types)
     index = json.dumps(
         {
             "schemaVersion": 2,
@@ -215,18 +220,7 @@ def image_blobs(
     if variant:
         config_doc["variant"] = variant
     config = json.dumps(config_doc, sort_keys=True).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": {"mediaType": CONFIG, "digest": _digest(config), "size": len(config)},
-            "layers": [
-                {"mediaType": media, "digest": _digest(blob), "size": len(blob)}
-                for blob, media in layers
-            ],
-        },
-        sort_keys=True,
-    ).encode()
+    manifest = _manifest(config, layers)
     blobs = {_digest(b): b for b, _ in layers} | {_digest(config): config}
     blobs[_digest(manifest)] = manifest
     platform = {"os": "linux", "architecture": architecture} | (
