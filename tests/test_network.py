@@ -81,16 +81,15 @@ class Lab:
 
 
 def _nat_rules() -> set[str]:
-    """The rules (and chains) of iptables' nat and filter tables: what bridge (ipMasq) and
-    portmap add, and what DEL must take away again."""
-    rules = set()
-    for table in ("nat", "filter"):
-        done = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True)
-        rules |= {
-            f"{table} {line.split()[0] if line.startswith(':') else line}"
-            for line in done.stdout.splitlines()
-            if line and not line.startswith(("#", "*", "COMMIT"))
-        }
+    """Every rule and chain of every iptables table (`iptables-save`, counters left out):
+    what bridge (ipMasq), portmap and firewall add, and what DEL must take away again."""
+    rules, table = set(), ""
+    done = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line and not line.startswith(("#", "COMMIT")):
+            rules.add(f"{table} {line.split()[0] if line.startswith(':') else line}")
     return rules
 
 
@@ -232,9 +231,10 @@ class NetDaemon:
         self.bridge = f"bb{tag}"
         self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
         self.rules_before = _nat_rules()
+        self.conf_dir = tempfile.mkdtemp(prefix="berth-cni-")  # `network create` writes here
         config = (
             "[network]\n"
-            f'conf_dir = "/nonexistent-{tag}"\n'
+            f'conf_dir = "{self.conf_dir}"\n'
             f'default_subnet = "{self.prefix}.0/24"\n'
             f'default_bridge = "{self.bridge}"\n'
         )
@@ -261,6 +261,16 @@ class NetDaemon:
         for path in Path(self.d.state, "netns").glob("*") if Path(self.d.state).exists() else []:
             netns.remove(str(path))
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for path in Path(self.conf_dir).glob("*.conflist"):  # bridges of networks left made
+            with contextlib.suppress(ValueError, OSError, KeyError, IndexError):
+                bridge = json.loads(path.read_text())["plugins"][0]["bridge"]
+                subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
+        for path in Path(self.conf_dir).glob("*.conflist"):  # bridges of networks left made
+            with contextlib.suppress(ValueError, OSError, KeyError, IndexError):
+                bridge = json.loads(path.read_text())["plugins"][0]["bridge"]
+                subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -419,7 +429,37 @@ def test_published_port_none_and_host(netd: NetDaemon) -> None:
     assert netd.bridge in host  # the host's interfaces
     bad = netd.d.cli("run", "--rm", "--busybox", "--net", "no-such-net", "b0", "true")
     assert bad.returncode == 1 and b"unknown network" in bad.stderr
+    # a port already published, twice in one request, or held by a host process
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        refusals = {
+            (f"{port}:80",): b"already published by " + netd.d.namespace.encode() + b"/web",
+            (f"{port + 1}:80", f"{port + 1}:81"): b"published twice",
+            (f"{held}:80",): b"in use by a process on the host",
+        }
+        for ports, why in refusals.items():
+            options = [x for p in ports for x in ("-p", p)]
+            r = netd.d.cli("run", "--rm", "--busybox", "--net", "bridge", *options, "b0", "true")
+            assert r.returncode == 1 and why in r.stderr, (ports, r.stderr)
+    udp = _ok(
+        netd,
+        "run",
+        "--rm",
+        "--busybox",
+        "--net",
+        "bridge",
+        "-p",
+        f"{port}:80/udp",
+        "u0",
+        "echo",
+        "udp",
+    )
+    assert udp.strip() == "udp"  # the same number over UDP is another port
     assert netd.d.cli("containers", "ls").stdout.decode().count("b0") == 0  # nothing made
+    with netd.d.client() as c:
+        assert [a["container_id"] for a in c.call("attachments.list")["attachments"]] == ["web"]
     _ok(netd, "tasks", "rm", "-f", "web")
     _ok(netd, "containers", "rm", "web")
     assert not any(str(port) in rule for rule in _nat_rules())
@@ -480,6 +520,103 @@ def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon
     assert netd.leases() == []
 
 
+def _named_netns() -> set[str]:
+    """`ip -all netns`'s view: what is pinned under /run/netns."""
+    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+
+
+def _links() -> set[str]:
+    done = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines()}
+
+
+def test_networks_are_created_used_and_removed(netd: NetDaemon) -> None:
+    """`berth network create|rm`: a conflist in the conf dir, labels, a chosen or a free
+    subnet; bad input changes nothing; no removal while attached, of the default, or of a
+    file berth did not write; removal takes the bridge link with it."""
+    tag = f"{random.randrange(1 << 20):05x}"
+    blue, green = f"blue{tag}", f"green{tag}"
+    green_prefix = f"10.{random.randrange(150, 199)}.{random.randrange(256)}"
+    out = _ok(netd, "network", "create", blue, "--label", "team=a")
+    name, blue_subnet, source = out.strip().split("\t")
+    assert name == blue and blue_subnet.startswith("10.78.") and blue_subnet.endswith(".0/24")
+    assert Path(source) == Path(netd.conf_dir, f"berth-{blue}.conflist")
+    written = json.loads(Path(source).read_text())
+    assert written["berth"] == {"labels": {"team": "a"}} and written["name"] == blue
+    shown = json.loads(_ok(netd, "network", "inspect", blue))
+    assert shown["managed"] is True and shown["labels"] == {"team": "a"}
+    assert blue in _ok(netd, "network", "ls", "-q").split()
+    files = sorted(os.listdir(netd.conf_dir))
+    refused = {
+        "exists": ("network", "create", blue),
+        "overlaps": ("network", "create", f"red{tag}", "--subnet", blue_subnet),
+        "not a host address": (
+            "network",
+            "create",
+            f"red{tag}",
+            "--subnet",
+            f"{green_prefix}.0/24",
+            "--gateway",
+            "192.0.2.1",
+        ),
+        "is not an address": ("run", "--busybox", "--net", blue, "--ip", "x/24", "c0", "true"),
+    }
+    for why, args in refused.items():
+        r = netd.d.cli(*args)
+        assert r.returncode == 1 and why.encode() in r.stderr, (why, r.stderr)
+    missing = Path(netd.conf_dir, "..", f"missing-{tag}.json").resolve()
+    missing.write_text(
+        json.dumps(
+            {"cniVersion": "1.0.0", "name": f"red{tag}", "plugins": [{"type": "no-such-plugin"}]}
+        )
+    )
+    try:
+        r = netd.d.cli("network", "create", f"red{tag}", "--config", str(missing))
+        assert r.returncode == 1 and b"no-such-plugin" in r.stderr, r.stderr
+    finally:
+        missing.unlink()
+    assert sorted(os.listdir(netd.conf_dir)) == files  # nothing written by a refusal
+    _ok(
+        netd,
+        "network",
+        "create",
+        green,
+        "--subnet",
+        f"{green_prefix}.0/24",
+        "--gateway",
+        f"{green_prefix}.254",
+    )
+    _ok(netd, "run", "-d", "--busybox", "--net", blue, "--net", green, "two", "sleep", "600")
+    with netd.d.client() as c:
+        attached = c.call("attachments.get", {"container_id": "two"})["networks"]
+    assert [n["network"] for n in attached] == [blue, green]
+    assert attached[0]["addresses"][0].startswith(blue_subnet.rsplit(".", 2)[0])
+    assert attached[1]["addresses"][0].startswith(green_prefix)
+    assert attached[1]["gateways"] == [f"{green_prefix}.254"]
+    bridges = {
+        json.loads(_ok(netd, "network", "inspect", n))["plugins"][0]["bridge"]
+        for n in (blue, green)
+    }
+    assert bridges <= _links()
+    r = netd.d.cli("network", "rm", blue)
+    assert r.returncode == 1 and b"in use by" in r.stderr and b"/two" in r.stderr, r.stderr
+    r = netd.d.cli("network", "rm", "bridge")
+    assert r.returncode == 1 and b"default" in r.stderr, r.stderr
+    foreign = Path(netd.conf_dir, f"10-hand-{tag}.conflist")
+    foreign.write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": f"hand{tag}", "plugins": [{"type": "loopback"}]})
+    )
+    r = netd.d.cli("network", "rm", f"hand{tag}")
+    assert r.returncode == 1 and b"did not write" in r.stderr and foreign.exists(), r.stderr
+    foreign.unlink()
+    netd.d.cli("tasks", "rm", "-f", "two")
+    _ok(netd, "containers", "rm", "two")
+    assert _ok(netd, "network", "rm", blue, green).split() == [blue, green]
+    assert not Path(source).exists() and not bridges & _links()
+    r = netd.d.cli("network", "rm", blue)
+    assert r.returncode == 1 and b"not found" in r.stderr
+
+
 def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon) -> None:
     """Create, start and delete networked containers while berthd is killed (-9) at random
     moments of ADD and DEL: afterwards no address lease, netns pin, veth or NAT rule is
@@ -489,6 +626,8 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
     from tests.support.helpers import BERTH
 
     rng = random.Random(int(os.environ.get("BERTH_CHAOS_SEED", "1414")))
+    cycles = int(os.environ.get("BERTH_NET_CHAOS_CYCLES", "300"))
+    links_before, netns_before = _links(), _named_netns()
     env = dict(os.environ, BERTH_ADDRESS=netd.d.address, BERTH_NAMESPACE=netd.d.namespace)
     kills = 0
 
@@ -513,7 +652,7 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
                 call.wait(10)
 
     live: list[str] = []
-    for i in range(40):
+    for i in range(cycles):
         cid = f"k{i}"
         maybe_killed("run", "-d", "--busybox", "--net", "bridge", cid, "sleep", "600")
         live.append(cid)
@@ -521,7 +660,7 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
             gone = live.pop(rng.randrange(len(live)))
             maybe_killed("tasks", "rm", "-f", gone)
             maybe_killed("containers", "rm", gone)
-    print(f"\n40 networked containers, {kills} kills of berthd")
+    print(f"\n{cycles} networked containers, {kills} kills of berthd")
     # what survived is consistent: a running container has its attachment and address
     with netd.d.client() as c:
         tasks = {t["id"]: t["status"] for t in c.call("tasks.list")["tasks"]}
@@ -552,6 +691,8 @@ def test_networked_containers_through_daemon_kills_leak_nothing(netd: NetDaemon)
     )
     assert members.stdout.strip() == ""
     assert _nat_rules() <= netd.rules_before
+    assert _links() <= links_before | {netd.bridge}  # no veth (nor anything else) left
+    assert _named_netns() <= netns_before
 
 
 def test_what_reconcile_releases_and_what_it_keeps() -> None:
@@ -577,3 +718,34 @@ def test_what_reconcile_releases_and_what_it_keeps() -> None:
     assert _why_release(record(saved_at=old), usage(False, False)) == "its container is gone"
     assert _why_release(record(complete=False), usage(True, False)) == "left half-made"
     assert _why_release(record(releasing=True), usage(True, False)).startswith("a release")
+
+
+def test_a_chosen_subnet_avoids_other_networks_and_the_host_s_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`network create` without --subnet: the first /24 of 10.78/16 that no network and no
+    host route covers (/proc/net/route's little-endian hex, as the kernel writes it)."""
+    import ipaddress
+
+    from berth.daemon.network import service
+
+    routes = tmp_path / "route"
+    routes.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default: ignored
+        "br1\t00014E0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 10.78.1.0/24
+    )
+    found = service.host_routes(str(routes))
+    assert found == [ipaddress.IPv4Network("10.78.1.0/24")]
+    taken = [ipaddress.ip_network("10.78.0.0/24"), *found]
+    monkeypatch.setattr(service, "host_routes", lambda path="": found)
+    assert service._choose_subnet("", "", taken[:1]) == "10.78.2.0/24"
+    assert service._choose_subnet("10.9.0.0/16", "10.9.3.4", []) == "10.9.0.0/16"
+    for subnet, gateway, why in (
+        ("10.9.0.0/31", "", "too small"),
+        ("10.9.0.1/16", "", "has host bits"),
+        ("10.9.0.0/16", "10.10.0.1", "not a host address"),
+        ("10.9.0.0/16", "10.9.255.255", "not a host address"),
+    ):
+        with pytest.raises(InvalidArgument, match=why):
+            service._choose_subnet(subnet, gateway, [])

@@ -10,9 +10,19 @@ import msgspec
 
 from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
+from berth.daemon.network.cni import Network
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
 from berth.daemon.rpc import CallContext
+
+
+def _network_doc(network: Network) -> dict[str, Any]:
+    return {
+        **network.to_doc(),
+        "source": network.source or "berthd's default",
+        "managed": network.managed,
+        "labels": network.labels,
+    }
 
 
 class NetworkApi:
@@ -22,6 +32,8 @@ class NetworkApi:
     def handlers(self) -> dict[str, TypedHandler]:
         return {
             "networks.list": self.networks,
+            "networks.create": self.create_network,
+            "networks.delete": self.delete_network,
             "attachments.create": self.create,
             "attachments.get": self.get,
             "attachments.list": self.list,
@@ -30,12 +42,15 @@ class NetworkApi:
 
     async def networks(self, ctx: CallContext, p: schema.Empty) -> Any:
         found = self.service.networks()
-        return {
-            "networks": [
-                {**n.to_doc(), "source": n.source or "berthd's default"}
-                for _, n in sorted(found.items())
-            ]
-        }
+        return {"networks": [_network_doc(n) for _, n in sorted(found.items())]}
+
+    async def create_network(self, ctx: CallContext, p: schema.NetworksCreate) -> Any:
+        made = await self.service.create_network(p.name, p.subnet, p.gateway, p.labels, p.config)
+        return _network_doc(made)
+
+    async def delete_network(self, ctx: CallContext, p: schema.NetworkRef) -> Any:
+        await self.service.delete_network(p.name)
+        return {}
 
     async def create(self, ctx: CallContext, p: schema.AttachmentsCreate) -> Any:
         await self.service.ready.wait()  # the first reconcile must not release it

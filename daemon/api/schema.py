@@ -131,6 +131,18 @@ class AttachmentRef(Params, kw_only=True):
     container_id: Name
 
 
+class NetworksCreate(Params, kw_only=True):
+    name: Name
+    subnet: str = ""  # CIDR; "" = the first free /24 of 10.78.0.0/16
+    gateway: str = ""
+    labels: Labels | None = None
+    config: Doc | None = None  # a whole config list instead (its `name` must be `name`)
+
+
+class NetworkRef(Params, kw_only=True):
+    name: Name
+
+
 # -- events ------------------------------------------------------------------------------
 
 
@@ -574,6 +586,8 @@ METHODS: dict[str, Method] = {
     "leases.resources": Method(LeaseId, Listing),
     "gc": Method(Empty, GCReply, long=True),
     "networks.list": Method(Empty, Listing),
+    "networks.create": Method(NetworksCreate, Record, long=True),
+    "networks.delete": Method(NetworkRef, Record, long=True),
     "attachments.create": Method(AttachmentsCreate, Record, long=True),
     "attachments.get": Method(AttachmentRef, Record),
     "attachments.list": Method(Paged, Listing),

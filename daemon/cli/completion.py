@@ -25,6 +25,7 @@ ID_LISTS = {
     "leases": "leases",
     "snapshots": "snapshots",
     "content": "content",
+    "network": "network",
 }
 ID_ARGUMENTS = frozenset({"id", "ids", "name", "names", "key", "keys", "digest", "digests"})
 # Options of every verb that take a value (the script skips it when it looks for the verb).

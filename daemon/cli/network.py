@@ -1,5 +1,6 @@
 """`berth network`: the CNI networks berthd knows (its conf dir's, and `bridge`, its own
-default) and containers' attachments to them (`berth run --net NAME -p HOST:CONTAINER`)."""
+default), made and removed (`create`/`rm`: a network is a config list in the conf dir),
+and containers' attachments to them (`berth run --net NAME -p HOST:CONTAINER`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add = NETWORK.parsers(parser, wanted)
     add_listing(add("ls"))
     add("inspect").add_argument("name")
+    create = add("create", help="a bridge network (NAT out, published ports), or --config")
+    create.add_argument("name")
+    create.add_argument("--subnet", default="", help="CIDR (default: a free /24 of 10.78/16)")
+    create.add_argument("--gateway", default="", help="the bridge's address in the subnet")
+    create.add_argument("--label", action="append", default=[], metavar="K=V")
+    create.add_argument("--config", default="", metavar="FILE", help="a whole .conflist")
+    add("rm", help="remove networks berth created (not while attached)").add_argument(
+        "names", nargs="+", metavar="name"
+    )
     add_listing(add("attachments"))
 
 
@@ -48,6 +58,44 @@ def inspect(session: Session, args: argparse.Namespace) -> int:
             print_json(network)
             return 0
     raise CliError(f"no network {args.name!r}")
+
+
+@NETWORK("create")
+def create(session: Session, args: argparse.Namespace) -> int:
+    params: dict[str, object] = {"name": args.name}
+    for option in ("subnet", "gateway"):
+        if getattr(args, option):
+            params[option] = getattr(args, option)
+    if args.label:
+        if not all("=" in item for item in args.label):
+            raise CliError("--label takes K=V")
+        params["labels"] = dict(item.split("=", 1) for item in args.label)
+    if args.config:
+        import json
+
+        try:
+            with open(args.config, "rb") as f:
+                params["config"] = json.loads(f.read(1 << 20))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--config {args.config}: {exc}") from None
+    made = session.call("networks.create", params)
+    subnets = [
+        r["subnet"]
+        for p in made["plugins"]
+        for rs in (p.get("ipam") or {}).get("ranges") or []
+        for r in rs
+        if "subnet" in r
+    ]
+    print(f"{made['name']}\t{','.join(subnets)}\t{made['source']}")
+    return 0
+
+
+@NETWORK("rm", "remove")
+def rm(session: Session, args: argparse.Namespace) -> int:
+    for name in args.names:
+        session.call("networks.delete", {"name": name})
+        print(name)
+    return 0
 
 
 @NETWORK("attachments")

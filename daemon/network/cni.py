@@ -17,6 +17,7 @@ berth attached it remembers itself, and releases on recovery.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,10 @@ class Network:
     cni_version: str
     plugins: tuple[dict[str, Any], ...]
     source: str = ""  # the file it came from ("" for one given inline)
+    # Written by `berth network create` (its top-level "berth" key, ignored by libcni and
+    # the plugins, as nerdctl keeps "nerdctlLabels"): only such a network is removable.
+    managed: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_doc(self) -> dict[str, Any]:
         return {"cniVersion": self.cni_version, "name": self.name, "plugins": list(self.plugins)}
@@ -84,7 +89,34 @@ def parse_network(doc: Any, source: str = "") -> Network:
         kind = plugin.get("type") if isinstance(plugin, dict) else None
         if not isinstance(kind, str) or not kind or "/" in kind:
             raise InvalidArgument(f"{where}: plugins[{i}] needs a plain `type`")
-    return Network(name, version, tuple(plugins), source)
+    berth = doc.get("berth")
+    managed = isinstance(berth, dict)
+    labels = berth.get("labels") if isinstance(berth, dict) else None
+    if not isinstance(labels, dict):
+        labels = {}
+    labels = {str(k): str(v) for k, v in labels.items()}
+    return Network(name, version, tuple(plugins), source, managed, labels)
+
+
+def subnets(network: Network) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The subnets a network's IPAM hands out (host-local's `ranges`, or its older
+    `subnet`); what cannot be read is skipped (a plugin of its own may say it otherwise)."""
+    found = []
+    for plugin in network.plugins:
+        ipam = plugin.get("ipam")
+        if not isinstance(ipam, dict):
+            continue
+        texts = [ipam.get("subnet")]
+        for range_set in ipam.get("ranges") or []:
+            for item in range_set if isinstance(range_set, list) else []:
+                texts.append(item.get("subnet") if isinstance(item, dict) else None)
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    found.append(ipaddress.ip_network(text, strict=False))
+                except ValueError:
+                    continue
+    return found
 
 
 def load_networks(conf_dir: str) -> dict[str, Network]:
@@ -116,11 +148,19 @@ def load_networks(conf_dir: str) -> dict[str, Network]:
 
 
 def default_bridge(
-    name: str = "bridge", bridge: str = "berth0", subnet: str = "10.77.0.0/24", data_dir: str = ""
+    name: str = "bridge",
+    bridge: str = "berth0",
+    subnet: str = "10.77.0.0/24",
+    data_dir: str = "",
+    gateway: str = "",
 ) -> Network:
-    """The network berth creates when none is configured (as nerdctl's `bridge`): a Linux
-    bridge with the host as gateway and NAT out, host-local addresses, published ports."""
-    ipam: dict[str, Any] = {"type": "host-local", "ranges": [[{"subnet": subnet}]]}
+    """The network berth creates when none is configured (as nerdctl's `bridge`), and the
+    shape of those `berth network create` makes: a Linux bridge with the host as gateway
+    and NAT out, host-local addresses, published ports."""
+    address_range: dict[str, Any] = {"subnet": subnet}
+    if gateway:
+        address_range["gateway"] = gateway
+    ipam: dict[str, Any] = {"type": "host-local", "ranges": [[address_range]]}
     ipam["routes"] = [{"dst": "0.0.0.0/0"}]
     if data_dir:
         ipam["dataDir"] = data_dir

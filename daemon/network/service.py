@@ -13,12 +13,14 @@ berth.daemon.network.netns; this module only orders them and keeps the records.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,14 +28,16 @@ from typing import Any
 
 import trio
 
-from berth.daemon.network import cni, netns
+from berth.daemon.network import cni, links, netns
 from berth.shim.fs import atomic_write
-from berth.shim.wire.errors import AlreadyExists, InvalidArgument, NotFound
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("berthd.network")
 
 RECORD_VERSION = 1
 DEFAULT_NETWORK = "bridge"
+MANAGED_PREFIX = "berth-"  # `berth network create NAME` writes <conf_dir>/berth-NAME.conflist
+CREATED_SUBNETS = ipaddress.ip_network("10.78.0.0/16")  # /24s for networks made without one
 MAX_NETWORKS = 8  # interfaces per container
 PROTOCOLS = ("tcp", "udp", "sctp")
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
@@ -168,6 +172,80 @@ def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _check_port_free(protocol: str, port: int, host_ip: str) -> None:
+    """AlreadyExists when a host socket holds `port` (a listener, or a bound UDP socket):
+    a bind that fails with EADDRINUSE says so (SCTP is not checked)."""
+    kinds = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
+    if protocol not in kinds:
+        return
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    with socket.socket(family, kinds[protocol]) as probe:
+        try:
+            probe.bind((host_ip or "0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AlreadyExists(
+                    f"host port {port}/{protocol} is in use by a process on the host"
+                ) from None
+            if exc.errno != errno.EADDRNOTAVAIL:  # an address not (yet) on the host: fine
+                raise InvalidArgument(f"host port {host_ip}:{port}/{protocol}: {exc}") from None
+
+
+def host_routes(path: str = "/proc/net/route") -> list[ipaddress.IPv4Network]:
+    """The IPv4 destinations the host routes (not the default route): a subnet berth
+    picks must not shadow one of them (another bridge, a VPN, the LAN), as Docker checks."""
+    found: list[ipaddress.IPv4Network] = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            destination = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+            network = ipaddress.IPv4Network(f"{destination}/{mask}", strict=False)
+        except ValueError:
+            continue
+        if network.prefixlen:
+            found.append(network)
+    return found
+
+
+def _choose_subnet(
+    text: str, gateway: str, taken: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
+    """The subnet asked for, checked; or the first /24 of CREATED_SUBNETS no network has."""
+    if text:
+        try:
+            subnet = ipaddress.ip_network(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"subnet {text!r}: {exc}") from None
+        if subnet.num_addresses < 4:
+            raise InvalidArgument(f"subnet {subnet} is too small for a gateway and a container")
+    else:
+        taken = [*taken, *host_routes()]
+        free = [
+            s
+            for s in CREATED_SUBNETS.subnets(new_prefix=24)
+            if not any(s.overlaps(t) for t in taken if t.version == 4)
+        ]
+        if not free:
+            raise FailedPrecondition(f"no free /24 left in {CREATED_SUBNETS}: give --subnet")
+        subnet = free[0]
+    if gateway:
+        try:
+            address = ipaddress.ip_address(gateway)
+        except ValueError as exc:
+            raise InvalidArgument(f"gateway {gateway!r}: {exc}") from None
+        if address not in subnet or address in (subnet.network_address, subnet.broadcast_address):
+            raise InvalidArgument(f"gateway {gateway} is not a host address of {subnet}")
+    return str(subnet)
+
+
 Publish = Callable[[str, str, dict[str, Any]], object]  # (namespace, topic, event)
 ORPHAN_GRACE = 120.0  # seconds an attachment may wait for its container to be created
 # A container's label with the attachment it asked for ({networks, ports, ips}, JSON): its
@@ -217,6 +295,9 @@ class NetworkService:
         # is making (api/network.py waits on it).
         self.ready = trio.Event()
         self._dir_prepared = False
+        self._networks_lock = trio.Lock()  # one network create/delete at a time
+        self._attaching: dict[str, int] = {}  # network name -> ADDs under way
+        self._claimed_ports: dict[tuple[str, int], str] = {}  # being published -> by whom
 
     # -- networks
 
@@ -232,6 +313,91 @@ class NetworkService:
                 self.ipam_dir,
             )
         return found
+
+    async def create_network(
+        self,
+        name: str,
+        subnet: str = "",
+        gateway: str = "",
+        labels: dict[str, str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> cni.Network:
+        """A new network, written as `<conf_dir>/berth-NAME.conflist`: the given config
+        list, or a bridge like `bridge` on `subnet` (the first free /24 of 10.78.0.0/16
+        when none is given). Nothing is written unless every plugin it names exists and
+        its subnets overlap no other network's."""
+        async with self._networks_lock:
+            known = self.networks()
+            if name in known:
+                raise AlreadyExists(
+                    f"network {name} already exists ({known[name].source or 'berthd'})"
+                )
+            taken = [(n, s) for n in known.values() for s in cni.subnets(n)]
+            if config is not None:
+                network = cni.parse_network({**config, "berth": {}}, "config")
+                if network.name != name:
+                    raise InvalidArgument(f"config names network {network.name!r}, not {name!r}")
+            else:
+                network = cni.default_bridge(
+                    name,
+                    "br-" + hashlib.sha256(name.encode()).hexdigest()[:12],  # 15: IFNAMSIZ-1
+                    _choose_subnet(subnet, gateway, [s for _, s in taken]),
+                    self.ipam_dir,
+                    gateway,
+                )
+            for plugin in network.plugins:
+                self.plugins.find(str(plugin["type"]))
+            for mine in cni.subnets(network):
+                for other, theirs in taken:
+                    if mine.version == theirs.version and mine.overlaps(theirs):
+                        raise InvalidArgument(
+                            f"subnet {mine} overlaps network {other.name}'s {theirs}"
+                        )
+            doc = {**network.to_doc(), "berth": {"labels": dict(labels or {})}}
+            path = os.path.join(self.settings.conf_dir, f"{MANAGED_PREFIX}{name}.conflist")
+            os.makedirs(self.settings.conf_dir, mode=0o755, exist_ok=True)
+            atomic_write(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o644)
+            self.publish("", "/networks/create", {"name": name, "source": path})
+            log.info("network: %s created (%s)", name, path)
+            return cni.parse_network(doc, path)
+
+    async def delete_network(self, name: str) -> None:
+        """Remove a network `create_network` made: refused while any container is
+        attached to it (or being attached), for berthd's default and for config files
+        berth did not write. Its bridge link goes with it (the bridge plugin leaves it)."""
+        async with self._networks_lock:
+            network = self.networks().get(name)
+            if network is None:
+                raise NotFound(f"network {name} not found")
+            if not network.source:
+                raise FailedPrecondition(
+                    f"network {name} is berthd's default; it cannot be removed"
+                )
+            if not network.managed:
+                raise FailedPrecondition(
+                    f"network {name} comes from {network.source}, which berth did not "
+                    "write: remove that file instead"
+                )
+            users = [
+                f"{a.namespace}/{a.container_id}"
+                for a in self._all()
+                if any(x.network.get("name") == name for x in a.attachments)
+            ]
+            if users or self._attaching.get(name):
+                raise FailedPrecondition(
+                    f"network {name} is in use by {', '.join(users) or 'an attachment being made'}"
+                )
+            os.unlink(network.source)  # no await since the checks: no attach slips between
+            bridges = {
+                str(p["bridge"])
+                for p in network.plugins
+                if p.get("type") == "bridge" and p.get("bridge")
+            }
+            still_used = {str(p.get("bridge")) for n in self.networks().values() for p in n.plugins}
+            for bridge in sorted(bridges - still_used):
+                await trio.to_thread.run_sync(links.delete, bridge)
+            self.publish("", "/networks/delete", {"name": name})
+            log.info("network: %s removed (%s)", name, network.source)
 
     # -- attachments
 
@@ -326,6 +492,60 @@ class NetworkService:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise NotFound(f"unknown network(s) {unknown}; known: {sorted(known)}")
+        claimed = self._claim_ports(namespace, container_id, mappings)  # no await before it
+        for name in names:  # counted before any await: delete_network sees them
+            self._attaching[name] = self._attaching.get(name, 0) + 1
+        try:
+            return await self._attach(namespace, container_id, names, known, mappings, chosen)
+        finally:
+            for port in claimed:
+                del self._claimed_ports[port]
+            for name in names:
+                self._attaching[name] -= 1
+                if not self._attaching[name]:
+                    del self._attaching[name]
+
+    def _claim_ports(
+        self, namespace: str, container_id: str, mappings: list[dict[str, Any]]
+    ) -> list[tuple[str, int]]:
+        """Refuse a host port another attachment publishes (or is publishing), twice in one
+        request, or that a host process holds (the DNAT rule would silently take its
+        traffic: Docker's proxy would fail to bind); else claim it until the record that
+        publishes it is written. Synchronous: nothing else runs between check and claim."""
+        wanted: list[tuple[str, int]] = []
+        for m in mappings:
+            port = (str(m["protocol"]), int(m["hostPort"]))
+            if port in wanted:
+                raise InvalidArgument(f"host port {port[1]}/{port[0]} is published twice")
+            wanted.append(port)
+        if not wanted:
+            return []
+        owners = dict(self._claimed_ports)
+        for attached in self._all():
+            for attachment in attached.attachments[:1]:  # ports go with the first network
+                for m in attachment.capability_args.get("portMappings") or []:
+                    key = f"{attached.namespace}/{attached.container_id}"
+                    owners[(str(m.get("protocol")), int(m.get("hostPort") or 0))] = key
+        for port in wanted:
+            if port in owners:
+                raise AlreadyExists(
+                    f"host port {port[1]}/{port[0]} is already published by {owners[port]}"
+                )
+        for m in mappings:
+            _check_port_free(str(m["protocol"]), int(m["hostPort"]), str(m.get("hostIP") or ""))
+        for port in wanted:
+            self._claimed_ports[port] = f"{namespace}/{container_id}"
+        return wanted
+
+    async def _attach(
+        self,
+        namespace: str,
+        container_id: str,
+        names: list[str],
+        known: dict[str, cni.Network],
+        mappings: list[dict[str, Any]],
+        chosen: list[str],
+    ) -> AttachmentSet:
         async with self._locked(namespace, container_id):
             if os.path.exists(self._record_path(namespace, container_id)):
                 previous = self.get(namespace, container_id)
