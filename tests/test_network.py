@@ -468,7 +468,12 @@ def test_published_port_none_and_host(netd: NetDaemon) -> None:
 def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon) -> None:
     gate = Path(netd.d.dir, "gate")
     gate.mkdir()
-    _ok(netd, "run", "-d", "--busybox", "--net", "bridge", "stays", "sh", "-c", SERVE)
+    """10 networked containers run while berthd is killed -9: after the restart the 9 that
+    kept running keep their addresses and answer; the one that exited meanwhile has its
+    address released (and one that exits while berthd runs, at once)."""
+    keepers = [f"stays{i}" for i in range(9)]
+    for cid in keepers:
+        _ok(netd, "run", "-d", "--busybox", "--net", "bridge", cid, "sh", "-c", SERVE)
     mount = f"type=bind,src={gate},dst=/gate"
     script = "while [ ! -e /gate/go ]; do sleep 0.05; done"
     _ok(
@@ -485,12 +490,13 @@ def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon
         "-c",
         script,
     )
-    stays, goes = netd.address("stays"), netd.address("goes")
+    kept = {cid: netd.address(cid) for cid in keepers}
+    goes = netd.address("goes")
     # made for a container a client has yet to create (as `run` does): kept by a restart
     with netd.d.client() as c:
         pending = c.call("attachments.create", {"container_id": "pending"})
     pending_address = pending["networks"][0]["addresses"][0].split("/")[0]
-    assert len(netd.leases()) == 3
+    assert len(netd.leases()) == 11
     netd.d.kill9()
     (gate / "go").touch()  # it exits while berthd is down
     import time
@@ -499,22 +505,29 @@ def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon
     netd.d.start()
     from tests.support.helpers import wait_until
 
-    expected = sorted([stays, pending_address])
+    expected = sorted([*kept.values(), pending_address])
     wait_until(lambda: netd.leases() == expected, what="the dead container's address released")
-    assert netd.address("stays") == stays
+    assert {cid: netd.address(cid) for cid in keepers} == kept
     assert netd.address("pending") == pending_address
     with netd.d.client() as c:
         assert c.call("attachments.delete", {"container_id": "pending"})["released"] is True
-    out = _ok(netd, "run", "--rm", "--busybox", "--net", "bridge", "probe", "nc", stays, "8080")
-    assert out.startswith("from-")
+    for cid, address in kept.items():  # connectivity, each from a new container
+        out = _ok(
+            netd, "run", "--rm", "--busybox", "--net", "bridge", "probe", "nc", address, "8080"
+        )
+        assert out.strip() == f"from-{cid}", out
     assert goes not in netd.leases()
     # one that exits while berthd runs gives its address back at once
     _ok(netd, "run", "--busybox", "--net", "bridge", "brief", "true")
-    wait_until(lambda: netd.leases() == [stays], what="the exited container's address released")
+    wait_until(
+        lambda: netd.leases() == sorted(kept.values()),
+        what="the exited container's address released",
+    )
     _ok(netd, "tasks", "rm", "brief")
     _ok(netd, "containers", "rm", "brief")
-    _ok(netd, "tasks", "rm", "-f", "stays")
-    _ok(netd, "containers", "rm", "stays")
+    for cid in keepers:
+        _ok(netd, "tasks", "rm", "-f", cid)
+        _ok(netd, "containers", "rm", cid)
     _ok(netd, "tasks", "rm", "goes")
     _ok(netd, "containers", "rm", "goes")
     assert netd.leases() == []
