@@ -3,12 +3,15 @@ serves `GET /v1/metrics` in Prometheus' text format, as containerd's `[metrics]`
 
 - Per container (labels namespace, id, image): CPU (total, user, system), memory (usage,
   limit, RSS, cache, OOM kills), pids and block IO bytes, read at scrape time from the
-  cgroup files (v1 or v2) of the task's init, which shim/cgroups.py finds. Network bytes
-  are not reported (yet): they would come from a task's network attachment, not cgroups.
+  cgroup files (v1 or v2) of the task's init, which shim/cgroups.py finds; and, for a
+  container in a network namespace of its own (a CNI attachment, or any namespace its
+  spec made), bytes and packets per interface from its init's /proc/PID/net/dev (the
+  namespace's own counters, read without entering it; `lo` is left out).
 - Per daemon: tasks by status, live shims, API calls by method and error code with their
   latency (rpc.ServerConnection reports every answered call), shim deaths, reconnects
   and recovered tasks, event subscribers and events published, replayed and dropped,
-  content store and snapshot counts, GC runs and what they removed, attached standbys,
+  content store size, snapshot counts and bytes, GC runs and what they removed and
+  freed, attached standbys,
   and berthd's own process figures (memory, CPU, fds).
 
 The HTTP side is a minimal HTTP/1.1 server on berthd's own trio loop (no thread of its
@@ -45,9 +48,11 @@ from berth.daemon.config import split_host_port
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Store
 from berth.daemon.storage.service import Storage
+from berth.daemon.storage.snapshots import Snapshotter
 from berth.daemon.tasks.service import TaskService
 from berth.shim import cgroups
 from berth.shim.cgroups import CgroupPaths
+from berth.shim.wire.errors import NotFound
 
 log = logging.getLogger("berthd.metrics")
 
@@ -57,6 +62,7 @@ REQUEST_TIMEOUT = 10.0  # to read a request and send its answer
 MAX_CONNECTIONS = 16  # at once; more are answered 503
 V1_UNLIMITED = 1 << 62  # memory.limit_in_bytes at or above: no limit (reported as 0)
 CONTAINER_LABELS = ("namespace", "id", "image")
+SNAPSHOT_KINDS = ("active", "committed", "view")
 
 # No `_created` series beside every counter: Prometheus' text format has no use for them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -200,6 +206,34 @@ def sample_cgroup(paths: CgroupPaths) -> CgroupSample:
     return sample_v1(paths) if paths.version == 1 else sample_v2(paths)
 
 
+# (receive, transmit) bytes and packets of one interface
+InterfaceCounters = tuple[int, int, int, int]
+
+
+def network_counters(pid: int, own_netns: int) -> dict[str, InterfaceCounters]:
+    """Per interface of the network namespace `pid` is in: /proc/PID/net/dev's counters;
+    {} when that is berthd's own namespace (a host-network container: the host's
+    interfaces are not the container's) or the process is gone."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/net").st_ino == own_netns:
+            return {}
+    except OSError:
+        return {}
+    text = _read(f"/proc/{pid}/net", "dev")
+    out: dict[str, InterfaceCounters] = {}
+    for line in (text or "").splitlines()[2:]:  # two header lines
+        name, _, numbers = line.partition(":")
+        fields = numbers.split()
+        name = name.strip()
+        if name == "lo" or len(fields) < 10:
+            continue
+        try:  # receive: bytes packets ... (8 fields), then transmit: bytes packets ...
+            out[name] = (int(fields[0]), int(fields[8]), int(fields[1]), int(fields[9]))
+        except ValueError:
+            continue
+    return out
+
+
 # --- what a scrape reports ---------------------------------------------------------------
 
 
@@ -221,9 +255,11 @@ class Scrape:
     tasks: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     shims_alive: int = 0
     containers: list[tuple[Target, str, CgroupSample]] = field(default_factory=list)
+    networks: list[tuple[Target, str, dict[str, InterfaceCounters]]] = field(default_factory=list)
     content_blobs: int = 0
     content_bytes: int = 0
     snapshots: dict[tuple[str, str], int] = field(default_factory=dict)
+    snapshot_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -275,6 +311,15 @@ CONTAINER_METRICS: tuple[tuple[str, str, str, Reading], ...] = (
 )
 
 
+# InterfaceCounters' order
+NETWORK_METRICS = (
+    ("receive_bytes", "bytes received on the interface (its network namespace's own)"),
+    ("transmit_bytes", "bytes sent on the interface"),
+    ("receive_packets", "packets received on the interface"),
+    ("transmit_packets", "packets sent on the interface"),
+)
+
+
 def _family(
     name: str, doc: str, kind: str, labels: Iterable[str]
 ) -> CounterMetricFamily | GaugeMetricFamily:
@@ -311,6 +356,13 @@ class Collector:
                 value = reading(sample)
                 if value is not None:
                     family.add_metric([target.namespace, target.id, image], value)
+            yield family
+        labels = [*CONTAINER_LABELS, "interface"]
+        for i, (name, doc) in enumerate(NETWORK_METRICS):
+            family = CounterMetricFamily(f"berth_container_network_{name}", doc, labels=labels)
+            for target, image, interfaces in scrape.networks:
+                for interface, counters in sorted(interfaces.items()):
+                    family.add_metric([target.namespace, target.id, image, interface], counters[i])
             yield family
 
     def _daemon(self, scrape: Scrape) -> Iterator[Metric]:
@@ -377,6 +429,14 @@ class Collector:
         for (snapshotter, kind), count in sorted(scrape.snapshots.items()):
             snapshots.add_metric([snapshotter, kind], count)
         yield snapshots
+        sizes = GaugeMetricFamily(
+            "berth_snapshot_bytes",
+            "disk space snapshots use (their own layer: bytes allocated), by snapshotter and kind",
+            labels=["snapshotter", "kind"],
+        )
+        for (snapshotter, kind), size in sorted(scrape.snapshot_bytes.items()):
+            sizes.add_metric([snapshotter, kind], size)
+        yield sizes
         yield _counter("berth_gc_runs", "garbage collections run", storage.gc_runs)
         yield _counter(
             "berth_gc_duration_seconds", "time spent collecting garbage", storage.gc_seconds
@@ -387,6 +447,14 @@ class Collector:
         for kind, count in sorted(storage.gc_removed.items()):
             removed.add_metric([kind], count)
         yield removed
+        freed = CounterMetricFamily(
+            "berth_gc_freed_bytes",
+            "disk space garbage collections gave back, by kind",
+            labels=["kind"],
+        )
+        for kind, size in sorted(storage.gc_freed_bytes.items()):
+            freed.add_metric([kind], size)
+        yield freed
 
 
 def _content_usage(blobs: str) -> tuple[int, int]:
@@ -402,6 +470,45 @@ def _content_usage(blobs: str) -> tuple[int, int]:
     except OSError:
         pass
     return count, size
+
+
+def _own_netns() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return -1
+
+
+class SnapshotSizes:
+    """Snapshots' disk usage for a scrape. A committed snapshot never changes: its size is
+    measured once and kept (keyed by snapshotter, key and creation time, dropped when it
+    goes); active ones (a container's writable layer) are measured at every scrape, and
+    views hold nothing of their own."""
+
+    def __init__(self) -> None:
+        self._committed: dict[tuple[str, str, int], int] = {}
+
+    def measure(self, name: str, snapshotter: Snapshotter, out: dict[tuple[str, str], int]) -> None:
+        seen = set()
+        for kind in SNAPSHOT_KINDS:  # every kind has its series, 0 when it has none
+            out.setdefault((name, kind), 0)
+        for info in snapshotter.walk():
+            total = out.setdefault((name, info.kind), 0)
+            if info.kind == "view":
+                continue
+            key = (name, info.key, info.created_at)
+            size = self._committed.get(key) if info.kind == "committed" else None
+            if size is None:
+                try:
+                    size = snapshotter.usage(info.key).size
+                except (NotFound, OSError):
+                    continue
+                if info.kind == "committed":
+                    self._committed[key] = size
+            seen.add(key)
+            out[(name, info.kind)] = total + size
+        for key in [k for k in self._committed if k[0] == name and k not in seen]:
+            del self._committed[key]
 
 
 # --- the endpoint ------------------------------------------------------------------------
@@ -429,6 +536,7 @@ class Metrics:
         self.collector = Collector(sources)
         self.registry.register(self.collector)
         self._lock = trio.Lock()
+        self._snapshot_sizes = SnapshotSizes()
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """rpc.Observer: one answered API call."""
@@ -456,16 +564,21 @@ class Metrics:
         """In a worker thread: read what the scrape needs, then write the text."""
         images = self.sources.store.container_images()
         mounted = cgroups.mounts()
+        own_netns = _own_netns()
         for target in scrape.targets:
+            image = images.get((target.namespace, target.id), "")
             paths = cgroups.paths_for(target.pid, mounted)
             if paths is not None:
-                image = images.get((target.namespace, target.id), "")
                 scrape.containers.append((target, image, sample_cgroup(paths)))
+            interfaces = network_counters(target.pid, own_netns)
+            if interfaces:
+                scrape.networks.append((target, image, interfaces))
         storage = self.sources.storage
         scrape.content_blobs, scrape.content_bytes = _content_usage(storage.content.blobs)
         for name, snapshotter in storage.snapshotters.items():
-            for kind, count in snapshotter.counts().items():
+            for kind, count in {**dict.fromkeys(SNAPSHOT_KINDS, 0), **snapshotter.counts()}.items():
                 scrape.snapshots[(name, kind)] = count
+            self._snapshot_sizes.measure(name, snapshotter, scrape.snapshot_bytes)
         self.collector.current = scrape
         try:
             return generate_latest(self.registry)

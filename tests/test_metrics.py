@@ -300,7 +300,8 @@ def test_scrape_reports_containers_and_the_daemon(metered: Daemon, busybox_rootf
     build_oci_archive(busybox_rootfs, archive, name=IMAGE)
     metered.cli("images", "import", archive, check=True)
     # c1 from the image, as an operator runs it (its record names the image); c2 without.
-    metered.cli("run", "-d", IMAGE, "c1", "sh", "-c", "while :; do :; done", check=True)
+    busy_loop = "head -c 200000 /dev/zero > /written; while :; do :; done"
+    metered.cli("run", "-d", IMAGE, "c1", "sh", "-c", busy_loop, check=True)
     pid = int(metered.call("tasks.get", {"container_id": "c1"})["pid"])
     run_task(metered, "c2", ["sleep", "600"])
     with pytest.raises(NotFound):
@@ -350,6 +351,10 @@ def test_scrape_reports_containers_and_the_daemon(metered: Daemon, busybox_rootf
     assert value(found, "berth_content_bytes") > 500_000  # busybox-static, compressed
     assert value(found, "berth_snapshots", snapshotter="overlayfs", kind="committed") == 1
     assert value(found, "berth_snapshots", snapshotter="overlayfs", kind="active") == 1
+    # busybox-static unpacked is ~1-2 MiB; c1's writable layer holds what it wrote
+    layer = value(found, "berth_snapshot_bytes", snapshotter="overlayfs", kind="committed")
+    assert layer > 900_000
+    assert value(found, "berth_snapshot_bytes", snapshotter="overlayfs", kind="active") >= 200_000
     assert value(found, "berth_api_call_duration_seconds_bucket", method="gc", le="+Inf") == 1
     assert value(found, "berth_events_published_total") >= 6  # 2 x containers, create, start
     assert value(found, "berth_gc_runs_total") >= 1
@@ -372,6 +377,14 @@ def test_scrape_reports_containers_and_the_daemon(metered: Daemon, busybox_rootf
     metered.call("tasks.delete", {"container_id": "c2"})
     metered.cli("tasks", "rm", "-f", "c1", check=True)
     metered.cli("containers", "rm", "c1", check=True)
+    # What a collection gives back is counted in bytes, by kind, and `berth gc` says so.
+    metered.cli("images", "rm", IMAGE, check=True)
+    out = metered.cli("gc", check=True).stdout.decode()
+    assert "freed " in out and " MiB" in out, out
+    found = samples(get(port)[2])
+    assert value(found, "berth_gc_freed_bytes_total", kind="snapshots") >= layer
+    assert value(found, "berth_gc_freed_bytes_total", kind="blobs") > 500_000
+    assert value(found, "berth_snapshot_bytes", snapshotter="overlayfs", kind="committed") == 0
 
 
 def test_bad_requests_change_nothing(metered: Daemon) -> None:

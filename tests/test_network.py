@@ -224,7 +224,7 @@ class NetDaemon:
     """A berthd whose default network `bridge` has a bridge and subnet of its own (its
     addresses are leased under the daemon's state dir)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_config: str = "") -> None:
         from tests.support.helpers import Daemon
 
         tag = f"{random.randrange(1 << 24):06x}"
@@ -238,7 +238,7 @@ class NetDaemon:
             f'default_subnet = "{self.prefix}.0/24"\n'
             f'default_bridge = "{self.bridge}"\n'
         )
-        self.d = Daemon(extra_config=config)
+        self.d = Daemon(extra_config=config + extra_config)
 
     def leases(self) -> list[str]:
         directory = Path(self.d.state, "cni", "networks", "bridge")
@@ -531,6 +531,50 @@ def test_attachments_survive_a_restart_and_the_dead_are_released(netd: NetDaemon
     _ok(netd, "tasks", "rm", "goes")
     _ok(netd, "containers", "rm", "goes")
     assert netd.leases() == []
+
+
+def test_metrics_count_an_attached_container_s_network_bytes() -> None:
+    """berthd's metrics: per interface of a container's own network namespace, bytes and
+    packets both ways (lo left out); a host-network container reports none."""
+    from tests.test_metrics import _answers, free_port, get, samples, value
+
+    port = free_port()
+    n = NetDaemon(extra_config=f'[metrics]\naddress = "127.0.0.1:{port}"\n')
+    try:
+        from tests.support.helpers import wait_until
+
+        wait_until(lambda: _answers(port), timeout=15, what="the metrics endpoint")
+        blob = "while :; do nc -l -p 8080 -e head -c 300000 /dev/zero; done"
+        _ok(n, "run", "-d", "--busybox", "--net", "bridge", "server", "sh", "-c", blob)
+        _ok(n, "run", "-d", "--busybox", "--net", "host", "hosted", "sleep", "600")
+        server = n.address("server")
+
+        def fetched() -> bool:
+            r = n.d.cli(
+                "run",
+                "--rm",
+                "--busybox",
+                "--net",
+                "bridge",
+                "client",
+                "sh",
+                "-c",
+                f"nc {server} 8080 | wc -c",
+            )
+            return r.returncode == 0 and r.stdout.strip() == b"300000"
+
+        wait_until(fetched, timeout=30, what="300000 bytes fetched from the server")
+        found = samples(get(port)[2])
+        sent = value(found, "berth_container_network_transmit_bytes_total", id="server")
+        assert sent >= 300_000
+        labels = [lab for lab, _ in found["berth_container_network_transmit_bytes_total"]]
+        assert {(lab["id"], lab["interface"]) for lab in labels} == {("server", "eth0")}
+        assert value(found, "berth_container_network_receive_packets_total", id="server") > 0
+        for cid in ("server", "hosted"):
+            n.d.cli("tasks", "rm", "-f", cid)
+            _ok(n, "containers", "rm", cid)
+    finally:
+        n.cleanup()
 
 
 def _named_netns() -> set[str]:

@@ -484,6 +484,7 @@ class SpecReply(Reply, kw_only=True):
 class GCReply(Reply, kw_only=True):
     removed: dict[str, int]
     kept: dict[str, int]
+    freed_bytes: dict[str, int] = {}  # disk space given back, by kind
     seconds: float
     errors: list[str]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from berth.daemon.cli.output import human_size
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     import argparse
@@ -18,10 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
 def run(session: Session, args: argparse.Namespace) -> int:
     result = session.call("gc")
     removed = result["removed"]
+    freed = sum((result.get("freed_bytes") or {}).values())
     print(
         f"removed {removed['content']} content record(s), {removed['blobs']} blob(s), "
         f"{removed['snapshots']} snapshot(s), {removed['leases']} expired lease(s) "
-        f"in {result['seconds'] * 1000:.0f} ms"
+        f"in {result['seconds'] * 1000:.0f} ms; freed {human_size(freed)}"
     )
     for error in result["errors"]:
         print(f"berth: {error}", file=sys.stderr)

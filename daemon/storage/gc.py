@@ -12,6 +12,7 @@ records, then snapshots (children before parents), then stale ingests.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ class GCResult:
     kept_blobs: int = 0
     kept_snapshots: int = 0
     kept_ingests: int = 0
+    # disk space given back (bytes allocated), by kind: blobs, snapshots, ingests
+    freed_bytes: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("blobs", "snapshots", "ingests"), 0)
+    )
     errors: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
@@ -57,6 +62,7 @@ class GCResult:
                 "snapshots": self.kept_snapshots,
                 "ingests": self.kept_ingests,
             },
+            "freed_bytes": dict(self.freed_bytes),
             "seconds": self.seconds,
             "errors": self.errors,
         }
@@ -174,6 +180,14 @@ def _mark_content(storage: Storage, pending: list[tuple[str, str]], marks: Marks
         _mark_layer_snapshots(storage, ns, digest, record["size"], marks.snapshots)
 
 
+def _allocated(path: str) -> int:
+    """Bytes a file takes on disk (0 if it is gone)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
 def _sweep_content(storage: Storage, marks: Marks, result: GCResult) -> None:
     """Unmarked content records, then the blobs no namespace records any more."""
     for ns, digest in storage.store.all_content():
@@ -185,9 +199,11 @@ def _sweep_content(storage: Storage, marks: Marks, result: GCResult) -> None:
         if digest in live_blobs:
             result.kept_blobs += 1
             continue
+        size = _allocated(storage.content.path(digest))
         with contextlib.suppress(NotFound):
             storage.content.delete(digest)
             result.blobs += 1
+            result.freed_bytes["blobs"] += size
 
 
 def _sweep_snapshots(storage: Storage, marks: Marks, result: GCResult) -> None:
@@ -203,13 +219,18 @@ def _sweep_snapshots(storage: Storage, marks: Marks, result: GCResult) -> None:
             progress = False
             for info in list(doomed):
                 try:
+                    size = snapshotter.usage(info.key).size if info.kind != "view" else 0
+                except (NotFound, OSError):
+                    size = 0
+                try:
                     snapshotter.remove(info.key)
                 except FailedPrecondition:
                     continue  # has a child still: next round
                 except NotFound:
-                    pass
+                    size = 0
                 doomed.remove(info)
                 result.snapshots += 1
+                result.freed_bytes["snapshots"] += size
                 progress = True
         for info in doomed:
             result.errors.append(f"snapshot {name}/{info.key} could not be removed")
@@ -232,6 +253,7 @@ def _sweep_ingests(storage: Storage, now: int, result: GCResult) -> None:
         try:
             storage.content.abort(status.ref)
             result.ingests += 1
+            result.freed_bytes["ingests"] += status.offset
         except Unavailable:  # a writer holds it right now
             result.kept_ingests += 1
         except NotFound:

@@ -136,6 +136,7 @@ class Storage:
         self.gc_runs = 0
         self.gc_seconds = 0.0
         self.gc_removed = dict.fromkeys(("content", "blobs", "snapshots", "leases", "ingests"), 0)
+        self.gc_freed_bytes = dict.fromkeys(("blobs", "snapshots", "ingests"), 0)
 
     def close(self) -> None:
         for s in self.snapshotters.values():
@@ -574,4 +575,6 @@ class Storage:
             self.gc_seconds += result.seconds
             for kind, count in result.to_wire()["removed"].items():
                 self.gc_removed[kind] = self.gc_removed.get(kind, 0) + count
+            for kind, size in result.freed_bytes.items():
+                self.gc_freed_bytes[kind] = self.gc_freed_bytes.get(kind, 0) + size
         return result
