@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import prometheus_client
 import trio
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client import registry
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -50,6 +51,7 @@ from berth.daemon.metadata import Store
 from berth.daemon.storage.service import Storage
 from berth.daemon.storage.snapshots import Snapshotter
 from berth.daemon.tasks.service import TaskService
+from berth.native import malloc_trim
 from berth.shim import cgroups
 from berth.shim.cgroups import CgroupPaths
 from berth.shim.wire.errors import NotFound
@@ -57,6 +59,7 @@ from berth.shim.wire.errors import NotFound
 log = logging.getLogger("berthd.metrics")
 
 PATH = "/v1/metrics"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
 MAX_HEAD = 8192  # a request head larger than this is refused
 REQUEST_TIMEOUT = 10.0  # to read a request and send its answer
 MAX_CONNECTIONS = 16  # at once; more are answered 503
@@ -336,7 +339,7 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-class Collector:
+class Collector(registry.Collector):
     """prometheus_client's custom collector: the per-container figures and the daemon's
     counters, as of the scrape under way (`current`)."""
 
@@ -537,6 +540,7 @@ class Metrics:
         self.registry.register(self.collector)
         self._lock = trio.Lock()
         self._snapshot_sizes = SnapshotSizes()
+        self._cgroup_paths: dict[Target, CgroupPaths] = {}  # running tasks' (render only)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """rpc.Observer: one answered API call."""
@@ -563,12 +567,19 @@ class Metrics:
     def _render(self, scrape: Scrape) -> bytes:
         """In a worker thread: read what the scrape needs, then write the text."""
         images = self.sources.store.container_images()
-        mounted = cgroups.mounts()
+        mounted: dict[str, str] | None = None
         own_netns = _own_netns()
+        known, self._cgroup_paths = self._cgroup_paths, {}
         for target in scrape.targets:
             image = images.get((target.namespace, target.id), "")
-            paths = cgroups.paths_for(target.pid, mounted)
+            # A task's init stays in the cgroup its shim put it in: looked up once (a
+            # read of /proc/PID/cgroup and of the mount table), kept while it runs.
+            paths = known.get(target)
+            if paths is None:
+                mounted = mounted if mounted is not None else cgroups.mounts()
+                paths = cgroups.paths_for(target.pid, mounted)
             if paths is not None:
+                self._cgroup_paths[target] = paths
                 scrape.containers.append((target, image, sample_cgroup(paths)))
             interfaces = network_counters(target.pid, own_netns)
             if interfaces:
@@ -584,6 +595,11 @@ class Metrics:
             return generate_latest(self.registry)
         finally:
             self.collector.current = Scrape()
+            del scrape
+            # What a scrape built (strings and buffers of ~2 KiB a container) is freed
+            # now, most of it into this worker thread's malloc arena, which keeps it:
+            # given back, berthd's RSS stays what it was before the scrape.
+            malloc_trim()
 
 
 class BadRequest(Exception):
@@ -743,4 +759,4 @@ class MetricsServer:
         except Exception:
             log.exception("metrics scrape failed")
             return response(500, b"the scrape failed: see berthd's log\n")
-        return response(200, body, CONTENT_TYPE_PLAIN_0_0_4)
+        return response(200, body, CONTENT_TYPE)
