@@ -51,7 +51,6 @@ from berth.daemon.metadata import Store
 from berth.daemon.storage.service import Storage
 from berth.daemon.storage.snapshots import Snapshotter
 from berth.daemon.tasks.service import TaskService
-from berth.native import malloc_trim
 from berth.shim import cgroups
 from berth.shim.cgroups import CgroupPaths
 from berth.shim.wire.errors import NotFound
@@ -595,11 +594,6 @@ class Metrics:
             return generate_latest(self.registry)
         finally:
             self.collector.current = Scrape()
-            del scrape
-            # What a scrape built (strings and buffers of ~2 KiB a container) is freed
-            # now, most of it into this worker thread's malloc arena, which keeps it:
-            # given back, berthd's RSS stays what it was before the scrape.
-            malloc_trim()
 
 
 class BadRequest(Exception):

@@ -152,13 +152,6 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return int(fd)
 
 
-def malloc_trim() -> bool:
-    """glibc's malloc_trim(0): give the free memory of every malloc arena back to the
-    kernel (a worker thread's arena keeps what a large piece of work freed otherwise).
-    True if any was given back."""
-    return bool(lib.malloc_trim(0))
-
-
 __all__ = [
     "MNT_DETACH",
     "MS_BIND",
@@ -174,7 +167,6 @@ __all__ = [
     "SIGINFO_SIZE",
     "SigInfo",
     "SignalFD",
-    "malloc_trim",
     "mount",
     "openat2",
     "tee",

@@ -67,8 +67,6 @@ ffibuilder.cdef(
     int sigaddset(sigset_t *set, int signum);
     int signalfd(int fd, const sigset_t *mask, int flags);
     ssize_t tee(int fd_in, int fd_out, size_t len, unsigned int flags);
-
-    int malloc_trim(size_t pad);
     """
 )
 
@@ -82,7 +80,6 @@ ffibuilder.set_source(
     #include <sys/signalfd.h>
     #include <sys/syscall.h>
     #include <linux/openat2.h>
-    #include <malloc.h>
 
     static int berth_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                              uint64_t resolve)
