@@ -317,6 +317,56 @@ def test_completion_costs_a_normal_start_nothing() -> None:
         "berth.daemon.cli.version",
         "berth.daemon.cli.session",
     }, verbs
+    # an argument-less verb builds no parser, and a client needs no socket.py
+    for heavy in ("argparse", "socket", "contextlib", "collections.abc", "typing"):
+        assert heavy not in imported, heavy
+
+
+def test_argument_less_verbs_are_parsed_without_argparse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`berth [global options] version|gc` is read by hand, as argparse would read it;
+    anything else (or anything unusual) is left to argparse."""
+    from berth.daemon.cli import main
+
+    monkeypatch.setenv("BERTH_ADDRESS", "/env.sock")
+    monkeypatch.setenv("BERTH_NAMESPACE", "envns")
+    monkeypatch.delenv("BERTH_TIMEOUT", raising=False)
+    args = main._plain(["version"])
+    assert args is not None
+    assert (args.verb, args.address, args.namespace, args.timeout) == (
+        "version",
+        "/env.sock",
+        "envns",
+        main.DEFAULT_TIMEOUT,
+    )
+    args = main._plain(["-a", "/a.sock", "-n", "x", "--timeout", "2.5", "gc"])
+    assert args is not None
+    assert (args.verb, args.address, args.namespace, args.timeout) == ("gc", "/a.sock", "x", 2.5)
+    for argv in (
+        [],
+        ["tasks", "ls"],
+        ["version", "extra"],
+        ["--address=/a", "version"],
+        ["--timeout", "soon", "version"],
+        ["-a"],
+        ["--help"],
+        ["version", "--help"],
+        ["-x", "version"],
+        ["--namespace", "version"],
+    ):
+        assert main._plain(argv) is None, argv
+    # both ways give a verb the same arguments
+    parsed = main.build_parser(["-n", "x", "version"]).parse_args(["-n", "x", "version"])
+    plain = main._plain(["-n", "x", "version"])
+    assert plain is not None
+    assert {k: getattr(parsed, k) for k in ("verb", "address", "namespace", "timeout")} == {
+        k: getattr(plain, k) for k in ("verb", "address", "namespace", "timeout")
+    }
+
+
+def test_the_setup_s_launcher_starts_without_site() -> None:
+    """scripts/setup replaces pip's launcher with one started `-IS` (no site scan)."""
+    first = Path(BERTH).read_text().splitlines()[0]
+    assert first.endswith(" -IS"), first
 
 
 # -- the demo -----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ Works against berthd's socket and against a shim's socket alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 from berth.shim.wire.errors import (
     BerthError,
@@ -36,6 +35,7 @@ from berth.shim.wire.unixsock import connect_unix
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from collections.abc import Iterator  # collections.abc imports collections: 1.3 ms
     from typing import Any
 
     from berth.shim.wire.protocol import ReceivedEvent

@@ -8,31 +8,41 @@ in the host network namespace can reach them (CVE-2020-15257).
 
 from __future__ import annotations
 
-import contextlib
+import _socket  # what socket.py wraps: a client needs no more (socket.py costs 2-3 ms)
 import os
-import socket
-import struct
-from collections.abc import Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
+if TYPE_CHECKING:
+    import socket
 
 SUN_PATH_MAX = 107
-_UCRED = struct.Struct("3i")
 
 
-@contextlib.contextmanager
-def short_path(path: str) -> Iterator[str]:
-    """Yield a path to `path` that fits in sun_path, valid while the context is open."""
-    if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        yield path
-        return
-    directory, name = os.path.split(path)
-    dirfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        alias = f"/proc/self/fd/{dirfd}/{name}"
+class short_path:  # lower case: used like the context manager function it replaced
+    """`with short_path(path) as addr`: a path to `path` that fits in sun_path, valid
+    while the context is open. A class, not contextlib's decorator: the CLI imports
+    this module, and contextlib brings collections and functools (~1 ms)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dirfd = -1
+
+    def __enter__(self) -> str:
+        path = self.path
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+            return path
+        directory, name = os.path.split(path)
+        self._dirfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        alias = f"/proc/self/fd/{self._dirfd}/{name}"
         if len(os.fsencode(alias)) > SUN_PATH_MAX:
+            self.__exit__()
             raise OSError(f"socket name too long: {name!r}")
-        yield alias
-    finally:
-        os.close(dirfd)
+        return alias
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
 
 
 def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.socket:
@@ -50,6 +60,8 @@ def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.soc
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(f"{path} exists and is not a socket")
         os.unlink(path)
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o777 & ~mode)
@@ -66,7 +78,7 @@ def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.soc
     return sock
 
 
-def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
+def connect_unix(path: str, timeout: float | None = None) -> _socket.socket:
     """A blocking client connection to `path` (with `timeout` for connect only).
 
     Kernel fact: a UNIX socket's connect() with a timeout (a non-blocking socket) fails
@@ -74,7 +86,7 @@ def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
     taking over, say): that is retried until the timeout, as a blocking connect waits."""
     import time
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -96,6 +108,9 @@ def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer, from SO_PEERCRED (set by the kernel at connect)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
+    import struct
+
+    ucred = struct.Struct("3i")
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, ucred.size)
+    pid, uid, gid = ucred.unpack(raw)
     return pid, uid, gid
