@@ -6,7 +6,10 @@ Trio-free: the CLI builds specs with this module too.
 from __future__ import annotations
 
 import copy
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

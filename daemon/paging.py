@@ -13,10 +13,12 @@ pages may or may not appear, as with any cursor over live data; none appears twi
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
-
 import msgpack
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+    from typing import Any
 
 PAGE_BYTES = 3 * 1024 * 1024  # below the 4 MiB frame, with room for the reply around it
 
