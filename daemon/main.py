@@ -163,10 +163,11 @@ async def _run_services(
             config, nursery, tasks, store, exchange, storage, lambda: control.standbys
         )
         api.networks = networks = _network_service(config, exchange)  # go with their container
+        api.nursery = nursery
         handlers = routes.bind(
             [
                 api.handlers(),
-                TaskApi(tasks, store, networks).handlers(),
+                TaskApi(tasks, store, networks, api.removals).handlers(),
                 storage_api.handlers(),
                 NetworkApi(networks).handlers(),
             ],
@@ -183,18 +184,6 @@ async def _run_services(
                 stream, handlers, namespace_of, uid, drain=drain, observe=observe
             )
             await guarded("API connection", connection.serve)
-
-        async def recover() -> None:
-            try:
-                found = await tasks.recover()
-                log.info("recovered %d task(s)", found)
-            finally:
-                # Even a recovery that failed opens the task calls: waiting for ever on it
-                # would hang every client (the failure is logged by `guarded`).
-                recovered.set()
-            nursery.start_soon(
-                guarded, "network reconcile", _reconcile_networks, networks, _usage(store, tasks)
-            )
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -232,7 +221,7 @@ async def _run_services(
         control = handover.ControlServer(config.state, handing)
         await outer.start(control.serve)
         nursery.start_soon(watch_signals)
-        nursery.start_soon(guarded, "recovery", recover)
+        nursery.start_soon(guarded, "recovery", _recover, api, recovered, nursery, networks)
         nursery.start_soon(accept)
         log.info("berthd %s serving on %s (pid %d)", _version(), config.address, os.getpid())
         task_status.started()
@@ -254,6 +243,26 @@ async def _run_services(
         detach.ready()  # berthd --detach: the command that started this daemon returns
         if config.standby:
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
+
+
+async def _recover(
+    api: Api, recovered: trio.Event, nursery: trio.Nursery, networks: NetworkService
+) -> None:
+    """Find the tasks a previous daemon left (their shims), finish the container removals
+    it left, then open the task calls and sweep unused network attachments."""
+    tasks = api.tasks
+    try:
+        found = await tasks.recover()
+        log.info("recovered %d task(s)", found)
+        if unfinished := api.finish_removals(nursery):
+            log.info("finishing %d container removal(s) left unfinished", unfinished)
+    finally:
+        # Even a recovery that failed opens the task calls: waiting for ever on it
+        # would hang every client (the failure is logged by `guarded`).
+        recovered.set()
+    nursery.start_soon(
+        guarded, "network reconcile", _reconcile_networks, networks, _usage(api.store, tasks)
+    )
 
 
 def _network_service(config: Config, exchange: Exchange) -> NetworkService:

@@ -12,6 +12,7 @@ import os
 import signal as signals
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -24,6 +25,7 @@ from berth.daemon.events import Exchange
 from berth.daemon.metadata import Container, Store, check_extensions, check_labels
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
+from berth.daemon.removals import Removals
 from berth.daemon.rpc import STREAM_DONE, CallContext
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
@@ -69,6 +71,10 @@ def load_server_uuid(root: str) -> str:
         return value
 
 
+async def _nothing() -> None:
+    """A removal whose container record is gone already: only its mark is left."""
+
+
 class Api:
     """Version, introspection, namespaces, containers, events: the handlers that need
     nothing but the metadata store and the exchange (tasks: tasks.py, storage: storage.py)."""
@@ -92,6 +98,8 @@ class Api:
         self.recovered = recovered
         self.started_at = time.time_ns()
         self.networks: NetworkService | None = None  # set by berthd: attachments
+        self.removals = Removals(config.root)
+        self.nursery: trio.Nursery | None = None  # set by berthd: background removals
 
     def handlers(self) -> dict[str, TypedHandler]:
         return {
@@ -191,6 +199,7 @@ class Api:
         doc: schema.ContainerFields = p.container or p
         if doc.id is None:
             raise InvalidArgument("container id is required")
+        await self._settle_removal(ctx.namespace, doc.id)
         if doc.spec is None or not isinstance(doc.spec.get("process"), dict):
             raise InvalidArgument("spec must be an OCI runtime spec with a process")
         runtime, options = self._runtime(doc.runtime)
@@ -231,14 +240,25 @@ class Api:
             )
         return name, options
 
+    def _visible(self, namespace: str, container_id: str) -> Container:
+        """A container as clients see it: one being removed is gone already."""
+        if self.removals.hidden(namespace, container_id):
+            raise NotFound(f"container {container_id} not found")
+        return self.store.get_container(namespace, container_id)
+
     async def containers_get(self, ctx: CallContext, p: schema.ContainerId) -> Any:
-        return self.store.get_container(ctx.namespace, p.id).to_wire()
+        return self._visible(ctx.namespace, p.id).to_wire()
 
     async def containers_list(self, ctx: CallContext, p: schema.Paged) -> Any:
-        containers = [c.to_wire() for c in self.store.list_containers(ctx.namespace)]
+        containers = [
+            c.to_wire()
+            for c in self.store.list_containers(ctx.namespace)
+            if not self.removals.hidden(ctx.namespace, c.id)
+        ]
         return paged("containers", containers, "id", p.page)
 
     async def containers_update(self, ctx: CallContext, p: schema.ContainersUpdate) -> Any:
+        self._visible(ctx.namespace, p.id)
         container = self.store.update_container(
             ctx.namespace,
             p.id,
@@ -250,28 +270,81 @@ class Api:
         self.exchange.publish(ctx.namespace, "/containers/update", {"id": container.id})
         return container.to_wire()
 
-    async def containers_delete(self, ctx: CallContext, p: schema.ContainerId) -> Any:
-        if self.tasks.has_task(ctx.namespace, p.id):
-            raise FailedPrecondition(f"container {p.id} has a task; delete it first")
-        container = self.store.get_container(ctx.namespace, p.id)
-        self.storage.freeing(lambda: self.store.delete_container(ctx.namespace, p.id))
+    async def containers_delete(self, ctx: CallContext, p: schema.ContainersDelete) -> Any:
+        namespace = ctx.namespace
+        container = self._visible(namespace, p.id)
+        if self.tasks.has_task(namespace, p.id):
+            if not p.with_task:
+                raise FailedPrecondition(f"container {p.id} has a task; delete it first")
+            if not self.tasks.task_stopped(namespace, p.id):
+                raise FailedPrecondition(f"container {p.id}: its task has not stopped")
+        if p.background and self.nursery is not None:
+            self.removals.mark(namespace, p.id)  # durable: clients see it gone from here on
+            self.removals.start(
+                self.nursery, (namespace, p.id), lambda: self._remove(container, p.with_task)
+            )
+            return {}
+        await self._remove(container, p.with_task)
+        return {}
+
+    async def _remove(self, container: Container, with_task: bool) -> None:
+        """Delete the container (and its stopped task, if asked), its writable snapshot and
+        its network attachment."""
+        namespace, container_id = container.namespace, container.id
+        if with_task and self.tasks.has_task(namespace, container_id):
+            await self.tasks.delete(namespace, container_id, force=True)
+        if self.tasks.has_task(namespace, container_id):
+            raise FailedPrecondition(f"container {container_id} has a task; delete it first")
+        self.storage.freeing(lambda: self.store.delete_container(namespace, container_id))
         if container.snapshot_key:
             # Its writable snapshot goes with it (a client may have removed it already).
             try:
                 self.storage.freeing(
                     lambda: self.storage.snapshot_remove(
-                        ctx.namespace, container.snapshotter or None, container.snapshot_key
+                        namespace, container.snapshotter or None, container.snapshot_key
                     )
                 )
             except (NotFound, FailedPrecondition):
                 pass
         if self.networks is not None:
             try:
-                await self.networks.detach(ctx.namespace, p.id)
+                await self.networks.detach(namespace, container_id)
             except BerthError as exc:  # the container is gone: its attachment is swept later
-                log.warning("container %s deleted; its network attachment: %s", p.id, exc)
-        self.exchange.publish(ctx.namespace, "/containers/delete", {"id": p.id})
-        return {}
+                log.warning("container %s deleted; its network attachment: %s", container_id, exc)
+        self.exchange.publish(namespace, "/containers/delete", {"id": container_id})
+
+    async def _settle_removal(self, namespace: str, container_id: str) -> None:
+        """Before a create: a removal of that ID under way is waited for; one that failed
+        before is tried again now (the ID is free only once it succeeded)."""
+        await self.removals.settled(namespace, container_id)
+        if self.removals.hidden(namespace, container_id):
+            await self.removals.run(
+                (namespace, container_id), self._removal_of(namespace, container_id)
+            )
+            if self.removals.hidden(namespace, container_id):
+                raise FailedPrecondition(
+                    f"container {container_id} is still being removed (see berthd's log)"
+                )
+
+    def finish_removals(self, nursery: trio.Nursery) -> int:
+        """At start, once tasks are recovered: removals a previous daemon left unfinished."""
+        pending = self.removals.pending()
+        for key in pending:
+            self.removals.start(nursery, key, self._removal_of(*key))
+        return len(pending)
+
+    def _removal_of(self, namespace: str, container_id: str) -> Callable[[], Awaitable[None]]:
+        """What finishes a marked removal: the container with its task, as recorded now
+        (nothing but the mark, if the record is gone already)."""
+        try:
+            container = self.store.get_container(namespace, container_id)
+        except NotFound:
+            return _nothing
+
+        async def remove() -> None:
+            await self._remove(container, True)
+
+        return remove
 
     # -- events
 

@@ -102,6 +102,12 @@ class ContainerId(Params, kw_only=True):
     id: Name
 
 
+class ContainersDelete(Params, kw_only=True):
+    id: Name
+    with_task: bool = False  # its task too, which must have stopped
+    background: bool = False  # answer once the removal is durable (removals.py)
+
+
 class ContainersUpdate(Params, kw_only=True):
     id: Name
     labels: Labels | None = None
@@ -525,7 +531,7 @@ METHODS: dict[str, Method] = {
     "containers.get": Method(ContainerId, Record),
     "containers.list": Method(Paged, Listing),
     "containers.update": Method(ContainersUpdate, Record),
-    "containers.delete": Method(ContainerId, Record, after_recovery=True),
+    "containers.delete": Method(ContainersDelete, Record, after_recovery=True),
     "events.subscribe": Method(EventsSubscribe, _STREAM, stream=True, long=True, resumable=True),
     "tasks.create": Method(TasksCreate, PidReply, long=True, after_recovery=True),
     "tasks.start": Method(TaskRef, PidReply, after_recovery=True),

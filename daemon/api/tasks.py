@@ -14,17 +14,23 @@ from berth.daemon.api.routes import TypedHandler
 from berth.daemon.metadata import Store
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
+from berth.daemon.removals import Removals
 from berth.daemon.rpc import CallContext
 from berth.daemon.tasks.service import TaskService
 
 
 class TaskApi:
     def __init__(
-        self, tasks: TaskService, store: Store | None = None, networks: NetworkService | None = None
+        self,
+        tasks: TaskService,
+        store: Store | None = None,
+        networks: NetworkService | None = None,
+        removals: Removals | None = None,
     ) -> None:
         self.tasks = tasks
         self.store = store
         self.networks = networks  # a container's later task gets its attachment again
+        self.removals = removals  # a container being removed lists no task
 
     def handlers(self) -> dict[str, TypedHandler]:
         table: dict[str, TypedHandler] = {
@@ -103,7 +109,11 @@ class TaskApi:
         return await self.tasks.get(ctx.namespace, p.container_id, p.exec_id or None)
 
     async def list(self, ctx: CallContext, p: schema.Paged) -> Any:
-        return paged("tasks", self.tasks.list(ctx.namespace), "id", p.page)
+        tasks = self.tasks.list(ctx.namespace)
+        if self.removals is not None:
+            removals = self.removals
+            tasks = [t for t in tasks if not removals.hidden(ctx.namespace, str(t["id"]))]
+        return paged("tasks", tasks, "id", p.page)
 
     async def shim_log(self, ctx: CallContext, p: schema.TasksShimLog) -> Any:
         return await self.tasks.shim_log(ctx.namespace, p.container_id, p.tail)

@@ -78,7 +78,12 @@ def run(session: Session, args: argparse.Namespace) -> int:
             _remove(session, container_id)
         raise
     if args.rm:
-        _remove(session, container_id)
+        try:  # the exit status is known: berthd removes the rest behind (removals.py)
+            session.call(
+                "containers.delete", {"id": container_id, "with_task": True, "background": True}
+            )
+        except (BerthError, CliError):
+            _remove(session, container_id)
     return code
 
 

@@ -209,6 +209,11 @@ class TaskService:
             container_id,
         ) in self._reserved
 
+    def task_stopped(self, namespace: str, container_id: str) -> bool:
+        """Whether the container's task has one and its init has exited."""
+        handle = self._tasks.get((namespace, container_id))
+        return handle is not None and handle.init.exited.is_set()
+
     def namespace_in_use(self, namespace: str) -> bool:
         return any(key[0] == namespace for key in (*self._tasks, *self._reserved))
 

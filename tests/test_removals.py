@@ -1,0 +1,80 @@
+"""`berth run --rm` answers with the exit status and berthd removes the rest behind it
+(`containers.delete` with `with_task` and `background`: daemon/removals.py): the promise of
+`--rm` holds (the container and its task are gone for clients at once, its snapshot and
+shim soon after), a create of the same ID waits for the removal, and a removal that a
+daemon marked but did not finish is finished by the next one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from berth.shim.wire.errors import FailedPrecondition, NotFound
+from tests.support.helpers import Daemon, wait_until
+from tests.support.images import build_oci_archive
+
+pytestmark = pytest.mark.container
+
+IMAGE = "docker.io/library/busybox:latest"
+
+
+def _ids(daemon: Daemon, *verb: str) -> list[str]:
+    return daemon.cli(*verb, "ls", "-q", check=True).stdout.decode().split()
+
+
+def _snapshots(daemon: Daemon) -> list[str]:
+    listed = daemon.call("snapshots.list", {"snapshotter": "overlayfs"})
+    return [s["name"] for s in listed["snapshots"] if s["kind"] == "active"]
+
+
+def test_run_rm_answers_first_and_leaves_nothing(daemon: Daemon, busybox_rootfs: str) -> None:
+    archive = os.path.join(daemon.dir, "image.tar")
+    build_oci_archive(busybox_rootfs, archive, name=IMAGE)
+    daemon.cli("images", "import", archive, check=True)
+    for i in range(3):  # the same ID at once again: each create waits for the removal
+        r = daemon.cli("run", "--rm", IMAGE, "same", "sh", "-c", f"echo run{i}; exit 3")
+        assert r.returncode == 3 and r.stdout == f"run{i}\n".encode(), r.stderr
+        # gone for clients the moment `run` returned
+        assert "same" not in _ids(daemon, "containers")
+        assert "same" not in _ids(daemon, "tasks")
+        with pytest.raises(NotFound):
+            daemon.call("containers.get", {"id": "same"})
+    # and soon on disk too: no snapshot, no shim, no mark
+    wait_until(lambda: _snapshots(daemon) == [], what="the writable snapshots removed")
+    wait_until(lambda: daemon.shim_pids() == {}, what="the shims gone")
+    wait_until(lambda: not any(Path(daemon.root, "removing").glob("*/*")), what="no marks left")
+
+
+def test_a_running_task_is_not_removed_behind(daemon: Daemon) -> None:
+    daemon.cli("run", "-d", "--busybox", "up", "sleep", "600", check=True)
+    try:
+        with pytest.raises(FailedPrecondition, match="has not stopped"):
+            daemon.call("containers.delete", {"id": "up", "with_task": True, "background": True})
+        with pytest.raises(FailedPrecondition, match="has a task"):
+            daemon.call("containers.delete", {"id": "up"})
+        assert _ids(daemon, "containers") == ["up"]
+        assert daemon.call("tasks.get", {"container_id": "up"})["status"] == "running"
+    finally:
+        daemon.cli("tasks", "rm", "-f", "up")
+        daemon.cli("containers", "rm", "up")
+
+
+def test_a_removal_a_daemon_did_not_finish_is_finished_by_the_next(daemon: Daemon) -> None:
+    """What a berthd killed right after it marked a removal leaves: the mark, the
+    container, its exited task and shim. The next berthd finishes the removal, and the
+    container is never seen again in between."""
+    daemon.cli("run", "--busybox", "left", "true", check=True)  # exited, not removed
+    shim = daemon.shim_pids()["left"]
+    daemon.kill9()
+    mark = Path(daemon.root, "removing", daemon.namespace, "left")
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_bytes(b"")
+    daemon.start()
+    assert "left" not in _ids(daemon, "containers")
+    wait_until(lambda: not mark.exists(), what="the removal finished")
+    with pytest.raises(NotFound):
+        daemon.call("tasks.get", {"container_id": "left"})
+    wait_until(lambda: "left" not in daemon.shim_pids(), what=f"the shim {shim} gone")
+    daemon.cli("run", "--rm", "--busybox", "left", "true", check=True)  # the ID is free
