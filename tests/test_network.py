@@ -458,8 +458,14 @@ def test_published_port_none_and_host(netd: NetDaemon) -> None:
     )
     assert udp.strip() == "udp"  # the same number over UDP is another port
     assert netd.d.cli("containers", "ls").stdout.decode().count("b0") == 0  # nothing made
-    with netd.d.client() as c:
-        assert [a["container_id"] for a in c.call("attachments.list")["attachments"]] == ["web"]
+    from tests.support.helpers import wait_until
+
+    def attached() -> list[str]:
+        with netd.d.client() as c:
+            return [a["container_id"] for a in c.call("attachments.list")["attachments"]]
+
+    # u0's attachment goes with its removal, which `run --rm` leaves to berthd
+    wait_until(lambda: attached() == ["web"], what="only web attached")
     _ok(netd, "tasks", "rm", "-f", "web")
     _ok(netd, "containers", "rm", "web")
     assert not any(str(port) in rule for rule in _nat_rules())
