@@ -289,6 +289,26 @@ def test_cgroup_files_v1_and_v2_are_read(tmp_path: Path) -> None:
 # --- berthd -----------------------------------------------------------------------------
 
 
+def test_cgroup_files_stay_open_between_scrapes(tmp_path: Path) -> None:
+    """OpenFiles: a file is read afresh from offset 0 through the descriptor it keeps,
+    within its budget; what a scrape did not read is closed after it."""
+    files = metrics.OpenFiles(budget=1)
+    (tmp_path / "a").write_text("1\n")
+    (tmp_path / "b").write_text("2\n")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    assert files.read(str(tmp_path), "a") == "1\n"
+    assert files.read(str(tmp_path), "b") == "2\n"  # over budget: opened and closed
+    assert files.read(str(tmp_path), "missing") is None
+    assert files.read(None, "a") is None
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1
+    (tmp_path / "a").write_text("10\n")  # same inode: the kept descriptor sees it
+    assert files.read(str(tmp_path), "a") == "10\n"
+    files.sweep()
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1  # `a` was read: kept
+    files.sweep()  # a scrape that read nothing
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_metrics_are_off_by_default(daemon: Daemon) -> None:
     assert psutil.Process(daemon.pid).net_connections(kind="inet") == []
 
