@@ -663,6 +663,19 @@ def test_networks_are_created_used_and_removed(netd: NetDaemon) -> None:
     assert bridges <= _links()
     r = netd.d.cli("network", "rm", blue)
     assert r.returncode == 1 and b"in use by" in r.stderr and b"/two" in r.stderr, r.stderr
+    # an attachment is an object with labels, as a snapshot is (a CRI layer keeps its own)
+    with netd.d.client() as c:
+        made = c.call(
+            "attachments.create",
+            {"container_id": "labelled", "networks": [green], "labels": {"pod": "p1"}},
+        )
+        assert made["labels"] == {"pod": "p1"}
+        assert c.call("attachments.get", {"container_id": "labelled"})["labels"] == {"pod": "p1"}
+        listed = {a["container_id"]: a["labels"] for a in c.call("attachments.list")["attachments"]}
+        assert listed == {"two": {}, "labelled": {"pod": "p1"}}
+        with pytest.raises(BerthError, match="label"):
+            c.call("attachments.create", {"container_id": "bad", "labels": {"": "x"}})
+        assert c.call("attachments.delete", {"container_id": "labelled"})["released"] is True
     r = netd.d.cli("network", "rm", "bridge")
     assert r.returncode == 1 and b"default" in r.stderr, r.stderr
     foreign = Path(netd.conf_dir, f"10-hand-{tag}.conflist")

@@ -10,6 +10,7 @@ import msgspec
 
 from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
+from berth.daemon.metadata import check_labels
 from berth.daemon.network.cni import Network
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
@@ -56,7 +57,7 @@ class NetworkApi:
         await self.service.ready.wait()  # the first reconcile must not release it
         ports = [msgspec.structs.asdict(m) for m in p.ports]
         attached = await self.service.attach(
-            ctx.namespace, p.container_id, p.networks, ports, p.ips
+            ctx.namespace, p.container_id, p.networks, ports, p.ips, check_labels(p.labels)
         )
         return attached.to_wire(self.service.files_dir(ctx.namespace, p.container_id))
 

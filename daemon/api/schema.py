@@ -131,6 +131,7 @@ class AttachmentsCreate(Params, kw_only=True):
     networks: Annotated[list[Name], Meta(max_length=8)] = []  # [] = ["bridge"]
     ports: Annotated[list[PortMapping], Meta(max_length=256)] = []
     ips: Annotated[list[str], Meta(max_length=4)] = []  # CIDRs on the first network
+    labels: Labels | None = None
 
 
 class AttachmentRef(Params, kw_only=True):

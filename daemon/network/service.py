@@ -62,6 +62,7 @@ class AttachmentSet:
     complete: bool = False  # every network ADDed
     releasing: bool = False  # a release began (and, if the record is still here, failed)
     saved_at: float = 0.0  # when the record was last written (time.time())
+    labels: dict[str, str] = field(default_factory=dict)  # the client's, as a snapshot's
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class AttachmentSet:
             "complete": self.complete,
             "releasing": self.releasing,
             "saved_at": self.saved_at,
+            "labels": self.labels,
             "attachments": [a.to_doc() for a in self.attachments],
         }
 
@@ -85,6 +87,7 @@ class AttachmentSet:
             complete=bool(doc.get("complete")),
             releasing=bool(doc.get("releasing")),
             saved_at=float(doc.get("saved_at") or 0.0),
+            labels={str(k): str(v) for k, v in (doc.get("labels") or {}).items()},
         )
 
     def to_wire(self, files_dir: str = "") -> dict[str, Any]:
@@ -97,6 +100,7 @@ class AttachmentSet:
             "container_id": self.container_id,
             "netns": self.netns,
             "complete": self.complete,
+            "labels": self.labels,
             "files": files,
             "networks": [
                 {
@@ -479,6 +483,7 @@ class NetworkService:
         names: list[str],
         ports: list[dict[str, Any]],
         ips: list[str] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> AttachmentSet:
         """Pin a namespace for the container and ADD each network, in order; a failure
         undoes everything (no half-made attachment is left). `ips`: the addresses asked
@@ -496,7 +501,9 @@ class NetworkService:
         for name in names:  # counted before any await: delete_network sees them
             self._attaching[name] = self._attaching.get(name, 0) + 1
         try:
-            return await self._attach(namespace, container_id, names, known, mappings, chosen)
+            return await self._attach(
+                namespace, container_id, names, known, mappings, chosen, labels or {}
+            )
         finally:
             for port in claimed:
                 del self._claimed_ports[port]
@@ -545,6 +552,7 @@ class NetworkService:
         known: dict[str, cni.Network],
         mappings: list[dict[str, Any]],
         chosen: list[str],
+        labels: dict[str, str],
     ) -> AttachmentSet:
         async with self._locked(namespace, container_id):
             if os.path.exists(self._record_path(namespace, container_id)):
@@ -561,7 +569,9 @@ class NetworkService:
             # `-`, so "namespace-id" could name two containers (host-local's leases and
             # portmap's chains are keyed by it).
             digest = hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
-            attached = AttachmentSet(namespace, container_id, os.path.join(self.netns_dir, digest))
+            attached = AttachmentSet(
+                namespace, container_id, os.path.join(self.netns_dir, digest), labels=labels
+            )
             self._save(attached)  # first: a crash from here on is found and undone
             try:
                 if not self._dir_prepared:
