@@ -78,3 +78,52 @@ def test_a_removal_a_daemon_did_not_finish_is_finished_by_the_next(daemon: Daemo
         daemon.call("tasks.get", {"container_id": "left"})
     wait_until(lambda: "left" not in daemon.shim_pids(), what=f"the shim {shim} gone")
     daemon.cli("run", "--rm", "--busybox", "left", "true", check=True)  # the ID is free
+
+
+def test_run_rm_through_daemon_kills_leaves_nothing(daemon: Daemon) -> None:
+    """`run --rm` again and again while berthd is killed (-9) at random moments (before,
+    during and after the removal it leaves behind): afterwards no container, task, shim,
+    writable snapshot or mark is left, and every run that answered gave its status."""
+    import random
+    import subprocess
+    import time
+
+    from tests.support.helpers import BERTH
+
+    rng = random.Random(int(os.environ.get("BERTH_CHAOS_SEED", "1414")))
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    kills = answered = 0
+    for i in range(int(os.environ.get("BERTH_RM_CHAOS_CYCLES", "40"))):
+        cid = f"r{i % 4}"  # IDs come back: a create waits for (or finishes) the removal
+        run = subprocess.Popen(
+            [BERTH, "run", "--rm", "--busybox", cid, "sh", "-c", "exit 7"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            if rng.random() < 0.5:
+                time.sleep(rng.uniform(0.0, 0.15))
+                daemon.kill9()
+                kills += 1
+                daemon.start()
+            code = run.wait(60)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
+        if code == 7:
+            answered += 1
+        else:  # cut by a kill: whatever it left is a container of that ID, maybe stopped
+            assert code == 1, (code, run.stderr.read() if run.stderr else b"")
+            daemon.cli("tasks", "rm", "-f", cid)
+            daemon.cli("containers", "rm", cid)
+        if run.stderr:
+            run.stderr.close()
+    print(f"\n{answered} runs answered, {kills} kills of berthd")
+    assert answered > 0
+    wait_until(lambda: _ids(daemon, "containers") == [], what="no container left")
+    assert _ids(daemon, "tasks") == []
+    wait_until(lambda: daemon.shim_pids() == {}, what="no shim left")
+    wait_until(lambda: not any(Path(daemon.root, "removing").glob("*/*")), what="no mark left")
+    assert daemon.container_pids() == []
