@@ -698,6 +698,60 @@ class Bench:
             f"{cpu['berth'] / cpu['containerd']:.2f}"
         )
 
+    # -- cold start: exec of the daemon until it answers its API
+
+    def fig_coldstart(self) -> None:
+        """Each daemon stopped (nothing running), then started again and again: from the
+        exec to the first answered call, both polled in-process every millisecond (berthd's
+        `version`; containerd's gRPC health check, which it answers once it serves)."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        def containerd_ready() -> bool:
+            with grpc.insecure_channel(f"unix://{self.containerd.address}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                except grpc.RpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        def berth_ready() -> bool:
+            try:
+                with Client(self.berth.address, timeout=0.5) as c:
+                    c.call("version")
+                    return True
+            except Exception:
+                return False
+
+        n = 3 if self.quick else 10
+        out: dict[str, list[float]] = {"berth": [], "containerd": []}
+        systems = {
+            "berth": (self.berth, berth_ready),
+            "containerd": (self.containerd, containerd_ready),
+        }
+        for _ in range(n):
+            for name, (system, ready) in systems.items():
+                system.daemon.stop_everything()
+                t0 = time.perf_counter()
+                system.daemon.start()
+                deadline = t0 + 30
+                while not ready():
+                    if time.perf_counter() > deadline:
+                        raise RuntimeError(f"{name} did not start; see {system.daemon.log}")
+                    time.sleep(0.001)
+                out[name].append(time.perf_counter() - t0)
+        self.berth.wait_ready()
+        self.containerd.wait_ready()
+        self.record(
+            "cold_start",
+            "cold start: daemon exec to its first answered call (nothing running)",
+            "ms",
+            out,
+            ("berth", "containerd"),
+            1000,
+        )
+
     # -- 6. exec
 
     def fig_exec(self) -> None:
@@ -1185,6 +1239,7 @@ def run_figures(bench: Bench, only: set[str], quick: bool) -> None:
         "clients": bench.fig_clients,
         "cli": bench.fig_cli,
         "network": bench.fig_network,
+        "coldstart": bench.fig_coldstart,
     }
     for name, figure in simple.items():
         if name in only:
@@ -1211,8 +1266,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="run_rm, memory, throughput, concurrent, exec, images, clients, cli, takeover, "
-        "upgrade, metrics",
+        help="run_rm, memory, throughput, concurrent, exec, images, clients, cli, coldstart, "
+        "takeover, upgrade, metrics",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -1236,6 +1291,7 @@ def main() -> int:
             "images",
             "clients",
             "cli",
+            "coldstart",
             "network",
             "takeover",
             "upgrade",
