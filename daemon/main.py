@@ -41,6 +41,7 @@ from berth.daemon.events import Exchange
 from berth.daemon.grpc import supervisor
 from berth.daemon.metadata import Store
 from berth.daemon.network.service import NetworkService, NetworkSettings, Usage
+from berth.daemon.removals import Removals
 from berth.daemon.rpc import Drain, Observer, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
@@ -163,13 +164,13 @@ async def _run_services(
             config, nursery, tasks, store, exchange, storage, lambda: control.standbys
         )
         api.networks = networks = _network_service(config, exchange)  # go with their container
-        api.nursery = nursery
+        await nursery.start(api.removals.serve)  # `run --rm`'s removals, behind its answer
         handlers = routes.bind(
             [
                 api.handlers(),
                 TaskApi(tasks, store, networks, api.removals).handlers(),
                 storage_api.handlers(),
-                NetworkApi(networks).handlers(),
+                NetworkApi(networks, api.removals).handlers(),
             ],
             recovered,
         )
@@ -212,7 +213,7 @@ async def _run_services(
             listener_fd=state.listener.sock.fileno,
             stop_accepting=stop_accepting,
             drain=lambda: drain.drain(handover.DRAIN_TIMEOUT),
-            release_tasks=tasks.release,
+            release_tasks=lambda: _release_tasks(api.removals, tasks),
             history=exchange.history,
             close_state=lambda: _close_for_handover(state, storage, nursery),
             resume=lambda: _resume(config, state, exchange),
@@ -245,6 +246,13 @@ async def _run_services(
             nursery.start_soon(guarded, "standby keeper", standby.keep_one, config, control)
 
 
+async def _release_tasks(removals: Removals, tasks: TaskService) -> dict[str, int]:
+    """A handover's release: the removals under way stop first (their marks stay for the
+    successor), then the tasks are let go."""
+    await removals.stop()
+    return await tasks.release()
+
+
 async def _recover(
     api: Api, recovered: trio.Event, nursery: trio.Nursery, networks: NetworkService
 ) -> None:
@@ -254,8 +262,9 @@ async def _recover(
     try:
         found = await tasks.recover()
         log.info("recovered %d task(s)", found)
-        if unfinished := api.finish_removals(nursery):
+        if unfinished := api.finish_removals():
             log.info("finishing %d container removal(s) left unfinished", unfinished)
+        nursery.start_soon(api.removals.retry_failed, api.removal_of)
     finally:
         # Even a recovery that failed opens the task calls: waiting for ever on it
         # would hang every client (the failure is logged by `guarded`).

@@ -32,6 +32,7 @@ import collections
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -242,10 +243,13 @@ class OpenFiles:
             self._used.add(path)
             return os.pread(fd, 1 << 16, 0).decode("ascii", "replace")
         except OSError:  # the cgroup went (ENODEV): forget it
-            if kept:
-                del self._fds[path]
-                kept = False
-            return None
+            if not kept:
+                return None
+            del self._fds[path]
+            kept = False
+            # A cgroup made again at the same path (a container of the same ID): read it
+            # through a new descriptor, kept from the next scrape on.
+            return _read(directory, name)
         finally:
             if not kept:
                 os.close(fd)
@@ -538,14 +542,19 @@ def _own_netns() -> int:
         return -1
 
 
+ACTIVE_SIZE_TTL = 60.0  # seconds an active snapshot's measured size is reported again
+
+
 class SnapshotSizes:
     """Snapshots' disk usage for a scrape. A committed snapshot never changes: its size is
     measured once and kept (keyed by snapshotter, key and creation time, dropped when it
-    goes); active ones (a container's writable layer) are measured at every scrape, and
-    views hold nothing of their own."""
+    goes); an active one (a container's writable layer, which can hold many files) is
+    measured again once its last figure is ACTIVE_SIZE_TTL old, so that no scrape walks
+    every writable layer; views hold nothing of their own."""
 
     def __init__(self) -> None:
         self._committed: dict[tuple[str, str, int], int] = {}
+        self._active: dict[tuple[str, str, int], tuple[float, int]] = {}  # -> (when, size)
 
     def measure(self, name: str, snapshotter: Snapshotter, out: dict[tuple[str, str], int]) -> None:
         seen = set()
@@ -556,7 +565,12 @@ class SnapshotSizes:
             if info.kind == "view":
                 continue
             key = (name, info.key, info.created_at)
-            size = self._committed.get(key) if info.kind == "committed" else None
+            now = time.monotonic()
+            if info.kind == "committed":
+                size = self._committed.get(key)
+            else:
+                measured = self._active.get(key)
+                size = measured[1] if measured and now - measured[0] < ACTIVE_SIZE_TTL else None
             if size is None:
                 try:
                     size = snapshotter.usage(info.key).size
@@ -564,10 +578,13 @@ class SnapshotSizes:
                     continue
                 if info.kind == "committed":
                     self._committed[key] = size
+                else:
+                    self._active[key] = (now, size)
             seen.add(key)
             out[(name, info.kind)] = total + size
-        for key in [k for k in self._committed if k[0] == name and k not in seen]:
-            del self._committed[key]
+        for cache in (self._committed, self._active):
+            for key in [k for k in cache if k[0] == name and k not in seen]:
+                del cache[key]
 
 
 # --- the endpoint ------------------------------------------------------------------------

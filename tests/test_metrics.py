@@ -322,6 +322,23 @@ def test_scrape_reports_containers_and_the_daemon(metered: Daemon, busybox_rootf
     # c1 from the image, as an operator runs it (its record names the image); c2 without.
     busy_loop = "head -c 200000 /dev/zero > /written; while :; do :; done"
     metered.cli("run", "-d", IMAGE, "c1", "sh", "-c", busy_loop, check=True)
+    # written before the first scrape measures c1's layer (kept for ACTIVE_SIZE_TTL)
+    wait_until(
+        lambda: (
+            metered.cli(
+                "tasks",
+                "exec",
+                "--exec-id",
+                "w",
+                "c1",
+                "sh",
+                "-c",
+                "[ $(wc -c < /written) = 200000 ]",
+            ).returncode
+            == 0
+        ),
+        what="c1's file written",
+    )
     pid = int(metered.call("tasks.get", {"container_id": "c1"})["pid"])
     run_task(metered, "c2", ["sleep", "600"])
     with pytest.raises(NotFound):
@@ -365,7 +382,8 @@ def test_scrape_reports_containers_and_the_daemon(metered: Daemon, busybox_rootf
     assert value(found, "berth_shims_alive") == 2
     assert value(found, "berth_api_calls_total", method="containers.get", code="not_found") == 1
     assert value(found, "berth_api_calls_total", method="unknown", code="unimplemented") == 1
-    assert value(found, "berth_api_calls_total", method="tasks.start", code="ok") == 2
+    # c1, c2 and the exec that checked c1s file
+    assert value(found, "berth_api_calls_total", method="tasks.start", code="ok") == 3
     assert value(found, "berth_api_call_duration_seconds_count", method="tasks.create") == 2
     assert value(found, "berth_content_blobs") >= 3  # index or manifest, config, layer
     assert value(found, "berth_content_bytes") > 500_000  # busybox-static, compressed

@@ -438,6 +438,7 @@ def test_published_port_none_and_host(netd: NetDaemon) -> None:
             (f"{port}:80",): b"already published by " + netd.d.namespace.encode() + b"/web",
             (f"{port + 1}:80", f"{port + 1}:81"): b"published twice",
             (f"{held}:80",): b"in use by a process on the host",
+            (f"127.0.0.1:{port}:80",): b"already published by",  # web has every address
         }
         for ports, why in refusals.items():
             options = [x for p in ports for x in ("-p", p)]
@@ -825,3 +826,25 @@ def test_a_chosen_subnet_avoids_other_networks_and_the_host_s_routes(
     ):
         with pytest.raises(InvalidArgument, match=why):
             service._choose_subnet(subnet, gateway, [])
+
+
+def test_which_published_ports_clash() -> None:
+    """A host port is one socket: the same protocol and number clash on the same address,
+    or when either side publishes on every address (as Docker decides)."""
+    from berth.daemon.network.service import _ports_clash
+
+    clash = [
+        (("tcp", 80, ""), ("tcp", 80, "")),
+        (("tcp", 80, ""), ("tcp", 80, "127.0.0.1")),
+        (("tcp", 80, "0.0.0.0"), ("tcp", 80, "10.0.0.5")),
+        (("tcp", 80, "127.0.0.1"), ("tcp", 80, "127.0.0.1")),
+    ]
+    apart = [
+        (("tcp", 80, ""), ("udp", 80, "")),
+        (("tcp", 80, ""), ("tcp", 81, "")),
+        (("tcp", 80, "127.0.0.1"), ("tcp", 80, "10.0.0.5")),
+    ]
+    for a, b in clash:
+        assert _ports_clash(a, b) and _ports_clash(b, a), (a, b)
+    for a, b in apart:
+        assert not _ports_clash(a, b) and not _ports_clash(b, a), (a, b)

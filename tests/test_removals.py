@@ -47,6 +47,17 @@ def test_run_rm_answers_first_and_leaves_nothing(daemon: Daemon, busybox_rootfs:
     wait_until(lambda: not any(Path(daemon.root, "removing").glob("*/*")), what="no marks left")
 
 
+def test_a_namespace_is_deleted_right_after_run_rm(daemon: Daemon) -> None:
+    """`run --rm` then `namespaces rm`: the removal left behind is waited for, not
+    reported as a container or task the namespace still holds."""
+    namespace = daemon.namespace + "x"
+    for i in range(3):
+        daemon.cli("-n", namespace, "run", "--rm", "--busybox", f"n{i}", "true", check=True)
+        daemon.call("namespaces.delete", {"name": namespace})
+        with pytest.raises(NotFound):
+            daemon.call("namespaces.get", {"name": namespace})
+
+
 def test_a_running_task_is_not_removed_behind(daemon: Daemon) -> None:
     daemon.cli("run", "-d", "--busybox", "up", "sleep", "600", check=True)
     try:

@@ -71,10 +71,6 @@ def load_server_uuid(root: str) -> str:
         return value
 
 
-async def _nothing() -> None:
-    """A removal whose container record is gone already: only its mark is left."""
-
-
 class Api:
     """Version, introspection, namespaces, containers, events: the handlers that need
     nothing but the metadata store and the exchange (tasks: tasks.py, storage: storage.py)."""
@@ -98,8 +94,7 @@ class Api:
         self.recovered = recovered
         self.started_at = time.time_ns()
         self.networks: NetworkService | None = None  # set by berthd: attachments
-        self.removals = Removals(config.root)
-        self.nursery: trio.Nursery | None = None  # set by berthd: background removals
+        self.removals = Removals(config.root)  # berthd starts its task group (serve)
 
     def handlers(self) -> dict[str, TypedHandler]:
         return {
@@ -187,6 +182,12 @@ class Api:
         return ns
 
     async def namespaces_delete(self, ctx: CallContext, p: schema.NamespaceName) -> Any:
+        for container_id in self.removals.in_namespace(p.name):  # `run --rm`'s, say
+            await self.removals.settled(p.name, container_id)
+        if removing := self.removals.in_namespace(p.name):
+            raise FailedPrecondition(
+                f"namespace {p.name}: container(s) {', '.join(removing)} still being removed"
+            )
         if self.tasks.namespace_in_use(p.name):
             raise FailedPrecondition(f"namespace {p.name} still has tasks")
         self.store.delete_namespace(p.name)
@@ -272,17 +273,27 @@ class Api:
 
     async def containers_delete(self, ctx: CallContext, p: schema.ContainersDelete) -> Any:
         namespace = ctx.namespace
-        container = self._visible(namespace, p.id)
+        if self.removals.hidden(namespace, p.id):
+            # Being removed (or a removal that failed): a delete waits for it, or tries it
+            # again, and answers as the delete of a container that was there.
+            await self.recovered.wait()
+            await self.removals.run((namespace, p.id), self.removal_of(namespace, p.id))
+            if self.removals.hidden(namespace, p.id):
+                raise FailedPrecondition(
+                    f"container {p.id} is still being removed (see berthd's log)"
+                )
+            return {}
+        container = self.store.get_container(namespace, p.id)
         if self.tasks.has_task(namespace, p.id):
             if not p.with_task:
                 raise FailedPrecondition(f"container {p.id} has a task; delete it first")
             if not self.tasks.task_stopped(namespace, p.id):
                 raise FailedPrecondition(f"container {p.id}: its task has not stopped")
-        if p.background and self.nursery is not None:
-            self.removals.mark(namespace, p.id)  # durable: clients see it gone from here on
-            self.removals.start(
-                self.nursery, (namespace, p.id), lambda: self._remove(container, p.with_task)
-            )
+        if p.background:
+            if self.networks is not None:  # its ports and addresses are free when it answers
+                await self.networks.detach(namespace, p.id)
+            await self.removals.mark(namespace, p.id)  # durable: gone for clients from here
+            self.removals.start((namespace, p.id), self.removal_of(namespace, p.id))
             return {}
         await self._remove(container, p.with_task)
         return {}
@@ -315,33 +326,35 @@ class Api:
 
     async def _settle_removal(self, namespace: str, container_id: str) -> None:
         """Before a create: a removal of that ID under way is waited for; one that failed
-        before is tried again now (the ID is free only once it succeeded)."""
+        (or that a previous daemon left) is carried out now, once tasks are recovered (its
+        task must be known to be deleted with it). The ID is free only once it succeeded."""
         await self.removals.settled(namespace, container_id)
         if self.removals.hidden(namespace, container_id):
+            await self.recovered.wait()
             await self.removals.run(
-                (namespace, container_id), self._removal_of(namespace, container_id)
+                (namespace, container_id), self.removal_of(namespace, container_id)
             )
             if self.removals.hidden(namespace, container_id):
                 raise FailedPrecondition(
                     f"container {container_id} is still being removed (see berthd's log)"
                 )
 
-    def finish_removals(self, nursery: trio.Nursery) -> int:
+    def finish_removals(self) -> int:
         """At start, once tasks are recovered: removals a previous daemon left unfinished."""
         pending = self.removals.pending()
         for key in pending:
-            self.removals.start(nursery, key, self._removal_of(*key))
+            self.removals.start(key, self.removal_of(*key))
         return len(pending)
 
-    def _removal_of(self, namespace: str, container_id: str) -> Callable[[], Awaitable[None]]:
-        """What finishes a marked removal: the container with its task, as recorded now
-        (nothing but the mark, if the record is gone already)."""
-        try:
-            container = self.store.get_container(namespace, container_id)
-        except NotFound:
-            return _nothing
+    def removal_of(self, namespace: str, container_id: str) -> Callable[[], Awaitable[None]]:
+        """What finishes a marked removal: the container with its task, as recorded when it
+        runs (nothing but the mark, if the record is gone already)."""
 
         async def remove() -> None:
+            try:
+                container = self.store.get_container(namespace, container_id)
+            except NotFound:
+                return
             await self._remove(container, True)
 
         return remove

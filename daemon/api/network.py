@@ -14,7 +14,9 @@ from berth.daemon.metadata import check_labels
 from berth.daemon.network.cni import Network
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
+from berth.daemon.removals import Removals
 from berth.daemon.rpc import CallContext
+from berth.shim.wire.errors import FailedPrecondition
 
 
 def _network_doc(network: Network) -> dict[str, Any]:
@@ -27,8 +29,9 @@ def _network_doc(network: Network) -> dict[str, Any]:
 
 
 class NetworkApi:
-    def __init__(self, networks: NetworkService) -> None:
+    def __init__(self, networks: NetworkService, removals: Removals | None = None) -> None:
         self.service = networks
+        self.removals = removals  # an attachment for an ID being removed waits for it
 
     def handlers(self) -> dict[str, TypedHandler]:
         return {
@@ -55,6 +58,12 @@ class NetworkApi:
 
     async def create(self, ctx: CallContext, p: schema.AttachmentsCreate) -> Any:
         await self.service.ready.wait()  # the first reconcile must not release it
+        if self.removals is not None:  # the removal's detach must not release this one
+            await self.removals.settled(ctx.namespace, p.container_id)
+            if self.removals.hidden(ctx.namespace, p.container_id):
+                raise FailedPrecondition(
+                    f"container {p.container_id} is still being removed (see berthd's log)"
+                )
         ports = [msgspec.structs.asdict(m) for m in p.ports]
         attached = await self.service.attach(
             ctx.namespace, p.container_id, p.networks, ports, p.ips, check_labels(p.labels)

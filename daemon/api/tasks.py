@@ -17,6 +17,7 @@ from berth.daemon.paging import paged
 from berth.daemon.removals import Removals
 from berth.daemon.rpc import CallContext
 from berth.daemon.tasks.service import TaskService
+from berth.shim.wire.errors import NotFound
 
 
 class TaskApi:
@@ -52,7 +53,22 @@ class TaskApi:
             "tasks.list": self.list,
             "tasks.shim_log": self.shim_log,
         }
-        return {name: _about_the_task(fn) for name, fn in table.items()}
+        return {name: _about_the_task(self._unless_removed(fn)) for name, fn in table.items()}
+
+    def _unless_removed(self, fn: TypedHandler) -> TypedHandler:
+        """The handler, answering not found for the task of a container being removed
+        (`run --rm` was told it is gone; berthd deletes the task itself)."""
+        removals = self.removals
+        if removals is None:
+            return fn
+
+        async def handler(ctx: CallContext, p: Any) -> Any:
+            container_id = getattr(p, "container_id", "")
+            if container_id and removals.hidden(ctx.namespace, container_id):
+                raise NotFound(f"task {container_id} not found")
+            return await fn(ctx, p)
+
+        return handler
 
     async def create(self, ctx: CallContext, p: schema.TasksCreate) -> Any:
         if self.store is not None and self.networks is not None:

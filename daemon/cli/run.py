@@ -78,12 +78,16 @@ def run(session: Session, args: argparse.Namespace) -> int:
             _remove(session, container_id)
         raise
     if args.rm:
+        params = {"id": container_id, "with_task": True, "background": True}
         try:  # the exit status is known: berthd removes the rest behind (removals.py)
-            session.call(
-                "containers.delete", {"id": container_id, "with_task": True, "background": True}
-            )
+            session.call("containers.delete", params)
         except (BerthError, CliError):
-            _remove(session, container_id)
+            # The answer lost (a handover): a delete of a container being removed waits
+            # for that removal; a berthd without removals refuses (it has a task).
+            try:
+                session.call("containers.delete", {**params, "background": False})
+            except (BerthError, CliError):
+                _remove(session, container_id)
     return code
 
 

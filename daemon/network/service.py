@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -176,6 +177,20 @@ def check_ports(mappings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+Port = tuple[str, int, str]  # (protocol, host port, host IP: "" for every address)
+_ANY = ("", "0.0.0.0", "::")
+
+
+def _ports_clash(a: Port, b: Port) -> bool:
+    """Whether two published ports take the same host socket: same protocol and number,
+    and the same host address or either one on every address (as Docker decides)."""
+    return a[:2] == b[:2] and (a[2] == b[2] or a[2] in _ANY or b[2] in _ANY)
+
+
+def _port_text(port: Port) -> str:
+    return f"{port[2] + ':' if port[2] else ''}{port[1]}/{port[0]}"
+
+
 def _check_port_free(protocol: str, port: int, host_ip: str) -> None:
     """AlreadyExists when a host socket holds `port` (a listener, or a bound UDP socket):
     a bind that fails with EADDRINUSE says so (SCTP is not checked)."""
@@ -184,6 +199,8 @@ def _check_port_free(protocol: str, port: int, host_ip: str) -> None:
         return
     family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
     with socket.socket(family, kinds[protocol]) as probe:
+        if protocol == "tcp":  # a port whose connections linger in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host_ip or "0.0.0.0", port))
         except OSError as exc:
@@ -209,8 +226,9 @@ def host_routes(path: str = "/proc/net/route") -> list[ipaddress.IPv4Network]:
         if len(fields) < 8:
             continue
         try:
-            destination = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
-            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+            # the kernel prints the addresses as host-order integers in hex
+            destination = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, sys.byteorder))
+            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, sys.byteorder))
             network = ipaddress.IPv4Network(f"{destination}/{mask}", strict=False)
         except ValueError:
             continue
@@ -301,7 +319,7 @@ class NetworkService:
         self._dir_prepared = False
         self._networks_lock = trio.Lock()  # one network create/delete at a time
         self._attaching: dict[str, int] = {}  # network name -> ADDs under way
-        self._claimed_ports: dict[tuple[str, int], str] = {}  # being published -> by whom
+        self._claimed_ports: dict[Port, str] = {}  # being published -> by whom
 
     # -- networks
 
@@ -514,34 +532,43 @@ class NetworkService:
 
     def _claim_ports(
         self, namespace: str, container_id: str, mappings: list[dict[str, Any]]
-    ) -> list[tuple[str, int]]:
+    ) -> list[Port]:
         """Refuse a host port another attachment publishes (or is publishing), twice in one
         request, or that a host process holds (the DNAT rule would silently take its
         traffic: Docker's proxy would fail to bind); else claim it until the record that
         publishes it is written. Synchronous: nothing else runs between check and claim."""
-        wanted: list[tuple[str, int]] = []
+        wanted: list[Port] = []
         for m in mappings:
-            port = (str(m["protocol"]), int(m["hostPort"]))
-            if port in wanted:
-                raise InvalidArgument(f"host port {port[1]}/{port[0]} is published twice")
+            port = (str(m["protocol"]), int(m["hostPort"]), str(m.get("hostIP") or ""))
+            if any(_ports_clash(port, other) for other in wanted):
+                raise InvalidArgument(f"host port {_port_text(port)} is published twice")
             wanted.append(port)
         if not wanted:
             return []
-        owners = dict(self._claimed_ports)
+        me = f"{namespace}/{container_id}"
+        owners = list(self._claimed_ports.items())
         for attached in self._all():
+            owner = f"{attached.namespace}/{attached.container_id}"
+            if owner == me:  # its own earlier attachment (being released): not a clash
+                continue
             for attachment in attached.attachments[:1]:  # ports go with the first network
                 for m in attachment.capability_args.get("portMappings") or []:
-                    key = f"{attached.namespace}/{attached.container_id}"
-                    owners[(str(m.get("protocol")), int(m.get("hostPort") or 0))] = key
+                    other = (
+                        str(m.get("protocol")),
+                        int(m.get("hostPort") or 0),
+                        str(m.get("hostIP") or ""),
+                    )
+                    owners.append((other, owner))
         for port in wanted:
-            if port in owners:
-                raise AlreadyExists(
-                    f"host port {port[1]}/{port[0]} is already published by {owners[port]}"
-                )
-        for m in mappings:
-            _check_port_free(str(m["protocol"]), int(m["hostPort"]), str(m.get("hostIP") or ""))
+            for other, owner in owners:
+                if _ports_clash(port, other):
+                    raise AlreadyExists(
+                        f"host port {_port_text(port)} is already published by {owner}"
+                    )
+        for protocol, number, host_ip in wanted:
+            _check_port_free(protocol, number, host_ip)
         for port in wanted:
-            self._claimed_ports[port] = f"{namespace}/{container_id}"
+            self._claimed_ports[port] = me
         return wanted
 
     async def _attach(
@@ -631,7 +658,9 @@ class NetworkService:
         try:
             await self.attach(namespace, container_id, names, ports, ips)
         except AlreadyExists:
-            pass  # attached meanwhile
+            if not os.path.exists(self._record_path(namespace, container_id)):
+                raise  # a port another container publishes: the task cannot have it
+            # else attached meanwhile
 
     async def detach(self, namespace: str, container_id: str) -> bool:
         """DEL every network and unpin the namespace; False if there was nothing. A

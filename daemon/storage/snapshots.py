@@ -291,7 +291,13 @@ class _MetadataSnapshotter(Snapshotter):
             "SELECT key FROM snapshots WHERE substr(key, 1, ?) = ? ORDER BY id",
             (len(prefix), prefix),
         ).fetchall()
-        return [self._row(r[0]) for r in rows]
+        found = []
+        for (key,) in rows:
+            try:
+                found.append(self._row(key))
+            except NotFound:  # removed since the first query (a walk takes no lock)
+                continue
+        return found
 
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind").fetchall()
