@@ -322,7 +322,10 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
         # The shim writes the exit file right after it reaps: killing it in between would
         # test that window, not the full disk.
         exit_file = Path(small, "state", "tasks", d.namespace, "c42", "exit", "init.json")
-        wait_until(lambda: b'"status": 42' in exit_file.read_bytes(), what="the exit file")
+        wait_until(  # reaped first, then written: the file may not be there yet
+            lambda: exit_file.exists() and b'"status": 42' in exit_file.read_bytes(),
+            what="the exit file",
+        )
         kill(shim)
         wait_until(lambda: is_gone(shim), what="the shim to die")
         filler.unlink()

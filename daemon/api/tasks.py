@@ -58,13 +58,15 @@ class TaskApi:
     def _unless_removed(self, fn: TypedHandler) -> TypedHandler:
         """The handler, answering not found for the task of a container being removed
         (`run --rm` was told it is gone; berthd deletes the task itself)."""
-        removals = self.removals
-        if removals is None:
-            return fn
 
         async def handler(ctx: CallContext, p: Any) -> Any:
             container_id = getattr(p, "container_id", "")
-            if container_id and removals.hidden(ctx.namespace, container_id):
+            removals = self.removals
+            if (
+                container_id
+                and removals is not None
+                and removals.hidden(ctx.namespace, container_id)
+            ):
                 raise NotFound(f"task {container_id} not found")
             return await fn(ctx, p)
 

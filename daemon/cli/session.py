@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 RECONNECT_INTERVAL = 0.1
+CONNECT_GRACE = 1.0  # seconds a missing or refusing socket is tried again
 HANDOVER_RETRY = 0.02  # seconds between repeats of a call a handing-over daemon refused
 
 
@@ -39,13 +40,22 @@ class Session:
         return self._client
 
     def connect(self) -> Client:
-        try:
-            return Client(
-                self.address, namespace=self.namespace, timeout=self.timeout, peer_name="berth"
-            )
-        except Unavailable as exc:
-            hint = " (is berthd running?)" if str(exc).startswith("cannot connect") else ""
-            raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
+        """A connection; a socket that is missing or refuses (a berthd restarting: an old
+        release removes its socket as it stops, before its successor binds one) is tried
+        again for up to CONNECT_GRACE, as containerd's client dials again."""
+        deadline = time.monotonic() + min(CONNECT_GRACE, self.timeout)
+        while True:
+            try:
+                return Client(
+                    self.address, namespace=self.namespace, timeout=self.timeout, peer_name="berth"
+                )
+            except Unavailable as exc:
+                absent = str(exc).startswith("cannot connect")
+                if absent and time.monotonic() < deadline:
+                    time.sleep(RECONNECT_INTERVAL / 5)
+                    continue
+                hint = " (is berthd running?)" if absent else ""
+                raise CliError(f"cannot reach berthd at {self.address}: {exc}{hint}") from None
 
     def call(self, method: str, params: dict[str, Any] | None = None, **meta: Any) -> Any:
         """One call. A call the daemon answered Reconnect was not carried out (it is
