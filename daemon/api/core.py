@@ -276,12 +276,7 @@ class Api:
         if self.removals.hidden(namespace, p.id):
             # Being removed (or a removal that failed): a delete waits for it, or tries it
             # again, and answers as the delete of a container that was there.
-            await self.recovered.wait()
-            await self.removals.run((namespace, p.id), self.removal_of(namespace, p.id))
-            if self.removals.hidden(namespace, p.id):
-                raise FailedPrecondition(
-                    f"container {p.id} is still being removed (see berthd's log)"
-                )
+            await self._settle_removal(namespace, p.id)
             return {}
         container = self.store.get_container(namespace, p.id)
         if self.tasks.has_task(namespace, p.id):
@@ -325,9 +320,10 @@ class Api:
         self.exchange.publish(namespace, "/containers/delete", {"id": container_id})
 
     async def _settle_removal(self, namespace: str, container_id: str) -> None:
-        """Before a create: a removal of that ID under way is waited for; one that failed
-        (or that a previous daemon left) is carried out now, once tasks are recovered (its
-        task must be known to be deleted with it). The ID is free only once it succeeded."""
+        """Before a create or a delete: a removal of that ID under way is waited for; one
+        that failed (or that a previous daemon left) is carried out now, once tasks are
+        recovered (its task must be known to be deleted with it). The ID is free only once
+        it succeeded."""
         await self.removals.settled(namespace, container_id)
         if self.removals.hidden(namespace, container_id):
             await self.recovered.wait()
