@@ -11,7 +11,7 @@ import msgspec
 from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
 from berth.daemon.metadata import check_labels
-from berth.daemon.network.cni import Network
+from berth.daemon.network.cni import Network, subnets
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
 from berth.daemon.removals import Removals
@@ -25,6 +25,7 @@ def _network_doc(network: Network) -> dict[str, Any]:
         "source": network.source or "berthd's default",
         "managed": network.managed,
         "labels": network.labels,
+        "subnets": [str(subnet) for subnet in subnets(network)],
     }
 
 

@@ -111,7 +111,8 @@ GLOBAL_OPTIONS = {
 
 
 class PlainArguments:
-    """What argparse would have made of `[global options] VERB` (see _plain)."""
+    """What argparse would have made of `[global options] VERB` (see _plain); with no
+    options given, the global options' defaults (build_parser takes them from here)."""
 
     def __init__(self, verb: str) -> None:
         self.verb = verb
@@ -148,7 +149,7 @@ def _words(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv) and len(words) < 2:
         arg = argv[i]
-        if not words and arg in ("--address", "-a", "--namespace", "-n", "--timeout"):
+        if not words and arg in GLOBAL_OPTIONS:
             i += 2
             continue
         if arg.startswith("-"):
@@ -174,6 +175,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     import argparse
 
     formatter = _formatter()
+    defaults = PlainArguments("")
     words = _words(argv) if argv is not None else []
     verb = NAMES.get(words[0]) if words else None
     sub = words[1] if len(words) > 1 else None
@@ -187,19 +189,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--address",
         "-a",
-        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
+        default=defaults.address,
         help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--namespace",
         "-n",
-        default=os.environ.get("BERTH_NAMESPACE", "default"),
+        default=defaults.namespace,
         help="namespace (env BERTH_NAMESPACE; default 'default')",
     )
     parser.add_argument(
         "--timeout",
         type=float,
-        default=float(os.environ.get("BERTH_TIMEOUT", DEFAULT_TIMEOUT)),
+        default=defaults.timeout,
         metavar="SECONDS",
         help="how long a call may wait for berthd before it gives up (env BERTH_TIMEOUT; "
         f"default {DEFAULT_TIMEOUT:g}); waits, events and transfers have no deadline but "

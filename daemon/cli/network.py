@@ -45,8 +45,13 @@ def ls(session: Session, args: argparse.Namespace) -> int:
         args,
         networks,
         "name",
-        ["NAME", "PLUGINS", "SOURCE"],
-        lambda n: [n["name"], ",".join(p["type"] for p in n["plugins"]), n["source"]],
+        ["NAME", "PLUGINS", "SUBNETS", "SOURCE"],
+        lambda n: [
+            n["name"],
+            ",".join(p["type"] for p in n["plugins"]),
+            ",".join(n.get("subnets") or []),
+            n["source"],
+        ],
     )
     return 0
 
@@ -79,14 +84,7 @@ def create(session: Session, args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise CliError(f"--config {args.config}: {exc}") from None
     made = session.call("networks.create", params)
-    subnets = [
-        r["subnet"]
-        for p in made["plugins"]
-        for rs in (p.get("ipam") or {}).get("ranges") or []
-        for r in rs
-        if "subnet" in r
-    ]
-    print(f"{made['name']}\t{','.join(subnets)}\t{made['source']}")
+    print(f"{made['name']}\t{','.join(made['subnets'])}\t{made['source']}")
     return 0
 
 

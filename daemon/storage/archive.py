@@ -79,12 +79,12 @@ class ApplyResult:
     skipped: list[str] = field(default_factory=list)
 
 
-class HashingReader(io.RawIOBase):
-    """Counts and hashes every byte read through it (the layer's diff ID)."""
+class TappedReader(io.RawIOBase):
+    """A reader that shows every chunk read through it to `seen` (which subclasses
+    define) and counts the bytes (`size`)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
-        self.hash = hashlib.sha256()
         self.size = 0
 
     def readable(self) -> bool:
@@ -94,9 +94,23 @@ class HashingReader(io.RawIOBase):
         data = self._raw.read(len(buffer))
         n = len(data)
         buffer[:n] = data
-        self.hash.update(data)
         self.size += n
+        self.seen(data)
         return n
+
+    def seen(self, data: bytes) -> None:
+        """Each chunk, once read."""
+
+
+class HashingReader(TappedReader):
+    """Counts and hashes every byte read through it (the layer's diff ID)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(raw)
+        self.hash = hashlib.sha256()
+
+    def seen(self, data: bytes) -> None:
+        self.hash.update(data)
 
     def drain(self) -> None:
         while self.read(CHUNK):

@@ -32,6 +32,7 @@ from berth.daemon.documents import load_json
 from berth.daemon.metadata import validate_image_name
 from berth.daemon.reference import normalize
 from berth.daemon.storage import images
+from berth.daemon.storage.archive import TappedReader
 from berth.daemon.storage.content import Writer, validate_digest
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import GC_REF_CONTENT, MAX_ARCHIVE_DOCUMENT, Storage
@@ -65,25 +66,16 @@ class Reporter:
         )
 
 
-class _Counting(io.RawIOBase):
+class _Counting(TappedReader):
     """A reader that reports how far it has been read (a blob copied into the store or
     into an archive)."""
 
     def __init__(self, raw: IO[bytes], report: Callable[[int], None]) -> None:
-        self._raw = raw
+        super().__init__(raw)
         self._report = report
-        self.offset = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.offset += n
-        self._report(self.offset)
-        return n
+    def seen(self, data: bytes) -> None:
+        self._report(self.size)
 
 
 class _IngestSink:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import _socket  # what socket.py wraps: a client needs no more (socket.py costs 2-3 ms)
 import os
+import struct
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
 if TYPE_CHECKING:
     import socket
 
 SUN_PATH_MAX = 107
+_UCRED = struct.Struct("3i")
 
 
 class short_path:  # lower case: used like the context manager function it replaced
@@ -108,9 +110,6 @@ def connect_unix(path: str, timeout: float | None = None) -> _socket.socket:
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer, from SO_PEERCRED (set by the kernel at connect)."""
-    import struct
-
-    ucred = struct.Struct("3i")
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, ucred.size)
-    pid, uid, gid = ucred.unpack(raw)
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
