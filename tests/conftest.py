@@ -8,10 +8,12 @@ root those are skipped, so `pytest -m "not container"` runs the rest as any user
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,6 +43,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("container") is not None and os.geteuid() != 0:
         pytest.skip("needs root and an OCI runtime (scripts/test runs it as root)")
+
+
+LOG_TAIL_LINES = 120
+STACK_LINES = 1500
+
+
+def _log_holders(value: Any) -> Iterator[Any]:
+    """The daemons (berthd, dockerd, ...) a fixture value holds: anything with `logs`."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(getattr(item, "logs", None), list):
+            yield item
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the tail of every log its daemons wrote (berthd's
+    stream includes berth-grpc's), since a CI machine keeps nothing else."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    paths: list[str] = []
+    for value in getattr(item, "funcargs", {}).values():
+        for holder in _log_holders(value):
+            paths.extend(holder.logs)
+            directory = getattr(holder, "dir", None)
+            if isinstance(directory, str):
+                paths.extend(sorted(glob.glob(os.path.join(directory, "*.log"))))
+                # dockerd's goroutines, if a hung command asked for them (SIGUSR1)
+                stacks = os.path.join(directory, "**", "goroutine-stacks-*.log")
+                paths.extend(sorted(glob.glob(stacks, recursive=True)))
+    for path in dict.fromkeys(paths):
+        keep = STACK_LINES if "goroutine-stacks-" in path else LOG_TAIL_LINES
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()[-keep:]
+        except OSError:
+            continue
+        report.sections.append((f"log tail: {path}", "\n".join(lines)))
 
 
 def _require_root_and_runc() -> None:

@@ -4,6 +4,7 @@ berth-grpc -> berthd -> shim -> runc, on a real container."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -338,3 +339,24 @@ def test_berth_grpc_replaced_under_docker_and_ctr_calls(engine: tuple[Daemon, Do
     finally:
         # This test started it, so it stops it (berthd's supervisor then starts its own).
         stop_child(new)
+
+
+def test_a_hung_call_can_be_diagnosed(engine: tuple[Daemon, Dockerd]) -> None:
+    """SIGUSR1 makes berth-grpc log every task's stack, as containerd dumps its goroutines
+    (dockerd's event subscription shows as a waiting Subscribe handler); the tests send it
+    when a docker command hangs, so that a failure's report says what waited on what."""
+    daemon, dockerd = engine
+    wait_until(  # (an earlier test may have left berthd starting a new one)
+        lambda: any(f"(pid {pid})\n" in daemon.log_text() for pid in frontend_pids(daemon)),
+        timeout=30,
+        what="berth-grpc to serve",
+    )
+
+    def dumped_subscription() -> bool:
+        dockerd.dump_stacks()  # (dockerd subscribes again once a new berth-grpc serves)
+        return "Events/Subscribe" in daemon.log_text().split("SIGUSR1:")[-1]
+
+    wait_until(dumped_subscription, timeout=30, interval=1.0, what="a dump with Subscribe")
+    stacks = glob.glob(os.path.join(dockerd.dir, "**", "goroutine-stacks-*.log"), recursive=True)
+    assert stacks, "dockerd wrote no goroutine dump"
+    assert dockerd.docker("version", timeout=30).returncode == 0  # both still serve

@@ -453,3 +453,44 @@ def _syscall(tid: int | None) -> str:
             return f.read().split()[0]
     except (OSError, IndexError):
         return ""
+
+
+def _leave_many(state_dir: str, keys: list[str]) -> None:
+    from berth.daemon.grpc.handoff import Cursor, Handoff
+
+    handoff = Handoff(state_dir)
+    for n, key in enumerate(keys):
+        handoff.leave(key, Cursor("epoch", n))
+    os._exit(0)
+
+
+def test_subscription_handoff_loses_nothing_between_processes(tmp_path: Any) -> None:
+    """A replaced berth-grpc leaves cursors while its successor takes others from the same
+    file: no entry may be lost to the other process's read-modify-write (a lost cursor is
+    a lost exit for dockerd)."""
+    from berth.daemon.grpc.handoff import Cursor, Handoff
+
+    state = str(tmp_path)
+    taker = Handoff(state)
+    for n in range(100):
+        taker.leave(f"taken-{n}", Cursor())  # entries this process takes back below
+    children = []
+    for name in ("a", "b"):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _leave_many(state, [f"{name}-{n}" for n in range(60)])
+            finally:
+                os._exit(1)
+        children.append(pid)
+    taken = 0
+    try:
+        for n in range(100):  # meanwhile, this process takes its own
+            cursor = taker.take(f"taken-{n}")
+            taken += cursor.since is not None
+    finally:
+        statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert statuses == [0, 0]
+    assert taken == 100
+    left = {entry["key"] for entry in taker._read()}
+    assert left == {f"{name}-{n}" for name in "ab" for n in range(60)}

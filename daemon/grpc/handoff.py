@@ -14,10 +14,13 @@ event lost, none repeated. Entries live a minute; each is taken once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +61,14 @@ class Handoff:
     def take(self, key: str) -> Cursor:
         """The cursor a predecessor left for a subscription like this one (taken once),
         or a fresh one."""
-        entries = self._read()
-        for index, entry in enumerate(entries):
-            if entry.get("key") == key:
-                del entries[index]
-                self._write(entries)
-                log.info("a subscription resumes where the previous berth-grpc left it")
-                return Cursor(entry.get("epoch"), entry.get("seq"), entry.get("since"))
+        with self._locked():
+            entries = self._read()
+            for index, entry in enumerate(entries):
+                if entry.get("key") == key:
+                    del entries[index]
+                    self._write(entries)
+                    log.info("a subscription resumes where the previous berth-grpc left it")
+                    return Cursor(entry.get("epoch"), entry.get("seq"), entry.get("since"))
         return Cursor()
 
     def leave(self, key: str, cursor: Cursor) -> None:
@@ -77,7 +81,28 @@ class Handoff:
             entry.update(epoch=cursor.epoch, seq=cursor.seq)
         else:
             entry["since"] = cursor.since if cursor.since is not None else time.time_ns()
-        self._write([*self._read(), entry][-MAX_ENTRIES:])
+        with self._locked():
+            self._write([*self._read(), entry][-MAX_ENTRIES:])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The file is read, changed and written by two processes at once (the one
+        replaced leaves entries while its successor takes them): one at a time, or an
+        entry written in between is lost."""
+        if not self.path:
+            yield
+            return
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("cannot lock the subscriptions file: %s", exc)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a write of one small file
+            yield
+        finally:
+            os.close(fd)
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.path:

@@ -128,6 +128,8 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # as containerd dumps its goroutines; first, since SIGUSR1 unhandled would kill
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
     import grpc
 
     from berth.daemon.grpc import convert as containerd_api
@@ -198,6 +200,26 @@ async def serve(args: argparse.Namespace) -> None:
     for path, identity in ours.items():
         if _identity(path) == identity:  # never a successor's socket
             os.unlink(path)
+
+
+def dump_tasks() -> None:
+    """Log the stack of every task of this process (SIGUSR1): what a hung call waits on."""
+    tasks = asyncio.all_tasks()
+    lines = []
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        lines.append(f"task {task.get_name()}:")
+        awaiting: Any = task.get_coro()
+        for _ in range(20):  # down the chain of awaits (get_stack shows only the top)
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            if frame is None:
+                lines.append(f"    {awaiting!r}")
+                break
+            code = frame.f_code  # (grpc's own coroutines may lack a line number)
+            lines.append(f"    {code.co_filename}:{frame.f_lineno or 0} in {code.co_name}")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+            if awaiting is None:
+                break
+    log.warning("SIGUSR1: %d tasks\n%s", len(tasks), "\n".join(lines))
 
 
 async def _listen(

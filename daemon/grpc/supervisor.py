@@ -90,6 +90,7 @@ async def supervise(config: Config, recovered: trio.Event, stays: Callable[[], b
     try:
         while True:
             current = recorded(config)
+            began = trio.current_time()
             if (
                 current
                 and current.version == __version__
@@ -98,15 +99,20 @@ async def supervise(config: Config, recovered: trio.Event, stays: Callable[[], b
             ):
                 log.info("gRPC front end pid %d serves %s: adopted", current.pid, current.address)
                 await wait_for_death(current.pid)
-                log.warning("gRPC front end (pid %d) exited; restarting", current.pid)
             else:
-                started = trio.current_time()
                 current = await _start(config, current)
                 if current is not None:
                     await wait_for_death(current.pid)
-                    log.warning("gRPC front end (pid %d) exited; restarting", current.pid)
-                if trio.current_time() - started > 60:
-                    backoff = 0.5
+            successor = recorded(config)
+            if current is not None and successor is not None and successor.pid != current.pid:
+                # Replaced (a berth-grpc of another version took the socket over, and
+                # recorded itself before it stopped this one): adopt it at once.
+                log.info("gRPC front end pid %d replaced by pid %d", current.pid, successor.pid)
+                continue
+            if current is not None:
+                log.warning("gRPC front end (pid %d) exited; restarting", current.pid)
+            if trio.current_time() - began > 60:
+                backoff = 0.5  # it served a while: a crash now is not a broken install
             await trio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
     finally:

@@ -15,8 +15,11 @@ installation's state.
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +96,21 @@ def _answers(path: str) -> bool:
 def wait_grpc(daemon: Daemon, timeout: float = 30) -> None:
     """Until berth-grpc accepts connections (started by this berthd: its socket is new)."""
     wait_until(lambda: _answers(grpc_address(daemon)), timeout=timeout, what="berth-grpc to listen")
+
+
+def _runs(pid: int, program: bytes) -> bool:
+    try:
+        return pid > 0 and program in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def recorded_frontend(daemon: Daemon) -> list[int]:
+    """The berth-grpc the state dir records as serving (a test may have started it)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(Path(daemon.state, "grpc.json").read_text())
+        return [int(doc["pid"])]
+    return []
 
 
 def frontend_pids(daemon: Daemon) -> list[int]:
@@ -192,11 +210,37 @@ class Dockerd(Reaped):
         wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
 
     def docker(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run(
-            [DOCKER, "-H", f"unix://{self.host}", *args],
-            timeout=timeout,
-            env=dict(os.environ, DOCKER_CONFIG=os.path.join(self.dir, "cli")),
+        try:
+            return run(
+                [DOCKER, "-H", f"unix://{self.host}", *args],
+                timeout=timeout,
+                env=dict(os.environ, DOCKER_CONFIG=os.path.join(self.dir, "cli")),
+            )
+        except subprocess.TimeoutExpired:
+            self.dump_stacks()
+            raise
+
+    def dump_stacks(self) -> None:
+        """A docker command hung: dockerd writes its goroutines to a file and each
+        berth-grpc its tasks to its log (both on SIGUSR1), for the failure's report."""
+        pids = {*frontend_pids(self.daemon), *recorded_frontend(self.daemon)}
+        # SIGUSR1 kills a process that does not handle it: only these two programs, and
+        # a berth-grpc only once it serves (it handles the signal from before then)
+        logs = self.daemon.log_text() + "".join(
+            Path(p).read_text(errors="replace")
+            for p in glob.glob(os.path.join(self.daemon.dir, "*.log"))
         )
+        pids = {
+            pid
+            for pid in pids
+            if _runs(pid, b"berth.daemon.grpc.main") and f"(pid {pid})\n" in logs
+        }
+        if _runs(self.pid, DOCKERD.encode()):
+            pids.add(self.pid)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(1.0)
 
     def ok(self, *args: str, timeout: float = 60) -> str:
         result = self.docker(*args, timeout=timeout)
