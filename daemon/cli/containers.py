@@ -3,10 +3,10 @@ also how a container is created from the command line, which `berth run` shares.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 
+from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.output import add_listing, print_json, print_listing
 from berth.daemon.cli.session import CliError
 from berth.daemon.cli.subverbs import SubVerbs
@@ -15,6 +15,7 @@ from berth.shim.wire.errors import BerthError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
     from berth.daemon.cli.session import Session
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     container_options(p)
     p.add_argument(
         "args",
-        nargs=argparse.REMAINDER,
+        nargs=REMAINDER,
         help="IMAGE ID [CMD...] (ID [CMD...] with --rootfs or --busybox)",
     )
     add_listing(add("ls"))

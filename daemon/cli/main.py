@@ -142,6 +142,41 @@ def _plain(argv: list[str]) -> PlainArguments | None:
     return args
 
 
+# Commands read without argparse (daemon/cli/fastargs.py): verb -> the one sub-verb of it
+# that is (None: the verb has none). Those a benchmark measures: run, and exec.
+FAST_COMMANDS: dict[str, str | None] = {"run": None, "tasks": "exec"}
+
+
+def _fast(argv: list[str]) -> object | None:
+    """The arguments of a hot command, read by fastargs from the same add_argument calls
+    argparse would get; None for any other command or any line fastargs does not follow
+    (argparse then parses it, and reports what is wrong)."""
+    words = _words(argv)
+    verb = NAMES.get(words[0]) if words else None
+    if verb is None or verb not in FAST_COMMANDS:
+        return None
+    wanted = FAST_COMMANDS[verb]
+    if wanted is not None and words[1:2] != [wanted]:
+        return None
+    from berth.daemon.cli import fastargs
+
+    top = fastargs.Recorder()
+    defaults = PlainArguments("")  # the global options, as build_parser declares them
+    top.add_argument("--address", "-a", default=defaults.address)
+    top.add_argument("--namespace", "-n", default=defaults.namespace)
+    top.add_argument("--timeout", type=float, default=defaults.timeout)
+    commands = top.add_subparsers(dest="verb", required=True)
+    try:
+        _module(verb).add_arguments(
+            commands.add_parser(verb, aliases=list(VERBS[verb][0])),  # type: ignore[arg-type]
+            wanted,
+        )
+    except fastargs.Unsupported:
+        return None
+    values: dict[str, object] = {}
+    return fastargs.Namespace(values) if fastargs.parse(top, argv, values) else None
+
+
 def _words(argv: list[str]) -> list[str]:
     """The command words (verb, sub-verb), found without a parser (global options take
     one value; the first word after an option-like token ends the search)."""
@@ -247,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     plain = _plain(argv)
     # A PlainArguments stands in for the Namespace (the attributes a verb without
     # arguments reads), so that argparse is not imported for it.
-    args: argparse.Namespace = plain or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
+    # So does fastargs' Namespace for the hot commands.
+    args: argparse.Namespace = plain or _fast(argv) or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
     # Only now: the help and usage errors (argparse exits for them) need no connection.
     from berth.daemon.cli.session import CliError, Session
     from berth.shim.wire.errors import BerthError

@@ -3,16 +3,17 @@ status ours) or detached (-d: logged by its shim), and with --rm delete it after
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 from berth.daemon.cli.containers import container_options, create_container, positionals
+from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.io import run_attached, terminal_size
 from berth.daemon.cli.session import CliError
 from berth.shim.wire.errors import BerthError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
     from berth.daemon.cli.session import Session
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     )
     parser.add_argument(
         "args",
-        nargs=argparse.REMAINDER,
+        nargs=REMAINDER,
         help="IMAGE ID [CMD...] (ID [CMD...] with --rootfs or --busybox)",
     )
 

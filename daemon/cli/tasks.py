@@ -4,12 +4,12 @@ that attach (start, exec), so `tasks ls` does not load it."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 
+from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.output import add_format, add_listing, print_json, print_listing, print_table
 from berth.daemon.cli.session import CliError
 from berth.daemon.cli.subverbs import SubVerbs
@@ -18,6 +18,8 @@ from berth.shim.wire.errors import BerthError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    import argparse
+
     from berth.daemon.cli.session import Session
 
 TASKS = SubVerbs("t_cmd")
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     p.add_argument("--env", action="append", default=[])
     p.add_argument("--cwd")
     p.add_argument("id")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("command", nargs=REMAINDER)
     add("attach").add_argument("id")
     add("pause").add_argument("id")
     add("resume").add_argument("id")

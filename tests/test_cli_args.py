@@ -1,0 +1,118 @@
+"""The CLI's argparse-free reading of its hot commands (daemon/cli/fastargs.py) against
+argparse itself: wherever fastargs reads a line, argparse reads it the same; where it
+does not, argparse does (and may refuse it)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from berth.daemon.cli import fastargs
+from berth.daemon.cli.main import _fast, build_parser
+
+
+def _argparse(argv: list[str]) -> dict[str, object] | None:
+    """What argparse makes of `argv`; None if it refuses it (or prints help)."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return vars(build_parser(argv).parse_args(argv))
+        except SystemExit:
+            return None
+
+
+def _both(argv: list[str]) -> tuple[dict[str, object] | None, dict[str, object] | None]:
+    fast = _fast(argv)
+    return (vars(fast) if fast is not None else None), _argparse(argv)
+
+
+COMMON = [
+    ["run", "--rm", "--busybox", "r1", "/bin/true"],
+    ["-a", "/tmp/s.sock", "run", "-d", "--busybox", "web", "httpd", "-f", "-p", "80"],
+    ["run", "--rm", "-t", "--env", "A=1", "--env", "B=2", "--busybox", "x", "sh", "-c", "echo"],
+    ["--namespace", "n1", "--timeout", "5", "run", "--net", "blue", "-p", "8080:80", "img", "x"],
+    ["run", "--log-max-size", "1024", "--log-max-files", "3", "--rootfs", "/r", "x", "true"],
+    ["run", "--busybox", "x"],
+    ["tasks", "exec", "--exec-id", "e1", "x1", "/bin/true"],
+    ["t", "exec", "--exec-id", "e1", "-t", "-d", "--cwd", "/", "x1", "sh", "-c", "ls -l"],
+    ["-n", "moby", "tasks", "exec", "--env", "A=1", "--exec-id", "e2", "x1", "ls", "-l"],
+    ["tasks", "exec", "--exec-id", "e1", "x1"],
+]
+
+
+def test_the_common_lines_are_read_without_argparse_and_as_argparse_reads_them() -> None:
+    for argv in COMMON:
+        fast, slow = _both(argv)
+        assert fast is not None, argv
+        assert fast == slow, argv
+
+
+def test_what_fastargs_does_not_follow_is_left_to_argparse() -> None:
+    for argv in (
+        ["run", "--help"],
+        ["run", "--bus", "x", "true"],  # an abbreviation: argparse takes it
+        ["run", "-dt", "--busybox", "x", "true"],  # bundled flags
+        ["run", "--env=A=1", "--busybox", "x", "true"],
+        ["run", "--log-max-size", "big", "x"],  # not a number: argparse says so
+        ["tasks", "exec", "x1", "true"],  # --exec-id missing: argparse says so
+        ["tasks", "ls"],  # not a hot command
+        ["--version"],
+        ["run", "--env"],
+        ["tasks", "exec", "--exec-id", "e", "x1", "--", "ls"],  # argparse drops the --
+    ):
+        assert _fast(argv) is None, argv
+
+
+def test_the_remainder_is_argparses() -> None:
+    assert fastargs.REMAINDER == argparse.REMAINDER
+
+
+WORDS = st.sampled_from(
+    [
+        "run", "tasks", "t", "exec", "ls", "x1", "/bin/true", "sh", "-c", "A=1", "5", "-5",
+        "--rm", "-d", "--detach", "-t", "--tty", "--busybox", "--bus", "--env", "--env=A=1",
+        "--exec-id", "--cwd", "--net", "-p", "--publish", "--ip", "--log-max-size",
+        "--log-max-files", "--rootfs", "--label", "--mount", "--user", "-u", "--read-only",
+        "--runtime", "--snapshotter", "-a", "--address", "-n", "--timeout", "--", "-",
+        "-h", "-dt", "--log", "--unknown", "",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    prefix=st.lists(WORDS, max_size=3),
+    verb=st.sampled_from([["run"], ["tasks", "exec"], ["t", "exec"]]),
+    rest=st.lists(WORDS, max_size=8),
+)
+def test_fastargs_reads_every_line_as_argparse_does(
+    prefix: list[str], verb: list[str], rest: list[str]
+) -> None:
+    argv = [*prefix, *verb, *rest]
+    fast, slow = _both(argv)
+    if fast is not None:
+        assert fast == slow, argv
+
+
+def test_lines_of_the_usual_shape_take_the_fast_path_and_read_as_argparse_reads_them() -> None:
+    """Lines built the way people write them (seeded, so the same every run): most take
+    the fast path, and each that does reads as argparse reads it."""
+    rng = random.Random(1315)
+    values = ["x", "A=1", "blue", "8080:80", "/work", "5", "k=v", "run", "exec"]
+    fast_lines = 0
+    for _ in range(300):
+        argv = rng.choice([[], ["-a", "/s"], ["-n", "ns", "--timeout", "7"]])
+        argv += rng.choice([["run", "--busybox"], ["tasks", "exec", "--exec-id", "e"]])
+        argv += rng.sample(["--rm", "-d", "-t", "--log", "--read-only"], rng.randint(0, 3))
+        for _ in range(rng.randint(0, 3)):
+            argv += [rng.choice(["--env", "--cwd", "--net", "-p", "--label"]), rng.choice(values)]
+        argv += ["x1", *rng.choices([*values, "-c", "-l", "--rm"], k=rng.randint(0, 4))]
+        fast, slow = _both(argv)
+        if fast is not None:
+            fast_lines += 1
+            assert fast == slow, argv
+    assert fast_lines >= 150, fast_lines
