@@ -116,3 +116,19 @@ def test_lines_of_the_usual_shape_take_the_fast_path_and_read_as_argparse_reads_
             fast_lines += 1
             assert fast == slow, argv
     assert fast_lines >= 150, fast_lines
+
+
+def test_a_declaration_fastargs_does_not_know_makes_it_step_aside() -> None:
+    """A verb that one day declares more than fastargs reads (choices, nargs='+', another
+    action) is parsed by argparse again, not misread."""
+    for names, options in (
+        (("--level",), {"choices": ["a", "b"]}),
+        (("ids",), {"nargs": "+"}),
+        (("--all",), {"action": "store_const", "const": 1}),
+        (("--n",), {"action": "count"}),
+    ):
+        try:
+            fastargs.Recorder().add_argument(*names, **options)
+        except fastargs.Unsupported:
+            continue
+        raise AssertionError(f"{names} {options} was taken")

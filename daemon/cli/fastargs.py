@@ -56,31 +56,29 @@ class Recorder:
         self.sub_dest: str | None = None
         self.subs: dict[str, Recorder] = {}
 
-    def add_argument(
-        self,
-        *names: str,
-        action: str = "store",
-        default: Any = None,
-        type: Callable[[str], Any] | None = None,
-        nargs: Any = None,
-        required: bool = False,
-        dest: str | None = None,
-        metavar: Any = None,
-        help: str | None = None,
-    ) -> None:
-        del metavar, help
-        if action not in ("store", "store_true", "append") or nargs not in (None, REMAINDER):
-            raise Unsupported(f"{names}: {action} {nargs}")
+    def add_argument(self, *names: str, **options: Any) -> None:
+        action = options.pop("action", "store")
+        default = options.pop("default", None)
+        kind = options.pop("type", None)
+        nargs = options.pop("nargs", None)
+        required = options.pop("required", False)
+        dest = options.pop("dest", None)
+        options.pop("metavar", None)
+        options.pop("help", None)
+        if options or action not in ("store", "store_true", "append"):
+            raise Unsupported(f"{names}: {action} {sorted(options)}")
+        if nargs not in (None, REMAINDER):
+            raise Unsupported(f"{names}: nargs {nargs!r}")
         if names[0].startswith("-"):
             long = [n for n in names if n.startswith("--")]
             name = dest or (long[0] if long else names[0]).lstrip("-").replace("-", "_")
             if action == "store_true":
                 default = False if default is None else default
-            argument = Argument(name, action, default, type, None, required)
+            argument = Argument(name, action, default, kind, None, required)
             for option in names:
                 self.options[option] = argument
         else:
-            if action != "store" or type is not None or dest is not None:
+            if action != "store" or kind is not None or dest is not None:
                 raise Unsupported(f"positional {names}")
             argument = Argument(names[0], action, default, None, nargs, nargs != REMAINDER)
             self.positionals.append(argument)
