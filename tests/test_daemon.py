@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -91,6 +92,34 @@ def test_terminal_run(daemon: Daemon) -> None:
     )
     assert code == 5, out
     assert b"/dev/pts/0" in out and b"33 101" in out, out
+
+
+def test_signals_to_an_attached_run_reach_the_container(daemon: Daemon) -> None:
+    """`berth run` (attached) passes SIGTERM, SIGINT and SIGHUP on to the container's
+    process and exits with its status."""
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    for number, signo in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+        script = f'trap "exit {70 + number}" {signo.name[3:]}; echo ready; '
+        script += "while true; do sleep 0.1; done"
+        cli = subprocess.Popen(
+            [BERTH, "run", "--busybox", "--rm", f"c-sig{number}", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert cli.stdout is not None
+            assert cli.stdout.readline() == b"ready\n"
+            cli.send_signal(signo)
+            assert cli.wait(timeout=30) == 70 + number, cli.stderr.read() if cli.stderr else ""
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+            for stream in (cli.stdout, cli.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 def test_exec_into_a_running_container(daemon: Daemon) -> None:

@@ -3,12 +3,11 @@ also how a container is created from the command line, which `berth run` shares.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.output import add_listing, print_json, print_listing
-from berth.daemon.cli.session import CliError
+from berth.daemon.cli.session import CliError, suppress
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.shim.wire.errors import BerthError
@@ -192,7 +191,7 @@ def _create(session: Session, args: argparse.Namespace, doc: dict[str, Any]) -> 
         session.call("containers.create", doc)
     except BaseException:
         if attached:
-            with contextlib.suppress(BerthError):
+            with suppress(BerthError):
                 session.call("attachments.delete", {"container_id": doc["id"]})
         raise
 
@@ -288,7 +287,7 @@ def create_container(session: Session, args: argparse.Namespace, container_id: s
             doc["spec"] = spec
             _create(session, args, doc)
         finally:
-            with contextlib.suppress(BerthError):
+            with suppress(BerthError):
                 session.call("leases.delete", {"id": lease})
         return
     spec = _spec_for(args, container_id, session.namespace)

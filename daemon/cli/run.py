@@ -3,12 +3,10 @@ status ours) or detached (-d: logged by its shim), and with --rm delete it after
 
 from __future__ import annotations
 
-import contextlib
-
 from berth.daemon.cli.containers import container_options, create_container, positionals
 from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.io import run_attached, terminal_size
-from berth.daemon.cli.session import CliError
+from berth.daemon.cli.session import CliError, suppress
 from berth.shim.wire.errors import BerthError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
@@ -94,7 +92,7 @@ def run(session: Session, args: argparse.Namespace) -> int:
 
 def _remove(session: Session, container_id: str) -> None:
     """--rm: the task and the container go, whatever the run's outcome."""
-    with contextlib.suppress(BerthError, CliError):
+    with suppress(BerthError, CliError):
         session.call_retrying("tasks.delete", {"container_id": container_id, "force": True})
-    with contextlib.suppress(BerthError, CliError):
+    with suppress(BerthError, CliError):
         session.call("containers.delete", {"id": container_id})

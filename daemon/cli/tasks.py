@@ -4,14 +4,13 @@ that attach (start, exec), so `tasks ls` does not load it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 
 from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.output import add_format, add_listing, print_json, print_listing, print_table
-from berth.daemon.cli.session import CliError
+from berth.daemon.cli.session import CliError, suppress
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.shim.wire.errors import BerthError
@@ -230,7 +229,7 @@ def wait(session: Session, args: argparse.Namespace) -> int:
 def rm(session: Session, args: argparse.Namespace) -> int:
     for cid in args.ids:
         if args.force:
-            with contextlib.suppress(BerthError):
+            with suppress(BerthError):
                 session.call("tasks.kill", {"container_id": cid, "signal": 9, "all": True})
         result = session.call("tasks.delete", {"container_id": cid, "force": args.force})
         print(f"{cid} {result['exit_status']}")
