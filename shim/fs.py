@@ -228,10 +228,12 @@ def open_regular(path: str, *, dir_fd: int, resolve: int) -> int | None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Replace `path` with `data` durably: written to `path.tmp`, fsynced, renamed over
     `path`, and the directory fsynced. After any crash a reader sees the old file or the
-    whole new one, never a part.
+    whole new one, never a part. With `durable=False`, no fsync: still all or nothing for
+    any process that crashes, but a machine that loses power may lose the file (for what
+    a machine crash makes worthless anyway, such as a bundle whose container died with it).
 
     `path.tmp` may already exist, preallocated by `reserve()`: it is overwritten in place
     (no O_TRUNC), so a reserved write needs no free space (an exit status must reach the
@@ -245,11 +247,13 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
             offset += os.pwrite(fd, view[offset:], offset)
         os.ftruncate(fd, len(data))
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 def reserve(path: str, size: int = 4096, mode: int = 0o600) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -494,3 +495,26 @@ def test_subscription_handoff_loses_nothing_between_processes(tmp_path: Any) -> 
     assert taken == 100
     left = {entry["key"] for entry in taker._read()}
     assert left == {f"{name}-{n}" for name in "ab" for n in range(60)}
+
+
+def test_the_embedded_rootfs_is_rebuilt_when_busybox_changes(tmp_path: Any) -> None:
+    """The busybox digest is remembered per file (device, inode, size, mtime): a start
+    does not hash the binary again, and a changed or replaced binary is seen."""
+    import shutil
+
+    from berth.daemon.tasks import rootfs
+
+    busybox = rootfs.find_busybox()
+    assert busybox is not None, "busybox-static is installed by scripts/setup"
+    copy = str(tmp_path / "busybox")
+    shutil.copy2(busybox, copy)
+    dest = str(tmp_path / "rootfs")
+    marker = os.path.join(dest, rootfs.MARKER)
+    rootfs.build_busybox_rootfs(dest, copy)
+    first = Path(marker).read_text()
+    rootfs.build_busybox_rootfs(dest, copy)
+    assert Path(marker).read_text() == first  # unchanged: not rebuilt
+    with open(copy, "ab") as f:
+        f.write(b"\0")  # an upgraded busybox (a binary that runs the same)
+    rootfs.build_busybox_rootfs(dest, copy)
+    assert Path(marker).read_text() != first
