@@ -5,8 +5,6 @@ Trio-free: the CLI builds specs with this module too.
 
 from __future__ import annotations
 
-import copy
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
 if TYPE_CHECKING:
     from typing import Any
@@ -99,6 +97,16 @@ _MOUNTS: list[dict[str, Any]] = [
 ]
 
 
+def _plain_copy(value: Any) -> Any:
+    """A deep copy of decoded JSON (dicts, lists, scalars): what copy.deepcopy does here,
+    without importing copy and weakref into every `berth tasks exec` (~0.9 ms)."""
+    if isinstance(value, dict):
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_copy(item) for item in value]
+    return value
+
+
 def default_spec(
     container_id: str,
     namespace: str,
@@ -131,7 +139,7 @@ def default_spec(
         },
         "root": {"path": root, "readonly": readonly_root},
         "hostname": hostname if hostname is not None else container_id[:63],
-        "mounts": copy.deepcopy(_MOUNTS),
+        "mounts": _plain_copy(_MOUNTS),
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "cgroupsPath": f"/berth/{namespace}/{container_id}",
@@ -167,7 +175,7 @@ def exec_process(
     cwd: str | None = None,
 ) -> dict[str, Any]:
     """An exec's OCI process, inheriting user, env, caps and limits from the container's."""
-    base = copy.deepcopy(spec.get("process") or {})
+    base: dict[str, Any] = _plain_copy(spec.get("process") or {})
     base["args"] = list(args)
     base["terminal"] = terminal
     if env:

@@ -518,3 +518,20 @@ def test_the_embedded_rootfs_is_rebuilt_when_busybox_changes(tmp_path: Any) -> N
         f.write(b"\0")  # an upgraded busybox (a binary that runs the same)
     rootfs.build_busybox_rootfs(dest, copy)
     assert Path(marker).read_text() != first
+
+
+def test_an_exec_process_shares_nothing_with_the_container_spec() -> None:
+    """exec_process copies the container's process (deeply, without the copy module): the
+    exec's changes never reach the container's spec, nor one exec's another's."""
+    from berth.daemon.oci import default_spec, exec_process
+
+    spec = default_spec("c1", "default", ["sleep", "1"])
+    before = repr(spec)
+    one = exec_process(spec, ["sh"], env=["A=1"], cwd="/tmp")
+    one["env"].append("B=2")
+    one["capabilities"]["bounding"].append("CAP_SYS_ADMIN")
+    one["rlimits"].clear()
+    assert repr(spec) == before
+    two = exec_process(spec, ["true"])
+    assert two["env"] == spec["process"]["env"] and "B=2" not in two["env"]
+    assert two["args"] == ["true"] and spec["process"]["args"] == ["sleep", "1"]
