@@ -132,3 +132,18 @@ def test_a_declaration_fastargs_does_not_know_makes_it_step_aside() -> None:
         except fastargs.Unsupported:
             continue
         raise AssertionError(f"{names} {options} was taken")
+
+
+def test_a_repeated_option_adds_to_a_copy_of_its_default_as_argparse_does() -> None:
+    recorder = fastargs.Recorder()
+    recorder.add_argument("--tag", action="append", default=["base"])
+    recorder.add_argument("rest", nargs=fastargs.REMAINDER)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tag", action="append", default=["base"])
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    for argv in (["--tag", "a", "--tag", "b", "x"], ["x", "--tag", "c"], []):
+        values: dict[str, object] = {}
+        assert fastargs.parse(recorder, argv, values)
+        assert values == vars(parser.parse_args(argv)), argv
+    fresh: dict[str, object] = {}
+    assert fastargs.parse(recorder, [], fresh) and fresh["tag"] == ["base"]

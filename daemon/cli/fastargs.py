@@ -123,8 +123,8 @@ def parse(recorder: Recorder, words: list[str], into: dict[str, Any]) -> bool:
                 value = argument.kind(value)
             except (TypeError, ValueError):
                 return False
-        if argument.action == "append":
-            given.setdefault(argument.dest, []).append(value)
+        if argument.action == "append":  # (onto a copy of the default, as argparse)
+            given.setdefault(argument.dest, list(argument.default or [])).append(value)
         else:
             given[argument.dest] = value
         i += 2
