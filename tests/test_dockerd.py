@@ -252,7 +252,12 @@ class Loop:
 
     def _run(self, command: Callable[[int], subprocess.CompletedProcess[str]]) -> None:
         while not self._stop.is_set():
-            result = command(self.runs)
+            try:
+                result = command(self.runs)
+            except subprocess.TimeoutExpired as exc:  # a hung command is a failure too
+                self.runs += 1
+                self.failures.append(f"{exc.cmd[3:]}: hung for {exc.timeout} s")
+                continue
             self.runs += 1
             if result.returncode != 0:
                 self.failures.append(f"{result.args[3:]}: {result.stderr.strip()}")
