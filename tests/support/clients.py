@@ -15,7 +15,6 @@ installation's state.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -222,18 +221,11 @@ class Dockerd(Reaped):
 
     def dump_stacks(self) -> None:
         """A docker command hung: dockerd writes its goroutines to a file and each
-        berth-grpc its tasks to its log (both on SIGUSR1), for the failure's report."""
-        pids = {*frontend_pids(self.daemon), *recorded_frontend(self.daemon)}
-        # SIGUSR1 kills a process that does not handle it: only these two programs, and
-        # a berth-grpc only once it serves (it handles the signal from before then)
-        logs = self.daemon.log_text() + "".join(
-            Path(p).read_text(errors="replace")
-            for p in glob.glob(os.path.join(self.daemon.dir, "*.log"))
-        )
+        the berth-grpc serving its tasks to its log (both on SIGUSR1), for the report."""
+        # SIGUSR1 kills a process that does not handle it: only these two programs. A
+        # berth-grpc handles it before it records itself as the one serving.
         pids = {
-            pid
-            for pid in pids
-            if _runs(pid, b"berth.daemon.grpc.main") and f"(pid {pid})\n" in logs
+            pid for pid in recorded_frontend(self.daemon) if _runs(pid, b"berth.daemon.grpc.main")
         }
         if _runs(self.pid, DOCKERD.encode()):
             pids.add(self.pid)
