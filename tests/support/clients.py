@@ -220,7 +220,7 @@ class Dockerd(Reaped):
             raise
 
     def dump_stacks(self) -> None:
-        """A docker command hung: dockerd writes its goroutines to a file and each
+        """A docker command hung: dockerd writes its goroutines to a file and
         the berth-grpc serving its tasks to its log (both on SIGUSR1), for the report."""
         # SIGUSR1 kills a process that does not handle it: only these two programs. A
         # berth-grpc handles it before it records itself as the one serving.
