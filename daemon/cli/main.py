@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from typing import Protocol
 
     from berth.daemon.cli.session import Session
+    from berth.daemon.cli.subverbs import Arguments
 
     class Verb(Protocol):
         """What a verb's module provides (berth.daemon.cli.VERB)."""
@@ -142,6 +143,33 @@ def _plain(argv: list[str]) -> PlainArguments | None:
     return args
 
 
+def _global_options(parser: Arguments) -> None:
+    """The options before the verb (their defaults from the environment: PlainArguments),
+    declared once for argparse and for fastargs."""
+    defaults = PlainArguments("")
+    parser.add_argument(
+        "--address",
+        "-a",
+        default=defaults.address,
+        help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        default=defaults.namespace,
+        help="namespace (env BERTH_NAMESPACE; default 'default')",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        metavar="SECONDS",
+        help="how long a call may wait for berthd before it gives up (env BERTH_TIMEOUT; "
+        f"default {DEFAULT_TIMEOUT:g}); waits, events and transfers have no deadline but "
+        "notice a daemon that stops answering",
+    )
+
+
 # Commands read without argparse (daemon/cli/fastargs.py): verb -> the one sub-verb of it
 # that is (None: the verb has none). Those a benchmark measures: run, and exec.
 FAST_COMMANDS: dict[str, str | None] = {"run": None, "tasks": "exec"}
@@ -161,10 +189,7 @@ def _fast(argv: list[str]) -> object | None:
     from berth.daemon.cli import fastargs
 
     top = fastargs.Recorder()
-    defaults = PlainArguments("")  # the global options, as build_parser declares them
-    top.add_argument("--address", "-a", default=defaults.address)
-    top.add_argument("--namespace", "-n", default=defaults.namespace)
-    top.add_argument("--timeout", type=float, default=defaults.timeout)
+    _global_options(top)  # (--version and --help are left to argparse)
     commands = top.add_subparsers(dest="verb", required=True)
     try:
         _module(verb).add_arguments(
@@ -210,7 +235,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     import argparse
 
     formatter = _formatter()
-    defaults = PlainArguments("")
     words = _words(argv) if argv is not None else []
     verb = NAMES.get(words[0]) if words else None
     sub = words[1] if len(words) > 1 else None
@@ -221,27 +245,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"berth {_version()}")
-    parser.add_argument(
-        "--address",
-        "-a",
-        default=defaults.address,
-        help=f"berthd socket (env BERTH_ADDRESS; default {DEFAULT_ADDRESS})",
-    )
-    parser.add_argument(
-        "--namespace",
-        "-n",
-        default=defaults.namespace,
-        help="namespace (env BERTH_NAMESPACE; default 'default')",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=defaults.timeout,
-        metavar="SECONDS",
-        help="how long a call may wait for berthd before it gives up (env BERTH_TIMEOUT; "
-        f"default {DEFAULT_TIMEOUT:g}); waits, events and transfers have no deadline but "
-        "notice a daemon that stops answering",
-    )
+    _global_options(parser)
     commands = parser.add_subparsers(dest="verb", required=True)
     for name, (aliases, help_line, _) in VERBS.items():
         if verb is not None and name != verb:
