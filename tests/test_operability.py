@@ -314,6 +314,7 @@ def test_completion_costs_a_normal_start_nothing() -> None:
     verbs = {name for name in imported if name.startswith("berth.daemon.cli.")}
     assert verbs == {
         "berth.daemon.cli.main",
+        "berth.daemon.cli.fastargs",  # (the reader of the line, not a verb)
         "berth.daemon.cli.version",
         "berth.daemon.cli.session",
     }, verbs
@@ -323,14 +324,14 @@ def test_completion_costs_a_normal_start_nothing() -> None:
 
 
 def test_argument_less_verbs_are_parsed_without_argparse(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`berth [global options] version|gc` is read by hand, as argparse would read it;
-    anything else (or anything unusual) is left to argparse."""
+    """`berth [global options] version|gc` is read by fastargs, as argparse would read
+    it; anything else (or anything unusual) is left to argparse."""
     from berth.daemon.cli import main
 
     monkeypatch.setenv("BERTH_ADDRESS", "/env.sock")
     monkeypatch.setenv("BERTH_NAMESPACE", "envns")
     monkeypatch.delenv("BERTH_TIMEOUT", raising=False)
-    args = main._plain(["version"])
+    args = main._fast(["version"])
     assert args is not None
     assert (args.verb, args.address, args.namespace, args.timeout) == (
         "version",
@@ -338,7 +339,7 @@ def test_argument_less_verbs_are_parsed_without_argparse(monkeypatch: pytest.Mon
         "envns",
         main.DEFAULT_TIMEOUT,
     )
-    args = main._plain(["-a", "/a.sock", "-n", "x", "--timeout", "2.5", "gc"])
+    args = main._fast(["-a", "/a.sock", "-n", "x", "--timeout", "2.5", "gc"])
     assert args is not None
     assert (args.verb, args.address, args.namespace, args.timeout) == ("gc", "/a.sock", "x", 2.5)
     for argv in (
@@ -353,10 +354,10 @@ def test_argument_less_verbs_are_parsed_without_argparse(monkeypatch: pytest.Mon
         ["-x", "version"],
         ["--namespace", "version"],
     ):
-        assert main._plain(argv) is None, argv
+        assert main._fast(argv) is None, argv
     # both ways give a verb the same arguments
     parsed = main.build_parser(["-n", "x", "version"]).parse_args(["-n", "x", "version"])
-    plain = main._plain(["-n", "x", "version"])
+    plain = main._fast(["-n", "x", "version"])
     assert plain is not None
     assert {k: getattr(parsed, k) for k in ("verb", "address", "namespace", "timeout")} == {
         k: getattr(plain, k) for k in ("verb", "address", "namespace", "timeout")

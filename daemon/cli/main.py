@@ -99,54 +99,23 @@ def _formatter() -> type[argparse.HelpFormatter]:
     return Formatter
 
 
-# Verbs that take no argument: `berth [global options] VERB` runs them without argparse
-# (its import and a parser cost ~7 ms of a ~25 ms start: `berth version` is the figure).
-PLAIN_VERBS = frozenset({"version", "gc"})
-GLOBAL_OPTIONS = {
-    "--address": "address",
-    "-a": "address",
-    "--namespace": "namespace",
-    "-n": "namespace",
-    "--timeout": "timeout",
-}
+# The options before the verb, by name (_words skips their values).
+GLOBAL_OPTIONS = frozenset({"--address", "-a", "--namespace", "-n", "--timeout"})
 
 
-class PlainArguments:
-    """What argparse would have made of `[global options] VERB` (see _plain); with no
-    options given, the global options' defaults (build_parser takes them from here)."""
+class Defaults:
+    """The global options' defaults, from the environment."""
 
-    def __init__(self, verb: str) -> None:
-        self.verb = verb
+    def __init__(self) -> None:
         self.address = os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS)
         self.namespace = os.environ.get("BERTH_NAMESPACE", "default")
         self.timeout = float(os.environ.get("BERTH_TIMEOUT", DEFAULT_TIMEOUT))
 
 
-def _plain(argv: list[str]) -> PlainArguments | None:
-    """The arguments of an argument-less verb, when `argv` is exactly global options
-    (`-a X`, `--timeout X`: each with its value as the next word) and that verb; None for
-    anything else (argparse then parses it, and reports what is wrong)."""
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(argv) - 1 and argv[i] in GLOBAL_OPTIONS:
-        values[GLOBAL_OPTIONS[argv[i]]] = argv[i + 1]
-        i += 2
-    if i != len(argv) - 1 or argv[i] not in PLAIN_VERBS:
-        return None
-    try:
-        args = PlainArguments(argv[i])
-        args.timeout = float(values.get("timeout", args.timeout))
-    except ValueError:
-        return None
-    args.address = values.get("address", args.address)
-    args.namespace = values.get("namespace", args.namespace)
-    return args
-
-
 def _global_options(parser: Arguments) -> None:
-    """The options before the verb (their defaults from the environment: PlainArguments),
-    declared once for argparse and for fastargs."""
-    defaults = PlainArguments("")
+    """The options before the verb (their defaults from the environment), declared once
+    for argparse and for fastargs."""
+    defaults = Defaults()
     parser.add_argument(
         "--address",
         "-a",
@@ -171,8 +140,9 @@ def _global_options(parser: Arguments) -> None:
 
 
 # Commands read without argparse (daemon/cli/fastargs.py): verb -> the one sub-verb of it
-# that is (None: the verb has none). Those a benchmark measures: run, and exec.
-FAST_COMMANDS: dict[str, str | None] = {"run": None, "tasks": "exec"}
+# that is (None: the verb has none). Those a benchmark measures: version and gc (argparse
+# and a parser were ~7 ms of a ~25 ms `berth version`), run, and exec.
+FAST_COMMANDS: dict[str, str | None] = {"version": None, "gc": None, "run": None, "tasks": "exec"}
 
 
 def _fast(argv: list[str]) -> object | None:
@@ -283,11 +253,8 @@ def _ensure_std_fds() -> None:
 def main(argv: list[str] | None = None) -> int:
     _ensure_std_fds()
     argv = sys.argv[1:] if argv is None else argv
-    plain = _plain(argv)
-    # A PlainArguments stands in for the Namespace (the attributes a verb without
-    # arguments reads), so that argparse is not imported for it.
-    # So does fastargs' Namespace for the hot commands.
-    args: argparse.Namespace = plain or _fast(argv) or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
+    # fastargs' Namespace stands in for argparse's for the hot commands (no argparse)
+    args: argparse.Namespace = _fast(argv) or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
     # Only now: the help and usage errors (argparse exits for them) need no connection.
     from berth.daemon.cli.session import CliError, Session
     from berth.shim.wire.errors import BerthError
