@@ -130,9 +130,14 @@ def test_images_rm(ctr: Ctr) -> None:
 
 
 def test_grpc_front_end_is_a_separate_process(ctr: Ctr) -> None:
-    """berth-grpc holds grpcio; berthd itself never imports it."""
+    """berth-grpc holds protobuf (and serves gRPC with h2, without grpcio, on one thread);
+    berthd itself loads neither."""
     maps = Path(f"/proc/{ctr.daemon.pid}/maps").read_text()
     assert "grpc" not in maps
+    assert "_upb" not in maps
     fronts = frontend_pids(ctr.daemon)
     assert len(fronts) == 1
-    assert "cygrpc" in Path(f"/proc/{fronts[0]}/maps").read_text()
+    front_maps = Path(f"/proc/{fronts[0]}/maps").read_text()
+    assert "_upb" in front_maps  # protobuf's C module: the messages are decoded here
+    assert "cygrpc" not in front_maps
+    assert os.listdir(f"/proc/{fronts[0]}/task") == [str(fronts[0])]  # single-threaded

@@ -8,10 +8,10 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.calls import StatusCode
 from berth.daemon.grpc.services import (
     SERVICES,
     Backend,
@@ -19,7 +19,7 @@ from berth.daemon.grpc.services import (
     Service,
     bind,
     descriptors,
-    generic_handlers,
+    routes,
 )
 from berth.daemon.grpc.services.tasks import Tasks
 
@@ -157,23 +157,26 @@ def test_handlers_answer_as_their_descriptor_says() -> None:
         assert set(table) == {method.name for method in descriptor.methods}
         for method in descriptor.methods:
             handler = table[method.name]
-            assert handler.request_streaming == method.client_streaming
-            assert handler.response_streaming == method.server_streaming
+            assert handler.client_streaming == method.client_streaming
+            assert handler.server_streaming == method.server_streaming
 
 
-def test_generic_handlers_bind_every_service() -> None:
-    handlers = generic_handlers(Backend("/nonexistent/berthd.sock"))
-    assert len(handlers) == len(BOUND)
+def test_routes_bind_every_method_of_every_service() -> None:
+    table = routes(Backend("/nonexistent/berthd.sock"))
+    assert {service for service, _ in table} == set(BOUND)
+    for descriptor, _ in descriptors():
+        for method in descriptor.methods:
+            assert (descriptor.full_name, method.name) in table
 
 
 def test_unimplemented_methods_answer_unimplemented() -> None:
     async def ask(handler: Any) -> tuple[Any, str]:
         with pytest.raises(_Aborted) as info:
-            if handler.unary_stream is not None:
-                async for _ in handler.unary_stream(None, _Context()):
+            if handler.server_streaming:
+                async for _ in handler.handler(None, _Context()):
                     pass
             else:
-                await handler.unary_unary(None, _Context())
+                await handler.handler(None, _Context())
         code, details = info.value.args
         return code, details
 
@@ -181,7 +184,7 @@ def test_unimplemented_methods_answer_unimplemented() -> None:
         table = bind(descriptor, service)
         for name in service.UNIMPLEMENTED:
             code, details = asyncio.run(ask(table[name]))
-            assert code == grpc.StatusCode.UNIMPLEMENTED
+            assert code == StatusCode.UNIMPLEMENTED
             assert details == f"{descriptor.full_name}/{name} is not implemented by berth"
 
 

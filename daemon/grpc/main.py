@@ -3,10 +3,10 @@
     berth-grpc --address /run/berth/containerd.sock --berthd /run/berth/berthd.sock \
                --state /run/berth
 
-berthd starts it when `[grpc] address` is configured. It is separate because grpcio is a
-large, threaded library: kept out of berthd, berthd stays small and single-threaded, and
-its cost is visible on its own line in the benchmark. It holds no state: every call is
-translated to berthd's API.
+berthd starts it when `[grpc] address` is configured. It is separate so that protobuf and
+containerd's message stubs stay out of berthd, and its cost is visible on its own line in
+the benchmark. It speaks gRPC with h2 on asyncio (h2server), single-threaded. It holds
+no state: every call is translated to berthd's API.
 
 It outlives berthd's own restarts and upgrades, so that dockerd and ctr never see the
 containerd socket go: berthd records it in `<state>/grpc.json`, and the berthd that
@@ -23,9 +23,9 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__" and "ssl" not in sys.modules:
-    # berth-grpc only ever serves and calls UNIX sockets, and grpc carries its own TLS
-    # (BoringSSL, built in). Python's ssl module, which asyncio imports for TLS it never
-    # does here, maps libssl and libcrypto: 4 MiB of this process's private memory.
+    # berth-grpc only ever serves and calls UNIX sockets, in clear. Python's ssl module,
+    # which asyncio imports for TLS it never does here, maps libssl and libcrypto: 4 MiB
+    # of this process's private memory.
     sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` -> ImportError
 
 import argparse
@@ -41,8 +41,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("berth.grpc")
-
-MAX_MESSAGE = 32 * 1024 * 1024
 
 
 ORPHAN_TIMEOUT = 60.0  # seconds without any berthd before this front end exits
@@ -130,10 +128,9 @@ def _identity(path: str) -> tuple[int, int] | None:
 async def serve(args: argparse.Namespace) -> None:
     # as containerd dumps its goroutines; first, since SIGUSR1 unhandled would kill
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
-    import grpc
-
     from berth.daemon.grpc import convert as containerd_api
-    from berth.daemon.grpc.services import Backend, generic_handlers
+    from berth.daemon.grpc.h2server import Server as GrpcServer
+    from berth.daemon.grpc.services import Backend, routes
 
     containerd_api.types()  # fail now, with a clear message, if the stubs are missing
     backend = Backend(args.berthd, args.state)
@@ -142,30 +139,20 @@ async def serve(args: argparse.Namespace) -> None:
         server_uuid = (await backend.call("introspection.server", {})).get("uuid", "")
     except Exception as exc:  # berthd may still be starting: the uuid is cosmetic
         log.warning("berthd not answering yet: %s", exc)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
-    )
-    server.add_generic_rpc_handlers(generic_handlers(backend, server_uuid))
+    table = routes(backend, server_uuid)  # one table: both sockets answer alike
+    server = GrpcServer(table)
     os.makedirs(os.path.dirname(args.address), exist_ok=True)
     predecessor = _predecessor(args)
     _check_replaceable(args.address, predecessor)
     if args.ttrpc_address:
         _check_replaceable(args.ttrpc_address, predecessor)
 
-    async def grpc_listen(path: str) -> None:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-
-    ours = {args.address: await _listen(args, args.address, grpc_listen)}
+    ours = {args.address: await _listen(args, args.address, server.listen)}
     ttrpc_server = None
     if args.ttrpc_address:
-        from berth.daemon.grpc.services import ttrpc_routes
-        from berth.daemon.grpc.ttrpc import Server
+        from berth.daemon.grpc.ttrpc import Server as TtrpcServer
 
-        ttrpc_server = Server(ttrpc_routes(backend, server_uuid))
+        ttrpc_server = TtrpcServer(table)
         ours[args.ttrpc_address] = await _listen(args, args.ttrpc_address, ttrpc_server.listen)
         log.info("ttrpc on %s", args.ttrpc_address)
     _record(args)
@@ -183,15 +170,13 @@ async def serve(args: argparse.Namespace) -> None:
     watch.cancel()
     if _identity(args.address) != ours[args.address]:
         # Replaced: the path names the successor's socket now, but a client may have
-        # connected to this one just before the rename and not yet sent its call; grpc
-        # cancels a call that arrives once the server stops. Serve on a moment first.
+        # connected to this one just before the rename and not yet sent its call (a
+        # stopping server refuses new calls). Serve on a moment first.
         log.info("replaced: serving calls already on their way for %.1f s", REPLACED_LINGER)
         await asyncio.sleep(REPLACED_LINGER)
     log.info("stopping")
     backend.handoff.closing.set()  # subscriptions end, to resume with the successor
     await asyncio.sleep(0)
-    # grpc logs every stream it cancels at stop (open Subscribe calls) as an error.
-    logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
     stopping = [server.stop(grace=5.0)]  # calls in flight finish (a successor serves new ones)
     if ttrpc_server is not None:
         stopping.append(ttrpc_server.stop(grace=5.0))

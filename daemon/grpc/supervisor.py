@@ -82,7 +82,7 @@ async def supervise(config: Config, recovered: trio.Event, stays: Callable[[], b
     """Keep one berth-grpc of this version serving for as long as this task lives; stop it
     when the task ends, unless `stays()` (a handover: the successor adopts it). A crash is
     followed by a restart after a growing pause (a broken install must not spin). It starts
-    once recovery is done: its interpreter start-up (grpcio is a large import) would
+    once recovery is done: its interpreter start-up (protobuf and the stubs) would
     compete with reattaching to the shims, and task calls wait for recovery anyway."""
     await recovered.wait()
     backoff = 0.5

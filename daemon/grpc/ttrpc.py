@@ -22,10 +22,9 @@ import contextlib
 import logging
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
+from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
 
 log = logging.getLogger("berth.grpc.ttrpc")
 
@@ -135,35 +134,6 @@ def messages() -> _Messages:
 # -- serving -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Route:
-    """One method as the gRPC binding has it: its messages and its handler."""
-
-    request_cls: Any
-    response_cls: Any
-    handler: Any  # (request, context) -> awaitable response
-    streaming: bool  # either side streams: not served over ttrpc 1.1
-
-
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-class _Context:
-    """What the gRPC handlers use of grpcio's servicer context."""
-
-    def __init__(self, metadata: list[tuple[str, str]]) -> None:
-        self._metadata = metadata
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return self._metadata
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _Aborted(code, details)
-
-
 def _metadata(request: Any) -> list[tuple[str, str]]:
     """The request's metadata as gRPC headers (ttrpc's namespace key included)."""
     out = []
@@ -178,53 +148,53 @@ def _metadata(request: Any) -> list[tuple[str, str]]:
 async def answer(routes: dict[tuple[str, str], Route], raw: bytes) -> bytes:
     """One request's payload in, its response's payload out (never an exception)."""
     m = messages()
-    code, details, payload = grpc.StatusCode.OK, "", b""
+    code, details, payload = StatusCode.OK, "", b""
     try:
         request = m.Request.FromString(raw)
     except Exception as exc:  # google.protobuf.message.DecodeError
-        code, details = grpc.StatusCode.INVALID_ARGUMENT, f"malformed ttrpc request: {exc}"
+        code, details = StatusCode.INVALID_ARGUMENT, f"malformed ttrpc request: {exc}"
         request = None
     if request is not None:
         route = routes.get((request.service, request.method))
         if route is None:
-            code = grpc.StatusCode.UNIMPLEMENTED
+            code = StatusCode.UNIMPLEMENTED
             details = f"{request.service}/{request.method} is not served here"
         elif route.streaming:
-            code = grpc.StatusCode.UNIMPLEMENTED
+            code = StatusCode.UNIMPLEMENTED
             details = f"{request.service}/{request.method} streams: use the gRPC socket"
         else:
             code, details, payload = await _call(route, request)
     if len(payload) > MAX_MESSAGE - 1024:  # a Go ttrpc client refuses larger messages
         code, details = (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            StatusCode.RESOURCE_EXHAUSTED,
             (f"response of {len(payload)} bytes exceeds ttrpc's {MAX_MESSAGE}: use gRPC"),
         )
         payload = b""
-    status = m.Status(code=code.value[0], message=details)
+    status = m.Status(code=int(code), message=details)
     return bytes(m.Response(status=status, payload=payload).SerializeToString())
 
 
-async def _call(route: Route, request: Any) -> tuple[grpc.StatusCode, str, bytes]:
+async def _call(route: Route, request: Any) -> tuple[StatusCode, str, bytes]:
     try:
         message = route.request_cls.FromString(request.payload)
     except Exception as exc:  # DecodeError
         return (
-            grpc.StatusCode.INVALID_ARGUMENT,
+            StatusCode.INVALID_ARGUMENT,
             f"malformed {route.request_cls.__name__}: {exc}",
             b"",
         )
-    context = _Context(_metadata(request))
+    context = Context(_metadata(request))
     timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
     try:
         reply = await asyncio.wait_for(route.handler(message, context), timeout)
-        return grpc.StatusCode.OK, "", reply.SerializeToString()
-    except _Aborted as aborted:
+        return StatusCode.OK, "", reply.SerializeToString()
+    except Aborted as aborted:
         return aborted.code, aborted.details, b""
     except TimeoutError:
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b""
+        return StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b""
     except Exception as exc:  # a bug of this front end: answered, logged, never silent
         log.exception("ttrpc %s/%s failed", request.service, request.method)
-        return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b""
+        return StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", b""
 
 
 class Server:

@@ -15,10 +15,10 @@ import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from google.protobuf import message_factory
 
 from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.calls import Route, StatusCode
 from berth.daemon.grpc.services.base import Backend, Handler, Service
 from berth.daemon.grpc.services.containers import Containers
 from berth.daemon.grpc.services.content import Content
@@ -32,7 +32,6 @@ from berth.daemon.grpc.services.namespaces import Namespaces
 from berth.daemon.grpc.services.snapshots import Snapshots
 from berth.daemon.grpc.services.tasks import Tasks
 from berth.daemon.grpc.services.version import Version
-from berth.daemon.grpc.ttrpc import Route
 
 __all__ = [
     "SERVICES",
@@ -41,8 +40,7 @@ __all__ = [
     "Service",
     "bind",
     "descriptors",
-    "generic_handlers",
-    "ttrpc_routes",
+    "routes",
 ]
 
 SERVICES: dict[str, tuple[str, type[Service]]] = {
@@ -78,12 +76,10 @@ def descriptors() -> list[tuple[Any, type[Service]]]:
     return found
 
 
-def bind(descriptor: Any, service: Service) -> dict[str, Any]:
-    """containerd's method name -> its grpcio method handler, for one service; a
-    `BindingError` if the service's tables and the descriptor disagree."""
-    return {
-        method.name: _method_handler(method, fn) for method, fn in _checked(descriptor, service)
-    }
+def bind(descriptor: Any, service: Service) -> dict[str, Route]:
+    """containerd's method name -> its route, for one service; a `BindingError` if the
+    service's tables and the descriptor disagree."""
+    return {method.name: _route(method, fn) for method, fn in _checked(descriptor, service)}
 
 
 def _checked(descriptor: Any, service: Service) -> list[tuple[Any, Handler]]:
@@ -111,28 +107,14 @@ def _checked(descriptor: Any, service: Service) -> list[tuple[Any, Handler]]:
     return table
 
 
-def generic_handlers(backend: Backend, server_uuid: str = "") -> list[Any]:
-    """One generic handler per containerd service (and grpc.health.v1.Health)."""
-    return [
-        grpc.method_handlers_generic_handler(
-            descriptor.full_name, bind(descriptor, cls(backend, server_uuid))
-        )
-        for descriptor, cls in descriptors()
-    ]
-
-
-def ttrpc_routes(backend: Backend, server_uuid: str = "") -> dict[tuple[str, str], Route]:
-    """(service, method) -> its route, for the ttrpc socket: the same handlers as gRPC's."""
-    routes = {}
+def routes(backend: Backend, server_uuid: str = "") -> dict[tuple[str, str], Route]:
+    """(service, method) -> its route, for every service: what both the gRPC socket and
+    the ttrpc socket serve, so they answer alike."""
+    table = {}
     for descriptor, cls in descriptors():
-        for method, fn in _checked(descriptor, cls(backend, server_uuid)):
-            routes[(descriptor.full_name, method.name)] = Route(
-                request_cls=message_factory.GetMessageClass(method.input_type),
-                response_cls=message_factory.GetMessageClass(method.output_type),
-                handler=fn,
-                streaming=method.client_streaming or method.server_streaming,
-            )
-    return routes
+        for name, route in bind(descriptor, cls(backend, server_uuid)).items():
+            table[(descriptor.full_name, name)] = route
+    return table
 
 
 def _unimplemented(service: str, method: str, streaming_response: bool) -> Handler:
@@ -141,28 +123,21 @@ def _unimplemented(service: str, method: str, streaming_response: bool) -> Handl
     if streaming_response:
 
         async def stream_handler(request: Any, context: Any) -> AsyncIterator[Any]:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            await context.abort(StatusCode.UNIMPLEMENTED, message)
             yield None  # pragma: no cover - abort raises
 
         return stream_handler
 
     async def handler(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        await context.abort(StatusCode.UNIMPLEMENTED, message)
 
     return handler
 
 
-def _method_handler(method: Any, fn: Handler) -> Any:
-    request_cls = message_factory.GetMessageClass(method.input_type)
-    response_cls = message_factory.GetMessageClass(method.output_type)
-    kwargs = {
-        "request_deserializer": request_cls.FromString,
-        "response_serializer": response_cls.SerializeToString,
-    }
-    if method.client_streaming and method.server_streaming:
-        return grpc.stream_stream_rpc_method_handler(fn, **kwargs)
-    if method.client_streaming:
-        return grpc.stream_unary_rpc_method_handler(fn, **kwargs)
-    if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(fn, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(fn, **kwargs)
+def _route(method: Any, fn: Handler) -> Route:
+    return Route(
+        request_cls=message_factory.GetMessageClass(method.input_type),
+        handler=fn,
+        client_streaming=method.client_streaming,
+        server_streaming=method.server_streaming,
+    )

@@ -14,11 +14,10 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-import grpc
-
 from berth.daemon import logs
 from berth.daemon.filters import parse_filters
 from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.calls import StatusCode
 from berth.daemon.grpc.client import AsyncClient
 from berth.daemon.grpc.handoff import Cursor, Handoff
 from berth.daemon.paging import all_pages_async
@@ -38,27 +37,27 @@ MAX_SHARED_IN_FLIGHT = 100  # berthd serves 128 per connection
 LIST_BATCH = 100
 
 CODES = {
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
-    "canceled": grpc.StatusCode.CANCELLED,
-    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-    "internal": grpc.StatusCode.INTERNAL,
+    "not_found": StatusCode.NOT_FOUND,
+    "already_exists": StatusCode.ALREADY_EXISTS,
+    "invalid_argument": StatusCode.INVALID_ARGUMENT,
+    "failed_precondition": StatusCode.FAILED_PRECONDITION,
+    "unavailable": StatusCode.UNAVAILABLE,
+    "unimplemented": StatusCode.UNIMPLEMENTED,
+    "canceled": StatusCode.CANCELLED,
+    "deadline_exceeded": StatusCode.DEADLINE_EXCEEDED,
+    "permission_denied": StatusCode.PERMISSION_DENIED,
+    "internal": StatusCode.INTERNAL,
 }
 
-# What grpcio calls: (request, or the iterator of requests; its servicer context) -> a
-# coroutine, or an async iterator of responses.
+# What a transport calls (calls.Route): (request, or the iterator of requests; its
+# calls.Context) -> a coroutine, or an async iterator of responses.
 Handler = Callable[[Any, Any], Any]
 
 S = TypeVar("S", bound="Service")
 
 
-def grpc_code(exc: BerthError) -> Any:
-    return CODES.get(exc.code, grpc.StatusCode.UNKNOWN)
+def grpc_code(exc: BerthError) -> StatusCode:
+    return CODES.get(exc.code, StatusCode.UNKNOWN)
 
 
 class Backend:

@@ -12,9 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
 from berth.daemon.grpc import convert as capi
+from berth.daemon.grpc.calls import StatusCode
 from berth.daemon.grpc.client import AsyncClient
 from berth.daemon.grpc.services.base import (
     LIST_BATCH,
@@ -132,7 +131,7 @@ class Content(Service):
                 if int(req.action) == COMMIT:
                     return
         except _OutOfRange as exc:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, exc.message)
+            await context.abort(StatusCode.OUT_OF_RANGE, exc.message)
         except BerthError as exc:
             await abort_with(context, exc)
         finally:

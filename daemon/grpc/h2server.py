@@ -1,0 +1,504 @@
+"""gRPC over HTTP/2 on a UNIX socket, served with `h2` (python-hyper's sans-IO HTTP/2) on
+asyncio: what berth-grpc answers containerd's clients with, in place of grpcio.
+
+grpcio was most of berth-grpc's memory (its C core, threads and arenas: ~13 MiB at import,
+~20 MiB serving) for a front end that serves one local socket. gRPC's wire protocol over
+HTTP/2 is small (grpc/doc/PROTOCOL-HTTP2.md):
+
+- a call is one HTTP/2 stream: request HEADERS (`:method POST`, `:path /Service/Method`,
+  `content-type: application/grpc...`, optional `grpc-timeout`, the caller's metadata),
+  then DATA carrying length-prefixed messages (1 byte compressed flag, 4 bytes big-endian
+  length, the protobuf bytes), ended by the client's END_STREAM;
+- the answer is HEADERS (`:status 200`), the response messages framed the same way, and
+  trailers (`grpc-status`, `grpc-message` percent-encoded) with END_STREAM; an answer with
+  no message may be "trailers only", one HEADERS frame carrying both.
+
+`MessageReader` is the sans-IO half of the message framing (bytes in, whole messages out,
+bounded); `Server` drives connections with h2. Kernel-side facts that bite:
+
+- h2's connection state machine closes for sending once a GOAWAY is sent, so a graceful
+  stop writes its GOAWAY frame directly (hyperframe) and keeps answering the calls already
+  begun; a stream the client opens after it is refused (REFUSED_STREAM), which gRPC
+  clients retry on a new connection (here: the successor's socket).
+- HTTP/2 flow control: data received is acknowledged (WINDOW_UPDATE) as the handler takes
+  it, so a client streaming faster than berthd stores (Content.Write) is held back by its
+  window instead of filling this process's memory; data sent waits for the client's window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
+
+log = logging.getLogger("berth.grpc.h2")
+
+PREFIX = struct.Struct(">BI")  # compressed flag, message length
+MAX_MESSAGE = 32 * 1024 * 1024  # containerd's limit, both ways
+STREAM_WINDOW = 4 * 1024 * 1024  # what a client may send on one call before an acknowledgement
+CONNECTION_WINDOW = 32 * 1024 * 1024
+HELD_LIMIT = 4 * 1024 * 1024  # received messages a handler has not taken yet, per call
+MAX_CONCURRENT_CALLS = 1000  # per connection (grpc-go's server sets no limit)
+READ_SIZE = 256 * 1024
+_END = None  # the inbox's end-of-requests mark
+RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+
+
+class MessageError(Exception):
+    """The client broke gRPC's message framing: the call ends with `code`."""
+
+    def __init__(self, code: StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+class MessageReader:
+    """One call's DATA bytes in, whole gRPC messages out. Bounded: a message declared
+    larger than `max_message` is refused before any of it is buffered."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= PREFIX.size:
+            compressed, length = PREFIX.unpack_from(self._buffer)
+            if compressed:
+                # no compression is offered (no grpc-accept-encoding), so none may be used
+                raise MessageError(StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
+            if length > self.max_message:
+                raise MessageError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"message of {length} bytes exceeds the limit of {self.max_message}",
+                )
+            end = PREFIX.size + length
+            if len(self._buffer) < end:
+                break
+            messages.append(bytes(self._buffer[PREFIX.size : end]))
+            del self._buffer[:end]
+        return messages
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun and not ended (at the end of the stream: truncated)."""
+        return bool(self._buffer)
+
+
+def frame_message(payload: bytes) -> bytes:
+    return PREFIX.pack(0, len(payload)) + payload
+
+
+def parse_timeout(value: str) -> float | None:
+    """`grpc-timeout` (1 to 8 digits and a unit: H M S m u n) in seconds; None if bad."""
+    units = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in units:
+        return None
+    return int(digits) * units[unit]
+
+
+def encode_grpc_message(details: str) -> str:
+    """`grpc-message`'s percent-encoding: printable ASCII but '%' as is, the rest as %XX of
+    its UTF-8 bytes."""
+    out = []
+    for byte in details.encode("utf-8", "replace"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(chr(byte))
+        else:
+            out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+class _Call:
+    """One stream: its route, what the client has sent that the handler has not taken
+    (and the flow-controlled bytes not yet acknowledged for it), and its task."""
+
+    def __init__(
+        self, stream_id: int, route: Route, metadata: list[tuple[str, str]], path: str = ""
+    ) -> None:
+        self.stream_id = stream_id
+        self.path = path
+        self.route = route
+        self.metadata = metadata
+        self.timeout: float | None = None
+        self.reader = MessageReader()
+        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.held = 0  # bytes of messages in the inbox
+        self.unacknowledged = 0  # flow-controlled bytes received, not yet acknowledged
+        self.ended = False  # the client's END_STREAM came
+        self.headers_sent = False
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Connection:
+    """One client: h2's state, its calls, and the writes to its socket."""
+
+    def __init__(
+        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        config = H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False
+        )
+        self.h2 = H2Connection(config=config)
+        self.h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_CALLS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
+        )
+        self.calls: dict[int, _Call] = {}
+        self.draining = False
+        self.closed = False
+        self._window_opened = asyncio.Event()
+        self._draining_lock = asyncio.Lock()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.writer.write(data)
+
+    async def drain(self) -> None:
+        async with self._draining_lock:  # one drain at a time (StreamWriter's waiter)
+            await self.writer.drain()
+
+    async def _wait_window(self) -> None:
+        event = self._window_opened
+        await event.wait()
+
+    def _window_changed(self) -> None:
+        self._window_opened.set()
+        self._window_opened = asyncio.Event()
+
+    def _send_headers(self, call: _Call) -> None:
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.h2.send_headers(
+                call.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
+            )
+
+    async def send_message(self, call: _Call, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE:
+            raise Aborted(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"response of {len(payload)} bytes exceeds the limit of {MAX_MESSAGE}",
+            )
+        self._send_headers(call)
+        data = memoryview(frame_message(payload))
+        while data:
+            window = self.h2.local_flow_control_window(call.stream_id)
+            if window <= 0:
+                self.flush()
+                await self._wait_window()
+                continue
+            size = min(window, self.h2.max_outbound_frame_size, len(data))
+            self.h2.send_data(call.stream_id, data[:size].tobytes())
+            data = data[size:]
+        self.flush()
+        await self.drain()
+
+    def finish(self, call: _Call, code: StatusCode, details: str = "") -> None:
+        """End the call with its status (trailers, or trailers only if nothing was sent)."""
+        if call.finished:
+            return
+        call.finished = True
+        status = [("grpc-status", str(int(code)))]
+        if details:
+            status.append(("grpc-message", encode_grpc_message(details)))
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            if call.headers_sent:
+                self.h2.send_headers(call.stream_id, status, end_stream=True)
+            else:
+                call.headers_sent = True
+                self.h2.send_headers(call.stream_id, RESPONSE_HEADERS + status, end_stream=True)
+            if not call.ended:  # the client is still sending: it need not (grpc-go does this)
+                self.h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
+        self.calls.pop(call.stream_id, None)
+        self.flush()
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        try:
+            while not self.closed:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    return
+                try:
+                    events = self.h2.receive_data(data)
+                except ProtocolError as exc:
+                    log.warning("gRPC client dropped: HTTP/2 protocol error: %s", exc)
+                    self.flush()  # h2's GOAWAY says why
+                    return
+                for event in events:
+                    self._dispatch(event)
+                self.flush()
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            await self.close()
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, RequestReceived):
+            self._begin(event.stream_id, event.headers)
+        elif isinstance(event, DataReceived):
+            self._data(event.stream_id, event.data, event.flow_controlled_length)
+        elif isinstance(event, StreamEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                self._end_of_requests(call)
+        elif isinstance(event, StreamReset):
+            call = self.calls.pop(event.stream_id, None)
+            if call is not None and call.task is not None:
+                call.finished = True
+                call.task.cancel()  # the client gave up on it
+            self._window_changed()  # a sender blocked on it must wake to see
+        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            self._window_changed()
+        elif isinstance(event, ConnectionTerminated):
+            self.closed = True  # the client's GOAWAY: nothing more can be sent
+
+    def _begin(self, stream_id: int, raw_headers: Any) -> None:
+        if self.draining:
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # retried elsewhere
+            return
+        headers: dict[str, str] = {}
+        metadata: list[tuple[str, str]] = []
+        for name_raw, value_raw in raw_headers:
+            name = bytes(name_raw).decode("latin-1")
+            value = bytes(value_raw).decode("utf-8", "replace")
+            headers[name] = value
+            if not name.startswith(":") and not name.endswith("-bin"):
+                metadata.append((name, value))
+        content_type = headers.get("content-type", "")
+        if headers.get(":method") != "POST" or not content_type.startswith("application/grpc"):
+            self.h2.send_headers(stream_id, [(":status", "415")], end_stream=True)
+            return
+        service, _, method = headers.get(":path", "").lstrip("/").rpartition("/")
+        route = self.server.routes.get((service, method))
+        if route is None:
+            call = _Call(stream_id, Route(None, None), metadata)
+            call.ended = False
+            self.finish(call, StatusCode.UNIMPLEMENTED, f"unknown method {service}/{method}")
+            return
+        call = _Call(stream_id, route, metadata, f"{service}/{method}")
+        timeout = headers.get("grpc-timeout")
+        if timeout is not None:
+            call.timeout = parse_timeout(timeout)
+            if call.timeout is None:
+                self.finish(call, StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
+                return
+        self.calls[stream_id] = call
+        call.task = asyncio.create_task(self._serve_call(call), name=f"grpc {service}/{method}")
+        self.server.begun(call.task)
+
+    def _data(self, stream_id: int, data: bytes, flow_controlled: int) -> None:
+        call = self.calls.get(stream_id)
+        if call is None or call.finished:
+            if flow_controlled:  # a call already answered: its bytes still count
+                with contextlib.suppress(StreamClosedError, ProtocolError):
+                    self.h2.acknowledge_received_data(flow_controlled, stream_id)
+            return
+        call.unacknowledged += flow_controlled
+        try:
+            messages = call.reader.feed(data)
+        except MessageError as exc:
+            self._acknowledge(call)
+            if call.task is not None:
+                call.task.cancel()
+            self.finish(call, exc.code, str(exc))
+            return
+        for message in messages:
+            call.held += len(message)
+            call.inbox.put_nowait(message)
+        if call.held < HELD_LIMIT:
+            self._acknowledge(call)
+
+    def _acknowledge(self, call: _Call) -> None:
+        if call.unacknowledged:
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.h2.acknowledge_received_data(call.unacknowledged, call.stream_id)
+            call.unacknowledged = 0
+
+    def _end_of_requests(self, call: _Call) -> None:
+        call.ended = True
+        call.inbox.put_nowait(_END)
+
+    # -- one call --------------------------------------------------------------------------
+
+    async def _next_request(self, call: _Call) -> Any:
+        """The next request message, decoded; _END once the client has finished."""
+        payload = await call.inbox.get()
+        if payload is _END:
+            if call.reader.partial:
+                raise Aborted(StatusCode.INTERNAL, "the request stream ended inside a message")
+            return _END
+        call.held -= len(payload)
+        if call.held < HELD_LIMIT:
+            self._acknowledge(call)
+            self.flush()
+        try:
+            return call.route.request_cls.FromString(payload)
+        except Exception as exc:  # google.protobuf.message.DecodeError
+            raise Aborted(
+                StatusCode.INVALID_ARGUMENT,
+                f"malformed {call.route.request_cls.DESCRIPTOR.full_name}: {exc}",
+            ) from exc
+
+    async def _requests(self, call: _Call) -> AsyncIterator[Any]:
+        while True:
+            request = await self._next_request(call)
+            if request is _END:
+                return
+            yield request
+
+    async def _serve_call(self, call: _Call) -> None:
+        try:
+            try:
+                async with asyncio.timeout(call.timeout) as deadline:
+                    await self._answer(call, call.route)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the handler's own: a bug, answered below
+                raise Aborted(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            self.finish(call, StatusCode.OK)
+        except Aborted as aborted:
+            self.finish(call, aborted.code, aborted.details)
+        except asyncio.CancelledError:
+            if not call.finished:  # the server is stopping, not the client resetting
+                self.finish(call, StatusCode.UNAVAILABLE, "berth-grpc is stopping: call again")
+            raise
+        except (OSError, ConnectionError, StreamClosedError, ProtocolError):
+            call.finished = True  # the client left, or reset the call
+        except Exception as exc:  # a bug of this front end: answered, logged, never silent
+            log.exception("gRPC %s failed", call.path)
+            self.finish(call, StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.calls.pop(call.stream_id, None)
+
+    async def _answer(self, call: _Call, route: Route) -> None:
+        context = Context(call.metadata)
+        if route.client_streaming:
+            request: Any = self._requests(call)
+        else:
+            request = await self._next_request(call)
+            if request is _END:
+                raise Aborted(StatusCode.INTERNAL, "the call carried no request message")
+        if route.server_streaming:
+            responses = route.handler(request, context)
+            try:
+                async for response in responses:
+                    await self.send_message(call, response.SerializeToString())
+            finally:
+                await responses.aclose()
+        else:
+            response = await route.handler(request, context)
+            await self.send_message(call, response.SerializeToString())
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def goaway(self) -> None:
+        """Ask the client to open new calls elsewhere; the calls begun go on. Written
+        around h2 (see the module's docstring), after what h2 has queued."""
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self.flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = 0
+        self.writer.write(frame.serialize())
+
+    async def close(self) -> None:
+        for call in list(self.calls.values()):
+            if call.task is not None:
+                call.task.cancel()
+        tasks = [c.task for c in self.calls.values() if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        self.closed = True
+        self.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.writer.wait_closed()
+
+
+class Server:
+    """The gRPC listener: its connections, and the calls in flight on them (a stop asks
+    clients to go elsewhere and lets those calls finish, within a grace period)."""
+
+    def __init__(self, routes: dict[tuple[str, str], Route]) -> None:
+        self.routes = routes
+        self._calls: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._listener: asyncio.Server | None = None
+
+    async def listen(self, path: str) -> None:
+        self._listener = await asyncio.start_unix_server(
+            self._connection, path=path, limit=READ_SIZE
+        )
+
+    def begun(self, task: asyncio.Task[None]) -> None:
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connection = _Connection(self, reader, writer)
+        self._connections[task] = connection
+        try:
+            await connection.serve()
+        finally:
+            self._connections.pop(task, None)
+
+    async def stop(self, grace: float) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        for connection in self._connections.values():
+            connection.goaway()
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=grace)
+        for task in list(self._calls):  # answered UNAVAILABLE: the client calls again
+            task.cancel()
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=1.0)
+        for connection in list(self._connections.values()):
+            connection.flush()
+            await connection.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
