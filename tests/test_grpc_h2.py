@@ -317,6 +317,114 @@ def test_a_stop_finishes_calls_begun_and_ends_the_rest_unavailable(socket_dir: P
     _serve(socket_dir, body)
 
 
+def test_calls_that_end_holding_data_give_the_connection_its_window_back(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client-streaming call that ends (aborted, reset) while the client had run ahead
+    of its handler: the bytes it held are acknowledged to the connection, else a few such
+    calls leave the connection's window at 0 and every later call on it hangs."""
+    from berth.daemon.grpc import h2server
+
+    monkeypatch.setattr(h2server, "CONNECTION_WINDOW", 3 << 20)  # a few calls' worth
+    monkeypatch.setattr(h2server, "HELD_LIMIT", 1 << 16)
+
+    async def body(ch: grpc.aio.Channel, server: Server, probe: Probe) -> None:
+        total = _method(ch, "stream_unary", "Total")
+
+        async def flood() -> AsyncIterator[Any]:
+            for _ in range(64):
+                yield Bytes(value=b"q" * (256 << 10))
+
+        for _ in range(8):
+            call = total(flood())
+            await asyncio.sleep(0.15)  # ahead of the handler, by its whole window
+            call.cancel()
+        echo = _method(ch, "unary_unary", "Echo")
+        assert (await echo(Text(value="flows"), timeout=5.0)).value == "flows|"
+
+    _serve(socket_dir, body)
+
+
+def test_a_client_that_never_reads_is_not_read_from_and_stop_is_bounded(
+    socket_dir: Path,
+) -> None:
+    """PINGs from a client that reads nothing: their answers pile up for it, so the
+    server stops reading from it (its sends block) instead of queueing without bound;
+    and a stop does not wait on that client for ever."""
+
+    async def body(ch: grpc.aio.Channel, server: Server, probe: Probe) -> None:
+        loop = asyncio.get_running_loop()
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"p" * 8
+        pings = ping * (65536 // len(ping))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(str(socket_dir / "grpc.sock"))
+            s.setblocking(False)
+            s.send(preface)
+            sent, blocked, pending = 0, False, memoryview(pings)
+            deadline = loop.time() + 60.0
+            while sent < (64 << 20) and loop.time() < deadline:
+                try:
+                    n = s.send(pending)
+                except BlockingIOError:
+                    await asyncio.sleep(1.0)  # the server may only be busy
+                    try:
+                        n = s.send(pending)
+                    except BlockingIOError:
+                        blocked = True
+                        break
+                sent += n
+                pending = pending[n:] or memoryview(pings)  # whole frames only
+                await asyncio.sleep(0)
+            assert blocked, f"the server read {sent} bytes of PINGs from a client not reading"
+            echo = _method(ch, "unary_unary", "Echo")
+            assert (await echo(Text(value="others"), timeout=5.0)).value == "others|"
+            started = loop.time()
+            await server.stop(grace=0.5)
+            assert loop.time() - started < 5.0
+
+    _serve(socket_dir, body)
+
+
+def test_a_cancelled_subscription_closes_its_berthd_stream() -> None:
+    """Events/Subscribe cancelled while it waits for an event (ctr events ^C, a client
+    gone): the stream it follows from berthd is closed, not left running."""
+    from berth.daemon.grpc import convert as capi
+    from berth.daemon.grpc.handoff import Handoff
+    from berth.daemon.grpc.services.events import Events
+
+    closed = asyncio.Event()
+
+    class Backend:
+        handoff = Handoff("")
+
+        async def events(self, params: Any, cursor: Any) -> AsyncIterator[Any]:
+            try:
+                await asyncio.sleep(3600)
+                yield {}
+            finally:
+                closed.set()
+
+    async def main() -> None:
+        service = Events(Backend())  # type: ignore[arg-type]
+        context = Context([("containerd-namespace", "ns")])
+        request = capi.types().events.SubscribeRequest()
+
+        async def follow() -> None:
+            async for _ in service.subscribe(request, context):
+                pass
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(closed.wait(), 2.0)
+
+    asyncio.run(main())
+
+
 # -- the sans-IO parts ---------------------------------------------------------------------
 
 
@@ -353,7 +461,7 @@ def test_grpc_timeout_and_message_encodings() -> None:
     assert parse_timeout("2S") == 2.0
     assert parse_timeout("1H") == 3600.0
     assert parse_timeout("5n") == pytest.approx(5e-9)
-    for bad in ("", "S", "123456789S", "10x", "-1S", "1.5S"):
+    for bad in ("", "S", "123456789S", "10x", "-1S", "1.5S", "\u00b2S", "\u0661S"):
         assert parse_timeout(bad) is None, bad
     assert encode_grpc_message("plain text") == "plain text"
     assert encode_grpc_message("100%\n") == "100%25%0A"

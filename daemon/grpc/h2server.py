@@ -56,9 +56,14 @@ log = logging.getLogger("berth.grpc.h2")
 
 PREFIX = struct.Struct(">BI")  # compressed flag, message length
 MAX_MESSAGE = 32 * 1024 * 1024  # containerd's limit, both ways
-STREAM_WINDOW = 4 * 1024 * 1024  # what a client may send on one call before an acknowledgement
-CONNECTION_WINDOW = 32 * 1024 * 1024
-HELD_LIMIT = 4 * 1024 * 1024  # received messages a handler has not taken yet, per call
+# Flow control. A call's data is acknowledged as its handler takes it, so a call can hold
+# at most STREAM_WINDOW of the connection's window unacknowledged: CONNECTION_WINDOW /
+# STREAM_WINDOW slow calls (128) would be needed to stall the others on a connection.
+STREAM_WINDOW = 1024 * 1024  # what a client may send on one call before an acknowledgement
+CONNECTION_WINDOW = 128 * 1024 * 1024
+HELD_LIMIT = 1024 * 1024  # received messages a handler has not taken yet, per call
+WRITE_LIMIT = 1024 * 1024  # queued for a client that does not read: stop reading from it
+CLOSE_TIMEOUT = 1.0  # for a client's socket to take what is queued before it is cut
 MAX_CONCURRENT_CALLS = 1000  # per connection (grpc-go's server sets no limit)
 READ_SIZE = 256 * 1024
 _END = None  # the inbox's end-of-requests mark
@@ -115,7 +120,7 @@ def parse_timeout(value: str) -> float | None:
     """`grpc-timeout` (1 to 8 digits and a unit: H M S m u n) in seconds; None if bad."""
     units = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
     digits, unit = value[:-1], value[-1:]
-    if not digits.isdigit() or len(digits) > 8 or unit not in units:
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 8 or unit not in units:
         return None
     return int(digits) * units[unit]
 
@@ -185,7 +190,7 @@ class _Connection:
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
-        if data and not self.closed:
+        if data and not self.closed and not self.writer.transport.is_closing():
             self.writer.write(data)
 
     async def drain(self) -> None:
@@ -232,6 +237,7 @@ class _Connection:
         if call.finished:
             return
         call.finished = True
+        self._acknowledge(call)  # what it held counts against the connection's window
         status = [("grpc-status", str(int(code)))]
         if details:
             status.append(("grpc-message", encode_grpc_message(details)))
@@ -266,8 +272,12 @@ class _Connection:
                 for event in events:
                     self._dispatch(event)
                 self.flush()
+                if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
+                    await self.drain()  # a client that does not read is not read from
         except (OSError, ConnectionError):
             pass
+        except Exception:  # a bug of this module: this client is dropped, not the process
+            log.exception("gRPC connection failed")
         finally:
             await self.close()
 
@@ -282,9 +292,11 @@ class _Connection:
                 self._end_of_requests(call)
         elif isinstance(event, StreamReset):
             call = self.calls.pop(event.stream_id, None)
-            if call is not None and call.task is not None:
+            if call is not None:
                 call.finished = True
-                call.task.cancel()  # the client gave up on it
+                self._acknowledge(call)  # the stream is gone; the connection's credit is not
+                if call.task is not None:
+                    call.task.cancel()  # the client gave up on it
             self._window_changed()  # a sender blocked on it must wake to see
         elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
             self._window_changed()
@@ -443,16 +455,20 @@ class _Connection:
         self.writer.write(frame.serialize())
 
     async def close(self) -> None:
-        for call in list(self.calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+        """Cancel the calls and close the socket; bounded, even for a client that reads
+        nothing (what is queued for it is dropped after CLOSE_TIMEOUT)."""
+        self.flush()
+        self.closed = True  # the cancelled calls' answers have nowhere to go
         tasks = [c.task for c in self.calls.values() if c.task is not None]
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
-        self.closed = True
         self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT)
+        except (TimeoutError, OSError, ConnectionError):
+            self.writer.transport.abort()
 
 
 class Server:
@@ -495,9 +511,7 @@ class Server:
             task.cancel()
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=1.0)
-        for connection in list(self._connections.values()):
-            connection.flush()
-            await connection.close()
+        await asyncio.gather(*(c.close() for c in list(self._connections.values())))
         for task in list(self._connections):
             task.cancel()
         if self._connections:

@@ -37,6 +37,7 @@ class Events(Service):
             cursor.since = time.time_ns()  # if it is handed on before its first event
         events = self.backend.events({"filters": list(request.filters)}, cursor)
         closing = asyncio.ensure_future(handoff.closing.wait())
+        following: asyncio.Future[Any] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(events.__anext__())
@@ -56,6 +57,13 @@ class Events(Service):
                     yield message
         finally:
             closing.cancel()
+            if following is not None and not following.done():
+                # the call was cancelled while it waited: the generator's step must end
+                # before the generator can be closed (and its berthd stream with it)
+                following.cancel()
+                await asyncio.wait({following})
+                if not following.cancelled():
+                    following.exception()  # retrieved: it ends with the call, unlogged
             await events.aclose()
 
     @staticmethod
