@@ -184,7 +184,7 @@ class _Connection:
         self.draining = False
         self.closed = False
         self._window_opened = asyncio.Event()
-        self._draining_lock = asyncio.Lock()
+        self._drain_lock = asyncio.Lock()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -194,12 +194,8 @@ class _Connection:
             self.writer.write(data)
 
     async def drain(self) -> None:
-        async with self._draining_lock:  # one drain at a time (StreamWriter's waiter)
+        async with self._drain_lock:  # one drain at a time (StreamWriter's waiter)
             await self.writer.drain()
-
-    async def _wait_window(self) -> None:
-        event = self._window_opened
-        await event.wait()
 
     def _window_changed(self) -> None:
         self._window_opened.set()
@@ -208,9 +204,7 @@ class _Connection:
     def _send_headers(self, call: _Call) -> None:
         if not call.headers_sent:
             call.headers_sent = True
-            self.h2.send_headers(
-                call.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
-            )
+            self.h2.send_headers(call.stream_id, RESPONSE_HEADERS)
 
     async def send_message(self, call: _Call, payload: bytes) -> None:
         if len(payload) > MAX_MESSAGE:
@@ -224,7 +218,7 @@ class _Connection:
             window = self.h2.local_flow_control_window(call.stream_id)
             if window <= 0:
                 self.flush()
-                await self._wait_window()
+                await self._window_opened.wait()  # set, then replaced, on any update
                 continue
             size = min(window, self.h2.max_outbound_frame_size, len(data))
             self.h2.send_data(call.stream_id, data[:size].tobytes())
@@ -322,8 +316,7 @@ class _Connection:
         service, _, method = headers.get(":path", "").lstrip("/").rpartition("/")
         route = self.server.routes.get((service, method))
         if route is None:
-            call = _Call(stream_id, Route(None, None), metadata)
-            call.ended = False
+            call = _Call(stream_id, Route(None, None), metadata)  # answered, then reset
             self.finish(call, StatusCode.UNIMPLEMENTED, f"unknown method {service}/{method}")
             return
         call = _Call(stream_id, route, metadata, f"{service}/{method}")
