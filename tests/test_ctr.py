@@ -129,6 +129,17 @@ def test_images_rm(ctr: Ctr) -> None:
     assert IMAGE in _ok(ctr, "images", "ls", "-q")
 
 
+def test_berth_grpc_logs_each_call_at_debug_not_each_frame(ctr: Ctr) -> None:
+    """At `log_level = "debug"` (the tests' daemons), berth-grpc logs each call's method,
+    status and time; h2's and hpack's own debug lines (per frame, per header block) stay
+    out of the log."""
+    _ok(ctr, "version")
+    log = ctr.daemon.log_text()
+    assert "containerd.services.version.v1.Version/Version: OK in" in log
+    assert "Decoding b'" not in log and "Encoded header block" not in log
+    assert "hpack" not in log
+
+
 def test_grpc_front_end_is_a_separate_process(ctr: Ctr) -> None:
     """berth-grpc holds protobuf (and serves gRPC with h2, without grpcio, on one thread);
     berthd itself loads neither."""

@@ -273,6 +273,21 @@ def test_content_write_read_update(wire: Wire) -> None:
     )
     assert b"".join(c.data for c in tail) == data[10:15]
 
+    def read_range(offset: int, size: int = 0) -> bytes:
+        request = t.content.ReadContentRequest(digest=digest, offset=offset, size=size)
+        return b"".join(c.data for c in read(request, metadata=wire.meta()))
+
+    mib = 1 << 20
+    assert read_range(mib - 3, 2 * mib + 6) == data[mib - 3 : 3 * mib + 3]  # across pieces
+    assert read_range(2 * mib, 2 * mib) == data[2 * mib : 4 * mib]  # whole pieces
+    assert read_range(len(data) - 7) == data[-7:]
+    assert read_range(len(data)) == b""  # at the end: nothing, as containerd
+    assert read_range(-5, 4) == data[:4]  # containerd reads a negative offset from 0
+    with pytest.raises(grpc.RpcError) as past:
+        read_range(len(data) + 1)
+    assert past.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert f"read past object length {len(data)} bytes" in (past.value.details() or "")
+
     update = t.content.UpdateRequest(info=t.content.Info(digest=digest, labels={"b": "2"}))
     update.update_mask.paths.append("labels.b")
     info = wire.unary(

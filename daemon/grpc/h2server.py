@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -156,6 +157,8 @@ class _Call:
         self.ended = False  # the client's END_STREAM came
         self.headers_sent = False
         self.finished = False
+        self.code: StatusCode | None = None  # how it ended, if it was answered
+        self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
 
 
@@ -206,7 +209,10 @@ class _Connection:
             call.headers_sent = True
             self.h2.send_headers(call.stream_id, RESPONSE_HEADERS)
 
-    async def send_message(self, call: _Call, payload: bytes) -> None:
+    async def send_message(self, call: _Call, payload: bytes, *, last: bool = False) -> None:
+        """Frame and send one response message, within the client's window. The `last`
+        of a call is not written yet: its trailers follow at once (`finish`), in the
+        same write (one system call per unary call, not two)."""
         if len(payload) > MAX_MESSAGE:
             raise Aborted(
                 StatusCode.RESOURCE_EXHAUSTED,
@@ -223,14 +229,16 @@ class _Connection:
             size = min(window, self.h2.max_outbound_frame_size, len(data))
             self.h2.send_data(call.stream_id, data[:size].tobytes())
             data = data[size:]
-        self.flush()
-        await self.drain()
+        if not last:
+            self.flush()
+            await self.drain()
 
     def finish(self, call: _Call, code: StatusCode, details: str = "") -> None:
         """End the call with its status (trailers, or trailers only if nothing was sent)."""
         if call.finished:
             return
         call.finished = True
+        call.code = code
         self._acknowledge(call)  # what it held counts against the connection's window
         status = [("grpc-status", str(int(code)))]
         if details:
@@ -413,6 +421,10 @@ class _Connection:
             self.finish(call, StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
             self.calls.pop(call.stream_id, None)
+            if log.isEnabledFor(logging.DEBUG):  # each call, as `--log-level debug` asks
+                ended = call.code.name if call.code is not None else "client gone"
+                elapsed = (time.monotonic() - call.started) * 1000
+                log.debug("%s: %s in %.1f ms", call.path, ended, elapsed)
 
     async def _answer(self, call: _Call, route: Route) -> None:
         context = Context(call.metadata)
@@ -431,7 +443,7 @@ class _Connection:
                 await responses.aclose()
         else:
             response = await route.handler(request, context)
-            await self.send_message(call, response.SerializeToString())
+            await self.send_message(call, response.SerializeToString(), last=True)
 
     # -- stopping --------------------------------------------------------------------------
 

@@ -246,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     from berth.daemon import logs
 
     logs.setup(args.log_level, args.log_format)  # berthd's format: the two share a stream
+    for library in ("hpack", "h2", "hyperframe"):
+        # their debug lines are per frame and per header (most of a call's CPU at debug);
+        # `--log-level debug` shows each call's method, status and time instead
+        logging.getLogger(library).setLevel(max(logging.INFO, logging.root.level))
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

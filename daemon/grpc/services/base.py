@@ -40,6 +40,7 @@ CODES = {
     "not_found": StatusCode.NOT_FOUND,
     "already_exists": StatusCode.ALREADY_EXISTS,
     "invalid_argument": StatusCode.INVALID_ARGUMENT,
+    "out_of_range": StatusCode.OUT_OF_RANGE,  # the content service's own (services.content)
     "failed_precondition": StatusCode.FAILED_PRECONDITION,
     "unavailable": StatusCode.UNAVAILABLE,
     "unimplemented": StatusCode.UNIMPLEMENTED,
