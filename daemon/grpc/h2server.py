@@ -450,7 +450,7 @@ class _Connection:
     def goaway(self) -> None:
         """Ask the client to open new calls elsewhere; the calls begun go on. Written
         around h2 (see the module's docstring), after what h2 has queued."""
-        if self.draining or self.closed:
+        if self.draining or self.closed or self.writer.transport.is_closing():
             return
         self.draining = True
         self.flush()
