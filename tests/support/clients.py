@@ -152,9 +152,13 @@ class Dockerd(Reaped):
 
     what = "dockerd"
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, *, swarm: bool = False) -> None:
+        """`swarm`: without --live-restore (dockerd refuses it in swarm mode), and in a
+        network namespace of its own (swarm makes bridges and an ingress network), so
+        nothing of the host's network is touched and nothing outlives dockerd."""
         super().__init__()
         self.daemon = daemon
+        self.swarm = swarm
         self.dir = os.path.join(daemon.dir, "docker")
         self.data_root = os.path.join(self.dir, "data")
         self.exec_root = os.path.join(self.dir, "exec")
@@ -191,12 +195,16 @@ class Dockerd(Reaped):
             "--iptables=false",
             "--ip6tables=false",
             "--bridge=none",
-            "--live-restore",
             "--storage-driver",
             "overlay2",
             "--cgroup-parent",
             self.cgroup_parent,
         ]
+        if not self.swarm:
+            command.append("--live-restore")
+        else:  # unshare execs sh, which execs dockerd: one pid throughout
+            up_lo = 'ip link set lo up && exec "$0" "$@"'
+            command = ["unshare", "--net", "--", "sh", "-c", up_lo, *command]
         reaper, pid = spawn_reaped(command, log_path)
         self.reapers.append(reaper)
 
