@@ -41,7 +41,8 @@ BERTHD = str(VENV / "berthd")
 REAPER = str(REPO / "tests" / "support" / "reaper.py")
 IMAGE = "docker.io/library/busybox:bench"
 NS = "bench"
-PODMAN_BRIDGE = "cni-podman0"  # podman 4.3's default network (CNI backend)
+# the bridges of berthd's default network and of podman 4.3's (CNI backend)
+NETWORK_BRIDGES = ("berth0", "cni-podman0")
 
 
 def sh(
@@ -793,15 +794,15 @@ class Bench:
         """The cost of an attachment: berth's `run --rm --net bridge` minus its run without
         a network, against podman's (`--network podman`, its CNI bridge: podman 4.3 with
         the CNI backend where netavark is not installed) minus podman's `--network none`.
-        podman leaves its bridge on the host when its last container goes: removed after,
-        if this run made it."""
-        bridge = Path("/sys/class/net", PODMAN_BRIDGE)
-        existed = bridge.exists()
+        Both leave their bridge on the host when their last container goes (as docker0
+        stays): removed after, if this run made them."""
+        made = [b for b in NETWORK_BRIDGES if not Path("/sys/class/net", b).exists()]
         try:
             self._network_figures()
         finally:
-            if not existed and bridge.exists():
-                sh(["ip", "link", "delete", PODMAN_BRIDGE], check=False)
+            for bridge in made:
+                if Path("/sys/class/net", bridge).exists():
+                    sh(["ip", "link", "delete", bridge], check=False)
 
     def _network_figures(self) -> None:
         n = 5 if self.quick else 20
