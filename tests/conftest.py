@@ -8,10 +8,14 @@ root those are skipped, so `pytest -m "not container"` runs the rest as any user
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +26,53 @@ from tests.support.helpers import Daemon, hybrid_crun_fix_needed
 
 # Every daemon a test starts checks each reply against the API contract (api/schema.py).
 os.environ["BERTH_CHECK_REPLIES"] = "1"
+
+# Every process this session starts inherits this mark (a daemon's shims, standbys and
+# front ends too): what is still running with it at the end was left behind by a test.
+SESSION_MARK = "BERTH_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+_left_behind: list[str] = []
+
+
+def _marked_processes() -> dict[int, str]:
+    """pid -> command line of every live process carrying this session's mark."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue  # gone, or not ours to read
+        if command:  # a zombie has none: its parent reaps it
+            found[int(entry)] = command
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop, by pid, whatever a test left running (and say so in the summary): the next
+    run and the machine must not inherit it."""
+    for _ in range(5):
+        leftovers = _marked_processes()
+        if not leftovers:
+            return
+        for pid, command in leftovers.items():
+            _left_behind.append(f"{pid}: {command}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _left_behind:
+        terminalreporter.write_sep("!", "processes the tests left running (now killed)")
+        for line in dict.fromkeys(_left_behind):
+            terminalreporter.write_line(line)
 
 
 CONTAINER_FIXTURES = frozenset(

@@ -426,8 +426,20 @@ class Daemon(Reaped):
             kill(pid)
 
     def _kill_descendants(self) -> None:
-        for pid in self.descendants():  # whatever the state files could not name
-            kill(pid)
+        """Whatever the state files could not name, until a walk finds nobody: a warm
+        standby takes over when its active daemon is killed here and starts a standby of
+        its own, and a dying parent's children move to the reaper only as it exits (a
+        walk that read the parent first and its children after finds neither)."""
+        for _ in range(50):
+            found = self.descendants()
+            if not found:
+                return
+            for pid in found:
+                kill(pid)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and not all(is_gone(p) for p in found):
+                time.sleep(0.01)
+        raise AssertionError(f"{self.what}: processes left below the reapers: {found}")
 
     def _delete_runtime_state(self) -> None:
         runtime_dir = Path(self.state, "runtime")
