@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,22 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support.clients import (
     CTR,
     DOCKER,
-    DOCKERD,
     Dockerd,
+    docker_engine,
     frontend_pids,
     grpc_address,
     grpc_command,
-    grpc_daemon,
     run,
     script_tty,
     wait_grpc,
 )
 from tests.support.helpers import Daemon, is_gone, process_state, stop_child, wait_until
-from tests.support.images import build_docker_archive
 
 pytestmark = pytest.mark.container
 
@@ -44,23 +39,8 @@ LOOP = (
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[tuple[Daemon, Dockerd]]:
-    if not (os.path.exists(DOCKERD) and os.path.exists(DOCKER)):
-        pytest.fail("dockerd is not installed (scripts/setup installs docker.io)")
-    daemon = grpc_daemon()
-    dockerd = None
-    work = tempfile.mkdtemp(prefix="bt-img-", dir="/tmp")
-    try:
-        dockerd = Dockerd(daemon)
-        rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
-        archive = os.path.join(work, "busybox.tar")
-        build_docker_archive(rootfs, archive, tag=IMAGE)
-        dockerd.ok("load", "-i", archive)
+    with docker_engine(IMAGE) as (daemon, dockerd):
         yield daemon, dockerd
-    finally:
-        if dockerd is not None:
-            dockerd.cleanup()
-        daemon.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _pid(dockerd: Dockerd, name: str) -> int:

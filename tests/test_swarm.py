@@ -5,17 +5,12 @@ what engines that outgrow one host do on berth."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from berth.daemon.tasks.rootfs import build_busybox_rootfs
-from tests.support.clients import DOCKER, DOCKERD, Dockerd, grpc_daemon
+from tests.support.clients import Dockerd, docker_engine
 from tests.support.helpers import Daemon, wait_until
-from tests.support.images import build_docker_archive
 
 pytestmark = pytest.mark.container
 
@@ -25,26 +20,13 @@ SERVICE = "web"
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[tuple[Daemon, Dockerd]]:
-    if not (os.path.exists(DOCKERD) and os.path.exists(DOCKER)):
-        pytest.fail("dockerd is not installed (scripts/setup installs docker.io)")
-    daemon = grpc_daemon()
-    dockerd = None
-    work = tempfile.mkdtemp(prefix="bt-img-", dir="/tmp")
-    try:
-        dockerd = Dockerd(daemon, swarm=True)
-        rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
-        archive = os.path.join(work, "busybox.tar")
-        build_docker_archive(rootfs, archive, tag=IMAGE)
-        dockerd.ok("load", "-i", archive)
+    with docker_engine(IMAGE, swarm=True) as (daemon, dockerd):
         dockerd.ok("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=120)
-        yield daemon, dockerd
-    finally:
-        if dockerd is not None:
+        try:
+            yield daemon, dockerd
+        finally:
             dockerd.docker("service", "rm", SERVICE, timeout=60)
             dockerd.docker("swarm", "leave", "--force", timeout=60)
-            dockerd.cleanup()
-        daemon.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _running(dockerd: Dockerd) -> set[str]:

@@ -22,7 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.helpers import (
@@ -293,3 +295,29 @@ def unmount_below(directory: str) -> None:
 def script_tty(command: str, rows: int = 30, cols: int = 100) -> list[str]:
     """argv that runs `command` on a fresh pty of a known size (util-linux `script`)."""
     return ["script", "-qec", f"stty rows {rows} cols {cols}; {command}", "/dev/null"]
+
+
+@contextlib.contextmanager
+def docker_engine(image: str, *, swarm: bool = False) -> Iterator[tuple[Daemon, Dockerd]]:
+    """A berthd serving containerd's API, a dockerd on it (see Dockerd for `swarm`), and
+    a busybox image loaded as `image`; everything stopped and removed after, by pid."""
+    from berth.daemon.tasks.rootfs import build_busybox_rootfs
+    from tests.support.images import build_docker_archive
+
+    if not (os.path.exists(DOCKERD) and os.path.exists(DOCKER)):
+        raise AssertionError("dockerd is not installed (scripts/setup installs docker.io)")
+    daemon = grpc_daemon()
+    dockerd = None
+    work = tempfile.mkdtemp(prefix="bt-img-", dir="/tmp")
+    try:
+        dockerd = Dockerd(daemon, swarm=swarm)
+        rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
+        archive = os.path.join(work, "busybox.tar")
+        build_docker_archive(rootfs, archive, tag=image)
+        dockerd.ok("load", "-i", archive)
+        yield daemon, dockerd
+    finally:
+        if dockerd is not None:
+            dockerd.cleanup()
+        daemon.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
