@@ -21,10 +21,9 @@ from google.protobuf import wrappers_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from berth.daemon.grpc.calls import Context, Route, StatusCode
+from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
 from berth.daemon.grpc.h2server import (
     MAX_MESSAGE,
-    MessageError,
     MessageReader,
     Server,
     encode_grpc_message,
@@ -448,10 +447,10 @@ def test_messages_come_out_whole_however_the_bytes_are_cut(
 
 def test_an_oversized_or_compressed_message_is_refused_before_buffering() -> None:
     reader = MessageReader(max_message=1024)
-    with pytest.raises(MessageError) as big:
+    with pytest.raises(Aborted) as big:
         reader.feed(b"\x00" + (1025).to_bytes(4, "big"))
     assert big.value.code == StatusCode.RESOURCE_EXHAUSTED
-    with pytest.raises(MessageError) as packed:
+    with pytest.raises(Aborted) as packed:
         MessageReader().feed(b"\x01\x00\x00\x00\x01x")
     assert packed.value.code == StatusCode.UNIMPLEMENTED
 

@@ -71,17 +71,10 @@ _END = None  # the inbox's end-of-requests mark
 RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
 
 
-class MessageError(Exception):
-    """The client broke gRPC's message framing: the call ends with `code`."""
-
-    def __init__(self, code: StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-
-
 class MessageReader:
     """One call's DATA bytes in, whole gRPC messages out. Bounded: a message declared
-    larger than `max_message` is refused before any of it is buffered."""
+    larger than `max_message` is refused before any of it is buffered. A client that
+    breaks the framing gets `Aborted`, with the status its call ends with."""
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.max_message = max_message
@@ -94,9 +87,9 @@ class MessageReader:
             compressed, length = PREFIX.unpack_from(self._buffer)
             if compressed:
                 # no compression is offered (no grpc-accept-encoding), so none may be used
-                raise MessageError(StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
+                raise Aborted(StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
             if length > self.max_message:
-                raise MessageError(
+                raise Aborted(
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"message of {length} bytes exceeds the limit of {self.max_message}",
                 )
@@ -348,11 +341,11 @@ class _Connection:
         call.unacknowledged += flow_controlled
         try:
             messages = call.reader.feed(data)
-        except MessageError as exc:
+        except Aborted as exc:
             self._acknowledge(call)
             if call.task is not None:
                 call.task.cancel()
-            self.finish(call, exc.code, str(exc))
+            self.finish(call, exc.code, exc.details)
             return
         for message in messages:
             call.held += len(message)

@@ -149,7 +149,7 @@ EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7
 RELEASE_TIMEOUT = 5.0
 
 
-class _OutOfRange(InvalidArgument):
+class _OutOfRange(BerthError):
     """containerd answers a write away from the current offset, and a read past a blob's
     end, OutOfRange, which berth's own error set lacks; it stays within this front end."""
 
