@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).parent / "goclient" / "main.go"
+SOURCE = Path(__file__).parent / "goclient"  # main.go and flows_*.go: one package
 GOPATH = "/usr/share/gocode"
 BUILD = Path(__file__).resolve().parents[2] / "build" / "goclient"
 
@@ -24,8 +24,10 @@ def probe() -> str:
         or not Path(GOPATH, "src/github.com/containerd/containerd").is_dir()
     ):
         pytest.fail("needs golang-go and golang-github-containerd-containerd-dev (scripts/setup)")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    binary = BUILD / f"goclient-{digest}"
+    digest = hashlib.sha256()
+    for source in sorted(SOURCE.glob("*.go")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    binary = BUILD / f"goclient-{digest.hexdigest()[:16]}"
     if not binary.exists():
         BUILD.mkdir(parents=True, exist_ok=True)
         env = {
@@ -38,7 +40,7 @@ def probe() -> str:
         partial = binary.with_suffix(".partial")
         subprocess.run(
             ["go", "build", "-o", str(partial), "."],
-            cwd=SOURCE.parent,
+            cwd=SOURCE,
             env=env,
             check=True,
             capture_output=True,
@@ -48,10 +50,14 @@ def probe() -> str:
     return str(binary)
 
 
-def run(address: str, namespace: str, rootfs: str, flow: str) -> subprocess.CompletedProcess[str]:
+def run(
+    address: str, namespace: str, rootfs: str, flow: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One flow; `env` adds what it needs beyond its arguments (GOCLIENT_*)."""
     return subprocess.run(
         [probe(), address, namespace, rootfs, flow],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
