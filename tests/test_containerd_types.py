@@ -211,3 +211,27 @@ def test_a_schema1_digest_pins_what_is_parsed_not_bytes_after_the_payload() -> N
     assert json.loads(hostile)["fsLayers"] == [{"blobSum": evil_blob}]  # what a parser sees
     assert schema1.canonical_digest(hostile) == digest  # the same pinned digest...
     assert [step.blob_sum for step in schema1.parse(hostile)] == genuine  # ...the same image
+
+
+def test_the_first_of_repeated_namespace_and_lease_headers_wins() -> None:
+    """containerd's Go client nests contexts (namespaces.WithNamespace on a context that
+    has one) by sending the newest value first and the older after it; containerd reads
+    the first. Read as a dict, the last would win: the call would go to the outer
+    namespace (a container created, a namespace deleted, in the wrong one)."""
+    from berth.daemon.grpc.calls import Context
+    from berth.daemon.grpc.services.base import LEASE_HEADER, NAMESPACE_HEADER, Call
+
+    call = Call(
+        Context(
+            [
+                (NAMESPACE_HEADER, "inner"),
+                ("user-agent", "grpc-go"),
+                (NAMESPACE_HEADER, "outer"),
+                (LEASE_HEADER, "newest"),
+                (LEASE_HEADER, "oldest"),
+            ]
+        )
+    )
+    assert (call.namespace, call.lease) == ("inner", "newest")
+    assert Call(Context([(NAMESPACE_HEADER, "only")])).namespace == "only"
+    assert Call(Context([])).namespace is None

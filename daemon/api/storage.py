@@ -32,12 +32,13 @@ from berth.daemon.storage.gc import GCResult
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import Storage
 from berth.shim.mount import Mount
-from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 MAX_READ = 1 << 20
 WRITERS = "content.writers"
 GC_DELAY = 1.0  # seconds after a delete before the collector runs (a burst is one run)
+ABORT_WAIT = 2.0  # seconds an abort waits for the writer of its ingest to let go
 
 log = logging.getLogger("berthd.gc")
 
@@ -229,11 +230,21 @@ class StorageApi:
         return {}
 
     async def content_write_abort(self, ctx: CallContext, p: schema.IngestRef) -> Any:
+        """Remove an ingest. One still being written (its lock held) is waited for a
+        little: a client that closes its writer and aborts at once (containerd's Go client
+        does: Close only half-closes the stream) reaches here before its stream's end does."""
         writer = self._writers(ctx).pop(p.ref, None)
         if writer is not None:
             writer.close()
-        self.storage.content.abort(f"{ctx.namespace}/{p.ref}")
-        return {}
+        give_up = trio.current_time() + ABORT_WAIT
+        while True:
+            try:
+                self.storage.content.abort(f"{ctx.namespace}/{p.ref}")
+                return {}
+            except Unavailable:
+                if trio.current_time() >= give_up:
+                    raise
+                await trio.sleep(0.01)
 
     async def content_status(self, ctx: CallContext, p: schema.IngestRef) -> Any:
         status = self.storage.content.status(f"{ctx.namespace}/{p.ref}")

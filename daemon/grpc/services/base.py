@@ -184,7 +184,12 @@ class Call:
 
     def __init__(self, context: Any) -> None:
         self.context = context
-        headers = dict(context.invocation_metadata() or ())
+        headers: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            # The first value of a repeated header wins, as containerd reads it: its Go
+            # client nests contexts (namespaces.WithNamespace on a context that has one)
+            # by putting the newest value first, the older ones after it.
+            headers.setdefault(key, value)
         self.namespace: str | None = headers.get(NAMESPACE_HEADER) or None
         self.lease: str | None = headers.get(LEASE_HEADER) or None
 

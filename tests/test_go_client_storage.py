@@ -1,0 +1,120 @@
+"""containerd's own Go client against berth's containerd socket, the storage side: a pull
+with unpack from a real registry (the client fetches, writes content, applies layers
+through the Diff service onto snapshots, as nerdctl and BuildKit do), content, leases,
+images, snapshots and diffs, namespaces, introspection, export and import. One flow of
+tests/support/goclient/flows_storage.go per test; each states what it checks there."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
+from tests.support import goclient
+from tests.support.clients import grpc_address, grpc_daemon
+from tests.support.helpers import Daemon
+from tests.support.images import build_oci_archive
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.container
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    rootfs: str
+    ref: str  # an image in the registry whose /hello says "hello from the registry"
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    goclient.probe()  # built before any daemon runs (a first build takes a while)
+    daemon = grpc_daemon()
+    registry: Registry | None = None
+    try:
+        registry = Registry()
+        rootfs = build_busybox_rootfs(os.path.join(daemon.dir, "rootfs"))
+        extra = os.path.join(daemon.dir, "extra")
+        os.makedirs(extra)
+        with open(os.path.join(extra, "hello"), "w") as f:
+            f.write("hello from the registry\n")
+        archive = os.path.join(daemon.dir, "image.tar")
+        build_oci_archive([rootfs, extra], archive, name="docker.io/library/hello:go")
+        ref = f"{registry.host}/team/hello:go"
+        daemon.cli("images", "import", "--no-unpack", archive, namespace="seed", check=True)
+        daemon.cli("images", "push", "--plain-http", ref, "hello:go", namespace="seed", check=True)
+        yield Served(daemon, rootfs, ref)
+    finally:
+        try:
+            if registry is not None:
+                registry.close()
+        finally:
+            daemon.cleanup()
+
+
+def _flow(served: Served, flow: str) -> str:
+    result = goclient.run(
+        grpc_address(served.daemon),
+        served.daemon.namespace,
+        served.rootfs,
+        flow,
+        env={"GOCLIENT_REF": served.ref},
+    )
+    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_pulled_and_unpacked_image_runs(served: Served) -> None:
+    """client.Pull(WithPullUnpack) from a plain-HTTP registry under a lease: unpacked,
+    sized, its config and rootfs; a container on a new snapshot of it, with the image's
+    config, prints the file of the second layer through FIFOs; deletes clean the snapshot
+    (WithSnapshotCleanup) and the image (synchronously)."""
+    _flow(served, "pull-unpack-run")
+
+
+def test_content_store(served: Served) -> None:
+    """WriteBlob with labels (twice: the second is AlreadyExists, taken as success), Info,
+    Update by field path, Walk with a label filter, ReaderAt at an offset, an open ingest in
+    ListStatuses then aborted, a wrong digest refused, Delete then NotFound."""
+    _flow(served, "content")
+
+
+def test_leases_hold_content_until_deleted(served: Served) -> None:
+    """A lease with labels and an expiry, listed by filter; content written under it is a
+    resource of it; Add/DeleteResource; a synchronous Delete lets the GC collect it."""
+    _flow(served, "leases")
+
+
+def test_image_records(served: Served) -> None:
+    """Create (and AlreadyExists), Get, List with filters, Update by field path, NotFound
+    for a missing one, a synchronous Delete collecting what only the image held."""
+    _flow(served, "images")
+
+
+def test_snapshots_and_diffs(served: Served) -> None:
+    """Diff.Apply of a gzip layer onto a prepared snapshot (the uncompressed digest back),
+    Commit with labels, a child mounted by the client and written, Diff.Compare of a view
+    of the parent and the child (only the child's file in the layer), Usage, Walk by
+    filter, Update, a parent not removable before its children, Remove."""
+    _flow(served, "snapshots-diff")
+
+
+def test_introspection_and_server_identity(served: Served) -> None:
+    """Plugins (a snapshotter and the task runtime among them, a type filter), Server's
+    UUID, Version, IsServing: what clients check before they start."""
+    _flow(served, "introspection")
+
+
+def test_namespaces(served: Served) -> None:
+    """Create with labels (and AlreadyExists), List, a namespace holding a container is
+    not deleted (FailedPrecondition), an empty one is."""
+    _flow(served, "namespaces")
+
+
+def test_export_and_import_through_the_client(served: Served) -> None:
+    """client.Fetch, client.Export to an OCI archive, delete, client.Import under another
+    name (same target), Unpack."""
+    _flow(served, "export-import")
