@@ -71,7 +71,8 @@ def test_a_pulled_and_unpacked_image_runs(served: Served) -> None:
     """client.Pull(WithPullUnpack) from a plain-HTTP registry under a lease: unpacked,
     sized, its config and rootfs; a container on a new snapshot of it, with the image's
     config, prints the file of the second layer through FIFOs; deletes clean the snapshot
-    (WithSnapshotCleanup) and the image (synchronously)."""
+    (WithSnapshotCleanup); once the pull's lease is gone, a synchronous image delete
+    collects the unpacked layers' snapshots and the content."""
     _flow(served, "pull-unpack-run")
 
 
@@ -118,3 +119,9 @@ def test_export_and_import_through_the_client(served: Served) -> None:
     """client.Fetch, client.Export to an OCI archive, delete, client.Import under another
     name (same target), Unpack."""
     _flow(served, "export-import")
+
+
+def test_an_interrupted_ingest_resumes(served: Served) -> None:
+    """A writer cut after 300 kB and closed; opened again on the same ref, its Status has
+    the offset and the total, and content.Copy resumes there to a verified blob."""
+    _flow(served, "content-resume")

@@ -29,6 +29,7 @@ import (
 	"github.com/containerd/containerd/remotes/docker"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -37,6 +38,7 @@ const snapshotter = "overlayfs"
 func init() {
 	flows["pull-unpack-run"] = flowPullUnpackRun
 	flows["content"] = flowContent
+	flows["content-resume"] = flowContentResume
 	flows["leases"] = flowLeases
 	flows["images"] = flowImages
 	flows["snapshots-diff"] = flowSnapshotsDiff
@@ -57,11 +59,12 @@ func expect(step string, err error, want func(error) bool, what string) {
 func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, rootfs string) {
 	ref := os.Getenv("GOCLIENT_REF")
 	resolver := docker.NewResolver(docker.ResolverOptions{PlainHTTP: true})
+	unleased := ctx
 	ctx, done, err := client.WithLease(ctx)
 	if err != nil {
 		fail("WithLease", err)
 	}
-	defer done(context.Background())
+	defer done(unleased) // (a second time: not found, ignored)
 	image, err := client.Pull(ctx, ref, containerd.WithPullUnpack, containerd.WithResolver(resolver),
 		containerd.WithPullSnapshotter(snapshotter))
 	if err != nil {
@@ -93,7 +96,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("NewContainer", err)
 	}
-	defer container.Delete(context.Background(), containerd.WithSnapshotCleanup)
+	defer container.Delete(unleased, containerd.WithSnapshotCleanup)
 	// The task sleeps before it writes: the client's FIFO copy loses the output of a task
 	// that exits at once in ~30% of runs, against containerd 1.6 itself as against berth
 	// (measured: echo hi, 20 runs each; its reader is not always open in time).
@@ -102,7 +105,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("NewTask", err)
 	}
-	defer task.Delete(context.Background(), containerd.WithProcessKill)
+	defer task.Delete(unleased, containerd.WithProcessKill)
 	status, err := task.Wait(ctx)
 	if err != nil {
 		fail("Wait", err)
@@ -123,11 +126,60 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if _, err := client.SnapshotService(snapshotter).Stat(ctx, "go-pulled-snap"); !errdefs.IsNotFound(err) {
 		fail("snapshot cleaned up", fmt.Errorf("want not found, got %v", err))
 	}
+	// the unpacked layers are snapshots named by chain ID, held for the image by labels
+	chainID := identity.ChainID(diffIDs).String()
+	if _, err := client.SnapshotService(snapshotter).Stat(ctx, chainID); err != nil {
+		fail("the unpacked top layer's snapshot", err)
+	}
+	if err := done(unleased); err != nil { // the pull's lease: only the image holds things now
+		fail("delete the lease", err)
+	}
+	ctx = unleased
 	if err := client.ImageService().Delete(ctx, image.Name(), images.SynchronousDelete()); err != nil {
 		fail("image Delete", err)
 	}
 	if _, err := client.GetImage(ctx, image.Name()); !errdefs.IsNotFound(err) {
 		fail("GetImage after Delete", fmt.Errorf("want not found, got %v", err))
+	}
+	if _, err := client.SnapshotService(snapshotter).Stat(ctx, chainID); !errdefs.IsNotFound(err) {
+		fail("the image's snapshots collected", fmt.Errorf("want not found, got %v", err))
+	}
+	if _, err := client.ContentStore().Info(ctx, image.Target().Digest); !errdefs.IsNotFound(err) {
+		fail("the image's content collected", fmt.Errorf("want not found, got %v", err))
+	}
+}
+
+// flowContentResume: an ingest cut after 300 kB and closed; a writer opened again on the
+// same ref sees the offset, and content.Copy resumes from it to a verified blob.
+func flowContentResume(ctx context.Context, client *containerd.Client, address, rootfs string) {
+	cs := client.ContentStore()
+	data := bytes.Repeat([]byte("0123456789abcdef"), 64*1024)
+	desc := ocispec.Descriptor{MediaType: "application/octet-stream", Digest: digest.FromBytes(data), Size: int64(len(data))}
+	w, err := content.OpenWriter(ctx, cs, content.WithRef("goclient-resume"), content.WithDescriptor(desc))
+	if err != nil {
+		fail("OpenWriter", err)
+	}
+	if _, err := w.Write(data[:300000]); err != nil {
+		fail("Write", err)
+	}
+	w.Close()
+	w, err = content.OpenWriter(ctx, cs, content.WithRef("goclient-resume"), content.WithDescriptor(desc))
+	if err != nil {
+		fail("OpenWriter again", err)
+	}
+	status, err := w.Status()
+	if err != nil || status.Offset != 300000 || status.Total != desc.Size {
+		fail("Status of the resumed ingest", fmt.Errorf("%+v %v", status, err))
+	}
+	if err := content.Copy(ctx, w, bytes.NewReader(data), desc.Size, desc.Digest); err != nil {
+		fail("Copy (resumed)", err)
+	}
+	info, err := cs.Info(ctx, desc.Digest)
+	if err != nil || info.Size != desc.Size {
+		fail("Info", fmt.Errorf("%+v %v", info, err))
+	}
+	if err := cs.Delete(ctx, desc.Digest); err != nil {
+		fail("Delete", err)
 	}
 }
 
@@ -330,11 +382,12 @@ func layerTar(name, text string) ([]byte, digest.Digest) {
 func flowSnapshotsDiff(ctx context.Context, client *containerd.Client, address, rootfs string) {
 	sn := client.SnapshotService(snapshotter)
 	cs := client.ContentStore()
+	unleased := ctx
 	ctx, done, err := client.WithLease(ctx)
 	if err != nil {
 		fail("WithLease", err)
 	}
-	defer done(context.Background())
+	defer done(unleased)
 	blob, diffID := layerTar("etc/layer-file", "from the layer\n")
 	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
 	if err := content.WriteBlob(ctx, cs, "goclient-layer", bytes.NewReader(blob), layer); err != nil {
