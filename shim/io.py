@@ -27,6 +27,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size default; fewer wakeups per
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
 ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
+FIONREAD = 0x541B  # ioctl: bytes waiting in a pipe or FIFO (asm-generic/ioctls.h)
+READER_POLL = 0.005  # seconds between looks at what a closing FIFO's reader has left
+READER_STALL = 0.5  # seconds a closing FIFO waits for a reader that takes nothing
 
 
 DEFAULT_LOG_MAX_SIZE = 16 * 1024 * 1024
@@ -265,7 +269,7 @@ class FifoSink(Sink):
             self._loop.remove_writer(self._fd)
             self._watching = False
             if self._closing is not None:
-                self._finish_close()
+                self._await_reader()
         if was_congested and not self.congested():
             self._on_decongested()
 
@@ -273,10 +277,38 @@ class FifoSink(Sink):
         if self._closing is None:
             self._closing = Future()
             if not self._buffer:
-                self._finish_close()
+                self._await_reader()
             else:
                 self._loop.call_later(flush_timeout, self._finish_close)
         return self._closing
+
+    def _unread(self) -> int:
+        """Bytes in the FIFO its reader has not taken yet (FIONREAD on our own end)."""
+        try:
+            return int.from_bytes(fcntl.ioctl(self._fd, FIONREAD, bytes(4)), "little")
+        except OSError:
+            return 0
+
+    def _await_reader(self, last: int = -1, since: float = 0.0) -> None:
+        """Close once the reader has taken what the FIFO holds. Closing our end first would
+        lose it if the reader closes too before reading: containerd's Go client closes its
+        FIFOs as soon as it sees the exit (Task.Delete), and the exit follows this close.
+        A reader that takes nothing for READER_STALL seconds is not waited for."""
+        if self._fd < 0:
+            self._finish_close()
+            return
+        unread = self._unread()
+        now = time.monotonic()
+        if unread == 0:
+            self._finish_close()
+            return
+        if unread != last:
+            since = now
+        elif now - since >= READER_STALL:
+            log(f"{unread} bytes left unread in {self.name} by its reader; closing it")
+            self._finish_close()
+            return
+        self._loop.call_later(READER_POLL, self._await_reader, unread, since)
 
     def _finish_close(self) -> None:
         if self._fd >= 0:

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +282,44 @@ def test_fifo_without_reader_does_not_block_the_container(make_shim) -> None:  #
         assert time.monotonic() - started < 15
         c.call("delete")
     assert "dropping output" in Path(shim.bundle, "shim.log").read_text()
+
+
+def test_a_reader_that_stops_at_the_exit_has_all_the_output(make_shim) -> None:  # type: ignore[no-untyped-def]
+    """A client that closes its FIFO as soon as it learns of the exit (containerd 1.6's Go
+    client does: Task.Delete closes the FIFOs first) has read every byte: the exit waits
+    until the FIFO itself is empty, not only until the shim has written into it. The reader
+    here is slow (4 KiB every 10 ms); without the wait, up to a FIFO's 64 KiB are still in
+    it when the exit comes, and lost."""
+    size = 200_000
+    shim = make_shim(["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x"])
+    out = shim.fifo("out")
+    got = 0
+    stop = threading.Event()
+
+    def slow_reader(fd: int) -> None:
+        nonlocal got
+        try:
+            while not stop.is_set():
+                data = os.read(fd, 4096)
+                if not data:
+                    return
+                got += len(data)
+                time.sleep(0.01)
+        finally:
+            os.close(fd)  # as the client does once it saw the exit
+
+    with shim.client() as c:
+        c.call("create", {"stdout": out})
+        reader = threading.Thread(target=slow_reader, args=(os.open(out, os.O_RDONLY),))
+        reader.start()
+        try:
+            c.call("start")
+            assert c.call("wait")["exit_status"] == 0
+        finally:
+            stop.set()
+            reader.join(timeout=30)
+        assert got == size, f"{size - got} bytes lost"
+        c.call("delete")
 
 
 def test_bad_requests_get_typed_errors(make_shim) -> None:  # type: ignore[no-untyped-def]

@@ -88,20 +88,25 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if _, err := image.Usage(ctx, containerd.WithSnapshotUsage()); err != nil {
 		fail("Usage", err)
 	}
+	// pulled again: everything is there already (content exists, layers unpacked)
+	again, err := client.Pull(ctx, ref, containerd.WithPullUnpack, containerd.WithResolver(resolver),
+		containerd.WithPullSnapshotter(snapshotter))
+	if err != nil || again.Target().Digest != image.Target().Digest {
+		fail("Pull again", err)
+	}
 	container, err := client.NewContainer(ctx, "go-pulled",
 		containerd.WithImage(image),
 		containerd.WithSnapshotter(snapshotter),
 		containerd.WithNewSnapshot("go-pulled-snap", image),
-		containerd.WithNewSpec(oci.WithImageConfig(image), oci.WithProcessArgs("sh", "-c", "sleep 0.3; cat /hello")))
+		containerd.WithNewSpec(oci.WithImageConfig(image), oci.WithProcessArgs("cat", "/hello")))
 	if err != nil {
 		fail("NewContainer", err)
 	}
 	defer container.Delete(unleased, containerd.WithSnapshotCleanup)
-	// The task sleeps before it writes: the client's FIFO copy loses the output of a task
-	// that exits at once in ~30% of runs, against containerd 1.6 itself as against berth
-	// (measured: echo hi, 20 runs each; its reader is not always open in time).
-	var out bytes.Buffer
-	task, err := container.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &out)))
+	// stdout and stderr into buffers of their own: the client copies each in a goroutine
+	// of its own, and bytes.Buffer is not safe for two (one buffer loses output).
+	var out, errs bytes.Buffer
+	task, err := container.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &errs)))
 	if err != nil {
 		fail("NewTask", err)
 	}
@@ -117,8 +122,8 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if _, err := task.Delete(ctx); err != nil { // waits for the output to be copied
 		fail("task Delete", err)
 	}
-	if exit.ExitCode() != 0 || out.String() != "hello from the registry\n" {
-		fail("run", fmt.Errorf("status %d, output %q", exit.ExitCode(), out.String()))
+	if exit.ExitCode() != 0 || out.String() != "hello from the registry\n" || errs.Len() != 0 {
+		fail("run", fmt.Errorf("status %d, output %q, errors %q", exit.ExitCode(), out.String(), errs.String()))
 	}
 	if err := container.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
 		fail("container Delete", err)
