@@ -199,6 +199,17 @@ def test_close_stdin(daemon: Daemon) -> None:
     daemon.call("tasks.start", {"container_id": "c-stdin"})
     os.write(writer, b"ping\n")
     assert os.read(reader, 100) == b"ping\n"
+    # A client attaches by the FIFOs the task reports (containerd's Task.Get, `ctr tasks
+    # attach`), and so does one after a daemon restart: the shim's record gives them back.
+    stdio = {"stdin": stdin_fifo, "stdout": stdout_fifo}
+    got = daemon.call("tasks.get", {"container_id": "c-stdin"})
+    assert {k: got.get(k) for k in stdio} == stdio and not got.get("terminal")
+    daemon.kill9()
+    daemon.start()
+    got = daemon.call("tasks.get", {"container_id": "c-stdin"})
+    assert {k: got.get(k) for k in stdio} == stdio
+    os.write(writer, b"pong\n")
+    assert os.read(reader, 100) == b"pong\n"
     # The client keeps its writer open; only close_io can end cat.
     daemon.call("tasks.close_io", {"container_id": "c-stdin", "stdin": True})
     result = daemon.call("tasks.wait", {"container_id": "c-stdin"})

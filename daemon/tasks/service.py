@@ -66,6 +66,7 @@ log = logging.getLogger("berthd.tasks")
 SHIM_CALL_TIMEOUT = 30.0
 SHIM_LOG_READ = 2 * SHIM_LOG_MAX + 64 * 1024  # a reply of what a shim keeps (one frame)
 CONNECT_TIMEOUT = 5.0
+STDIO_KEYS = ("stdin", "stdout", "stderr", "terminal")  # of a process, as its client set them
 
 
 @dataclass
@@ -76,6 +77,12 @@ class ProcessView:
     exit_status: int = 0
     exited_at: int = 0
     exited: trio.Event = field(default_factory=trio.Event)
+    # The client's stdio (FIFO paths, terminal), as it asked at create or exec: a client
+    # attaches to a running process by them (containerd's Task.Get, `ctr tasks attach`).
+    stdio: dict[str, Any] = field(default_factory=dict)
+
+    def set_stdio(self, params: dict[str, Any]) -> None:
+        self.stdio = {key: params.get(key) for key in STDIO_KEYS if params.get(key)}
 
     def set_status(self, status: str) -> None:
         if self.status != STOPPED:  # an exit is final, whatever order news arrives in
@@ -107,6 +114,7 @@ class ProcessView:
             "status": self.status,
             "exit_status": self.exit_status,
             "exited_at": self.exited_at,
+            **self.stdio,
         }
 
 
@@ -247,8 +255,10 @@ class TaskService:
             await self._attach(handle)
             t2 = time.perf_counter()
             self._tasks[key] = handle
-            result = await self._call(handle, "create", self._create_params(params, mounts))
+            create_params = self._create_params(params, mounts)
+            result = await self._call(handle, "create", create_params)
             handle.init.pid = int(result["pid"])
+            handle.init.set_stdio(create_params)
             log.debug(
                 "task %s/%s created: bundle %.1f ms, shim spawn %.1f ms, attach %.1f ms, "
                 "runtime create %.1f ms",
@@ -700,7 +710,7 @@ class TaskService:
             "log": msgspec.to_builtins(params.log) if params.log is not None else None,
         }
         await self._call(handle, "exec", shim_params)
-        handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id))
+        handle.execs.setdefault(exec_id, ProcessView(exec_id=exec_id)).set_stdio(shim_params)
 
     async def delete_process(
         self, namespace: str, container_id: str, exec_id: str
@@ -805,6 +815,8 @@ class TaskService:
         wakes waiters) only once the shim has published it, i.e. drained its output; it
         is not published here: a replayed event does that, or did before a restart."""
         view.pid = state.get("pid", view.pid)
+        if any(state.get(key) for key in STDIO_KEYS):  # a shim's own record (recovery)
+            view.set_stdio(state)
         status = state.get("status", view.status)
         if status != STOPPED:
             view.set_status(status)
