@@ -4,14 +4,11 @@ berth's containerd sockets, unmodified: a probe built from Debian's containerd 1
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support import goclient
-from tests.support.clients import grpc_address, grpc_daemon
 from tests.support.helpers import Daemon
 
 pytestmark = pytest.mark.container
@@ -19,19 +16,11 @@ pytestmark = pytest.mark.container
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Daemon, str]]:
-    goclient.probe()  # built before any daemon runs (a first build takes a while)
-    daemon = grpc_daemon()
-    try:
-        yield daemon, build_busybox_rootfs(os.path.join(daemon.dir, "rootfs"))
-    finally:
-        daemon.cleanup()
+    with goclient.served() as daemon_and_rootfs:
+        yield daemon_and_rootfs
 
 
-def _flow(served: tuple[Daemon, str], flow: str) -> str:
-    daemon, rootfs = served
-    result = goclient.run(grpc_address(daemon), daemon.namespace, rootfs, flow)
-    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
-    return result.stdout
+_flow = goclient.flow
 
 
 def test_a_fresh_namespace_gets_its_default_labels(served: tuple[Daemon, str]) -> None:

@@ -4,13 +4,19 @@ golang-go; both installed by scripts/setup) into build/, once per source version
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from berth.daemon.tasks.rootfs import build_busybox_rootfs
+from tests.support.clients import grpc_address, grpc_daemon
+from tests.support.helpers import Daemon
 
 SOURCE = Path(__file__).parent / "goclient"  # main.go and flows_*.go: one package
 GOPATH = "/usr/share/gocode"
@@ -61,3 +67,23 @@ def run(
         timeout=120,
         env={**os.environ, **(env or {})},
     )
+
+
+@contextlib.contextmanager
+def served() -> Iterator[tuple[Daemon, str]]:
+    """A berthd with berth-grpc and a busybox rootfs, the probe built first (a first build
+    takes a while, and must not count against a daemon's start)."""
+    probe()
+    daemon = grpc_daemon()
+    try:
+        yield daemon, build_busybox_rootfs(os.path.join(daemon.dir, "rootfs"))
+    finally:
+        daemon.cleanup()
+
+
+def flow(served: tuple[Daemon, str], name: str) -> str:
+    """Run one flow against `served`; its output, once it said ok."""
+    daemon, rootfs = served
+    result = run(grpc_address(daemon), daemon.namespace, rootfs, name)
+    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
+    return result.stdout
