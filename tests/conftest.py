@@ -171,3 +171,14 @@ def crun_daemon() -> Iterator[Daemon]:
         yield d
     finally:
         d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def goclient_served() -> Iterator[tuple[Daemon, str]]:
+    """For containerd's Go client probe (tests/support/goclient): a berthd with berth-grpc
+    and a busybox rootfs, one per test module."""
+    _require_root_and_runc()
+    from tests.support import goclient
+
+    with goclient.served() as daemon_and_rootfs:
+        yield daemon_and_rootfs

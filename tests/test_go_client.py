@@ -4,8 +4,6 @@ berth's containerd sockets, unmodified: a probe built from Debian's containerd 1
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tests.support import goclient
@@ -14,37 +12,33 @@ from tests.support.helpers import Daemon
 pytestmark = pytest.mark.container
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Daemon, str]]:
-    with goclient.served() as daemon_and_rootfs:
-        yield daemon_and_rootfs
-
-
 _flow = goclient.flow
 
 
-def test_a_fresh_namespace_gets_its_default_labels(served: tuple[Daemon, str]) -> None:
+def test_a_fresh_namespace_gets_its_default_labels(goclient_served: tuple[Daemon, str]) -> None:
     """SetLabel on a namespace nobody created: the client's set-up of a fresh namespace
     (Namespaces.Update creates it, as containerd's store does)."""
-    _flow(served, "namespace-labels")
+    _flow(goclient_served, "namespace-labels")
 
 
-def test_a_created_task_is_deleted_by_a_deferred_cleanup(served: tuple[Daemon, str]) -> None:
+def test_a_created_task_is_deleted_by_a_deferred_cleanup(
+    goclient_served: tuple[Daemon, str],
+) -> None:
     """NewTask, then Delete(WithProcessKill) without ever starting it."""
-    _flow(served, "created-task-delete")
+    _flow(goclient_served, "created-task-delete")
 
 
-def test_container_extensions_come_back(served: tuple[Daemon, str]) -> None:
-    _flow(served, "extensions")
+def test_container_extensions_come_back(goclient_served: tuple[Daemon, str]) -> None:
+    _flow(goclient_served, "extensions")
 
 
-def test_a_container_runs_and_reports_its_exit_status(served: tuple[Daemon, str]) -> None:
+def test_a_container_runs_and_reports_its_exit_status(goclient_served: tuple[Daemon, str]) -> None:
     """NewContainer, NewTask, Wait, Start: exit status 7 through the client's channel."""
-    _flow(served, "run")
+    _flow(goclient_served, "run")
 
 
-def test_the_ttrpc_client_talks_to_the_ttrpc_socket(served: tuple[Daemon, str]) -> None:
+def test_the_ttrpc_client_talks_to_the_ttrpc_socket(goclient_served: tuple[Daemon, str]) -> None:
     """containerd's ttrpc library on `<address>.ttrpc`: Version, Tasks.List with the
     namespace in ttrpc's header, and NotFound with its gRPC code."""
-    out = _flow(served, "ttrpc")
+    out = _flow(goclient_served, "ttrpc")
     assert "code = NotFound" in out

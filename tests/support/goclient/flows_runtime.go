@@ -64,24 +64,6 @@ func init() {
 
 // -- helpers ----------------------------------------------------------------------------
 
-// rtCleanups run (last first) before a flow fails, as fail() exits without running defers.
-var rtCleanups []func()
-
-func rtFail(step string, err error) {
-	for i := len(rtCleanups) - 1; i >= 0; i-- {
-		rtCleanups[i]()
-	}
-	rtCleanups = nil
-	fail(step, err)
-}
-
-func rtRunCleanups() {
-	for i := len(rtCleanups) - 1; i >= 0; i-- {
-		rtCleanups[i]()
-	}
-	rtCleanups = nil
-}
-
 // rtCleanCtx is a fresh context in ctx's namespace: the flow's may have expired.
 func rtCleanCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	ns, _ := namespaces.Namespace(ctx)
@@ -97,9 +79,9 @@ func rtContainer(ctx context.Context, client *containerd.Client, id, rootfs stri
 	all := append([]oci.SpecOpts{oci.WithRootFSPath(rootfs), oci.WithDefaultPathEnv}, opts...)
 	container, err := client.NewContainer(ctx, id, containerd.WithNewSpec(all...))
 	if err != nil {
-		rtFail("NewContainer "+id, err)
+		fail("NewContainer "+id, err)
 	}
-	rtCleanups = append(rtCleanups, func() {
+	cleanups = append(cleanups, func() {
 		cctx, cancel := rtCleanCtx(ctx)
 		defer cancel()
 		if task, err := container.Task(cctx, nil); err == nil {
@@ -137,7 +119,7 @@ func rtWaitFor(step string, timeout time.Duration, cond func() bool, detail func
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			rtFail(step, fmt.Errorf("timed out after %s: %s", timeout, detail()))
+			fail(step, fmt.Errorf("timed out after %s: %s", timeout, detail()))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -147,11 +129,11 @@ func rtExit(step string, ch <-chan containerd.ExitStatus, timeout time.Duration)
 	select {
 	case s := <-ch:
 		if s.Error() != nil {
-			rtFail(step, s.Error())
+			fail(step, s.Error())
 		}
 		return s
 	case <-time.After(timeout):
-		rtFail(step, fmt.Errorf("no exit within %s", timeout))
+		fail(step, fmt.Errorf("no exit within %s", timeout))
 	}
 	panic("unreachable")
 }
@@ -160,15 +142,15 @@ func rtExit(step string, ch <-chan containerd.ExitStatus, timeout time.Duration)
 func rtStart(ctx context.Context, container containerd.Container, creator cio.Creator, opts ...containerd.NewTaskOpts) (containerd.Task, <-chan containerd.ExitStatus) {
 	task, err := container.NewTask(ctx, creator, opts...)
 	if err != nil {
-		rtFail("NewTask", err)
+		fail("NewTask", err)
 	}
-	rtCleanups = append(rtCleanups, rtCloseIO(task))
+	cleanups = append(cleanups, rtCloseIO(task))
 	ch, err := task.Wait(ctx)
 	if err != nil {
-		rtFail("Wait", err)
+		fail("Wait", err)
 	}
 	if err := task.Start(ctx); err != nil {
-		rtFail("Start", err)
+		fail("Start", err)
 	}
 	return task, ch
 }
@@ -188,7 +170,7 @@ func rtCloseIO(p containerd.Process) func() {
 func rtProcessSpec(ctx context.Context, container containerd.Container, args ...string) *specs.Process {
 	spec, err := container.Spec(ctx)
 	if err != nil {
-		rtFail("Spec", err)
+		fail("Spec", err)
 	}
 	p := *spec.Process
 	p.Args = args
@@ -227,7 +209,6 @@ func rtCode(err error) string {
 // CloseIO(WithStdinCloser), as the runtime holds the stdin FIFO open itself) comes back on
 // stdout, stderr apart; the exit status again from a Wait after the exit.
 func flowIO(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("io"), rootfs,
 		oci.WithProcessArgs("sh", "-c", "cat; echo err >&2; exit 4"))
 	var stdout, stderr rtBuffer
@@ -239,47 +220,47 @@ func flowIO(ctx context.Context, client *containerd.Client, address, rootfs stri
 	close(stdin.ready)
 	exit := rtExit("exit", ch, 20*time.Second)
 	if stdin.err != nil {
-		rtFail("CloseIO", stdin.err)
+		fail("CloseIO", stdin.err)
 	}
 	if exit.ExitCode() != 4 {
-		rtFail("exit", fmt.Errorf("status %d", exit.ExitCode()))
+		fail("exit", fmt.Errorf("status %d", exit.ExitCode()))
 	}
 	done := make(chan struct{})
 	go func() { task.IO().Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
-		rtFail("IO().Wait", fmt.Errorf("the output FIFOs never closed (stdout %d bytes, stderr %q)", len(stdout.String()), stderr.String()))
+		fail("IO().Wait", fmt.Errorf("the output FIFOs never closed (stdout %d bytes, stderr %q)", len(stdout.String()), stderr.String()))
 	}
 	if err := task.IO().Close(); err != nil {
-		rtFail("IO().Close", err)
+		fail("IO().Close", err)
 	}
 	if got := stdout.String(); got != input {
-		rtFail("stdout", fmt.Errorf("%d bytes, want %d: %.60q", len(got), len(input), got))
+		fail("stdout", fmt.Errorf("%d bytes, want %d: %.60q", len(got), len(input), got))
 	}
 	if got := stderr.String(); got != "err\n" {
-		rtFail("stderr", fmt.Errorf("%q", got))
+		fail("stderr", fmt.Errorf("%q", got))
 	}
 	st, err := task.Status(ctx)
 	if err != nil {
-		rtFail("Status", err)
+		fail("Status", err)
 	}
 	if st.Status != containerd.Stopped || st.ExitStatus != 4 {
-		rtFail("Status", fmt.Errorf("%+v", st))
+		fail("Status", fmt.Errorf("%+v", st))
 	}
 	again, err := task.Wait(ctx)
 	if err != nil {
-		rtFail("Wait after exit", err)
+		fail("Wait after exit", err)
 	}
 	if s := rtExit("Wait after exit", again, 5*time.Second); s.ExitCode() != 4 {
-		rtFail("Wait after exit", fmt.Errorf("status %d", s.ExitCode()))
+		fail("Wait after exit", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	deleted, err := task.Delete(ctx)
 	if err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	if deleted.ExitCode() != 4 || deleted.ExitTime().IsZero() {
-		rtFail("Delete", fmt.Errorf("exit status %d at %v", deleted.ExitCode(), deleted.ExitTime()))
+		fail("Delete", fmt.Errorf("exit status %d at %v", deleted.ExitCode(), deleted.ExitTime()))
 	}
 }
 
@@ -303,7 +284,6 @@ func (s *rtStdinCloser) Read(p []byte) (int, error) {
 // io-close-stdin: stdin a pipe the client writes, then closes; CloseIO(WithStdinCloser)
 // (the runtime's own hold on the FIFO) ends the input.
 func flowIOCloseStdin(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("closeio"), rootfs,
 		oci.WithProcessArgs("sh", "-c", "cat; echo eof"))
 	r, w := io.Pipe()
@@ -311,71 +291,70 @@ func flowIOCloseStdin(ctx context.Context, client *containerd.Client, address, r
 	var stdout rtBuffer
 	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(r, &stdout, &stdout)))
 	if _, err := w.Write([]byte("abc\n")); err != nil {
-		rtFail("write stdin", err)
+		fail("write stdin", err)
 	}
 	rtWaitFor("echo of stdin", 10*time.Second, func() bool { return stdout.String() == "abc\n" }, stdout.String)
 	w.Close()
 	if err := task.CloseIO(ctx, containerd.WithStdinCloser); err != nil {
-		rtFail("CloseIO", err)
+		fail("CloseIO", err)
 	}
 	exit := rtExit("exit after CloseIO", ch, 10*time.Second)
 	if exit.ExitCode() != 0 {
-		rtFail("exit", fmt.Errorf("status %d", exit.ExitCode()))
+		fail("exit", fmt.Errorf("status %d", exit.ExitCode()))
 	}
 	task.IO().Wait()
 	if got := stdout.String(); got != "abc\neof\n" {
-		rtFail("stdout", fmt.Errorf("%q", got))
+		fail("stdout", fmt.Errorf("%q", got))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // exec: an exec's output and exit status, its status through its life, its ID used
 // again once deleted, a second exec with a live one's ID refused.
 func flowExec(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("exec"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	var out rtBuffer
 	process, err := task.Exec(ctx, "e1", rtProcessSpec(ctx, container, "sh", "-c", "echo hi; exit 3"),
 		cio.NewCreator(cio.WithStreams(nil, &out, &out)))
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
-	rtCleanups = append(rtCleanups, rtCloseIO(process))
+	cleanups = append(cleanups, rtCloseIO(process))
 	if st, err := process.Status(ctx); err != nil || st.Status != containerd.Created {
-		rtFail("exec Status before Start", fmt.Errorf("%+v %v", st, err))
+		fail("exec Status before Start", fmt.Errorf("%+v %v", st, err))
 	}
 	ch, err := process.Wait(ctx)
 	if err != nil {
-		rtFail("exec Wait", err)
+		fail("exec Wait", err)
 	}
 	if err := process.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	if process.Pid() == 0 {
-		rtFail("exec Pid", fmt.Errorf("0 after Start"))
+		fail("exec Pid", fmt.Errorf("0 after Start"))
 	}
 	if s := rtExit("exec exit", ch, 10*time.Second); s.ExitCode() != 3 {
-		rtFail("exec exit", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exec exit", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	process.IO().Wait()
 	if out.String() != "hi\n" {
-		rtFail("exec output", fmt.Errorf("%q", out.String()))
+		fail("exec output", fmt.Errorf("%q", out.String()))
 	}
 	if st, err := process.Status(ctx); err != nil || st.Status != containerd.Stopped || st.ExitStatus != 3 {
-		rtFail("exec Status after exit", fmt.Errorf("%+v %v", st, err))
+		fail("exec Status after exit", fmt.Errorf("%+v %v", st, err))
 	}
 	deleted, err := process.Delete(ctx)
 	if err != nil {
-		rtFail("exec Delete", err)
+		fail("exec Delete", err)
 	}
 	if deleted.ExitCode() != 3 {
-		rtFail("exec Delete", fmt.Errorf("status %d", deleted.ExitCode()))
+		fail("exec Delete", fmt.Errorf("status %d", deleted.ExitCode()))
 	}
 	if _, err := task.LoadProcess(ctx, "e1", nil); err == nil || !errdefs.IsNotFound(errors.Unwrap(err)) && !errdefs.IsNotFound(err) {
-		rtFail("LoadProcess of a deleted exec", fmt.Errorf("want NotFound, got %v", err))
+		fail("LoadProcess of a deleted exec", fmt.Errorf("want NotFound, got %v", err))
 	}
 
 	// the same ID again
@@ -383,54 +362,53 @@ func flowExec(ctx context.Context, client *containerd.Client, address, rootfs st
 	again, err := task.Exec(ctx, "e1", rtProcessSpec(ctx, container, "echo", "again"),
 		cio.NewCreator(cio.WithStreams(nil, &out2, &out2)))
 	if err != nil {
-		rtFail("Exec (ID used again)", err)
+		fail("Exec (ID used again)", err)
 	}
-	rtCleanups = append(rtCleanups, rtCloseIO(again))
+	cleanups = append(cleanups, rtCloseIO(again))
 	ch, err = again.Wait(ctx)
 	if err != nil {
-		rtFail("Wait (ID used again)", err)
+		fail("Wait (ID used again)", err)
 	}
 	if err := again.Start(ctx); err != nil {
-		rtFail("Start (ID used again)", err)
+		fail("Start (ID used again)", err)
 	}
 	if s := rtExit("exit (ID used again)", ch, 10*time.Second); s.ExitCode() != 0 {
-		rtFail("exit (ID used again)", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit (ID used again)", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	again.IO().Wait()
 	if out2.String() != "again\n" {
-		rtFail("output (ID used again)", fmt.Errorf("%q", out2.String()))
+		fail("output (ID used again)", fmt.Errorf("%q", out2.String()))
 	}
 	if _, err := again.Delete(ctx); err != nil {
-		rtFail("Delete (ID used again)", err)
+		fail("Delete (ID used again)", err)
 	}
 
 	// a live exec's ID
 	live, err := task.Exec(ctx, "e2", rtProcessSpec(ctx, container, "sleep", "100"), cio.NullIO)
 	if err != nil {
-		rtFail("Exec e2", err)
+		fail("Exec e2", err)
 	}
 	if err := live.Start(ctx); err != nil {
-		rtFail("Start e2", err)
+		fail("Start e2", err)
 	}
 	_, err = task.Exec(ctx, "e2", rtProcessSpec(ctx, container, "true"), cio.NullIO)
 	if err == nil {
-		rtFail("Exec of a live exec's ID", fmt.Errorf("accepted"))
+		fail("Exec of a live exec's ID", fmt.Errorf("accepted"))
 	}
 	if !errdefs.IsAlreadyExists(err) {
-		rtFail("Exec of a live exec's ID", fmt.Errorf("want AlreadyExists, got %v (%s)", err, rtCode(err)))
+		fail("Exec of a live exec's ID", fmt.Errorf("want AlreadyExists, got %v (%s)", err, rtCode(err)))
 	}
 	// the deferred clean-up of an exec, as clients write it
 	if _, err := live.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("Delete(WithProcessKill) e2", err)
+		fail("Delete(WithProcessKill) e2", err)
 	}
 	if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("task Delete", err)
+		fail("task Delete", err)
 	}
 }
 
 // exec-missing-binary: what exec'ing a program the rootfs lacks answers, and when.
 func flowExecMissingBinary(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("execmiss"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	process, err := task.Exec(ctx, "missing", rtProcessSpec(ctx, container, "/no/such/binary"), cio.NullIO)
@@ -440,7 +418,7 @@ func flowExecMissingBinary(ctx context.Context, client *containerd.Client, addre
 	}
 	err = process.Start(ctx)
 	if err == nil {
-		rtFail("exec Start", fmt.Errorf("no error for a missing binary"))
+		fail("exec Start", fmt.Errorf("no error for a missing binary"))
 	}
 	fmt.Printf("Start error: %v (%s)\n", err, rtCode(err))
 	if _, err := process.Delete(ctx); err != nil {
@@ -448,42 +426,40 @@ func flowExecMissingBinary(ctx context.Context, client *containerd.Client, addre
 	}
 	// the task is unharmed
 	if st, err := task.Status(ctx); err != nil || st.Status != containerd.Running {
-		rtFail("task Status", fmt.Errorf("%+v %v", st, err))
+		fail("task Status", fmt.Errorf("%+v %v", st, err))
 	}
 	// and the ID is free again
 	again, err := task.Exec(ctx, "missing", rtProcessSpec(ctx, container, "true"), cio.NullIO)
 	if err != nil {
-		rtFail("Exec (ID of the failed exec)", err)
+		fail("Exec (ID of the failed exec)", err)
 	}
 	if _, err := again.Delete(ctx); err != nil {
-		rtFail("Delete of a created exec", err)
+		fail("Delete of a created exec", err)
 	}
 }
 
 // tty: a terminal task; Resize shows in `stty size`.
 func flowTTY(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("tty"), rootfs, oci.WithTTY,
 		oci.WithProcessArgs("sh", "-c", `while [ "$(stty size)" != "40 100" ]; do sleep 0.05; done; stty size; tty`))
 	var out rtBuffer
 	task, ch := rtStart(ctx, container,
 		cio.NewCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
 	if err := task.Resize(ctx, 100, 40); err != nil {
-		rtFail("Resize", err)
+		fail("Resize", err)
 	}
 	s := rtExit("exit after Resize", ch, 10*time.Second)
 	task.IO().Wait()
 	if s.ExitCode() != 0 || !strings.Contains(out.String(), "40 100\r\n") || !strings.Contains(out.String(), "/dev/") {
-		rtFail("output", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
+		fail("output", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // tty-exec: a terminal exec in a non-terminal task; process.Resize.
 func flowTTYExec(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("ttyexec"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	spec := rtProcessSpec(ctx, container, "sh", "-c", `while [ "$(stty size)" != "30 80" ]; do sleep 0.05; done; stty size`)
@@ -492,47 +468,46 @@ func flowTTYExec(ctx context.Context, client *containerd.Client, address, rootfs
 	process, err := task.Exec(ctx, "t1", spec,
 		cio.NewCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
-	rtCleanups = append(rtCleanups, rtCloseIO(process))
+	cleanups = append(cleanups, rtCloseIO(process))
 	ch, err := process.Wait(ctx)
 	if err != nil {
-		rtFail("exec Wait", err)
+		fail("exec Wait", err)
 	}
 	if err := process.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	if err := process.Resize(ctx, 80, 30); err != nil {
-		rtFail("exec Resize", err)
+		fail("exec Resize", err)
 	}
 	s := rtExit("exec exit after Resize", ch, 10*time.Second)
 	process.IO().Wait()
 	if s.ExitCode() != 0 || !strings.Contains(out.String(), "30 80\r\n") {
-		rtFail("exec output", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
+		fail("exec output", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
 	}
 	if _, err := process.Delete(ctx); err != nil {
-		rtFail("exec Delete", err)
+		fail("exec Delete", err)
 	}
 }
 
 // pids-metrics: Pids (the init's, an exec's with its ProcessDetails) and Metrics as ctr
 // reads them (typeurl to cgroups' v1 or v2 Metrics).
 func flowPidsMetrics(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("metrics"), rootfs,
 		oci.WithProcessArgs("sh", "-c", "x=$(head -c 4000000 /dev/zero | tr '\\0' a); sleep 100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	process, err := task.Exec(ctx, "m1", rtProcessSpec(ctx, container, "sleep", "100"), cio.NullIO)
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
 	if err := process.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	time.Sleep(300 * time.Millisecond)
 	pids, err := task.Pids(ctx)
 	if err != nil {
-		rtFail("Pids", err)
+		fail("Pids", err)
 	}
 	var initFound, execFound bool
 	for _, p := range pids {
@@ -542,11 +517,11 @@ func flowPidsMetrics(ctx context.Context, client *containerd.Client, address, ro
 		if p.Info != nil {
 			v, err := typeurl.UnmarshalAny(p.Info)
 			if err != nil {
-				rtFail("Pids info", err)
+				fail("Pids info", err)
 			}
 			d, ok := v.(*options.ProcessDetails)
 			if !ok {
-				rtFail("Pids info", fmt.Errorf("%T", v))
+				fail("Pids info", fmt.Errorf("%T", v))
 			}
 			if d.ExecID == "m1" && p.Pid == process.Pid() {
 				execFound = true
@@ -554,87 +529,85 @@ func flowPidsMetrics(ctx context.Context, client *containerd.Client, address, ro
 		}
 	}
 	if !initFound || !execFound {
-		rtFail("Pids", fmt.Errorf("init %d exec %d: got %+v", task.Pid(), process.Pid(), pids))
+		fail("Pids", fmt.Errorf("init %d exec %d: got %+v", task.Pid(), process.Pid(), pids))
 	}
 	metric, err := task.Metrics(ctx)
 	if err != nil {
-		rtFail("Metrics", err)
+		fail("Metrics", err)
 	}
 	if metric.ID != container.ID() {
-		rtFail("Metrics", fmt.Errorf("id %q", metric.ID))
+		fail("Metrics", fmt.Errorf("id %q", metric.ID))
 	}
 	data, err := typeurl.UnmarshalAny(metric.Data)
 	if err != nil {
-		rtFail("Metrics UnmarshalAny", fmt.Errorf("%s: %w", metric.Data.TypeUrl, err))
+		fail("Metrics UnmarshalAny", fmt.Errorf("%s: %w", metric.Data.TypeUrl, err))
 	}
 	switch m := data.(type) {
 	case *cgroupsv1.Metrics:
 		if m.Memory == nil || m.Memory.Usage == nil || m.Memory.Usage.Usage == 0 {
-			rtFail("v1 memory", fmt.Errorf("%+v", m.Memory))
+			fail("v1 memory", fmt.Errorf("%+v", m.Memory))
 		}
 		if m.Pids == nil || m.Pids.Current < 2 {
-			rtFail("v1 pids", fmt.Errorf("%+v", m.Pids))
+			fail("v1 pids", fmt.Errorf("%+v", m.Pids))
 		}
 		if m.CPU == nil || m.CPU.Usage == nil || m.CPU.Usage.Total == 0 {
-			rtFail("v1 cpu", fmt.Errorf("%+v", m.CPU))
+			fail("v1 cpu", fmt.Errorf("%+v", m.CPU))
 		}
 		fmt.Printf("cgroups v1: memory %d, pids %d, cpu %dns\n", m.Memory.Usage.Usage, m.Pids.Current, m.CPU.Usage.Total)
 	case *cgroupsv2.Metrics:
 		if m.Memory == nil || m.Memory.Usage == 0 {
-			rtFail("v2 memory", fmt.Errorf("%+v", m.Memory))
+			fail("v2 memory", fmt.Errorf("%+v", m.Memory))
 		}
 		if m.Pids == nil || m.Pids.Current < 2 {
-			rtFail("v2 pids", fmt.Errorf("%+v", m.Pids))
+			fail("v2 pids", fmt.Errorf("%+v", m.Pids))
 		}
 		fmt.Printf("cgroups v2: memory %d, pids %d\n", m.Memory.Usage, m.Pids.Current)
 	default:
-		rtFail("Metrics", fmt.Errorf("data of type %T (%s)", data, metric.Data.TypeUrl))
+		fail("Metrics", fmt.Errorf("data of type %T (%s)", data, metric.Data.TypeUrl))
 	}
 	if _, err := process.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("exec Delete", err)
+		fail("exec Delete", err)
 	}
 }
 
 // pause-resume: Status follows Pause and Resume; Delete of a running task is refused.
 func flowPauseResume(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("pause"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	if err := task.Pause(ctx); err != nil {
-		rtFail("Pause", err)
+		fail("Pause", err)
 	}
 	if st, err := task.Status(ctx); err != nil || st.Status != containerd.Paused {
-		rtFail("Status after Pause", fmt.Errorf("%+v %v", st, err))
+		fail("Status after Pause", fmt.Errorf("%+v %v", st, err))
 	}
 	if err := task.Resume(ctx); err != nil {
-		rtFail("Resume", err)
+		fail("Resume", err)
 	}
 	if st, err := task.Status(ctx); err != nil || st.Status != containerd.Running {
-		rtFail("Status after Resume", fmt.Errorf("%+v %v", st, err))
+		fail("Status after Resume", fmt.Errorf("%+v %v", st, err))
 	}
 	if _, err := task.Delete(ctx); err == nil || !errdefs.IsFailedPrecondition(err) {
-		rtFail("Delete of a running task", fmt.Errorf("want FailedPrecondition, got %v", err))
+		fail("Delete of a running task", fmt.Errorf("want FailedPrecondition, got %v", err))
 	}
 	// a paused task is killed by the deferred clean-up too
 	if err := task.Pause(ctx); err != nil {
-		rtFail("Pause again", err)
+		fail("Pause again", err)
 	}
 	if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("Delete(WithProcessKill) of a paused task", err)
+		fail("Delete(WithProcessKill) of a paused task", err)
 	}
 }
 
 // update-resources: Tasks/Update of the memory limit, read back through Metrics and the
 // container's own cgroup.
 func flowUpdateResources(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("update"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	limit := int64(64 * 1024 * 1024)
 	if err := task.Update(ctx, containerd.WithResources(&specs.LinuxResources{
 		Memory: &specs.LinuxMemory{Limit: &limit},
 	})); err != nil {
-		rtFail("Update", err)
+		fail("Update", err)
 	}
 	// what a JVM or Go runtime sizing itself reads: its own cgroup, through the spec's
 	// cgroup mount at /sys/fs/cgroup
@@ -643,11 +616,11 @@ func flowUpdateResources(ctx context.Context, client *containerd.Client, address
 		"cat /sys/fs/cgroup/memory/memory.limit_in_bytes || cat /sys/fs/cgroup/memory.max || { ls /sys/fs/cgroup; grep cgroup /proc/mounts; }"),
 		cio.NewCreator(cio.WithStreams(nil, &out, &out)))
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
 	ch, _ := process.Wait(ctx)
 	if err := process.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	rtExit("exec exit", ch, 10*time.Second)
 	process.IO().Wait()
@@ -657,11 +630,11 @@ func flowUpdateResources(ctx context.Context, client *containerd.Client, address
 	}
 	metric, err := task.Metrics(ctx)
 	if err != nil {
-		rtFail("Metrics", err)
+		fail("Metrics", err)
 	}
 	data, err := typeurl.UnmarshalAny(metric.Data)
 	if err != nil {
-		rtFail("Metrics UnmarshalAny", err)
+		fail("Metrics UnmarshalAny", err)
 	}
 	var got uint64
 	switch m := data.(type) {
@@ -671,36 +644,35 @@ func flowUpdateResources(ctx context.Context, client *containerd.Client, address
 		got = m.Memory.UsageLimit
 	}
 	if got != uint64(limit) {
-		rtFail("limit through Metrics", fmt.Errorf("%d, want %d", got, limit))
+		fail("limit through Metrics", fmt.Errorf("%d, want %d", got, limit))
 	}
 }
 
 // container-records: SetLabels, Labels, Update, Spec, Info as clients use them.
 func flowContainerRecords(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	args := []string{"sh", "-c", "echo 'a b'; exit 0"}
 	container := rtContainer(ctx, client, rtID("records"), rootfs, oci.WithProcessArgs(args...))
 	if _, err := container.SetLabels(ctx, map[string]string{"keep": "1"}); err != nil {
-		rtFail("SetLabels", err)
+		fail("SetLabels", err)
 	}
 	labels, err := container.SetLabels(ctx, map[string]string{"a": "1"})
 	if err != nil {
-		rtFail("SetLabels", err)
+		fail("SetLabels", err)
 	}
 	if len(labels) != 2 || labels["a"] != "1" || labels["keep"] != "1" {
-		rtFail("SetLabels answer", fmt.Errorf("%v", labels))
+		fail("SetLabels answer", fmt.Errorf("%v", labels))
 	}
 	labels, err = container.Labels(ctx)
 	if err != nil || len(labels) != 2 || labels["a"] != "1" {
-		rtFail("Labels", fmt.Errorf("%v %v", labels, err))
+		fail("Labels", fmt.Errorf("%v %v", labels, err))
 	}
 	if err := container.Update(ctx, containerd.UpdateContainerOpts(
 		containerd.WithContainerLabels(map[string]string{"b": "2"}))); err != nil {
-		rtFail("Update", err)
+		fail("Update", err)
 	}
 	labels, err = container.Labels(ctx)
 	if err != nil || len(labels) != 1 || labels["b"] != "2" {
-		rtFail("Labels after Update", fmt.Errorf("%v %v", labels, err))
+		fail("Labels after Update", fmt.Errorf("%v %v", labels, err))
 	}
 	// a spec update (as nerdctl update / dockerd's container update)
 	if err := container.Update(ctx, func(ctx context.Context, client *containerd.Client, c *containers.Container) error {
@@ -711,46 +683,45 @@ func flowContainerRecords(ctx context.Context, client *containerd.Client, addres
 		spec.Hostname = "updated"
 		return containerd.WithSpec(spec)(ctx, client, c)
 	}); err != nil {
-		rtFail("Update spec", err)
+		fail("Update spec", err)
 	}
 	spec, err := container.Spec(ctx)
 	if err != nil {
-		rtFail("Spec", err)
+		fail("Spec", err)
 	}
 	if strings.Join(spec.Process.Args, "\x00") != strings.Join(args, "\x00") || spec.Hostname != "updated" {
-		rtFail("Spec", fmt.Errorf("args %q hostname %q", spec.Process.Args, spec.Hostname))
+		fail("Spec", fmt.Errorf("args %q hostname %q", spec.Process.Args, spec.Hostname))
 	}
 	if spec.Root == nil || spec.Root.Path != rootfs {
-		rtFail("Spec root", fmt.Errorf("%+v", spec.Root))
+		fail("Spec root", fmt.Errorf("%+v", spec.Root))
 	}
 	info, err := container.Info(ctx)
 	if err != nil {
-		rtFail("Info", err)
+		fail("Info", err)
 	}
 	if info.ID != container.ID() || info.Runtime.Name == "" || info.CreatedAt.IsZero() ||
 		info.UpdatedAt.Before(info.CreatedAt) || info.Spec == nil || info.Labels["b"] != "2" {
-		rtFail("Info", fmt.Errorf("%+v", info))
+		fail("Info", fmt.Errorf("%+v", info))
 	}
 	fmt.Printf("runtime %q\n", info.Runtime.Name)
 	if info2, err := container.Info(ctx, containerd.WithoutRefreshedMetadata); err != nil || info2.ID != info.ID {
-		rtFail("Info(WithoutRefreshedMetadata)", fmt.Errorf("%+v %v", info2, err))
+		fail("Info(WithoutRefreshedMetadata)", fmt.Errorf("%+v %v", info2, err))
 	}
 	loaded, err := client.LoadContainer(ctx, container.ID())
 	if err != nil {
-		rtFail("LoadContainer", err)
+		fail("LoadContainer", err)
 	}
 	if _, err := loaded.Task(ctx, nil); err == nil || !errdefs.IsNotFound(err) {
-		rtFail("Task of a container without one", fmt.Errorf("want NotFound, got %v", err))
+		fail("Task of a container without one", fmt.Errorf("want NotFound, got %v", err))
 	}
 	listed, err := client.Containers(ctx, "labels.b==2")
 	if err != nil || len(listed) != 1 || listed[0].ID() != container.ID() {
-		rtFail("Containers(labels.b==2)", fmt.Errorf("%d %v", len(listed), err))
+		fail("Containers(labels.b==2)", fmt.Errorf("%d %v", len(listed), err))
 	}
 }
 
 // events: the task events of a run, in order, each an event typeurl unmarshals.
 func flowEvents(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	ch, errs := client.Subscribe(sctx, `topic~="/tasks/"`)
@@ -760,7 +731,7 @@ func flowEvents(ctx context.Context, client *containerd.Client, address, rootfs 
 	task, exitCh := rtStart(ctx, container, cio.NullIO)
 	rtExit("exit", exitCh, 10*time.Second)
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	var topics []string
@@ -769,39 +740,39 @@ func flowEvents(ctx context.Context, client *containerd.Client, address, rootfs 
 		select {
 		case e := <-ch:
 			if e.Namespace != ns {
-				rtFail("envelope namespace", fmt.Errorf("%q", e.Namespace))
+				fail("envelope namespace", fmt.Errorf("%q", e.Namespace))
 			}
 			if !strings.HasPrefix(e.Topic, "/tasks/") {
-				rtFail("filter", fmt.Errorf("topic %q passed topic~=\"/tasks/\"", e.Topic))
+				fail("filter", fmt.Errorf("topic %q passed topic~=\"/tasks/\"", e.Topic))
 			}
 			v, err := typeurl.UnmarshalAny(e.Event)
 			if err != nil {
-				rtFail("UnmarshalAny "+e.Topic, err)
+				fail("UnmarshalAny "+e.Topic, err)
 			}
 			var cid string
 			switch ev := v.(type) {
 			case *eventstypes.TaskCreate:
 				cid = ev.ContainerID
 				if ev.Pid == 0 {
-					rtFail("TaskCreate", fmt.Errorf("%+v", ev))
+					fail("TaskCreate", fmt.Errorf("%+v", ev))
 				}
 			case *eventstypes.TaskStart:
 				cid = ev.ContainerID
 				if ev.Pid != task.Pid() {
-					rtFail("TaskStart", fmt.Errorf("%+v, pid %d", ev, task.Pid()))
+					fail("TaskStart", fmt.Errorf("%+v, pid %d", ev, task.Pid()))
 				}
 			case *eventstypes.TaskExit:
 				cid = ev.ContainerID
 				if ev.ExitStatus != 5 || ev.ID != id || ev.Pid != task.Pid() || ev.ExitedAt.IsZero() {
-					rtFail("TaskExit", fmt.Errorf("%+v", ev))
+					fail("TaskExit", fmt.Errorf("%+v", ev))
 				}
 			case *eventstypes.TaskDelete:
 				cid = ev.ContainerID
 				if ev.ExitStatus != 5 || ev.Pid != task.Pid() {
-					rtFail("TaskDelete", fmt.Errorf("%+v", ev))
+					fail("TaskDelete", fmt.Errorf("%+v", ev))
 				}
 			default:
-				rtFail("event type", fmt.Errorf("%s: %T", e.Topic, v))
+				fail("event type", fmt.Errorf("%s: %T", e.Topic, v))
 			}
 			if cid != id {
 				continue
@@ -810,14 +781,14 @@ func flowEvents(ctx context.Context, client *containerd.Client, address, rootfs 
 			if e.Topic == "/tasks/delete" {
 				want := "/tasks/create /tasks/start /tasks/exit /tasks/delete"
 				if strings.Join(topics, " ") != want {
-					rtFail("order", fmt.Errorf("%v, want %s", topics, want))
+					fail("order", fmt.Errorf("%v, want %s", topics, want))
 				}
 				return
 			}
 		case err := <-errs:
-			rtFail("Subscribe", err)
+			fail("Subscribe", err)
 		case <-timeout:
-			rtFail("events", fmt.Errorf("no /tasks/delete; got %v", topics))
+			fail("events", fmt.Errorf("no /tasks/delete; got %v", topics))
 		}
 	}
 }
@@ -849,20 +820,19 @@ func flowEventsPublish(ctx context.Context, client *containerd.Client, address, 
 
 // kill-signals: a trapped SIGTERM's exit status; Kill(WithKillAll); an exec's Kill.
 func flowKillSignals(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("kill"), rootfs,
 		oci.WithProcessArgs("sh", "-c", `trap "exit 9" TERM; echo ready; while :; do sleep 0.1; done`))
 	var out rtBuffer
 	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)))
 	rtWaitFor("trap set", 10*time.Second, func() bool { return strings.Contains(out.String(), "ready") }, out.String)
 	if err := task.Kill(ctx, syscall.SIGTERM); err != nil {
-		rtFail("Kill(SIGTERM)", err)
+		fail("Kill(SIGTERM)", err)
 	}
 	if s := rtExit("exit after SIGTERM", ch, 10*time.Second); s.ExitCode() != 9 {
-		rtFail("exit after SIGTERM", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit after SIGTERM", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 
 	// Kill with WithKillAll: every process of the container
@@ -871,34 +841,34 @@ func flowKillSignals(ctx context.Context, client *containerd.Client, address, ro
 	task2, ch2 := rtStart(ctx, all, cio.NullIO)
 	exec, err := task2.Exec(ctx, "k1", rtProcessSpec(ctx, all, "sleep", "100"), cio.NullIO)
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
 	execCh, err := exec.Wait(ctx)
 	if err != nil {
-		rtFail("exec Wait", err)
+		fail("exec Wait", err)
 	}
 	if err := exec.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	// an exec's own Kill
 	if err := exec.Kill(ctx, syscall.SIGKILL); err != nil {
-		rtFail("exec Kill", err)
+		fail("exec Kill", err)
 	}
 	if s := rtExit("exec exit after Kill", execCh, 10*time.Second); s.ExitCode() != 137 {
-		rtFail("exec exit after Kill", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exec exit after Kill", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if _, err := exec.Delete(ctx); err != nil {
-		rtFail("exec Delete", err)
+		fail("exec Delete", err)
 	}
 	time.Sleep(200 * time.Millisecond)
 	if err := task2.Kill(ctx, syscall.SIGKILL, containerd.WithKillAll); err != nil {
-		rtFail("Kill(SIGKILL, WithKillAll)", err)
+		fail("Kill(SIGKILL, WithKillAll)", err)
 	}
 	if s := rtExit("exit after KillAll", ch2, 10*time.Second); s.ExitCode() != 137 {
-		rtFail("exit after KillAll", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit after KillAll", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if pids, err := task2.Pids(ctx); err == nil && len(pids) != 0 {
-		rtFail("Pids after KillAll", fmt.Errorf("%+v", pids))
+		fail("Pids after KillAll", fmt.Errorf("%+v", pids))
 	}
 	if err := task2.Kill(ctx, syscall.SIGKILL); err == nil {
 		fmt.Println("note: kill of an exited task succeeded")
@@ -906,25 +876,21 @@ func flowKillSignals(ctx context.Context, client *containerd.Client, address, ro
 		fmt.Printf("kill of an exited task: %v (%s)\n", err, rtCode(err))
 	}
 	if _, err := task2.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
-// reattach: a task whose first client went away (ctr run -d), attached to again through
-// its FIFOs as `ctr tasks attach` does: input and output after the attach.
-func flowReattach(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
-	id := rtID("attach")
-	container := rtContainer(ctx, client, id, rootfs,
-		oci.WithProcessArgs("sh", "-c", `echo started; while read l; do echo "got $l"; done; echo eof`))
+// rtStartDirect: a task started with FIFOs in a temp dir, its client's ends opened
+// directly (cio.DirectIO), as a client that will go away and leave the task running.
+func rtStartDirect(ctx context.Context, container containerd.Container, id string) (containerd.Task, *cio.DirectIO) {
 	dir, err := os.MkdirTemp("", "goclient-fifo-")
 	if err != nil {
-		rtFail("MkdirTemp", err)
+		fail("MkdirTemp", err)
 	}
-	rtCleanups = append(rtCleanups, func() { os.RemoveAll(dir) })
+	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	fifos, err := cio.NewFIFOSetInDir(dir, id, false)
 	if err != nil {
-		rtFail("NewFIFOSetInDir", err)
+		fail("NewFIFOSetInDir", err)
 	}
 	var first *cio.DirectIO
 	task, err := container.NewTask(ctx, func(string) (cio.IO, error) {
@@ -933,22 +899,32 @@ func flowReattach(ctx context.Context, client *containerd.Client, address, rootf
 		return d, err
 	})
 	if err != nil {
-		rtFail("NewTask", err)
+		fail("NewTask", err)
 	}
 	if err := task.Start(ctx); err != nil {
-		rtFail("Start", err)
+		fail("Start", err)
 	}
+	return task, first
+}
+
+// reattach: a task whose first client went away (ctr run -d), attached to again through
+// its FIFOs as `ctr tasks attach` does: input and output after the attach.
+func flowReattach(ctx context.Context, client *containerd.Client, address, rootfs string) {
+	id := rtID("attach")
+	container := rtContainer(ctx, client, id, rootfs,
+		oci.WithProcessArgs("sh", "-c", `echo started; while read l; do echo "got $l"; done; echo eof`))
+	task, first := rtStartDirect(ctx, container, id)
 	line := make([]byte, 64)
 	n, err := first.Stdout.Read(line)
 	if err != nil || string(line[:n]) != "started\n" {
-		rtFail("first output", fmt.Errorf("%q %v", line[:n], err))
+		fail("first output", fmt.Errorf("%q %v", line[:n], err))
 	}
 	if _, err := first.Stdin.Write([]byte("one\n")); err != nil {
-		rtFail("first input", err)
+		fail("first input", err)
 	}
 	n, err = first.Stdout.Read(line)
 	if err != nil || string(line[:n]) != "got one\n" {
-		rtFail("first echo", fmt.Errorf("%q %v", line[:n], err))
+		fail("first echo", fmt.Errorf("%q %v", line[:n], err))
 	}
 	// the first client goes away (its ends of the FIFOs close; the FIFOs stay)
 	first.Stdin.Close()
@@ -958,61 +934,40 @@ func flowReattach(ctx context.Context, client *containerd.Client, address, rootf
 
 	loaded, err := client.LoadContainer(ctx, id)
 	if err != nil {
-		rtFail("LoadContainer", err)
+		fail("LoadContainer", err)
 	}
 	r, w := io.Pipe()
 	defer w.Close()
 	var out rtBuffer
 	attached, err := loaded.Task(ctx, cio.NewAttach(cio.WithStreams(r, &out, &out)))
 	if err != nil {
-		rtFail("Task(NewAttach)", err)
+		fail("Task(NewAttach)", err)
 	}
 	if attached.Pid() != task.Pid() {
-		rtFail("attached Pid", fmt.Errorf("%d, want %d", attached.Pid(), task.Pid()))
+		fail("attached Pid", fmt.Errorf("%d, want %d", attached.Pid(), task.Pid()))
 	}
 	if st, err := attached.Status(ctx); err != nil || st.Status != containerd.Running {
-		rtFail("attached Status", fmt.Errorf("%+v %v (the task ended when its first client went away?)", st, err))
+		fail("attached Status", fmt.Errorf("%+v %v (the task ended when its first client went away?)", st, err))
 	}
 	if _, err := w.Write([]byte("two\n")); err != nil {
-		rtFail("attached input", err)
+		fail("attached input", err)
 	}
 	rtWaitFor("output after attach", 10*time.Second, func() bool { return strings.Contains(out.String(), "got two\n") }, out.String)
 	if _, err := attached.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // reattach-output: output only: a task printing on, its first client gone (its ends of the
 // FIFOs closed), still running and heard again through cio.NewAttach.
 func flowReattachOutput(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	id := rtID("attachout")
 	container := rtContainer(ctx, client, id, rootfs,
 		oci.WithProcessArgs("sh", "-c", `i=0; while :; do echo "tick $i"; i=$((i+1)); sleep 0.05; done`))
-	dir, err := os.MkdirTemp("", "goclient-fifo-")
-	if err != nil {
-		rtFail("MkdirTemp", err)
-	}
-	rtCleanups = append(rtCleanups, func() { os.RemoveAll(dir) })
-	fifos, err := cio.NewFIFOSetInDir(dir, id, false)
-	if err != nil {
-		rtFail("NewFIFOSetInDir", err)
-	}
-	var first *cio.DirectIO
-	task, err := container.NewTask(ctx, func(string) (cio.IO, error) {
-		d, err := cio.NewDirectIO(ctx, fifos)
-		first = d
-		return d, err
-	})
-	if err != nil {
-		rtFail("NewTask", err)
-	}
-	if err := task.Start(ctx); err != nil {
-		rtFail("Start", err)
-	}
+	_, first := rtStartDirect(ctx, container, id)
 	line := make([]byte, 64)
 	if n, err := first.Stdout.Read(line); err != nil || !strings.HasPrefix(string(line[:n]), "tick 0") {
-		rtFail("first output", fmt.Errorf("%q %v", line[:n], err))
+		fail("first output", fmt.Errorf("%q %v", line[:n], err))
 	}
 	first.Stdin.Close()
 	first.Stdout.Close()
@@ -1020,15 +975,15 @@ func flowReattachOutput(ctx context.Context, client *containerd.Client, address,
 	time.Sleep(500 * time.Millisecond) // ten lines nobody reads
 	got, err := client.TaskService().Get(ctx, &tasksapi.GetRequest{ContainerID: id})
 	if err != nil {
-		rtFail("Tasks.Get", err)
+		fail("Tasks.Get", err)
 	}
-	if p := got.Process; p.Stdin != fifos.Stdin || p.Stdout != fifos.Stdout || p.Stderr != fifos.Stderr {
-		rtFail("Tasks.Get", fmt.Errorf("FIFOs stdin %q stdout %q stderr %q, created with %q %q %q",
+	if p, fifos := got.Process, first.Config(); p.Stdin != fifos.Stdin || p.Stdout != fifos.Stdout || p.Stderr != fifos.Stderr {
+		fail("Tasks.Get", fmt.Errorf("FIFOs stdin %q stdout %q stderr %q, created with %q %q %q",
 			p.Stdin, p.Stdout, p.Stderr, fifos.Stdin, fifos.Stdout, fifos.Stderr))
 	}
 	loaded, err := client.LoadContainer(ctx, id)
 	if err != nil {
-		rtFail("LoadContainer", err)
+		fail("LoadContainer", err)
 	}
 	// a stdin always, as ctr's (cio's copy of a FIFO Tasks/Get names needs a reader)
 	idle, idleW := io.Pipe()
@@ -1036,14 +991,14 @@ func flowReattachOutput(ctx context.Context, client *containerd.Client, address,
 	var out rtBuffer
 	attached, err := loaded.Task(ctx, cio.NewAttach(cio.WithStreams(idle, &out, &out)))
 	if err != nil {
-		rtFail("Task(NewAttach)", err)
+		fail("Task(NewAttach)", err)
 	}
 	if st, err := attached.Status(ctx); err != nil || st.Status != containerd.Running {
-		rtFail("attached Status", fmt.Errorf("%+v %v", st, err))
+		fail("attached Status", fmt.Errorf("%+v %v", st, err))
 	}
 	rtWaitFor("output after attach", 10*time.Second, func() bool { return strings.Count(out.String(), "tick") >= 5 }, out.String)
 	if _, err := attached.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	attached.IO().Close()
 }
@@ -1051,7 +1006,6 @@ func flowReattachOutput(ctx context.Context, client *containerd.Client, address,
 // checkpoint: Tasks/Checkpoint's answer; the task is left running (the client pauses it
 // first and resumes it after).
 func flowCheckpoint(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	container := rtContainer(ctx, client, rtID("ckpt"), rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	start := time.Now()
@@ -1065,19 +1019,19 @@ func flowCheckpoint(ctx context.Context, client *containerd.Client, address, roo
 	}
 	st, serr := task.Status(ctx)
 	if serr != nil || st.Status != containerd.Running {
-		rtFail("Status after Checkpoint", fmt.Errorf("%+v %v", st, serr))
+		fail("Status after Checkpoint", fmt.Errorf("%+v %v", st, serr))
 	}
 	if err != nil && !errdefs.IsNotImplemented(err) {
-		rtFail("Checkpoint", fmt.Errorf("want NotImplemented (Unimplemented), got %v", err))
+		fail("Checkpoint", fmt.Errorf("want NotImplemented (Unimplemented), got %v", err))
 	}
 	// a leftover paused task would block Delete
 	if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	// containerd's client leaves a lease behind only on success
 	leases, err := client.LeasesService().List(ctx)
 	if err != nil {
-		rtFail("Leases.List", err)
+		fail("Leases.List", err)
 	}
 	if len(leases) != 0 {
 		fmt.Printf("note: %d leases left after Checkpoint\n", len(leases))
@@ -1086,19 +1040,18 @@ func flowCheckpoint(ctx context.Context, client *containerd.Client, address, roo
 
 // spec-opts: the host's network namespace, a user, env, a bind mount, capabilities.
 func flowSpecOpts(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	dir, err := os.MkdirTemp("", "goclient-mount-")
 	if err != nil {
-		rtFail("MkdirTemp", err)
+		fail("MkdirTemp", err)
 	}
-	rtCleanups = append(rtCleanups, func() { os.RemoveAll(dir) })
+	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o755)
 	if err := os.WriteFile(filepath.Join(dir, "file"), []byte("from the host\n"), 0o644); err != nil {
-		rtFail("WriteFile", err)
+		fail("WriteFile", err)
 	}
 	hostNet, err := os.Readlink("/proc/self/ns/net")
 	if err != nil {
-		rtFail("Readlink", err)
+		fail("Readlink", err)
 	}
 	container := rtContainer(ctx, client, rtID("specopts"), rootfs,
 		oci.WithHostNamespace(specs.NetworkNamespace),
@@ -1112,7 +1065,7 @@ func flowSpecOpts(ctx context.Context, client *containerd.Client, address, rootf
 	var out rtBuffer
 	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
-		rtFail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
+		fail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
 	}
 	task.IO().Wait()
 	got := out.String()
@@ -1134,66 +1087,64 @@ func flowSpecOpts(ctx context.Context, client *containerd.Client, address, rootf
 	}
 	if len(missing) > 0 {
 		sort.Strings(missing)
-		rtFail("output", fmt.Errorf("lacks %q in %q", missing, got))
+		fail("output", fmt.Errorf("lacks %q in %q", missing, got))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // log-file: cio.LogFile (file:// stdio, ctr run --log-uri file://): both streams land in
 // the file.
 func flowLogFile(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	dir, err := os.MkdirTemp("", "goclient-log-")
 	if err != nil {
-		rtFail("MkdirTemp", err)
+		fail("MkdirTemp", err)
 	}
-	rtCleanups = append(rtCleanups, func() { os.RemoveAll(dir) })
+	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	path := filepath.Join(dir, "sub", "out.log")
 	container := rtContainer(ctx, client, rtID("logfile"), rootfs,
 		oci.WithProcessArgs("sh", "-c", "echo out; echo err >&2"))
 	task, ch := rtStart(ctx, container, cio.LogFile(path))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
-		rtFail("exit", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		rtFail("log file", err)
+		fail("log file", err)
 	}
 	if !strings.Contains(string(data), "out\n") || !strings.Contains(string(data), "err\n") {
-		rtFail("log file", fmt.Errorf("%q", data))
+		fail("log file", fmt.Errorf("%q", data))
 	}
 }
 
 // log-binary: cio.BinaryIO (binary:// stdio, nerdctl's logging): a logger started by the
 // runtime with stdout on fd 3, stderr on fd 4, readiness on fd 5, and CONTAINER_ID.
 func flowLogBinary(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	dir, err := os.MkdirTemp("", "goclient-logger-")
 	if err != nil {
-		rtFail("MkdirTemp", err)
+		fail("MkdirTemp", err)
 	}
-	rtCleanups = append(rtCleanups, func() { os.RemoveAll(dir) })
+	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	logPath := filepath.Join(dir, "out.log")
 	logger := filepath.Join(dir, "logger")
 	script := fmt.Sprintf("#!/bin/sh\necho \"id=$CONTAINER_ID ns=$CONTAINER_NAMESPACE args=$*\" >> %[1]s\n"+
 		"cat <&3 >> %[1]s 5>&- &\ncat <&4 >> %[1]s 5>&- &\nexec 5>&-\nwait\n", logPath)
 	if err := os.WriteFile(logger, []byte(script), 0o755); err != nil {
-		rtFail("WriteFile", err)
+		fail("WriteFile", err)
 	}
 	id := rtID("logbin")
 	container := rtContainer(ctx, client, id, rootfs,
 		oci.WithProcessArgs("sh", "-c", "echo out; echo err >&2"))
 	task, ch := rtStart(ctx, container, cio.BinaryIO(logger, map[string]string{"key": "value"}))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
-		rtFail("exit", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	var data []byte
@@ -1203,21 +1154,20 @@ func flowLogBinary(ctx context.Context, client *containerd.Client, address, root
 		return strings.Contains(s, "out\n") && strings.Contains(s, "err\n")
 	}, func() string { return fmt.Sprintf("%q", data) })
 	if !strings.Contains(string(data), "id="+id+" ns="+ns+" args=key value\n") {
-		rtFail("logger environment", fmt.Errorf("%q", data))
+		fail("logger environment", fmt.Errorf("%q", data))
 	}
 }
 
 // rootfs-mounts: the rootfs as mounts in CreateTaskRequest (BuildKit's and nerdctl's way,
 // from a snapshotter), the spec's root the bundle's "rootfs".
 func flowRootfsMounts(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	id := rtID("rootfsmounts")
 	container, err := client.NewContainer(ctx, id, containerd.WithNewSpec(oci.WithDefaultPathEnv,
 		oci.WithProcessArgs("sh", "-c", "test -x /bin/busybox && echo here")))
 	if err != nil {
-		rtFail("NewContainer", err)
+		fail("NewContainer", err)
 	}
-	rtCleanups = append(rtCleanups, func() {
+	cleanups = append(cleanups, func() {
 		cctx, cancel := rtCleanCtx(ctx)
 		defer cancel()
 		if task, err := container.Task(cctx, nil); err == nil {
@@ -1229,38 +1179,37 @@ func flowRootfsMounts(ctx context.Context, client *containerd.Client, address, r
 	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)),
 		containerd.WithRootFS([]mount.Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind", "rw"}}}))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
-		rtFail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
+		fail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
 	}
 	task.IO().Wait()
 	if out.String() != "here\n" {
-		rtFail("output", fmt.Errorf("%q", out.String()))
+		fail("output", fmt.Errorf("%q", out.String()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // task-list: Tasks/List and Tasks/Get as `ctr tasks ls` and dockerd's restore read them.
 func flowTaskList(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	id := rtID("list")
 	container := rtContainer(ctx, client, id, rootfs, oci.WithProcessArgs("sleep", "100"))
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	listed, err := client.TaskService().List(ctx, &tasksapi.ListTasksRequest{})
 	if err != nil {
-		rtFail("Tasks.List", err)
+		fail("Tasks.List", err)
 	}
 	found := false
 	for _, p := range listed.Tasks {
 		if p.ID == id {
 			found = true
 			if p.Pid != task.Pid() || p.Status.String() != "RUNNING" || (p.ContainerID != "" && p.ContainerID != id) {
-				rtFail("Tasks.List", fmt.Errorf("%+v", p))
+				fail("Tasks.List", fmt.Errorf("%+v", p))
 			}
 		}
 	}
 	if !found {
-		rtFail("Tasks.List", fmt.Errorf("%s not listed in %+v", id, listed.Tasks))
+		fail("Tasks.List", fmt.Errorf("%s not listed in %+v", id, listed.Tasks))
 	}
 }
 
@@ -1283,7 +1232,7 @@ func rtCollect(ch <-chan *events.Envelope, errs <-chan error, container, until s
 		case e := <-ch:
 			v, err := typeurl.UnmarshalAny(e.Event)
 			if err != nil {
-				rtFail("UnmarshalAny "+e.Topic, err)
+				fail("UnmarshalAny "+e.Topic, err)
 			}
 			ev := rtEvent{topic: e.Topic}
 			switch x := v.(type) {
@@ -1312,7 +1261,7 @@ func rtCollect(ch <-chan *events.Envelope, errs <-chan error, container, until s
 			case *eventstypes.TaskOOM:
 				ev.container = x.ContainerID
 			default:
-				rtFail("event type", fmt.Errorf("%s: %T", e.Topic, v))
+				fail("event type", fmt.Errorf("%s: %T", e.Topic, v))
 			}
 			if ev.container != container {
 				continue
@@ -1322,9 +1271,9 @@ func rtCollect(ch <-chan *events.Envelope, errs <-chan error, container, until s
 				return got
 			}
 		case err := <-errs:
-			rtFail("Subscribe", err)
+			fail("Subscribe", err)
 		case <-timeout:
-			rtFail("events", fmt.Errorf("no %s; got %v", until, got))
+			fail("events", fmt.Errorf("no %s; got %v", until, got))
 		}
 	}
 }
@@ -1332,7 +1281,6 @@ func rtCollect(ch <-chan *events.Envelope, errs <-chan error, container, until s
 // events-exec: an exec's events (dockerd learns of an exec's exit from /tasks/exit with
 // the exec's ID), and pause/resume's.
 func flowEventsExec(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	ch, errs := client.Subscribe(sctx, `topic~="/tasks/"`)
@@ -1342,24 +1290,24 @@ func flowEventsExec(ctx context.Context, client *containerd.Client, address, roo
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	process, err := task.Exec(ctx, "x1", rtProcessSpec(ctx, container, "sh", "-c", "exit 2"), cio.NullIO)
 	if err != nil {
-		rtFail("Exec", err)
+		fail("Exec", err)
 	}
 	pch, err := process.Wait(ctx)
 	if err != nil {
-		rtFail("exec Wait", err)
+		fail("exec Wait", err)
 	}
 	if err := process.Start(ctx); err != nil {
-		rtFail("exec Start", err)
+		fail("exec Start", err)
 	}
 	rtExit("exec exit", pch, 10*time.Second)
 	if _, err := process.Delete(ctx); err != nil {
-		rtFail("exec Delete", err)
+		fail("exec Delete", err)
 	}
 	if err := task.Pause(ctx); err != nil {
-		rtFail("Pause", err)
+		fail("Pause", err)
 	}
 	if err := task.Resume(ctx); err != nil {
-		rtFail("Resume", err)
+		fail("Resume", err)
 	}
 	got := rtCollect(ch, errs, id, "/tasks/resumed:")
 	var names []string
@@ -1368,28 +1316,27 @@ func flowEventsExec(ctx context.Context, client *containerd.Client, address, roo
 		switch {
 		case e.topic == "/tasks/exit" && e.process == "x1":
 			if e.exit != 2 || e.pid != process.Pid() {
-				rtFail("exec's TaskExit", fmt.Errorf("status %d pid %d, want 2 and %d", e.exit, e.pid, process.Pid()))
+				fail("exec's TaskExit", fmt.Errorf("status %d pid %d, want 2 and %d", e.exit, e.pid, process.Pid()))
 			}
 		case e.topic == "/tasks/exec-started":
 			if e.pid != process.Pid() {
-				rtFail("TaskExecStarted", fmt.Errorf("pid %d, want %d", e.pid, process.Pid()))
+				fail("TaskExecStarted", fmt.Errorf("pid %d, want %d", e.pid, process.Pid()))
 			}
 		}
 	}
 	fmt.Printf("events: %s\n", strings.Join(names, " "))
 	want := "/tasks/create: /tasks/start: /tasks/exec-added:x1 /tasks/exec-started:x1 /tasks/exit:x1"
 	if !strings.HasPrefix(strings.Join(names, " "), want) {
-		rtFail("order", fmt.Errorf("%v, want %s ... /tasks/paused: /tasks/resumed:", names, want))
+		fail("order", fmt.Errorf("%v, want %s ... /tasks/paused: /tasks/resumed:", names, want))
 	}
 	if strings.Join(names[len(names)-2:], " ") != "/tasks/paused: /tasks/resumed:" {
-		rtFail("order", fmt.Errorf("%v: no /tasks/paused then /tasks/resumed at the end", names))
+		fail("order", fmt.Errorf("%v: no /tasks/paused then /tasks/resumed at the end", names))
 	}
 }
 
 // events-oom: a container over its memory limit: /tasks/oom, then its exit (137), as
 // dockerd marks OOMKilled.
 func flowEventsOOM(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	ch, errs := client.Subscribe(sctx, `topic~="/tasks/"`)
@@ -1406,25 +1353,24 @@ func flowEventsOOM(ctx context.Context, client *containerd.Client, address, root
 	}
 	fmt.Printf("exit %d; events: %s\n", s.ExitCode(), strings.Join(names, " "))
 	if !strings.Contains(strings.Join(names, " "), "/tasks/oom:") {
-		rtFail("no /tasks/oom", fmt.Errorf("%v", names))
+		fail("no /tasks/oom", fmt.Errorf("%v", names))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }
 
 // runtime-options: runc options on the container (WithRuntime, as nerdctl and BuildKit)
 // and on the task (WithNoNewKeyring).
 func flowRuntimeOptions(ctx context.Context, client *containerd.Client, address, rootfs string) {
-	defer rtRunCleanups()
 	id := rtID("runtimeopts")
 	container, err := client.NewContainer(ctx, id,
 		containerd.WithRuntime("io.containerd.runc.v2", &options.Options{NoNewKeyring: true}),
 		containerd.WithNewSpec(oci.WithRootFSPath(rootfs), oci.WithDefaultPathEnv, oci.WithProcessArgs("sh", "-c", "exit 6")))
 	if err != nil {
-		rtFail("NewContainer", err)
+		fail("NewContainer", err)
 	}
-	rtCleanups = append(rtCleanups, func() {
+	cleanups = append(cleanups, func() {
 		cctx, cancel := rtCleanCtx(ctx)
 		defer cancel()
 		if task, err := container.Task(cctx, nil); err == nil {
@@ -1434,23 +1380,23 @@ func flowRuntimeOptions(ctx context.Context, client *containerd.Client, address,
 	})
 	info, err := container.Info(ctx)
 	if err != nil {
-		rtFail("Info", err)
+		fail("Info", err)
 	}
 	if info.Runtime.Options == nil {
-		rtFail("Info", fmt.Errorf("runtime options lost: %+v", info.Runtime))
+		fail("Info", fmt.Errorf("runtime options lost: %+v", info.Runtime))
 	}
 	v, err := typeurl.UnmarshalAny(info.Runtime.Options)
 	if err != nil {
-		rtFail("runtime options", err)
+		fail("runtime options", err)
 	}
 	if o, ok := v.(*options.Options); !ok || !o.NoNewKeyring {
-		rtFail("runtime options", fmt.Errorf("%T %+v", v, v))
+		fail("runtime options", fmt.Errorf("%T %+v", v, v))
 	}
 	task, ch := rtStart(ctx, container, cio.NullIO, containerd.WithNoNewKeyring)
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 6 {
-		rtFail("exit", fmt.Errorf("status %d", s.ExitCode()))
+		fail("exit", fmt.Errorf("status %d", s.ExitCode()))
 	}
 	if _, err := task.Delete(ctx); err != nil {
-		rtFail("Delete", err)
+		fail("Delete", err)
 	}
 }

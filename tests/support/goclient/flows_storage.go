@@ -64,7 +64,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("WithLease", err)
 	}
-	defer done(unleased) // (a second time: not found, ignored)
+	cleanups = append(cleanups, func() { done(unleased) }) // a second time: not found, ignored
 	image, err := client.Pull(ctx, ref, containerd.WithPullUnpack, containerd.WithResolver(resolver),
 		containerd.WithPullSnapshotter(snapshotter))
 	if err != nil {
@@ -102,7 +102,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("NewContainer", err)
 	}
-	defer container.Delete(unleased, containerd.WithSnapshotCleanup)
+	cleanups = append(cleanups, func() { container.Delete(unleased, containerd.WithSnapshotCleanup) })
 	// stdout and stderr into buffers of their own: the client copies each in a goroutine
 	// of its own, and bytes.Buffer is not safe for two (one buffer loses output).
 	var out, errs bytes.Buffer
@@ -110,7 +110,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("NewTask", err)
 	}
-	defer task.Delete(unleased, containerd.WithProcessKill)
+	cleanups = append(cleanups, func() { task.Delete(unleased, containerd.WithProcessKill) })
 	status, err := task.Wait(ctx)
 	if err != nil {
 		fail("Wait", err)
@@ -392,7 +392,7 @@ func flowSnapshotsDiff(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("WithLease", err)
 	}
-	defer done(unleased)
+	cleanups = append(cleanups, func() { done(unleased) })
 	blob, diffID := layerTar("etc/layer-file", "from the layer\n")
 	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
 	if err := content.WriteBlob(ctx, cs, "goclient-layer", bytes.NewReader(blob), layer); err != nil {
@@ -424,7 +424,7 @@ func flowSnapshotsDiff(ctx context.Context, client *containerd.Client, address, 
 	if err != nil {
 		fail("MkdirTemp", err)
 	}
-	defer os.RemoveAll(dir)
+	cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	if err := mount.All(child, dir); err != nil {
 		fail("mount the child", err)
 	}

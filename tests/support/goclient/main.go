@@ -23,7 +23,19 @@ import (
 	"github.com/gogo/protobuf/types"
 )
 
+// cleanups run, last first, when a flow ends: after it returns, or from fail(), which
+// exits without running defers. A flow registers what it made (see flows_runtime.go).
+var cleanups []func()
+
+func runCleanups() {
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
+	cleanups = nil
+}
+
 func fail(step string, err error) {
+	runCleanups()
 	fmt.Printf("%s: %v\n", step, err)
 	os.Exit(1)
 }
@@ -47,6 +59,7 @@ func main() {
 		os.Exit(2)
 	}
 	run(ctx, client, address, rootfs)
+	runCleanups()
 	fmt.Println("ok")
 }
 
@@ -82,7 +95,7 @@ func flowCreatedTaskDelete(ctx context.Context, client *containerd.Client, addre
 	if err != nil {
 		fail("NewContainer", err)
 	}
-	defer container.Delete(ctx)
+	cleanups = append(cleanups, func() { container.Delete(ctx) })
 	task, err := container.NewTask(ctx, cio.NullIO)
 	if err != nil {
 		fail("NewTask", err)
@@ -107,7 +120,7 @@ func flowExtensions(ctx context.Context, client *containerd.Client, address, roo
 	if err != nil {
 		fail("NewContainer", err)
 	}
-	defer container.Delete(ctx)
+	cleanups = append(cleanups, func() { container.Delete(ctx) })
 	exts, err := container.Extensions(ctx)
 	if err != nil {
 		fail("Extensions", err)
@@ -124,7 +137,7 @@ func flowRun(ctx context.Context, client *containerd.Client, address, rootfs str
 	if err != nil {
 		fail("NewContainer", err)
 	}
-	defer container.Delete(ctx)
+	cleanups = append(cleanups, func() { container.Delete(ctx) })
 	task, err := container.NewTask(ctx, cio.NullIO)
 	if err != nil {
 		fail("NewTask", err)
