@@ -543,7 +543,7 @@ class OutputPump:
 
 class InputPump:
     """Moves a client's stdin FIFO (already open, read end) into the container's stdin
-    (a pipe's write end, or the pty master)."""
+    (a pipe's write end, or the pty master). It ends at the FIFO's EOF, or at `finish`."""
 
     def __init__(self, loop: Loop, fifo: int, target: int, *, close_target: bool) -> None:
         self._loop = loop
@@ -552,9 +552,16 @@ class InputPump:
         self._close_target = close_target
         self._pending = b""
         self._closed = False
+        self._finishing = False
         if close_target:
             set_nonblocking(target)
         loop.add_reader(self._fifo, self._on_readable)
+
+    def finish(self) -> None:
+        """The client is done (CloseIO): pass on what the FIFO holds now, then end."""
+        self._finishing = True
+        if not self._pending and not self._closed:
+            self._on_readable()
 
     def _on_readable(self) -> None:
         if self._pending:
@@ -562,10 +569,12 @@ class InputPump:
         try:
             data = os.read(self._fifo, 64 * 1024)
         except BlockingIOError:
+            if self._finishing:  # all that was written before CloseIO has gone on
+                self.close()
             return
         except OSError:
             data = b""
-        if not data:  # the client closed its end: stdin EOF
+        if not data:  # no writer left: stdin EOF
             self.close()
             return
         self._pending = data
@@ -585,7 +594,11 @@ class InputPump:
                 return
             self._pending = self._pending[n:]
         self._loop.remove_writer(self._target)
-        if not self._closed:
+        if self._closed:
+            return
+        if self._finishing:
+            self._on_readable()  # on until the FIFO is empty (at most its 64 KiB more)
+        else:
             self._loop.add_reader(self._fifo, self._on_readable)
 
     def close(self) -> None:
@@ -605,7 +618,11 @@ class ProcessIO:
 
     Every client FIFO is opened when the process is registered, before the runtime runs:
     a bad path fails the request and starts nothing, and a client's own blocking open of
-    its end returns at once, whatever the order of its calls."""
+    its end returns at once, whatever the order of its calls.
+
+    The stdin FIFO is also held open for writing, as containerd's shim does, until the
+    client's CloseIO (close_stdin): a client that goes away (`ctr run -d`, a CLI detaching)
+    does not end the container's stdin, and a client attaching later can write to it."""
 
     def __init__(self, loop: Loop, config: IOConfig, log_prefix: str) -> None:
         self._loop = loop
@@ -613,6 +630,7 @@ class ProcessIO:
         self._log_prefix = log_prefix
         self._runtime_fds: list[int] = []
         self._stdin_fifo = -1
+        self._stdin_hold = -1  # our write end of the stdin FIFO, until CloseIO
         self._stdin: InputPump | None = None
         self._pumps: list[OutputPump] = []
         self._sinks: list[Sink] = []
@@ -625,6 +643,7 @@ class ProcessIO:
         try:
             if config.stdin:
                 self._stdin_fifo = open_fifo(config.stdin, os.O_RDONLY)
+                self._stdin_hold = open_fifo(config.stdin, os.O_WRONLY)
             self._stdout_sinks = self._sinks_for("stdout", config.stdout)
             if not config.terminal:  # a terminal merges stderr into its one stream
                 self._stderr_sinks = self._sinks_for("stderr", config.stderr)
@@ -694,9 +713,17 @@ class ProcessIO:
             os.close(self._devnull)
             self._devnull = -1
 
-    def close_stdin(self) -> None:
+    def close_stdin(self, *, now: bool = False) -> None:
+        """CloseIO: what the client wrote before it still reaches the container, then EOF
+        (`now`: at once, the process being gone)."""
+        if self._stdin_hold >= 0:
+            os.close(self._stdin_hold)
+            self._stdin_hold = -1
         if self._stdin is not None:
-            self._stdin.close()
+            if now:
+                self._stdin.close()
+            else:
+                self._stdin.finish()
         elif self._stdin_fifo >= 0:
             os.close(self._stdin_fifo)
             self._stdin_fifo = -1
@@ -732,7 +759,7 @@ class ProcessIO:
             return
         self._closed = True
         self.runtime_spawned()
-        self.close_stdin()
+        self.close_stdin(now=True)
         for pump in self._pumps:
             pump.abandon()
         for sink in self._sinks:

@@ -108,12 +108,6 @@ def test_signals_reach_tasks_and_execs(goclient_served: tuple[Daemon, str]) -> N
     _flow(goclient_served, "kill-signals")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shim (shim/io.py ProcessIO/InputPump) holds no write end of the stdin FIFO: "
-    "the first client's close is the container's stdin EOF (containerd's shim holds one "
-    "until CloseIO; berth's own CLI relies on the close, so both must change together)",
-)
 def test_a_task_is_attached_to_again(goclient_served: tuple[Daemon, str]) -> None:
     """A task whose first client closed its FIFO ends (ctr run -d) keeps running and keeps
     its stdin; LoadContainer, Task(cio.NewAttach) (ctr tasks attach) writes its stdin and

@@ -322,6 +322,32 @@ def test_a_reader_that_stops_at_the_exit_has_all_the_output(make_shim) -> None: 
         c.call("delete")
 
 
+def test_stdin_ends_at_close_io_not_when_a_client_leaves(make_shim) -> None:  # type: ignore[no-untyped-def]
+    """The shim holds the stdin FIFO open, as containerd's does: a client closing its end
+    (`ctr run -d` exiting) is no EOF, a later client writes on, and CloseIO ends the input
+    after passing on everything written before it, even with that client's end still open."""
+    shim = make_shim(["sh", "-c", "wc -c"])
+    stdin, out = shim.fifo("in"), shim.fifo("out")
+    with shim.client() as c:
+        c.call("create", {"stdin": stdin, "stdout": out})
+        out_fd = os.open(out, os.O_RDONLY)
+        c.call("start")
+        first = os.open(stdin, os.O_WRONLY)
+        os.write(first, b"a" * 1000)
+        os.close(first)  # the first client goes away
+        time.sleep(0.3)
+        assert c.call("state")["status"] == "running"
+        second = os.open(stdin, os.O_WRONLY)
+        for _ in range(10):
+            os.write(second, b"b" * 5000)
+        c.call("close_io", {"stdin": True})  # with `second` still open
+        assert c.call("wait")["exit_status"] == 0
+        assert read_all(out_fd).strip() == b"51000"
+        os.close(second)
+        os.close(out_fd)
+        c.call("delete")
+
+
 def test_bad_requests_get_typed_errors(make_shim) -> None:  # type: ignore[no-untyped-def]
     shim = make_shim(["sleep", "30"])
     with shim.client() as c:

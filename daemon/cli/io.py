@@ -21,6 +21,7 @@ from berth.shim.wire.errors import BerthError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from berth.daemon.cli.session import Session
@@ -123,8 +124,10 @@ class Fifos:
     def params(self) -> dict[str, Any]:
         return dict(self.paths)
 
-    def attach(self) -> None:
-        """Open our ends (after the shim opened its own) and start copying."""
+    def attach(self, stdin_ended: Callable[[], None] | None = None) -> None:
+        """Open our ends (after the shim opened its own) and start copying. At the end of
+        our stdin, `stdin_ended()` (a CloseIO): the shim holds the stdin FIFO open, as
+        containerd's does, so closing our end alone is no EOF for the container."""
         for name, target in (("stdout", 1), ("stderr", 2)):
             if name in self.paths:
                 fd = os.open(self.paths[name], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -136,7 +139,9 @@ class Fifos:
 
             def pump(dst: int = fd) -> None:
                 _copy_plain(0, dst)
-                os.close(dst)  # the container sees EOF on its stdin
+                os.close(dst)
+                if stdin_ended is not None:
+                    stdin_ended()  # the container sees EOF on its stdin
 
             thread = threading.Thread(target=pump, name="stdin", daemon=True)
             thread.start()
@@ -217,8 +222,16 @@ def run_attached(
             session.call("tasks.exec", {**params, "exec_id": exec_id})
         else:
             session.call("tasks.create", params)
-        fifos.attach()
         target = {"container_id": container_id, "exec_id": exec_id or ""}
+
+        def stdin_ended() -> None:
+            try:
+                with session.connect() as c:
+                    c.call("tasks.close_io", {**target, "stdin": True})
+            except (BerthError, CliError):
+                pass  # the process is gone already
+
+        fifos.attach(stdin_ended)
 
         def forward(signo: int, _frame: Any) -> None:
             try:
