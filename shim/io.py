@@ -28,10 +28,13 @@ import fcntl
 import os
 import stat
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from berth.shim.logger import Logger, LoggerCommand
 from berth.shim.loop import Future, Loop, TimerHandle, log
+from berth.shim.reaper import Reaper
 from berth.shim.wire.errors import InvalidArgument
 
 CHUNK = 256 * 1024
@@ -57,7 +60,13 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class IOConfig:
-    """What a client asks for one process's stdio."""
+    """What a client asks for one process's stdio.
+
+    stdout names where output goes, as containerd's shim reads it: an absolute path is a
+    FIFO (stderr names its own); `file:///path` appends stdout and stderr to that one file
+    (its directories made); `binary:///path?key=value` starts that logging binary and
+    gives it both streams (shim/logger.py). With a URI, stderr is not read (containerd
+    clients set it to the same URI). stdin is a FIFO in every case."""
 
     stdin: str | None = None
     stdout: str | None = None
@@ -66,6 +75,8 @@ class IOConfig:
     log: LogConfig | None = None
     fifo_buffer: int = 1024 * 1024
     stall_timeout: float = 2.0
+    append_to: str | None = None  # file:// stdout
+    logger: LoggerCommand | None = None  # binary:// stdout
 
     @classmethod
     def from_params(cls, params: dict[str, object]) -> IOConfig:
@@ -88,12 +99,25 @@ class IOConfig:
                 log_config = LogConfig(max_size, max_files)
             else:
                 log_config = LogConfig()
+        stdout = params.get("stdout")
+        append_to: str | None = None
+        logger: LoggerCommand | None = None
+        if isinstance(stdout, str) and "://" in stdout:
+            append_to, logger = parse_output_uri(stdout)
+            stdout_value: str | None = stdout
+            stderr_value = params.get("stderr") or None
+            if not isinstance(stderr_value, (str, type(None))):
+                raise InvalidArgument("stderr must be a string")
+        else:
+            stdout_value, stderr_value = path("stdout"), path("stderr")
         return cls(
             stdin=path("stdin"),
-            stdout=path("stdout"),
-            stderr=path("stderr"),
+            stdout=stdout_value,
+            stderr=stderr_value,
             terminal=bool(params.get("terminal", False)),
             log=log_config,
+            append_to=append_to,
+            logger=logger,
         )
 
     def to_params(self) -> dict[str, object]:
@@ -108,6 +132,40 @@ class IOConfig:
                 else None
             ),
         }
+
+
+def parse_output_uri(uri: str) -> tuple[str | None, LoggerCommand | None]:
+    """A `file://` or `binary://` stdout: (the file, None) or (None, the logger). The URI
+    must name an absolute path and no host (`file:///var/log/x`, three slashes)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError as exc:
+        raise InvalidArgument(f"stdout URI {uri!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("file", "binary"):
+        raise InvalidArgument(
+            f"stdout URI {uri!r}: unknown scheme {parts.scheme!r} (fifo paths, file:// "
+            "and binary:// are supported)"
+        )
+    path = urllib.parse.unquote(parts.path)
+    if parts.netloc or not os.path.isabs(path) or "\0" in path:
+        raise InvalidArgument(
+            f"stdout URI {uri!r} must name an absolute path and no host ({scheme}:///path)"
+        )
+    if scheme == "file":
+        if parts.query:
+            raise InvalidArgument(f"stdout URI {uri!r}: file:// takes no query")
+        return path, None
+    args: dict[str, str] = {}  # a key once, with its first value (containerd: vs[0])
+    try:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False)
+    except ValueError as exc:
+        raise InvalidArgument(f"stdout URI {uri!r}: {exc}") from None
+    for key, value in pairs:
+        if "\0" in key or "\0" in value:
+            raise InvalidArgument(f"stdout URI {uri!r}: NUL in its query")
+        args.setdefault(key, value)
+    return None, LoggerCommand(path, tuple(a for pair in args.items() for a in pair))
 
 
 def open_fifo(path: str, flags: int) -> int:
@@ -163,20 +221,24 @@ class Sink:
 
 
 class FifoSink(Sink):
-    """A client's FIFO, with the bounded buffer and stall rule of the module docstring."""
+    """A client's FIFO (or a logger's pipe), with the bounded buffer and stall rule of the
+    module docstring. `fd` is written to and closed at the end; a FIFO is opened O_RDWR,
+    so that no write ever fails with EPIPE. A pipe's write end can (its reader died): the
+    sink then drops what comes, counted."""
 
     def __init__(
         self,
         loop: Loop,
-        path: str,
+        name: str,
+        fd: int,
         *,
         buffer_limit: int,
         stall_timeout: float,
         on_decongested: Callable[[], None],
     ) -> None:
-        self.name = path
+        self.name = name
         self._loop = loop
-        self._fd = open_fifo(path, os.O_RDWR)
+        self._fd = fd
         self._buffer = bytearray()
         self._limit = buffer_limit
         self._stall_timeout = stall_timeout
@@ -197,8 +259,8 @@ class FifoSink(Sink):
                 n = os.write(self._fd, data)
             except BlockingIOError:
                 n = 0
-            except OSError as exc:  # EPIPE cannot happen (we hold a read end); be safe
-                log(f"write to {self.name} failed: {exc}")
+            except OSError as exc:
+                self._broken(exc)
                 self.dropped += len(data)
                 return
             self.written += n
@@ -219,8 +281,24 @@ class FifoSink(Sink):
             n = os.splice(fd, self._fd, CHUNK, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return None
+        except OSError as exc:
+            self._broken(exc)
+            return None  # the pump reads it, and this sink counts it dropped
         self.written += n
         return n
+
+    def _broken(self, exc: OSError) -> None:
+        """A write failed for good (EPIPE: a logger that died): drop from here on, once
+        logged, and close now so that a reader's end sees EOF."""
+        log(f"write to {self.name} failed: {exc.strerror or exc}; its output is dropped")
+        self.dropped += len(self._buffer)
+        self._buffer.clear()
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        self._loop.forget_fd(self._fd)
+        os.close(self._fd)
+        self._fd = -1
 
     def congested(self) -> bool:
         return not self._dropping and len(self._buffer) >= self._limit
@@ -251,9 +329,7 @@ class FifoSink(Sink):
             except BlockingIOError:
                 break
             except OSError as exc:
-                log(f"write to {self.name} failed: {exc}")
-                self.dropped += len(self._buffer)
-                self._buffer.clear()
+                self._broken(exc)
                 break
             del self._buffer[:n]
             self.written += n
@@ -325,6 +401,55 @@ class FifoSink(Sink):
 
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "buffered": len(self._buffer)}
+
+
+class AppendSink(Sink):
+    """A file that output is appended to (`file://` stdio): stdout and stderr each have
+    their own descriptor on it, O_APPEND, so their writes interleave whole. A regular file
+    never applies backpressure; a failing disk drops output, counted and logged once.
+    (No splice: it refuses O_APPEND files.)"""
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self.written = 0
+        self.dropped = 0
+        self._failed = False
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o644
+            )
+        except OSError as exc:
+            raise InvalidArgument(f"cannot open {path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise InvalidArgument(f"{path} is not a regular file")
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._fd >= 0:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as exc:
+                if not self._failed:
+                    log(f"append to {self.name}: {exc.strerror or exc}; output is dropped")
+                    self._failed = True
+                break
+            self._failed = False
+            self.written += n
+            view = view[n:]
+        self.dropped += len(view)
+
+    def close(self) -> Future[None]:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped}
 
 
 class LogSink(Sink):
@@ -624,7 +749,15 @@ class ProcessIO:
     client's CloseIO (close_stdin): a client that goes away (`ctr run -d`, a CLI detaching)
     does not end the container's stdin, and a client attaching later can write to it."""
 
-    def __init__(self, loop: Loop, config: IOConfig, log_prefix: str) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        config: IOConfig,
+        log_prefix: str,
+        *,
+        reaper: Reaper | None = None,
+        logger_env: dict[str, str] | None = None,
+    ) -> None:
         self._loop = loop
         self.config = config
         self._log_prefix = log_prefix
@@ -636,6 +769,7 @@ class ProcessIO:
         self._sinks: list[Sink] = []
         self._stdout_sinks: list[Sink] = []
         self._stderr_sinks: list[Sink] = []
+        self.logger: Logger | None = None
         self.console: int | None = None
         self.stdio: tuple[int | None, int | None, int | None] = (None, None, None)
         self._devnull = -1
@@ -644,31 +778,74 @@ class ProcessIO:
             if config.stdin:
                 self._stdin_fifo = open_fifo(config.stdin, os.O_RDONLY)
                 self._stdin_hold = open_fifo(config.stdin, os.O_WRONLY)
-            self._stdout_sinks = self._sinks_for("stdout", config.stdout)
-            if not config.terminal:  # a terminal merges stderr into its one stream
-                self._stderr_sinks = self._sinks_for("stderr", config.stderr)
+            if config.logger is not None:
+                if reaper is None:
+                    raise InvalidArgument("binary:// stdio needs the shim's reaper")
+                self.logger = Logger(
+                    loop, reaper, config.logger, logger_env or {}, with_stderr=not config.terminal
+                )
+                stdout_w, stderr_w = self.logger.take_write_ends()  # -1 with a terminal
+                self._stdout_sinks = self._sinks_for("stdout", None, stdout_w)
+                if stderr_w >= 0:
+                    self._stderr_sinks = self._sinks_for("stderr", None, stderr_w)
+            else:
+                self._stdout_sinks = self._sinks_for("stdout", config.stdout)
+                if not config.terminal:  # a terminal merges stderr into its one stream
+                    self._stderr_sinks = self._sinks_for("stderr", config.stderr)
+            if not config.terminal:
                 self._prepare_pipes()
         except BaseException:
             self.close()
             raise
 
-    def _sinks_for(self, stream: str, fifo: str | None) -> list[Sink]:
+    def _sinks_for(self, stream: str, fifo: str | None, pipe: int = -1) -> list[Sink]:
+        """A stream's sinks: its FIFO (or the logger's pipe, or the file:// file), and the
+        shim's own log file in log mode. Each is registered at once: close() releases it."""
         sinks: list[Sink] = []
-        if fifo:
+        target: tuple[str, int] | None = None
+        if pipe >= 0:
+            assert self.logger is not None
+            target = (f"{self.logger.command.path} ({stream})", pipe)
+        elif self.config.append_to is not None:
+            sinks.append(AppendSink(self.config.append_to))
+            self._sinks.append(sinks[-1])
+        elif fifo:
+            target = (fifo, open_fifo(fifo, os.O_RDWR))
+        if target is not None:
             sinks.append(
                 FifoSink(
                     self._loop,
-                    fifo,
+                    *target,
                     buffer_limit=self.config.fifo_buffer,
                     stall_timeout=self.config.stall_timeout,
                     on_decongested=self._resume_pumps,
                 )
             )
-            self._sinks.append(sinks[-1])  # registered at once: close() releases it
+            self._sinks.append(sinks[-1])
         if self.config.log is not None:
             sinks.append(LogSink(f"{self._log_prefix}{stream}.log", self.config.log))
             self._sinks.append(sinks[-1])
         return sinks
+
+    def ready(self) -> Future[None]:
+        """Done when the process may start: its logging binary (if any) is ready."""
+        if self.logger is not None:
+            return self.logger.ready
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def logger_stopped(self) -> Future[None]:
+        """Done once the logging binary (if any) has exited, which close() asks of it."""
+        if self.logger is not None:
+            return self.logger.stop()
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def kill_logger(self) -> None:
+        if self.logger is not None:
+            self.logger.kill()
 
     def _prepare_pipes(self) -> None:
         """The container-side pipes, whose other ends the runtime hands to the process."""
@@ -764,6 +941,8 @@ class ProcessIO:
             pump.abandon()
         for sink in self._sinks:
             sink.close()
+        if self.logger is not None:
+            self.logger.stop()  # its input has ended: it exits, or is made to
         if self.console is not None:
             self._loop.forget_fd(self.console)
             try:

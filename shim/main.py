@@ -44,6 +44,7 @@ class Shim:
     signals: SignalFD
 
     def close(self) -> None:
+        self.task.kill_loggers()
         self.server.close()
         self.reaper.close()
         self.signals.close()

@@ -15,6 +15,7 @@ are kept in a bounded early-exit cache and handed out when the pid is claimed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -25,6 +26,7 @@ from berth.native import SignalFD
 from berth.shim.loop import Future, Loop, log
 
 EARLY_EXIT_CAPACITY = 4096  # orphans reaped nobody asked for; oldest dropped first
+EXTRA_FD_BASE = 64  # where a spawn's extra fds are parked before they become 3, 4, ...
 
 
 def exit_code(status: int) -> int:
@@ -100,24 +102,35 @@ class Reaper:
         stdout: int | None = None,
         stderr: int | None = None,
         env: dict[str, str] | None = None,
+        extra_fds: Sequence[int] = (),
     ) -> tuple[int, Future[int]]:
-        """posix_spawn `argv` with an empty signal mask and the given stdio; return its pid
-        and a future for its exit code. The watch is registered before the loop can run the
-        reaper again, so the status cannot be missed."""
+        """posix_spawn `argv` with an empty signal mask, the given stdio, and `extra_fds`
+        as its fds 3, 4, ...; return its pid and a future for its exit code. The watch is
+        registered before the loop can run the reaper again, so the status cannot be
+        missed."""
         actions = []
         for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
             if fd is not None:
                 if fd == target:
                     raise ValueError("stdio fds must not already be 0/1/2")
                 actions.append((os.POSIX_SPAWN_DUP2, fd, target))
-        pid = os.posix_spawnp(
-            argv[0],
-            list(argv),
-            env if env is not None else dict(os.environ),
-            file_actions=actions,
-            setsigmask=(),
-            setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT),
-        )
+        # Moved out of the way first: a source numbered 3, 4, ... would be overwritten by an
+        # earlier dup2 in the child (and dup2 onto itself would keep its close-on-exec).
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, EXTRA_FD_BASE) for fd in extra_fds]
+        try:
+            for target, fd in enumerate(high, start=3):
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+            pid = os.posix_spawnp(
+                argv[0],
+                list(argv),
+                env if env is not None else dict(os.environ),
+                file_actions=actions,
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT),
+            )
+        finally:
+            for fd in high:
+                os.close(fd)
         log_debug(f"spawned {pid}: {' '.join(argv[:6])}")
         return pid, self.watch(pid, time.monotonic())
 

@@ -46,6 +46,7 @@ from berth.shim.wire.status import CREATED, PAUSED, RUNNING, STOPPED, UNKNOWN_EX
 IO_DRAIN_TIMEOUT = 2.0
 EXIT_FILE_RETRY = 1.0  # seconds between attempts to write an exit file that failed
 EXEC_WAIT_TIMEOUT = 2.0
+LOGGER_READY_TIMEOUT = 10.0  # seconds a binary:// logger has to report ready
 MAX_SPEC_BYTES = 1024 * 1024
 
 
@@ -199,13 +200,14 @@ class Task:
         reserve_exit_file(self._exit_dir(), "init")
         # The runtime creates its log 0644; everything in a bundle is private.
         os.close(os.open(self.runtime.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        io = ProcessIO(self._loop, io_config, self._path("log", ""))
+        io = self._process_io(io_config, "")
         proc = Process(None, io)
         self.init = proc
         console: ConsoleSocket | None = None
         pid_file = self._path("init.pid")
         created = False
         try:
+            await self._logger_ready(io)
             if mounts:
                 # The snapshotter's mount list becomes the bundle's rootfs (containerd's
                 # model: the shim mounts it, and unmounts it when the task is deleted).
@@ -330,6 +332,30 @@ class Task:
             proc.status = RUNNING
         self._publish(status.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
+    def _process_io(self, config: IOConfig, log_prefix: str) -> ProcessIO:
+        return ProcessIO(
+            self._loop,
+            config,
+            self._path("log", log_prefix),
+            reaper=self._reaper,
+            logger_env={
+                "CONTAINER_ID": self.config.id,
+                "CONTAINER_NAMESPACE": self.config.namespace,
+            },
+        )
+
+    async def _logger_ready(self, io: ProcessIO) -> None:
+        """A binary:// logger is ready before its process starts (containerd waits too)."""
+        try:
+            await self._loop.timeout(io.ready(), LOGGER_READY_TIMEOUT)
+        except TimeoutError:
+            io.kill_logger()
+            assert io.logger is not None
+            raise FailedPrecondition(
+                f"logging binary {io.logger.command.path} did not get ready (close fd 5) "
+                f"within {LOGGER_READY_TIMEOUT:g}s"
+            ) from None
+
     def _watch_exit(self, proc: Process) -> None:
         self._reaper.watch(proc.pid, not_before=proc.spawned_at).add_done_callback(
             lambda fut: self._on_reaped(proc, fut.result())
@@ -432,9 +458,14 @@ class Task:
         if io_config.terminal and isinstance(width, int) and isinstance(height, int):
             spec["consoleSize"] = {"width": width, "height": height}
         reserve_exit_file(self._exit_dir(), f"exec-{exec_id}")  # as for init: see create()
-        proc = Process(
-            exec_id, ProcessIO(self._loop, io_config, self._path("log", f"exec-{exec_id}."))
-        )
+        io = self._process_io(io_config, f"exec-{exec_id}.")
+        try:
+            await self._logger_ready(io)
+        except BaseException:
+            io.close()
+            remove_exit_file(self._exit_dir(), f"exec-{exec_id}")
+            raise
+        proc = Process(exec_id, io)
         proc.spec = spec
         self.execs[exec_id] = proc
         self._publish(status.EXEC_ADDED, exec_id=exec_id)
@@ -463,6 +494,7 @@ class Task:
                 await proc.exited
             del self.execs[exec_id]
             proc.io.close()
+            await proc.io.logger_stopped()
             remove_exit_file(self._exit_dir(), proc.name)
             return _exit_result(proc)
         if self.deleted:
@@ -489,8 +521,10 @@ class Task:
             log(f"runtime delete: {exc}")
         for other in list(self.execs.values()):
             other.io.close()
-        self.execs.clear()
         proc.io.close()
+        for other in [proc, *self.execs.values()]:  # containerd: up to 12 s for a logger
+            await other.io.logger_stopped()
+        self.execs.clear()
         self._oom_close()
         self._unmount_rootfs()
         # The marker first, durably: a daemon that recovers from here on must know the task
@@ -579,6 +613,11 @@ class Task:
             return []
         procs = ([self.init] if self.init else []) + list(self.execs.values())
         return [p.describe(self.config) for p in procs]
+
+    def kill_loggers(self) -> None:
+        """The shim goes away: no logging binary outlives it."""
+        for proc in ([self.init] if self.init else []) + list(self.execs.values()):
+            proc.io.kill_logger()
 
     def has_live_processes(self) -> bool:
         procs = ([self.init] if self.init else []) + list(self.execs.values())

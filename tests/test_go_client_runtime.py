@@ -16,13 +16,6 @@ pytestmark = pytest.mark.container
 
 _flow = goclient.flow
 
-# A known gap (CHANGELOG): stdio URIs (file://, binary://) are passed verbatim by
-# services/tasks.py Tasks.create and refused by shim/io.py IOConfig.from_params; containerd's
-# shim parses fifo, file and binary URIs.
-STDIO_URIS_REFUSED = pytest.mark.xfail(
-    strict=True, reason="file:// and binary:// stdio are refused (InvalidArgument)"
-)
-
 
 def test_fifo_io_carries_stdin_stdout_and_stderr(goclient_served: tuple[Daemon, str]) -> None:
     """cio.NewCreator(WithStreams) FIFOs as ctr sets them up: 100 kB of stdin back on
@@ -134,13 +127,11 @@ def test_spec_options_take_effect(goclient_served: tuple[Daemon, str]) -> None:
     _flow(goclient_served, "spec-opts")
 
 
-@STDIO_URIS_REFUSED
 def test_a_log_file_uri_gets_both_streams(goclient_served: tuple[Daemon, str]) -> None:
     """cio.LogFile: file:// stdout and stderr (ctr run --log-uri)."""
     _flow(goclient_served, "log-file")
 
 
-@STDIO_URIS_REFUSED
 def test_a_logging_binary_gets_both_streams(goclient_served: tuple[Daemon, str]) -> None:
     """cio.BinaryIO (nerdctl's logging): the runtime starts the logger with the streams on
     fds 3 and 4, readiness on fd 5, CONTAINER_ID, CONTAINER_NAMESPACE and the URI's args."""

@@ -210,9 +210,11 @@ def run_attached(
     terminal: bool,
     exec_id: str | None,
     create_params: dict[str, Any],
+    output: bool = True,
 ) -> int:
-    """Create (task or exec) with FIFOs, start, forward signals/resizes, wait, drain."""
-    fifos = Fifos(stdin=True, stdout=True, stderr=not terminal)
+    """Create (task or exec) with FIFOs, start, forward signals/resizes, wait, drain.
+    Without `output`, only stdin is ours (the output goes where create_params say)."""
+    fifos = Fifos(stdin=True, stdout=output, stderr=output and not terminal)
     size = terminal_size() if terminal else None
     params = {"container_id": container_id, "terminal": terminal, **fifos.params(), **create_params}
     if size:

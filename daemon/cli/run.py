@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     )
     parser.add_argument("--log", action="store_true", help="also log output in the shim")
     parser.add_argument(
+        "--log-uri",
+        default="",
+        metavar="URI",
+        help="send stdout and stderr to file:///path (appended) or binary:///path?k=v (a "
+        "logging binary, containerd's protocol) instead of this terminal",
+    )
+    parser.add_argument(
         "--log-max-size",
         type=int,
         default=0,
@@ -57,8 +64,9 @@ def run(session: Session, args: argparse.Namespace) -> int:
                 for k, v in (("max_size", args.log_max_size), ("max_files", args.log_max_files))
                 if v
             }
+        uri = {"stdout": args.log_uri, "stderr": args.log_uri} if args.log_uri else {}
         if args.detach:
-            params = {"container_id": container_id, "terminal": args.tty, "log": log}
+            params = {"container_id": container_id, "terminal": args.tty, "log": log, **uri}
             size = terminal_size() if args.tty else None
             if size:
                 params.update(width=size[0], height=size[1])
@@ -70,7 +78,8 @@ def run(session: Session, args: argparse.Namespace) -> int:
             container_id,
             terminal=args.tty,
             exec_id=None,
-            create_params={"log": log} if args.log else {},
+            create_params={**({"log": log} if args.log else {}), **uri},
+            output=not uri,
         )
     except BaseException:
         if args.rm:
