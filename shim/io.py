@@ -417,8 +417,10 @@ class AppendSink(Sink):
         try:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             self._fd = os.open(
-                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o644
-            )
+                path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
+                0o644,
+            )  # O_NONBLOCK: a FIFO at that path must not block the open (refused below)
         except OSError as exc:
             raise InvalidArgument(f"cannot open {path}: {exc.strerror or exc}") from None
         if not stat.S_ISREG(os.fstat(self._fd).st_mode):

@@ -44,6 +44,7 @@ class LoggerCommand:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(w, False)  # the shim's loop must never wait on a logger that stalls
     try:
         fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
