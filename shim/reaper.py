@@ -116,8 +116,10 @@ class Reaper:
                 actions.append((os.POSIX_SPAWN_DUP2, fd, target))
         # Moved out of the way first: a source numbered 3, 4, ... would be overwritten by an
         # earlier dup2 in the child (and dup2 onto itself would keep its close-on-exec).
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, EXTRA_FD_BASE) for fd in extra_fds]
+        high: list[int] = []
         try:
+            for fd in extra_fds:
+                high.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, EXTRA_FD_BASE))
             for target, fd in enumerate(high, start=3):
                 actions.append((os.POSIX_SPAWN_DUP2, fd, target))
             pid = os.posix_spawnp(
