@@ -33,13 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from berth.shim.logger import Logger, LoggerCommand
-from berth.shim.loop import Future, Loop, TimerHandle, log
+from berth.shim.loop import Future, Loop, TimerHandle, all_done, log
+from berth.shim.pipes import make_pipe
 from berth.shim.reaper import Reaper
 from berth.shim.wire.errors import InvalidArgument
 
 CHUNK = 256 * 1024
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size default; fewer wakeups per MiB
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
 ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
@@ -102,7 +101,8 @@ class IOConfig:
         stdout = params.get("stdout")
         append_to: str | None = None
         logger: LoggerCommand | None = None
-        if isinstance(stdout, str) and "://" in stdout:
+        if isinstance(stdout, str) and stdout and not os.path.isabs(stdout):
+            # Not a FIFO's path (always absolute): a URI, as containerd's shim reads it.
             append_to, logger = parse_output_uri(stdout)
             stdout_value: str | None = stdout
             stderr_value = params.get("stderr") or None
@@ -135,13 +135,18 @@ class IOConfig:
 
 
 def parse_output_uri(uri: str) -> tuple[str | None, LoggerCommand | None]:
-    """A `file://` or `binary://` stdout: (the file, None) or (None, the logger). The URI
-    must name an absolute path and no host (`file:///var/log/x`, three slashes)."""
+    """A `file:` or `binary:` stdout: (the file, None) or (None, the logger). The URI must
+    name an absolute path and no host: `file:///var/log/x`, or `file:/var/log/x` (Go's
+    url.Parse, which containerd's shim uses, reads both the same)."""
     try:
         parts = urllib.parse.urlsplit(uri)
     except ValueError as exc:
         raise InvalidArgument(f"stdout URI {uri!r}: {exc}") from None
     scheme = parts.scheme.lower()
+    if not scheme:
+        raise InvalidArgument(
+            f"stdout {uri!r} is neither an absolute FIFO path nor a file:// or binary:// URI"
+        )
     if scheme not in ("file", "binary"):
         raise InvalidArgument(
             f"stdout URI {uri!r}: unknown scheme {parts.scheme!r} (fifo paths, file:// "
@@ -180,15 +185,6 @@ def open_fifo(path: str, flags: int) -> int:
         os.close(fd)
         raise InvalidArgument(f"{path} is not a FIFO")
     return fd
-
-
-def make_pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # pipe-max-size lowered by the admin: the default size works, only slower
-    return r, w
 
 
 def set_nonblocking(fd: int) -> None:
@@ -772,6 +768,7 @@ class ProcessIO:
         self._stdout_sinks: list[Sink] = []
         self._stderr_sinks: list[Sink] = []
         self.logger: Logger | None = None
+        self._logger_fds: list[int] = []  # the logger's write ends no sink has taken yet
         self.console: int | None = None
         self.stdio: tuple[int | None, int | None, int | None] = (None, None, None)
         self._devnull = -1
@@ -783,12 +780,10 @@ class ProcessIO:
             if config.logger is not None:
                 if reaper is None:
                     raise InvalidArgument("binary:// stdio needs the shim's reaper")
-                self.logger = Logger(
-                    loop, reaper, config.logger, logger_env or {}, with_stderr=not config.terminal
-                )
-                stdout_w, stderr_w = self.logger.take_write_ends()  # -1 with a terminal
+                self.logger = Logger(loop, reaper, config.logger, logger_env or {})
+                stdout_w, stderr_w = self._logger_fds = list(self.logger.take_write_ends())
                 self._stdout_sinks = self._sinks_for("stdout", None, stdout_w)
-                if stderr_w >= 0:
+                if not config.terminal:  # else fd 4 stays open, silent, until close()
                     self._stderr_sinks = self._sinks_for("stderr", None, stderr_w)
             else:
                 self._stdout_sinks = self._sinks_for("stdout", config.stdout)
@@ -824,6 +819,8 @@ class ProcessIO:
                 )
             )
             self._sinks.append(sinks[-1])
+            if pipe in self._logger_fds:
+                self._logger_fds.remove(pipe)  # the sink closes it now
         if self.config.log is not None:
             sinks.append(LogSink(f"{self._log_prefix}{stream}.log", self.config.log))
             self._sinks.append(sinks[-1])
@@ -840,7 +837,7 @@ class ProcessIO:
     def logger_stopped(self) -> Future[None]:
         """Done once the logging binary (if any) has exited, which close() asks of it."""
         if self.logger is not None:
-            return self.logger.stop()
+            return self.logger.exited
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -913,21 +910,7 @@ class ProcessIO:
 
     def drained(self) -> Future[None]:
         """Done when every output stream reached EOF and its sinks are closed."""
-        out: Future[None] = Future()
-        remaining = len(self._pumps)
-        if remaining == 0:
-            out.set_result(None)
-            return out
-
-        def one(_: Future[None]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                out.set_result(None)
-
-        for pump in self._pumps:
-            pump.done.add_done_callback(one)
-        return out
+        return all_done([pump.done for pump in self._pumps])
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {sink.name: sink.stats() for sink in self._sinks}
@@ -941,10 +924,15 @@ class ProcessIO:
         self.close_stdin(now=True)
         for pump in self._pumps:
             pump.abandon()
-        for sink in self._sinks:
-            sink.close()
+        closed = [sink.close() for sink in self._sinks]
+        for fd in self._logger_fds:
+            os.close(fd)
+        self._logger_fds.clear()
         if self.logger is not None:
-            self.logger.stop()  # its input has ended: it exits, or is made to
+            # Its input ends once every sink has flushed and closed its pipe: only then
+            # does its grace before SIGTERM start.
+            logger = self.logger
+            all_done(closed).add_done_callback(lambda _: logger.stop())
         if self.console is not None:
             self._loop.forget_fd(self.console)
             try:

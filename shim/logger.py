@@ -3,9 +3,10 @@
 The protocol, as containerd's shims speak it and loggers such as nerdctl's expect it:
 - the binary is the URI's path; the query becomes its arguments, `key value` for each key;
 - its environment is CONTAINER_ID and CONTAINER_NAMESPACE, nothing else;
-- the process's stdout arrives on fd 3, its stderr on fd 4 (EOF at once with a terminal,
-  whose one stream is stdout), and fd 5 is a pipe it closes (or writes to) once it is ready;
-  the process is not started before that;
+- the process's stdout arrives on fd 3, its stderr on fd 4 (with a terminal, whose one
+  stream is stdout, fd 4 carries nothing and ends with the output, as containerd's does),
+  and fd 5 is a pipe it closes (or writes to) once it is ready; the process is not started
+  before that;
 - at the end its input reaches EOF, and it is expected to exit by itself.
 
 Unlike containerd's shim, which hands the logger's pipes to the container, the shim pumps
@@ -16,19 +17,17 @@ kills it with SIGPIPE, and the exit is published once the logger has read everyt
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 from dataclasses import dataclass
 
 from berth.shim.loop import Future, Loop, TimerHandle, log
+from berth.shim.pipes import make_pipe
 from berth.shim.reaper import Reaper
 from berth.shim.wire.errors import InvalidArgument
 
 EOF_GRACE = 2.0  # seconds a logger whose input ended has to exit before SIGTERM
 TERM_TIMEOUT = 10.0  # then seconds until SIGKILL (containerd: 12 s in all)
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +39,6 @@ class LoggerCommand:
 
     def argv(self) -> list[str]:
         return [self.path, *self.args]
-
-
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(w, False)  # the shim's loop must never wait on a logger that stalls
-    try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
-    return r, w
 
 
 class Logger:
@@ -64,26 +53,22 @@ class Logger:
         reaper: Reaper,
         command: LoggerCommand,
         env: dict[str, str],
-        *,
-        with_stderr: bool,
     ) -> None:
         self._loop = loop
         self.command = command
         self._fds: list[int] = []  # ours to close: read ends, write ends not yet taken
         self.ready: Future[None] = Future()
-        self._stopping: Future[None] | None = None
+        self.exited: Future[None] = Future()
+        self._stopping = False
         self._timer: TimerHandle | None = None
         self.exit_code: int | None = None
         self.pid = 0
         self._ready_r = -1
         self.stdout_r = self.stdout_w = self.stderr_r = self.stderr_w = -1
         try:
-            self.stdout_r, self.stdout_w = self._own(*_pipe())
-            if with_stderr:
-                self.stderr_r, self.stderr_w = self._own(*_pipe())
-                stderr_source = self.stderr_r
-            else:  # a terminal's one stream is stdout: fd 4 reads EOF at once
-                (stderr_source,) = self._own(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            # The shim's loop writes these: never blocking, whatever the logger does.
+            self.stdout_r, self.stdout_w = self._own(*make_pipe(nonblocking_write=True))
+            self.stderr_r, self.stderr_w = self._own(*make_pipe(nonblocking_write=True))
             self._ready_r, ready_w = self._own(*os.pipe2(os.O_CLOEXEC))
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
@@ -93,7 +78,7 @@ class Logger:
                     stdout=devnull,
                     stderr=devnull,
                     env=env,
-                    extra_fds=(self.stdout_r, stderr_source, ready_w),
+                    extra_fds=(self.stdout_r, self.stderr_r, ready_w),
                 )
             except OSError as exc:
                 raise InvalidArgument(
@@ -102,8 +87,6 @@ class Logger:
             finally:
                 os.close(devnull)
             self._close(ready_w)  # the logger holds the only write end now: EOF = ready
-            if stderr_source != self.stderr_r:
-                self._close(stderr_source)
         except BaseException:
             self.kill()
             raise
@@ -120,7 +103,8 @@ class Logger:
             os.close(fd)
 
     def take_write_ends(self) -> tuple[int, int]:
-        """stdout's and stderr's (-1 without one) write ends, now the caller's to close."""
+        """stdout's and stderr's write ends, now the caller's to close. Closing both is
+        the logger's EOF."""
         for fd in (self.stdout_w, self.stderr_w):
             if fd in self._fds:
                 self._fds.remove(fd)
@@ -146,7 +130,7 @@ class Logger:
 
     def _on_exit(self, fut: Future[int]) -> None:
         self.exit_code = fut.result()
-        if self._stopping is None:
+        if not self._stopping:
             log(
                 f"logging binary {self.command.path} (pid {self.pid}) exited with "
                 f"{self.exit_code} before its input ended; its output is dropped"
@@ -158,8 +142,7 @@ class Logger:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._stopping is not None and not self._stopping.done():
-            self._stopping.set_result(None)
+        self.exited.set_result(None)
 
     def _release_read_ends(self) -> None:
         """Nobody reads any more: writes fail with EPIPE, and the sinks drop from there."""
@@ -167,17 +150,13 @@ class Logger:
         self._close(self.stderr_r)
         self.stdout_r = self.stderr_r = -1
 
-    def stop(self) -> Future[None]:
-        """Done once the logger has exited. Call it once its input has ended (the sinks
-        closed the write ends): it should exit by itself; after EOF_GRACE it gets SIGTERM,
-        TERM_TIMEOUT later SIGKILL."""
-        if self._stopping is None:
-            self._stopping = Future()
-            if self.exit_code is not None:
-                self._stopping.set_result(None)
-            else:
+    def stop(self) -> None:
+        """Its input has ended (the write ends are closed): it should exit by itself; after
+        EOF_GRACE it gets SIGTERM, TERM_TIMEOUT later SIGKILL. `exited` tells when."""
+        if not self._stopping:
+            self._stopping = True
+            if self.exit_code is None:
                 self._timer = self._loop.call_later(EOF_GRACE, self._signal, signal.SIGTERM)
-        return self._stopping
 
     def _signal(self, signo: int) -> None:
         self._timer = None
@@ -193,6 +172,7 @@ class Logger:
 
     def kill(self) -> None:
         """Now (a failed start, the shim going away): no logger outlives its shim."""
+        self._stopping = True
         if self.exit_code is None and self.pid:
             try:
                 os.kill(self.pid, signal.SIGKILL)

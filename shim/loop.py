@@ -119,6 +119,25 @@ class Future(Generic[T]):
         return self.result()
 
 
+def all_done(futures: list[Future[Any]]) -> Future[None]:
+    """Done once every one of `futures` is (whatever their outcome)."""
+    out: Future[None] = Future()
+    remaining = len(futures)
+    if remaining == 0:
+        out.set_result(None)
+        return out
+
+    def one(_: Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            out.set_result(None)
+
+    for fut in futures:
+        fut.add_done_callback(one)
+    return out
+
+
 class Task(Future[T]):
     """Drives a coroutine: each `await future` suspends it until that future is done."""
 

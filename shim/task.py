@@ -29,6 +29,7 @@ from berth.shim.exit import (
     write_exit_file,
 )
 from berth.shim.io import IOConfig, ProcessIO
+from berth.shim.logger import Logger
 from berth.shim.loop import Future, Loop, log
 from berth.shim.mount import Mount, mount_all, unmount_all
 from berth.shim.reaper import Reaper
@@ -142,6 +143,7 @@ class Task:
         self.rootfs_mounted = False
         self._console_seq = 0
         self._oom: cgroups.OOMWatch | None = None
+        self._loggers: set[Logger] = set()  # every logging binary not yet exited
 
     # -- helpers
 
@@ -333,7 +335,7 @@ class Task:
         self._publish(status.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
     def _process_io(self, config: IOConfig, log_prefix: str) -> ProcessIO:
-        return ProcessIO(
+        io = ProcessIO(
             self._loop,
             config,
             self._path("log", log_prefix),
@@ -343,6 +345,11 @@ class Task:
                 "CONTAINER_NAMESPACE": self.config.namespace,
             },
         )
+        logger = io.logger
+        if logger is not None:  # tracked until it exits, whatever becomes of its process
+            self._loggers.add(logger)
+            logger.exited.add_done_callback(lambda _: self._loggers.discard(logger))
+        return io
 
     async def _logger_ready(self, io: ProcessIO) -> None:
         """A binary:// logger is ready before its process starts (containerd waits too)."""
@@ -615,9 +622,9 @@ class Task:
         return [p.describe(self.config) for p in procs]
 
     def kill_loggers(self) -> None:
-        """The shim goes away: no logging binary outlives it."""
-        for proc in ([self.init] if self.init else []) + list(self.execs.values()):
-            proc.io.kill_logger()
+        """The shim goes away: no logging binary outlives it, not even a failed create's."""
+        for logger in list(self._loggers):
+            logger.kill()
 
     def has_live_processes(self) -> bool:
         procs = ([self.init] if self.init else []) + list(self.execs.values())
