@@ -25,10 +25,18 @@ gets exactly what it has not seen: an exit a successor publishes after the hando
 the time it happened, which can be older than the last envelope the client saw, but its
 `seq` is newer. A daemon restarted without a predecessor's history starts a new epoch;
 a client of another epoch then gets the whole history (all of it is new to it).
+
+A client may publish its own events (containerd's Events/Publish and Forward): an opaque
+typed payload (`type_url`, `value` in base64) under a topic of containerd's form. They
+reach the subscribers of the moment, marked `published`, and are kept out of the history
+(containerd keeps none: they are not replayed, and a client cannot fill berthd's memory
+with them). berthd's own consumers subscribe `own_only`: a forged /tasks/exit never moves
+them.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import deque
@@ -37,17 +45,51 @@ from typing import Any
 import trio
 
 from berth.daemon.filters import Predicate, parse_filter, parse_filters
+from berth.shim.wire.errors import InvalidArgument
 
 HISTORY = 4096
 QUEUE_SIZE = HISTORY  # a `since` replay of the whole history must fit
 Envelope = dict[str, Any]
-__all__ = ["Exchange", "Predicate", "Subscription", "parse_filter", "parse_filters"]
+__all__ = [
+    "Exchange",
+    "Predicate",
+    "Subscription",
+    "check_identifier",
+    "check_topic",
+    "parse_filter",
+    "parse_filters",
+]
+
+# containerd's identifiers (identifiers.Validate): a topic's components, a forwarded
+# envelope's namespace.
+IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")
+IDENTIFIER_MAX = 76
+
+
+def check_identifier(value: str, what: str) -> None:
+    if len(value) > IDENTIFIER_MAX:
+        raise InvalidArgument(f"{what} {value[:80]!r}...: longer than {IDENTIFIER_MAX} characters")
+    if not IDENTIFIER.match(value):
+        raise InvalidArgument(
+            f"{what} {value!r} must be letters and digits, joined by single '.', '_' or '-'"
+        )
+
+
+def check_topic(topic: str) -> None:
+    """containerd's rule for a published topic: `/a/b.c`, each component an identifier."""
+    if not topic.startswith("/"):
+        raise InvalidArgument(f"topic {topic!r} must start with '/'")
+    if topic == "/":
+        raise InvalidArgument("topic '/' must have at least one component")
+    for component in topic[1:].split("/"):
+        check_identifier(component, f"topic {topic!r}: component")
 
 
 class Subscription:
-    def __init__(self, exchange: Exchange, predicate: Predicate) -> None:
+    def __init__(self, exchange: Exchange, predicate: Predicate, *, own_only: bool = False) -> None:
         self._exchange = exchange
         self.predicate = predicate
+        self.own_only = own_only  # berthd's own events only, none a client published
         self.send, self.receive = trio.open_memory_channel[Envelope](QUEUE_SIZE)
         self.overflowed = False
 
@@ -73,11 +115,13 @@ class Exchange:
         since: int | None = None,
         after_seq: int | None = None,
         epoch: str | None = None,
+        *,
+        own_only: bool = False,
     ) -> Subscription:
         """A new subscription; with `since` (ns) or `after_seq` (of `epoch`), first the
         remembered envelopes newer than that. No await separates replay and registration,
-        so nothing falls between."""
-        sub = Subscription(self, parse_filters(filters))
+        so nothing falls between. `own_only`: none of the events clients publish."""
+        sub = Subscription(self, parse_filters(filters), own_only=own_only)
         if after_seq is not None and epoch is not None and epoch != self.epoch:
             after_seq = 0  # another numbering: everything here is new to that client
         if since is not None or after_seq is not None:
@@ -97,8 +141,15 @@ class Exchange:
         return sub
 
     def publish(
-        self, namespace: str, topic: str, event: dict[str, Any], timestamp: int | None = None
+        self,
+        namespace: str,
+        topic: str,
+        event: dict[str, Any],
+        timestamp: int | None = None,
+        *,
+        by_client: bool = False,
     ) -> Envelope:
+        """An event of berthd's own objects, or (`by_client`) one a client published."""
         self._seq += 1
         envelope = {
             "timestamp": timestamp or time.time_ns(),
@@ -108,10 +159,13 @@ class Exchange:
             "seq": self._seq,
             "epoch": self.epoch,
         }
-        self._history.append(envelope)
+        if by_client:
+            envelope["published"] = True
+        else:
+            self._history.append(envelope)
         self.published += 1
         for sub in list(self._subscribers):
-            if not sub.predicate(envelope):
+            if (by_client and sub.own_only) or not sub.predicate(envelope):
                 continue
             try:
                 sub.send.send_nowait(envelope)

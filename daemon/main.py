@@ -328,18 +328,20 @@ async def _release_on_exit(exchange: Exchange, networks: NetworkService) -> None
     container, or by the next start's reconcile."""
     async with trio.open_nursery() as releases:
         while True:
-            subscription = exchange.subscribe(['topic=="/tasks/exit"'])
+            # own_only: an exit a client forged (Events/Publish) never releases anything
+            subscription = exchange.subscribe(['topic=="/tasks/exit"'], own_only=True)
             try:
                 async for envelope in subscription.receive:
                     event = envelope["event"]
-                    if event.get("id") == event.get("container_id"):
+                    container_id = event.get("container_id")
+                    if container_id and event.get("id") == container_id:  # the init's exit
                         releases.start_soon(
                             guarded,
                             "network release",
                             _detach,
                             networks,
                             envelope["namespace"],
-                            event["container_id"],
+                            container_id,
                         )
             finally:
                 subscription.close()

@@ -113,7 +113,8 @@ async def _mirror(config: Config, mirror: deque[dict[str, Any]]) -> None:
                         params = {"after_seq": last["seq"], "epoch": last.get("epoch")}
                     try:
                         async for envelope in client.stream("events.subscribe", params):
-                            if isinstance(envelope, dict):
+                            # a client's own events are not history (events.py)
+                            if isinstance(envelope, dict) and not envelope.get("published"):
                                 mirror.append(envelope)
                     except BerthError as exc:  # inside the nursery: not in a group
                         log.debug("event mirror: %s", exc)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from berth.shim.wire.errors import FailedPrecondition, NotFound
+from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.support.helpers import BERTH, Daemon, is_gone, wait_until
 
 
@@ -290,6 +290,74 @@ def test_events_stream(daemon: Daemon) -> None:
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
     exit_event = seen[2]["event"]
     assert exit_event["container_id"] == "c-ev" and exit_event["exit_status"] == 9
+
+
+def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
+    """events.publish (containerd's Publish, and Forward with an envelope's namespace and
+    time): a live subscriber gets the event as published, marked; bad topics, namespaces
+    and payloads are InvalidArgument; a forged /tasks/exit (no fields) moves nothing of
+    berthd's own (its network release follows exits: it used to fail on one)."""
+    ns = daemon.namespace
+    first, last = "m1" + ns[2:], "m2" + ns[2:]
+    before = time.time_ns()
+    daemon.call("namespaces.create", {"name": first})  # replayed: marks the subscription live
+    seen: list[dict[str, Any]] = []
+    subscribed = threading.Event()
+
+    def listen() -> None:
+        with daemon.client() as c:
+            filters = ['topic~="^/probe/"'] + [
+                f'topic=="/namespaces/create",namespace=={name}' for name in (first, last)
+            ]
+            for envelope in c.stream("events.subscribe", {"since": before, "filters": filters}):
+                if envelope["namespace"] == first:
+                    subscribed.set()
+                    continue
+                seen.append(envelope)
+                if envelope["namespace"] == last:
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)  # ends with the daemon at worst
+    thread.start()
+    # the first marker comes from the history, so the subscription exists once it arrives
+    assert subscribed.wait(10)
+    daemon.call("events.publish", {"topic": "/probe/x", "type_url": "t/x", "value": "AAEC"})
+    daemon.call(
+        "events.publish",
+        {
+            "topic": "/probe/fwd",
+            "type_url": "t/y",
+            "namespace": "elsewhere",
+            "timestamp": 1_700_000_000_123_456_789,
+        },
+    )
+    bad: list[dict[str, Any]] = [
+        {"topic": "probe", "type_url": "t"},
+        {"topic": "/a//b", "type_url": "t"},
+        {"topic": "/probe/x", "type_url": ""},
+        {"topic": "/probe/x", "type_url": "t", "value": "not base64!"},
+        {"topic": "/probe/x", "type_url": "t", "value": "A" * 30_000},
+        {"topic": "/probe/x", "type_url": "t", "namespace": "a..b"},
+        {"topic": "/probe/x", "type_url": "t", "timestamp": -1},
+    ]
+    for params in bad:
+        with pytest.raises(InvalidArgument):
+            daemon.call("events.publish", params)
+    daemon.call("events.publish", {"topic": "/tasks/exit", "type_url": "forged"})
+    daemon.call("namespaces.create", {"name": last})
+    thread.join(10)
+    assert not thread.is_alive(), "the last marker never came"
+    assert [(e["namespace"], e["topic"]) for e in seen] == [
+        (ns, "/probe/x"),
+        ("elsewhere", "/probe/fwd"),
+        (last, "/namespaces/create"),
+    ]
+    assert seen[0]["event"] == {"type_url": "t/x", "value": "AAEC"} and seen[0]["published"]
+    assert seen[1]["timestamp"] == 1_700_000_000_123_456_789
+    assert "published" not in seen[2]
+    assert daemon.call("version")  # up
+    log = Path(daemon.logs[-1]).read_text()
+    assert "network release failed" not in log, log[-3000:]
 
 
 def test_namespaces_isolate_objects(daemon: Daemon) -> None:

@@ -85,13 +85,10 @@ def test_task_events_come_in_order(goclient_served: tuple[Daemon, str]) -> None:
     _flow(goclient_served, "events")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Events/Publish is Unimplemented by design (services/events.py UNIMPLEMENTED); "
-    "containerd accepts it and delivers the event to subscribers",
-)
 def test_a_published_event_reaches_a_subscriber(goclient_served: tuple[Daemon, str]) -> None:
-    """EventService().Publish of a custom topic, received by Subscribe."""
+    """EventService().Publish of a custom topic and Forward of an envelope with its own
+    namespace and time, each received unchanged by Subscribe; bad topics and a Forward
+    without a time are InvalidArgument."""
     _flow(goclient_served, "events-publish")
 
 

@@ -29,7 +29,7 @@ BOUND = {
     "containerd.services.version.v1.Version": {"Version"},
     "containerd.services.introspection.v1.Introspection": {"Plugins", "Server"},
     "containerd.services.namespaces.v1.Namespaces": {"Get", "List", "Create", "Update", "Delete"},
-    "containerd.services.events.v1.Events": {"Subscribe"},
+    "containerd.services.events.v1.Events": {"Publish", "Forward", "Subscribe"},
     "containerd.services.leases.v1.Leases": {
         "Create",
         "Delete",
@@ -93,7 +93,6 @@ BOUND = {
 }
 
 UNIMPLEMENTED = {
-    "containerd.services.events.v1.Events": {"Publish", "Forward"},
     "containerd.services.tasks.v1.Tasks": {"Checkpoint"},
     "grpc.health.v1.Health": {"List", "Watch"},
 }

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from berth.daemon.events import Exchange, parse_filter, parse_filters
+from berth.daemon.events import Exchange, check_topic, parse_filter, parse_filters
 from berth.daemon.metadata import SCHEMA_VERSION, Container, Store
 from berth.native import SignalFD, tee
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
@@ -198,6 +198,39 @@ async def test_exchange_drops_a_subscriber_that_falls_behind() -> None:
     assert envelope["topic"] == "/x"
     with pytest.raises(trio.WouldBlock):
         fast.receive.receive_nowait()
+
+
+async def test_a_clients_event_reaches_subscribers_but_not_history_or_own_only() -> None:
+    """Events/Publish: live subscribers get a client's event, marked; berthd's own consumers
+    (own_only) and the history (replays, a successor) never see it."""
+    exchange = Exchange()
+    everyone = exchange.subscribe([])
+    own = exchange.subscribe(['topic=="/tasks/exit"'], own_only=True)
+    exchange.publish("ns", "/tasks/exit", {"type_url": "x", "value": ""}, by_client=True)
+    exchange.publish("ns", "/tasks/exit", {"id": "c1", "container_id": "c1"})
+    forged, real = everyone.receive.receive_nowait(), everyone.receive.receive_nowait()
+    assert forged["published"] is True and "published" not in real
+    assert own.receive.receive_nowait()["event"]["id"] == "c1"
+    with pytest.raises(trio.WouldBlock):
+        own.receive.receive_nowait()
+    assert [e["seq"] for e in exchange.history()] == [real["seq"]]
+    replay = exchange.subscribe([], since=0)
+    assert replay.receive.receive_nowait()["seq"] == real["seq"]
+    with pytest.raises(trio.WouldBlock):
+        replay.receive.receive_nowait()
+
+
+@pytest.mark.parametrize(
+    "topic", ["", "x", "/", "/a/", "//a", "/a b", "/-a", "/a..b", "/a_", "/" + "x" * 77]
+)
+def test_a_topic_containerd_refuses_is_refused(topic: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_topic(topic)
+
+
+def test_topics_containerd_takes_are_taken() -> None:
+    for topic in ("/a", "/tasks/exit", "/probe/custom.v1", "/a-b/c_d/e.f", "/" + "x" * 76):
+        check_topic(topic)
 
 
 def test_store_namespaces_and_containers(tmp_path: object) -> None:

@@ -7,6 +7,8 @@ validated before anything else looks at it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import signal as signals
@@ -21,7 +23,7 @@ from berth.daemon import __version__
 from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
 from berth.daemon.config import Config
-from berth.daemon.events import Exchange
+from berth.daemon.events import Exchange, check_identifier, check_topic
 from berth.daemon.metadata import Container, Store, check_extensions, check_labels
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
@@ -113,6 +115,7 @@ class Api:
             "containers.update": self.containers_update,
             "containers.delete": self.containers_delete,
             "events.subscribe": self.events_subscribe,
+            "events.publish": self.events_publish,
         }
 
     # -- introspection
@@ -356,6 +359,25 @@ class Api:
         return remove
 
     # -- events
+
+    async def events_publish(self, ctx: CallContext, p: schema.EventsPublish) -> Any:
+        """A client's own event, to the subscribers of the moment (events.py)."""
+        check_topic(p.topic)
+        if p.namespace is not None:
+            check_identifier(p.namespace, "namespace")
+        namespace = p.namespace or ctx.namespace
+        try:
+            base64.b64decode(p.value, validate=True)
+        except binascii.Error as exc:
+            raise InvalidArgument(f"event value is not base64: {exc}") from None
+        self.exchange.publish(
+            namespace,
+            p.topic,
+            {"type_url": p.type_url, "value": p.value},
+            p.timestamp,
+            by_client=True,
+        )
+        return {}
 
     async def events_subscribe(self, ctx: CallContext, p: schema.EventsSubscribe) -> Any:
         sub = self.exchange.subscribe(p.filters, p.since, p.after_seq, p.epoch)

@@ -160,6 +160,20 @@ class EventsSubscribe(Params, kw_only=True):
     epoch: str | None = None  # the numbering after_seq is of (events.py)
 
 
+MAX_PUBLISHED_VALUE = 16 * 1024  # bytes of a client's event (containerd's are < 1 KiB)
+
+
+class EventsPublish(Params, kw_only=True):
+    """A client's own event (containerd's Publish; Forward also names the envelope's
+    namespace and time). The payload is opaque: its type and its bytes in base64."""
+
+    topic: Annotated[str, Meta(min_length=1, max_length=1024)]
+    type_url: Annotated[str, Meta(min_length=1, max_length=1024)]
+    value: Annotated[str, Meta(max_length=(MAX_PUBLISHED_VALUE + 2) // 3 * 4)] = ""
+    namespace: str | None = None  # Forward: the envelope's own (else the call's)
+    timestamp: Annotated[int, Meta(gt=0)] | None = None  # Forward: the envelope's own (ns)
+
+
 # -- tasks -------------------------------------------------------------------------------
 
 
@@ -534,6 +548,7 @@ METHODS: dict[str, Method] = {
     "containers.update": Method(ContainersUpdate, Record),
     "containers.delete": Method(ContainersDelete, Record, long=True, after_recovery=True),
     "events.subscribe": Method(EventsSubscribe, _STREAM, stream=True, long=True, resumable=True),
+    "events.publish": Method(EventsPublish, Record),
     "tasks.create": Method(TasksCreate, PidReply, long=True, after_recovery=True),
     "tasks.start": Method(TaskRef, PidReply, after_recovery=True),
     "tasks.kill": Method(TasksKill, Record, after_recovery=True),

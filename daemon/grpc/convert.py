@@ -504,6 +504,8 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
     """A berth event envelope as containerd's Envelope; None for a topic containerd has
     no type for (it is not forwarded)."""
     topic = envelope.get("topic")
+    if envelope.get("published"):
+        return _published_envelope(envelope)
     name = EVENT_TYPES.get(str(topic))
     if name is None:
         return None
@@ -518,6 +520,21 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
         namespace=envelope.get("namespace") or "",
         topic=str(topic),
         event=t.Any(type_url=f"containerd.events.{name}", value=event.SerializeToString()),
+    )
+
+
+def _published_envelope(envelope: dict[str, Any]) -> Any:
+    """A client's own event: its Any as it was published (Events/Publish, Forward)."""
+    payload = envelope.get("event") or {}
+    t = types()
+    return t.events.Envelope(
+        timestamp=timestamp(envelope.get("timestamp")),
+        namespace=envelope.get("namespace") or "",
+        topic=str(envelope.get("topic")),
+        event=t.Any(
+            type_url=str(payload.get("type_url") or ""),
+            value=base64.b64decode(payload.get("value") or ""),
+        ),
     )
 
 

@@ -1,31 +1,61 @@
-"""containerd's Events service: berthd's event stream, re-encoded as containerd's envelopes.
-Events come from berth's own objects only, so nothing can be published into it."""
+"""containerd's Events service: berthd's event stream, re-encoded as containerd's envelopes,
+and a client's own events (Publish, Forward) passed to berthd as they are: an opaque Any
+that every subscriber receives unchanged (daemon/events.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from berth.daemon.grpc import convert as capi
-from berth.daemon.grpc.services.base import Call, Handler, Service, filters, log, streaming
-from berth.shim.wire.errors import BerthError, Unavailable
+from berth.daemon.grpc.services.base import (
+    Call,
+    Handler,
+    Service,
+    empty,
+    filters,
+    log,
+    streaming,
+    unary,
+)
+from berth.shim.wire.errors import BerthError, InvalidArgument, Unavailable
 
 
 class Events(Service):
     """Serves containerd.services.events.v1.Events."""
 
-    UNIMPLEMENTED = {
-        "Publish": "events come only from berthd's own objects: clients cannot post any",
-        "Forward": "it relays shims' events to containerd; berth's shims report to berthd",
-    }
-
     def methods(self) -> dict[str, Handler]:
         return {
+            "Publish": self.publish,
+            "Forward": self.forward,
             "Subscribe": self.subscribe,
         }
+
+    @unary
+    async def publish(self, request: Any, call: Call) -> Any:
+        """An event of the caller's namespace, stamped now (containerd's Exchange.Publish)."""
+        await self._call(call, "events.publish", _published(request.topic, request, "event"))
+        return empty()
+
+    @unary
+    async def forward(self, request: Any, call: Call) -> Any:
+        """A whole envelope, with its own namespace and time (what containerd's shims send
+        through `containerd publish`)."""
+        if not request.HasField("envelope"):
+            raise InvalidArgument("forward: an envelope is required")
+        envelope = request.envelope
+        if not envelope.HasField("timestamp") or not capi.from_timestamp(envelope.timestamp):
+            raise InvalidArgument("timestamp must be set on forwarded event")
+        params = _published(envelope.topic, envelope, "event")
+        params.update(
+            namespace=envelope.namespace, timestamp=capi.from_timestamp(envelope.timestamp)
+        )
+        await self.backend.call("events.publish", params, **call.meta(namespaced=False))
+        return empty()
 
     @streaming
     async def subscribe(self, request: Any, call: Call) -> AsyncIterator[Any]:
@@ -75,3 +105,15 @@ class Events(Service):
             # exit from it)
             log.warning("event %s not converted: %s", envelope.get("topic"), exc)
             return None
+
+
+def _published(topic: str, holder: Any, field: str) -> dict[str, Any]:
+    """events.publish's parameters for `holder.<field>`, a protobuf Any."""
+    if not holder.HasField(field):
+        raise InvalidArgument(f"an {field} is required")
+    event = getattr(holder, field)
+    return {
+        "topic": topic,
+        "type_url": event.type_url,
+        "value": base64.b64encode(event.value).decode("ascii"),
+    }

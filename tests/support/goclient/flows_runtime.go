@@ -793,28 +793,63 @@ func flowEvents(ctx context.Context, client *containerd.Client, address, rootfs 
 	}
 }
 
-// events-publish: a client's own event, published and received by a subscriber.
+// events-publish: a client's own events, as containerd takes them: Publish (the caller's
+// namespace, stamped now) and Forward (an envelope with its own namespace and time), each
+// received unchanged by a subscriber; topics containerd refuses are InvalidArgument.
 func flowEventsPublish(ctx context.Context, client *containerd.Client, address, rootfs string) {
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
-	ch, errs := client.Subscribe(sctx, `topic=="/probe/custom"`)
+	ch, errs := client.Subscribe(sctx, `topic~="^/probe/"`)
 	time.Sleep(200 * time.Millisecond)
 	if err := client.EventService().Publish(ctx, "/probe/custom", &eventstypes.ContainerCreate{ID: "probe"}); err != nil {
 		fail("Publish", fmt.Errorf("%w (%s)", err, rtCode(err)))
 	}
-	select {
-	case e := <-ch:
-		v, err := typeurl.UnmarshalAny(e.Event)
-		if err != nil {
-			fail("UnmarshalAny", err)
+	for _, topic := range []string{"", "probe", "/", "/a//b", "/a b", "/-a", "/" + strings.Repeat("x", 77)} {
+		err := client.EventService().Publish(ctx, topic, &eventstypes.ContainerCreate{ID: "bad"})
+		if !errdefs.IsInvalidArgument(err) {
+			fail("Publish("+topic+")", fmt.Errorf("want InvalidArgument, got %v", err))
 		}
-		if c, ok := v.(*eventstypes.ContainerCreate); !ok || c.ID != "probe" {
-			fail("event", fmt.Errorf("%T %+v", v, v))
+	}
+	forwarded, err := typeurl.MarshalAny(&eventstypes.ContainerDelete{ID: "forwarded"})
+	if err != nil {
+		fail("MarshalAny", err)
+	}
+	when := time.Unix(1700000000, 123456789).UTC()
+	if err := client.EventService().Forward(ctx, &events.Envelope{
+		Timestamp: when, Namespace: "probe-fwd", Topic: "/probe/forwarded", Event: forwarded,
+	}); err != nil {
+		fail("Forward", fmt.Errorf("%w (%s)", err, rtCode(err)))
+	}
+	if err := client.EventService().Forward(ctx, &events.Envelope{
+		Namespace: "probe-fwd", Topic: "/probe/forwarded", Event: forwarded,
+	}); !errdefs.IsInvalidArgument(err) {
+		fail("Forward(no timestamp)", fmt.Errorf("want InvalidArgument, got %v", err))
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	for i := 0; i < 2; i++ {
+		select {
+		case e := <-ch:
+			v, err := typeurl.UnmarshalAny(e.Event)
+			if err != nil {
+				fail("UnmarshalAny", err)
+			}
+			switch c := v.(type) {
+			case *eventstypes.ContainerCreate:
+				if i != 0 || c.ID != "probe" || e.Topic != "/probe/custom" || e.Namespace != ns {
+					fail("published", fmt.Errorf("#%d %s %s %+v", i, e.Namespace, e.Topic, c))
+				}
+			case *eventstypes.ContainerDelete:
+				if i != 1 || c.ID != "forwarded" || e.Namespace != "probe-fwd" || !e.Timestamp.Equal(when) {
+					fail("forwarded", fmt.Errorf("#%d %s %s %s %+v", i, e.Namespace, e.Topic, e.Timestamp, c))
+				}
+			default:
+				fail("event", fmt.Errorf("%T %+v", v, v))
+			}
+		case err := <-errs:
+			fail("Subscribe", err)
+		case <-time.After(5 * time.Second):
+			fail("Subscribe", fmt.Errorf("event #%d never came", i))
 		}
-	case err := <-errs:
-		fail("Subscribe", err)
-	case <-time.After(5 * time.Second):
-		fail("Subscribe", fmt.Errorf("the published event never came"))
 	}
 }
 
