@@ -27,11 +27,15 @@ the time it happened, which can be older than the last envelope the client saw, 
 a client of another epoch then gets the whole history (all of it is new to it).
 
 A client may publish its own events (containerd's Events/Publish and Forward): an opaque
-typed payload (`type_url`, `value` in base64) under a topic of containerd's form. They
-reach the subscribers of the moment, marked `published`, and are kept out of the history
-(containerd keeps none: they are not replayed, and a client cannot fill berthd's memory
-with them). berthd's own consumers subscribe `own_only`: a forged /tasks/exit never moves
-them.
+typed payload (`type_url`, `value` in base64) under a topic of containerd's form. They are
+outside berthd's record of itself: marked `published`, not numbered (no `seq`/`epoch`: a
+client's event must never take a number that a successor gives again, which would make
+resuming subscribers skip a real exit), not kept in the history (containerd keeps none:
+no replay, and no client can fill berthd's memory with them), and sent only to
+subscribers that ask for them (`with_published`; berth-grpc and the CLI do), so that
+berthd's own consumers and older clients never act on a forged `/tasks/exit`. They may
+fill at most PUBLISHED_SHARE of a subscriber's queue; beyond that they are not sent to
+it (counted), so a burst of them never drops a subscriber that berthd's own events reach.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from berth.shim.wire.errors import InvalidArgument
 
 HISTORY = 4096
 QUEUE_SIZE = HISTORY  # a `since` replay of the whole history must fit
+PUBLISHED_SHARE = 1024  # queued envelopes past which a client's events are not sent
 Envelope = dict[str, Any]
 __all__ = [
     "Exchange",
@@ -86,10 +91,12 @@ def check_topic(topic: str) -> None:
 
 
 class Subscription:
-    def __init__(self, exchange: Exchange, predicate: Predicate, *, own_only: bool = False) -> None:
+    def __init__(
+        self, exchange: Exchange, predicate: Predicate, *, with_published: bool = False
+    ) -> None:
         self._exchange = exchange
         self.predicate = predicate
-        self.own_only = own_only  # berthd's own events only, none a client published
+        self.with_published = with_published  # also the events clients publish
         self.send, self.receive = trio.open_memory_channel[Envelope](QUEUE_SIZE)
         self.overflowed = False
 
@@ -108,6 +115,8 @@ class Exchange:
         self.published = 0
         self.replayed = 0  # envelopes sent again to a resubscriber (since / after_seq)
         self.dropped = 0  # envelopes a subscriber could not take: it was dropped
+        self.published_by_clients = 0
+        self.published_not_sent = 0  # a client's events past a subscriber's PUBLISHED_SHARE
 
     def subscribe(
         self,
@@ -116,12 +125,12 @@ class Exchange:
         after_seq: int | None = None,
         epoch: str | None = None,
         *,
-        own_only: bool = False,
+        with_published: bool = False,
     ) -> Subscription:
         """A new subscription; with `since` (ns) or `after_seq` (of `epoch`), first the
         remembered envelopes newer than that. No await separates replay and registration,
-        so nothing falls between. `own_only`: none of the events clients publish."""
-        sub = Subscription(self, parse_filters(filters), own_only=own_only)
+        so nothing falls between. `with_published`: the events clients publish too."""
+        sub = Subscription(self, parse_filters(filters), with_published=with_published)
         if after_seq is not None and epoch is not None and epoch != self.epoch:
             after_seq = 0  # another numbering: everything here is new to that client
         if since is not None or after_seq is not None:
@@ -141,15 +150,9 @@ class Exchange:
         return sub
 
     def publish(
-        self,
-        namespace: str,
-        topic: str,
-        event: dict[str, Any],
-        timestamp: int | None = None,
-        *,
-        by_client: bool = False,
+        self, namespace: str, topic: str, event: dict[str, Any], timestamp: int | None = None
     ) -> Envelope:
-        """An event of berthd's own objects, or (`by_client`) one a client published."""
+        """An event of berthd's own objects: numbered, remembered, sent to every subscriber."""
         self._seq += 1
         envelope = {
             "timestamp": timestamp or time.time_ns(),
@@ -159,13 +162,34 @@ class Exchange:
             "seq": self._seq,
             "epoch": self.epoch,
         }
-        if by_client:
-            envelope["published"] = True
-        else:
-            self._history.append(envelope)
+        self._history.append(envelope)
         self.published += 1
+        self._send(envelope, published=False)
+        return envelope
+
+    def publish_for_client(
+        self, namespace: str, topic: str, event: dict[str, Any], timestamp: int | None = None
+    ) -> Envelope:
+        """A client's own event (see the module docstring): not numbered, not remembered."""
+        envelope = {
+            "timestamp": timestamp or time.time_ns(),
+            "namespace": namespace,
+            "topic": topic,
+            "event": event,
+            "published": True,
+        }
+        self.published_by_clients += 1
+        self._send(envelope, published=True)
+        return envelope
+
+    def _send(self, envelope: Envelope, *, published: bool) -> None:
         for sub in list(self._subscribers):
-            if (by_client and sub.own_only) or not sub.predicate(envelope):
+            if published and not sub.with_published:
+                continue
+            if not sub.predicate(envelope):
+                continue
+            if published and sub.send.statistics().current_buffer_used >= PUBLISHED_SHARE:
+                self.published_not_sent += 1
                 continue
             try:
                 sub.send.send_nowait(envelope)
@@ -175,7 +199,6 @@ class Exchange:
                 sub.close()
             except trio.ClosedResourceError:
                 self._subscribers.discard(sub)
-        return envelope
 
     def history(self) -> list[Envelope]:
         """What a successor takes over (see the module docstring)."""

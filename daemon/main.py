@@ -328,8 +328,8 @@ async def _release_on_exit(exchange: Exchange, networks: NetworkService) -> None
     container, or by the next start's reconcile."""
     async with trio.open_nursery() as releases:
         while True:
-            # own_only: an exit a client forged (Events/Publish) never releases anything
-            subscription = exchange.subscribe(['topic=="/tasks/exit"'], own_only=True)
+            # berthd's own exits only (not with_published): a forged one releases nothing
+            subscription = exchange.subscribe(['topic=="/tasks/exit"'])
             try:
                 async for envelope in subscription.receive:
                     event = envelope["event"]

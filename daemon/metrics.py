@@ -465,6 +465,16 @@ class Collector(registry.Collector):
         yield _gauge("berth_event_subscribers", "event streams open", s.exchange.subscriber_count)
         yield _counter("berth_events_published", "events published", s.exchange.published)
         yield _counter(
+            "berth_events_published_by_clients",
+            "events clients published (Events/Publish, Forward)",
+            s.exchange.published_by_clients,
+        )
+        yield _counter(
+            "berth_events_published_not_sent",
+            "clients' events not sent to a subscriber whose queue held too many",
+            s.exchange.published_not_sent,
+        )
+        yield _counter(
             "berth_events_replayed",
             "events sent again to a client that resubscribed",
             s.exchange.replayed,

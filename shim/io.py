@@ -45,6 +45,7 @@ ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
 FIONREAD = 0x541B  # ioctl: bytes waiting in a pipe or FIFO (asm-generic/ioctls.h)
 READER_POLL = 0.005  # seconds between looks at what a closing FIFO's reader has left
 READER_STALL = 0.5  # seconds a closing FIFO waits for a reader that takes nothing
+LOGGER_FLUSH_BOUND = 5.0  # seconds a logger's input may take to end before its grace starts
 
 
 DEFAULT_LOG_MAX_SIZE = 16 * 1024 * 1024
@@ -755,6 +756,7 @@ class ProcessIO:
         *,
         reaper: Reaper | None = None,
         logger_env: dict[str, str] | None = None,
+        on_logger: Callable[[Logger], None] | None = None,
     ) -> None:
         self._loop = loop
         self.config = config
@@ -781,6 +783,8 @@ class ProcessIO:
                 if reaper is None:
                     raise InvalidArgument("binary:// stdio needs the shim's reaper")
                 self.logger = Logger(loop, reaper, config.logger, logger_env or {})
+                if on_logger is not None:  # tracked from its start, whatever follows
+                    on_logger(self.logger)
                 stdout_w, stderr_w = self._logger_fds = list(self.logger.take_write_ends())
                 self._stdout_sinks = self._sinks_for("stdout", None, stdout_w)
                 if not config.terminal:  # else fd 4 stays open, silent, until close()
@@ -929,10 +933,12 @@ class ProcessIO:
             os.close(fd)
         self._logger_fds.clear()
         if self.logger is not None:
-            # Its input ends once every sink has flushed and closed its pipe: only then
-            # does its grace before SIGTERM start.
+            # Its input ends once every sink has flushed and closed its pipe: only then does
+            # its grace before SIGTERM start; a reader that keeps taking a trickle is not
+            # waited for past LOGGER_FLUSH_BOUND (a delete must end: containerd's ~12 s).
             logger = self.logger
             all_done(closed).add_done_callback(lambda _: logger.stop())
+            self._loop.call_later(LOGGER_FLUSH_BOUND, logger.stop)
         if self.console is not None:
             self._loop.forget_fd(self.console)
             try:

@@ -335,7 +335,7 @@ class Task:
         self._publish(status.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
     def _process_io(self, config: IOConfig, log_prefix: str) -> ProcessIO:
-        io = ProcessIO(
+        return ProcessIO(
             self._loop,
             config,
             self._path("log", log_prefix),
@@ -344,12 +344,13 @@ class Task:
                 "CONTAINER_ID": self.config.id,
                 "CONTAINER_NAMESPACE": self.config.namespace,
             },
+            on_logger=self._track_logger,
         )
-        logger = io.logger
-        if logger is not None:  # tracked until it exits, whatever becomes of its process
-            self._loggers.add(logger)
-            logger.exited.add_done_callback(lambda _: self._loggers.discard(logger))
-        return io
+
+    def _track_logger(self, logger: Logger) -> None:
+        """Until it exits, whatever becomes of its process (a failed create included)."""
+        self._loggers.add(logger)
+        logger.exited.add_done_callback(lambda _: self._loggers.discard(logger))
 
     async def _logger_ready(self, io: ProcessIO) -> None:
         """A binary:// logger is ready before its process starts (containerd waits too)."""

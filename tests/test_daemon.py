@@ -294,9 +294,10 @@ def test_events_stream(daemon: Daemon) -> None:
 
 def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
     """events.publish (containerd's Publish, and Forward with an envelope's namespace and
-    time): a live subscriber gets the event as published, marked; bad topics, namespaces
-    and payloads are InvalidArgument; a forged /tasks/exit (no fields) moves nothing of
-    berthd's own (its network release follows exits: it used to fail on one)."""
+    time): a subscriber that asks for them (with_published, as berth-grpc and the CLI do)
+    gets the event as published, marked; one that does not ask never sees it; bad topics,
+    namespaces and payloads are InvalidArgument; a forged /tasks/exit moves nothing of
+    berthd's own (its network release follows exits, and used to fail for good on one)."""
     ns = daemon.namespace
     first, last = "m1" + ns[2:], "m2" + ns[2:]
     before = time.time_ns()
@@ -304,23 +305,31 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
     seen: list[dict[str, Any]] = []
     subscribed = threading.Event()
 
-    def listen() -> None:
+    unasked: list[dict[str, Any]] = []
+    unasked_subscribed = threading.Event()
+
+    def listen(into: list[dict[str, Any]], ready: threading.Event, published: bool) -> None:
         with daemon.client() as c:
-            filters = ['topic~="^/probe/"'] + [
+            filters = ['topic~="^/(probe|tasks)/"'] + [
                 f'topic=="/namespaces/create",namespace=={name}' for name in (first, last)
             ]
-            for envelope in c.stream("events.subscribe", {"since": before, "filters": filters}):
+            params = {"since": before, "filters": filters, "with_published": published}
+            for envelope in c.stream("events.subscribe", params):
                 if envelope["namespace"] == first:
-                    subscribed.set()
+                    ready.set()
                     continue
-                seen.append(envelope)
+                into.append(envelope)
                 if envelope["namespace"] == last:
                     return
 
-    thread = threading.Thread(target=listen, daemon=True)  # ends with the daemon at worst
-    thread.start()
+    threads = [  # each ends with the daemon at worst
+        threading.Thread(target=listen, args=(seen, subscribed, True), daemon=True),
+        threading.Thread(target=listen, args=(unasked, unasked_subscribed, False), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     # the first marker comes from the history, so the subscription exists once it arrives
-    assert subscribed.wait(10)
+    assert subscribed.wait(10) and unasked_subscribed.wait(10)
     daemon.call("events.publish", {"topic": "/probe/x", "type_url": "t/x", "value": "AAEC"})
     daemon.call(
         "events.publish",
@@ -334,7 +343,6 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
     bad: list[dict[str, Any]] = [
         {"topic": "probe", "type_url": "t"},
         {"topic": "/a//b", "type_url": "t"},
-        {"topic": "/probe/x", "type_url": ""},
         {"topic": "/probe/x", "type_url": "t", "value": "not base64!"},
         {"topic": "/probe/x", "type_url": "t", "value": "A" * 30_000},
         {"topic": "/probe/x", "type_url": "t", "namespace": "a..b"},
@@ -345,16 +353,19 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
             daemon.call("events.publish", params)
     daemon.call("events.publish", {"topic": "/tasks/exit", "type_url": "forged"})
     daemon.call("namespaces.create", {"name": last})
-    thread.join(10)
-    assert not thread.is_alive(), "the last marker never came"
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "the last marker never came"
     assert [(e["namespace"], e["topic"]) for e in seen] == [
         (ns, "/probe/x"),
         ("elsewhere", "/probe/fwd"),
+        (ns, "/tasks/exit"),
         (last, "/namespaces/create"),
     ]
+    assert [(e["namespace"], e["topic"]) for e in unasked] == [(last, "/namespaces/create")]
     assert seen[0]["event"] == {"type_url": "t/x", "value": "AAEC"} and seen[0]["published"]
     assert seen[1]["timestamp"] == 1_700_000_000_123_456_789
-    assert "published" not in seen[2]
+    assert seen[2]["published"] and "seq" not in seen[2] and "published" not in seen[3]
     assert daemon.call("version")  # up
     log = Path(daemon.logs[-1]).read_text()
     assert "network release failed" not in log, log[-3000:]

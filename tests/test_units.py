@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import trio
 
-from berth.daemon.events import Exchange, check_topic, parse_filter, parse_filters
+from berth.daemon.events import (
+    PUBLISHED_SHARE,
+    QUEUE_SIZE,
+    Exchange,
+    check_topic,
+    parse_filter,
+    parse_filters,
+)
 from berth.daemon.metadata import SCHEMA_VERSION, Container, Store
 from berth.native import SignalFD, tee
 from berth.shim.exit import CorruptExitFile, ExitRecord, read_exit_file, write_exit_file
@@ -200,24 +207,45 @@ async def test_exchange_drops_a_subscriber_that_falls_behind() -> None:
         fast.receive.receive_nowait()
 
 
-async def test_a_clients_event_reaches_subscribers_but_not_history_or_own_only() -> None:
-    """Events/Publish: live subscribers get a client's event, marked; berthd's own consumers
-    (own_only) and the history (replays, a successor) never see it."""
+async def test_a_clients_event_reaches_only_who_asks_and_is_never_numbered() -> None:
+    """Events/Publish: subscribers that ask (with_published) get a client's event, marked;
+    berthd's own consumers (who do not ask) and the history (replays, a successor) never
+    see it, and it takes no number: a successor's next event cannot repeat one a
+    resuming subscriber has already seen (which made it skip a real exit)."""
     exchange = Exchange()
-    everyone = exchange.subscribe([])
-    own = exchange.subscribe(['topic=="/tasks/exit"'], own_only=True)
-    exchange.publish("ns", "/tasks/exit", {"type_url": "x", "value": ""}, by_client=True)
-    exchange.publish("ns", "/tasks/exit", {"id": "c1", "container_id": "c1"})
-    forged, real = everyone.receive.receive_nowait(), everyone.receive.receive_nowait()
-    assert forged["published"] is True and "published" not in real
-    assert own.receive.receive_nowait()["event"]["id"] == "c1"
+    everyone = exchange.subscribe([], with_published=True)
+    own = exchange.subscribe(['topic=="/tasks/exit"'])
+    exchange.publish("ns", "/tasks/exit", {"id": "c0", "container_id": "c0"})
+    exchange.publish_for_client("ns", "/tasks/exit", {"type_url": "x", "value": ""})
+    real, forged = everyone.receive.receive_nowait(), everyone.receive.receive_nowait()
+    assert forged["published"] is True and "seq" not in forged and "epoch" not in forged
+    assert "published" not in real
+    assert own.receive.receive_nowait()["event"]["id"] == "c0"
     with pytest.raises(trio.WouldBlock):
         own.receive.receive_nowait()
     assert [e["seq"] for e in exchange.history()] == [real["seq"]]
-    replay = exchange.subscribe([], since=0)
-    assert replay.receive.receive_nowait()["seq"] == real["seq"]
-    with pytest.raises(trio.WouldBlock):
-        replay.receive.receive_nowait()
+    successor = Exchange()
+    successor.inherit(exchange.history())
+    after = successor.publish("ns", "/tasks/exit", {"id": "c1", "container_id": "c1"})
+    assert after["seq"] == real["seq"] + 1 and after["epoch"] == real["epoch"]
+    resumed = successor.subscribe([], after_seq=real["seq"], epoch=real["epoch"])
+    assert resumed.receive.receive_nowait()["event"]["id"] == "c1"
+
+
+async def test_a_burst_of_clients_events_never_drops_a_subscriber() -> None:
+    """A client's events fill at most PUBLISHED_SHARE of a subscriber's queue: the rest
+    are not sent to it (counted), and berthd's own events still fit, so the subscriber
+    (dockerd's, say) keeps its stream."""
+    exchange = Exchange()
+    slow = exchange.subscribe([], with_published=True)
+    for _ in range(QUEUE_SIZE + 10):
+        exchange.publish_for_client("ns", "/probe/x", {"type_url": "x", "value": ""})
+    assert exchange.published_not_sent == QUEUE_SIZE + 10 - PUBLISHED_SHARE
+    for i in range(QUEUE_SIZE - PUBLISHED_SHARE):
+        exchange.publish("ns", "/tasks/exit", {"i": i})
+    assert not slow.overflowed and exchange.subscriber_count == 1
+    exchange.publish("ns", "/tasks/exit", {})  # and one more of berthd's overflows it
+    assert slow.overflowed
 
 
 @pytest.mark.parametrize(

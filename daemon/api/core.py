@@ -370,17 +370,15 @@ class Api:
             base64.b64decode(p.value, validate=True)
         except binascii.Error as exc:
             raise InvalidArgument(f"event value is not base64: {exc}") from None
-        self.exchange.publish(
-            namespace,
-            p.topic,
-            {"type_url": p.type_url, "value": p.value},
-            p.timestamp,
-            by_client=True,
+        self.exchange.publish_for_client(
+            namespace, p.topic, {"type_url": p.type_url, "value": p.value}, p.timestamp
         )
         return {}
 
     async def events_subscribe(self, ctx: CallContext, p: schema.EventsSubscribe) -> Any:
-        sub = self.exchange.subscribe(p.filters, p.since, p.after_seq, p.epoch)
+        sub = self.exchange.subscribe(
+            p.filters, p.since, p.after_seq, p.epoch, with_published=p.with_published
+        )
         try:
             async for envelope in sub.receive:
                 await ctx.send_item(envelope)

@@ -158,6 +158,7 @@ class EventsSubscribe(Params, kw_only=True):
     since: int | None = None  # ns: replay what was published after it first
     after_seq: int | None = None  # replay what is numbered after it (survives a handover)
     epoch: str | None = None  # the numbering after_seq is of (events.py)
+    with_published: bool = False  # also the events clients publish (events.py)
 
 
 MAX_PUBLISHED_VALUE = 16 * 1024  # bytes of a client's event (containerd's are < 1 KiB)
@@ -168,7 +169,7 @@ class EventsPublish(Params, kw_only=True):
     namespace and time). The payload is opaque: its type and its bytes in base64."""
 
     topic: Annotated[str, Meta(min_length=1, max_length=1024)]
-    type_url: Annotated[str, Meta(min_length=1, max_length=1024)]
+    type_url: Annotated[str, Meta(max_length=1024)]
     value: Annotated[str, Meta(max_length=(MAX_PUBLISHED_VALUE + 2) // 3 * 4)] = ""
     namespace: str | None = None  # Forward: the envelope's own (else the call's)
     timestamp: Annotated[int, Meta(gt=0)] | None = None  # Forward: the envelope's own (ns)

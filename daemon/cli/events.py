@@ -29,7 +29,7 @@ def run(session: Session, args: argparse.Namespace) -> int:
 
     from berth.shim.wire.errors import Unavailable
 
-    params: dict[str, Any] = {"filters": args.filter or []}
+    params: dict[str, Any] = {"filters": args.filter or [], "with_published": True}
     if args.since is not None:
         params["since"] = args.since
     last: tuple[str, int] | None = None  # (epoch, seq) of the last event printed
@@ -51,7 +51,8 @@ def run(session: Session, args: argparse.Namespace) -> int:
             except (Unavailable, CliError):
                 session.reset()
                 if last is not None:
-                    params = {"filters": args.filter or [], "epoch": last[0], "after_seq": last[1]}
+                    params = {**params, "epoch": last[0], "after_seq": last[1]}
+                    params.pop("since", None)
                 time.sleep(0.02)
     except KeyboardInterrupt:
         return 0

@@ -65,7 +65,10 @@ class Events(Service):
         cursor = handoff.take(key)
         if cursor.since is None and cursor.seq is None:
             cursor.since = time.time_ns()  # if it is handed on before its first event
-        events = self.backend.events({"filters": list(request.filters)}, cursor)
+        # containerd's subscribers see what clients publish (Publish, Forward) too
+        events = self.backend.events(
+            {"filters": list(request.filters), "with_published": True}, cursor
+        )
         closing = asyncio.ensure_future(handoff.closing.wait())
         following: asyncio.Future[Any] | None = None
         try:
