@@ -36,6 +36,7 @@ from berth.shim.logger import Logger, LoggerCommand
 from berth.shim.loop import Future, Loop, TimerHandle, all_done, log
 from berth.shim.pipes import make_pipe
 from berth.shim.reaper import Reaper
+from berth.shim.relay import start_relay
 from berth.shim.wire.errors import InvalidArgument
 
 CHUNK = 256 * 1024
@@ -43,6 +44,7 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
 ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
 FIONREAD = 0x541B  # ioctl: bytes waiting in a pipe or FIFO (asm-generic/ioctls.h)
+TIOCGPTPEER = 0x5441  # ioctl: open a pty master's peer (asm-generic/ioctls.h; Linux 4.13)
 READER_POLL = 0.005  # seconds between looks at what a closing FIFO's reader has left
 READER_STALL = 0.5  # seconds a closing FIFO waits for a reader that takes nothing
 LOGGER_FLUSH_BOUND = 5.0  # seconds a logger's input may take to end before its grace starts
@@ -762,6 +764,7 @@ class ProcessIO:
         self.config = config
         self._log_prefix = log_prefix
         self._runtime_fds: list[int] = []
+        self._relays: list[tuple[int, int, str]] = []  # (source, target, name), not started
         self._stdin_fifo = -1
         self._stdin_hold = -1  # our write end of the stdin FIFO, until CloseIO
         self._stdin: InputPump | None = None
@@ -772,6 +775,7 @@ class ProcessIO:
         self.logger: Logger | None = None
         self._logger_fds: list[int] = []  # the logger's write ends no sink has taken yet
         self.console: int | None = None
+        self._held_terminal = -1  # our own fd of the terminal's process side (attach_console)
         self.stdio: tuple[int | None, int | None, int | None] = (None, None, None)
         self._devnull = -1
         self._closed = False
@@ -854,19 +858,25 @@ class ProcessIO:
         """The container-side pipes, whose other ends the runtime hands to the process."""
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         stdin_fd = stdout_fd = stderr_fd = self._devnull
+        # Each stream is two pipes: the container's, and the shim's own that the loop
+        # reads or writes; a relay thread copies between them (relay.py says why).
         if self._stdin_fifo >= 0:
             r, w = make_pipe()
             self._runtime_fds.append(r)
             stdin_fd = r
+            own_r, own_w = make_pipe()
+            self._relays.append((own_r, w, f"{self._log_prefix}stdin"))
             fifo, self._stdin_fifo = self._stdin_fifo, -1
-            self._stdin = InputPump(self._loop, fifo, w, close_target=True)
+            self._stdin = InputPump(self._loop, fifo, own_w, close_target=True)
         for stream, sinks in (("stdout", self._stdout_sinks), ("stderr", self._stderr_sinks)):
             if not sinks:
                 continue
             r, w = make_pipe()
             self._runtime_fds.append(w)
-            # The pump owns the read end from here on: close() releases it on any failure.
-            self._pumps.append(OutputPump(self._loop, r, sinks, is_pty=False))
+            own_r, own_w = make_pipe()
+            self._relays.append((r, own_w, f"{self._log_prefix}{stream}"))
+            # The pump owns its read end from here on: close() releases it on any failure.
+            self._pumps.append(OutputPump(self._loop, own_r, sinks, is_pty=False))
             if stream == "stdout":
                 stdout_fd = w
             else:
@@ -874,8 +884,21 @@ class ProcessIO:
         self.stdio = (stdin_fd, stdout_fd, stderr_fd)
 
     def attach_console(self, master: int) -> None:
-        """Terminal mode: the pty master carries stdin and the merged stdout/stderr."""
+        """Terminal mode: the pty master carries stdin and the merged stdout/stderr.
+
+        The shim holds the terminal's other side open too (TIOCGPTPEER) until the process
+        exits. Kernel fact: once no fd of the terminal is open, its master reads EIO and
+        polls HUP. A process that closes its terminal and opens it again later (systemd,
+        `exec >/dev/null` then `exec >/dev/console`) ended its output for good, and input
+        queued for it kept the loop spinning on HUP; held, neither happens."""
         self.console = master
+        set_nonblocking(master)  # stdin is written to it: never a blocking write on the loop
+        try:
+            self._held_terminal = fcntl.ioctl(
+                master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+            )
+        except OSError as exc:  # a kernel before 4.13: the terminal is not held
+            log(f"cannot hold the terminal open (TIOCGPTPEER): {exc}")
         if self._stdout_sinks:
             dup = os.dup(master)  # the pump closes its fd at EOF; resize keeps the other
             os.set_inheritable(dup, False)
@@ -884,8 +907,33 @@ class ProcessIO:
             fifo, self._stdin_fifo = self._stdin_fifo, -1
             self._stdin = InputPump(self._loop, fifo, master, close_target=False)
 
-    def runtime_spawned(self) -> None:
-        """The runtime has the container-side ends now; drop ours so EOF can happen."""
+    def process_exited(self) -> None:
+        """Let the terminal go: its master reads EIO (the output's end) once the last
+        process holding it is gone too."""
+        if self._held_terminal >= 0:
+            os.close(self._held_terminal)
+            self._held_terminal = -1
+
+    def runtime_spawned(self, *, ran: bool = True) -> None:
+        """The runtime has the container-side ends now: drop ours so EOF can happen, and
+        start the relays, if the process `ran` (a failed runtime leaves them to close();
+        the zygote's rehearsal, which fails on purpose, thus stays single-threaded).
+        Never before the rootfs is mounted: mount.py's chdir wants a single thread."""
+        self._drop_runtime_ends()
+        if not ran:
+            return
+        relays, self._relays = self._relays, []
+        for index, (source, target, name) in enumerate(relays):
+            try:
+                start_relay(source, target, name)
+            except RuntimeError as exc:  # no thread to be had: these streams end here
+                log(f"cannot start the relay of {name}: {exc}; its stream is closed")
+                for source_left, target_left, _ in relays[index + 1 :]:
+                    os.close(source_left)
+                    os.close(target_left)
+                return
+
+    def _drop_runtime_ends(self) -> None:
         for fd in self._runtime_fds:
             os.close(fd)
         self._runtime_fds.clear()
@@ -924,7 +972,11 @@ class ProcessIO:
         if self._closed:
             return
         self._closed = True
-        self.runtime_spawned()
+        self._drop_runtime_ends()
+        for source, target, _ in self._relays:  # never started (the runtime failed)
+            os.close(source)
+            os.close(target)
+        self._relays.clear()
         self.close_stdin(now=True)
         for pump in self._pumps:
             pump.abandon()
@@ -939,6 +991,7 @@ class ProcessIO:
             logger = self.logger
             all_done(closed).add_done_callback(lambda _: logger.stop())
             self._loop.call_later(LOGGER_FLUSH_BOUND, logger.stop)
+        self.process_exited()
         if self.console is not None:
             self._loop.forget_fd(self.console)
             try:

@@ -230,7 +230,7 @@ class Task:
                 )
                 created = True
             finally:
-                io.runtime_spawned()
+                io.runtime_spawned(ran=created)
             if console is not None:
                 io.attach_console(console.receive_master())
                 width, height = params.get("width"), params.get("height")
@@ -300,6 +300,7 @@ class Task:
                 console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = proc.io.stdio
             proc.spawned_at = time.monotonic()
+            ran = False
             try:
                 await self.runtime.exec(
                     self.config.id,
@@ -308,8 +309,9 @@ class Task:
                     Stdio(stdin, stdout, stderr),
                     console.path if console else None,
                 )
+                ran = True
             finally:
-                proc.io.runtime_spawned()
+                proc.io.runtime_spawned(ran=ran)
             if console is not None:
                 proc.io.attach_console(console.receive_master())
             proc.pid = _read_pid(pid_file)
@@ -376,6 +378,7 @@ class Task:
         proc.reaped = True
         proc.exit = record
         proc.status = STOPPED
+        proc.io.process_exited()
         self._loop.create_task(self._finish_exit(proc), name=f"exit {proc.name}")
 
     def _write_exit(self, proc: Process, record: ExitRecord, attempt: int = 1) -> None:
