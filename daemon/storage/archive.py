@@ -15,6 +15,10 @@ Whiteouts follow the OCI image spec: `.wh.<name>` deletes <name> from lower laye
 overlay mount, deletions become overlay whiteouts by themselves.
 
 The diff ID (sha256 of the uncompressed tar) is computed as the bytes go by.
+
+Headers are read within bounds (BoundedTarFile): tarfile alone reads a PAX header or a GNU
+long name whole at whatever size it declares, copies a global PAX header into every later
+entry, keeps every header it has read, and reads a GNU sparse map to any length.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from berth.native import (
     RESOLVE_BENEATH,
@@ -62,12 +67,208 @@ LAYER_FAULTS = frozenset(
         errno.EEXIST,
         errno.EMLINK,
         errno.EINVAL,
+        errno.EFBIG,  # a size (a sparse file's) no file here can have
+        errno.EOVERFLOW,
     }
 )
+# The PAX headers and GNU long names in front of one entry: their data, together (tarfile
+# reads each whole; docker's reader has the same cap), and how many (each is a recursion).
+MAX_TAR_HEADER = 1 << 20
+MAX_HEADER_CHAIN = 16
+MAX_SPARSE_MAP = 1 << 20  # the bytes of a GNU sparse map (extension blocks, or 1.0's text)
+MAX_SKIPPED_NAMES, MAX_SKIPPED_NAME = 100, 4096  # the device entries an ApplyResult names
 
 
 class UnsafeLayer(InvalidArgument):
     """The layer tried something outside the rules (a hostile or broken image)."""
+
+
+# --- reading tar headers within bounds ---------------------------------------------------
+
+_EXTENDED = frozenset(
+    {tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+)
+# What tarfile raises, besides its own errors, on headers it cannot make sense of (a sparse
+# map of letters, a map cut short). Not OSError, EOFError or a decompressor's error: those
+# are the reader's, and TarFile.open("r:*") tells formats apart by them.
+_PARSE_ERRORS = (ValueError, LookupError, ArithmeticError, RecursionError)
+# tarfile's internals that its stubs leave out: the header error it takes, after the first
+# block, for the end of the archive; its number-field parser; its TarInfo hooks.
+_INVALID_HEADER: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
+_number_field: Callable[[bytes], int] = tarfile.nti  # type: ignore[attr-defined]
+_TarInfoHooks: Any = tarfile.TarInfo
+# tarfile calls what the classes below override by name (the same in CPython 3.11 to
+# 3.13); a Python that renamed one would silently drop a bound: refuse to load there.
+if not all(
+    callable(hook)
+    for hook in (
+        tarfile.TarFile.tarinfo,
+        _TarInfoHooks.fromtarfile,
+        _TarInfoHooks._proc_member,
+        _TarInfoHooks._proc_gnusparse_10,
+    )
+):
+    raise ImportError("tarfile lacks the hooks berth reads tar headers within bounds with")
+
+
+def _blocks(size: int) -> int:
+    """`size` bytes rounded up to whole tar blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _decimal(line: bytes, where: str) -> int:
+    """One number of a GNU sparse 1.0 map: ASCII digits, at most 20 of them."""
+    if not line.isdigit() or len(line) > 20:
+        shown = _shown(line.decode("utf-8", "replace"))
+        raise UnsafeLayer(f"{where}: its sparse map holds {shown}, not a number")
+    return int(line)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's header parser within bounds (CPython 3.11 to 3.13 call these hooks the
+    same): the PAX headers and GNU long names in front of an entry take at most
+    MAX_TAR_HEADER bytes and MAX_HEADER_CHAIN headers; a global PAX header is skipped,
+    applied to nothing, as docker's and containerd's reader does (tarfile gives each later
+    entry its own copy: 20,000 keys and 1000 entries in a 54 KB layer took 423 MB); a GNU
+    sparse map is read up to MAX_SPARSE_MAP bytes. What breaks a bound, and a malformed
+    header after the first block, is UnsafeLayer: a tarfile.HeaderError there would be
+    taken for the end of the archive, and the rest of the layer silently left out."""
+
+    __slots__ = ()
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tar)
+        except _INVALID_HEADER as exc:
+            if tar.offset == 0:
+                raise  # not a tar at all (tarfile's ReadError; "r:*" tries the next format)
+            raise UnsafeLayer(f"invalid tar header at byte {tar.offset}: {exc}") from None
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        where = f"tar entry at byte {self.offset}"
+        if self.size < 0:
+            raise UnsafeLayer(f"{where}: negative size {self.size}")
+        if self.type == tarfile.XGLTYPE:  # handed to the caller, which ignores it
+            self.offset_data = tar.fileobj.tell()
+            tar.offset = self.offset_data + _blocks(self.size)
+            return self
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            return self._old_sparse(tar, where)
+        if self.type not in _EXTENDED:
+            return _TarInfoHooks._proc_member(self, tar)  # type: ignore[no-any-return]
+        if not isinstance(tar, BoundedTarFile):
+            raise TypeError("a BoundedTarInfo is read by a BoundedTarFile")
+        size = self.size
+        if size > MAX_TAR_HEADER - tar.header_bytes:
+            raise UnsafeLayer(
+                f"{where}: more than {MAX_TAR_HEADER} bytes of PAX headers and GNU long names"
+            )
+        if tar.header_count >= MAX_HEADER_CHAIN:
+            raise UnsafeLayer(
+                f"{where}: more than {MAX_HEADER_CHAIN} PAX headers and GNU long names"
+            )
+        tar.header_bytes += size
+        tar.header_count += 1
+        try:  # the entry they extend is read from here, recursively
+            return _TarInfoHooks._proc_member(self, tar)  # type: ignore[no-any-return]
+        finally:
+            tar.header_bytes -= size
+            tar.header_count -= 1
+
+    def _old_sparse(self, tar: tarfile.TarFile, where: str) -> tarfile.TarInfo:
+        """An old GNU sparse entry ('S'): up to 4 regions in its header, then 21 in each
+        extension block for as long as the last one says another follows."""
+        hooks: Any = self
+        regions, extended, real_size = hooks._sparse_structs
+        hooks._sparse_structs = None
+        regions = list(regions)
+        read = 0
+        while extended:
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            read += tarfile.BLOCKSIZE
+            if len(block) < tarfile.BLOCKSIZE:
+                raise UnsafeLayer(f"{where}: the layer ends inside its sparse map")
+            if read > MAX_SPARSE_MAP:
+                raise UnsafeLayer(f"{where}: sparse map larger than {MAX_SPARSE_MAP} bytes")
+            for start in range(0, 21 * 24, 24):
+                offset = _number_field(block[start : start + 12])
+                size = _number_field(block[start + 12 : start + 24])
+                if size:
+                    regions.append((offset, size))
+            extended = block[504] != 0
+        hooks.sparse = regions
+        self.offset_data = tar.fileobj.tell()
+        tar.offset = self.offset_data + _blocks(self.size)
+        self.size = real_size
+        return self
+
+    def _proc_gnusparse_10(
+        self, entry: tarfile.TarInfo, _pax_headers: object, tar: tarfile.TarFile
+    ) -> None:
+        """A GNU sparse 1.0 map, at the start of the entry's data: the number of regions,
+        then each one's offset and size, one decimal number a line, up to a block's end."""
+        where = f"tar entry at byte {self.offset}"
+        numbers: list[int] = []
+        count = -1
+        read = 0
+        tail = b""
+        while count < 0 or len(numbers) < 2 * count:
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            read += tarfile.BLOCKSIZE
+            if len(block) < tarfile.BLOCKSIZE:
+                raise UnsafeLayer(f"{where}: the layer ends inside its sparse map")
+            if read > MAX_SPARSE_MAP:
+                raise UnsafeLayer(f"{where}: sparse map larger than {MAX_SPARSE_MAP} bytes")
+            lines = (tail + block).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                if count < 0:
+                    count = _decimal(line, where)
+                    if count > MAX_SPARSE_MAP // 4:  # each region takes 4 bytes at least
+                        raise UnsafeLayer(f"{where}: sparse map of {count} regions")
+                elif len(numbers) < 2 * count:
+                    numbers.append(_decimal(line, where))
+                else:
+                    break  # the rest of the block pads the map
+            if (count < 0 or len(numbers) < 2 * count) and len(tail) > 20:
+                raise UnsafeLayer(f"{where}: its sparse map holds a line too long")
+        hooks: Any = entry
+        hooks.offset_data = tar.fileobj.tell()
+        hooks.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+class BoundedTarFile(tarfile.TarFile):
+    """A TarFile read through BoundedTarInfo that keeps no list of its members (tarfile
+    keeps every header it has read, even in a stream: read on with next(), never through
+    getmembers() or iteration), and whose malformed headers are UnsafeLayer, never
+    ValueError or IndexError (a sparse map of letters, a sparse map cut short)."""
+
+    tarinfo = BoundedTarInfo
+    members: list[tarfile.TarInfo]
+    header_bytes = 0  # the PAX headers and long names read for the entry being read
+    header_count = 0
+
+    def next(self) -> tarfile.TarInfo | None:
+        start = self.offset  # where the next header is (tarfile moves it as it reads)
+        try:
+            member = super().next()
+        except _PARSE_ERRORS as exc:
+            raise UnsafeLayer(f"malformed tar header at byte {start}: {exc}") from None
+        self.members.clear()
+        return member
+
+
+def read_to_next_header(tar: tarfile.TarFile) -> None:
+    """Read a stream on to the next header, past what is left of an entry's data. tarfile
+    would seek there, and its stream's seek reads on past the stream's end without
+    noticing: a size of 10^30 in a PAX header kept it reading nothing for ever."""
+    left = tar.offset - tar.fileobj.tell()
+    while left > 0:
+        chunk = tar.fileobj.read(min(CHUNK, left))
+        if not chunk:
+            raise InvalidArgument("the layer ends inside the data of an entry")
+        left -= len(chunk)
 
 
 @dataclass
@@ -500,6 +701,18 @@ def _apply_entry(applier: _Applier, member: tarfile.TarInfo, data: IO[bytes] | N
         raise UnsafeLayer(f"layer entry {_shown(member.name)}: {reason}") from None
 
 
+def _apply_member(
+    applier: _Applier, tar: tarfile.TarFile, member: tarfile.TarInfo, result: ApplyResult
+) -> None:
+    data = tar.extractfile(member) if member.isreg() else None
+    if _apply_entry(applier, member, data):
+        result.entries += 1
+    else:
+        result.skipped_devices += 1
+        if len(result.skipped) < MAX_SKIPPED_NAMES:  # each name may be a megabyte long
+            result.skipped.append(member.name[:MAX_SKIPPED_NAME])
+
+
 def apply_layer(
     root: str, stream: IO[bytes], *, allow_devices: bool = False, expected_diff_id: str = ""
 ) -> ApplyResult:
@@ -509,14 +722,11 @@ def apply_layer(
     result = ApplyResult("", 0)
     try:
         try:
-            with tarfile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|") as tar:
-                for member in tar:
-                    data = tar.extractfile(member) if member.isreg() else None
-                    if _apply_entry(applier, member, data):
-                        result.entries += 1
-                    else:
-                        result.skipped_devices += 1
-                        result.skipped.append(member.name)
+            with BoundedTarFile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|") as tar:
+                while (member := tar.next()) is not None:
+                    if member.type != tarfile.XGLTYPE:  # applied to nothing (see BoundedTarInfo)
+                        _apply_member(applier, tar, member, result)
+                    read_to_next_header(tar)
         except tarfile.TarError as exc:
             raise InvalidArgument(f"not a valid layer tar: {exc}") from None
         applier.finish()

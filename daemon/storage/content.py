@@ -3,7 +3,7 @@
 Layout under `<root>/content/`:
     blobs/sha256/<hex>          committed blobs, read-only, shared by every namespace
     ingest/<sha256(ref)[:32]>/  one in-progress write: `data`, `meta` (ref, total,
-                                expected, started_at), `lock`
+                                declared, expected, started_at), `lock`
 Namespaces, labels and leases are the metadata layer's business (daemon/store.py): this
 module knows only bytes and digests, and is usable on its own (trio-free).
 
@@ -14,6 +14,9 @@ Rules:
   the ref resumes at its current offset (the digest so far is recomputed from the data).
 - One writer per ref at a time, across processes too (flock on the ingest's `lock`): a
   second writer gets Unavailable("locked") instead of interleaving bytes.
+- A total of 0 means "size unknown" (containerd's API), unless the caller declares it
+  (`declared=True`: a descriptor's size, which may really be 0); a declared total is
+  enforced, by every write and by the commit, whatever its value.
 """
 
 from __future__ import annotations
@@ -128,9 +131,12 @@ class ContentStore:
     def _ingest_dir(self, ref: str) -> str:
         return os.path.join(self.ingests, hashlib.sha256(ref.encode()).hexdigest()[:32])
 
-    def writer(self, ref: str, total: int = 0, expected: str = "") -> Writer:
+    def writer(
+        self, ref: str, total: int = 0, expected: str = "", *, declared: bool = False
+    ) -> Writer:
         """Open (or resume) the ingest `ref`. If `expected` is already stored, raise
-        AlreadyExists: the caller has nothing to write."""
+        AlreadyExists: the caller has nothing to write. `total` is enforced when it is not
+        0 or when `declared` says that 0 is the size (else 0 means unknown)."""
         validate_ref(ref)
         if expected:
             validate_digest(expected)
@@ -154,6 +160,7 @@ class ContentStore:
             meta: dict[str, Any] = {
                 "ref": ref,
                 "total": total,
+                "declared": declared or total > 0,
                 "expected": expected,
                 "started_at": now,
             }
@@ -164,7 +171,10 @@ class ContentStore:
                     raise FailedPrecondition(f"ingest directory of {ref!r} holds another ref")
                 # A resumed ingest keeps what it was started with unless told more.
                 meta["started_at"] = old.get("started_at", now)
-                meta["total"] = total or old.get("total", 0)
+                if not meta["declared"]:
+                    # (in an ingest from before "declared" existed, a total was one if not 0)
+                    meta["total"] = old.get("total", 0)
+                    meta["declared"] = bool(old.get("declared", meta["total"]))
                 meta["expected"] = expected or old.get("expected", "")
             atomic_write(meta_path, json.dumps(meta).encode())
             return Writer(
@@ -175,6 +185,7 @@ class ContentStore:
                 int(meta["total"]),
                 str(meta["expected"]),
                 int(meta["started_at"]),
+                declared=bool(meta["declared"]),
             )
         except BaseException:
             os.close(lock)
@@ -226,7 +237,8 @@ class ContentStore:
 
 
 class Writer:
-    """One open ingest. `write` appends; `commit` verifies and publishes the blob."""
+    """One open ingest. `write` appends; `commit` verifies and publishes the blob.
+    `total` is the size it must have if `declared`, else 0 (unknown)."""
 
     def __init__(
         self,
@@ -237,12 +249,15 @@ class Writer:
         total: int,
         expected: str,
         started_at: int,
+        *,
+        declared: bool,
     ) -> None:
         self.store = store
         self.ref = ref
         self.directory = directory
         self._lock = lock
         self.total = total
+        self.declared = declared
         self.expected = expected
         self.started_at = started_at
         self.lease: str | None = None  # the lease a caller opened it under, if any
@@ -270,7 +285,7 @@ class Writer:
             raise FailedPrecondition(
                 f"write at offset {offset} but ingest {self.ref!r} is at {self.offset}"
             )
-        if self.total and self.offset + len(data) > self.total:
+        if self.declared and self.offset + len(data) > self.total:
             raise InvalidArgument(
                 f"ingest {self.ref!r}: {self.offset + len(data)} bytes exceed the total "
                 f"{self.total}"
@@ -287,15 +302,16 @@ class Writer:
 
     def commit(self, size: int = 0, expected: str = "") -> str:
         """Verify size and digest, then publish the blob. On a mismatch nothing is stored
-        and the ingest is discarded. Returns the digest."""
+        and the ingest is discarded. Returns the digest. `size` 0: the declared total,
+        if the ingest has one."""
         if self._fd < 0:
             raise FailedPrecondition(f"ingest {self.ref!r} is closed")
         expected = expected or self.expected
-        size = size or self.total
+        want = size or (self.total if self.declared else None)
         actual = self.digest()
         problem = ""
-        if size and size != self.offset:
-            problem = f"size mismatch: {self.offset} bytes written, {size} expected"
+        if want is not None and want != self.offset:
+            problem = f"size mismatch: {self.offset} bytes written, {want} expected"
         elif expected and validate_digest(expected) != actual:
             problem = f"digest mismatch: got {actual}, expected {expected}"
         if problem:

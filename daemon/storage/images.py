@@ -313,11 +313,30 @@ def _read_in_root(root: str, path: str) -> str | None:
     return data.decode("utf-8", "replace")
 
 
+def _is_id(text: str) -> bool:
+    """Whether `text` is a numeric uid or gid: ASCII digits (str.isdigit() also takes
+    "²", which int() refuses); anything else is a name."""
+    return text.isascii() and text.isdigit()
+
+
+def _id_value(text: str) -> int | None:
+    """The value of a numeric id (_is_id), None when out of range; thousands of digits
+    are not given to int() (which refuses more than 4300)."""
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_UID)) or int(digits) > MAX_UID:
+        return None
+    return int(digits)
+
+
 def _id(text: str, what: str) -> int:
-    value = int(text)
-    if value < 0 or value > MAX_UID:
-        raise InvalidArgument(f"{what} {text} is out of range (0..{MAX_UID})")
+    value = _id_value(text)
+    if value is None:
+        raise InvalidArgument(f"{what} {_cut(text)} is out of range (0..{MAX_UID})")
     return value
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 24 else text[:24] + "..."
 
 
 @dataclass(frozen=True)
@@ -338,15 +357,15 @@ def resolve_user(root: str | None, user: str) -> User:
     groups_file = _read_in_root(root, "/etc/group") if root else None
     uid = gid = None
     username = None
-    if name.isdigit():
+    if _is_id(name):
         uid = _id(name, "uid")
-    elif name.lstrip("-").isdigit():
-        raise InvalidArgument(f"uid {name} is out of range (0..{MAX_UID})")
+    elif name.startswith("-") and _is_id(name[1:]):
+        raise InvalidArgument(f"uid {_cut(name)} is out of range (0..{MAX_UID})")
     for line in (passwd or "").splitlines():
         fields = line.split(":")
-        if len(fields) < 4 or not fields[2].isdigit() or not fields[3].isdigit():
+        if len(fields) < 4 or not _is_id(fields[2]) or not _is_id(fields[3]):
             continue
-        if (uid is None and fields[0] == name) or (uid is not None and int(fields[2]) == uid):
+        if (uid is None and fields[0] == name) or (uid is not None and _id_value(fields[2]) == uid):
             uid = _id(fields[2], "uid")
             gid = _id(fields[3], "gid")
             username = fields[0]
@@ -354,7 +373,7 @@ def resolve_user(root: str | None, user: str) -> User:
     if uid is None:
         raise FailedPrecondition(f"no user {name!r} in the image's /etc/passwd")
     if group:
-        if group.isdigit():
+        if _is_id(group):
             gid = _id(group, "gid")
         else:
             gid = next((_id(f[2], "gid") for f in _group_lines(groups_file) if f[0] == group), None)
@@ -377,7 +396,7 @@ def _group_lines(text: str | None) -> list[list[str]]:
     out = []
     for line in (text or "").splitlines()[:100_000]:
         fields = line.split(":")
-        if len(fields) >= 3 and fields[2].isdigit():
+        if len(fields) >= 3 and _is_id(fields[2]):
             out.append(fields)
     return out
 

@@ -8,6 +8,13 @@
   the commit verifies size and digest, so a wrong or truncated blob is never stored.
 - Manifests and indexes are size-capped and checked like archive documents; an index is
   resolved to the host platform (or the one asked for).
+- Every reply is read as the bytes sent, never decoded (berth asks for `identity`; a body
+  in any other Content-Encoding is refused: a 500-byte reply can decode to gigabytes), and
+  as it arrives, with a cap: a document MAX_DOCUMENT, a token reply TOKEN_LIMIT, the text
+  of an error ERROR_TEXT; a blob its declared size. Redirects are followed here, not by
+  httpx, which reads (and decodes) a redirect's whole body.
+- Disk work (opening and resuming an ingest, writing a chunk, committing, storing the
+  documents, unpacking) runs in worker threads, never on berthd's trio loop.
 Imported lazily by berthd: httpx is only loaded when a transfer runs.
 """
 
@@ -15,15 +22,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import trio
 
+from berth.daemon.documents import load_json
 from berth.daemon.reference import Reference
 from berth.daemon.storage import images, schema1, transfer
 from berth.daemon.storage.content import validate_digest
@@ -48,8 +59,23 @@ ACCEPT = ", ".join(
 CONCURRENCY = 3
 TRANSFER_ATTEMPTS = 3
 CHUNK = 1 << 20
+MAX_REDIRECTS = 10
+TOKEN_LIMIT = 64 * 1024  # a token reply (a JWT and a few fields) is a few KiB
+ERROR_TEXT = 4 * 1024  # of an error reply's body, read for its message
+SHOWN_ERROR = 200  # characters of it shown
+_LENGTH = re.compile(r"[0-9]{1,19}")  # a Content-Length berth takes (ASCII digits, < 2**63)
+MAX_LENGTH = (1 << 63) - 1
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A registry's reply, its body (if asked for) read raw and bounded."""
+
+    status_code: int
+    headers: httpx.Headers
+    body: bytes
 
 
 class RegistryClient:
@@ -77,7 +103,10 @@ class RegistryClient:
         self._credentials = (username, password) if username else None
         self._token: dict[str, str] = {}
         self._client = httpx.AsyncClient(
-            verify=verify, follow_redirects=True, timeout=httpx.Timeout(30.0, read=300.0)
+            verify=verify,
+            follow_redirects=False,  # _send follows them (see the module docstring)
+            headers={"Accept-Encoding": "identity"},
+            timeout=httpx.Timeout(30.0, read=300.0),
         )
 
     async def aclose(self) -> None:
@@ -104,19 +133,26 @@ class RegistryClient:
             "scope": params.get("scope") or f"repository:{self.ref.path}:{scope}",
         }
         auth = httpx.BasicAuth(*self._credentials) if self._credentials else None
+        what = f"the token reply of {realm}"
         try:
-            reply = await self._client.get(realm, params=query, auth=auth)
+            reply = await self._send("GET", httpx.URL(realm).copy_merge_params(query), {}, auth)
+            try:
+                if reply.status_code != 200:
+                    raise PermissionDenied(
+                        f"token request to {realm} failed: HTTP {reply.status_code}"
+                    )
+                data = await _read(reply, TOKEN_LIMIT, what)
+            finally:
+                await reply.aclose()
         except httpx.InvalidURL as exc:
             raise PermissionDenied(
                 f"{self.ref.host}: unusable bearer realm {realm!r}: {exc}"
             ) from None
         except httpx.HTTPError as exc:
             raise Unavailable(f"token service {realm}: {describe(exc)}") from None
-        if reply.status_code != 200:
-            raise PermissionDenied(f"token request to {realm} failed: HTTP {reply.status_code}")
         try:
-            doc = reply.json()
-        except ValueError:
+            doc = load_json(data, what, max_size=TOKEN_LIMIT)
+        except InvalidArgument:
             doc = None
         if not isinstance(doc, dict):
             raise PermissionDenied(f"{realm} answered with no JSON object")
@@ -127,7 +163,29 @@ class RegistryClient:
             raise PermissionDenied(f"{realm} returned a token that is not a header value")
         return "Bearer " + token
 
-    async def request(
+    async def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: dict[str, str],
+        auth: httpx.Auth | None = None,
+        content: Any = None,
+    ) -> httpx.Response:
+        """One request, its redirects followed (their bodies never read); the final reply
+        is streamed: the caller reads it (bounded, `_read`) and closes it. httpx's own
+        redirect handling would read each redirect's whole body, decoded."""
+        request = self._client.build_request(method, url, headers=headers, content=content)
+        response = await self._client.send(request, auth=auth, stream=True)
+        for _ in range(MAX_REDIRECTS):
+            follow = response.next_request  # cross-origin: without the Authorization header
+            if follow is None:
+                return response
+            await response.aclose()
+            response = await self._client.send(follow, stream=True)
+        await response.aclose()
+        raise Unavailable(f"{self.ref.host}: more than {MAX_REDIRECTS} redirects for {url}")
+
+    async def _open(
         self,
         method: str,
         url: str,
@@ -136,8 +194,9 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
     ) -> httpx.Response:
-        """One request, retried once with fresh credentials after a 401. A streamed body is
-        given as a factory: a retry (a token that expired mid-push) needs a new stream."""
+        """One request (see `_send`: the caller closes the reply), retried once with
+        fresh credentials after a 401. A streamed body is given as a factory: a retry (a
+        token that expired mid-push) needs a new stream."""
         headers = dict(headers or {})
         if scope in self._token:
             headers["Authorization"] = self._token[scope]
@@ -145,50 +204,58 @@ class RegistryClient:
         def body() -> Any:
             return content() if callable(content) else content
 
-        response = await self._client.request(method, url, headers=headers, content=body())
+        response = await self._send(method, url, headers, content=body())
         if response.status_code == 401:
             await response.aclose()
             self._token[scope] = await self._authorize(response, scope)
             headers["Authorization"] = self._token[scope]
-            response = await self._client.request(method, url, headers=headers, content=body())
+            response = await self._send(method, url, headers, content=body())
         if response.status_code == 401:
+            await response.aclose()
             raise PermissionDenied(f"{self.ref.host}: authentication failed")
         return response
 
-    async def stream(self, url: str, headers: dict[str, str]) -> httpx.Response:
-        """A GET whose body the caller reads (and must close)."""
-        if "pull" in self._token:
-            headers["Authorization"] = self._token["pull"]
-        request = self._client.build_request("GET", url, headers=headers)
-        response = await self._client.send(request, stream=True)
-        if response.status_code == 401:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        scope: str = "pull",
+        headers: dict[str, str] | None = None,
+        content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
+        ok: tuple[int, ...] | None = (200,),
+        limit: int | None = None,
+    ) -> Reply:
+        """`_open`, its status checked against `ok` (None: any) and, with a `limit`, its
+        body read (more than `limit` bytes is an error); the reply is closed."""
+        response = await self._open(method, url, scope=scope, headers=headers, content=content)
+        try:
+            if ok is not None:
+                await _check(response, what, ok)
+            body = b"" if limit is None else await _read(response, limit, what)
+            return Reply(response.status_code, response.headers, body)
+        finally:
             await response.aclose()
-            self._token["pull"] = await self._authorize(response, "pull")
-            headers["Authorization"] = self._token["pull"]
-            response = await self._client.send(
-                self._client.build_request("GET", url, headers=headers), stream=True
-            )
-        return response
 
     # -- reading
 
     async def resolve(self) -> tuple[Descriptor, bytes]:
         """The top descriptor of the reference, with its document."""
         url = f"{self.base}/manifests/{self.ref.object}"
-        response = await self.request("GET", url, headers={"Accept": ACCEPT})
-        _check(response, f"manifest {self.ref}")
-        data = response.content
-        if len(data) > images.MAX_DOCUMENT:
-            raise InvalidArgument(
-                f"manifest of {self.ref} is larger than {images.MAX_DOCUMENT} bytes"
-            )
-        media_type = _manifest_type(response.headers.get("content-type", ""), data)
-        if media_type not in images.INDEX_TYPES + images.MANIFEST_TYPES + schema1.TYPES:
+        reply = await self.request(
+            "GET",
+            url,
+            what=f"manifest {self.ref}",
+            headers={"Accept": ACCEPT},
+            limit=images.MAX_DOCUMENT,
+        )
+        data = reply.body
+        media_type, digest = await trio.to_thread.run_sync(
+            _identify, reply.headers.get("content-type", ""), data
+        )
+        if not digest:
             raise InvalidArgument(f"{self.ref}: unsupported manifest type {media_type!r}")
-        if media_type in schema1.TYPES:
-            digest = schema1.canonical_digest(data)
-        else:
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self.ref.digest and digest != self.ref.digest:
             raise FailedPrecondition(f"{self.ref}: the registry served {digest}")
         return Descriptor(media_type, digest, len(data)), data
@@ -196,19 +263,21 @@ class RegistryClient:
     async def blob_size(self, digest: str) -> int:
         """A blob's size as the registry states it (HEAD), 0 if it does not say: schema 1
         manifests give none."""
-        response = await self.request("HEAD", f"{self.base}/blobs/{digest}")
-        _check(response, f"blob {digest}")
-        length = response.headers.get("content-length", "")
-        return int(length) if length.isdigit() else 0
+        what = f"blob {digest}"
+        reply = await self.request("HEAD", f"{self.base}/blobs/{digest}", what=what)
+        return _declared_length(reply.headers, what) or 0
 
     async def fetch_document(self, desc: Descriptor) -> bytes:
         if desc.size > images.MAX_DOCUMENT:
             raise InvalidArgument(f"{desc.digest}: {desc.size} bytes is too large for a manifest")
-        response = await self.request(
-            "GET", f"{self.base}/manifests/{desc.digest}", headers={"Accept": desc.media_type}
+        reply = await self.request(
+            "GET",
+            f"{self.base}/manifests/{desc.digest}",
+            what=f"manifest {desc.digest}",
+            headers={"Accept": desc.media_type},
+            limit=desc.size,  # any byte more cannot match
         )
-        _check(response, f"manifest {desc.digest}")
-        data = response.content
+        data = reply.body
         if "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest or len(data) != desc.size:
             raise FailedPrecondition(f"manifest {desc.digest} does not match its digest")
         return data
@@ -235,26 +304,41 @@ class RegistryClient:
         lease: str,
         progress: Progress,
         kind: str,
+        *,
+        declared: bool = True,
     ) -> None:
-        """Download a blob into the content store, resuming a previous attempt."""
+        """Download a blob into the content store, resuming a previous attempt. `declared`:
+        desc.size is the blob's size, even if 0 (schema 1 layers may have none). The
+        ingest is opened (re-hashing what a previous attempt left), written and committed
+        in worker threads."""
         ref = f"pull-{desc.digest}"
+        what = f"blob {desc.digest}"
+        open_writer = functools.partial(
+            storage.open_writer, namespace, ref, desc.size, desc.digest, lease, declared=declared
+        )
         try:
-            writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
+            writer = await trio.to_thread.run_sync(open_writer)
         except AlreadyExists:
             await _report_exists(progress, kind, desc)
             return
         try:
             headers = {"Range": f"bytes={writer.offset}-"} if writer.offset else {}
-            response = await self.stream(f"{self.base}/blobs/{desc.digest}", headers)
+            response = await self._open("GET", f"{self.base}/blobs/{desc.digest}", headers=headers)
             try:
                 if response.status_code == 200 and writer.offset:
                     # No range support: start over.
                     writer.close()
-                    storage.content.abort(f"{namespace}/{ref}")
-                    writer = storage.open_writer(namespace, ref, desc.size, desc.digest, lease)
+                    await trio.to_thread.run_sync(storage.content.abort, f"{namespace}/{ref}")
+                    writer = await trio.to_thread.run_sync(open_writer)
                 elif response.status_code not in (200, 206):
-                    await response.aread()
-                    _check(response, f"blob {desc.digest}")
+                    await _check(response, what)
+                _require_identity(response.headers, what)
+                length = _declared_length(response.headers, what)
+                if declared and length is not None and length > desc.size - writer.offset:
+                    raise InvalidArgument(
+                        f"{what}: the registry sends {length} bytes from offset "
+                        f"{writer.offset}, more than its size {desc.size}"
+                    )
                 await progress(
                     {
                         "kind": kind,
@@ -264,8 +348,9 @@ class RegistryClient:
                         "status": "downloading",
                     }
                 )
-                async for chunk in response.aiter_bytes(CHUNK):
-                    writer.write(chunk)  # hashed as it arrives; more than `size` is refused
+                async for chunk in response.aiter_raw(CHUNK):
+                    # hashed as it arrives; more than a declared size is refused
+                    await trio.to_thread.run_sync(writer.write, chunk)
                     await progress(
                         {
                             "kind": kind,
@@ -295,8 +380,10 @@ class RegistryClient:
     # -- writing
 
     async def blob_exists(self, digest: str) -> bool:
-        response = await self.request("HEAD", f"{self.base}/blobs/{digest}", scope="pull,push")
-        return response.status_code == 200
+        reply = await self.request(
+            "HEAD", f"{self.base}/blobs/{digest}", what=f"blob {digest}", scope="pull,push", ok=None
+        )
+        return reply.status_code == 200
 
     async def push_blob(
         self, storage: Storage, desc: Descriptor, progress: Progress, kind: str
@@ -304,10 +391,11 @@ class RegistryClient:
         if await self.blob_exists(desc.digest):  # also after a retry: it may have landed
             await _report_exists(progress, kind, desc)
             return
-        response = await self.request("POST", f"{self.base}/blobs/uploads/", scope="pull,push")
-        if response.status_code not in (202, 201):
-            _check(response, f"upload of {desc.digest}")
-        location = response.headers.get("location")
+        what = f"upload of {desc.digest}"
+        reply = await self.request(
+            "POST", f"{self.base}/blobs/uploads/", what=what, scope="pull,push", ok=(202, 201)
+        )
+        location = reply.headers.get("location")
         if not location:
             raise Unavailable(f"{self.ref.host} gave no upload location")
         url = httpx.URL(self.base).join(location)
@@ -317,7 +405,7 @@ class RegistryClient:
             nonlocal sent
             sent = 0
             with open(storage.content.path(desc.digest), "rb") as f:
-                while chunk := f.read(CHUNK):
+                while chunk := await trio.to_thread.run_sync(f.read, CHUNK):
                     sent += len(chunk)
                     await progress(
                         {
@@ -332,14 +420,15 @@ class RegistryClient:
 
         params = dict(url.params)
         params["digest"] = desc.digest
-        response = await self.request(
+        await self.request(
             "PUT",
             str(url.copy_with(params=params)),
+            what=what,
             scope="pull,push",
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
             content=body,
+            ok=(201, 204),
         )
-        _check(response, f"upload of {desc.digest}", ok=(201, 204))
         await progress(
             {
                 "kind": kind,
@@ -351,14 +440,15 @@ class RegistryClient:
         )
 
     async def push_manifest(self, reference: str, media_type: str, data: bytes) -> None:
-        response = await self.request(
+        await self.request(
             "PUT",
             f"{self.base}/manifests/{reference}",
+            what=f"manifest {reference}",
             scope="pull,push",
             headers={"Content-Type": media_type},
             content=data,
+            ok=(200, 201, 204),
         )
-        _check(response, f"manifest {reference}", ok=(200, 201, 204))
 
 
 @contextlib.asynccontextmanager
@@ -424,14 +514,84 @@ async def transport_errors(host: str) -> AsyncIterator[None]:
         raise Unavailable(f"{host}: {describe(exc)}") from None
 
 
-def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:
+async def _check(response: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:
     if response.status_code in ok:
         return
     if response.status_code == 404:
         raise NotFound(f"{what} not found in the registry")
     if response.status_code in (401, 403):
         raise PermissionDenied(f"{what}: access denied (HTTP {response.status_code})")
-    raise Unavailable(f"{what}: HTTP {response.status_code} {response.text[:200]}")
+    raise Unavailable(f"{what}: HTTP {response.status_code} {await _error_text(response)}")
+
+
+async def _error_text(response: httpx.Response) -> str:
+    """The start of an error reply's body, for its message: at most ERROR_TEXT bytes are
+    read (none of a body in some Content-Encoding), the rest never is."""
+    try:
+        _require_identity(response.headers, "error reply")
+    except InvalidArgument:
+        return "(a body in an encoding berth did not ask for)"
+    data = bytearray()
+    with contextlib.suppress(httpx.HTTPError):  # the status says enough
+        async for piece in response.aiter_raw():
+            data += piece
+            if len(data) >= ERROR_TEXT:
+                break
+    return bytes(data[:ERROR_TEXT]).decode(errors="replace").strip()[:SHOWN_ERROR]
+
+
+async def _read(response: httpx.Response, limit: int, what: str) -> bytes:
+    """The body of `response` as sent (never decoded), refused past `limit` bytes: read
+    as it arrives, so a registry that sends more (or says it will) costs at most one
+    network read beyond the limit."""
+    _require_identity(response.headers, what)
+    length = _declared_length(response.headers, what)
+    if length is not None and length > limit:
+        raise InvalidArgument(f"{what} is larger than {limit} bytes (it is {length})")
+    data = bytearray()
+    async for piece in response.aiter_raw():
+        data += piece
+        if len(data) > limit:
+            raise InvalidArgument(f"{what} is larger than {limit} bytes")
+    return bytes(data)
+
+
+def _require_identity(headers: httpx.Headers, what: str) -> None:
+    """Refuse a body in any Content-Encoding: berth asks for identity, and a compressed
+    reply (`gzip, gzip`, zstd) can expand a few hundred bytes to gigabytes."""
+    codings = [
+        c.strip().lower() for v in headers.get_list("content-encoding") for c in v.split(",")
+    ]
+    odd = [c for c in codings if c and c != "identity"]
+    if odd:
+        shown = ", ".join(odd)
+        raise InvalidArgument(
+            f"{what}: the registry sent it in Content-Encoding {shown[:80]!r} although berth "
+            "asked for identity (uncompressed)"
+        )
+
+
+def _declared_length(headers: httpx.Headers, what: str) -> int | None:
+    """The Content-Length of a reply, None if there is none; anything but a plain
+    decimal below 2**63 is the registry's error, said so."""
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    text = value.strip()
+    if _LENGTH.fullmatch(text) is None or int(text) > MAX_LENGTH:
+        raise InvalidArgument(f"{what}: the registry sent an invalid Content-Length {value[:40]!r}")
+    return int(text)
+
+
+def _identify(content_type: str, data: bytes) -> tuple[str, str]:
+    """The media type and digest of a served top manifest ("" for a type berth does not
+    take); a worker thread's job: it may parse and hash a few MiB."""
+    media_type = _manifest_type(content_type, data)
+    if media_type in schema1.TYPES:
+        return media_type, schema1.canonical_digest(data)
+    if media_type in images.INDEX_TYPES + images.MANIFEST_TYPES:
+        return media_type, "sha256:" + hashlib.sha256(data).hexdigest()
+    return media_type, ""
 
 
 def _manifest_type(content_type: str, data: bytes) -> str:
@@ -493,19 +653,75 @@ async def pull(
             top, documents = await _convert_schema1(fetcher, top_data)
         else:
             documents = await _fetch_image(fetcher, ref, top, top_data, wanted)
-        for d, doc, labels in reversed(documents):
-            storage.put_blob(namespace, doc, d.digest, d.size, labels, lease)
-        image = storage.store.put_image(
-            namespace, str(ref), top.to_wire(), {}, create=True, update=True
+        record = functools.partial(
+            _record,
+            storage,
+            namespace,
+            str(ref),
+            top,
+            documents,
+            unpack=unpack,
+            snapshotter=snapshotter,
+            platform=platform,
+            lease=lease,
         )
-        if unpack:
-            await trio.to_thread.run_sync(
-                lambda: storage.unpack(namespace, str(ref), snapshotter, platform, lease)
-            )
-        return image
+        return await trio.to_thread.run_sync(record)
 
 
 Documents = list[tuple[Descriptor, bytes, dict[str, str]]]  # to store, with their gc labels
+
+
+def _record(
+    storage: Storage,
+    namespace: str,
+    name: str,
+    top: Descriptor,
+    documents: Documents,
+    *,
+    unpack: bool,
+    snapshotter: str | None,
+    platform: dict[str, str] | None,
+    lease: str,
+) -> dict[str, Any]:
+    """Store a pull's documents, then create (or move) its image record and unpack it
+    (in a worker thread). If the unpack fails, the record is put back as it was: a failed
+    pull changes nothing (what it stored goes with its lease)."""
+    for d, doc, labels in reversed(documents):
+        storage.put_blob(namespace, doc, d.digest, d.size, labels, lease)
+    try:
+        previous: dict[str, Any] | None = storage.store.get_image(namespace, name)
+    except NotFound:
+        previous = None
+    image = storage.store.put_image(namespace, name, top.to_wire(), {}, create=True, update=True)
+    if not unpack:
+        return image
+    try:
+        storage.unpack(namespace, name, snapshotter, platform, lease)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _restore(storage, namespace, image, previous)
+        raise
+    return image
+
+
+def _restore(
+    storage: Storage, namespace: str, image: dict[str, Any], previous: dict[str, Any] | None
+) -> None:
+    """Put the record `image` replaced back (remove it if it replaced none), unless
+    another pull or import has moved it since."""
+    name = image["name"]
+    try:
+        current = storage.store.get_image(namespace, name)
+    except NotFound:
+        return
+    if current["target"] != image["target"]:
+        return
+    if previous is None:
+        storage.store.delete_image(namespace, name)
+    else:
+        storage.store.put_image(
+            namespace, name, previous["target"], previous["labels"], create=True, update=True
+        )
 
 
 class _Fetcher:
@@ -527,19 +743,26 @@ class _Fetcher:
         self.progress = progress
         self.limiter = trio.CapacityLimiter(CONCURRENCY)
 
-    async def fetch(self, desc: Descriptor, kind: str) -> None:
+    async def fetch(self, desc: Descriptor, kind: str, declared: bool) -> None:
         async with self.limiter:
             await self.client.retrying(
                 f"download of {desc.digest}",
                 lambda: self.client.fetch_blob(
-                    self.storage, self.namespace, desc, self.lease, self.progress, kind
+                    self.storage,
+                    self.namespace,
+                    desc,
+                    self.lease,
+                    self.progress,
+                    kind,
+                    declared=declared,
                 ),
             )
 
-    async def fetch_all(self, blobs: list[tuple[Descriptor, str]]) -> None:
+    async def fetch_all(self, blobs: list[tuple[Descriptor, str, bool]]) -> None:
+        """Fetch (descriptor, progress kind, whether its size is declared) blobs."""
         async with _transfers() as nursery:
-            for desc, kind in blobs:
-                nursery.start_soon(self.fetch, desc, kind)
+            for desc, kind, declared in blobs:
+                nursery.start_soon(self.fetch, desc, kind, declared)
 
 
 async def _fetch_image(
@@ -552,7 +775,7 @@ async def _fetch_image(
     for _ in range(4):
         if desc.media_type in images.MANIFEST_TYPES:
             break
-        entries = images.parse_index(data, desc.media_type)
+        entries = await trio.to_thread.run_sync(images.parse_index, data, desc.media_type)
         choice = [e for e in entries if images.platform_matches(e.platform, wanted)]
         if not choice:
             have = ", ".join(images.format_platform(e.platform) for e in entries) or "none"
@@ -564,14 +787,24 @@ async def _fetch_image(
         data = await fetcher.client.fetch_document(desc)
     else:
         raise InvalidArgument(f"{ref}: indexes nested too deeply")
-    manifest = images.parse_manifest(data, desc.media_type)
+    manifest = await trio.to_thread.run_sync(images.parse_manifest, data, desc.media_type)
     documents.append((desc, data, _manifest_refs(manifest)))
+    if manifest.config.size > images.MAX_DOCUMENT:  # refused before anything is fetched
+        raise InvalidArgument(
+            f"{ref}: image config {manifest.config.digest} of {manifest.config.size} bytes "
+            f"is larger than {images.MAX_DOCUMENT}"
+        )
     await fetcher.fetch_all(
-        [(manifest.config, "config")] + [(layer, "layer") for layer in manifest.layers]
+        [(manifest.config, "config", True)] + [(layer, "layer", True) for layer in manifest.layers]
     )
-    config = fetcher.storage.content_read(fetcher.namespace, manifest.config.digest)
-    images.parse_config(config)  # validates
+    await trio.to_thread.run_sync(  # validates
+        _read_config, fetcher.storage, fetcher.namespace, manifest.config
+    )
     return documents
+
+
+def _read_config(storage: Storage, namespace: str, desc: Descriptor) -> images.ImageConfig:
+    return images.parse_config(storage.read_json(namespace, desc))
 
 
 def _manifest_refs(manifest: images.Manifest) -> dict[str, str]:
@@ -585,16 +818,25 @@ def _manifest_refs(manifest: images.Manifest) -> dict[str, str]:
 async def _convert_schema1(fetcher: _Fetcher, data: bytes) -> tuple[Descriptor, Documents]:
     """Fetch a schema 1 image's layers and convert it (see schema1.py): the converted
     manifest becomes the image's target; its config and manifest are the documents."""
-    steps = schema1.parse(data)
+    steps = await trio.to_thread.run_sync(schema1.parse, data)
     blob_sums = list(dict.fromkeys(s.blob_sum for s in steps if not s.throwaway))
     sizes = {d: await fetcher.client.blob_size(d) for d in blob_sums}
-    await fetcher.fetch_all(
-        [(Descriptor(images.DOCKER_LAYER_GZIP, d, sizes[d]), "layer") for d in blob_sums]
+    await fetcher.fetch_all(  # a size the registry does not state (0) is not enforced
+        [
+            (Descriptor(images.DOCKER_LAYER_GZIP, d, sizes[d]), "layer", sizes[d] > 0)
+            for d in blob_sums
+        ]
     )
     layers = {
         d: await trio.to_thread.run_sync(_describe_layer, fetcher.storage, fetcher.namespace, d)
         for d in blob_sums
     }
+    return await trio.to_thread.run_sync(_converted, steps, layers)
+
+
+def _converted(
+    steps: list[schema1.Step], layers: dict[str, tuple[Descriptor, str]]
+) -> tuple[Descriptor, Documents]:
     config_data, manifest_data = schema1.convert(steps, layers)
     manifest = images.parse_manifest(manifest_data, images.DOCKER_MANIFEST)
     images.parse_config(config_data)  # validates
@@ -635,7 +877,7 @@ async def push(
     """Push the local image `local` to `ref`; returns the pushed top descriptor."""
     image = storage.store.get_image(namespace, local)
     top = Descriptor.from_wire(image["target"])
-    manifests = _pushable(storage, namespace, local, top, platform)
+    manifests = await trio.to_thread.run_sync(_pushable, storage, namespace, local, top, platform)
     limiter = trio.CapacityLimiter(CONCURRENCY)
 
     async def upload(d: Descriptor, kind: str) -> None:
@@ -645,19 +887,17 @@ async def push(
             )
 
     for mdesc in manifests:
-        manifest = images.parse_manifest(storage.read_json(namespace, mdesc), mdesc.media_type)
+        data = await trio.to_thread.run_sync(storage.read_json, namespace, mdesc)
+        manifest = await trio.to_thread.run_sync(images.parse_manifest, data, mdesc.media_type)
         async with _transfers() as nursery:
             for layer in manifest.layers:
                 nursery.start_soon(upload, layer, "layer")
             nursery.start_soon(upload, manifest.config, "config")
-        await client.push_manifest(
-            mdesc.digest, mdesc.media_type, storage.read_json(namespace, mdesc)
-        )
+        await client.push_manifest(mdesc.digest, mdesc.media_type, data)
     if top.media_type in images.INDEX_TYPES and platform is not None and len(manifests) == 1:
         top = manifests[0]  # only one platform was pushed: tag that manifest
-    await client.push_manifest(
-        ref.tag or top.digest, top.media_type, storage.read_json(namespace, top)
-    )
+    data = await trio.to_thread.run_sync(storage.read_json, namespace, top)
+    await client.push_manifest(ref.tag or top.digest, top.media_type, data)
     validate_digest(top.digest)
     return top.to_wire()
 

@@ -88,9 +88,13 @@ def payload(data: bytes) -> bytes:
     signatures = doc.get("signatures")
     if isinstance(signatures, list) and signatures and isinstance(signatures[0], dict):
         try:
-            protected = json.loads(_b64url(str(signatures[0].get("protected", ""))))
+            protected = load_json_object(
+                _b64url(str(signatures[0].get("protected", ""))),
+                "schema 1 signature header",
+                max_size=images.MAX_DOCUMENT,
+            )
             length, tail = protected["formatLength"], _b64url(protected["formatTail"])
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (InvalidArgument, ValueError, KeyError, TypeError, binascii.Error):
             raise InvalidArgument("schema 1 manifest with an unreadable signature") from None
         if not isinstance(length, int) or not 0 < length <= len(data):
             raise InvalidArgument("schema 1 signature with an invalid formatLength")

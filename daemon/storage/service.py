@@ -194,12 +194,15 @@ class Storage:
         total: int = 0,
         expected: str = "",
         lease_id: str | None = None,
+        *,
+        declared: bool = False,
     ) -> Writer:
         """A writer for the ingest `ref` of `namespace`. AlreadyExists when `expected` is
-        already stored: it is then recorded in this namespace (content is shared)."""
+        already stored: it is then recorded in this namespace (content is shared).
+        `declared`: `total` is the size even if 0 (else 0 means unknown)."""
         self._hold(namespace, lease_id, "ingest", ref)
         try:
-            return self.content.writer(f"{namespace}/{ref}", total, expected)
+            return self.content.writer(f"{namespace}/{ref}", total, expected, declared=declared)
         except AlreadyExists:
             with self.gc_lock:  # a collection must not sweep it between these steps
                 info = self.content.info(expected)

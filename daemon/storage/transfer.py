@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import tarfile
 import time
@@ -32,7 +33,7 @@ from berth.daemon.documents import load_json
 from berth.daemon.metadata import validate_image_name
 from berth.daemon.reference import normalize
 from berth.daemon.storage import images
-from berth.daemon.storage.archive import TappedReader
+from berth.daemon.storage.archive import BoundedTarFile, TappedReader
 from berth.daemon.storage.content import Writer, validate_digest
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import GC_REF_CONTENT, MAX_ARCHIVE_DOCUMENT, Storage
@@ -43,6 +44,12 @@ UNCOMPRESSED = "containerd.io/uncompressed"  # containerd's label: a blob's unco
 GZIP_LEVEL = 6  # gzip's default, and Go's (docker's, containerd's): size and speed balanced
 PROGRESS_INTERVAL = 0.1  # seconds between two items of one blob (a change of status: at once)
 CHUNK = 1 << 20
+# An archive to import: its entries (docker save writes 4 a layer), the characters of the
+# name of a file in it (blobs/sha512/<128 digits> is 141), and the regions of its sparse
+# files (none, as docker and berth write them): what is kept of them until the end.
+MAX_ARCHIVE_MEMBERS = 1 << 16
+MAX_MEMBER_NAME = 512
+MAX_SPARSE_REGIONS = 1 << 16
 
 
 class Reporter:
@@ -114,7 +121,7 @@ class _Archive:
         self.tar = tar
         self.lease = lease
         self.report = report
-        self.members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isreg()}
+        self.members = _regular_members(tar)
 
     def open(self, member_name: str) -> tuple[IO[bytes], int]:
         m = self.members.get(member_name.lstrip("./"))
@@ -178,6 +185,34 @@ class _Archive:
         return stored
 
 
+def _regular_members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The archive's files by name, read header by header (BoundedTarFile, which keeps no
+    list of its own), within the bounds above."""
+    members: dict[str, tarfile.TarInfo] = {}
+    count = regions = 0
+    try:
+        while (member := tar.next()) is not None:
+            count += 1
+            if count > MAX_ARCHIVE_MEMBERS:
+                raise InvalidArgument(f"the archive has more than {MAX_ARCHIVE_MEMBERS} entries")
+            if not member.isreg():
+                continue
+            if len(member.name) > MAX_MEMBER_NAME:
+                raise InvalidArgument(
+                    f"the archive has a file name longer than {MAX_MEMBER_NAME} characters"
+                )
+            regions += len(member.sparse or ())
+            if regions > MAX_SPARSE_REGIONS:
+                raise InvalidArgument(
+                    f"the archive's sparse files have more than {MAX_SPARSE_REGIONS} regions"
+                )
+            member.pax_headers = {}  # applied to the entry already; up to a megabyte each
+            members[member.name.lstrip("./")] = member
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as exc:
+        raise InvalidArgument(f"cannot read archive: {exc}") from None
+    return members
+
+
 def import_archive(
     storage: Storage,
     namespace: str,
@@ -195,7 +230,7 @@ def import_archive(
     if not os.path.isabs(path):
         raise InvalidArgument("the archive path must be absolute")
     try:
-        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with` below
+        tar = BoundedTarFile.open(path, mode="r:*")  # closed by the `with` below
     except (OSError, tarfile.TarError) as exc:
         raise InvalidArgument(f"cannot read archive {path}: {exc}") from None
     report = Reporter(progress)
@@ -386,6 +421,11 @@ def _import_docker(archive: _Archive, name: str | None) -> list[_Found]:
             or not all(isinstance(layer, str) for layer in item["Layers"])
         ):
             raise InvalidArgument("manifest.json entries need Config and Layers (strings)")
+        tags = item.get("RepoTags")
+        if tags is None:
+            tags = []  # docker writes null for an untagged image
+        if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+            raise InvalidArgument("manifest.json RepoTags must be a list of strings")
         config_data = archive.read(item["Config"])
         config = images.parse_config(config_data)  # validates
         if len(config.diff_ids) != len(item["Layers"]):
@@ -417,12 +457,7 @@ def _import_docker(archive: _Archive, name: str | None) -> list[_Found]:
             io.BytesIO(manifest), "manifest", size=len(manifest), labels=refs
         )
         target = Descriptor(images.OCI_MANIFEST, manifest_digest, len(manifest))
-        tags = item.get("RepoTags") or []
-        names = (
-            [name]
-            if name
-            else [_full_ref(t) for t in tags if isinstance(t, str)] or [manifest_digest]
-        )
+        names = [name] if name else [_full_ref(t) for t in tags] or [manifest_digest]
         found.extend(_Found(image_name, target) for image_name in names)
     return found
 
