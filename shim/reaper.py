@@ -15,6 +15,7 @@ are kept in a bounded early-exit cache and handed out when the pid is claimed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -26,6 +27,7 @@ from berth.native import SignalFD
 from berth.shim.loop import Future, Loop, log
 
 EARLY_EXIT_CAPACITY = 4096  # orphans reaped nobody asked for; oldest dropped first
+EARLY_EXIT_HARD_CAPACITY = 65536  # ... except while a spawn is held (hold()), up to this
 EXTRA_FD_BASE = 64  # where a spawn's extra fds are parked before they become 3, 4, ...
 
 
@@ -44,6 +46,7 @@ class Reaper:
         self._sfd = SignalFD([signal.SIGCHLD])
         self._watchers: dict[int, Future[int]] = {}
         self._early: OrderedDict[int, tuple[int, float]] = OrderedDict()  # pid -> (code, when)
+        self._holds: list[float] = []  # when each spawn whose pid is not watched yet began
         loop.add_reader(self._sfd.fileno(), self._on_signal)
 
     def close(self) -> None:
@@ -71,9 +74,31 @@ class Reaper:
             if fut is not None:
                 fut.set_result(code)
             else:
-                self._early[pid] = (code, time.monotonic())
-                while len(self._early) > EARLY_EXIT_CAPACITY:
-                    self._early.popitem(last=False)
+                self._remember(pid, code, time.monotonic())
+
+    def _remember(self, pid: int, code: int, when: float) -> None:
+        """Keep an exit nobody asked for yet, oldest dropped first past the capacity, but
+        none since a held spawn began: a short exec exits before `runc exec` returns its
+        pid, and a container that orphans thousands of children a second (in the host's
+        pid namespace, they all come back to the shim) would push its exit out."""
+        self._early[pid] = (code, when)
+        while len(self._early) > EARLY_EXIT_CAPACITY:
+            oldest = next(iter(self._early.values()))[1]
+            if (
+                self._holds
+                and oldest >= min(self._holds)
+                and len(self._early) <= EARLY_EXIT_HARD_CAPACITY
+            ):
+                return
+            self._early.popitem(last=False)
+
+    def hold(self, since: float) -> None:
+        """A spawn began at `since` (monotonic): its exit is kept until release()."""
+        self._holds.append(since)
+
+    def release(self, since: float) -> None:
+        with contextlib.suppress(ValueError):
+            self._holds.remove(since)
 
     def watch(self, pid: int, not_before: float = 0.0) -> Future[int]:
         """A future for `pid`'s exit code, which may already be known.

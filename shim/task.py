@@ -220,6 +220,7 @@ class Task:
                 console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = io.stdio
             proc.spawned_at = time.monotonic()
+            self._reaper.hold(proc.spawned_at)  # released once its pid is watched
             try:
                 await self.runtime.create(
                     self.config.id,
@@ -238,6 +239,7 @@ class Task:
                     resize(io.console, width, height)  # type: ignore[arg-type]
             proc.pid = _read_pid(pid_file)
         except BaseException:
+            self._reaper.release(proc.spawned_at)
             self.init = None
             io.close()
             if created:  # the runtime made a container this task will never own: remove it
@@ -300,6 +302,7 @@ class Task:
                 console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = proc.io.stdio
             proc.spawned_at = time.monotonic()
+            self._reaper.hold(proc.spawned_at)  # released once its pid is watched
             ran = False
             try:
                 await self.runtime.exec(
@@ -317,6 +320,7 @@ class Task:
             proc.pid = _read_pid(pid_file)
         except BaseException:
             # It never ran (or cannot be supervised): final, so that wait and delete work.
+            self._reaper.release(proc.spawned_at)
             proc.io.close()
             proc.reaped = True
             proc.status = STOPPED
@@ -370,6 +374,7 @@ class Task:
         self._reaper.watch(proc.pid, not_before=proc.spawned_at).add_done_callback(
             lambda fut: self._on_reaped(proc, fut.result())
         )
+        self._reaper.release(proc.spawned_at)
 
     def _on_reaped(self, proc: Process, code: int) -> None:
         """Durable first: the exit file is on disk before anything else happens."""

@@ -119,6 +119,29 @@ def test_early_exit_is_kept_until_claimed() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def test_an_exit_is_kept_while_its_spawn_is_held() -> None:
+    """A container orphaning thousands of children (host pid namespace) must not push a
+    short exec's exit out of the cache before `runc exec` returns its pid."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        loop = Loop()
+        reaper = Reaper(loop)
+        began = time.monotonic()
+        reaper.hold(began)
+        reaper._remember(100_000, 0, began + 1)  # the exec's exit, before its pid is known
+        for pid in range(1, 10_000):  # then a flood of orphans
+            reaper._remember(200_000 + pid, 0, began + 2)
+        fut = reaper.watch(100_000, not_before=began)
+        assert fut.done() and fut.result() == 0
+        reaper.release(began)
+        reaper._remember(300_000, 0, began + 3)  # released: the capacity holds again
+        assert len(reaper._early) <= 4096
+        reaper.close()
+        loop.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def test_exit_code_mapping() -> None:
     assert exit_code(3 << 8) == 3
     assert exit_code(signal.SIGKILL) == 137
