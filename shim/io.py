@@ -17,8 +17,9 @@ What happens when nobody reads (the documented, bounded behaviour):
   on disk use, and the oldest rotated file is what goes.
 Log mode is the lossless mode; use it when nobody may be reading.
 
-Bytes move with splice(2) when there is one sink and nothing buffered, so stdout data does
-not pass through Python buffers on the fast path.
+A relay thread moves each stream between the container's pipe and one only the shim holds
+(shim/relay.py says why); from there, bytes move with splice(2) when there is one sink
+and nothing buffered.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CHUNK = 256 * 1024
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
 ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
+ABANDON_IDLE = 0.02  # seconds a stream given up waits for its relay's last bytes
 FIONREAD = 0x541B  # ioctl: bytes waiting in a pipe or FIFO (asm-generic/ioctls.h)
 TIOCGPTPEER = 0x5441  # ioctl: open a pty master's peer (asm-generic/ioctls.h; Linux 4.13)
 READER_POLL = 0.005  # seconds between looks at what a closing FIFO's reader has left
@@ -652,16 +654,29 @@ class OutputPump:
         """Stop now (the drain timed out, or the shim shuts down): what the source already
         holds is still passed on (bounded, the sinks count what they must drop), then the
         source and the sinks are closed. A process that left a writer of its stdout alive
-        (a daemonized grandchild) must not cost the output it wrote before it exited."""
+        (a daemonized grandchild) must not cost the output it wrote before it exited. A
+        pipe's relay may still be moving what the container's pipe holds: an empty read
+        waits for it, up to ABANDON_IDLE without a byte (the loop waits, bounded)."""
         if self._eof:
             return
-        for _ in range(ABANDON_READS):
+        idle_since: float | None = None
+        reads = 0
+        while reads < ABANDON_READS:
             try:
                 data = os.read(self._source, CHUNK)
-            except OSError:  # EAGAIN (nothing left), EIO (pty closed)
+            except BlockingIOError:
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if self._is_pty or now - idle_since >= ABANDON_IDLE:
+                    break
+                time.sleep(0.001)  # the relay thread runs meanwhile
+                continue
+            except OSError:  # EIO (pty closed)
                 break
             if not data:
                 break
+            reads += 1
+            idle_since = None
             for sink in self._sinks:
                 sink.write(data)
         self._finish()
@@ -891,6 +906,9 @@ class ProcessIO:
         polls HUP. A process that closes its terminal and opens it again later (systemd,
         `exec >/dev/null` then `exec >/dev/console`) ended its output for good, and input
         queued for it kept the loop spinning on HUP; held, neither happens."""
+        if self._closed:  # given up meanwhile (a forced delete during `runc exec`)
+            os.close(master)
+            return
         self.console = master
         set_nonblocking(master)  # stdin is written to it: never a blocking write on the loop
         try:
@@ -926,7 +944,7 @@ class ProcessIO:
         for index, (source, target, name) in enumerate(relays):
             try:
                 start_relay(source, target, name)
-            except RuntimeError as exc:  # no thread to be had: these streams end here
+            except Exception as exc:  # no thread to be had: these streams end here
                 log(f"cannot start the relay of {name}: {exc}; its stream is closed")
                 for source_left, target_left, _ in relays[index + 1 :]:
                     os.close(source_left)

@@ -1,4 +1,5 @@
-"""The shim's one event loop: epoll, timers, and tiny coroutines. No threads, no trio.
+"""The shim's one event loop: epoll, timers, and tiny coroutines. No trio; the only
+threads are the relays (relay.py), which never touch the loop.
 
 Why not trio or asyncio here: both cost 10-15 MiB of private memory per process (measured),
 and a shim exists once per container. This loop is what a shim needs and nothing more:

@@ -239,7 +239,6 @@ class Task:
                     resize(io.console, width, height)  # type: ignore[arg-type]
             proc.pid = _read_pid(pid_file)
         except BaseException:
-            self._reaper.release(proc.spawned_at)
             self.init = None
             io.close()
             if created:  # the runtime made a container this task will never own: remove it
@@ -250,6 +249,7 @@ class Task:
             self._unmount_rootfs()
             raise
         finally:
+            self._reaper.release(proc.spawned_at)  # no await before its watch
             if console is not None:
                 console.close()
         self._watch_exit(proc)
@@ -320,7 +320,6 @@ class Task:
             proc.pid = _read_pid(pid_file)
         except BaseException:
             # It never ran (or cannot be supervised): final, so that wait and delete work.
-            self._reaper.release(proc.spawned_at)
             proc.io.close()
             proc.reaped = True
             proc.status = STOPPED
@@ -328,6 +327,7 @@ class Task:
             proc.exited.set_result(proc.exit)
             raise
         finally:
+            self._reaper.release(proc.spawned_at)  # no await before its watch
             if console is not None:
                 console.close()
             for path in (spec_file, pid_file):
@@ -374,7 +374,6 @@ class Task:
         self._reaper.watch(proc.pid, not_before=proc.spawned_at).add_done_callback(
             lambda fut: self._on_reaped(proc, fut.result())
         )
-        self._reaper.release(proc.spawned_at)
 
     def _on_reaped(self, proc: Process, code: int) -> None:
         """Durable first: the exit file is on disk before anything else happens."""
