@@ -11,7 +11,7 @@ readable, readinto, writable  # noqa
 usage_usec, user_usec, system_usec, nr_periods, nr_throttled, throttled_usec  # noqa
 usage_limit, oom_kill, kernel, periods, throttled_periods, throttled_time, failcnt  # noqa
 # re2.Options attribute set before compile (daemon/filters.py)
-log_errors  # noqa
+log_errors, max_mem  # noqa
 # image config fields parsed for completeness (daemon/storage/images.py)
 stop_signal, architecture, blkio  # noqa
 # used by tests: counters and conversions they check

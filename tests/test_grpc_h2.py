@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
 from berth.daemon.grpc.h2server import (
     MAX_MESSAGE,
+    MAX_STATUS_MESSAGE,
     MessageReader,
     Server,
     encode_grpc_message,
@@ -71,6 +72,8 @@ def _routes(probe: Probe) -> dict[tuple[str, str], Route]:
         return Bytes(value=b"b" * int(request.value))
 
     async def fail(request: Any, context: Context) -> Any:
+        if request.value.startswith("echo:"):  # an error that repeats what the client sent
+            await context.abort(StatusCode.INVALID_ARGUMENT, f"bad {request.value!r}")
         if request.value == "abort":
             await context.abort(StatusCode.NOT_FOUND, "naïve 100% not found\nhere")
         raise KeyError("a bug")
@@ -465,3 +468,49 @@ def test_grpc_timeout_and_message_encodings() -> None:
     assert encode_grpc_message("plain text") == "plain text"
     assert encode_grpc_message("100%\n") == "100%25%0A"
     assert encode_grpc_message("é") == "%C3%A9"
+    long = encode_grpc_message("\u4e2d" * 100_000)
+    assert len(long) <= MAX_STATUS_MESSAGE and long.endswith("...")
+    assert not long[:-3].endswith(("%", "%E", "%E4", "%E4%")), long[-12:]
+
+
+def test_an_error_echoing_a_huge_request_is_cut_and_keeps_the_loop(socket_dir: Path) -> None:
+    """An error message that repeats a client's 300 KiB string: h2's HPACK encoder takes
+    quadratic time in a header's length, and an uncut grpc-message held berth-grpc's only
+    loop for a minute. It is cut to MAX_STATUS_MESSAGE, and the answer is prompt."""
+
+    async def body(ch: grpc.aio.Channel, server: Server, probe: Probe) -> None:
+        fail = _method(ch, "unary_unary", "Fail")
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await fail(Text(value="echo:" + "\u4e2d" * 100_000))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details() or ""
+        assert details.startswith("bad 'echo:") and details.endswith("...")
+        assert asyncio.get_running_loop().time() - began < 5
+        echo = _method(ch, "unary_unary", "Echo")
+        assert (await echo(Text(value="still"))).value == "still|"
+
+    _serve(socket_dir, body)
+
+
+def test_a_unary_call_with_a_second_request_message_is_refused(socket_dir: Path) -> None:
+    """One request message on a unary call, as grpc-go enforces: a client that sends more
+    (here 20,000 empty ones, which used to pile up unread and unbounded) gets INTERNAL."""
+
+    async def body(ch: grpc.aio.Channel, server: Server, probe: Probe) -> None:
+        raw = ch.stream_unary(f"/{SERVICE}/Slow")  # a client that streams to a unary method
+
+        async def many() -> AsyncIterator[bytes]:
+            yield Text(value="30").SerializeToString()
+            for _ in range(20_000):
+                yield b""
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(raw(many()), 10)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "more than one request message" in (info.value.details() or "")
+        assert await asyncio.wait_for(probe.cancelled.wait(), 5) is True  # handler stopped
+        echo = _method(ch, "unary_unary", "Echo")
+        assert (await echo(Text(value="still"))).value == "still|"
+
+    _serve(socket_dir, body)

@@ -63,6 +63,13 @@ MAX_MESSAGE = 32 * 1024 * 1024  # containerd's limit, both ways
 STREAM_WINDOW = 1024 * 1024  # what a client may send on one call before an acknowledgement
 CONNECTION_WINDOW = 128 * 1024 * 1024
 HELD_LIMIT = 1024 * 1024  # received messages a handler has not taken yet, per call
+# Request bytes one connection may hold (messages begun, and messages not yet taken): past
+# it, no call of the connection is acknowledged until some are taken. A stream's window
+# alone does not bound them: a message in progress is acknowledged as it arrives.
+CONNECTION_BUDGET = 4 * MAX_MESSAGE
+MESSAGE_OVERHEAD = 64  # what a received message counts against HELD_LIMIT beyond its bytes
+MAX_STATUS_MESSAGE = 1024  # bytes of an encoded grpc-message (errors may echo client input)
+YIELD_EVERY = 64  # HTTP/2 events handled before other connections get the loop
 WRITE_LIMIT = 1024 * 1024  # queued for a client that does not read: stop reading from it
 CLOSE_TIMEOUT = 1.0  # for a client's socket to take what is queued before it is cut
 MAX_CONCURRENT_CALLS = 1000  # per connection (grpc-go's server sets no limit)
@@ -101,6 +108,10 @@ class MessageReader:
         return messages
 
     @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
     def partial(self) -> bool:
         """A message has begun and not ended (at the end of the stream: truncated)."""
         return bool(self._buffer)
@@ -121,13 +132,21 @@ def parse_timeout(value: str) -> float | None:
 
 def encode_grpc_message(details: str) -> str:
     """`grpc-message`'s percent-encoding: printable ASCII but '%' as is, the rest as %XX of
-    its UTF-8 bytes."""
-    out = []
-    for byte in details.encode("utf-8", "replace"):
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(chr(byte))
-        else:
-            out.append(f"%{byte:02X}")
+    its UTF-8 bytes; at most MAX_STATUS_MESSAGE bytes, cut with "...". Errors may echo what
+    a client sent, and h2's HPACK encoder takes quadratic time in a header's length: an
+    uncut 300 KiB message held the loop for a minute."""
+    out: list[str] = []
+    size = 0
+    for char in details[:MAX_STATUS_MESSAGE]:  # cut between characters, never inside one
+        piece = "".join(
+            chr(byte) if 0x20 <= byte <= 0x7E and byte != 0x25 else f"%{byte:02X}"
+            for byte in char.encode("utf-8", "replace")
+        )
+        if size + len(piece) > MAX_STATUS_MESSAGE - 3:
+            out.append("...")
+            break
+        out.append(piece)
+        size += len(piece)
     return "".join(out)
 
 
@@ -146,6 +165,7 @@ class _Call:
         self.reader = MessageReader()
         self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.held = 0  # bytes of messages in the inbox
+        self.received = 0  # request messages so far
         self.unacknowledged = 0  # flow-controlled bytes received, not yet acknowledged
         self.ended = False  # the client's END_STREAM came
         self.headers_sent = False
@@ -245,6 +265,7 @@ class _Connection:
             if not call.ended:  # the client is still sending: it need not (grpc-go does this)
                 self.h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
         self.calls.pop(call.stream_id, None)
+        self._acknowledge_waiting()  # what it held is free for the others
         self.flush()
 
     # -- reading -------------------------------------------------------------------------
@@ -264,8 +285,11 @@ class _Connection:
                     log.warning("gRPC client dropped: HTTP/2 protocol error: %s", exc)
                     self.flush()  # h2's GOAWAY says why
                     return
-                for event in events:
+                for index, event in enumerate(events, 1):
                     self._dispatch(event)
+                    if index % YIELD_EVERY == 0:  # a flood (rapid resets) shares the loop
+                        self.flush()
+                        await asyncio.sleep(0)
                 self.flush()
                 if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
                     await self.drain()  # a client that does not read is not read from
@@ -347,11 +371,32 @@ class _Connection:
                 call.task.cancel()
             self.finish(call, exc.code, exc.details)
             return
-        for message in messages:
-            call.held += len(message)
-            call.inbox.put_nowait(message)
-        if call.held < HELD_LIMIT:
+        if messages and not call.route.client_streaming and (call.received or len(messages) > 1):
+            # one request message, as grpc-go enforces: more would pile up unread
             self._acknowledge(call)
+            if call.task is not None:
+                call.task.cancel()
+            self.finish(call, StatusCode.INTERNAL, "more than one request message")
+            return
+        for message in messages:
+            call.received += 1
+            # empty messages count too: a stream of them must not pile up unacknowledged
+            call.held += len(message) + MESSAGE_OVERHEAD
+            call.inbox.put_nowait(message)
+        if call.held < HELD_LIMIT and self._buffered() < CONNECTION_BUDGET:
+            self._acknowledge(call)
+
+    def _buffered(self) -> int:
+        """Request bytes this connection holds (see CONNECTION_BUDGET)."""
+        return sum(c.held + c.reader.buffered for c in self.calls.values())
+
+    def _acknowledge_waiting(self) -> None:
+        """Calls held back by the connection's budget, acknowledged once it has room."""
+        if self._buffered() >= CONNECTION_BUDGET:
+            return
+        for waiting in list(self.calls.values()):
+            if waiting.unacknowledged and waiting.held < HELD_LIMIT:
+                self._acknowledge(waiting)
 
     def _acknowledge(self, call: _Call) -> None:
         if call.unacknowledged:
@@ -372,9 +417,9 @@ class _Connection:
             if call.reader.partial:
                 raise Aborted(StatusCode.INTERNAL, "the request stream ended inside a message")
             return _END
-        call.held -= len(payload)
+        call.held -= len(payload) + MESSAGE_OVERHEAD
         if call.held < HELD_LIMIT:
-            self._acknowledge(call)
+            self._acknowledge_waiting()
             self.flush()
         try:
             return call.route.request_cls.FromString(payload)

@@ -34,6 +34,7 @@ TYPE_REQUEST = 1
 TYPE_RESPONSE = 2
 NAMESPACE_HEADER = "containerd-namespace-ttrpc"
 MAX_IN_FLIGHT = 128  # requests served at once per connection; more wait to be read
+MAX_STATUS_MESSAGE = 1024  # characters of an error's message (errors may echo input)
 
 
 class FrameError(Exception):
@@ -170,6 +171,8 @@ async def answer(routes: dict[tuple[str, str], Route], raw: bytes) -> bytes:
             (f"response of {len(payload)} bytes exceeds ttrpc's {MAX_MESSAGE}: use gRPC"),
         )
         payload = b""
+    if len(details) > MAX_STATUS_MESSAGE:  # errors may echo what a client sent
+        details = details[: MAX_STATUS_MESSAGE - 3] + "..."
     status = m.Status(code=int(code), message=details)
     return bytes(m.Response(status=status, payload=payload).SerializeToString())
 
