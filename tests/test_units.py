@@ -637,3 +637,21 @@ def test_an_exec_process_shares_nothing_with_the_container_spec() -> None:
     two = exec_process(spec, ["true"])
     assert two["env"] == spec["process"]["env"] and "B=2" not in two["env"]
     assert two["args"] == ["true"] and spec["process"]["args"] == ["sleep", "1"]
+
+
+def test_berth_grpc_leaves_the_oom_protection_it_inherits() -> None:
+    """berthd's unit sets OOMScoreAdjust=-999; berth-grpc, which holds clients' requests,
+    must not keep it (the kernel would kill a container instead)."""
+    from berth.daemon.grpc.main import _leave_oom_protection
+
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            Path("/proc/self/oom_score_adj").write_text("-5")
+            _leave_oom_protection()
+            code = 0 if Path("/proc/self/oom_score_adj").read_text().strip() == "0" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -241,6 +241,22 @@ async def _exit_when_orphaned(backend: Any, stop: asyncio.Event) -> None:
             return
 
 
+def _leave_oom_protection() -> None:
+    """berthd's unit protects berthd from the OOM killer (OOMScoreAdjust=-999), and this
+    process inherits it; but it holds its clients' requests, and a memory hog here must be
+    what the kernel kills (berthd starts it again), not a container. Raising the score
+    needs no privilege."""
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path) as f:
+            if int(f.read().strip() or 0) >= 0:
+                return
+        with open(path, "w") as f:
+            f.write("0")
+    except (OSError, ValueError) as exc:
+        log.debug("oom_score_adj left as it is: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from berth.daemon import logs
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         # their debug lines are per frame and per header (most of a call's CPU at debug);
         # `--log-level debug` shows each call's method, status and time instead
         logging.getLogger(library).setLevel(max(logging.INFO, logging.root.level))
+    _leave_oom_protection()
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:
