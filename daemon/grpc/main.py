@@ -241,12 +241,11 @@ async def _exit_when_orphaned(backend: Any, stop: asyncio.Event) -> None:
             return
 
 
-def _leave_oom_protection() -> None:
+def _leave_oom_protection(path: str = "/proc/self/oom_score_adj") -> None:
     """berthd's unit protects berthd from the OOM killer (OOMScoreAdjust=-999), and this
     process inherits it; but it holds its clients' requests, and a memory hog here must be
     what the kernel kills (berthd starts it again), not a container. Raising the score
     needs no privilege."""
-    path = "/proc/self/oom_score_adj"
     try:
         with open(path) as f:
             if int(f.read().strip() or 0) >= 0:
