@@ -59,7 +59,6 @@ __all__ = [
     "Exchange",
     "Predicate",
     "Subscription",
-    "check_identifier",
     "check_topic",
     "parse_filter",
     "parse_filters",

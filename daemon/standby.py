@@ -113,8 +113,7 @@ async def _mirror(config: Config, mirror: deque[dict[str, Any]]) -> None:
                         params = {"after_seq": last["seq"], "epoch": last.get("epoch")}
                     try:
                         async for envelope in client.stream("events.subscribe", params):
-                            # a client's own events are not history (events.py)
-                            if isinstance(envelope, dict) and not envelope.get("published"):
+                            if isinstance(envelope, dict):  # berthd's own events only
                                 mirror.append(envelope)
                     except BerthError as exc:  # inside the nursery: not in a group
                         log.debug("event mirror: %s", exc)

@@ -636,19 +636,7 @@ class OutputPump:
         self._loop.forget_fd(self._source)
         os.close(self._source)
         closing = [sink.close() for sink in self._sinks]
-        remaining = len(closing)
-        if not remaining:
-            self.done.set_result(None)
-            return
-
-        def one_closed(_: Future[None]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                self.done.set_result(None)
-
-        for fut in closing:
-            fut.add_done_callback(one_closed)
+        all_done(closing).add_done_callback(lambda _: self.done.set_result(None))
 
     def abandon(self) -> None:
         """Stop now (the drain timed out, or the shim shuts down): what the source already
@@ -936,7 +924,8 @@ class ProcessIO:
         """The runtime has the container-side ends now: drop ours so EOF can happen, and
         start the relays, if the process `ran` (a failed runtime leaves them to close();
         the zygote's rehearsal, which fails on purpose, thus stays single-threaded).
-        Never before the rootfs is mounted: mount.py's chdir wants a single thread."""
+        Never before the rootfs is mounted: with a thread alive, mount.py mounts from a
+        child process, whose wait would race the shim's own reaper."""
         self._drop_runtime_ends()
         if not ran:
             return

@@ -9,9 +9,9 @@ Kernel facts that bite here:
   lowerdir spelled out; with many layers it does not (~35 layers of 117-byte paths).
   Then the lowerdirs are written relative to their common parent (or as short links,
   `_mount_overlay`) and mount(2) is called from inside that directory. The working
-  directory belongs to the whole process: the shim is single-threaded and goes there and
-  back; berthd is threaded (trio's worker threads), so it mounts from a child process
-  started in that directory instead.
+  directory belongs to the whole process: the shim mounts before any of its relay threads
+  exists (shim/relay.py) and goes there and back; berthd is threaded (trio's worker
+  threads), so it mounts from a child process started in that directory instead.
 - overlay stacks at most 500 lower layers (OVL_MAX_STACK); one more is EINVAL, refused
   here first with a clear error. The mount lists snapshotters hand out keep absolute
   paths: a client mounts them as containerd's do (relative from the common parent).
@@ -197,8 +197,8 @@ def _single_threaded() -> bool:
 
 def mount_from(directory: str, source: str, target: str, flags: int, data: str) -> None:
     """An overlay mount(2) whose relative lowerdirs resolve from `directory`: in this
-    process if it has one thread (the shim), else from a child started there, since a
-    chdir would move every thread of berthd along with it."""
+    process if it has one thread (the shim, before its relays start), else from a child
+    started there, since a chdir would move every thread along with it."""
     if _single_threaded():
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

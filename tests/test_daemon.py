@@ -345,7 +345,7 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
         {"topic": "/a//b", "type_url": "t"},
         {"topic": "/probe/x", "type_url": "t", "value": "not base64!"},
         {"topic": "/probe/x", "type_url": "t", "value": "A" * 30_000},
-        {"topic": "/probe/x", "type_url": "t", "namespace": "a..b"},
+        {"topic": "/probe/x", "type_url": "t", "namespace": "-bad"},
         {"topic": "/probe/x", "type_url": "t", "timestamp": -1},
     ]
     for params in bad:

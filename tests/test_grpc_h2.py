@@ -493,6 +493,23 @@ def test_an_error_echoing_a_huge_request_is_cut_and_keeps_the_loop(socket_dir: P
     _serve(socket_dir, body)
 
 
+def test_messages_beyond_the_connections_budget_together_all_complete(socket_dir: Path) -> None:
+    """Five 30 MiB requests at once on one connection: 150 MiB in progress is past the
+    connection's budget (CONNECTION_BUDGET, 128 MiB), so acknowledgements are held back,
+    but the call furthest into its message always gets them: every call completes (each
+    waiting for the others' messages to finish would wait for ever)."""
+
+    async def body(ch: grpc.aio.Channel, server: Server, probe: Probe) -> None:
+        size = _method(ch, "unary_unary", "Size")
+        payload = b"x" * (30 * 1024 * 1024)
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(size(Bytes(value=payload)) for _ in range(5))), 60
+        )
+        assert [r.value for r in replies] == [str(len(payload))] * 5
+
+    _serve(socket_dir, body)
+
+
 def test_a_unary_call_with_a_second_request_message_is_refused(socket_dir: Path) -> None:
     """One request message on a unary call, as grpc-go enforces: a client that sends more
     (here 20,000 empty ones, which used to pile up unread and unbounded) gets INTERNAL."""

@@ -78,7 +78,10 @@ def test_output_while_daemon_is_down_is_logged_completely(daemon: Daemon) -> Non
         "c-log",
         "sh",
         "-c",
-        "i=0; while [ $i -lt 100000 ]; do echo line-$i; i=$((i+1)); done; sleep 600",
+        # paced (~3 s in all), so that most of it is written while berthd is down: unpaced,
+        # it could all be logged before the kill, and the test would prove nothing
+        "i=0; while [ $i -lt 100000 ]; do echo line-$i; i=$((i+1));"
+        " [ $((i % 2000)) -eq 0 ] && sleep 0.06; done; sleep 600",
         check=True,
     )
     log = Path(daemon.state, "tasks", daemon.namespace, "c-log", "log", "stdout.log")

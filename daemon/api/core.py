@@ -23,7 +23,7 @@ from berth.daemon import __version__
 from berth.daemon.api import schema
 from berth.daemon.api.routes import TypedHandler
 from berth.daemon.config import Config
-from berth.daemon.events import Exchange, check_identifier, check_topic
+from berth.daemon.events import Exchange, check_topic
 from berth.daemon.metadata import Container, Store, check_extensions, check_labels
 from berth.daemon.network.service import NetworkService
 from berth.daemon.paging import paged
@@ -363,9 +363,8 @@ class Api:
     async def events_publish(self, ctx: CallContext, p: schema.EventsPublish) -> Any:
         """A client's own event, to the subscribers of the moment (events.py)."""
         check_topic(p.topic)
-        if p.namespace is not None:
-            check_identifier(p.namespace, "namespace")
-        namespace = p.namespace or ctx.namespace
+        # a forwarded envelope's namespace: any berth takes (as the call's own is checked)
+        namespace = ctx.namespace if p.namespace is None else validate(p.namespace, "namespace")
         try:
             base64.b64decode(p.value, validate=True)
         except binascii.Error as exc:

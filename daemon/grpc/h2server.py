@@ -383,20 +383,29 @@ class _Connection:
             # empty messages count too: a stream of them must not pile up unacknowledged
             call.held += len(message) + MESSAGE_OVERHEAD
             call.inbox.put_nowait(message)
-        if call.held < HELD_LIMIT and self._buffered() < CONNECTION_BUDGET:
-            self._acknowledge(call)
+        if call.held < HELD_LIMIT:
+            if self._buffered() < CONNECTION_BUDGET:
+                self._acknowledge(call)
+            else:
+                self._acknowledge_waiting()
 
     def _buffered(self) -> int:
         """Request bytes this connection holds (see CONNECTION_BUDGET)."""
         return sum(c.held + c.reader.buffered for c in self.calls.values())
 
     def _acknowledge_waiting(self) -> None:
-        """Calls held back by the connection's budget, acknowledged once it has room."""
-        if self._buffered() >= CONNECTION_BUDGET:
+        """Calls held back by the connection's budget: all of them once it has room; past
+        it, the one furthest into a message, so that one message always completes (each
+        call waiting for the others to finish theirs would wait for ever)."""
+        waiting = [c for c in self.calls.values() if c.unacknowledged and c.held < HELD_LIMIT]
+        if not waiting:
             return
-        for waiting in list(self.calls.values()):
-            if waiting.unacknowledged and waiting.held < HELD_LIMIT:
-                self._acknowledge(waiting)
+        if self._buffered() >= CONNECTION_BUDGET:
+            waiting = [max(waiting, key=lambda c: c.reader.buffered)]
+            if not waiting[0].reader.buffered:
+                return  # no message in progress: the handlers must take theirs first
+        for call in waiting:
+            self._acknowledge(call)
 
     def _acknowledge(self, call: _Call) -> None:
         if call.unacknowledged:

@@ -38,7 +38,7 @@ class Events(Service):
     @unary
     async def publish(self, request: Any, call: Call) -> Any:
         """An event of the caller's namespace, stamped now (containerd's Exchange.Publish)."""
-        await self._call(call, "events.publish", _published(request.topic, request, "event"))
+        await self._call(call, "events.publish", _published(request.topic, request))
         return empty()
 
     @unary
@@ -48,12 +48,11 @@ class Events(Service):
         if not request.HasField("envelope"):
             raise InvalidArgument("forward: an envelope is required")
         envelope = request.envelope
-        if not envelope.HasField("timestamp") or not capi.from_timestamp(envelope.timestamp):
+        when = capi.from_timestamp(envelope.timestamp) if envelope.HasField("timestamp") else 0
+        if not when:
             raise InvalidArgument("timestamp must be set on forwarded event")
-        params = _published(envelope.topic, envelope, "event")
-        params.update(
-            namespace=envelope.namespace, timestamp=capi.from_timestamp(envelope.timestamp)
-        )
+        params = _published(envelope.topic, envelope)
+        params.update(namespace=envelope.namespace, timestamp=when)
         await self.backend.call("events.publish", params, **call.meta(namespaced=False))
         return empty()
 
@@ -110,11 +109,11 @@ class Events(Service):
             return None
 
 
-def _published(topic: str, holder: Any, field: str) -> dict[str, Any]:
-    """events.publish's parameters for `holder.<field>`, a protobuf Any."""
-    if not holder.HasField(field):
-        raise InvalidArgument(f"an {field} is required")
-    event = getattr(holder, field)
+def _published(topic: str, holder: Any) -> dict[str, Any]:
+    """events.publish's parameters for `holder.event`, a protobuf Any."""
+    if not holder.HasField("event"):
+        raise InvalidArgument("an event is required")
+    event = holder.event
     return {
         "topic": topic,
         "type_url": event.type_url,
