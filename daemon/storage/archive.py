@@ -124,6 +124,17 @@ def _decimal(line: bytes, where: str) -> int:
     return int(line)
 
 
+def _sparse_map_block(tar: tarfile.TarFile, read: int, where: str) -> bytes:
+    """The next block of a GNU sparse map, `read` bytes of which came before it: whole, and
+    within MAX_SPARSE_MAP."""
+    if read + tarfile.BLOCKSIZE > MAX_SPARSE_MAP:
+        raise UnsafeLayer(f"{where}: sparse map larger than {MAX_SPARSE_MAP} bytes")
+    block: bytes = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        raise UnsafeLayer(f"{where}: the layer ends inside its sparse map")
+    return block
+
+
 class BoundedTarInfo(tarfile.TarInfo):
     """tarfile's header parser within bounds (CPython 3.11 to 3.13 call these hooks the
     same): the PAX headers and GNU long names in front of an entry take at most
@@ -185,12 +196,8 @@ class BoundedTarInfo(tarfile.TarInfo):
         regions = list(regions)
         read = 0
         while extended:
-            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            block = _sparse_map_block(tar, read, where)
             read += tarfile.BLOCKSIZE
-            if len(block) < tarfile.BLOCKSIZE:
-                raise UnsafeLayer(f"{where}: the layer ends inside its sparse map")
-            if read > MAX_SPARSE_MAP:
-                raise UnsafeLayer(f"{where}: sparse map larger than {MAX_SPARSE_MAP} bytes")
             for start in range(0, 21 * 24, 24):
                 offset = _number_field(block[start : start + 12])
                 size = _number_field(block[start + 12 : start + 24])
@@ -214,12 +221,8 @@ class BoundedTarInfo(tarfile.TarInfo):
         read = 0
         tail = b""
         while count < 0 or len(numbers) < 2 * count:
-            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            block = _sparse_map_block(tar, read, where)
             read += tarfile.BLOCKSIZE
-            if len(block) < tarfile.BLOCKSIZE:
-                raise UnsafeLayer(f"{where}: the layer ends inside its sparse map")
-            if read > MAX_SPARSE_MAP:
-                raise UnsafeLayer(f"{where}: sparse map larger than {MAX_SPARSE_MAP} bytes")
             lines = (tail + block).split(b"\n")
             tail = lines.pop()
             for line in lines:
