@@ -688,40 +688,10 @@ def _record(
     pull changes nothing (what it stored goes with its lease)."""
     for d, doc, labels in reversed(documents):
         storage.put_blob(namespace, doc, d.digest, d.size, labels, lease)
-    try:
-        previous: dict[str, Any] | None = storage.store.get_image(namespace, name)
-    except NotFound:
-        previous = None
-    image = storage.store.put_image(namespace, name, top.to_wire(), {}, create=True, update=True)
-    if not unpack:
-        return image
-    try:
-        storage.unpack(namespace, name, snapshotter, platform, lease)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            _restore(storage, namespace, image, previous)
-        raise
+    with storage.images_replaced(namespace, [(name, top.to_wire())]) as (image,):
+        if unpack:
+            storage.unpack(namespace, name, snapshotter, platform, lease)
     return image
-
-
-def _restore(
-    storage: Storage, namespace: str, image: dict[str, Any], previous: dict[str, Any] | None
-) -> None:
-    """Put the record `image` replaced back (remove it if it replaced none), unless
-    another pull or import has moved it since."""
-    name = image["name"]
-    try:
-        current = storage.store.get_image(namespace, name)
-    except NotFound:
-        return
-    if current["target"] != image["target"]:
-        return
-    if previous is None:
-        storage.store.delete_image(namespace, name)
-    else:
-        storage.store.put_image(
-            namespace, name, previous["target"], previous["labels"], create=True, update=True
-        )
 
 
 class _Fetcher:

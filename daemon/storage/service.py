@@ -238,6 +238,54 @@ class Storage:
                 self.store.update_content(namespace, digest, labels)
         return digest
 
+    @contextlib.contextmanager
+    def images_replaced(
+        self, namespace: str, records: list[tuple[str, dict[str, Any]]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Create or move the image records (name, target) for the block that follows (an
+        unpack): if it fails, each is put back as it was, or removed if it is new, unless
+        another pull or import moved it since. Bad input changes nothing."""
+        previous: dict[str, dict[str, Any] | None] = {}
+        ours: dict[str, dict[str, Any]] = {}  # name -> the target this set
+        created = []
+        try:
+            for name, target in records:
+                if name not in previous:
+                    try:
+                        previous[name] = self.store.get_image(namespace, name)
+                    except NotFound:
+                        previous[name] = None
+                created.append(
+                    self.store.put_image(namespace, name, target, {}, create=True, update=True)
+                )
+                ours[name] = created[-1]["target"]
+            yield created
+        except BaseException:
+            for name, old in previous.items():
+                with contextlib.suppress(Exception):
+                    self._restore_image(namespace, name, ours.get(name), old)
+            raise
+
+    def _restore_image(
+        self,
+        namespace: str,
+        name: str,
+        ours: dict[str, Any] | None,
+        old: dict[str, Any] | None,
+    ) -> None:
+        try:
+            current = self.store.get_image(namespace, name)
+        except NotFound:
+            current = None
+        if ours is None or current is None or current["target"] != ours:
+            return  # never set here, or moved since by another pull or import
+        if old is None:
+            self.store.delete_image(namespace, name)
+        else:
+            self.store.put_image(
+                namespace, name, old["target"], old["labels"], create=True, update=True
+            )
+
     def put_blob(
         self,
         namespace: str,

@@ -264,40 +264,13 @@ def _record(
 ) -> list[dict[str, Any]]:
     """Create (or move) the image records and unpack what this host runs; if anything
     fails, the records are put back as they were (bad input changes nothing)."""
-    previous: dict[str, dict[str, Any] | None] = {}
-    created = []
-    try:
-        for image in found:
-            if image.name not in previous:
-                try:
-                    previous[image.name] = storage.store.get_image(namespace, image.name)
-                except NotFound:
-                    previous[image.name] = None
-            created.append(
-                storage.store.put_image(
-                    namespace, image.name, image.target.to_wire(), {}, create=True, update=True
-                )
-            )
+    records = [(image.name, image.target.to_wire()) for image in found]
+    with storage.images_replaced(namespace, records) as created:
         for image in found:
             if unpack and _held_for_host(storage, namespace, image.target):
                 report("unpack", image.target.digest, 0, 0, "unpacking")
                 storage.unpack(namespace, image.name, snapshotter, lease_id=lease)
                 report("unpack", image.target.digest, 0, 0, "done")
-    except BaseException:
-        for image_name, old in previous.items():
-            with contextlib.suppress(Exception):
-                if old is None:
-                    storage.store.delete_image(namespace, image_name)
-                else:
-                    storage.store.put_image(
-                        namespace,
-                        image_name,
-                        old["target"],
-                        old["labels"],
-                        create=True,
-                        update=True,
-                    )
-        raise
     return created
 
 
