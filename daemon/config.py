@@ -182,6 +182,12 @@ class Config:
         return os.path.join(self.state, "s")
 
     @property
+    def logs_dir(self) -> str:
+        """Task log files (`<namespace>/<id>/`), in the root dir: on disk, where the state
+        dir is a tmpfs whose every byte is RAM."""
+        return os.path.join(self.root, "logs")
+
+    @property
     def db_path(self) -> str:
         return os.path.join(self.root, "meta.db")
 

@@ -82,6 +82,7 @@ def open_state(config: Config, locks: startup.Locks | None) -> tuple[Store, star
         locks = startup.take_locks(config)
     try:
         startup.check_metadata(config)
+        startup.remove_orphaned_logs(config)
         rebuild = config.rebuild_metadata and startup.is_blank(config.db_path)
         if config.rebuild_metadata:
             startup.set_aside_orphaned_snapshots(config)

@@ -28,6 +28,7 @@ from berth.daemon.config import Config
 from berth.daemon.documents import load_json_object
 from berth.daemon.metadata import MAX_SPEC_BYTES, Container, Store
 from berth.daemon.storage.service import Storage
+from berth.shim.fs import remove_tree
 from berth.shim.state import CorruptState, read_state
 from berth.shim.wire.errors import BerthError
 from berth.shim.wire.names import is_valid
@@ -61,10 +62,36 @@ def prepare_dirs(config: Config) -> None:
     # bundle as its remapped root (each bundle stays private: tasks/service.py).
     _make_dir(config.tasks_dir, STATE_DIR)
     _make_dir(config.sockets_dir, PRIVATE_DIR)
+    _make_dir(config.logs_dir, PRIVATE_DIR)
     os.makedirs(os.path.dirname(config.address), exist_ok=True)
     for path in database_files(config):
         if os.path.exists(path):
             os.chmod(path, PRIVATE_FILE)
+
+
+def remove_orphaned_logs(config: Config) -> None:
+    """Remove the log files of tasks whose bundle is gone: after a reboot (the state dir
+    is a tmpfs), or a crash between a bundle and its logs. Only with the locks held: no
+    other berthd creates a task meanwhile, and a bundle is made before its logs."""
+    try:
+        namespaces = os.listdir(config.logs_dir)
+    except FileNotFoundError:
+        return
+    for namespace in namespaces:
+        namespace_dir = os.path.join(config.logs_dir, namespace)
+        try:
+            ids = os.listdir(namespace_dir)
+        except OSError:
+            continue
+        for container_id in ids:
+            if os.path.lexists(os.path.join(config.tasks_dir, namespace, container_id)):
+                continue
+            try:
+                remove_tree(os.path.join(namespace_dir, container_id))
+            except OSError as exc:
+                log.error(
+                    "cannot remove the orphaned logs of %s/%s: %s", namespace, container_id, exc
+                )
 
 
 def _make_dir(path: str, mode: int) -> None:

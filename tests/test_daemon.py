@@ -6,6 +6,7 @@ import fcntl
 import os
 import select
 import signal
+import stat
 import struct
 import subprocess
 import termios
@@ -181,6 +182,41 @@ def test_pause_resume_and_metrics(daemon: Daemon) -> None:
     )
     assert daemon.call("tasks.metrics", {"container_id": "c-pause"})["memory"]["limit"] == 64 << 20
     daemon.cli("tasks", "rm", "-f", "c-pause", check=True)
+
+
+def test_detached_logs_are_on_disk_under_the_root_and_go_with_their_task(daemon: Daemon) -> None:
+    """`run -d`'s log files live in the root dir (the state dir is a tmpfs: RAM), reached
+    through the bundle's `log` link; a task's delete removes them, and a restart removes
+    logs whose task is gone (a reboot empties the state dir)."""
+    orphan = Path(daemon.root, "logs", daemon.namespace, "gone")
+    orphan.mkdir(parents=True)
+    (orphan / "stdout.log").write_bytes(b"from before a reboot\n")
+    daemon.restart()
+    assert not orphan.exists()
+
+    daemon.cli("run", "--busybox", "-d", "c-disklog", "sh", "-c", "echo on-disk; sleep 1000")
+    logs = Path(daemon.root, "logs", daemon.namespace, "c-disklog")
+    link = Path(daemon.state, "tasks", daemon.namespace, "c-disklog", "log")
+    assert link.is_symlink() and os.readlink(link) == str(logs)
+    wait_until(lambda: (logs / "stdout.log").exists(), what="the log file")
+    wait_until(lambda: (logs / "stdout.log").read_bytes() == b"on-disk\n", what="output")
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o700
+    daemon.cli("tasks", "rm", "-f", "c-disklog", check=True)
+    assert not logs.exists() and not link.parent.exists()
+
+    # A link that does not name this task's logs is never followed by the removal.
+    daemon.cli("run", "--busybox", "-d", "c-badlink", "sleep", "1000", check=True)
+    bait = Path(daemon.dir, "bait")
+    bait.mkdir()
+    (bait / "keep").write_bytes(b"x")
+    link = Path(daemon.state, "tasks", daemon.namespace, "c-badlink", "log")
+    real = Path(os.readlink(link))
+    link.unlink()
+    link.symlink_to(bait)
+    daemon.cli("tasks", "rm", "-f", "c-badlink", check=True)
+    assert (bait / "keep").exists()
+    daemon.restart()  # the real logs, left by the refused link, are an orphan now
+    assert not real.exists()
 
 
 def test_close_stdin(daemon: Daemon) -> None:

@@ -66,6 +66,7 @@ log = logging.getLogger("berthd.tasks")
 SHIM_CALL_TIMEOUT = 30.0
 SHIM_LOG_READ = 2 * SHIM_LOG_MAX + 64 * 1024  # a reply of what a shim keeps (one frame)
 CONNECT_TIMEOUT = 5.0
+LOG_LINK = "log"  # in a bundle: the shim's log directory, a link to the root dir's
 STDIO_KEYS = ("stdin", "stdout", "stderr", "terminal")  # of a process, as its client set them
 
 
@@ -334,6 +335,7 @@ class TaskService:
             os.makedirs(namespace_dir, mode=0o711, exist_ok=True)
             os.chmod(namespace_dir, 0o711)  # traversable, not listable (umask aside)
         os.mkdir(bundle, mode=0o700)
+        await self._link_log_dir(bundle)
         remapped_root_gid = _host_gid_of_root(prepared)
         if remapped_root_gid is not None:
             # runc mounts the rootfs from inside the user namespace, as the remapped root:
@@ -341,6 +343,19 @@ class TaskService:
             os.chown(bundle, -1, remapped_root_gid)
             os.chmod(bundle, 0o710)
         _write_json(os.path.join(bundle, "config.json"), prepared)
+
+    async def _link_log_dir(self, bundle: str) -> None:
+        """The shim writes log files (`run -d`) to `<bundle>/log`: made a link to the
+        root dir's `logs/<namespace>/<id>`, so they fill the disk as docker's json-file
+        logs do, not /run's tmpfs (RAM, up to 128 MiB a process, charged to berthd's
+        service). Made after the bundle and removed before it (startup.py counts on it);
+        whatever an earlier task of this id left there goes first."""
+        namespace, container_id = bundle.split(os.sep)[-2:]
+        log_dir = os.path.join(self._config.logs_dir, namespace, container_id)
+        await trio.to_thread.run_sync(remove_tree, log_dir)
+        os.makedirs(os.path.dirname(log_dir), mode=0o700, exist_ok=True)
+        os.mkdir(log_dir, mode=0o700)
+        os.symlink(log_dir, os.path.join(bundle, LOG_LINK))
 
     async def _spawn_shim(self, handle: TaskHandle) -> None:
         config = ShimConfig(
@@ -1034,9 +1049,25 @@ def remove_bundle(bundle: str) -> None:
             log.error("%s is still mounted; leaving %s in place", rootfs, bundle)
             return
     try:
+        _remove_linked_logs(bundle)
         remove_tree(bundle)
     except OSError as exc:
         log.error("cannot remove %s: %s", bundle, exc)
+
+
+def _remove_linked_logs(bundle: str) -> None:
+    """The log files `<bundle>/log` links to (TaskService._link_log_dir). A plain
+    directory there (a standalone shim's bundle, an older berthd's) goes with the bundle;
+    a link that does not name `logs/<namespace>/<id>` of this bundle is left alone."""
+    try:
+        target = os.readlink(os.path.join(bundle, LOG_LINK))
+    except OSError:
+        return
+    parts = os.path.normpath(target).split(os.sep)
+    if len(parts) < 4 or parts[-3] != "logs" or parts[-2:] != bundle.split(os.sep)[-2:]:
+        log.error("%s/%s links to %s, not to its logs; left alone", bundle, LOG_LINK, target)
+        return
+    remove_tree(target)
 
 
 def _safe_exit_record(exit_dir: str, name: str) -> ExitRecord | None:
