@@ -16,6 +16,7 @@ is never entered (removing a tree must not delete what a mount shows).
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -42,28 +43,48 @@ def mount_id(fd: int) -> int:
     raise OSError(errno.ENOSYS, "no mnt_id in /proc/self/fdinfo")
 
 
-@dataclass
+# Names listed at a time when a tree is removed (the rest are listed again once these are
+# gone), and fewer below the first levels: memory stays bounded by the depth, not by the
+# width, of what a container made (one directory of millions of entries cost ~70 bytes
+# an entry listed whole).
+REMOVE_BATCH = 1024
+REMOVE_BATCH_DEEP = 16
+REMOVE_BATCH_LEVELS = 8  # levels that list REMOVE_BATCH names at a time
+
+
+@dataclass(slots=True)
 class _Level:
     name: str  # this directory's name in its parent ("" for the top)
-    prefix: str  # its path relative to the top, with a trailing "/" ("" for the top)
     dev: int
     ino: int
     pending: list[str] = field(default_factory=list)  # names not visited yet (reversed)
+    more: bool = False  # listed in part: list again when `pending` runs out
 
 
 class _Walk:
-    """A cursor over a tree: one open directory fd and the stack of levels above it."""
+    """A cursor over a tree: one open directory fd and the stack of levels above it. Each
+    level keeps its name, not its path (paths would cost the square of the depth)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, batched: bool = False) -> None:
         self.fd = fd  # owned from here on
+        self.batched = batched  # list in batches, for a walk that removes what it visits
         st = os.fstat(fd)
         self.mount = mount_id(fd)
-        self.levels = [_Level("", "", st.st_dev, st.st_ino, self._listing())]
+        self.levels = [_Level("", st.st_dev, st.st_ino)]
+        self._list(self.levels[0])
 
-    def _listing(self) -> list[str]:
-        names = os.listdir(self.fd)
+    def _list(self, level: _Level) -> None:
+        if not self.batched:
+            names = os.listdir(self.fd)
+        else:
+            limit = REMOVE_BATCH if len(self.levels) <= REMOVE_BATCH_LEVELS else REMOVE_BATCH_DEEP
+            # scandir on an fd reads a duplicate of it and rewinds it when closed, so the
+            # next batch starts from the top again (what was removed is gone from it).
+            with os.scandir(self.fd) as entries:
+                names = [entry.name for entry in itertools.islice(entries, limit)]
+            level.more = len(names) == limit
         names.reverse()  # pop() from the end visits them in directory order
-        return names
+        level.pending = names
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -71,7 +92,7 @@ class _Walk:
             self.fd = -1
 
     def rel(self, name: str) -> str:
-        return self.levels[-1].prefix + name
+        return "/".join([level.name for level in self.levels[1:]] + [name])
 
     def descend(self, name: str) -> bool:
         """Enter subdirectory `name` of the current one; False when it is no directory
@@ -91,8 +112,9 @@ class _Walk:
             raise
         os.close(self.fd)
         self.fd = child
-        self.levels.append(_Level(name, f"{self.rel(name)}/", st.st_dev, st.st_ino))
-        self.levels[-1].pending = self._listing()
+        level = _Level(name, st.st_dev, st.st_ino)
+        self.levels.append(level)
+        self._list(level)
         return True
 
     def ascend(self) -> str:
@@ -111,14 +133,17 @@ class _Walk:
     def next_entry(self) -> tuple[str, os.stat_result] | None:
         """The next unvisited entry of the current directory (None when it has none
         left); entries that vanished meanwhile are skipped."""
-        pending = self.levels[-1].pending
-        while pending:
-            name = pending.pop()
-            try:
-                return name, os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-        return None
+        level = self.levels[-1]
+        while True:
+            while level.pending:
+                name = level.pending.pop()
+                try:
+                    return name, os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+            if not level.more:
+                return None
+            self._list(level)
 
 
 def _open_dir(path: str, dir_fd: int | None) -> int:
@@ -129,6 +154,7 @@ def walk_tree(top: str) -> Iterator[tuple[str, os.stat_result]]:
     """Every entry below `top` as (path relative to `top`, lstat), parents before their
     children, at any depth. Mount points inside the tree are listed but not entered."""
     walk = _Walk(_open_dir(top, None))
+    prefixes = [""]  # of each level's path: what is yielded holds them all anyway
     try:
         while True:
             entry = walk.next_entry()
@@ -136,12 +162,15 @@ def walk_tree(top: str) -> Iterator[tuple[str, os.stat_result]]:
                 if len(walk.levels) == 1:
                     return
                 walk.ascend()
+                prefixes.pop()
                 continue
             name, st = entry
-            yield walk.rel(name), st
+            path = prefixes[-1] + name
+            yield path, st
             if stat.S_ISDIR(st.st_mode):
                 try:
-                    walk.descend(name)
+                    if walk.descend(name):
+                        prefixes.append(f"{path}/")
                 except MountPointInTheWay:
                     pass
     finally:
@@ -149,12 +178,28 @@ def walk_tree(top: str) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def tree_usage(top: str) -> tuple[int, int]:
-    """(bytes allocated, inodes) of everything below `top`, at any depth."""
+    """(bytes allocated, inodes) of everything below `top`, at any depth. Mount points
+    inside the tree are counted but not entered."""
     size = inodes = 0
-    for _, st in walk_tree(top):
-        size += st.st_blocks * 512
-        inodes += 1
-    return size, inodes
+    walk = _Walk(_open_dir(top, None))
+    try:
+        while True:
+            entry = walk.next_entry()
+            if entry is None:
+                if len(walk.levels) == 1:
+                    return size, inodes
+                walk.ascend()
+                continue
+            name, st = entry
+            size += st.st_blocks * 512
+            inodes += 1
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    walk.descend(name)
+                except MountPointInTheWay:
+                    pass
+    finally:
+        walk.close()
 
 
 def remove_tree(path: str, *, dir_fd: int | None = None) -> None:
@@ -170,7 +215,7 @@ def remove_tree(path: str, *, dir_fd: int | None = None) -> None:
     if not stat.S_ISDIR(st.st_mode):
         _unlink(path, dir_fd)
         return
-    walk = _Walk(_open_dir(path, dir_fd))
+    walk = _Walk(_open_dir(path, dir_fd), batched=True)
     try:
         while True:
             entry = walk.next_entry()
