@@ -47,6 +47,12 @@ log = logging.getLogger("berthd.rpc")
 RECV_SIZE = 256 * 1024
 
 
+class NoAnswer(Unavailable):
+    """The peer is connected but did not answer a call in time: stopped (SIGSTOP), stuck
+    in the kernel, or overloaded. Unlike a lost connection, what was asked may still be
+    carried out later. On the wire it is `unavailable`, as any timeout was before."""
+
+
 async def open_unix(path: str) -> trio.SocketStream:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
@@ -198,7 +204,7 @@ class RpcClient:
             with trio.move_on_after(timeout) as scope:
                 await pending.done.wait()
             if scope.cancelled_caught:
-                raise Unavailable(f"{self.label}: {method} timed out after {timeout}s")
+                raise NoAnswer(f"{self.label}: {method} timed out after {timeout}s")
         except BaseException:
             self._pending.pop(rid, None)
             raise

@@ -136,7 +136,7 @@ class Runtime:
             )
             if code != 0:
                 reason = (
-                    _last_error(self.log_path, log_offset)
+                    last_error(self.log_path, log_offset)
                     or result.stderr.decode(errors="replace").strip()
                 )
                 raise RuntimeCommandError(
@@ -232,7 +232,7 @@ def _json(data: bytes, what: str) -> Any:
         raise RuntimeCommandError(f"runtime {what} printed invalid JSON") from None
 
 
-def _last_error(log_path: str, offset: int) -> str:
+def last_error(log_path: str, offset: int) -> str:
     """The last error-level message the runtime logged since `offset`."""
     try:
         with open(log_path, "rb") as f:

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
-from tests.support.helpers import BERTH, REAPER, Daemon, is_gone, process_state, wait_until
+import pytest
+
+from berth.daemon.tasks.service import SHIM_CALL_TIMEOUT
+from berth.shim.wire.errors import Unavailable
+from tests.support.helpers import (
+    BERTH,
+    REAPER,
+    Daemon,
+    is_gone,
+    kill,
+    process_state,
+    wait_until,
+)
 
 
 def _tasks(daemon: Daemon) -> dict[str, dict[str, object]]:
@@ -169,6 +182,82 @@ def test_shim_killed_while_daemon_is_down(daemon: Daemon) -> None:
     assert after["status"] == "stopped" and after["exit_status"] == 255
     wait_until(lambda: is_gone(task["pid"]), what="orphaned container killed")  # type: ignore[arg-type]
     daemon.cli("tasks", "rm", "c-both", check=True)
+
+
+def _run_with_a_stopped_shim(daemon: Daemon, cid: str) -> tuple[int, int]:
+    """A container running `sleep 1000` whose shim is SIGSTOPped (as an operator might, or
+    as if stuck in the kernel): (its init's pid, its shim's pid). The caller resumes the
+    shim, by pid, whatever happens."""
+    daemon.cli("run", "--busybox", "-d", cid, "sleep", "1000", check=True)
+    init = int(_tasks(daemon)[cid]["pid"])  # type: ignore[call-overload]
+    shim = daemon.shim_pids()[cid]
+    kill(shim, signal.SIGSTOP)
+    wait_until(lambda: process_state(shim) == "T", what="shim stopped")
+    return init, shim
+
+
+def _topics_of(daemon: Daemon, cid: str, since: int) -> list[tuple[str, object]]:
+    """The task events of `cid` published since `since` (ns), up to its delete:
+    (topic, exit status)."""
+    seen: list[tuple[str, object]] = []
+    with daemon.client() as c:
+        filters = [f'namespace=={daemon.namespace},topic~="^/tasks/",event.container_id=="{cid}"']
+        for envelope in c.stream("events.subscribe", {"filters": filters, "since": since}):
+            seen.append((envelope["topic"], envelope["event"].get("exit_status")))
+            if envelope["topic"] == "/tasks/delete":
+                return seen
+    return seen
+
+
+def test_forced_delete_of_a_task_whose_shim_does_not_answer(daemon: Daemon) -> None:
+    """A shim that does not answer cannot hold a forced delete: berthd SIGKILLs it, kills
+    and deletes the container through the runtime, and reports the exit 137 (berthd
+    killed it; no exit file says otherwise)."""
+    since = time.time_ns()
+    init, shim = _run_with_a_stopped_shim(daemon, "c-stuck")
+    try:
+        began = time.monotonic()
+        result = daemon.call("tasks.delete", {"container_id": "c-stuck", "force": True})
+        took = time.monotonic() - began
+        assert result["exit_status"] == 137, result
+        assert took < SHIM_CALL_TIMEOUT + 20, took  # the shim's timeout, then bounded steps
+        assert process_state(init) in (None, "Z")  # dead at once; reaped by its new parent
+        assert "c-stuck" not in _tasks(daemon)
+        assert daemon.container_pids() == []
+        wait_until(lambda: is_gone(init) and is_gone(shim), what="container and shim reaped")
+        assert not Path(daemon.state, "tasks", daemon.namespace, "c-stuck").exists()
+        assert _topics_of(daemon, "c-stuck", since)[-2:] == [
+            ("/tasks/exit", 137),
+            ("/tasks/delete", 137),
+        ]
+        # Its container can have a task again.
+        daemon.call("tasks.create", {"container_id": "c-stuck"})
+        daemon.call("tasks.delete", {"container_id": "c-stuck"})
+    finally:
+        kill(shim, signal.SIGCONT)  # if berthd did not kill it; the fixture stops it then
+
+
+def test_sigkill_reaches_a_container_whose_shim_does_not_answer(daemon: Daemon) -> None:
+    """Kill with SIGKILL goes through the runtime when the shim does not answer (within
+    the CLI's own deadline); another signal fails, saying why. The shim, once resumed,
+    reports the container's real exit."""
+    init, shim = _run_with_a_stopped_shim(daemon, "c-stuck")
+    try:
+        with pytest.raises(Unavailable, match=r"its shim \(pid \d+\) is not answering"):
+            daemon.call("tasks.kill", {"container_id": "c-stuck", "signal": signal.SIGTERM})
+        assert process_state(init) == "S"  # that signal was not delivered some other way
+        began = time.monotonic()
+        r = daemon.cli("tasks", "kill", "-s", "SIGKILL", "c-stuck")
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - began < 30  # the CLI's deadline
+        assert process_state(init) in (None, "Z")  # dead, left for its (stopped) shim to reap
+        assert daemon.container_pids() == []
+    finally:
+        kill(shim, signal.SIGCONT)
+    assert daemon.call("tasks.wait", {"container_id": "c-stuck"})["exit_status"] == 137
+    wait_until(lambda: is_gone(init), what="container reaped by its shim")
+    daemon.cli("tasks", "rm", "c-stuck", check=True)
+    wait_until(lambda: is_gone(shim), what="shim exited")
 
 
 def test_graceful_daemon_stop_leaves_containers_running(daemon: Daemon) -> None:

@@ -10,6 +10,9 @@ restart lose nothing:
 - a dead shim's exit statuses are read from its exit files; a process without one is
   reported exited with status 255 (containerd's "unknown") and its container is killed
   through the runtime, so nothing keeps running unsupervised.
+A live shim that stops answering (SIGSTOPped, stuck in the kernel) cannot keep its container
+alive either: a SIGKILL then goes through the runtime, and a forced delete kills the shim,
+removes the container through the runtime and reports its exit (137 without an exit file).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +35,7 @@ from berth.daemon.api import schema
 from berth.daemon.config import Config
 from berth.daemon.events import Exchange
 from berth.daemon.metadata import Container, Store
-from berth.daemon.rpc import RpcClient, guarded
+from berth.daemon.rpc import NoAnswer, RpcClient, guarded
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks import shims
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
@@ -40,13 +44,14 @@ from berth.shim.exit import (
     CorruptExitFile,
     ExitRecord,
     is_deleted,
+    mark_deleted,
     read_exit_file,
     write_exit_file,
 )
 from berth.shim.fs import atomic_write, remove_tree
 from berth.shim.loop import SHIM_LOG_MAX
 from berth.shim.mount import Mount, unmount_all
-from berth.shim.runtime import RuntimeConfig, runtime_argv
+from berth.shim.runtime import RuntimeConfig, last_error, runtime_argv
 from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
 from berth.shim.task import ShimConfig
 from berth.shim.wire import status as shim_topics
@@ -64,6 +69,13 @@ from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOP
 log = logging.getLogger("berthd.tasks")
 
 SHIM_CALL_TIMEOUT = 30.0
+# A kill is one runtime call in the shim. Giving up on it well within a client's own 30 s
+# leaves the time to deliver a SIGKILL through the runtime instead (kill).
+SHIM_SIGNAL_TIMEOUT = 10.0
+SEND_GRACE = 5.0  # past a call's timeout, for a request the shim does not even read
+RUNTIME_CALL_TIMEOUT = 10.0  # one runtime command run by berthd itself
+SHIM_DEATH_TIMEOUT = 5.0  # a SIGKILLed shim stuck in the kernel dies only when it leaves
+KILLED_STATUS = 128 + signal.SIGKILL  # what berthd reports for a process it killed
 SHIM_LOG_READ = 2 * SHIM_LOG_MAX + 64 * 1024  # a reply of what a shim keeps (one frame)
 CONNECT_TIMEOUT = 5.0
 LOG_LINK = "log"  # in a bundle: the shim's log directory, a link to the root dir's
@@ -577,17 +589,24 @@ class TaskService:
         handle.shim_dead = True
         if handle.client is not None:
             await handle.client.aclose()
-        exit_dir = os.path.join(handle.bundle, "exit")
-        now = time.time_ns()
-        init_record = _safe_exit_record(exit_dir, "init")
+        init_record = _safe_exit_record(os.path.join(handle.bundle, "exit"), "init")
         if init_record is None and handle.init.pid and not handle.init.exited.is_set():
             await self._runtime_cleanup(handle)
+        self._report_exits(handle, UNKNOWN_EXIT)
+
+    def _report_exits(self, handle: TaskHandle, status_without_file: int) -> None:
+        """Without a shim to report them, make the exits of the task's unfinished processes
+        final and publish them: the status the shim wrote to an exit file where there is
+        one (never replaced by a guess), else `status_without_file`."""
+        exit_dir = os.path.join(handle.bundle, "exit")
+        now = time.time_ns()
         views = [("init", handle.init)] + [(f"exec-{k}", v) for k, v in handle.execs.items()]
         for name, view in views:
             if view.exited.is_set() or (view.pid == 0 and view is not handle.init):
                 continue
-            record = _safe_exit_record(exit_dir, name) or ExitRecord(view.pid, UNKNOWN_EXIT, now)
-            if view is handle.init and init_record is None:
+            written = _safe_exit_record(exit_dir, name)
+            record = written or ExitRecord(view.pid, status_without_file, now)
+            if view is handle.init and written is None:
                 try:  # the daemon's own record, so that a later restart reports the same
                     write_exit_file(exit_dir, "init", record)
                 except OSError as exc:
@@ -613,25 +632,89 @@ class TaskService:
 
     async def _runtime_cleanup(self, handle: TaskHandle) -> None:
         """Without a shim, the container must not run on: kill and delete it by runtime,
-        and unmount the rootfs the shim had mounted."""
-        log_path = os.path.join(handle.bundle, "runtime.log")
+        and unmount the rootfs the shim had mounted. Each step is bounded."""
         for args in (["kill", "--all", handle.id, "KILL"], ["delete", "--force", handle.id]):
-            try:
-                with trio.move_on_after(10):
-                    await trio.run_process(
-                        runtime_argv(handle.runtime, log_path, *args),
-                        check=False,
-                        capture_stdout=True,
-                        capture_stderr=True,
-                    )
-            except OSError as exc:
-                log.error("runtime cleanup of %s failed: %s", handle.id, exc)
+            failure = await self._run_runtime(handle, *args)
+            if failure is not None:  # a kill of a container already stopped fails, say
+                log.debug("runtime cleanup of %s: %s", handle.id, failure)
         rootfs = os.path.join(handle.bundle, "rootfs")
-        if os.path.ismount(rootfs):
-            try:
-                await trio.to_thread.run_sync(unmount_all, rootfs)
-            except OSError as exc:
-                log.error("cannot unmount %s: %s", rootfs, exc)
+        with trio.move_on_after(RUNTIME_CALL_TIMEOUT) as unmounting:
+            if os.path.ismount(rootfs):
+                try:
+                    await trio.to_thread.run_sync(unmount_all, rootfs, abandon_on_cancel=True)
+                except OSError as exc:
+                    log.error("cannot unmount %s: %s", rootfs, exc)
+        if unmounting.cancelled_caught:
+            log.error("unmounting %s did not finish within %gs", rootfs, RUNTIME_CALL_TIMEOUT)
+
+    async def _run_runtime(self, handle: TaskHandle, *command: str) -> str | None:
+        """Run one command of the task's OCI runtime from berthd itself (its shim is gone or
+        not answering), as the shim would (runtime_argv): None if it succeeded, else why
+        not. Bounded: a runtime still running after RUNTIME_CALL_TIMEOUT is killed and
+        reaped in the background, since trio.run_process would wait for one stuck in the
+        kernel for ever."""
+        log_path = os.path.join(handle.bundle, "runtime.log")
+        name = f"{os.path.basename(handle.runtime.binary)} {command[0]}"
+        offset = _file_size(log_path)
+        try:
+            process = await trio.lowlevel.open_process(
+                runtime_argv(handle.runtime, log_path, *command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # runc and crun say why in the log
+            )
+        except OSError as exc:
+            return f"cannot run {name}: {exc}"
+        with trio.move_on_after(RUNTIME_CALL_TIMEOUT):
+            code = await process.wait()
+            if code == 0:
+                return None
+            reason = await trio.to_thread.run_sync(last_error, log_path, offset)
+            return f"{name} failed (exit {code}): {reason or 'no message'}"
+        process.kill()
+        self._nursery.start_soon(guarded, f"reaping {name}", _reap, process)
+        return f"{name} did not finish within {RUNTIME_CALL_TIMEOUT:g}s"
+
+    async def _kill_by_runtime(
+        self, handle: TaskHandle, all_processes: bool, no_answer: NoAnswer
+    ) -> None:
+        """A SIGKILL for a shim that does not answer, delivered by the runtime instead: the
+        container dies though its shim is stuck (the shim reports the exit once it answers
+        again, or a forced delete does)."""
+        log.warning(
+            "%s; sending SIGKILL through the runtime",
+            no_answer,
+            extra=logs.about(handle.namespace, handle.id),
+        )
+        args = ["kill", *(["--all"] if all_processes else []), handle.id, "KILL"]
+        failure = await self._run_runtime(handle, *args)
+        if failure is not None:
+            raise NoAnswer(f"{no_answer}; and {failure}")
+
+    async def _abandon_shim(self, handle: TaskHandle) -> None:
+        """The forced delete of a task whose shim does not answer (containerd's cleanup
+        after a dead shim): SIGKILL the shim, kill and delete the container through its
+        runtime, and make every exit final: its real status where the shim wrote one down,
+        else 137, for berthd killed it. Marked deleted, so that a restart finishes it."""
+        log.warning(
+            "shim pid %d does not answer; killing it, and its container through the runtime",
+            handle.shim_pid,
+            extra=logs.about(handle.namespace, handle.id),
+        )
+        handle.shim_dead = True  # other calls fail at once from here on
+        if shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+            _kill(handle.shim_pid)
+            # Dead, it writes no exit file after the ones read below.
+            with trio.move_on_after(SHIM_DEATH_TIMEOUT):
+                await shims.wait_for_death(handle.shim_pid)
+        if handle.client is not None:
+            await handle.client.aclose()
+        await self._runtime_cleanup(handle)
+        self._report_exits(handle, KILLED_STATUS)
+        try:
+            await trio.to_thread.run_sync(mark_deleted, handle.bundle)
+        except OSError as exc:
+            log.error("cannot mark %s deleted: %s", handle.bundle, exc)
 
     async def _discard(self, handle: TaskHandle) -> None:
         """Undo a failed or cancelled create: delete whatever the shim created (it
@@ -672,9 +755,19 @@ class TaskService:
         params: dict[str, Any] | None = None,
         timeout: float = SHIM_CALL_TIMEOUT,
     ) -> Any:
-        if handle.shim_dead or handle.client is None:
+        client = handle.client
+        if handle.shim_dead or client is None:
             raise FailedPrecondition(f"task {handle.id}: its shim is gone; the task has exited")
-        return await handle.client.call(method, params or {}, timeout=timeout)
+        with trio.move_on_after(timeout + SEND_GRACE):
+            try:
+                return await client.call(method, params or {}, timeout=timeout)
+            except NoAnswer:
+                raise NoAnswer(_not_answering(handle, method, timeout)) from None
+        # Not even the request went out (a shim that reads nothing fills its socket): the
+        # connection may end in half a frame now, so it goes, and the relay connects again
+        # if the shim comes back.
+        await client.aclose()
+        raise NoAnswer(_not_answering(handle, method, timeout))
 
     async def start(self, namespace: str, container_id: str, exec_id: str | None) -> dict[str, Any]:
         handle = self.get_handle(namespace, container_id)
@@ -703,9 +796,16 @@ class TaskService:
         view = handle.process(exec_id)
         if view.exited.is_set():
             raise NotFound(f"process {exec_id or container_id} already finished")
-        await self._call(
-            handle, "kill", {"signal": signo, "all": all_processes, "exec_id": exec_id or ""}
-        )
+        params = {"signal": signo, "all": all_processes, "exec_id": exec_id or ""}
+        try:
+            await self._call(handle, "kill", params, timeout=SHIM_SIGNAL_TIMEOUT)
+        except NoAnswer as exc:
+            # Only the container's SIGKILL has another way in: the runtime addresses the
+            # container, not an exec's process, and other signals stay the shim's business.
+            if signo != signal.SIGKILL or exec_id:
+                raise
+            with trio.CancelScope(shield=True):  # bounded; the client may be leaving
+                await self._kill_by_runtime(handle, all_processes, exc)
 
     async def exec(
         self, namespace: str, container_id: str, exec_id: str, params: schema.TasksExec
@@ -750,34 +850,19 @@ class TaskService:
         handle.deleting = True
         try:
             if handle.shim_dead:
-                result = handle.init.exit_record().to_wire()
                 await self._runtime_cleanup(handle)
-                self._exchange.publish(
-                    namespace,
-                    "/tasks/delete",
-                    {"container_id": container_id, "id": container_id, **result},
-                )
+                result = self._publish_delete(handle)
             else:
                 try:
-                    reply = await self._call(handle, "delete", {"force": force})
-                except NotFound:
-                    # Deleted by an earlier call that was cut short (or by hand): finish up.
-                    reply = {**handle.init.exit_record().to_wire(), "seq": 0}
-                record = ExitRecord.from_wire(reply)
-                result = record.to_wire()
-                # Let the event pump publish what the shim sent before this reply.
-                last = reply.get("seq", 0)
-                with trio.move_on_after(2):
-                    while handle.processed_seq < last and not handle.supervised.is_set():
-                        await handle.progress.wait()
-                handle.init.set_exit(record)
-                try:
-                    await self._call(handle, "shutdown", {}, timeout=5)
-                except BerthError as exc:
-                    log.warning("shim shutdown for %s: %s", container_id, exc)
-                # The shim exits on its own right after that answer; nobody needs to wait
-                # for it, but no shim may outlive its task, so make sure in the background.
-                self._nursery.start_soon(guarded, "shim exit", self._ensure_exit, handle)
+                    result = await self._delete_by_shim(handle, force)
+                except NoAnswer as exc:
+                    if not force:
+                        raise NoAnswer(
+                            f"{exc}; a forced delete removes the task without its shim"
+                        ) from None
+                    with trio.CancelScope(shield=True):  # every step bounded
+                        await self._abandon_shim(handle)
+                    result = self._publish_delete(handle)
         except BaseException:
             handle.deleting = False
             if handle.supervised.is_set() and not handle.shim_dead and not self.closing:
@@ -793,6 +878,40 @@ class TaskService:
         self._tasks.pop(handle.key, None)
         await trio.to_thread.run_sync(remove_bundle, handle.bundle)
         log.info("task deleted: exit status %d", result["exit_status"])
+        return result
+
+    async def _delete_by_shim(self, handle: TaskHandle, force: bool) -> dict[str, Any]:
+        """Have the shim delete the container (it removes it from the runtime, unmounts the
+        rootfs and publishes the delete), then stop the shim."""
+        try:
+            reply = await self._call(handle, "delete", {"force": force})
+        except NotFound:
+            # Deleted by an earlier call that was cut short (or by hand): finish up.
+            reply = {**handle.init.exit_record().to_wire(), "seq": 0}
+        record = ExitRecord.from_wire(reply)
+        # Let the event pump publish what the shim sent before this reply.
+        last = reply.get("seq", 0)
+        with trio.move_on_after(2):
+            while handle.processed_seq < last and not handle.supervised.is_set():
+                await handle.progress.wait()
+        handle.init.set_exit(record)
+        try:
+            await self._call(handle, "shutdown", {}, timeout=5)
+        except BerthError as exc:
+            log.warning("shim shutdown for %s: %s", handle.id, exc)
+        # The shim exits on its own right after that answer; nobody needs to wait for it,
+        # but no shim may outlive its task, so make sure in the background.
+        self._nursery.start_soon(guarded, "shim exit", self._ensure_exit, handle)
+        return record.to_wire()
+
+    def _publish_delete(self, handle: TaskHandle) -> dict[str, Any]:
+        """The delete of a task without a shim (which would have published it)."""
+        result = handle.init.exit_record().to_wire()
+        self._exchange.publish(
+            handle.namespace,
+            "/tasks/delete",
+            {"container_id": handle.id, "id": handle.id, **result},
+        )
         return result
 
     async def _ensure_exit(self, handle: TaskHandle) -> None:
@@ -1094,6 +1213,25 @@ def _read_log_tail(path: str, tail: int) -> bytes:
         lines = data.splitlines(keepends=True)
         data = b"".join(lines[-tail:])
     return data
+
+
+def _not_answering(handle: TaskHandle, method: str, timeout: float) -> str:
+    return (
+        f"task {handle.id}: its shim (pid {handle.shim_pid}) is not answering: no reply to "
+        f"{method} within {timeout:g}s (stopped, or stuck in the kernel?)"
+    )
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+async def _reap(process: trio.Process) -> None:
+    """Wait for a runtime process berthd gave up on (killed), so it leaves no zombie."""
+    await process.wait()
 
 
 def _init_pid(bundle: str) -> int:
