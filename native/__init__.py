@@ -1,8 +1,9 @@
 """Kernel interfaces the standard library lacks, bound with cffi (API mode).
 
 Only what berth needs and the stdlib does not offer: signalfd(2) with its siginfo record,
-tee(2), mount(2)/umount2(2) and openat2(2). pidfd_open, waitid(P_PIDFD), pthread_sigmask,
-splice and SCM_RIGHTS are in the stdlib already and are used from there.
+tee(2), mount(2)/umount2(2), openat2(2), and the shim's relay threads (C threads that
+never take the GIL). pidfd_open, waitid(P_PIDFD), pthread_sigmask, splice and SCM_RIGHTS
+are in the stdlib already and are used from there.
 """
 
 from __future__ import annotations
@@ -152,6 +153,17 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return int(fd)
 
 
+def start_relay(source: int, target: int) -> None:
+    """Copy `source` to `target` in a detached C thread until the source ends or the
+    target's reader is gone; the thread then closes both. The fds must be blocking.
+    OSError (and the fds still the caller's) if no thread can be had."""
+    err = lib.berth_relay_start(source, target)
+    if err != 0:
+        raise OSError(err, f"relay thread: {os.strerror(err)}")
+
+
+RELAY_CHUNK: int = lib.BERTH_RELAY_CHUNK
+
 __all__ = [
     "MNT_DETACH",
     "MS_BIND",
@@ -162,6 +174,7 @@ __all__ = [
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "RELAY_CHUNK",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
     "SIGINFO_SIZE",
@@ -169,6 +182,7 @@ __all__ = [
     "SignalFD",
     "mount",
     "openat2",
+    "start_relay",
     "tee",
     "umount",
 ]

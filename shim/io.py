@@ -932,7 +932,7 @@ class ProcessIO:
         relays, self._relays = self._relays, []
         for index, (source, target, name) in enumerate(relays):
             try:
-                start_relay(source, target, name)
+                start_relay(source, target)
             except Exception as exc:  # no thread to be had: these streams end here
                 log(f"cannot start the relay of {name}: {exc}; its stream is closed")
                 for source_left, target_left, _ in relays[index + 1 :]:

@@ -85,7 +85,7 @@ def record_state(config: ShimConfig) -> None:
 
 def run(config: ShimConfig, ready_fd: int | None = None) -> int:
     """Run the shim's loop until it is shut down. Blocks SIGCHLD first, before any thread
-    exists: the relay threads (relay.py) inherit the mask, so the signalfd sees every
+    exists, so no thread of this process ever takes one and the signalfd sees every
     SIGCHLD."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *HANDLED_SIGNALS})
     prctl.set_child_subreaper(True)

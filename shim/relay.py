@@ -14,70 +14,36 @@ So the loop never touches those pipes. A relay thread copies between the contain
 pipe and a pipe only the shim holds (the loop reads or writes that one, non-blocking,
 as before); a relay stuck in D state costs only itself. It copies with read(2) and
 write(2), never splice: a pipe-to-pipe splice locks both pipes, and would hold the
-shim's own pipe while it waits for the container's. Threads start with the shim's
-signal mask (SIGCHLD blocked), so the signalfd still sees every SIGCHLD.
+shim's own pipe while it waits for the container's.
+
+The thread is plain C (native/build_sys.py, `berth_relay_start`), not a Python thread:
+it never takes the GIL, so it cannot slow the loop, and it costs its touched stack
+pages (a 16 KiB chunk once bytes flowed) rather than a thread state, a frame stack and
+a malloc arena (measured: ~0.15 MiB of a shim's memory with Python relays). It blocks
+every signal, so SIGCHLD still reaches the signalfd and the rest Python's handlers.
 """
 
 from __future__ import annotations
 
-import _thread
 import os
-import select
 
-from berth.shim.loop import log
-
-STACK_SIZE = 256 * 1024  # a relay needs a few frames; the default would reserve 8 MiB
-# What one read takes: measured (a relay's private memory, 1 GiB through stdout), a 64 KiB
-# buffer cost 82 KiB and a 16 KiB one 34 KiB per relay, at the same throughput.
-CHUNK = 16 * 1024
+from berth.native import start_relay as _start_native_relay
 
 
-def start_relay(source: int, target: int, name: str) -> None:
+def start_relay(source: int, target: int) -> None:
     """Copy `source` to `target` in a thread of its own until the source ends (EOF, an
     error) or the target's reader is gone (the loop gave the stream up: a background
     process that keeps the container's end open silently must not keep the relay). The
-    thread owns both fds from here on and closes them when it ends."""
+    thread owns both fds from here on and closes them when it ends; if it cannot be
+    started, they are closed here and OSError is raised."""
     try:
         os.set_blocking(source, True)
         os.set_blocking(target, True)
-        _thread.stack_size(STACK_SIZE)
-        _thread.start_new_thread(_copy, (source, target, name))
+        _start_native_relay(source, target)
     except BaseException:
         _close(source)
         _close(target)
         raise
-
-
-def _copy(source: int, target: int, name: str) -> None:
-    # What a turn allocates it frees at once (bytes are not even tracked), so this thread
-    # does not push the collector over its threshold and run the loop's finalizers.
-    try:
-        poller = select.poll()
-        poller.register(source, select.POLLIN)
-        poller.register(target, 0)  # POLLERR (always reported): its reader went away
-        while True:
-            # poll takes no pipe mutex: a relay waits here, not inside read, until there is
-            # something to move, and notices a closed reader while the source is quiet.
-            for fd, _ in poller.poll():
-                if fd == target:
-                    return
-            try:
-                data = os.read(source, CHUNK)
-            except OSError:  # EIO and the like: the stream is over
-                return
-            if not data:
-                return
-            while data:
-                try:
-                    written = os.write(target, data)
-                except OSError:  # EPIPE: nobody reads any more; the rest is dropped
-                    return
-                data = data[written:]
-    except Exception as exc:  # never a traceback on the shim's stderr for a relay
-        log(f"relay {name} failed: {exc!r}")
-    finally:
-        _close(source)
-        _close(target)
 
 
 def _close(fd: int) -> None:
