@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"berthd: bad configuration: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
+    startup.raise_fd_limit()
     # The HTTP libraries log every request (and upload-session URLs) at INFO/DEBUG: that is
     # noise in berthd's log, and berth logs what matters about a transfer itself.
     for noisy in ("httpx", "httpcore"):

@@ -94,6 +94,29 @@ def remove_orphaned_logs(config: Config) -> None:
                 )
 
 
+# What the shims' zygote restores (shim/zygote.py): shims and containers keep the limit
+# berthd was given, as Go (1.19+) restores it for containerd's children.
+NOFILE_ENV = "BERTH_NOFILE_SOFT"
+
+
+def raise_fd_limit() -> None:
+    """Raise berthd's soft limit of open files to its hard limit, as Go does for
+    containerd at start: berthd holds a few descriptors per task (its shim's socket, a
+    pidfd), and at the common soft limit of 1024 some hundreds of tasks exhausted it
+    (supervision then failed for good). The original soft limit is left in the
+    environment for the zygote to restore."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    os.environ.setdefault(NOFILE_ENV, str(soft))
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+
+
 def _make_dir(path: str, mode: int) -> None:
     os.makedirs(path, mode=mode, exist_ok=True)
     os.chmod(path, mode)

@@ -52,11 +52,13 @@ class ShimRecord:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat, or None if there is no such process."""
+    """Field 22 of /proc/<pid>/stat, or None if there is no such process. Any other
+    failure (out of descriptors: EMFILE) is raised: "cannot tell" is not "gone", and a
+    daemon that took a live shim for dead would clean its container up."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()

@@ -54,6 +54,7 @@ def serve(ctl_fd: int, work_dir: str | None = None) -> int:
         prctl.set_proctitle("berth-shim zygote")
     except Exception:
         pass
+    _restore_fd_limit()
     sock = socket.socket(fileno=ctl_fd)
     sock.setblocking(True)
     conn = Connection(Role.SERVER, max_frame_size=MAX_FRAME, peer_name="berth-zygote")
@@ -70,6 +71,20 @@ def serve(ctl_fd: int, work_dir: str | None = None) -> int:
         return _serve_requests(sock, conn)
     except (BrokenPipeError, ConnectionResetError):
         return 0  # berthd went away (killed while this zygote started): nothing to do
+
+
+def _restore_fd_limit() -> None:
+    """Shims and their containers get the soft limit of open files berthd was started
+    with (BERTH_NOFILE_SOFT), not the one berthd raised for itself (daemon/startup.py)."""
+    value = os.environ.get("BERTH_NOFILE_SOFT", "")
+    if not value.isdigit():
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(int(value), hard)
+    if wanted < soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _serve_requests(sock: socket.socket, conn: Connection) -> int:

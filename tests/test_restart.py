@@ -53,7 +53,7 @@ def test_kill9_daemon_with_ten_running_containers(daemon: Daemon) -> None:
         daemon.cli("tasks", "rm", "-f", cid, check=True)
     for cid in ids:
         wait_until(
-            lambda c=cid: is_gone(before[c]["pid"]) and is_gone(shims[c]),  # type: ignore[misc]
+            lambda c=cid: is_gone(before[c]["pid"]) and is_gone(shims[c]),
             what=f"{cid} and its shim reaped",
         )
 
@@ -405,3 +405,43 @@ def test_delete_is_idempotent_when_the_shim_already_deleted(daemon: Daemon) -> N
     assert r.returncode == 0, r.stderr
     assert "c-twice" not in _tasks(daemon)
     wait_until(lambda: is_gone(int(record["pid"])), what="shim stopped")  # type: ignore[call-overload]
+
+
+def _soft_fd_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_a_restart_with_a_low_soft_fd_limit_still_supervises_every_task(daemon: Daemon) -> None:
+    """berthd raises its soft limit of open files to the hard one, as Go does for
+    containerd: restarted at a soft 64 with 40 tasks (each costs it a shim socket and a
+    pidfd), it used to give up supervising most of them ("Too many open files"), and
+    their exits were never reported. Shims keep the limit berthd was started with."""
+    count = 40
+    for i in range(count):
+        daemon.cli("run", "--busybox", "-d", f"fd{i}", "sleep", "1000", check=True)
+    daemon.kill9()
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard >= 1024, "this test needs a hard limit of open files of 1024 at least"
+    daemon.command_prefix = ["prlimit", f"--nofile=64:{hard}", "--"]
+    daemon.start()
+    wait_until(lambda: daemon.call("introspection.server")["recovered"], what="recovery")
+    assert _soft_fd_limit(daemon.pid) == hard
+    assert len(_tasks(daemon)) == count
+    for i in (0, count // 2, count - 1):
+        cid = f"fd{i}"
+        daemon.call("tasks.kill", {"container_id": cid, "signal": signal.SIGKILL})
+        wait_until(
+            lambda cid=cid: _tasks(daemon)[cid]["status"] == "stopped",
+            timeout=20,
+            what=f"the exit of {cid} reported",
+        )
+        assert daemon.call("tasks.wait", {"container_id": cid})["exit_status"] == 137
+    daemon.cli("run", "--busybox", "-d", "fd-new", "sleep", "1000", check=True)
+    shim = _shim_record(daemon, "fd-new")["pid"]
+    assert isinstance(shim, int) and _soft_fd_limit(shim) == 64

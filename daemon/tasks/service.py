@@ -78,6 +78,7 @@ SHIM_DEATH_TIMEOUT = 5.0  # a SIGKILLed shim stuck in the kernel dies only when 
 KILLED_STATUS = 128 + signal.SIGKILL  # what berthd reports for a process it killed
 SHIM_LOG_READ = 2 * SHIM_LOG_MAX + 64 * 1024  # a reply of what a shim keeps (one frame)
 CONNECT_TIMEOUT = 5.0
+RECOVERY_SHORTAGE_TRIES = 30  # a second apart: a restart short of descriptors waits this long
 LOG_LINK = "log"  # in a bundle: the shim's log directory, a link to the root dir's
 STDIO_KEYS = ("stdin", "stdout", "stderr", "terminal")  # of a process, as its client set them
 
@@ -492,7 +493,13 @@ class TaskService:
             await client.aclose()
             while True:
                 await trio.sleep(0.1)
-                if handle.deleting or not shims.shim_alive(handle.shim_pid, handle.shim_start_time):
+                try:
+                    alive = shims.shim_alive(handle.shim_pid, handle.shim_start_time)
+                except OSError as exc:  # cannot tell (out of descriptors): keep trying
+                    log.warning("cannot check shim %s: %s", client.label, exc)
+                    await trio.sleep(shims.SHORTAGE_RETRY)
+                    continue
+                if handle.deleting or not alive:
                     return  # death (or deletion) is handled by the supervisor
                 try:
                     with trio.fail_after(CONNECT_TIMEOUT):
@@ -1044,7 +1051,7 @@ class TaskService:
                         nursery.start_soon(
                             guarded,
                             f"recovery of {namespace}/{container_id}",
-                            self._recover_one,
+                            self._recover_patiently,
                             namespace,
                             container_id,
                             bundle,
@@ -1052,6 +1059,25 @@ class TaskService:
                         )
         self.recovery_seconds = time.monotonic() - began
         return found
+
+    async def _recover_patiently(
+        self, namespace: str, container_id: str, bundle: str, record: ShimRecord
+    ) -> None:
+        """_recover_one, tried again each second while berthd is short of descriptors,
+        for up to RECOVERY_SHORTAGE_TRIES tries: a task skipped is a task nobody
+        supervises, and one taken for dead would have its container cleaned up."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self._recover_one(namespace, container_id, bundle, record)
+                return
+            except Exception as exc:
+                if not shims.is_shortage(exc) or tries >= RECOVERY_SHORTAGE_TRIES:
+                    raise
+                if tries == 1:
+                    log.error("recovery of %s/%s: %s; trying again", namespace, container_id, exc)
+            await trio.sleep(shims.SHORTAGE_RETRY)
 
     async def _recover_one(
         self, namespace: str, container_id: str, bundle: str, record: ShimRecord
@@ -1104,6 +1130,12 @@ class TaskService:
                 self.recovered["reattached"] += 1
                 return
             except (BerthError, OSError, trio.TooSlowError) as exc:
+                if shims.is_shortage(exc):
+                    # berthd is short of descriptors, not the shim broken: killing it would
+                    # end a healthy container. Left as it is, to a restart with more.
+                    self._tasks.pop(handle.key, None)
+                    handle.scope.cancel()
+                    raise
                 log.error(
                     "recovery: shim %d of %s/%s is alive but unusable (%s); killing it",
                     record.pid,

@@ -7,6 +7,7 @@ with it; the shims it forked are detached and do not.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -135,13 +136,39 @@ def shim_alive(pid: int, start_time: int) -> bool:
     return current == start_time
 
 
+# Errors that say berthd is short of something (descriptors, memory), not that a shim is.
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+SHORTAGE_RETRY = 1.0  # seconds between tries of what a shortage made fail
+
+
+def is_shortage(exc: BaseException | None) -> bool:
+    """Whether `exc`, or what caused it, is berthd running short of descriptors or
+    memory: nothing to conclude about the shim from it."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 async def wait_for_death(pid: int) -> None:
     """Return when process `pid` has died (a pidfd becomes readable on exit, also for a
-    process that is not our child)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
+    process that is not our child). Short of descriptors, it tries again every second
+    rather than give up watching (a watch that ends is a task nobody supervises)."""
+    warned = False
+    while True:
+        try:
+            fd = os.pidfd_open(pid)
+            break
+        except ProcessLookupError:
+            return
+        except OSError as exc:
+            if exc.errno not in SHORTAGE_ERRNOS:
+                raise
+            if not warned:
+                log.error("cannot watch pid %d (%s); trying again every second", pid, exc)
+                warned = True
+            await trio.sleep(SHORTAGE_RETRY)
     try:
         await trio.lowlevel.wait_readable(fd)
     finally:
@@ -152,5 +179,5 @@ async def connect_shim(address: str, label: str) -> RpcClient:
     try:
         client = await RpcClient.connect(address, label=label, max_frame_size=1024 * 1024)
     except OSError as exc:
-        raise Unavailable(f"cannot connect to shim {label}: {exc}") from None
+        raise Unavailable(f"cannot connect to shim {label}: {exc}") from exc
     return client

@@ -198,6 +198,7 @@ class Daemon(Reaped):
         self.namespace = "t" + uuid.uuid4().hex[:10]
         self.config_path = os.path.join(self.dir, "berthd.toml")
         self.private_mount_ns = private_mount_ns
+        self.command_prefix: list[str] = []  # run berthd through this (one that execs it)
         with open(self.config_path, "w") as f:
             f.write(
                 f'root = "{self.root}"\nstate = "{self.state}"\nlog_level = "debug"\n'
@@ -217,7 +218,7 @@ class Daemon(Reaped):
         """Start berthd with extra command-line flags."""
         log_path = os.path.join(self.dir, f"berthd-{len(self.logs)}.log")
         self.logs.append(log_path)
-        command = [self.berthd, "--config", self.config_path, *flags]
+        command = [*self.command_prefix, self.berthd, "--config", self.config_path, *flags]
         if self.private_mount_ns:
             command = [
                 "unshare",
