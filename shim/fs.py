@@ -19,7 +19,6 @@ import errno
 import itertools
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -148,33 +147,6 @@ class _Walk:
 
 def _open_dir(path: str, dir_fd: int | None) -> int:
     return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
-
-
-def walk_tree(top: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Every entry below `top` as (path relative to `top`, lstat), parents before their
-    children, at any depth. Mount points inside the tree are listed but not entered."""
-    walk = _Walk(_open_dir(top, None))
-    prefixes = [""]  # of each level's path: what is yielded holds them all anyway
-    try:
-        while True:
-            entry = walk.next_entry()
-            if entry is None:
-                if len(walk.levels) == 1:
-                    return
-                walk.ascend()
-                prefixes.pop()
-                continue
-            name, st = entry
-            path = prefixes[-1] + name
-            yield path, st
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    if walk.descend(name):
-                        prefixes.append(f"{path}/")
-                except MountPointInTheWay:
-                    pass
-    finally:
-        walk.close()
 
 
 def tree_usage(top: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import os
 import stat
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,3 +266,65 @@ def test_write_diff_round_trips(tmp_path: Path) -> None:
     assert result.diff_id == diff_id
     assert sorted(p.name for p in replay.iterdir()) == ["added", "changed", "keep"]
     assert (replay / "changed").read_bytes() == b"new!"
+
+
+def test_a_diff_lists_paths_in_sorted_order_as_before(tmp_path: Path) -> None:
+    """Diff IDs stay what earlier berths made: entries in the order of their sorted paths,
+    where a sibling like "a-b" comes between "a" and what is in "a/"."""
+    upper = tmp_path / "upper"
+    (upper / "a" / "x").mkdir(parents=True)
+    for name in ("a-b", "a.b", "a/y", "a/x/z", "b"):
+        (upper / name).write_bytes(b"1")
+    out = io.BytesIO()
+    write_diff(None, str(upper), out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        names = [m.name for m in tar]
+    assert names == sorted(names) == ["a", "a-b", "a.b", "a/x", "a/x/z", "a/y", "b"]
+
+
+def test_a_directory_replaced_by_a_file_diffs_to_a_layer_that_applies(tmp_path: Path) -> None:
+    """A directory of the lower tree that the upper made a file: the file replaces it
+    whole. Whiteouts were written beneath the file for the directory's entries, and the
+    layer did not apply ("Not a directory")."""
+    lower, upper, replay = tmp_path / "lower", tmp_path / "upper", tmp_path / "replay"
+    for root in (lower, replay):
+        (root / "d" / "sub").mkdir(parents=True)
+        (root / "d" / "f").write_bytes(b"1")
+        (root / "d" / "sub" / "g").write_bytes(b"2")
+    upper.mkdir()
+    (upper / "d").write_bytes(b"a file now")
+    out = io.BytesIO()
+    diff_id = write_diff(str(lower), str(upper), out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert [m.name for m in tar] == ["d"]
+    assert apply_layer(str(replay), io.BytesIO(out.getvalue())).diff_id == diff_id
+    assert (replay / "d").read_bytes() == b"a file now"
+
+
+def test_diffing_a_large_tree_takes_memory_bounded_by_its_directories(tmp_path: Path) -> None:
+    """A writable layer of 30,000 entries in 300 directories: the diff indexed both trees
+    whole and tarfile kept every header it wrote (30 MB); now one directory is listed at
+    a time and no header is kept."""
+    import tracemalloc
+
+    upper = tmp_path / "upper"
+    for d in range(300):
+        directory = upper / f"d{d:03d}"
+        directory.mkdir(parents=True)
+        for i in range(100):
+            os.symlink("target", directory / f"l{i:03d}")  # quick to make, no content
+
+    class Discard(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            return len(data)
+
+    tracemalloc.start()
+    try:
+        write_diff(None, str(upper), Discard())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"the diff peaked at {peak} bytes"

@@ -32,7 +32,7 @@ import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Self
 
@@ -43,7 +43,7 @@ from berth.native import (
     RESOLVE_NO_SYMLINKS,
     openat2,
 )
-from berth.shim.fs import NotRegularFile, open_regular, remove_tree, walk_tree
+from berth.shim.fs import NotRegularFile, open_regular, remove_tree
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument
 
 WHITEOUT = ".wh."
@@ -748,10 +748,6 @@ def apply_layer(
 # --- diffs -----------------------------------------------------------------------------
 
 
-def _entries(root: str) -> dict[str, os.stat_result]:
-    return dict(walk_tree(root))
-
-
 class _Tree:
     """One side of a diff: a directory whose files are opened without following
     symlinks, beneath it, and only when regular (a container may swap a file for a FIFO
@@ -760,9 +756,52 @@ class _Tree:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._parent: tuple[str, int] | None = None  # the last directory looked into
 
     def close(self) -> None:
+        self._forget_parent()
         os.close(self.fd)
+
+    def _forget_parent(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
+    def _resolve(self, rel: str, flags: int) -> int:
+        try:
+            return openat2(self.fd, rel or ".", flags | os.O_CLOEXEC, _RESOLVE_DIFF)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidArgument(f"path too long to diff: {rel[:80]}...") from None
+            raise
+
+    def listing(self, rel: str) -> list[tuple[str, bool]]:
+        """(name, is a directory) of each entry of directory `rel`; [] if it is no
+        directory (any more)."""
+        try:
+            fd = self._resolve(rel, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            with os.scandir(fd) as entries:
+                return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+        finally:
+            os.close(fd)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """lstat of `rel` (None if it is gone), through its parent directory, which is
+        kept open for its siblings, visited next."""
+        parent, name = posixpath.split(rel)
+        if self._parent is None or self._parent[0] != parent:
+            self._forget_parent()
+            try:
+                self._parent = (parent, self._resolve(parent, os.O_PATH | os.O_DIRECTORY))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        try:
+            return os.stat(name, dir_fd=self._parent[1], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
     def open(self, rel: str) -> IO[bytes]:
         try:
@@ -835,26 +874,23 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
 
 def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
     hashed = _HashingWriter(out)
-    upper_entries = _entries(upper.path)
-    lower_entries = _entries(lower.path) if lower else {}
-    removed_dirs: list[str] = []
     hardlinks: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        names = sorted(set(upper_entries) | set(lower_entries))
-        for rel in names:
-            if any(rel.startswith(d + "/") for d in removed_dirs):
-                continue
-            ust = upper_entries.get(rel)
-            lst = lower_entries.get(rel)
+
+        def add(info: tarfile.TarInfo, content: IO[bytes] | None = None) -> None:
+            tar.addfile(info, content)
+            # TarFile keeps every header it wrote (typeshed omits the list): a stream needs none
+            tar.members.clear()  # type: ignore[attr-defined]
+
+        for rel, ust, lst in _both_trees(lower, upper):
             if ust is None:
-                assert lst is not None
+                if lst is None:
+                    continue  # gone from both meanwhile
                 whiteout = tarfile.TarInfo(
                     posixpath.join(posixpath.dirname(rel), WHITEOUT + posixpath.basename(rel))
                 )
                 whiteout.mtime = 0
-                tar.addfile(whiteout)
-                if stat.S_ISDIR(lst.st_mode):
-                    removed_dirs.append(rel)
+                add(whiteout)
                 continue
             if lst is not None and lower is not None and not _changed(lower, upper, rel, lst, ust):
                 continue
@@ -867,15 +903,63 @@ def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
                     info.type = tarfile.LNKTYPE
                     info.linkname = hardlinks[key]
                     info.size = 0
-                    tar.addfile(info)
+                    add(info)
                     continue
                 hardlinks[key] = rel
             if info.isreg():
                 with upper.open(rel) as f:
-                    tar.addfile(info, f)
+                    add(info, f)
             else:
-                tar.addfile(info)
+                add(info)
     return hashed.digest
+
+
+# What _both_trees has yet to visit at one level, reversed: (sort key, path, enter it (a
+# block) or not (an entry), whether `lower` has this level).
+_Pending = list[tuple[str, str, bool, bool]]
+
+
+def _both_trees(
+    lower: _Tree | None, upper: _Tree
+) -> Iterator[tuple[str, os.stat_result | None, os.stat_result | None]]:
+    """Every path of `upper` or `lower` that a diff must look at, with its lstat in each
+    (None where it is not), in the order of their sorted paths, one directory listed at
+    a time: memory follows the widths of the directories on the current path, not the
+    size of the trees (both were indexed whole: a container's millions of files cost
+    berthd hundreds of bytes each). A directory only `lower` has is not entered (its
+    whiteout removes it whole), nor `lower`'s side of a name `upper` made something
+    else. Paths sharing a prefix are contiguous in sorted order, so each directory's
+    subtree is visited as a block, sorted by its name and a "/"."""
+    stack: list[_Pending] = [_level(lower, upper, "", lower is not None)]
+    while stack:
+        pending = stack[-1]
+        if not pending:
+            stack.pop()
+            continue
+        _, rel, enter, with_lower = pending.pop()
+        lst = lower.lstat(rel) if with_lower and lower is not None else None
+        if enter:
+            stack.append(_level(lower, upper, rel, lst is not None and stat.S_ISDIR(lst.st_mode)))
+            continue
+        yield rel, upper.lstat(rel), lst
+
+
+def _level(lower: _Tree | None, upper: _Tree, rel: str, with_lower: bool) -> _Pending:
+    """The entries of directory `rel` in both trees, and a block for each directory of
+    `upper` to enter, sorted and reversed (pop() takes the first)."""
+    prefix = f"{rel}/" if rel else ""
+    names: dict[str, bool] = dict.fromkeys(
+        (name for name, _ in lower.listing(rel)) if with_lower and lower else (), False
+    )
+    for name, is_dir in upper.listing(rel):
+        names[name] = is_dir
+    pending: _Pending = []
+    for name, enter in names.items():
+        pending.append((name, prefix + name, False, with_lower))
+        if enter:
+            pending.append((f"{name}/", prefix + name, True, with_lower))
+    pending.sort(reverse=True)
+    return pending
 
 
 def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | None:
