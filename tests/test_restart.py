@@ -445,3 +445,45 @@ def test_a_restart_with_a_low_soft_fd_limit_still_supervises_every_task(daemon: 
     daemon.cli("run", "--busybox", "-d", "fd-new", "sleep", "1000", check=True)
     shim = _shim_record(daemon, "fd-new")["pid"]
     assert isinstance(shim, int) and _soft_fd_limit(shim) == 64
+
+
+def test_a_live_shim_whose_record_is_corrupt_is_found_again(daemon: Daemon) -> None:
+    """shim.json garbled while berthd was down: the shim, found at its task's socket, says
+    who it is; the task is supervised again (an exit is reported) and its record is
+    written again. It used to be skipped: the container ran on, invisible, for ever."""
+    daemon.cli("run", "--busybox", "-d", "garbled", "sleep", "1000", check=True)
+    before = _shim_record(daemon, "garbled")
+    daemon.kill9()
+    record = Path(daemon.state, "tasks", daemon.namespace, "garbled", "shim.json")
+    record.write_text("garbage{")
+    daemon.start()
+    wait_until(lambda: daemon.call("introspection.server")["recovered"], what="recovery")
+    assert _tasks(daemon)["garbled"]["status"] == "running"
+    assert _shim_record(daemon, "garbled") == before
+    daemon.call("tasks.kill", {"container_id": "garbled", "signal": signal.SIGKILL})
+    assert daemon.call("tasks.wait", {"container_id": "garbled"})["exit_status"] == 137
+    daemon.cli("tasks", "rm", "garbled", check=True)
+    wait_until(lambda: is_gone(int(str(before["pid"]))), what="the shim to exit")
+
+
+def test_a_bundle_whose_shim_still_answers_is_never_removed_by_a_create(daemon: Daemon) -> None:
+    """A bundle berthd does not know, whose task's socket still has a listener, is not a
+    leftover: a create of that id is refused and removes nothing."""
+    import hashlib
+    import socket
+
+    bundle = Path(daemon.state, "tasks", daemon.namespace, "stranded")
+    bundle.mkdir(parents=True)
+    (bundle / "shim.json").write_text("garbage{")
+    digest = hashlib.sha256(f"{daemon.namespace}/stranded".encode()).hexdigest()[:24]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(Path(daemon.state, "s", f"{digest}.sock")))
+        listener.listen(8)
+        done = daemon.cli("run", "--busybox", "stranded", "true")
+        assert done.returncode != 0
+        assert b"its shim still runs" in done.stderr
+        assert (bundle / "shim.json").read_text() == "garbage{"
+    finally:
+        listener.close()
+    daemon.cli("containers", "rm", "stranded", check=False)

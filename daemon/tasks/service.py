@@ -52,7 +52,14 @@ from berth.shim.fs import atomic_write, remove_tree
 from berth.shim.loop import SHIM_LOG_MAX
 from berth.shim.mount import Mount, unmount_all
 from berth.shim.runtime import RuntimeConfig, last_error, runtime_argv
-from berth.shim.state import CorruptState, ShimRecord, process_start_time, read_state
+from berth.shim.state import (
+    STATE_VERSION,
+    CorruptState,
+    ShimRecord,
+    process_start_time,
+    read_state,
+    write_state,
+)
 from berth.shim.task import ShimConfig
 from berth.shim.wire import status as shim_topics
 from berth.shim.wire.errors import (
@@ -254,8 +261,17 @@ class TaskService:
         self._reserved.add(key)
         handle: TaskHandle | None = None
         bundle = self._bundle(namespace, container_id)
+        lost_shim = False
         try:
             mounts = self._rootfs_mounts(container, params)
+            if os.path.lexists(bundle) and await _answers(self._socket(namespace, container_id)):
+                # A task berthd does not know (its record unreadable, say) still has a
+                # shim: its bundle is no leftover, and removing it would strand them.
+                lost_shim = True
+                raise AlreadyExists(
+                    f"task {container_id} already exists: its shim still runs, though "
+                    "berthd lost track of it (see berthd's log)"
+                )
             await self._write_bundle(bundle, container.spec, bool(mounts))
             handle = TaskHandle(
                 namespace, container_id, bundle, self._socket(namespace, container_id), runtime
@@ -290,7 +306,7 @@ class TaskService:
             if handle is not None:
                 with trio.CancelScope(shield=True):
                     await self._discard(handle)
-            else:
+            elif not lost_shim:
                 remove_bundle(bundle)
             raise
         finally:
@@ -1040,8 +1056,11 @@ class TaskService:
                         try:
                             record = read_state(bundle)
                         except CorruptState as exc:
-                            log.error("recovery: skipping %s: %s", bundle, exc)
-                            continue
+                            record = await self._record_from_live_shim(
+                                namespace, container_id, bundle, exc
+                            )
+                            if record is None:
+                                continue
                         if record is None:
                             # The daemon died before this task's shim ever ran: nothing to keep.
                             log.info("recovery: removing never-started bundle %s", bundle)
@@ -1059,6 +1078,59 @@ class TaskService:
                         )
         self.recovery_seconds = time.monotonic() - began
         return found
+
+    async def _record_from_live_shim(
+        self, namespace: str, container_id: str, bundle: str, problem: CorruptState
+    ) -> ShimRecord | None:
+        """A task whose shim.json cannot be read: its shim, if one still answers at the
+        task's socket (named after its ids), says who it is, and the record is written
+        again. Skipped otherwise, its bundle left as it is for an operator; before, a live
+        shim went unsupervised and its container invisible, for ever."""
+        address = self._socket(namespace, container_id)
+        label = f"shim {namespace}/{container_id}"
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                client = await shims.connect_shim(address, label)
+                try:
+                    await client.handshake()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client.run)
+                        info = await client.call("info", {}, timeout=CONNECT_TIMEOUT)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    await client.aclose()
+            pid = int(info["pid"])
+            start_time = process_start_time(pid)
+            if (info.get("id"), info.get("namespace"), info.get("bundle")) != (
+                container_id,
+                namespace,
+                bundle,
+            ) or start_time is None:
+                raise ValueError(f"the shim at {address} is not this task's")
+            record = ShimRecord(
+                version=STATE_VERSION,
+                pid=pid,
+                start_time=start_time,
+                address=address,
+                protocol=int(info["protocol"]),
+                id=container_id,
+                namespace=namespace,
+                bundle=bundle,
+                runtime=dict(info.get("runtime") or {}),
+            )
+            await trio.to_thread.run_sync(write_state, bundle, record)
+        except (BerthError, OSError, trio.TooSlowError, KeyError, TypeError, ValueError) as exc:
+            log.error(
+                "recovery: skipping %s: %s; and no shim of it answers (%s)", bundle, problem, exc
+            )
+            return None
+        log.warning(
+            "recovery: %s: %s; its shim (pid %d) answers: record written again",
+            bundle,
+            problem,
+            pid,
+        )
+        return record
 
     async def _recover_patiently(
         self, namespace: str, container_id: str, bundle: str, record: ShimRecord
@@ -1245,6 +1317,20 @@ def _read_log_tail(path: str, tail: int) -> bytes:
         lines = data.splitlines(keepends=True)
         data = b"".join(lines[-tail:])
     return data
+
+
+async def _answers(address: str) -> bool:
+    """Whether something listens at the UNIX socket `address` (a connect, within a
+    second; nothing is sent)."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(1):
+            await sock.connect(address)
+        return True  # connected, or waiting in a full backlog: a listener either way
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 def _not_answering(handle: TaskHandle, method: str, timeout: float) -> str:
