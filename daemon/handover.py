@@ -7,6 +7,8 @@ uid checked), with berth's ordinary protocol, and SCM_RIGHTS for file descriptor
     standby.attach   a standby asks for duplicates of the listening socket (so that it
                      holds it too, and a client never meets a refusal while it takes
                      over) and the active daemon's pid and start time (to watch it die)
+    standby.wait     then waits: answered only when the active daemon stops for good
+                     (SIGTERM/SIGINT), and then the standby exits instead of taking over
     handover.begin   a successor (`berthd --takeover`) asks for everything: the active
                      daemon stops accepting, drains its calls (rpc.Drain), releases its
                      shims (their unacknowledged events wait for the successor), hands
@@ -20,6 +22,12 @@ uid checked), with berth's ordinary protocol, and SCM_RIGHTS for file descriptor
 
 A refused handover (a downgrade, one already under way) changes nothing.
 
+Every wait on the peer is bounded: a successor gives up a predecessor that does not hand
+over within BEGIN_TIMEOUT (nothing is lost: the predecessor resumes once it can, as after
+a successor's death), and serves on without an acknowledgement of "done" after
+ACK_TIMEOUT (the predecessor, should it run again, reads "done" and exits); a predecessor
+resumes if its successor does not take its reply or say "done" within DONE_TIMEOUT.
+
 Kernel facts: a listening socket any process holds queues connections in its backlog;
 `pidfd_open` tells a standby the moment the active daemon is gone, without pid reuse
 races; the lock (flock) decides who is active, and the kernel drops it with its holder.
@@ -28,6 +36,8 @@ races; the lock (flock) decides who is active, and the kernel drops it with its 
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -62,6 +72,23 @@ CONTROL_SOCKET = "berthd.ctl"
 MAX_FRAME = 64 * 1024 * 1024  # the history of events crosses as one reply
 DRAIN_TIMEOUT = 10.0  # seconds calls in flight may take to finish before they are ended
 DONE_TIMEOUT = 60.0  # seconds a successor has to say it serves
+# seconds a successor waits for its predecessor's handover: the predecessor may first wait
+# for its own start to settle (DONE_TIMEOUT), then drains (DRAIN_TIMEOUT) and releases
+BEGIN_TIMEOUT = DONE_TIMEOUT + DRAIN_TIMEOUT + 20.0
+ACK_TIMEOUT = 10.0  # seconds a successor that serves waits for "done" to be acknowledged
+ATTACH_TIMEOUT = 10.0  # seconds a standby waits for the active daemon to attach it
+DISMISS_TIMEOUT = 5.0  # seconds a stopping daemon waits for its standbys to hang up
+# accept(2) failures that mean "out of descriptors or memory for now", not a broken socket
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again after one of those
+
+
+def begin_timeout() -> float:
+    """BEGIN_TIMEOUT, or the tests' shorter one (BERTH_HANDOVER_BEGIN_TIMEOUT)."""
+    try:
+        return float(os.environ.get("BERTH_HANDOVER_BEGIN_TIMEOUT", BEGIN_TIMEOUT))
+    except ValueError:
+        return BEGIN_TIMEOUT
 
 
 def control_path(state: str) -> str:
@@ -85,6 +112,7 @@ class Inheritance:
     task_seqs: dict[str, int] = field(default_factory=dict)  # "ns/id" -> last event seq
     predecessor: int = 0  # pid (a handover waits for it to exit; a standby saw it die)
     listener: listeners.Listener | None = None  # bound beside an old daemon that was stopped
+    inode: int = 0  # of the path that named the handed socket (0: unknown)
     channel: ControlChannel | None = None  # a handover's: say "done" on it once serving
 
 
@@ -149,6 +177,11 @@ async def connect(state: str, timeout: float = 5.0) -> ControlChannel:
 
 async def call(channel: ControlChannel, method: str, params: dict[str, Any]) -> Any:
     await channel.send(Request(channel.conn.next_request_id(), method, params, {}))
+    return await _reply(channel)
+
+
+async def _reply(channel: ControlChannel) -> Any:
+    """The answer to the request just sent (a control connection has one at a time)."""
     while True:
         event = await channel.next()
         if isinstance(event, Response):
@@ -167,6 +200,7 @@ class Handing:
     """What the active daemon does for a handover (main.py provides each step)."""
 
     listener_fd: Callable[[], int]
+    listener_inode: Callable[[], int]  # of the path naming it (0: unknown)
     stop_accepting: Callable[[], Awaitable[None]]
     drain: Callable[[], Awaitable[int]]
     release_tasks: Callable[[], Awaitable[dict[str, int]]]
@@ -182,6 +216,9 @@ class ControlServer:
         self.handing = handing
         self.busy = False
         self.standbys = 0  # attached: each keeps its control connection open
+        self.stopping = False  # stopping for good: standbys are dismissed, none attached
+        self._waiting: dict[ControlChannel, int | None] = {}  # standby -> its wait's id
+        self.spawned: list[trio.Process] = []  # standbys this daemon started (standby.py)
         # Set once this daemon's own start is complete (its predecessor, if any, has been
         # told it serves): a successor asking earlier waits, else this daemon could hand
         # over and exit before that word, and its predecessor would resume beside the
@@ -194,7 +231,16 @@ class ControlServer:
             sock = trio.socket.from_stdlib_socket(listener)
             task_status.started()
             while True:
-                conn, _ = await sock.accept()
+                try:
+                    conn, _ = await sock.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # Out of descriptors (clients holding them all, say): the connection
+                    # waits in the backlog; serving on matters more than answering it now.
+                    log.error("control socket: accept: %s; retrying shortly", exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
                 nursery.start_soon(self._serve_one, conn)
 
     async def _serve_one(self, sock: trio.socket.SocketType) -> None:
@@ -232,6 +278,8 @@ class ControlServer:
                     await channel.send(ErrorReply.from_exception(event.id, exc))
 
     async def _attach(self, channel: ControlChannel, req: Request) -> None:
+        if self.stopping:
+            raise FailedPrecondition("this berthd is stopping for good: no standby wanted")
         version = str(req.params.get("version", ""))
         if version != __version__:
             # After an upgrade the old release's standby must not stay behind the new
@@ -245,16 +293,59 @@ class ControlServer:
             "pid": os.getpid(),
             "start_time": process_start_time(os.getpid()) or 0,
             "version": __version__,
+            "inode": self.handing.listener_inode(),
         }
         await channel.send(Response(req.id, reply), fds=[fd])
 
     async def _while_attached(self, channel: ControlChannel) -> None:
+        """Until the standby hangs up; its `standby.wait` is answered if this daemon stops
+        for good (dismiss_standbys), at once if it already is."""
         self.standbys += 1
+        self._waiting[channel] = None
         try:
-            while not isinstance(await channel.next(), ConnectionClosed):
-                pass
+            while True:
+                event = await channel.next()
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, Request) and event.method == "standby.wait":
+                    self._waiting[channel] = event.id
+                    if self.stopping:
+                        await self._dismiss(channel)
         finally:
+            del self._waiting[channel]
             self.standbys -= 1
+
+    async def _dismiss(self, channel: ControlChannel) -> None:
+        request_id = self._waiting.get(channel)
+        if request_id is None:
+            return
+        self._waiting[channel] = None
+        with trio.move_on_after(1.0):
+            try:
+                await channel.send(Response(request_id, {"stop": True}))
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("dismissing a standby: %s", exc)
+
+    async def dismiss_standbys(self, timeout: float = DISMISS_TIMEOUT) -> None:
+        """This daemon stops for good (SIGTERM/SIGINT): its standbys must exit, not take
+        over (a standby takes over a daemon that died). Those attached are told over
+        their control connection, and given `timeout` to hang up; those this daemon
+        started that are still on their way are stopped (SIGTERM) instead."""
+        self.stopping = True
+        if self._waiting:
+            log.info("dismissing %d standby(s)", len(self._waiting))
+        for channel in list(self._waiting):
+            await self._dismiss(channel)
+        with trio.move_on_after(timeout):
+            while self.standbys:
+                await trio.sleep(0.01)
+        if self.standbys:
+            log.warning("%d standby(s) did not hang up in %.0f s", self.standbys, timeout)
+        for proc in self.spawned:
+            if proc.returncode is None:
+                log.info("stopping the standby pid %d (attaching, or slow to go)", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
 
     async def _hand_over(self, channel: ControlChannel, req: Request) -> None:
         successor = str(req.params.get("version", ""))
@@ -285,18 +376,30 @@ class ControlServer:
             ended,
             (trio.current_time() - drained) * 1e3,
         )
-        reply = {"history": history, "task_seqs": seqs, "pid": os.getpid(), "ended": ended}
+        reply = {
+            "history": history,
+            "task_seqs": seqs,
+            "pid": os.getpid(),
+            "ended": ended,
+            "inode": self.handing.listener_inode(),
+        }
+        done: Request | None = None
         try:
-            await channel.send(Response(req.id, reply), fds=[self.handing.listener_fd()])
-            with trio.move_on_after(DONE_TIMEOUT):
+            with trio.move_on_after(DONE_TIMEOUT):  # a successor that stalls: resume
+                await channel.send(Response(req.id, reply), fds=[self.handing.listener_fd()])
                 event = await channel.next()
                 if isinstance(event, Request) and event.method == "handover.done":
+                    done = event  # decided: whatever happens to the acknowledgement
                     await channel.send(Response(event.id, {}))
-                    log.info("the successor serves: this berthd stops")
-                    self.handing.finish()
-                    return
         except (OSError, trio.BrokenResourceError, RemoteProtocolError) as exc:
             log.error("the handover broke off: %s", exc)
+        if done is not None:
+            # The successor serves (it said so): this daemon must not resume beside it,
+            # even if the acknowledgement did not get through (a successor that gave up
+            # waiting for it while this daemon was stopped, say).
+            log.info("the successor serves: this berthd stops")
+            self.handing.finish()
+            return
         log.error("the successor did not take over: resuming")
         self.handing.resume()
 
@@ -312,9 +415,22 @@ async def take_over(state: str, address: str) -> Inheritance:
     if not os.path.exists(control_path(state)):
         return await _stop_predecessor(state, address)
     channel = await connect(state)
+    timeout = begin_timeout()
     try:
         params = {"version": __version__, "pid": os.getpid()}
-        reply = await call(channel, "handover.begin", params)
+        with trio.move_on_after(timeout) as waited:
+            begin = Request(channel.conn.next_request_id(), "handover.begin", params, {})
+            await channel.send(begin)
+            if os.environ.get("BERTH_TAKEOVER_FAULT") == "stop-predecessor-at-begin":  # tests
+                os.kill(_lock_holder(state), signal.SIGSTOP)  # a predecessor that stalls
+            reply = await _reply(channel)
+        if waited.cancelled_caught:
+            # Hanging up makes the predecessor resume if it released anything: it must
+            # not wait for a successor that left, nor this one for it.
+            raise Unavailable(
+                f"the running berthd did not hand over within {timeout:.0f} s: giving up "
+                "(it serves on, or resumes serving as soon as it runs again)"
+            )
     except BaseException:
         channel.close()
         raise
@@ -328,6 +444,7 @@ async def take_over(state: str, address: str) -> Inheritance:
         task_seqs=dict(reply.get("task_seqs") or {}),
         predecessor=int(reply.get("pid") or 0),
         channel=channel,
+        inode=int(reply.get("inode") or 0),
     )
 
 
@@ -390,13 +507,23 @@ def _lock_holder(state: str) -> int:
 
 
 async def announce_done(inheritance: Inheritance) -> None:
-    """Tell the predecessor that this daemon serves (it then exits)."""
+    """Tell the predecessor that this daemon serves (it then exits). This daemon serves
+    on whatever the answer: it holds the locks, and a predecessor that reads "done" later
+    (one that was stopped, say) exits then; so the wait for the answer is bounded."""
     channel = inheritance.channel
     if channel is None:
         return
     try:
-        await call(channel, "handover.done", {})
-    except BerthError as exc:
+        with trio.move_on_after(ACK_TIMEOUT) as waited:
+            await call(channel, "handover.done", {})
+        if waited.cancelled_caught:
+            log.warning(
+                "the predecessor (pid %d) did not acknowledge the handover in %.0f s: "
+                "serving on (it exits once it reads that this one serves)",
+                inheritance.predecessor,
+                ACK_TIMEOUT,
+            )
+    except (BerthError, OSError, trio.BrokenResourceError, RemoteProtocolError) as exc:
         log.warning("the predecessor did not acknowledge the handover: %s", exc)
     finally:
         channel.close()

@@ -6,10 +6,13 @@ fd never does (upgrade-notes, kernel facts). So berthd takes its socket, in this
 - handed over by its predecessor (an upgrade, or a standby's takeover) over SCM_RIGHTS;
 - from systemd socket activation (LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES, sd_listen_fds
   semantics: fds from 3; the variables are unset once read, so children never see them);
-- bound by berthd itself (a stale socket file is replaced), as before.
+- bound by berthd itself: a stale socket file is replaced, one that answers (another
+  berthd's, with another state dir) is not (AddressInUse: berthd refuses to start).
 
 Only a socket berthd bound itself is unlinked when it stops, and only while its path still
-names that socket: a successor's or systemd's socket is never removed.
+names that socket: a successor's or systemd's socket is never removed. A daemon serving a
+socket it was handed checks that the path still names it (`ensure_named`): a socket whose
+name is gone reaches no new client, so the path is bound again.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from berth.shim.wire.unixsock import AddressInUse as AddressInUse  # raised by take()
 from berth.shim.wire.unixsock import bind_unix
 
 API = "berthd"  # the name of berthd's own socket (systemd's FileDescriptorName=)
@@ -33,6 +37,9 @@ class Listener:
     inode: int = 0
     source: str = "bound"  # "bound", "bound beside an old daemon", "systemd", "predecessor"
     keep: str | None = None  # a second name of the socket, while an old daemon may unlink it
+    # Listening sockets that lost their name (ensure_named): served until this daemon
+    # exits, for the clients already in their backlog; never passed on.
+    unnamed: list[socket.socket] = field(default_factory=list)
 
     def unlink_if_ours(self) -> None:
         """Remove the socket file, if this process bound it and the path still names it."""
@@ -57,6 +64,27 @@ class Listener:
                 os.link(self.keep, self.path)
             except FileExistsError:
                 pass  # named again by someone else meanwhile: leave it
+
+    def ensure_named(self, *, mode: int = 0o660) -> bool:
+        """Bind the path again if it does not name this socket (removed, or replaced by a
+        stale file) while its identity (`inode`) is known: a daemon must never serve
+        without its path. True if it did. A path another process serves is not taken
+        (AddressInUse)."""
+        if not self.inode:
+            return False
+        try:
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self.inode:
+                return False
+        except FileNotFoundError:
+            pass
+        fresh = bind_unix(self.path, mode=mode, backlog=4096, replace_live=False)
+        self.unnamed.append(self.sock)
+        self.sock = fresh
+        self.bound_here = True
+        self.inode = os.stat(self.path).st_ino
+        self.source = f"bound again ({self.source}'s socket had lost its path)"
+        return True
 
     def forget_keep(self) -> None:
         if self.keep is not None:
@@ -158,12 +186,25 @@ def take(
     handed: dict[str, socket.socket],
     *,
     mode: int = 0o660,
+    inode: int = 0,
 ) -> Listener:
-    """berthd's API socket: a predecessor's, systemd's, or bound at `path`."""
+    """berthd's API socket: a predecessor's (`inode`: that of the path naming it, as the
+    predecessor knew it; 0 if unknown), systemd's, or bound at `path` (AddressInUse if
+    another process serves it)."""
     for source, sockets in (("predecessor", handed), ("systemd", systemd)):
         sock = sockets.pop(API, None)
         if sock is not None:
             sock.setblocking(False)
-            return Listener(sock, path, bound_here=False, source=source)
-    sock = bind_unix(path, mode=mode, backlog=4096)
+            if source == "systemd":
+                inode = _socket_inode(path)  # systemd bound it there, and keeps it
+            return Listener(sock, path, bound_here=False, inode=inode, source=source)
+    sock = bind_unix(path, mode=mode, backlog=4096, replace_live=False)
     return Listener(sock, path, bound_here=True, inode=os.stat(path).st_ino)
+
+
+def _socket_inode(path: str) -> int:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return st.st_ino if stat.S_ISSOCK(st.st_mode) else 0

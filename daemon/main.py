@@ -105,14 +105,18 @@ async def serve(
     store, locks, rebuild = open_state(config, locks)
     try:
         listener = inheritance.listener or listeners.take(
-            config.address, listeners.from_systemd(), inheritance.sockets
+            config.address, listeners.from_systemd(), inheritance.sockets, inode=inheritance.inode
         )
         listener.restore_path()
         listener.forget_keep()
+        if listener.ensure_named():  # a standby whose active daemon's path went with it
+            log.warning("%s no longer named the listening socket: bound again", config.address)
         log.info("listening socket %s: %s", config.address, listener.source)
-    except BaseException:
+    except BaseException as exc:
         store.close()
         locks.release()
+        if isinstance(exc, listeners.AddressInUse):
+            raise startup.StartupError(str(exc)) from None  # one line, nothing changed
         raise
     if listener.bound_here and config.socket_group is not None:
         os.chown(config.address, 0, config.socket_group)
@@ -191,6 +195,9 @@ async def _run_services(
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signo in signals:
                     log.info("signal %d: shutting down; containers keep running", signo)
+                    # A deliberate stop of berth, not a death: standbys exit rather than
+                    # take over (before the socket's path goes, in serve()).
+                    await control.dismiss_standbys()
                     await tasks.close()
                     nursery.cancel_scope.cancel()
                     return
@@ -199,11 +206,13 @@ async def _run_services(
 
         async def accept() -> None:
             with accepting:
-                sock = trio.socket.from_stdlib_socket(state.listener.sock)
+                served = [state.listener.sock, *state.listener.unnamed]
                 # Connections live in the outer nursery: a handover ends this daemon's
                 # services, not its connections, which answer Reconnect until it exits.
                 await trio.serve_listeners(
-                    handle_connection, [_KeepOpen(sock)], handler_nursery=outer
+                    handle_connection,
+                    [_KeepOpen(trio.socket.from_stdlib_socket(sock)) for sock in served],
+                    handler_nursery=outer,
                 )
 
         async def stop_accepting() -> None:
@@ -212,6 +221,7 @@ async def _run_services(
 
         handing = handover.Handing(
             listener_fd=state.listener.sock.fileno,
+            listener_inode=lambda: state.listener.inode,
             stop_accepting=stop_accepting,
             drain=lambda: drain.drain(handover.DRAIN_TIMEOUT),
             release_tasks=lambda: _release_tasks(api.removals, tasks),
@@ -449,8 +459,11 @@ async def run(config: Config, mode: str) -> None:
     "takeover" (serve in the place of the running daemon, which hands over)."""
     if mode == "takeover":
         inheritance = await handover.take_over(config.state, config.address)
-        if os.environ.get("BERTH_TAKEOVER_FAULT") == "after-handover":  # tests only
+        fault = os.environ.get("BERTH_TAKEOVER_FAULT")  # tests only
+        if fault == "after-handover":
             os._exit(70)  # a successor that dies half-way: the predecessor must resume
+        if fault == "stop-predecessor":  # a predecessor that stalls before "done"
+            os.kill(inheritance.predecessor, signal.SIGSTOP)
         try:
             locks = await startup.wait_for_locks(config, timeout=30.0)
             log.info("berthd pid %d handed over to this one", inheritance.predecessor)

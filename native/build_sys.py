@@ -113,7 +113,7 @@ ffibuilder.set_source(
             if (written < 0) {
                 if (errno == EINTR)
                     continue;
-                return -1;  /* EPIPE (SIGPIPE is ignored): nobody reads; drop the rest */
+                return -1;  /* EPIPE (SIGPIPE stays blocked here): nobody reads; drop it */
             }
             data += written;
             size -= (size_t)written;

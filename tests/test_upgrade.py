@@ -10,9 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +34,7 @@ from tests.support.helpers import (
     handover_windows,
     is_gone,
     kill,
+    process_state,
     spawn_reaped,
     wait_until,
 )
@@ -447,3 +451,243 @@ def test_two_successors_at_once_leave_one_active_daemon(daemon: Daemon) -> None:
     text = daemon.log_text()
     assert "a handover is already under way" in text or "handed over to this one" in text
     _still_serving(daemon, live[0])
+
+
+# --- a deliberate stop, an address in use, a stalled predecessor -----------------------
+
+
+def _lock_free(daemon: Daemon) -> bool:
+    """Nobody holds the state dir's lock (no berthd is active)."""
+    import fcntl
+
+    fd = os.open(os.path.join(daemon.state, "berthd.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _standby_pids(daemon: Daemon) -> list[int]:
+    """The standbys the active daemons started, from their logs."""
+    import re
+
+    return [int(p) for p in re.findall(r"started a standby \(pid (\d+)\)", daemon.log_text())]
+
+
+def test_sigterm_stops_berth_and_its_standby_for_good(standby_daemon: Daemon) -> None:
+    """SIGTERM of the active daemon is a deliberate stop: its standby exits rather than
+    taking over (a standby that did took over a socket whose path was gone, and the next
+    stop promoted the next standby)."""
+    d = standby_daemon
+    assert d.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    first = d.active_pid()
+    wait_until(lambda: f"standing by for berthd pid {first}" in d.log_text(), what="a standby")
+    standbys = _standby_pids(d)
+    assert standbys
+    for pid in standbys:
+        d.remember(pid)  # stopped by pid if the test fails
+    kill(first, signal.SIGTERM)
+    wait_until(lambda: is_gone(first), what="the active daemon to stop")
+    wait_until(lambda: all(is_gone(p) for p in standbys), what="its standby to exit")
+    time.sleep(1.0)
+    assert _lock_free(d), f"a berthd took over: {d.active_pid()}"
+    assert not os.path.exists(d.address)
+    assert "dismissing 1 standby(s)" in d.log_text()
+    # berth starts again as an operator expects, its container still running
+    d.start()
+    with Client(d.address, namespace=d.namespace) as client:
+        assert client.call("tasks.get", {"container_id": "kept"})["status"] == "running"
+        assert client.call("introspection.server", {})["pid"] == d.pid
+
+
+def _stale_socket(path: str) -> None:
+    """A socket file at `path` that nobody listens on."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()
+
+
+@pytest.mark.parametrize("path_is", ["missing", "stale"])
+def test_a_standby_taking_over_binds_a_path_that_lost_its_socket(
+    standby_daemon: Daemon, path_is: str
+) -> None:
+    """A serving daemon never lacks its path: if the active daemon's socket lost its name
+    (unlinked, or replaced by a dead socket's file) before it died, the standby that takes
+    over binds the path again."""
+    d = standby_daemon
+    assert d.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    first = d.active_pid()
+    wait_until(lambda: f"standing by for berthd pid {first}" in d.log_text(), what="a standby")
+    os.unlink(d.address)
+    if path_is == "stale":
+        _stale_socket(d.address)
+    kill(first)
+    wait_until(lambda: d.active_pid() not in (0, first), timeout=10, what="the takeover")
+    second = d.adopt_active()
+    wait_until(d._answers, timeout=10, what="the API at its path")
+    with Client(d.address, namespace=d.namespace) as client:
+        assert client.call("introspection.server", {})["pid"] == second
+        assert client.call("tasks.get", {"container_id": "kept"})["status"] == "running"
+    assert "bound again" in d.log_text()
+
+
+def test_a_berthd_at_an_address_another_one_serves_refuses_to_start(daemon: Daemon) -> None:
+    """Another berthd (its own root and state) given the address of a running one refuses
+    in one line and changes nothing; a stale socket at the address is replaced."""
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    inode = os.stat(daemon.address).st_ino
+    other_dir = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+    config = os.path.join(other_dir, "berthd.toml")
+    Path(config).write_text(
+        f'root = "{other_dir}/root"\nstate = "{other_dir}/state"\n'
+        '[runtimes.runc]\nbinary = "runc"\n'
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        second = subprocess.Popen(
+            [BERTHD, "--config", config, "--address", daemon.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        procs.append(second)
+        _, err = second.communicate(timeout=20)
+        assert second.returncode == 1, err
+        assert err.decode().strip().splitlines() == [
+            f"berthd: address {daemon.address} is served by another process"
+        ], err
+        assert os.stat(daemon.address).st_ino == inode
+        _still_serving(daemon, daemon.active_pid())
+        # a stale socket (nobody listens) is replaced as before
+        stale = os.path.join(other_dir, "stale.sock")
+        _stale_socket(stale)
+        third = subprocess.Popen(
+            [BERTHD, "--config", config, "--address", stale],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(third)
+        wait_until(lambda: third.poll() is None and _version_at(stale), timeout=20, what="a berthd")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill(proc.pid)
+            proc.wait(timeout=30)
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def _version_at(path: str) -> bool:
+    try:
+        with Client(path, timeout=5) as client:
+            client.call("version")
+        return True
+    except Exception:
+        return False
+
+
+def test_a_control_connection_without_descriptors_left_does_not_kill_berthd() -> None:
+    """accept(2) on the control socket failing with EMFILE (idle API clients holding every
+    descriptor) is waited out, as the API's own accept loop does: berthd serves on."""
+    base = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+    wrapper = os.path.join(base, "berthd-64fds")
+    Path(wrapper).write_text(f'#!/bin/sh\nexec prlimit --nofile=64:64 {BERTHD} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    d = Daemon(base_dir=base, berthd=wrapper)
+    held: list[socket.socket] = []
+    try:
+        pid = d.pid
+        for _ in range(80):  # more than berthd may open: the rest wait in the backlog
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(d.address)
+            held.append(sock)
+        time.sleep(1.0)
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        held.append(control)
+        control.connect(os.path.join(d.state, "berthd.ctl"))
+        time.sleep(2.0)  # berthd died of the EMFILE at once
+        assert not is_gone(pid), d.log_text()[-2000:]
+        assert "control socket: accept" in d.log_text()  # waited out, not ignored
+        for sock in held[:-1]:
+            sock.close()
+        wait_until(d._answers, timeout=20, what="berthd to answer again")
+        # ... and the control connection is served once descriptors are free again
+        control.settimeout(10)
+        conn = Connection(Role.CLIENT)
+        control.sendall(conn.send(Hello()))
+        conn.receive_data(control.recv(65536))
+        assert type(conn.next_event()).__name__ == "Welcome"
+        assert d.active_pid() == pid and os.path.exists(d.address)
+    finally:
+        for sock in held:
+            sock.close()
+        d.cleanup()
+
+
+def test_takeover_detach_returns_though_the_old_daemon_stalls_after_releasing(
+    daemon: Daemon,
+) -> None:
+    """The old daemon stopped (SIGSTOP) after it handed over, before it acknowledged
+    "done": `--takeover --detach` returns once the successor serves; the old daemon,
+    continued, reads that its successor serves and exits (it does not resume)."""
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    old = daemon.active_pid()
+    log_path = os.path.join(daemon.dir, "takeover-detach.log")
+    daemon.logs.append(log_path)
+    try:
+        with open(log_path, "wb") as log:
+            started = time.monotonic()
+            detached = subprocess.run(
+                [BERTHD, "--config", daemon.config_path, "--takeover", "--detach"],
+                env=dict(os.environ, BERTH_TAKEOVER_FAULT="stop-predecessor"),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                timeout=60,
+            )
+        new = int(detached.stdout.decode().strip() or 0)
+        if new:
+            daemon.remember(new)
+        assert detached.returncode == 0, daemon.log_text()[-3000:]
+        assert time.monotonic() - started < 30
+        assert process_state(old) == "T"  # still stopped: the successor did not wait
+        assert daemon.active_pid() == new
+        _still_serving(daemon, new)
+    finally:
+        kill(old, signal.SIGCONT)
+        daemon.adopt_active()  # a successor that the test lost track of: stopped by pid too
+    wait_until(lambda: is_gone(old), timeout=20, what="the old daemon to exit")
+    time.sleep(1.0)
+    assert "resuming" not in daemon.log_text()
+    _still_serving(daemon, new)
+
+
+def test_takeover_gives_up_on_a_daemon_that_stalls_while_draining(daemon: Daemon) -> None:
+    """The old daemon stopped (SIGSTOP) during its handover: `--takeover` fails after its
+    deadline with a clear error, and the old daemon, continued, serves on."""
+    assert daemon.cli("run", "--busybox", "-d", "kept", "sleep", "600").returncode == 0
+    old = daemon.active_pid()
+    log_path = os.path.join(daemon.dir, "takeover-stalled.log")
+    daemon.logs.append(log_path)
+    try:
+        with open(log_path, "wb") as log:
+            successor = subprocess.run(
+                [BERTHD, "--config", daemon.config_path, "--takeover"],
+                env=dict(
+                    os.environ,
+                    BERTH_TAKEOVER_FAULT="stop-predecessor-at-begin",
+                    BERTH_HANDOVER_BEGIN_TIMEOUT="3",
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            )
+        assert successor.returncode == 1
+        assert "did not hand over within 3 s" in Path(log_path).read_text()
+    finally:
+        kill(old, signal.SIGCONT)
+    wait_until(lambda: daemon._answers(), timeout=30, what="the old daemon to serve again")
+    wait_until(lambda: daemon.active_pid() == old, timeout=30, what="the old daemon's locks")
+    _still_serving(daemon, old)

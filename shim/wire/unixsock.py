@@ -47,10 +47,19 @@ class short_path:  # lower case: used like the context manager function it repla
             self._dirfd = -1
 
 
-def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.socket:
+class AddressInUse(OSError):
+    """Another process serves the socket at a path this one was asked to bind."""
+
+
+def bind_unix(
+    path: str, *, mode: int = 0o600, backlog: int = 128, replace_live: bool = True
+) -> socket.socket:
     """Bind and listen on a fresh path-based stream socket with `mode` (set before listen).
 
-    A stale socket file at `path` is removed first; any other kind of file is an error.
+    A socket file at `path` is removed first; any other kind of file is an error. With
+    `replace_live=False` it is removed only if nobody serves it (a connect is refused):
+    a socket that answers is another process's, and AddressInUse is raised, nothing
+    changed. The default suits a path this process owns by a lock (its state dir).
     """
     try:
         st = os.lstat(path)
@@ -61,7 +70,13 @@ def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.soc
 
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
+        if not replace_live and is_served(path):
+            raise AddressInUse(f"address {path} is served by another process")
+        try:
+            if replace_live or os.lstat(path).st_ino == st.st_ino:  # not replaced meanwhile
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -78,6 +93,22 @@ def bind_unix(path: str, *, mode: int = 0o600, backlog: int = 128) -> socket.soc
         sock.close()
         raise
     return sock
+
+
+def is_served(path: str) -> bool:
+    """Whether a process listens on the socket at `path`: a connect that is accepted, or
+    queued (EAGAIN: a full backlog), means yes; a refusal or no such file means no. Any
+    other failure (no permission, say) cannot prove the socket stale: yes."""
+    import errno
+
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        probe.setblocking(False)
+        with short_path(path) as addr:
+            code = probe.connect_ex(addr)
+    finally:
+        probe.close()
+    return code not in (errno.ECONNREFUSED, errno.ENOENT)
 
 
 def connect_unix(path: str, timeout: float | None = None) -> _socket.socket:
