@@ -1,4 +1,6 @@
-"""berthd configuration: a TOML file, overridden by command-line flags.
+"""berthd configuration: a TOML file, overridden by command-line flags. A key berth does
+not know (a typo) is refused, as is a value of the wrong type or range, and every path
+must be absolute: `berthd: bad configuration: ...`, exit 2.
 
 root = "/var/lib/berth"            # persistent: metadata DB, default rootfs
 state = "/run/berth"               # volatile: sockets, bundles, shim state, exit files
@@ -50,6 +52,7 @@ address = "127.0.0.1:1338"         # HOST:PORT ([::1]:PORT for IPv6) serving GET
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import tomllib
@@ -70,6 +73,58 @@ CONTAINERD_RUNC_NAMES = (
 )
 DEFAULT_STATE = "/run/berth"
 LOG_FORMATS = ("text", "json")  # logs.py writes them
+# logs.setup takes a level by name: anything else silently logged at info. "warn" is
+# containerd's spelling, taken as well.
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
+MAX_SOCKET_NAME = 107 - len("/proc/self/fd/9999999/")  # sun_path's bytes, less a dir fd's
+MAX_ID = 2**32 - 2  # a uid or gid: (gid_t)-1 means "leave it" to chown(2)
+# The shim's bounds on its log files (shim/io.py refuses the rest at every start of a
+# task); the upper bound is what the wire's int64 carries.
+MIN_LOG_SIZE, MAX_LOG_SIZE = 4096, 2**63 - 1
+MAX_LOG_FILES = 1000
+MAX_INGEST_EXPIRY = 10 * 365 * 86400.0  # seconds; GC counts in int64 nanoseconds
+
+# The keys of berth's config, table by table ("runtimes.*": each runtime's table). A key
+# that is not here is refused: the config is berth's alone (no plugin tables belong to
+# anyone else, as in containerd's, which can only warn), and a misspelt key silently left
+# its default in force: `[container_log] max_sise` kept 16 MiB log files, `[grpc] adress`
+# left containerd's API off, `sokcet_group` the socket root's alone. A key a release
+# drops stays here (ignored), so that a config written for it still loads.
+KEYS: dict[str, frozenset[str]] = {
+    "": frozenset(
+        {
+            "root",
+            "state",
+            "address",
+            "default_runtime",
+            "log_level",
+            "log_format",
+            "default_snapshotter",
+            "socket_group",
+            "standby",
+            "runtimes",
+            "shim",
+            "content",
+            "container_log",
+            "grpc",
+            "ttrpc",
+            "network",
+            "metrics",
+        }
+    ),
+    "runtimes.*": frozenset({"binary", "args", "root", "systemd_cgroup"}),
+    "shim": frozenset({"python"}),
+    "content": frozenset({"ingest_expiry"}),
+    "container_log": frozenset({"max_size", "max_files"}),
+    "grpc": frozenset({"address", "gid"}),
+    "ttrpc": frozenset({"address"}),
+    "network": frozenset({"conf_dir", "plugin_dirs", "default_subnet", "default_bridge"}),
+    "metrics": frozenset({"address"}),
+}
+# A berthd resuming after a failed handover (main.py's RESUME_FD_ENV) re-reads the config
+# its successor may have been given: a key only the successor knows is a warning there,
+# since refusing it would leave no daemon serving at all.
+RESUMING_ENV = "BERTH_RESUME"
 # Flags that act once: a daemon that re-executes itself or spawns a standby drops them.
 ONE_TIME_FLAGS = ("--standby", "--takeover", "--detach")
 
@@ -146,8 +201,28 @@ class Config:
     def validate(self) -> None:
         for path_name in ("root", "state", "address", "grpc_address", "ttrpc_address"):
             value = getattr(self, path_name)
-            if value and not os.path.isabs(value):
-                raise InvalidArgument(f"{path_name} must be an absolute path")
+            if value or path_name in ("root", "state"):
+                _check_path(value, path_name)
+        for socket_name in ("address", "grpc_address", "ttrpc_address"):
+            name = os.path.basename(getattr(self, socket_name))
+            # A long path is bound through its directory's descriptor (unixsock.py), but
+            # the name itself must fit in sun_path beside /proc/self/fd/<n>/.
+            if len(name.encode()) > MAX_SOCKET_NAME:
+                raise InvalidArgument(
+                    f"{socket_name}: the socket's name may be {MAX_SOCKET_NAME} bytes at "
+                    f"most, not {len(name.encode())}"
+                )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise InvalidArgument(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
+        from berth.daemon.storage.snapshots import SNAPSHOTTERS
+
+        if self.default_snapshotter not in SNAPSHOTTERS:
+            raise InvalidArgument(
+                f"default_snapshotter must be one of {', '.join(SNAPSHOTTERS)}, "
+                f"not {self.default_snapshotter!r}"
+            )
         if self.grpc_address and os.path.abspath(self.grpc_address) == os.path.abspath(
             self.address
         ):
@@ -210,13 +285,18 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
 
 
 def load_file(path: str) -> dict[str, Any]:
+    """The parsed file; a syntax error names the file (tomllib says only where in it)."""
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"{path}: {exc}") from None
 
 
 def from_mapping(doc: dict[str, Any]) -> Config:
     """A Config from a parsed TOML document; InvalidArgument names what is wrong."""
     config = Config()
+    _known(doc, "")
     for key in (
         "root",
         "state",
@@ -231,78 +311,151 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     if not config.address:  # the default: berthd.sock in the state dir (set or default)
         config.address = os.path.join(config.state, "berthd.sock")
     if "runtimes" in doc:
-        config.runtimes = _runtimes(_table(doc, "runtimes"))
+        runtimes = doc["runtimes"]
+        if not isinstance(runtimes, dict):
+            raise InvalidArgument("[runtimes] must be a table")
+        config.runtimes = _runtimes(runtimes)
     log = _table(doc, "container_log")
-    config.log_max_size = int(log.get("max_size", config.log_max_size))
-    config.log_max_files = int(log.get("max_files", config.log_max_files))
+    config.log_max_size = _integer(
+        log, "max_size", "[container_log]", config.log_max_size, MIN_LOG_SIZE, MAX_LOG_SIZE
+    )
+    config.log_max_files = _integer(
+        log, "max_files", "[container_log]", config.log_max_files, 1, MAX_LOG_FILES
+    )
     expiry = _table(doc, "content").get("ingest_expiry", config.ingest_expiry)
-    if not isinstance(expiry, (int, float)) or isinstance(expiry, bool) or expiry <= 0:
-        raise InvalidArgument("[content] ingest_expiry must be a positive number of seconds")
+    if (
+        not isinstance(expiry, (int, float))
+        or isinstance(expiry, bool)
+        or not 0 < expiry <= MAX_INGEST_EXPIRY  # also refuses nan; inf is above it
+    ):
+        raise InvalidArgument(
+            "[content] ingest_expiry must be a positive number of seconds, at most "
+            f"{MAX_INGEST_EXPIRY:.0f}"
+        )
     config.ingest_expiry = float(expiry)
     grpc = _table(doc, "grpc")
     config.grpc_address = _typed(grpc, "address", str, "[grpc]", "")
-    config.grpc_gid = _typed(grpc, "gid", int, "[grpc]", 0)
-    if config.grpc_gid < 0:
-        raise InvalidArgument("[grpc] gid must be a group id")
-    config.shim_python_setting = _typed(_table(doc, "shim"), "python", str, "[shim]", "")
-    if config.shim_python_setting and not os.path.isabs(config.shim_python_setting):
-        raise InvalidArgument("[shim] python must be an absolute path")
+    config.grpc_gid = _integer(grpc, "gid", "[grpc]", 0, 0, MAX_ID)
+    config.shim_python_setting = _path(_table(doc, "shim"), "python", "[shim]", "")
     ttrpc = _table(doc, "ttrpc")
     if "address" in ttrpc:
         config.ttrpc_address_setting = _typed(ttrpc, "address", str, "[ttrpc]", "")
     config.metrics_address = _typed(_table(doc, "metrics"), "address", str, "[metrics]", "")
     _network(config, _table(doc, "network"))
     if "socket_group" in doc:
-        config.socket_group = int(doc["socket_group"])
+        config.socket_group = _integer(doc, "socket_group", "config", 0, 0, MAX_ID)
     config.standby = _typed(doc, "standby", bool, "config", False)
     return config
 
 
 def _network(config: Config, table: dict[str, Any]) -> None:
-    config.network_conf_dir = _typed(table, "conf_dir", str, "[network]", config.network_conf_dir)
+    config.network_conf_dir = _path(table, "conf_dir", "[network]", config.network_conf_dir)
     dirs = table.get("plugin_dirs", list(config.network_plugin_dirs))
     if not isinstance(dirs, list) or not all(isinstance(d, str) and os.path.isabs(d) for d in dirs):
         raise InvalidArgument("[network] plugin_dirs must be a list of absolute paths")
     config.network_plugin_dirs = tuple(dirs)
-    config.network_default_subnet = _typed(
-        table, "default_subnet", str, "[network]", config.network_default_subnet
-    )
-    config.network_default_bridge = _typed(
-        table, "default_bridge", str, "[network]", config.network_default_bridge
-    )
-    if not 0 < len(config.network_default_bridge) < 16:  # IFNAMSIZ
-        raise InvalidArgument("[network] default_bridge must be 1-15 characters")
+    subnet = _typed(table, "default_subnet", str, "[network]", config.network_default_subnet)
+    try:
+        if "/" not in subnet:
+            raise ValueError("no prefix length")
+        ipaddress.ip_network(subnet, strict=False)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"[network] default_subnet must be a subnet (e.g. 10.77.0.0/24), not {subnet!r}: {exc}"
+        ) from None
+    config.network_default_subnet = subnet
+    bridge = _typed(table, "default_bridge", str, "[network]", config.network_default_bridge)
+    # IFNAMSIZ; and what the kernel refuses in an interface name (dev_valid_name)
+    if (
+        not 0 < len(bridge.encode()) < 16
+        or bridge in (".", "..")
+        or any(c in "/:" or c.isspace() for c in bridge)
+    ):
+        raise InvalidArgument(
+            "[network] default_bridge must be an interface name: 1-15 bytes, no '/', ':' or spaces"
+        )
+    config.network_default_bridge = bridge
 
 
-def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
+def _table(doc: dict[str, Any], name: str, where: str = "") -> dict[str, Any]:
+    """The table `name` of `doc` (empty if absent), its keys checked (see KEYS)."""
     table = doc.get(name, {})
     if not isinstance(table, dict):
-        raise InvalidArgument(f"[{name}] must be a table")
+        raise InvalidArgument(f"[{where or name}] must be a table")
+    _known(table, where or name)
     return table
+
+
+def _known(table: dict[str, Any], where: str) -> None:
+    """Refuse a key berth does not know in the table `where` (see KEYS): one line naming
+    it, or a warning on stderr for a berthd resuming after a failed handover."""
+    unknown = sorted(set(table) - KEYS["runtimes.*" if where.startswith("runtimes.") else where])
+    if not unknown:
+        return
+    what = f"[{where}]" if where else "the config's top level"
+    message = f"unknown key(s) in {what}: {', '.join(unknown)}"
+    if os.environ.get(RESUMING_ENV):
+        print(f"berthd: warning: {message} (ignored)", file=sys.stderr)
+        return
+    raise InvalidArgument(message)
 
 
 def _typed(table: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
     value = table.get(key, default)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidArgument(f"{where} {key} must be a {kind.__name__}")
+        raise InvalidArgument(f"{where} {key} must be a {kind.__name__}, not {value!r:.60}")
     return value
+
+
+def _integer(table: dict[str, Any], key: str, where: str, default: int, low: int, high: int) -> int:
+    """An integer setting within [low, high]: where TOML gave a list, a float or a huge
+    number, int() raised a TypeError or OverflowError later (a traceback)."""
+    value = table.get(key, default)
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidArgument(
+            f"{where} {key} must be an integer from {low} to {high}, not {value!r:.60}"
+        )
+    return value
+
+
+def _path(table: dict[str, Any], key: str, where: str, default: str) -> str:
+    """A path setting: an absolute string ("" for none, where that is allowed by the
+    default)."""
+    value: str = _typed(table, key, str, where, default)
+    if value:
+        _check_path(value, f"{where} {key}")
+    return value
+
+
+def _check_path(value: str, what: str) -> None:
+    """Absolute (a relative path was resolved against berthd's working directory) and
+    without NUL (TOML allows one; the OS calls raised ValueError at start: a traceback)."""
+    if not os.path.isabs(value) or "\0" in value:
+        raise InvalidArgument(f"{what} must be an absolute path, not {value!r}")
 
 
 def _runtimes(tables: dict[str, Any]) -> dict[str, RuntimeEntry]:
     entries = {}
-    for name, table in tables.items():
+    for name in tables:
         validate(name, "runtime name")
-        if not isinstance(table, dict) or not isinstance(table.get("binary", name), str):
-            raise InvalidArgument(f"[runtimes.{name}] needs a binary string")
+        where = f"[runtimes.{name}]"
+        table = _table(tables, name, f"runtimes.{name}")
+        binary = _typed(table, "binary", str, where, name)
+        # a name looked up on PATH, or an absolute path: a relative path depended on
+        # berthd's working directory
+        if not binary or "\0" in binary or ("/" in binary and not os.path.isabs(binary)):
+            raise InvalidArgument(
+                f"{where} binary must be a command name or an absolute path, not {binary!r}"
+            )
         args = table.get("args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise InvalidArgument(f"[runtimes.{name}] args must be a list of strings")
+            raise InvalidArgument(f"{where} args must be a list of strings")
         entries[name] = RuntimeEntry(
             name=name,
-            binary=str(table.get("binary", name)),
+            binary=binary,
             args=tuple(args),
-            root=str(table.get("root", "")),
-            systemd_cgroup=bool(table.get("systemd_cgroup", False)),
+            root=_path(table, "root", where, ""),
+            systemd_cgroup=_typed(table, "systemd_cgroup", bool, where, False),
         )
     return entries
 

@@ -18,16 +18,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.errors import (
+    AlreadyExists,
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from berth.shim.wire.names import validate
 
 SCHEMA_VERSION = 3
@@ -72,7 +81,10 @@ class LockedDB:
             try:
                 yield self
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): a second
+                # ROLLBACK would fail and hide the error that matters.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
@@ -191,6 +203,17 @@ def out_of_space(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
+def _open_error(path: str, exc: BaseException) -> BerthError:
+    """Why the metadata database cannot be opened, in one line (berthd prints it and exits
+    instead of a traceback): a full disk, or anything else SQLite or the OS said."""
+    if out_of_space(exc):
+        return Unavailable(
+            f"cannot open the metadata database {path}: no space left on device ({exc}); "
+            "free some space on its filesystem and start berthd again"
+        )
+    return FailedPrecondition(f"cannot open the metadata database {path}: {exc}")
+
+
 def check_labels(labels: Any) -> dict[str, str]:
     if labels is None:
         return {}
@@ -230,23 +253,83 @@ def check_extensions(extensions: Any) -> dict[str, dict[str, str]]:
 
 
 class Store:
+    """The metadata database. Opening an up-to-date database writes nothing: berthd must
+    start, and manage the containers it finds, on a full disk (reads need no space), and a
+    write at every start made that impossible."""
+
     def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # see below
-        self._db = LockedDB(path)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._path = path
+        # The root's space reserve (storage/reserve.py) sits beside the database, in the
+        # root: a migration that finds the disk full releases it (see _startup_write).
+        self._reserve = os.path.join(os.path.dirname(path), "reserve")
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # see below
+            self._db = LockedDB(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise _open_error(path, exc) from None
+        try:
+            self._open()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            raise _open_error(path, exc) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        # journal_mode=WAL writes only when the database is not in WAL mode yet (new).
+        self._startup_write(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
-        from berth.daemon import __version__
-
-        self._db.execute(
-            "INSERT OR REPLACE INTO berth (key, value) VALUES ('version', ?)", (__version__,)
-        )
+        self._record_version()
 
     def close(self) -> None:
         self._db.close()
+
+    def _startup_write(self, write: Callable[[], object]) -> None:
+        """Run a write the database cannot be used without (its schema). If the disk is
+        full, release the root's space reserve and try once more: the reserve exists so
+        that a full disk can be cleaned up in-band (deletes, gc), which needs a running
+        berthd; a berthd that cannot open its database cannot do any of it. What the write
+        leaves of that space stays free for the deletes that follow, and the reserve is
+        taken again once space is back (SpaceReserve.restore, after a gc)."""
+        try:
+            write()
+            return
+        except (OSError, sqlite3.Error) as exc:
+            if not out_of_space(exc) or not self._release_reserve():
+                raise
+        write()
+
+    def _release_reserve(self) -> bool:
+        from berth.daemon.storage.reserve import SpaceReserve  # imports this module
+
+        return SpaceReserve(self._reserve).release()
+
+    def _record_version(self) -> None:
+        """Record which berth opened the database last, only if another one did: a record,
+        not worth the reserve, so a full disk skips it (the next start writes it)."""
+        from berth.daemon import __version__
+
+        row = self._db.execute("SELECT value FROM berth WHERE key = 'version'").fetchone()
+        if row is not None and row[0] == __version__:
+            return
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO berth (key, value) VALUES ('version', ?)", (__version__,)
+            )
+        except sqlite3.Error as exc:
+            if not out_of_space(exc):
+                raise
+            logging.getLogger("berthd").warning(
+                "the disk is full: %s does not record berth %s yet (%s)",
+                self._path,
+                __version__,
+                exc,
+            )
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -257,11 +340,15 @@ class Store:
                 "newer berthd again"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self._db.transaction() as db:
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target}")
+            self._startup_write(functools.partial(self._migrate_to, target))
+
+    def _migrate_to(self, target: int) -> None:
+        """One migration, in one transaction (a failure leaves the previous schema)."""
+        with self._db.transaction() as db:
+            for statement in _MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {target}")
 
     # -- namespaces
 

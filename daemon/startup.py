@@ -17,20 +17,23 @@ Trio-free: runs before trio.run.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from berth.daemon.config import Config
 from berth.daemon.documents import load_json_object
-from berth.daemon.metadata import MAX_SPEC_BYTES, Container, Store
+from berth.daemon.metadata import MAX_SPEC_BYTES, Container, Store, out_of_space
 from berth.daemon.storage.service import Storage
 from berth.shim.fs import remove_tree
 from berth.shim.state import CorruptState, read_state
-from berth.shim.wire.errors import BerthError
+from berth.shim.wire.errors import BerthError, FailedPrecondition
 from berth.shim.wire.names import is_valid
 
 DEFAULT_NAMESPACE = "default"
@@ -45,14 +48,42 @@ PRIVATE_DIR = 0o700
 STATE_DIR = 0o711
 PRIVATE_FILE = 0o600
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 class StartupError(Exception):
     """berthd must not start; the message says why and what to do (one line)."""
 
 
+class CannotStart(FailedPrecondition):
+    """What the OS or SQLite refused in a start-up step (a full or read-only disk, a
+    permission, a broken file), in one line: main.py prints a BerthError and exits 1,
+    where these were tracebacks. Not a StartupError: callers retry on that (a standby
+    waits for a lock), and retrying would not help here."""
+
+
+def one_line(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Raise what the OS or SQLite raises in the start-up step `what` as CannotStart."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except (OSError, sqlite3.Error) as exc:
+                hint = ": free some space and start berthd again" if out_of_space(exc) else ""
+                raise CannotStart(f"{what}: {exc}{hint}") from None
+
+        return wrapper
+
+    return decorate
+
+
 # --- directories and modes ---------------------------------------------------------------
 
 
+@one_line("cannot prepare berthd's directories")
 def prepare_dirs(config: Config) -> None:
     """Create berthd's directories, and make them and its databases private whatever
     existed before."""
@@ -144,6 +175,7 @@ class Locks:
         self.fds.clear()
 
 
+@one_line("cannot lock the state dir and the root")
 def take_locks(config: Config) -> Locks:
     """Lock the state dir and the root: one daemon per state dir, one per root. The lock
     files name their holder, so a refusal can say who holds them."""
@@ -180,10 +212,18 @@ def _lock(path: str, what: str, directory: str, config: Config) -> int:
         raise StartupError(
             f"the {what} {directory} is in use by another berthd ({holder})"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(
-        fd, json.dumps({"pid": os.getpid(), "root": config.root, "state": config.state}).encode(), 0
-    )
+    record = json.dumps({"pid": os.getpid(), "root": config.root, "state": config.state})
+    try:
+        # Written over the previous holder's record, in the block it already has, and
+        # only then cut to length: truncating first gave that block away, and on a full
+        # disk it did not come back.
+        os.pwrite(fd, record.encode(), 0)
+        os.ftruncate(fd, len(record.encode()))
+    except OSError as exc:
+        if not out_of_space(exc):
+            os.close(fd)
+            raise
+        log.warning("the disk is full: %s does not name its holder (%s)", path, exc)
     return fd
 
 
@@ -218,6 +258,7 @@ def existing_data(config: Config) -> dict[str, int]:
     return {k: v for k, v in found.items() if v}
 
 
+@one_line("cannot read the metadata database")
 def is_blank(path: str) -> bool:
     """Missing, or empty with an empty WAL, or an SQLite database that holds no schema yet.
     (After a kill -9 everything may still be in the -wal file, the main file empty.)"""
@@ -261,6 +302,7 @@ def check_database(path: str) -> None:
         )
 
 
+@one_line("cannot check the metadata databases")
 def check_metadata(config: Config) -> None:
     """Refuse a missing, empty or broken metadata database next to data (see the module
     docstring), unless the operator asked for a rebuild."""
@@ -308,6 +350,7 @@ def _move_aside(path: str) -> None:
 # --- the explicit rebuild ------------------------------------------------------------------
 
 
+@one_line("cannot set orphaned snapshots aside")
 def set_aside_orphaned_snapshots(config: Config) -> None:
     """Under --rebuild-metadata, a snapshotter whose database is blank would delete every
     snapshot directory as a crash leftover: they are moved aside instead, for the operator."""

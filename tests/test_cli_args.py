@@ -7,13 +7,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import random
+import subprocess
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from berth.daemon.cli import fastargs
 from berth.daemon.cli.main import _fast, build_parser
+from tests.support.helpers import BERTH
 
 
 def _argparse(argv: list[str]) -> dict[str, object] | None:
@@ -147,3 +151,71 @@ def test_a_repeated_option_adds_to_a_copy_of_its_default_as_argparse_does() -> N
         assert values == vars(parser.parse_args(argv)), argv
     fresh: dict[str, object] = {}
     assert fastargs.parse(recorder, [], fresh) and fresh["tag"] == ["base"]
+
+
+# --- odd input: one line and an exit status, never a traceback ---------------------------
+
+
+def _berth(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI against a socket nobody serves: what is refused here is refused before
+    berthd is asked anything."""
+    return subprocess.run(
+        [BERTH, "-a", "/nonexistent/berthd.sock", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "BERTH_TIMEOUT": "", **env},
+    )
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-1", "0", "inf", "-inf", "1e300", "86401"])
+def test_a_bad_timeout_is_refused_where_it_is_read(value: str) -> None:
+    """--timeout is an option: a usage error (exit 2, as `berth --help` says); the same
+    value in BERTH_TIMEOUT is an error of the environment (exit 1). float() let nan, inf,
+    negatives and 1e300 through to the socket (ValueError, OverflowError), and
+    BERTH_TIMEOUT=abc raised at start: tracebacks."""
+    option = _berth(f"--timeout={value}", "version")
+    assert option.returncode == 2, option
+    assert "argument --timeout: " in option.stderr and "Traceback" not in option.stderr
+    env = _berth("version", BERTH_TIMEOUT=value)
+    assert env.returncode == 1, env
+    assert env.stderr.startswith("berth: BERTH_TIMEOUT: ") and env.stderr.count("\n") == 1
+    assert _fast([f"--timeout={value}", "version"]) is None
+    assert _fast(["--timeout", value, "version"]) is None  # argparse says why
+
+
+def test_a_good_timeout_still_reads_both_ways() -> None:
+    assert _fast(["--timeout", "0.5", "version"]).timeout == 0.5  # type: ignore[union-attr]
+    reached = _berth("version", BERTH_TIMEOUT="86400")
+    assert reached.returncode == 1 and "cannot reach berthd" in reached.stderr, reached
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "error"),
+    [
+        (["leases", "create", "--expire", "inf"], 2, "argument --expire: 'inf'"),
+        (["leases", "create", "--expire", "1e18"], 2, "argument --expire: '1e18'"),
+        (["leases", "create", "--expire", "nan"], 2, "argument --expire: 'nan'"),
+        (["events", "--since", "9" * 25], 2, "argument --since: "),
+        (["run", "--log-max-size", "9" * 25, "--busybox", "x"], 2, "--log-max-size: "),
+        (["run", "--log-max-files", "-1", "--busybox", "x"], 2, "--log-max-files: "),
+        (["tasks", "shim-log", "--tail", "9" * 25, "x"], 1, "berth: --tail takes a number"),
+        (["leases", "create", "--label", "abc"], 1, "berth: --label takes K=V, not 'abc'"),
+        (["containers", "create", "--busybox", "--label", "a", "c"], 1, "--label takes K=V"),
+        (["run", "--busybox", "--label", "a", "c", "true"], 1, "--label takes K=V"),
+        (["content", "ingest", "--label", "a", "ref"], 1, "--label takes K=V"),
+        (["run", "--busybox", "--user", "9" * 20, "c", "true"], 1, "--user with --rootfs"),
+        (["run", "--busybox", "--user", "0:" + "9" * 20, "c"], 1, "--user with --rootfs"),
+        (["run", "--net", "bridge", "-p", "9" * 20 + ":80", "--busybox", "c"], 1, "ports 1-"),
+    ],
+)
+def test_numbers_and_labels_the_wire_cannot_carry_are_refused_in_one_line(
+    argv: list[str], status: int, error: str
+) -> None:
+    """A number beyond int64 failed in the wire's encoder ("connection unusable"), a float
+    lifetime of inf or 1e18 in berthd (`internal`), a label without `=` in dict() (a
+    traceback)."""
+    result = _berth(*argv)
+    assert result.returncode == status and error in result.stderr, result
+    assert "Traceback" not in result.stderr and "cannot reach" not in result.stderr

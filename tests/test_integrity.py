@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from berth.shim.wire.errors import BerthError
 from tests.support.helpers import BERTH, Daemon, wait_until
 
@@ -178,3 +180,54 @@ def test_a_full_disk_gives_clear_errors_and_the_daemon_keeps_serving() -> None:
             d.cleanup()
         subprocess.run(["umount", "-l", small], check=False)
         os.rmdir(small)
+
+
+def test_berthd_restarts_on_a_full_root_and_manages_its_containers() -> None:
+    """berthd killed, its root filesystem filled, berthd started again: it died of
+    `database or disk is full` (it wrote its version into the database at every open,
+    and dropped a predecessor's temporary leases as it started), and the running
+    container could not be managed at all. Now opening writes nothing:
+    it starts, reads work, writes fail with a typed one-line error, the container can be
+    stopped and removed, and the daemon serves on."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="bt-fullroot-", dir="/tmp")
+    root = os.path.join(base, "root")  # the root alone is small: the state dir is not full
+    os.mkdir(root)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", root], check=True)
+    d: Daemon | None = None
+    try:
+        d = Daemon(base_dir=base)
+        d.cli("run", "--busybox", "-d", "keep", "sleep", "600", check=True)
+        # as an import killed half-way leaves: the next start drops it (a write)
+        d.cli("leases", "create", "--label", "berth.io/temporary=true", "--id", "tmp1", check=True)
+        d.kill9()
+        with contextlib.suppress(OSError), open(Path(root, "filler"), "wb") as f:
+            while True:
+                f.write(b"\0" * (1 << 16))
+        d.start()  # (raises with berthd's log if it exits)
+        assert d.call("tasks.get", {"container_id": "keep"})["status"] == "running"
+        assert [c["id"] for c in d.call("containers.list")["containers"]] == ["keep"]
+        assert d.cli("namespaces", "ls").returncode == 0
+        assert d.cli("leases", "ls", "-q").stdout.split() == [b"tmp1"]  # kept: it expires
+        with pytest.raises(BerthError) as caught:
+            d.call("containers.create", {"id": "more", "spec": {"process": {"args": ["true"]}}})
+        assert caught.value.code == "unavailable" and "no space left" in str(caught.value)
+        refused = d.cli("run", "--busybox", "-d", "more", "true")
+        assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused
+        assert d.cli("tasks", "kill", "-s", "SIGKILL", "keep").returncode == 0
+        assert d.cli("tasks", "wait", "keep").stdout.strip() == b"137"
+        assert d.cli("tasks", "rm", "keep").returncode == 0
+        removed = d.cli("containers", "rm", "keep")
+        assert removed.returncode == 0, removed.stderr
+        assert d.call("containers.list")["containers"] == []
+        assert d.call("version")["protocol"] == 1 and d.live_pids() == [d.pid]
+        assert "Traceback" not in d.log_text()
+    finally:
+        try:
+            if d is not None:
+                d.cleanup()  # every process by pid (containers, shims, daemons), then files
+        finally:
+            subprocess.run(["umount", "-l", root], check=False)
+            shutil.rmtree(base, ignore_errors=True)

@@ -685,3 +685,180 @@ def test_removing_a_wide_and_deep_tree_takes_memory_bounded_by_neither(tmp_path:
         tracemalloc.stop()
     assert not top.exists()
     assert peak < 2 << 20, f"removal peaked at {peak} bytes"
+
+
+# --- the metadata database on a full disk, and start-up errors in one line ---------------
+
+
+def test_opening_an_up_to_date_database_writes_nothing(tmp_path: Path) -> None:
+    """berthd must start on a full disk (reads need no space): it wrote its version on
+    every open, and died of `database or disk is full`."""
+    path = str(tmp_path / "meta.db")
+    Store(path).close()  # created, migrated, version recorded; the WAL checkpointed away
+    store = Store(path)
+    try:
+        wal = tmp_path / "meta.db-wal"
+        assert not wal.exists() or wal.stat().st_size == 0, "opening wrote to the database"
+        store.ensure_namespace("default")  # main.py's, at every start: exists already
+        store.ensure_namespace("default")
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:  # another berth's version is recorded over
+        db.execute("UPDATE berth SET value = '0.0.1' WHERE key = 'version'")
+    Store(path).close()
+    from berth.daemon import __version__
+
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM berth").fetchall() == [(__version__,)]
+
+
+def test_a_migration_on_a_full_disk_spends_the_reserve_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema migration is the one write berthd cannot start without: a full disk
+    releases the root's reserve (beside the database) and migrates again; without a
+    reserve, one line says what to do."""
+    full = sqlite3.OperationalError("database or disk is full")
+    original = Store._migrate_to
+    failures = {"left": 1}
+
+    def migrate_to(self: Store, target: int) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise full
+        original(self, target)
+
+    monkeypatch.setattr(Store, "_migrate_to", migrate_to)
+    reserve = tmp_path / "reserve"
+    reserve.write_bytes(b"\0" * 4096)
+    Store(str(tmp_path / "meta.db")).close()
+    assert not reserve.exists()
+    with sqlite3.connect(tmp_path / "meta.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    failures["left"] = 1  # no reserve left: a one-line error, typed `unavailable`
+    from berth.shim.wire.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="no space left on device") as caught:
+        Store(str(tmp_path / "other.db"))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_database_that_cannot_be_opened_is_one_typed_error(tmp_path: Path) -> None:
+    (tmp_path / "meta.db").mkdir()  # not a file: sqlite3 and the OS refuse it
+    with pytest.raises(FailedPrecondition, match="cannot open the metadata database"):
+        Store(str(tmp_path / "meta.db"))
+
+
+def test_what_the_os_refuses_at_start_up_is_one_line(tmp_path: Path) -> None:
+    """An OSError in a start-up step (here the root is a file) was a traceback."""
+    from berth.daemon import startup
+    from berth.daemon.config import Config
+
+    (tmp_path / "root").write_text("not a directory")
+    config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
+    with pytest.raises(startup.CannotStart, match="cannot prepare berthd's directories"):
+        startup.prepare_dirs(config)
+
+
+# --- berthd's configuration ----------------------------------------------------------------
+
+
+def _load_config(tmp_path: Path, text: str) -> Any:
+    from berth.daemon import config
+
+    path = tmp_path / "berthd.toml"
+    path.write_text(f'root = "{tmp_path}/root"\nstate = "{tmp_path}/state"\n{text}')
+    return config.load(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[container_log]\nmax_size = [1]\n", "[container_log] max_size must be an integer"),
+        ("[container_log]\nmax_size = inf\n", "[container_log] max_size must be an integer"),
+        ("[container_log]\nmax_size = 100\n", "[container_log] max_size must be an integer"),
+        ("[container_log]\nmax_files = 0\n", "[container_log] max_files must be an integer"),
+        ("socket_group = [1]\n", "socket_group must be an integer"),
+        ("socket_group = -1\n", "socket_group must be an integer"),
+        ("[grpc]\ngid = 99999999999\n", "[grpc] gid must be an integer"),
+        ("[runtimes.runc]\nroot = 5\n", "[runtimes.runc] root must be a str"),
+        ('[runtimes.runc]\nroot = "rel"\n', "[runtimes.runc] root must be an absolute path"),
+        ('[runtimes.runc]\nbinary = "bin/runc"\n', "binary must be a command name or an"),
+        ('[runtimes.runc]\nsystemd_cgroup = "false"\n', "systemd_cgroup must be a bool"),
+        ("[runtimes]\nrunc = 1\n", "[runtimes.runc] must be a table"),
+        ('log_level = "bogus"\n', "log_level must be one of"),
+        ('default_snapshotter = "zfs"\n', "default_snapshotter must be one of"),
+        ("[content]\ningest_expiry = inf\n", "[content] ingest_expiry must be a positive"),
+        ("[content]\ningest_expiry = nan\n", "[content] ingest_expiry must be a positive"),
+        ("[content]\ningest_expiry = 1e300\n", "[content] ingest_expiry must be a positive"),
+        ('[network]\nconf_dir = "net.d"\n', "[network] conf_dir must be an absolute path"),
+        ('[network]\ndefault_subnet = "x"\n', "[network] default_subnet must be a subnet"),
+        ('[network]\ndefault_bridge = "a b"\n', "[network] default_bridge must be an"),
+        ('log_levle = "debug"\n', "unknown key(s) in the config's top level: log_levle"),
+        ("[container_log]\nmax_sise = 4096\n", "unknown key(s) in [container_log]: max_sise"),
+        ('[runtimes.runc]\nbinray = "runc"\n', "unknown key(s) in [runtimes.runc]: binray"),
+        ("[grpc]\nadress = 1\n", "unknown key(s) in [grpc]: adress"),
+        ("root = \n", "berthd.toml: Invalid value"),
+        ('address = "/tmp/a\\u0000b"\n', "address must be an absolute path"),
+        (f'address = "/tmp/{"n" * 90}"\n', "address: the socket's name may be 85 bytes"),
+    ],
+)
+def test_a_bad_config_value_is_refused_in_one_line(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        _load_config(tmp_path, text)
+    assert error in str(caught.value) and "\n" not in str(caught.value), caught.value
+
+
+def test_berthd_says_a_bad_config_in_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As for every bad config (main.py): `berthd: bad configuration: ...`, exit 2,
+    before anything starts; a TypeError or OverflowError was a traceback."""
+    from berth.daemon import main
+
+    for text in ("[container_log]\nmax_size = [1]\n", "socket_group = [1]\n", "[x]\n"):
+        path = tmp_path / "berthd.toml"
+        path.write_text(f'root = "{tmp_path}/root"\nstate = "{tmp_path}/state"\n{text}')
+        assert main.main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("berthd: bad configuration:") and err.count("\n") == 1, err
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_configs_berth_documents_and_writes_still_load(tmp_path: Path) -> None:
+    """Unknown keys are refused: config.py's documented example, the tests' daemons'
+    configs and a permissive operator's load."""
+    from berth.daemon import config
+
+    documented = config.__doc__ or ""
+    path = tmp_path / "documented.toml"
+    path.write_text(documented[documented.index('root = "/var/lib/berth"') :])
+    loaded = config.load(["--config", str(path)])
+    assert loaded.ttrpc_address == "/run/berth/containerd.sock.ttrpc"
+    assert loaded.log_max_size == 16777216 and loaded.grpc_gid == 0
+    helpers = (
+        'log_level = "debug"\nlog_format = "json"\nstandby = true\nsocket_group = 0\n'
+        '[runtimes.runc]\nbinary = "runc"\n[runtimes.crun]\nbinary = "crun"\n'
+        '[runtimes.missing]\nbinary = "/nonexistent/runtime"\nroot = "/run/x"\n'
+        "systemd_cgroup = true\nargs = []\n"
+        '[content]\ningest_expiry = 2\n[grpc]\naddress = "/tmp/g.sock"\n'
+        '[metrics]\naddress = "127.0.0.1:1338"\n[network]\nconf_dir = "/tmp/cni"\n'
+        'default_subnet = "10.200.1.0/24"\ndefault_bridge = "bb123456"\n'
+        '[container_log]\nmax_size = 4096\nmax_files = 1000\n[shim]\npython = ""\n'
+        '[ttrpc]\naddress = ""\n'
+    )
+    loaded = _load_config(tmp_path, helpers)
+    assert loaded.runtimes["missing"].root == "/run/x" and loaded.standby
+
+
+def test_a_berthd_resuming_after_a_failed_handover_only_warns_of_unknown_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The successor's config may hold keys only it knows; the predecessor re-executing
+    itself (main.py's _resume) must serve again all the same."""
+    from berth.daemon import config, main
+
+    assert config.RESUMING_ENV == main.RESUME_FD_ENV
+    monkeypatch.setenv(config.RESUMING_ENV, str(tmp_path / "history"))
+    _load_config(tmp_path, "future_key = 1\n")
+    assert "unknown key(s) in the config's top level: future_key" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import os
 from berth.daemon.cli.fastargs import REMAINDER
 from berth.daemon.cli.output import add_listing, print_json, print_listing
 from berth.daemon.cli.session import CliError, suppress
+from berth.daemon.cli.session import labels as parse_labels
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 from berth.shim.wire.errors import BerthError
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from berth.daemon.cli.subverbs import Arguments
 
 CONTAINERS = SubVerbs("c_cmd")
+MAX_ID = 2**32 - 2  # a uid or gid ((uid_t)-1 means none)
 
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
@@ -129,8 +131,8 @@ def container_options(p: Arguments) -> None:
 def _parse_publish(text: str) -> dict[str, Any]:
     spec, _, protocol = text.partition("/")
     parts = spec.rsplit(":", 2)
-    if len(parts) < 2 or not all(p.isdigit() for p in parts[-2:]):
-        raise CliError(f"--publish {text!r}: expected [IP:]HOST:CONTAINER[/tcp|udp]")
+    if len(parts) < 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts[-2:]):
+        raise CliError(f"--publish {text!r}: expected [IP:]HOST:CONTAINER[/tcp|udp], ports 1-65535")
     mapping: dict[str, Any] = {
         "host_port": int(parts[-2]),
         "container_port": int(parts[-1]),
@@ -252,7 +254,7 @@ def _spec_for(args: argparse.Namespace, container_id: str, namespace: str) -> di
 def create_container(session: Session, args: argparse.Namespace, container_id: str) -> None:
     """The container record: from an image (unpacked; its config makes the spec, and a
     snapshot of it the rootfs), or from --rootfs/--busybox (a default spec)."""
-    labels = dict(item.split("=", 1) for item in args.label) if args.label else {}
+    labels = parse_labels(args.label)
     doc: dict[str, Any] = {"id": container_id, "runtime": args.runtime or "", "labels": labels}
     if args.image:
         from berth.daemon.reference import normalize
@@ -293,8 +295,10 @@ def create_container(session: Session, args: argparse.Namespace, container_id: s
     spec = _spec_for(args, container_id, session.namespace)
     if args.user:
         uid, _, gid = args.user.partition(":")
-        if not uid.isdigit() or (gid and not gid.isdigit()):
-            raise CliError("--user with --rootfs/--busybox takes numeric uid[:gid]")
+        if not all(n.isdigit() and int(n) <= MAX_ID for n in (uid, gid or uid)):
+            raise CliError(
+                f"--user with --rootfs/--busybox takes numeric uid[:gid] (at most {MAX_ID})"
+            )
         spec["process"]["user"] = {"uid": int(uid), "gid": int(gid or uid)}
     spec["mounts"] += [_parse_mount(m) for m in args.mount]
     doc["spec"] = spec

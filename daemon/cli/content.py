@@ -66,6 +66,9 @@ def get(session: Session, args: argparse.Namespace) -> int:
 
 @CONTENT("ingest")
 def ingest(session: Session, args: argparse.Namespace) -> int:
+    from berth.daemon.cli.session import labels as parse_labels
+
+    labels = parse_labels(args.label)  # before anything is sent
     opened = session.call("content.write.open", {"ref": args.ref, "expected": args.expected})
     if opened["exists"]:
         print(args.expected)
@@ -83,7 +86,6 @@ def ingest(session: Session, args: argparse.Namespace) -> int:
         offset = session.call(
             "content.write.chunk", {"ref": args.ref, "data": chunk, "offset": offset}
         )["offset"]
-    labels = dict(item.split("=", 1) for item in args.label)
     try:
         digest = session.call(
             "content.write.commit",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from berth.daemon.cli.fastargs import count
 from berth.daemon.cli.output import timestamp
 from berth.daemon.cli.session import CliError
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     parser.add_argument("--filter", action="append", help='e.g. topic=="/tasks/exit"')
-    parser.add_argument("--since", type=int, help="first replay what was published after this ns")
+    parser.add_argument("--since", type=count, help="first replay what was published after this ns")
 
 
 def run(session: Session, args: argparse.Namespace) -> int:

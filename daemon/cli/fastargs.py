@@ -20,6 +20,59 @@ if TYPE_CHECKING:
 REMAINDER = "..."  # argparse.REMAINDER's value: the verbs use this name, argparse or not
 
 
+# -- argument types, which argparse and this reader both apply -------------------------
+# A number the wire cannot carry (msgpack's int64), or a float socket timeouts refuse (nan,
+# inf, negative, 1e300), passed argparse and failed later with a traceback or a misleading
+# "connection unusable". Each type refuses it where it is parsed: argparse says why (exit 2,
+# a usage error), and this reader, on any error of a type, leaves the line to argparse.
+
+MAX_INT64 = 2**63 - 1
+MAX_TIMEOUT = 86400.0  # seconds: a call that may wait longer than a day is a mistake
+MAX_LEASE_SECONDS = 100 * 365 * 86400.0  # berthd keeps an expiry in int64 nanoseconds
+
+
+def _refuse(message: str) -> Exception:
+    """argparse's error for a bad value, which it prints as is (imported only here: the
+    hot path never fails a type)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def _number(text: str, kind: type[float] | type[int], low: float, high: float, what: str) -> Any:
+    """`text` as a `kind` within [low, high] (nan is in no range), else argparse's error
+    saying it is not `what`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise _refuse(f"{text!r} is not {what}")
+    return value
+
+
+def timeout_seconds(text: str) -> float:
+    """--timeout (and BERTH_TIMEOUT): a finite number of seconds > 0, at most a day."""
+    what = f"a number of seconds > 0 and at most {MAX_TIMEOUT:g}"
+    value: float = _number(text, float, 0.0, MAX_TIMEOUT, what)
+    if value <= 0:
+        raise _refuse(f"{text!r} is not {what}")
+    return value
+
+
+def lease_seconds(text: str) -> float:
+    """A lease's lifetime: finite seconds >= 0 (0: it never expires), at most a century."""
+    what = f"a number of seconds from 0 (never) to {MAX_LEASE_SECONDS:.0f}"
+    value: float = _number(text, float, 0.0, MAX_LEASE_SECONDS, what)
+    return value
+
+
+def count(text: str) -> int:
+    """A count, a size or a position: an integer >= 0 that the wire carries (int64)."""
+    value: int = _number(text, int, 0, MAX_INT64, "a whole number >= 0 (at most 2^63-1)")
+    return value
+
+
 class Unsupported(Exception):
     """The verb declares something this reader does not do: argparse it is."""
 
@@ -121,7 +174,7 @@ def parse(recorder: Recorder, words: list[str], into: dict[str, Any]) -> bool:
         if argument.kind is not None:
             try:
                 value = argument.kind(value)
-            except (TypeError, ValueError):
+            except Exception:  # (argparse.ArgumentTypeError too) argparse says why
                 return False
         if argument.action == "append":  # (onto a copy of the default, as argparse)
             given.setdefault(argument.dest, list(argument.default or [])).append(value)

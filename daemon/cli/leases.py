@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from berth.daemon.cli.fastargs import lease_seconds
 from berth.daemon.cli.output import add_listing, print_listing, timestamp
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     add_listing(add("ls"))
     p = add("create")
     p.add_argument("--id", default="")
-    p.add_argument("--expire", type=float, default=86400, help="seconds (0: never)")
+    p.add_argument("--expire", type=lease_seconds, default=86400, help="seconds (0: never)")
     p.add_argument("--label", action="append", default=[], metavar="K=V")
     p = add("rm")
     p.add_argument("--sync", action="store_true", help="garbage-collect right away")
@@ -51,8 +52,9 @@ def ls(session: Session, args: argparse.Namespace) -> int:
 
 @LEASES("create")
 def create(session: Session, args: argparse.Namespace) -> int:
-    labels = dict(item.split("=", 1) for item in args.label)
-    params = {"id": args.id, "expire_seconds": args.expire, "labels": labels}
+    from berth.daemon.cli.session import labels
+
+    params = {"id": args.id, "expire_seconds": args.expire, "labels": labels(args.label)}
     print(session.call("leases.create", params)["id"])
     return 0
 

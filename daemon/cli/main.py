@@ -103,18 +103,33 @@ def _formatter() -> type[argparse.HelpFormatter]:
 GLOBAL_OPTIONS = frozenset({"--address", "-a", "--namespace", "-n", "--timeout"})
 
 
+class BadEnvironment(Exception):
+    """A BERTH_* variable berth cannot use: `berth: MESSAGE`, exit 1 (not a usage error:
+    the command line is fine)."""
+
+
 class Defaults:
     """The global options' defaults, from the environment."""
 
     def __init__(self) -> None:
         self.address = os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS)
         self.namespace = os.environ.get("BERTH_NAMESPACE", "default")
-        self.timeout = float(os.environ.get("BERTH_TIMEOUT", DEFAULT_TIMEOUT))
+        self.timeout = DEFAULT_TIMEOUT
+        text = os.environ.get("BERTH_TIMEOUT", "")
+        if text:  # (set but empty: as if unset, as a shell's `BERTH_TIMEOUT= berth ...`)
+            from berth.daemon.cli.fastargs import timeout_seconds
+
+            try:
+                self.timeout = timeout_seconds(text)
+            except Exception as exc:  # argparse.ArgumentTypeError, not imported here
+                raise BadEnvironment(f"BERTH_TIMEOUT: {exc}") from None
 
 
 def _global_options(parser: Arguments) -> None:
     """The options before the verb (their defaults from the environment), declared once
     for argparse and for fastargs."""
+    from berth.daemon.cli.fastargs import timeout_seconds
+
     defaults = Defaults()
     parser.add_argument(
         "--address",
@@ -130,7 +145,7 @@ def _global_options(parser: Arguments) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_seconds,
         default=defaults.timeout,
         metavar="SECONDS",
         help="how long a call may wait for berthd before it gives up (env BERTH_TIMEOUT; "
@@ -254,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_std_fds()
     argv = sys.argv[1:] if argv is None else argv
     # fastargs' Namespace stands in for argparse's for the hot commands (no argparse)
-    args: argparse.Namespace = _fast(argv) or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
+    try:
+        args: argparse.Namespace = _fast(argv) or build_parser(argv).parse_args(argv)  # type: ignore[assignment]
+    except BadEnvironment as exc:
+        print(f"berth: {exc}", file=sys.stderr)
+        return 1
     # Only now: the help and usage errors (argparse exits for them) need no connection.
     from berth.daemon.cli.session import CliError, Session
     from berth.shim.wire.errors import BerthError

@@ -5,7 +5,7 @@ and containers' attachments to them (`berth run --net NAME -p HOST:CONTAINER`)."
 from __future__ import annotations
 
 from berth.daemon.cli.output import add_listing, print_json, print_listing
-from berth.daemon.cli.session import CliError
+from berth.daemon.cli.session import CliError, labels
 from berth.daemon.cli.subverbs import SubVerbs
 from berth.daemon.paging import all_pages
 
@@ -72,9 +72,7 @@ def create(session: Session, args: argparse.Namespace) -> int:
         if getattr(args, option):
             params[option] = getattr(args, option)
     if args.label:
-        if not all("=" in item for item in args.label):
-            raise CliError("--label takes K=V")
-        params["labels"] = dict(item.split("=", 1) for item in args.label)
+        params["labels"] = labels(args.label)
     if args.config:
         import json
 

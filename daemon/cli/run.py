@@ -4,7 +4,7 @@ status ours) or detached (-d: logged by its shim), and with --rm delete it after
 from __future__ import annotations
 
 from berth.daemon.cli.containers import container_options, create_container, positionals
-from berth.daemon.cli.fastargs import REMAINDER
+from berth.daemon.cli.fastargs import REMAINDER, count
 from berth.daemon.cli.io import run_attached, terminal_size
 from berth.daemon.cli.session import CliError, suppress
 from berth.shim.wire.errors import BerthError
@@ -33,14 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser, wanted: str | None) -> None:
     )
     parser.add_argument(
         "--log-max-size",
-        type=int,
+        type=count,
         default=0,
         metavar="BYTES",
         help="rotate the shim's log at this size (default: berthd's config)",
     )
     parser.add_argument(
         "--log-max-files",
-        type=int,
+        type=count,
         default=0,
         metavar="N",
         help="rotated files to keep (default: berthd's config)",

@@ -39,6 +39,15 @@ class CliError(Exception):
     """A failure the CLI reports as `berth: MESSAGE` with exit code 1."""
 
 
+def labels(items: list[str], option: str = "--label") -> dict[str, str]:
+    """K=V words as a map; a word without `=` is a CliError (dict() raised a ValueError:
+    a traceback)."""
+    for item in items:
+        if "=" not in item:
+            raise CliError(f"{option} takes K=V, not {item!r}")
+    return dict(item.split("=", 1) for item in items)
+
+
 class Session:
     """Connection settings; opens clients on demand (a signal handler needs its own)."""
 

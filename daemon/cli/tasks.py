@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from berth.daemon.cli.fastargs import REMAINDER
+from berth.daemon.cli.fastargs import MAX_INT64, REMAINDER
 from berth.daemon.cli.output import add_format, add_listing, print_json, print_listing, print_table
 from berth.daemon.cli.session import CliError, suppress
 from berth.daemon.cli.subverbs import SubVerbs
@@ -264,7 +264,7 @@ def info(session: Session, args: argparse.Namespace) -> int:
 
 @TASKS("shim-log")
 def shim_log(session: Session, args: argparse.Namespace) -> int:
-    if args.tail < 0:
+    if not 0 <= args.tail <= MAX_INT64:  # (beyond int64 the wire cannot carry it)
         raise CliError("--tail takes a number of lines >= 0")
     reply = session.call("tasks.shim_log", {"container_id": args.id, "tail": args.tail})
     sys.stdout.buffer.write(reply["data"])

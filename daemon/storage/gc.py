@@ -12,12 +12,15 @@ records, then snapshots (children before parents), then stale ingests.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth.daemon.documents import load_json
+from berth.daemon.metadata import out_of_space
 from berth.daemon.storage import images
 from berth.daemon.storage.service import (
     GC_REF_CONTENT,
@@ -266,9 +269,22 @@ def drop_temporary_leases(storage: Storage) -> int:
     (a partial ingest) becomes collectable instead of being held for an hour."""
     dropped = 0
     for namespace, lease_id in storage.store.temporary_leases():
-        with contextlib.suppress(NotFound):
+        try:
             storage.store.delete_lease(namespace, lease_id)
             dropped += 1
+        except NotFound:
+            pass
+        except (OSError, sqlite3.Error) as exc:
+            # On a full disk even a delete needs space (the WAL): keep them, they expire,
+            # rather than fail the start (it did: berthd could not start on a full root).
+            if not out_of_space(exc):
+                raise
+            logging.getLogger("berth.storage").warning(
+                "the disk is full: temporary leases of a previous daemon are kept until "
+                "they expire (%s)",
+                exc,
+            )
+            break
     return dropped
 
 
