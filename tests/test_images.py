@@ -664,3 +664,16 @@ def test_a_pull_cut_by_a_daemon_crash_resumes_where_it_stopped(daemon: Daemon) -
         if registry is not None:
             registry.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_importing_what_is_no_regular_file_is_refused_at_once(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A client's archive path to a FIFO blocked one of berthd's worker threads until a
+    writer came, and one to /dev/zero was read for ever: only a regular file is read."""
+    fifo = tmp_path / "archive.fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):  # each hung the call before
+        with pytest.raises(InvalidArgument, match="not a regular file"):
+            daemon.call("images.import", {"path": path})
+    assert daemon.call("images.list")["images"] == []

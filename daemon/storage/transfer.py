@@ -22,6 +22,7 @@ import io
 import json
 import lzma
 import os
+import stat
 import tarfile
 import time
 import uuid
@@ -213,6 +214,24 @@ def _regular_members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
     return members
 
 
+def _open_archive_file(path: str) -> IO[bytes]:
+    """The archive at `path`, opened only if it is a regular file: a client's path to a
+    FIFO blocked a worker thread until a writer came, and one to a device (/dev/zero)
+    was read for ever. Opened without blocking, then checked on the fd itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read archive {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"cannot read archive {path}: not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def import_archive(
     storage: Storage,
     namespace: str,
@@ -229,12 +248,14 @@ def import_archive(
     lacks}."""
     if not os.path.isabs(path):
         raise InvalidArgument("the archive path must be absolute")
+    source = _open_archive_file(path)
     try:
-        tar = BoundedTarFile.open(path, mode="r:*")  # closed by the `with` below
+        tar = BoundedTarFile.open(fileobj=source, mode="r:*")  # closed by the `with` below
     except (OSError, tarfile.TarError) as exc:
+        source.close()
         raise InvalidArgument(f"cannot read archive {path}: {exc}") from None
     report = Reporter(progress)
-    with tar, storage.lease(namespace, lease_id) as lease:
+    with source, tar, storage.lease(namespace, lease_id) as lease:
         archive = _Archive(storage, namespace, tar, lease, report)
         if "index.json" in archive.members:
             found = _import_oci(archive, name)
