@@ -90,16 +90,20 @@ MAX_INGEST_EXPIRY = 10 * 365 * 86400.0  # seconds; GC counts in int64 nanosecond
 # its default in force: `[container_log] max_sise` kept 16 MiB log files, `[grpc] adress`
 # left containerd's API off, `sokcet_group` the socket root's alone. A key a release
 # drops stays here (ignored), so that a config written for it still loads.
+# The top-level keys that are plain strings, set on Config as they are.
+TOP_STRINGS = (
+    "root",
+    "state",
+    "address",
+    "default_runtime",
+    "log_level",
+    "log_format",
+    "default_snapshotter",
+)
 KEYS: dict[str, frozenset[str]] = {
     "": frozenset(
         {
-            "root",
-            "state",
-            "address",
-            "default_runtime",
-            "log_level",
-            "log_format",
-            "default_snapshotter",
+            *TOP_STRINGS,
             "socket_group",
             "standby",
             "runtimes",
@@ -297,15 +301,7 @@ def from_mapping(doc: dict[str, Any]) -> Config:
     """A Config from a parsed TOML document; InvalidArgument names what is wrong."""
     config = Config()
     _known(doc, "")
-    for key in (
-        "root",
-        "state",
-        "address",
-        "default_runtime",
-        "log_level",
-        "log_format",
-        "default_snapshotter",
-    ):
+    for key in TOP_STRINGS:
         if key in doc:
             setattr(config, key, _typed(doc, key, str, "config"))
     if not config.address:  # the default: berthd.sock in the state dir (set or default)

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -71,14 +70,10 @@ def _check_replaceable(path: str, predecessor: int) -> None:
         raise SystemExit(f"berth-grpc: {path} exists and is not a socket")
     if predecessor:
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
+    from berth.shim.wire.unixsock import is_served
+
+    if not is_served(path):
         return  # nobody answers: stale
-    finally:
-        probe.close()
     raise SystemExit(f"berth-grpc: {path} is served by another process")
 
 

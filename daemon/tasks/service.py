@@ -72,6 +72,7 @@ from berth.shim.wire.errors import (
 )
 from berth.shim.wire.names import is_valid
 from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOPPED, UNKNOWN_EXIT
+from berth.shim.wire.unixsock import is_served
 
 log = logging.getLogger("berthd.tasks")
 
@@ -264,7 +265,7 @@ class TaskService:
         lost_shim = False
         try:
             mounts = self._rootfs_mounts(container, params)
-            if os.path.lexists(bundle) and await _answers(self._socket(namespace, container_id)):
+            if os.path.lexists(bundle) and is_served(self._socket(namespace, container_id)):
                 # A task berthd does not know (its record unreadable, say) still has a
                 # shim: its bundle is no leftover, and removing it would strand them.
                 lost_shim = True
@@ -1317,20 +1318,6 @@ def _read_log_tail(path: str, tail: int) -> bytes:
         lines = data.splitlines(keepends=True)
         data = b"".join(lines[-tail:])
     return data
-
-
-async def _answers(address: str) -> bool:
-    """Whether something listens at the UNIX socket `address` (a connect, within a
-    second; nothing is sent)."""
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    try:
-        with trio.move_on_after(1):
-            await sock.connect(address)
-        return True  # connected, or waiting in a full backlog: a listener either way
-    except OSError:
-        return False
-    finally:
-        sock.close()
 
 
 def _not_answering(handle: TaskHandle, method: str, timeout: float) -> str:
