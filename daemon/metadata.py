@@ -71,7 +71,12 @@ class LockedDB:
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> _Result:
         with self._lock:
-            cur = self._conn.execute(sql, params)
+            try:
+                cur = self._conn.execute(sql, params)
+            except OverflowError:
+                # SQLite's integers are 64-bit and a parameter is beyond them: a number a
+                # client gave (a time, a size), not a fault of berthd's.
+                raise InvalidArgument("a number out of range (64-bit signed)") from None
             return _Result(cur.fetchall(), cur.lastrowid, cur.rowcount)
 
     @contextlib.contextmanager

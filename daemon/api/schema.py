@@ -415,9 +415,12 @@ class DiffDiff(Params, kw_only=True):
 # -- leases ------------------------------------------------------------------------------
 
 
+MAX_LEASE_SECONDS = 100 * 365 * 86400  # a lease's expiry ends in int64 nanoseconds (2262)
+
+
 class LeasesCreate(Params, kw_only=True):
     id: str | None = None
-    expire_seconds: Annotated[float, Meta(ge=0)] = 0
+    expire_seconds: Annotated[float, Meta(ge=0, le=MAX_LEASE_SECONDS)] = 0
     labels: Labels | None = None
 
 

@@ -596,9 +596,13 @@ class StorageApi:
 
 
 def _rfc3339_ns(text: str) -> int:
+    """containerd's `gc.expire` label as the lease's expiry in ns since the epoch: at least
+    1 (0 means "never": a time at or before 1970 has passed) and at most int64's end (a
+    year 9999 does not fit the database's integer: it is as good as never)."""
     from datetime import datetime
 
     try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
-    except ValueError:
+        ns = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
+    except (ValueError, OverflowError):
         raise InvalidArgument(f"invalid containerd.io/gc.expire {text!r}") from None
+    return min(max(ns, 1), 2**63 - 1)
