@@ -117,6 +117,9 @@ async def serve(
         locks.release()
         if isinstance(exc, listeners.AddressInUse):
             raise startup.StartupError(str(exc)) from None  # one line, nothing changed
+        if isinstance(exc, OSError):  # no such directory, a read-only or foreign filesystem
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise startup.CannotStart(f"cannot listen on {config.address}: {reason}") from None
         raise
     if listener.bound_here and config.socket_group is not None:
         os.chown(config.address, 0, config.socket_group)

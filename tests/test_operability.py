@@ -398,3 +398,38 @@ def test_the_scripts_start(script: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     if argv[-1] == "--help":
         assert "usage" in done.stdout.lower(), done.stdout
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("/proc/berth-test.sock", "No such file or directory"),  # procfs makes no socket
+        ("{dir}/plain-file/berthd.sock", "cannot prepare berthd's directories"),
+    ],
+)
+def test_berthd_that_cannot_listen_says_why_in_one_line(address: str, reason: str) -> None:
+    """An address berthd cannot bind (a directory that cannot hold a socket, a file in
+    the way) is one line and exit 1, not a traceback; nothing is left running."""
+    work = tempfile.mkdtemp(prefix="bt-", dir="/tmp")
+    try:
+        Path(work, "plain-file").write_text("")
+        proc = subprocess.run(
+            [
+                BERTHD,
+                "--root",
+                f"{work}/root",
+                "--state",
+                f"{work}/state",
+                "--address",
+                address.format(dir=work),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("berthd: "), proc.stderr
+        assert reason in lines[0], proc.stderr
+    finally:
+        subprocess.run(["rm", "-rf", work], check=False)
