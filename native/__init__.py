@@ -130,8 +130,8 @@ def _check(rc: int, what: str, path: str) -> None:
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     """mount(2). `data` is the comma-separated option string (at most a page)."""
     rc = lib.mount(
-        source.encode(),
-        target.encode(),
+        os.fsencode(source),
+        os.fsencode(target),
         fstype.encode() if fstype else ffi.NULL,
         flags,
         data.encode() if data else ffi.NULL,
@@ -141,14 +141,15 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
 
 def umount(target: str, flags: int = 0) -> None:
     """umount2(2)."""
-    _check(lib.umount2(target.encode(), flags), "umount", target)
+    _check(lib.umount2(os.fsencode(target), flags), "umount", target)
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2): open `path` relative to `dirfd` under the `resolve` rules; with
     RESOLVE_IN_ROOT every "/" and ".." and every symlink is resolved inside `dirfd`,
     which is what confines a layer's writes to its root (enforced by the kernel)."""
-    fd = lib.berth_openat2(dirfd, path.encode(), flags, mode, resolve)
+    # fsencode: a layer's names are bytes in no encoding ("caf\xe9" is surrogate-escaped)
+    fd = lib.berth_openat2(dirfd, os.fsencode(path), flags, mode, resolve)
     _check(fd, "openat2", path)
     return int(fd)
 

@@ -816,6 +816,29 @@ class _Tree:
             raise FailedPrecondition(f"{rel} vanished while it was diffed")
         return os.fdopen(fd, "rb")
 
+    def xattrs(self, rel: str, st: os.stat_result) -> dict[str, bytes]:
+        """The xattrs a layer carries (XATTR_PREFIXES) of `rel`, if it is a regular file or
+        a directory: those the applier sets, so those a diff must write and compare."""
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return {}
+        try:
+            fd = self._resolve(rel, os.O_PATH | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        found: dict[str, bytes] = {}
+        try:
+            path = f"/proc/self/fd/{fd}"  # an O_PATH fd takes no f*xattr calls
+            for key in sorted(os.listxattr(path)):
+                if key.startswith(XATTR_PREFIXES):
+                    with contextlib.suppress(OSError):  # removed meanwhile
+                        found[key] = os.getxattr(path, key)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.ENOENT):
+                raise
+        finally:
+            os.close(fd)
+        return found
+
     def readlink(self, rel: str) -> str:
         parent, name = posixpath.split(rel)
         pfd = openat2(self.fd, parent or ".", os.O_PATH | os.O_CLOEXEC, _RESOLVE_DIFF)
@@ -845,6 +868,8 @@ def _changed(
         return True
     if (lst.st_mode, lst.st_uid, lst.st_gid) != (ust.st_mode, ust.st_uid, ust.st_gid):
         return True
+    if lst.st_ctime_ns != ust.st_ctime_ns and lower.xattrs(rel, lst) != upper.xattrs(rel, ust):
+        return True  # an xattr set or removed: only the ctime says so
     if stat.S_ISLNK(ust.st_mode):
         return lower.readlink(rel) != upper.readlink(rel)
     if stat.S_ISDIR(ust.st_mode):
@@ -982,6 +1007,10 @@ def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | Non
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
     else:
         return None
+    info.pax_headers = {  # as tar --xattrs writes them, and the applier reads them
+        f"SCHILY.xattr.{key}": value.decode("utf-8", "surrogateescape")
+        for key, value in tree.xattrs(rel, st).items()
+    }
     return info
 
 

@@ -64,11 +64,15 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
 def decompressor(media_type: str, raw: IO[bytes]) -> IO[bytes]:
     """The uncompressed stream of a layer blob of `media_type`."""
     kind = images.LAYER_TYPES.get(media_type)
     if kind is None:
         raise InvalidArgument(f"unsupported layer media type {media_type!r}")
+    kind = _sniffed(raw, kind)
     if kind == "gzip":
         gz = gzip.GzipFile(fileobj=raw, mode="rb")
         return _Decompressed(gz, kind, (EOFError, gzip.BadGzipFile, zlib.error))  # type: ignore[return-value]
@@ -78,6 +82,21 @@ def decompressor(media_type: str, raw: IO[bytes]) -> IO[bytes]:
         reader = zstandard.ZstdDecompressor().stream_reader(raw)
         return _Decompressed(reader, kind, (zstandard.ZstdError,))  # type: ignore[return-value]
     return raw
+
+
+def _sniffed(raw: IO[bytes], kind: str) -> str:
+    """The compression a seekable blob has, by its magic, as containerd and docker detect
+    it whatever the media type says: skopeo 1.9 writes plain tars as `tar+gzip` (from a
+    docker-archive with --dest-oci-accept-uncompressed-layers), which they take. A blob
+    that is neither compressed nor a tar fails as its media type says."""
+    if not raw.seekable():
+        return kind
+    head = raw.read(512)
+    raw.seek(0)
+    for other, magic in _MAGIC.items():
+        if head.startswith(magic):
+            return other
+    return "" if head[257:262] == b"ustar" else kind
 
 
 class _Decompressed(io.RawIOBase):

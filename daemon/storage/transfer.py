@@ -32,7 +32,7 @@ from typing import IO, Any, cast
 
 from berth.daemon.documents import load_json
 from berth.daemon.metadata import validate_image_name
-from berth.daemon.reference import normalize
+from berth.daemon.reference import normalize, parse
 from berth.daemon.storage import images
 from berth.daemon.storage.archive import BoundedTarFile, TappedReader
 from berth.daemon.storage.content import Writer, validate_digest
@@ -387,17 +387,27 @@ def _import_oci(archive: _Archive, name: str | None) -> list[_Found]:
         missing = _store_image(archive, entry, absent)
         if missing:
             raise InvalidArgument(f"archive lacks blob {missing}")
-        image_name = (
-            name
-            if (name and len(entries) == 1)
-            else (
-                entry.annotations.get("io.containerd.image.name")
-                or _full_ref(entry.annotations.get("org.opencontainers.image.ref.name", ""))
-                or entry.digest
-            )
-        )
-        found.append(_Found(image_name, entry, absent))
+        found.append(_Found(_layout_name(entry, name, len(entries) == 1), entry, absent))
     return found
+
+
+def _layout_name(entry: Descriptor, name: str | None, only: bool) -> str:
+    """The name of one image of an OCI layout: `name` for the only one; else its own: a
+    containerd name that its ref name agrees with, or its ref name. A ref name that is a
+    bare tag (what skopeo's and umoci's `oci:DIR:TAG` write) is a tag of `name`'s
+    repository when one is given (ctr's --base-name), else normalised as the CLI
+    normalises what it is given (`v1`: docker.io/library/v1:latest): kept as it was, no
+    command could name it again."""
+    if name and only:
+        return name
+    own = entry.annotations.get("io.containerd.image.name")
+    ref = entry.annotations.get("org.opencontainers.image.ref.name", "")
+    if own and (not ref or ref in (own, _ref_name(own))):
+        return own  # else stale: umoci's repack keeps it on the entry of its new tag
+    if name and ref and "/" not in ref and ":" not in ref:
+        with contextlib.suppress(InvalidArgument):
+            return normalize(f"{parse(name).name}:{ref}")
+    return _full_ref(ref) or entry.digest
 
 
 def _import_docker(archive: _Archive, name: str | None) -> list[_Found]:
@@ -529,9 +539,7 @@ def export_archive(
         )
         annotations = {
             "io.containerd.image.name": name,
-            "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]
-            if ":" in name.rsplit("/", 1)[-1]
-            else "latest",
+            "org.opencontainers.image.ref.name": _ref_name(name),
         }
         index_entries.append({**target.to_json(), "annotations": annotations})
         with contextlib.suppress(NotFound, InvalidArgument):
@@ -564,6 +572,12 @@ def export_archive(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return {"path": path, "blobs": len(blobs), "images": len(names)}
+
+
+def _ref_name(name: str) -> str:
+    """The OCI ref name an export gives image `name`: its tag, as containerd writes it
+    (what `skopeo`'s and `umoci`'s `DIR:TAG` select)."""
+    return name.rsplit(":", 1)[-1] if ":" in name.rsplit("/", 1)[-1] else "latest"
 
 
 def _add_file(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
@@ -651,9 +665,9 @@ def _config_platform(storage: Storage, namespace: str, config: Descriptor) -> st
 
 def _full_ref(name: str) -> str:
     """docker's normalisation (busybox -> docker.io/library/busybox:latest); a name that is
-    not a reference (a bare tag in an OCI layout, say) is kept as it is."""
-    if not name or ("/" not in name and ":" not in name):
-        return name  # a bare tag: no repository to normalise against
+    not a reference is kept as it is."""
+    if not name:
+        return name
     try:
         return normalize(name)
     except InvalidArgument:
