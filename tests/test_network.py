@@ -80,15 +80,22 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+BUILT_IN_CHAINS = frozenset({":PREROUTING", ":INPUT", ":FORWARD", ":OUTPUT", ":POSTROUTING"})
+
+
 def _nat_rules() -> set[str]:
     """Every rule and chain of every iptables table (`iptables-save`, counters left out):
-    what bridge (ipMasq), portmap and firewall add, and what DEL must take away again."""
+    what bridge (ipMasq), portmap and firewall add, and what DEL must take away again.
+    Not a table's built-in chains: the kernel makes them when the table is first used
+    (on a fresh machine, by the first test that attaches) and they stay, empty."""
     rules, table = set(), ""
     done = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True)
     for line in done.stdout.splitlines():
         if line.startswith("*"):
             table = line[1:]
         elif line and not line.startswith(("#", "COMMIT")):
+            if line.split()[0] in BUILT_IN_CHAINS:
+                continue
             rules.add(f"{table} {line.split()[0] if line.startswith(':') else line}")
     return rules
 
