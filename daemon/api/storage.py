@@ -153,7 +153,13 @@ class StorageApi:
         return paged("content", self.storage.store.list_content(ctx.namespace), "digest", p.page)
 
     async def content_read(self, ctx: CallContext, p: schema.ContentRead) -> Any:
+        """Up to MAX_READ bytes at `offset`; none at or past the blob's end, without a
+        seek there (past a filesystem's largest file, 16 TiB on ext4, a seek is EINVAL:
+        such an offset was `internal`)."""
         size = min(p.size if p.size > 0 else MAX_READ, MAX_READ)
+        info = self.storage.content_info(ctx.namespace, p.digest)
+        if p.offset >= int(info.get("size") or 0):
+            return {"data": b"", "offset": p.offset}
         data = await in_thread(self.storage.content_read, ctx.namespace, p.digest, p.offset, size)
         return {"data": data, "offset": p.offset}
 

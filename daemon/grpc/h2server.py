@@ -23,6 +23,10 @@ bounded); `Server` drives connections with h2. Kernel-side facts that bite:
 - HTTP/2 flow control: data received is acknowledged (WINDOW_UPDATE) as the handler takes
   it, so a client streaming faster than berthd stores (Content.Write) is held back by its
   window instead of filling this process's memory; data sent waits for the client's window.
+- h2's own validation of received headers fails the whole connection (a GOAWAY) on one
+  malformed request, ending every call the client has on it; RFC 9113 (8.1.1) makes that
+  a stream error. Requests are checked here instead (`malformed_headers`), as grpc-go
+  does: a malformed one's stream is reset, the connection and its other calls go on.
 """
 
 from __future__ import annotations
@@ -130,6 +134,35 @@ def parse_timeout(value: str) -> float | None:
     return int(digits) * units[unit]
 
 
+_PSEUDO_HEADERS = {b":method", b":scheme", b":authority", b":path"}
+_NAME_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_CONNECTION_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade"}
+
+
+def malformed_headers(headers: Any) -> str | None:
+    """Why a request's headers are malformed (RFC 9113 8.2, 8.3), or None: a name that is
+    not a lowercase token, a value with a control character (grpc-go's test: a space or a
+    tab around it is taken), a pseudo-header unknown, repeated or after a regular header,
+    a connection-specific header. grpc-go resets such a stream (a PROTOCOL_ERROR)."""
+    seen: set[bytes] = set()
+    regular = False
+    for name_raw, value_raw in headers:
+        name, value = bytes(name_raw), bytes(value_raw)
+        if name.startswith(b":"):
+            if regular or name not in _PSEUDO_HEADERS or name in seen:
+                return f"pseudo-header {name!r} unknown, repeated or after a regular one"
+            seen.add(name)
+        else:
+            regular = True
+            if not name or not _NAME_CHARS.issuperset(name):
+                return f"header name {name!r} is not a lowercase token"
+            if name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+                return f"connection-specific header {name!r}"
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+            return f"header {name!r}: a control character in its value"
+    return None
+
+
 def encode_grpc_message(details: str) -> str:
     """`grpc-message`'s percent-encoding: printable ASCII but '%' as is, the rest as %XX of
     its UTF-8 bytes; at most MAX_STATUS_MESSAGE bytes, cut with "...". Errors may echo what
@@ -185,7 +218,10 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         config = H2Configuration(
-            client_side=False, header_encoding=None, validate_outbound_headers=False
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            validate_inbound_headers=False,  # per stream: malformed_headers
         )
         self.h2 = H2Connection(config=config)
         self.h2.local_settings = Settings(
@@ -325,6 +361,11 @@ class _Connection:
     def _begin(self, stream_id: int, raw_headers: Any) -> None:
         if self.draining:
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # retried elsewhere
+            return
+        problem = malformed_headers(raw_headers)
+        if problem is not None:
+            log.info("gRPC request refused: %s", problem)
+            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         headers: dict[str, str] = {}
         metadata: list[tuple[str, str]] = []
