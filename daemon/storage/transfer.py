@@ -414,6 +414,11 @@ def _import_docker(archive: _Archive, name: str | None) -> list[_Found]:
     manifest_list = load_json(
         archive.read("manifest.json"), "manifest.json", max_size=MAX_ARCHIVE_DOCUMENT
     )
+    if isinstance(manifest_list, dict) and "schemaVersion" in manifest_list:
+        raise InvalidArgument(
+            "manifest.json is one image manifest: a dir: transport layout (skopeo's dir:, "
+            "podman's docker-dir), not an image archive; save as docker-archive or oci-archive"
+        )
     if not isinstance(manifest_list, list) or not manifest_list:
         raise InvalidArgument("manifest.json must be a non-empty list")
     found: list[_Found] = []
