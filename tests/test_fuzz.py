@@ -8,6 +8,7 @@ BERTH_FUZZ_EXAMPLES for a longer run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from berth.shim.wire.client import Client
 from berth.shim.wire.protocol import HEADER, Connection, Hello, Request, Role
+from tests.support.edges import LABEL_KEYS, TIMES
 from tests.support.helpers import Daemon, kill, wait_until
 from tests.test_shim import StandaloneShim
 
@@ -285,30 +287,12 @@ SCHEMA_METHODS = [
 ]
 EDGE_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]
 EDGE_FLOATS = [0.0, -0.0, 1e-300, 1e9, 1e10, 3e9, 1e18, 1e19, 1e300, float("inf"), float("-inf")]
-TIMES = [
-    "9999-12-31T23:59:59Z",
-    "0001-01-01T00:00:00Z",
-    "1970-01-01T00:00:00Z",
-    "1969-12-31T23:59:59Z",
-    "2262-04-12T00:00:00Z",
-    "2026-13-45T25:61:61Z",
-    "2026-01-01T00:00:00+99:99",
-]
-LABEL_KEYS = [
-    "containerd.io/gc.expire",
-    "containerd.io/gc.flat",
-    "containerd.io/gc.ref.content",
-    "containerd.io/gc.ref.content.l.0",
-    "containerd.io/gc.ref.snapshot.overlayfs",
-    "containerd.io/uncompressed",
-    "containerd.io/snapshot.ref",
-]
 
 
 # Objects made in the fuzzed namespace before the schema-guided test (seeded_daemon), and
 # named by its strings often, so that requests reach an object's code, not just not_found.
 BLOB = b"berth fuzz blob\n"
-BLOB_DIGEST = "sha256:" + __import__("hashlib").sha256(BLOB).hexdigest()
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 KNOWN_NAMES = ["c1", "l1", "s1", "base", "docker.io/library/fuzz:1", BLOB_DIGEST, "overlayfs"]
 
 

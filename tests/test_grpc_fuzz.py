@@ -58,6 +58,7 @@ from berth.daemon.grpc.services import descriptors
 from berth.daemon.oci import default_spec
 from berth.shim.wire.errors import BerthError
 from tests.support.clients import frontend_pids, grpc_address, grpc_daemon
+from tests.support.edges import LABEL_KEYS, TIMES
 from tests.support.helpers import Daemon
 
 pytestmark = pytest.mark.container
@@ -143,27 +144,6 @@ INT_EDGES = {
     FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 FLOATS = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 1e300, -1e300, 5e-324]
-TIMES = [
-    "9999-12-31T23:59:59Z",
-    "0001-01-01T00:00:00Z",
-    "1970-01-01T00:00:00Z",
-    "1969-12-31T23:59:59Z",
-    "2262-04-12T00:00:00Z",
-    "2026-13-45T25:61:61Z",
-    "2026-01-01T00:00:00+99:99",
-    "99999-01-01T00:00:00Z",
-]
-LABEL_KEYS = [
-    "containerd.io/gc.expire",
-    "containerd.io/gc.flat",
-    "containerd.io/gc.ref.content",
-    "containerd.io/gc.ref.content.l.0",
-    "containerd.io/gc.ref.snapshot.overlayfs",
-    "containerd.io/gc.ref.image",
-    "containerd.io/uncompressed",
-    "containerd.io/snapshot.ref",
-    "containerd.io/distribution.source.docker.io",
-]
 HOSTILE = [
     "",
     "../x",

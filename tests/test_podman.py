@@ -39,11 +39,10 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from berth.shim.mount import Mount, temporary_mount
+from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of
 from tests.support.helpers import Daemon, kill, process_state, wait_until
 from tests.support.images import build_oci_archive
 from tests.support.registry import Registry
@@ -52,18 +51,6 @@ pytestmark = pytest.mark.container
 
 BUSYBOX = "/bin/busybox"  # busybox-static: the only binary in the images podman builds
 HOST_DIRS = ("/var/lib/containers", "/run/containers")  # podman's defaults: never touched
-
-# podman as root keeps a blob cache under /var/lib/containers whatever its --root says:
-# it runs in a mount namespace of its own, a tmpfs over /var/lib (skopeo's suite does so).
-PRIVATE_VAR_LIB = [
-    "unshare",
-    "--mount",
-    "--propagation",
-    "private",
-    "sh",
-    "-c",
-    'mount -t tmpfs -o mode=0755 tmpfs /var/lib && exec "$0" "$@"',
-]
 
 
 def ok(r: subprocess.CompletedProcess[bytes]) -> str:
@@ -209,26 +196,6 @@ def registry() -> Iterator[Registry]:
         yield r
     finally:
         r.close()
-
-
-def manifest_of(daemon: Daemon, name: str, namespace: str | None = None) -> dict[str, Any]:
-    with daemon.client(namespace) as c:
-        target = c.call("images.get", {"name": name})["target"]
-        doc: dict[str, Any] = json.loads(
-            c.call("content.read", {"digest": target["digest"]})["data"]
-        )
-    doc["digest"] = target["digest"]
-    doc["target_media_type"] = target["media_type"]
-    return doc
-
-
-def put(c: Any, data: bytes, labels: dict[str, str] | None = None) -> str:
-    """Store `data` as content through the API (a builder's ingest)."""
-    ref = f"put-{uuid.uuid4().hex[:8]}"
-    c.call("content.write.open", {"ref": ref})
-    c.call("content.write.chunk", {"ref": ref, "data": data})
-    digest: str = c.call("content.write.commit", {"ref": ref, "labels": labels or {}})["digest"]
-    return digest
 
 
 # --- images podman makes ------------------------------------------------------------------
@@ -440,53 +407,18 @@ def test_an_image_a_builder_made_on_berth_runs_in_podman_with_its_deletions(
     deletions (whiteouts podman applies)."""
     base_name = "docker.io/berth/base:1"
     bb_image(daemon, busybox_rootfs, tmp_path, base_name)
-    base = manifest_of(daemon, base_name)
-    with daemon.client() as c:
-        lease = c.call("leases.create", {"id": "build", "expire_seconds": 0})["id"]
-        chain = c.call("images.unpack", {"name": base_name})["chain_id"]
-        work = c.call("snapshots.prepare", {"key": "work", "parent": chain}, lease=lease)["mounts"]
-        lower = c.call("snapshots.view", {"key": "lower", "parent": chain}, lease=lease)["mounts"]
-        with temporary_mount(
-            [Mount.from_wire(m) for m in work], os.path.join(daemon.dir, "mnt")
-        ) as d:
-            root = Path(d)
-            (root / "built").write_text("made by a builder\n")
-            (root / "etc/berth").unlink()
-            (root / "bin/vi").unlink()
-            shutil.rmtree(root / "var")
-            (root / "var/new").mkdir(parents=True)
-            (root / "var/new/file").write_text("replaced\n")
-        layer = c.call("diff.diff", {"lower": lower, "upper": work}, lease=lease)["diff"]
-        config = json.loads(c.call("content.read", {"digest": base["config"]["digest"]})["data"])
-        config["rootfs"]["diff_ids"].append(layer["annotations"]["containerd.io/uncompressed"])
-        config["config"]["Cmd"] = ["cat", "/built"]
-        config_data = json.dumps(config).encode()
-        config_desc = {
-            "mediaType": base["config"]["mediaType"],
-            "digest": put(c, config_data),
-            "size": len(config_data),
-        }
-        layers = base["layers"] + [
-            {"mediaType": layer["media_type"], "digest": layer["digest"], "size": layer["size"]}
-        ]
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": base["mediaType"],
-                "config": config_desc,
-                "layers": layers,
-            }
-        ).encode()
-        refs = {"containerd.io/gc.ref.content.config": config_desc["digest"]}
-        refs |= {f"containerd.io/gc.ref.content.l.{i}": x["digest"] for i, x in enumerate(layers)}
-        digest = put(c, manifest, refs)
-        target = {"media_type": base["mediaType"], "digest": digest, "size": len(manifest)}
-        c.call("images.create", {"name": "docker.io/berth/built:1", "target": target})
-        c.call("leases.delete", {"id": lease})
+    built_name, cmd = "docker.io/berth/built:1", ["cat", "/built"]
+    with layer_on(daemon, base_name, built_name, cmd) as (root, built):
+        (root / "built").write_text("made by a builder\n")
+        (root / "etc/berth").unlink()
+        (root / "bin/vi").unlink()
+        shutil.rmtree(root / "var")
+        (root / "var/new").mkdir(parents=True)
+        (root / "var/new/file").write_text("replaced\n")
     ref = f"{registry.host}/berth/built:1"
     ok(daemon.cli("images", "push", "--plain-http", ref, "berth/built:1"))
     podman("pull", "--tls-verify=false", ref)
-    assert podman.digest(ref) == digest
+    assert podman.digest(ref) == built.digest
     assert podman_run(podman, ref) == "made by a builder\n"
     gone = "/etc/berth /bin/vi /var/run"
     script = f"cat /var/new/file; for p in {gone}; do test -e $p && echo LEFT $p; done; true"

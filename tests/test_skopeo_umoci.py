@@ -44,6 +44,7 @@ from typing import Any
 import pytest
 
 from berth.shim.mount import Mount, temporary_mount
+from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of
 from tests.support.helpers import Daemon
 from tests.support.images import build_oci_archive
 from tests.support.registry import Registry
@@ -55,20 +56,6 @@ XATTRS = ("user.", "security.capability")  # what a layer carries (archive.XATTR
 
 
 # --- tools --------------------------------------------------------------------------------
-
-
-# skopeo run as root keeps a blob cache in /var/lib/containers/cache and has no option to
-# move it: it runs in a mount namespace of its own, a tmpfs over /var/lib, so a test
-# writes nothing outside its temp dirs.
-PRIVATE_VAR_LIB = [
-    "unshare",
-    "--mount",
-    "--propagation",
-    "private",
-    "sh",
-    "-c",
-    'mount -t tmpfs -o mode=0755 tmpfs /var/lib && exec "$0" "$@"',
-]
 
 
 def tool(*args: str) -> str:
@@ -355,16 +342,6 @@ def skopeo_inspect(transport_ref: str, *flags: str) -> dict[str, Any]:
     return doc
 
 
-def manifest_of(daemon: Daemon, name: str, namespace: str | None = None) -> dict[str, Any]:
-    with daemon.client(namespace) as c:
-        target = c.call("images.get", {"name": name})["target"]
-        doc: dict[str, Any] = json.loads(
-            c.call("content.read", {"digest": target["digest"]})["data"]
-        )
-    doc["digest"] = target["digest"]
-    return doc
-
-
 def check_layout_copy(layout: str, tag: str, manifest: dict[str, Any], work: str) -> None:
     """skopeo reads `layout`:`tag` as `manifest`, and copies it blob by blob (verifying
     each digest) into a dir: transport holding exactly the manifest's blobs."""
@@ -456,15 +433,6 @@ def pushed_tree_and_copy(
     return got
 
 
-def put(c: Any, data: bytes, labels: dict[str, str] | None = None) -> str:
-    """Store `data` as content through the API (a builder's ingest)."""
-    ref = f"put-{uuid.uuid4().hex[:8]}"
-    c.call("content.write.open", {"ref": ref})
-    c.call("content.write.chunk", {"ref": ref, "data": data})
-    digest: str = c.call("content.write.commit", {"ref": ref, "labels": labels or {}})["digest"]
-    return digest
-
-
 def test_a_layer_berth_diffs_is_pushed_and_umoci_unpacks_its_deletions(
     daemon: Daemon, registry: Registry, busybox_rootfs: str, tmp_path: Path
 ) -> None:
@@ -474,67 +442,32 @@ def test_a_layer_berth_diffs_is_pushed_and_umoci_unpacks_its_deletions(
     umoci's unpack is the tree the builder made: deletions are deletions."""
     build_oci_archive(busybox_rootfs, str(tmp_path / "bb.tar"), name="docker.io/library/bb:1")
     ok(daemon.cli("images", "import", str(tmp_path / "bb.tar")))
-    base = manifest_of(daemon, "docker.io/library/bb:1")
-    with daemon.client() as c:
-        lease = c.call("leases.create", {"id": "build", "expire_seconds": 0})["id"]
-        chain = c.call("images.unpack", {"name": "docker.io/library/bb:1"})["chain_id"]
-        work = c.call("snapshots.prepare", {"key": "work", "parent": chain}, lease=lease)["mounts"]
-        lower = c.call("snapshots.view", {"key": "lower", "parent": chain}, lease=lease)["mounts"]
-        mnt = os.path.join(daemon.dir, "mnt")
-        with temporary_mount([Mount.from_wire(m) for m in work], mnt) as d:
-            root = Path(d)
-            (root / "built").write_text("made by a builder\n")
-            os.link(root / "built", root / "built-link")
-            os.symlink("/built", root / "built-sym")
-            (root / "bin/vi").unlink()
-            shutil.rmtree(root / "usr")
-            shutil.rmtree(root / "var")
-            (root / "var/new").mkdir(parents=True)  # a directory replaced
-            (root / "var/new/file").write_text("replaced\n")
-            os.chmod(root / "etc/hostname", 0o600)
-            os.chown(root / "etc/group", 1000, 1000)
-            os.setxattr(root / "built", "user.builder", b"yes")
-            (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-            odd_names(root)
-            (root / "etc/resolv.conf").unlink()  # a file becomes a directory
-            (root / "etc/resolv.conf").mkdir()
-            (root / "etc/resolv.conf/inside").write_text("in a directory now\n")
-            shutil.rmtree(root / "root")  # a directory becomes a file
-            (root / "root").write_text("a file now\n")
-            (root / "sbin").rmdir()  # a directory becomes a symlink
-            os.symlink("bin", root / "sbin")
-            os.setxattr(root / "etc/hosts", "user.only", b"an xattr, nothing else")
-            caps = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service+ep
-            os.setxattr(root / "bin/busybox", "security.capability", caps)
-            built = tree(d)
-        layer = c.call("diff.diff", {"lower": lower, "upper": work}, lease=lease)["diff"]
-        diff_id = layer["annotations"]["containerd.io/uncompressed"]
-        config = json.loads(c.call("content.read", {"digest": base["config"]["digest"]})["data"])
-        config["rootfs"]["diff_ids"].append(diff_id)
-        config["config"]["Cmd"] = ["cat", "/built"]
-        config_data = json.dumps(config).encode()
-        config_desc = {
-            "mediaType": base["config"]["mediaType"],
-            "digest": put(c, config_data),
-            "size": len(config_data),
-        }
-        layers = base["layers"] + [
-            {"mediaType": layer["media_type"], "digest": layer["digest"], "size": layer["size"]}
-        ]
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": base["mediaType"],
-                "config": config_desc,
-                "layers": layers,
-            }
-        ).encode()
-        refs = {"containerd.io/gc.ref.content.config": config_desc["digest"]}
-        refs |= {f"containerd.io/gc.ref.content.l.{i}": x["digest"] for i, x in enumerate(layers)}
-        digest = put(c, manifest, refs)
-        target = {"media_type": base["mediaType"], "digest": digest, "size": len(manifest)}
-        c.call("images.create", {"name": "docker.io/library/built:1", "target": target})
-        c.call("leases.delete", {"id": lease})
+    built_name, cmd = "docker.io/library/built:1", ["cat", "/built"]
+    with layer_on(daemon, "docker.io/library/bb:1", built_name, cmd) as (root, _):
+        (root / "built").write_text("made by a builder\n")
+        os.link(root / "built", root / "built-link")
+        os.symlink("/built", root / "built-sym")
+        (root / "bin/vi").unlink()
+        shutil.rmtree(root / "usr")
+        shutil.rmtree(root / "var")
+        (root / "var/new").mkdir(parents=True)  # a directory replaced
+        (root / "var/new/file").write_text("replaced\n")
+        os.chmod(root / "etc/hostname", 0o600)
+        os.chown(root / "etc/group", 1000, 1000)
+        os.setxattr(root / "built", "user.builder", b"yes")
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        odd_names(root)
+        (root / "etc/resolv.conf").unlink()  # a file becomes a directory
+        (root / "etc/resolv.conf").mkdir()
+        (root / "etc/resolv.conf/inside").write_text("in a directory now\n")
+        shutil.rmtree(root / "root")  # a directory becomes a file
+        (root / "root").write_text("a file now\n")
+        (root / "sbin").rmdir()  # a directory becomes a symlink
+        os.symlink("bin", root / "sbin")
+        os.setxattr(root / "etc/hosts", "user.only", b"an xattr, nothing else")
+        caps = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service+ep
+        os.setxattr(root / "bin/busybox", "security.capability", caps)
+        built = tree(str(root))
     ref = f"{registry.host}/team/built:1"
     ok(daemon.cli("images", "push", "--plain-http", ref, "built:1"))
     got = pushed_tree_and_copy(daemon, ref, "docker.io/library/built:1", tmp_path)
