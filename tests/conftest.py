@@ -23,6 +23,7 @@ import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support.helpers import Daemon, hybrid_crun_fix_needed
+from tests.support.registry import Registry
 
 # Every daemon a test starts checks each reply against the API contract (api/schema.py).
 os.environ["BERTH_CHECK_REPLIES"] = "1"
@@ -138,6 +139,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _require_root_and_runc() -> None:
     if shutil.which("runc") is None:
         pytest.fail("runc is not installed (scripts/setup installs it)")
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    """A loopback docker-registry of the test's own (tests/support/registry.py)."""
+    r = Registry()
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ from berth.daemon.grpc.services import descriptors
 from berth.daemon.oci import default_spec
 from berth.shim.wire.errors import BerthError
 from tests.support.clients import frontend_pids, grpc_address, grpc_daemon
-from tests.support.edges import LABEL_KEYS, TIMES
+from tests.support.edges import HOSTILE, LABEL_KEYS, TIMES
 from tests.support.helpers import Daemon
 
 pytestmark = pytest.mark.container
@@ -144,26 +144,6 @@ INT_EDGES = {
     FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 FLOATS = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 1e300, -1e300, 5e-324]
-HOSTILE = [
-    "",
-    "../x",
-    "..",
-    "/",
-    "a/../../b",
-    "\0",
-    "x" * 5000,
-    "sha256:" + "0" * 64,
-    "sha256:../../etc/passwd",
-    "sha256:",
-    "sha512:" + "0" * 128,
-    "-",
-    " ",
-    "\n",
-    "é",
-    "*",
-    "%s%n",
-    "labels.a==b",
-]
 FILTERS = [
     "",
     'labels."com.example/x"==y',

@@ -18,7 +18,6 @@ import tarfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,15 +295,6 @@ def test_an_archive_lacking_other_platforms_imports_the_host_one_and_reexports(
 
 
 # --- a registry: single-platform pulls, pushes, listings (items 2, 3, 5) -----------------
-
-
-@pytest.fixture
-def registry() -> Iterator[Registry]:
-    r = Registry()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_a_single_platform_pull_lists_exports_and_pushes_only_what_it_holds(

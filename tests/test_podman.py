@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of
+from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of, ok, tar_dir
 from tests.support.helpers import Daemon, kill, process_state, wait_until
 from tests.support.images import build_oci_archive
 from tests.support.registry import Registry
@@ -51,17 +51,6 @@ pytestmark = pytest.mark.container
 
 BUSYBOX = "/bin/busybox"  # busybox-static: the only binary in the images podman builds
 HOST_DIRS = ("/var/lib/containers", "/run/containers")  # podman's defaults: never touched
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> str:
-    assert r.returncode == 0, r.stderr.decode()
-    return r.stdout.decode()
-
-
-def tar_dir(directory: str, out: str) -> str:
-    """A tar of a layout directory's contents, as `tar -C DIR -cf OUT .` writes it."""
-    subprocess.run(["tar", "-C", directory, "-cf", out, "."], check=True, timeout=120)
-    return out
 
 
 class Podman:
@@ -187,15 +176,6 @@ def podman() -> Iterator[Podman]:
     finally:
         p.close()
     assert {p: os.path.exists(p) for p in HOST_DIRS} == before, "podman wrote to the host"
-
-
-@pytest.fixture
-def registry() -> Iterator[Registry]:
-    r = Registry()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 # --- images podman makes ------------------------------------------------------------------

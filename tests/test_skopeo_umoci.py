@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from berth.shim.mount import Mount, temporary_mount
-from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of
+from tests.support.builder import PRIVATE_VAR_LIB, layer_on, manifest_of, ok, tar_dir
 from tests.support.helpers import Daemon
 from tests.support.images import build_oci_archive
 from tests.support.registry import Registry
@@ -66,17 +66,6 @@ def tool(*args: str) -> str:
     r = subprocess.run(command, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"{' '.join(args)}: {r.stderr.decode()}"
     return r.stdout.decode()
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> str:
-    assert r.returncode == 0, r.stderr.decode()
-    return r.stdout.decode()
-
-
-def tar_dir(directory: str, out: str) -> str:
-    """A tar of a layout directory's contents, as `tar -C DIR -cf OUT .` writes it."""
-    subprocess.run(["tar", "-C", directory, "-cf", out, "."], check=True, timeout=120)
-    return out
 
 
 def untar(archive: str, directory: str) -> str:
@@ -309,15 +298,6 @@ def test_umoci_layout_imports_and_unpacks_to_umocis_tree(
         assert f"docker.io/umoci/app:{tag} {desc['digest']}" in out, out
     r = daemon.cli("run", "--rm", "umoci/app:v3", "u2", "sh", "-c", script, namespace="named")
     assert ok(r) == expected
-
-
-@pytest.fixture
-def registry() -> Iterator[Registry]:
-    r = Registry()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_umoci_image_pushed_by_skopeo_pulls_and_runs(

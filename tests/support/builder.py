@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ PRIVATE_VAR_LIB = [
     "-c",
     'mount -t tmpfs -o mode=0755 tmpfs /var/lib && exec "$0" "$@"',
 ]
+
+
+def ok(r: subprocess.CompletedProcess[bytes]) -> str:
+    """A CLI's stdout, once it succeeded (a failure shows its stderr)."""
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode()
+
+
+def tar_dir(directory: str, out: str) -> str:
+    """A tar of a layout directory's contents, as `tar -C DIR -cf OUT .` writes it."""
+    subprocess.run(["tar", "-C", directory, "-cf", out, "."], check=True, timeout=120)
+    return out
 
 
 def manifest_of(daemon: Daemon, name: str, namespace: str | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Values at the edges that both fuzzers (berthd's API, tests/test_fuzz.py; berth-grpc's,
 tests/test_grpc_fuzz.py) give fields: times for containerd's RFC 3339 labels (past int64
-nanoseconds, before 1970, not dates at all) and containerd's own label keys."""
+nanoseconds, before 1970, not dates at all), containerd's own label keys, and strings
+that names and paths must refuse."""
 
 from __future__ import annotations
 
@@ -24,4 +25,24 @@ LABEL_KEYS = [
     "containerd.io/uncompressed",
     "containerd.io/snapshot.ref",
     "containerd.io/distribution.source.docker.io",
+]
+HOSTILE = [
+    "",
+    "../x",
+    "..",
+    "/",
+    "a/../../b",
+    "\0",
+    "x" * 5000,
+    "sha256:" + "0" * 64,
+    "sha256:../../etc/passwd",
+    "sha256:",
+    "sha512:" + "0" * 128,
+    "-",
+    " ",
+    "\n",
+    "é",
+    "*",
+    "%s%n",
+    "labels.a==b",
 ]
