@@ -613,3 +613,28 @@ def test_a_shim_s_memory_stays_flat_over_thousands_of_calls(daemon: Daemon) -> N
     )
     assert grown < 512 * 1024, grown
     daemon.cli("tasks", "rm", "-f", "c-flat", check=True)
+
+
+def test_an_attached_run_s_output_waits_in_a_pipe_nobody_reads_yet(daemon: Daemon) -> None:
+    """`berth run` into a pipe its consumer reads only later: every line is there, and the
+    CLI did not wait on the pipe. Spliced, each line took one of the pipe's 16 buffers: the
+    copy blocked after 16 lines, drain gave up after 10 s and the rest was lost."""
+    script = "for i in $(seq 1 40); do echo $i; sleep 0.05; done; exit 3"  # a write each
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    proc = subprocess.Popen(
+        [BERTH, "run", "--busybox", "--rm", "c-unread", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.wait(timeout=8) == 3  # nothing read from its stdout yet
+        out = proc.stdout.read() if proc.stdout else b""
+        assert out.split() == [str(n).encode() for n in range(1, 41)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 def _splice_safe(dst: int) -> bool:
-    """Whether splice(FIFO -> dst) is safe: only into a pipe or /dev/null.
+    """Whether splice(FIFO -> dst) is safe: only into /dev/null.
 
     Kernel facts that bite here:
     - splice into a file that can block (a tty, a socket) takes the source pipe's mutex
@@ -39,10 +39,13 @@ def _splice_safe(dst: int) -> bool:
       stderr copies share one offset: the stderr copy, asleep in splice since the attach,
       wrote back the old offset at EOF, and the shell's next line overwrote the
       container's output (found by a run of scripts/demo with its output in a file).
-    Pipe-to-pipe splice waits without the lock and has no offset; /dev/null keeps none."""
+    - splice into a pipe moves each chunk as a pipe buffer of its own, never merged as
+      write(2) merges small writes: a pipe has 16 of them, so a consumer that paused
+      (read our stdout only later) had a "full" pipe after 16 lines of output, the copy
+      blocked, `drain` gave up and the rest was lost (found by test_upgrade's attached
+      run). read/write fills the pipe's 64 KiB.
+    /dev/null keeps nothing and never blocks."""
     st = os.fstat(dst)
-    if stat.S_ISFIFO(st.st_mode):
-        return True
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
 
