@@ -638,3 +638,67 @@ def test_an_attached_run_s_output_waits_in_a_pipe_nobody_reads_yet(daemon: Daemo
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def test_an_attached_run_s_output_waits_for_a_consumer_that_pauses_longer_than_drain(
+    daemon: Daemon,
+) -> None:
+    """More output than a pipe holds, read only 12 s after the container exited: every
+    byte arrives. Drain used to give up 10 s after the exit, output on its way or not,
+    and the CLI left with what had not fit into the pipe."""
+    lines = 20000  # ~109 KiB, more than the 64 KiB a pipe holds
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    proc = subprocess.Popen(
+        [BERTH, "run", "--busybox", "--rm", "c-paused", "sh", "-c", f"seq 1 {lines}; exit 3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    seen: list[str] = []
+
+    def exited() -> bool:
+        try:
+            seen.append(daemon.call("tasks.get", {"container_id": "c-paused"})["status"])
+        except NotFound:
+            return bool(seen)  # created, then gone: it exited and --rm removed it
+        return seen[-1] == "stopped"
+
+    try:
+        wait_until(exited, timeout=30)
+        time.sleep(12)  # past the old drain's 10 s; nothing read from the CLI's stdout yet
+        assert proc.poll() is None, "the CLI left with output undelivered"
+        out = proc.stdout.read() if proc.stdout else b""
+        assert proc.wait(timeout=30) == 3
+        assert out.split() == [str(n).encode() for n in range(1, lines + 1)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def test_an_exec_whose_leftover_keeps_stdout_open_ends_after_an_idle_drain(
+    daemon: Daemon,
+) -> None:
+    """An exec'd shell that leaves a process behind holding its stdout: the CLI delivers
+    the output, reports the exit status and returns once the FIFO stayed idle (10 s),
+    instead of waiting for the leftover to end."""
+    daemon.cli("run", "--busybox", "-d", "c-leftover", "sleep", "300", check=True)
+    try:
+        r = daemon.cli(  # the timeout fails the test if the CLI waits for the leftover
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e-left",
+            "c-leftover",
+            "sh",
+            "-c",
+            "sleep 120 & echo before; exit 5",
+            timeout=60,
+        )
+        assert r.returncode == 5
+        assert r.stdout == b"before\n"
+    finally:
+        daemon.cli("tasks", "rm", "-f", "c-leftover")

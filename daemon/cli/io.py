@@ -49,7 +49,17 @@ def _splice_safe(dst: int) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
 
-def _copy(src: int, dst: int) -> None:
+class _Progress:
+    """What one copy is doing, for `Fifos.drain`: when its source last gave it anything,
+    and whether it is busy delivering (a write into our stdout that blocks because its
+    reader is slow or paused). Plain attributes, written by the copy's thread alone."""
+
+    def __init__(self) -> None:
+        self.last_read = time.monotonic()
+        self.delivering = False
+
+
+def _copy(src: int, dst: int, progress: _Progress) -> None:
     """Copy until EOF: splice(2) where that is safe (see _splice_safe), else read/write.
     Never splice *into* a FIFO from a source that can block (stdin may be a terminal)."""
     use_splice = _splice_safe(dst) and stat.S_ISFIFO(os.fstat(src).st_mode)
@@ -62,12 +72,13 @@ def _copy(src: int, dst: int) -> None:
                 continue
             if n == 0:
                 return
+            progress.last_read = time.monotonic()
             continue
-        _copy_plain(src, dst)
+        _copy_plain(src, dst, progress)
         return
 
 
-def _copy_plain(src: int, dst: int) -> None:
+def _copy_plain(src: int, dst: int, progress: _Progress | None = None) -> None:
     """read/write only: used for stdin, whose source (a terminal) may block for ever, and
     for regular files. A destination that is full (EAGAIN: someone else made our stdout
     non-blocking) is waited for; one that fails is reported, and the rest read and
@@ -83,6 +94,8 @@ def _copy_plain(src: int, dst: int) -> None:
         if failed:
             continue
         view = memoryview(data)
+        if progress is not None:
+            progress.delivering = True
         while view:
             try:
                 view = view[os.write(dst, view) :]
@@ -94,6 +107,9 @@ def _copy_plain(src: int, dst: int) -> None:
                         os.write(2, f"berth: output lost: {exc.strerror}\n".encode())
                 failed = True
                 break
+        if progress is not None:
+            progress.last_read = time.monotonic()
+            progress.delivering = False
 
 
 def _private_dir() -> str:
@@ -121,7 +137,7 @@ class Fifos:
                 path = os.path.join(self.dir, name)
                 os.mkfifo(path, 0o600)
                 self.paths[name] = path
-        self._threads: list[threading.Thread] = []
+        self._copies: list[tuple[threading.Thread, _Progress]] = []
         self._fds: list[int] = []
 
     def params(self) -> dict[str, Any]:
@@ -136,7 +152,12 @@ class Fifos:
                 fd = os.open(self.paths[name], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 os.set_blocking(fd, True)
                 self._fds.append(fd)
-                self._start(_copy, fd, target, name)
+                progress = _Progress()
+                thread = threading.Thread(
+                    target=_copy, args=(fd, target, progress), name=name, daemon=True
+                )
+                thread.start()
+                self._copies.append((thread, progress))
         if "stdin" in self.paths:
             fd = os.open(self.paths["stdin"], os.O_WRONLY | os.O_CLOEXEC)
 
@@ -149,16 +170,22 @@ class Fifos:
             thread = threading.Thread(target=pump, name="stdin", daemon=True)
             thread.start()
 
-    def _start(self, fn: Any, *args: Any) -> None:
-        thread = threading.Thread(target=fn, args=args[:2], name=args[2], daemon=True)
-        thread.start()
-        self._threads.append(thread)
+    def drain(self, idle: float = 10.0) -> None:
+        """Wait until the shim closed the output FIFOs and all output was delivered.
 
-    def drain(self, timeout: float = 10.0) -> None:
-        """Wait until the shim closed the output FIFOs (all output delivered)."""
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        Never gives up on output that is on its way: a copy that is writing (our stdout's
+        reader is slow, or paused and reads later) is waited for as long as it takes, as
+        any program writing into a pipe waits. It gives up only on a FIFO that stays open
+        with nothing in it for `idle` seconds: a process the container left behind holds
+        its write end, and may never write or close it."""
+        started = time.monotonic()
+        for thread, progress in self._copies:
+            while thread.is_alive():
+                thread.join(min(1.0, idle))
+                if not thread.is_alive() or progress.delivering:
+                    continue
+                if time.monotonic() - max(progress.last_read, started) >= idle:
+                    break
 
     def close(self) -> None:
         for fd in self._fds:
