@@ -189,9 +189,117 @@ def test_only_berthd_loads_prometheus_client() -> None:
         "loaded = [m for m in sys.modules if m.startswith('prometheus_client')]\n"
         "assert not loaded, loaded\n"
         "import berth.daemon.metrics\n"
-        "assert 'prometheus_client' in sys.modules\n"
+        "assert 'prometheus_client.registry' in sys.modules\n"
+        "unused = {'prometheus_client.exposition', 'http.server', 'wsgiref.simple_server',\n"
+        "          'urllib.request', 'email'}\n"
+        "assert not unused & set(sys.modules), unused & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+
+
+def test_the_exposition_reads_as_prometheus_client_s_own() -> None:
+    """berthd writes the text format itself (prometheus_client's writer would import an
+    HTTP server into berthd): parsed, every family, type, help text and sample equals what
+    prometheus_client's generate_latest writes for the same registry, with values at the
+    edges and label values that need escaping."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.metrics_core import GaugeMetricFamily
+    from prometheus_client.process_collector import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    calls = Counter(
+        "x_calls", 'calls "quoted"\\ with a\nnewline', ["method", "code"], registry=registry
+    )
+    calls.labels('a"b', "c\\d\ne").inc(3)
+    calls.labels("", "ok").inc(0.5)
+    latency = Histogram("x_seconds", "latency", ["method"], registry=registry)
+    for value in (0.0001, 0.3, 7.0, 1e9):
+        latency.labels("m").observe(value)
+    Gauge("x_plain", "no labels", registry=registry).set(1234567.0)
+    ProcessCollector(registry=registry)
+
+    class Edges:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            family = GaugeMetricFamily("x_edges", "edge values", labels=["kind"])
+            for kind, value in (
+                ("nan", float("nan")),
+                ("inf", float("inf")),
+                ("-inf", float("-inf")),
+                ("big", 2.0**63),
+                ("tiny", 5e-324),
+                ("negative", -1.5),
+                ("unicode", 1.0),
+            ):
+                family.add_metric([kind if kind != "unicode" else "caf\u00e9 \u2603"], value)
+            yield family
+
+    registry.register(Edges())  # type: ignore[arg-type]
+
+    def parsed(text: bytes) -> list[tuple[str, str, str, list[tuple[str, tuple[Any, ...], str]]]]:
+        return [
+            (
+                family.name,
+                family.type,
+                family.documentation,
+                sorted(
+                    (s.name, tuple(sorted(s.labels.items())), repr(s.value)) for s in family.samples
+                ),
+            )
+            for family in text_string_to_metric_families(text.decode())
+        ]
+
+    class Fixed:  # one collection for both writers (the process' CPU time moves on)
+        families = list(registry.collect())
+
+        def collect(self) -> list[Any]:
+            return self.families
+
+    fixed = CollectorRegistry(auto_describe=False)
+    fixed.register(Fixed())  # type: ignore[arg-type]
+    ours = metrics.exposition(fixed.collect())
+    theirs = generate_latest(fixed)
+    assert parsed(ours) == parsed(theirs)
+    assert len(parsed(ours)) >= 5 and b"x_calls_total{" in ours
+
+
+def test_the_containers_series_are_written_straight_and_read_back_whole() -> None:
+    """container_text writes the per-container families without prometheus_client's
+    objects: every value and label (escaped where it must be) reads back with
+    prometheus_client's parser; a figure a container lacks is left out, not zero."""
+    odd = metrics.Target("ns", 'id "with"\\ odd\ncharacters', 42)
+    plain = metrics.Target("default", "web", 43)
+    full = metrics.CgroupSample(
+        cpu_seconds=1.5,
+        cpu_user_seconds=1.0,
+        cpu_system_seconds=0.5,
+        memory_usage=2**40,
+        memory_limit=0,
+        memory_rss=123456789,
+        memory_cache=7,
+        oom_kills=2,
+        pids=3,
+        io_read_bytes=2**63,
+        io_write_bytes=0,
+    )
+    scrape = metrics.Scrape()
+    scrape.containers = [(odd, "caf\u00e9:1", full), (plain, "", metrics.CgroupSample(pids=1))]
+    scrape.networks = [(odd, "caf\u00e9:1", {"eth0": (1, 2, 3, 4), "e\\1": (5, 6, 7, 8)})]
+    families = {f.name: f for f in text_string_to_metric_families(metrics.container_text(scrape))}
+    for name, _doc, kind, reading in metrics.CONTAINER_METRICS:
+        family = families[f"berth_container_{name}"]
+        assert family.type == kind
+        got = {s.labels["id"]: (s.labels, s.value) for s in family.samples}
+        want = reading(full)
+        assert got[odd.id] == ({"namespace": "ns", "id": odd.id, "image": "caf\u00e9:1"}, want)
+        if name == "pids":
+            assert got["web"] == ({"namespace": "default", "id": "web", "image": ""}, 1)
+        else:
+            assert "web" not in got
+    received = families["berth_container_network_receive_bytes"]
+    assert {s.labels["interface"]: s.value for s in received.samples} == {"eth0": 1, "e\\1": 5}
+    packets = families["berth_container_network_transmit_packets"]
+    assert {s.labels["interface"]: s.value for s in packets.samples} == {"eth0": 4, "e\\1": 8}
 
 
 def test_metrics_address_is_checked() -> None:
