@@ -59,7 +59,7 @@ class _Progress:
         self.delivering = False
 
 
-def _copy(src: int, dst: int, progress: _Progress) -> None:
+def _copy(src: int, dst: int, progress: _Progress | None = None) -> None:
     """Copy until EOF: splice(2) where that is safe (see _splice_safe), else read/write.
     Never splice *into* a FIFO from a source that can block (stdin may be a terminal)."""
     use_splice = _splice_safe(dst) and stat.S_ISFIFO(os.fstat(src).st_mode)
@@ -72,7 +72,8 @@ def _copy(src: int, dst: int, progress: _Progress) -> None:
                 continue
             if n == 0:
                 return
-            progress.last_read = time.monotonic()
+            if progress is not None:
+                progress.last_read = time.monotonic()
             continue
         _copy_plain(src, dst, progress)
         return
