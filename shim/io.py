@@ -1,17 +1,22 @@
 """Container stdio: pipes or a pty on the container side; FIFOs and log files on the other.
 
 The client names FIFOs (containerd's model): attach IO never passes through the daemon, so
-a daemon restart cannot cut it. The shim holds each output FIFO open O_RDWR, which makes it
-both a reader and a writer: opening never blocks, and a writer never gets EPIPE/SIGPIPE
-when the client goes away.
+a daemon restart cannot cut it. The shim holds each output FIFO open for reading as well
+as for writing: opening never blocks, and a writer never gets EPIPE/SIGPIPE when the
+client goes away.
 
 What happens when nobody reads (the documented, bounded behaviour):
 - A FIFO sink buffers up to `fifo_buffer` bytes in the shim beyond the 64 KiB (or larger)
   FIFO. While its reader makes progress, a full buffer applies backpressure, as any pipe
   does: the shim stops reading the container's pipe. When the reader has drained nothing
-  for `stall_timeout` seconds, the shim stops waiting: output past the buffer is dropped
-  for that FIFO (and counted) until the reader drains again. A container never blocks for
-  longer than `stall_timeout` because of an absent reader.
+  for `stall_timeout` seconds and no process but the shim holds the FIFO open for reading
+  any more, the shim stops waiting: output past the buffer is dropped for that FIFO (and
+  counted) until a reader drains again. A container never blocks for longer than
+  `stall_timeout` because of an absent reader; a reader that is there but pauses (the
+  consumer of `berth run ... | consumer`) gets every byte, however long it pauses, as
+  from any pipe (containerd's shim blocks too). A logger's pipe drops after the stall
+  whether its reader is there or not: a hung logging binary costs output, not the
+  container.
 - A log sink (the shim writes stdout/stderr to files in the container's directory) never
   blocks and never drops: files rotate at `max_size`, keeping `max_files`, so the bound is
   on disk use, and the oldest rotated file is what goes.
@@ -32,6 +37,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from berth.shim.logger import Logger, LoggerCommand
 from berth.shim.loop import Future, Loop, TimerHandle, all_done, log
@@ -192,6 +198,18 @@ def open_fifo(path: str, flags: int) -> int:
     return fd
 
 
+def open_output_fifo(path: str) -> tuple[int, int]:
+    """An output FIFO's (write end, the shim's own read end): the read end first, so that
+    neither open blocks and no write ever fails with EPIPE; two descriptors, not one
+    O_RDWR, so that FifoSink.reader_present can let go of its reading alone."""
+    hold = open_fifo(path, os.O_RDONLY)
+    try:
+        return open_fifo(path, os.O_WRONLY), hold
+    except BaseException:
+        os.close(hold)
+        raise
+
+
 def set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
 
@@ -223,9 +241,15 @@ class Sink:
 
 class FifoSink(Sink):
     """A client's FIFO (or a logger's pipe), with the bounded buffer and stall rule of the
-    module docstring. `fd` is written to and closed at the end; a FIFO is opened O_RDWR,
-    so that no write ever fails with EPIPE. A pipe's write end can (its reader died): the
-    sink then drops what comes, counted."""
+    module docstring. `fd` is written to and closed at the end. For a FIFO, `hold` is the
+    shim's own read end of it (open_output_fifo), so that no write ever fails with EPIPE,
+    and through which the sink can tell a reader that pauses from one that is gone
+    (reader_present). A pipe's write end can fail (its reader died): the sink then drops
+    what comes, counted."""
+
+    # The sinks holding each FIFO, by (st_dev, st_ino): a client may name one FIFO for two
+    # streams (or two processes), and the shim's other hold would pass for a reader.
+    _holders: ClassVar[dict[tuple[int, int], set[FifoSink]]] = {}
 
     def __init__(
         self,
@@ -236,10 +260,17 @@ class FifoSink(Sink):
         buffer_limit: int,
         stall_timeout: float,
         on_decongested: Callable[[], None],
+        hold: int = -1,
     ) -> None:
         self.name = name
         self._loop = loop
         self._fd = fd
+        self._hold = hold
+        self._key = (0, 0)
+        if hold >= 0:
+            st = os.fstat(fd)
+            self._key = (st.st_dev, st.st_ino)
+            self._holders.setdefault(self._key, set()).add(self)
         self._buffer = bytearray()
         self._limit = buffer_limit
         self._stall_timeout = stall_timeout
@@ -311,9 +342,49 @@ class FifoSink(Sink):
         if self.congested() and self._stall_timer is None:
             self._stall_timer = self._loop.call_later(self._stall_timeout, self._stalled)
 
+    def reader_present(self) -> bool:
+        """Whether a process other than the shim holds the FIFO open for reading. The shim
+        lets go of its own read ends of it for a moment and reopens the FIFO for writing
+        without blocking, which fails (ENXIO) when nobody reads; then it takes its read
+        ends again. Within one callback of the loop: nothing writes meanwhile, so no EPIPE
+        and no EPOLLERR are seen. Always False for a logger's pipe (no `hold`)."""
+        if self._hold < 0 or self._fd < 0:
+            return False
+        own = f"/proc/self/fd/{self._fd}"  # the same FIFO, whatever became of its path
+        holders = [  # this loop's only: never another life's fd numbers (the zygote's)
+            s for s in self._holders.get(self._key, ()) if s._hold >= 0 and s._loop is self._loop
+        ]
+        for sink in holders:
+            os.close(sink._hold)
+            sink._hold = -1
+        try:
+            os.close(os.open(own, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            present = True
+        except OSError:
+            present = False
+        for sink in holders:
+            try:
+                sink._hold = os.open(own, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:  # EMFILE: a write may fail with EPIPE now (dropped)
+                log(f"cannot hold {sink.name} open for reading again: {exc.strerror or exc}")
+        return present
+
+    def _release_hold(self) -> None:
+        if self._hold >= 0:
+            os.close(self._hold)
+            self._hold = -1
+        holders = self._holders.get(self._key)
+        if holders is not None:
+            holders.discard(self)
+            if not holders:
+                del self._holders[self._key]
+
     def _stalled(self) -> None:
         self._stall_timer = None
         if self.congested():
+            if self.reader_present():  # paused, not gone: backpressure, and a look later
+                self._stall_timer = self._loop.call_later(self._stall_timeout, self._stalled)
+                return
             log(
                 f"nobody drained {self.name} for {self._stall_timeout}s: dropping output "
                 f"beyond {self._limit} buffered bytes until its reader returns"
@@ -356,8 +427,18 @@ class FifoSink(Sink):
             if not self._buffer:
                 self._await_reader()
             else:
-                self._loop.call_later(flush_timeout, self._finish_close)
+                self._loop.call_later(flush_timeout, self._flush_timed_out, flush_timeout)
         return self._closing
+
+    def _flush_timed_out(self, flush_timeout: float) -> None:
+        """What is still buffered `flush_timeout` after close(): kept for a reader that is
+        there (looked at again after as long), dropped when none is."""
+        if self._fd < 0 or not self._buffer:
+            return  # closed, or flushed meanwhile: _await_reader closes it
+        if self.reader_present():
+            self._loop.call_later(flush_timeout, self._flush_timed_out, flush_timeout)
+            return
+        self._finish_close()
 
     def _unread(self) -> int:
         """Bytes in the FIFO its reader has not taken yet (FIONREAD on our own end)."""
@@ -395,6 +476,7 @@ class FifoSink(Sink):
             self._loop.forget_fd(self._fd)
             os.close(self._fd)  # the last writer gone: the reader sees EOF
             self._fd = -1
+        self._release_hold()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
         assert self._closing is not None
@@ -811,6 +893,7 @@ class ProcessIO:
         shim's own log file in log mode. Each is registered at once: close() releases it."""
         sinks: list[Sink] = []
         target: tuple[str, int] | None = None
+        hold = -1  # the shim's read end of a FIFO (none for a logger's pipe)
         if pipe >= 0:
             assert self.logger is not None
             target = (f"{self.logger.command.path} ({stream})", pipe)
@@ -818,7 +901,8 @@ class ProcessIO:
             sinks.append(AppendSink(self.config.append_to))
             self._sinks.append(sinks[-1])
         elif fifo:
-            target = (fifo, open_fifo(fifo, os.O_RDWR))
+            write_end, hold = open_output_fifo(fifo)
+            target = (fifo, write_end)
         if target is not None:
             sinks.append(
                 FifoSink(
@@ -827,6 +911,7 @@ class ProcessIO:
                     buffer_limit=self.config.fifo_buffer,
                     stall_timeout=self.config.stall_timeout,
                     on_decongested=self._resume_pumps,
+                    hold=hold,
                 )
             )
             self._sinks.append(sinks[-1])
