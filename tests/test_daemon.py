@@ -476,6 +476,23 @@ def test_attach_follows_a_detached_task(daemon: Daemon) -> None:
     daemon.cli("tasks", "rm", "c-att", check=True)
 
 
+def test_attach_follows_the_log_across_rotations_and_on_stderr() -> None:
+    """`tasks attach` to a detached task whose log rotates while it follows it: every
+    line once, in order, and its stderr too. It read on in the file it had opened, renamed
+    to stdout.log.1 at the first rotation, and never read stderr.log."""
+    daemon = Daemon(extra_config="[container_log]\nmax_size = 8192\nmax_files = 50\n")
+    try:
+        script = "sleep 1; seq 1 6000; echo on-stderr >&2; exit 4"  # ~29 KB: 3 rotations
+        daemon.cli("run", "--busybox", "-d", "c-rot", "sh", "-c", script, check=True)
+        r = daemon.cli("tasks", "attach", "c-rot")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.split() == [str(n).encode() for n in range(1, 6001)]
+        assert r.stderr == b"on-stderr\n"
+        assert any(name.endswith(".log.3") for name in os.listdir(next(daemon.task_dirs()) / "log"))
+    finally:
+        daemon.cleanup()
+
+
 def test_a_dead_zygote_is_replaced(daemon: Daemon) -> None:
     import psutil
 

@@ -862,3 +862,41 @@ def test_a_berthd_resuming_after_a_failed_handover_only_warns_of_unknown_keys(
     monkeypatch.setenv(config.RESUMING_ENV, str(tmp_path / "history"))
     _load_config(tmp_path, "future_key = 1\n")
     assert "unknown key(s) in the config's top level: future_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reader_pause", [0.001, 0.15])
+def test_following_a_rotated_log_misses_and_repeats_nothing(
+    tmp_path: object, reader_pause: float
+) -> None:
+    """`berth tasks attach` follows the shim's log as the shim rotates it (its LogSink,
+    the real one): every line once, in order, whether the reader keeps up or falls
+    several rotations behind. It used to read on in the file it opened first after that
+    was renamed to stdout.log.1: with an 8 KiB limit, 8,192 of ~25 KB arrived."""
+    import threading
+
+    from berth.daemon.cli.io import follow_log
+    from berth.shim.io import LogConfig, LogSink
+
+    path = os.path.join(str(tmp_path), "stdout.log")
+    sink = LogSink(path, LogConfig(max_size=4096, max_files=200))
+    out_path = os.path.join(str(tmp_path), "out")
+    out = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    done = threading.Event()
+    follower = threading.Thread(
+        target=follow_log, args=(path, out, done.is_set, reader_pause), daemon=True
+    )
+    follower.start()
+    lines = [b"line %d\n" % n for n in range(20000)]  # ~190 KB: ~45 rotations
+    try:
+        for start in range(0, len(lines), 500):
+            sink.write(b"".join(lines[start : start + 500]))
+            time.sleep(0.01)
+    finally:
+        sink.close()
+        done.set()
+        follower.join(30)
+        os.close(out)
+    assert not follower.is_alive()
+    with open(out_path, "rb") as f:
+        assert f.read() == b"".join(lines)
+    assert os.path.exists(path + ".40")  # it did rotate, many times

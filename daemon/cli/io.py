@@ -22,6 +22,7 @@ from berth.shim.wire.errors import BerthError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every start pays for it
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from io import FileIO
     from typing import Any
 
     from berth.daemon.cli.session import Session
@@ -296,3 +297,89 @@ def run_attached(
         return int(result["exit_status"])
     finally:
         fifos.close()
+
+
+def _rotated_since(path: str, inode: int, max_files: int = 100) -> list[tuple[str, int]]:
+    """The files written after the one with `inode`, oldest first, with their inodes, when
+    the shim rotated it (`path` -> `path.1` -> ...): those between it and `path`, then
+    `path`. Empty while `path` is still that file, or is missing (between the rename and
+    the new file's creation: look again)."""
+    try:
+        latest = os.stat(path).st_ino
+    except FileNotFoundError:
+        return []
+    if latest == inode:
+        return []
+    newer = [(path, latest)]
+    for index in range(1, max_files):
+        rotated = f"{path}.{index}"
+        try:
+            rotated_inode = os.stat(rotated).st_ino
+        except FileNotFoundError:
+            break
+        if rotated_inode == inode:
+            return newer[::-1]
+        newer.append((rotated, rotated_inode))
+    return newer[:1]  # ours was rotated away for good: carry on with the current file
+
+
+def _open_as_listed(files: list[tuple[str, int]]) -> list[FileIO] | None:
+    """`files` opened, each checked to be the file listed (None if one was rotated on
+    meanwhile: list them again)."""
+    opened: list[FileIO] = []
+    try:
+        for name, inode in files:
+            f = open(name, "rb", buffering=0)  # noqa: SIM115  # closed by the caller
+            opened.append(f)
+            if os.fstat(f.fileno()).st_ino != inode:
+                raise FileNotFoundError(name)
+    except FileNotFoundError:
+        for f in opened:
+            f.close()
+        return None
+    return opened
+
+
+def follow_log(path: str, out: int, done: Callable[[], bool], poll: float = 0.05) -> None:
+    """Copy a log file the shim writes and rotates (shim.io.LogSink) to `out` as it grows,
+    until `done()` and nothing more is in it, as `tail -F` does. At its end, a file that
+    was rotated (`path` names another file now) is finished (the shim closes a file
+    before it renames it): the files written since are read, oldest first. Each file is
+    read through the descriptor opened on it, never reopened by name, so a rotation
+    between two reads loses nothing."""
+    current = open(path, "rb", buffering=0)  # noqa: SIM115  # replaced on rotation
+    finishing = False
+    try:
+        while True:
+            data = current.read(1 << 16)
+            if data:
+                _write_all(out, data)
+                continue
+            newer = _rotated_since(path, os.fstat(current.fileno()).st_ino)
+            if newer:
+                opened = _open_as_listed(newer)
+                if opened is None:
+                    continue
+                with current:  # what came between our last read and the rotation
+                    while chunk := current.read(1 << 16):
+                        _write_all(out, chunk)
+                for middle in opened[:-1]:  # whole files by now: read to their end
+                    with middle:
+                        while chunk := middle.read(1 << 16):
+                            _write_all(out, chunk)
+                current = opened[-1]
+                continue
+            if finishing:
+                return  # a whole pass after done(): nothing more came
+            if done():
+                finishing = True
+                continue
+            time.sleep(poll)
+    finally:
+        current.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

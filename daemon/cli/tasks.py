@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from berth.daemon.cli.fastargs import MAX_INT64, REMAINDER
 from berth.daemon.cli.output import add_format, add_listing, print_json, print_listing, print_table
@@ -158,32 +157,27 @@ def attach(session: Session, args: argparse.Namespace) -> int:
     if task["status"] not in ("running", "paused", "created"):
         raise CliError(f"task {container_id} is {task['status']}")
     state_dir = session.call("introspection.server")["state"]
-    log_path = os.path.join(
-        state_dir, "tasks", session.namespace, container_id, "log", "stdout.log"
-    )
-    if not os.path.exists(log_path):
+    log_dir = os.path.join(state_dir, "tasks", session.namespace, container_id, "log")
+    if not os.path.exists(os.path.join(log_dir, "stdout.log")):
         raise CliError(f"task {container_id} has no log to follow (it was started with FIFOs)")
     import threading  # lazily: only attach needs a thread here
 
+    from berth.daemon.cli.io import follow_log
+
     done = threading.Event()
-
-    def follow() -> None:
-        with open(log_path, "rb") as f:
-            while True:
-                data = f.read(1 << 16)
-                if data:
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
-                elif done.is_set():
-                    return
-                else:
-                    time.sleep(0.05)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
+    followers = [
+        threading.Thread(
+            target=follow_log, args=(os.path.join(log_dir, name), fd, done.is_set), daemon=True
+        )
+        for name, fd in (("stdout.log", 1), ("stderr.log", 2))
+        if os.path.exists(os.path.join(log_dir, name))
+    ]
+    for thread in followers:
+        thread.start()
     result = session.call_retrying("tasks.wait", {"container_id": container_id})
     done.set()
-    thread.join(5)
+    for thread in followers:
+        thread.join()  # the logs to their end (one pass after the exit), however slow our reader
     return int(result["exit_status"])
 
 
