@@ -194,3 +194,245 @@ def parse_filters(filters: list[str]) -> Predicate:
     if not predicates:
         return lambda envelope: True
     return lambda envelope: any(p(envelope) for p in predicates)
+
+
+# -- containerd's own grammar, for its gRPC services -------------------------------------
+#
+# berth-grpc's metadata services (containers, images, content, leases, snapshots) filter as
+# containerd's do: its scanner and parser (a field is [A-Za-z0-9_]+ or a "quoted" name;
+# blanks are skipped only before a token, so "a==b ,c" is refused; a value starting with
+# `"`, `/` or `|` is quoted, the last two only after ~=; Go's escapes), and its matching:
+# each object answers for the fields it has through an adaptor ((value, present) for a
+# field path), `!=` compares the value an absent field reads as (""), `~=` matches that
+# value too, and a regular expression that does not compile matches nothing (containerd
+# compiles it lazily, at the first match, and logs the error).
+
+Adaptor = Callable[[Any, tuple[str, ...]], tuple[str, bool]]
+ObjectPredicate = Callable[[Any], bool]
+
+_SEPARATORS = ",."
+_OPERATORS = "=!~"
+_QUOTES = '"/|'
+_GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+def map_field(mapping: dict[str, str] | None, rest: tuple[str, ...]) -> tuple[str, bool]:
+    """A field path into a map of strings (labels, annotations): its remaining parts
+    joined by dots name one key (`labels.a.b` is the label "a.b"); an empty map has none."""
+    if not mapping:
+        return "", False
+    key = ".".join(rest)
+    return (mapping[key], True) if key in mapping else ("", False)
+
+
+def _is_field_char(ch: str) -> bool:
+    return ch == "_" or ("a" <= ch <= "z") or ("A" <= ch <= "Z") or ("0" <= ch <= "9")
+
+
+class _GoScanner:
+    """containerd's filter scanner: tokens of kind "field", "value", "quoted", "sep",
+    "op", "eof" or "other" (any other character)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.value_next = False  # an operator was just read: a value comes
+
+    def error(self, message: str, pos: int | None = None) -> InvalidArgument:
+        at = self.pos if pos is None else pos
+        return InvalidArgument(f"filters: parse error: [{self.text}] at {at}: {message}")
+
+    def peek(self) -> str:
+        """The next character as it is, blanks included ("" at the end)."""
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def _run(self, start: int, accept: Callable[[str], bool]) -> int:
+        end = start
+        while end < len(self.text) and accept(self.text[end]):
+            end += 1
+        return end
+
+    def scan(self) -> tuple[str, str, int]:
+        """(kind, text, position) of the next token, blanks before it skipped."""
+        self.pos = self._run(self.pos, str.isspace)
+        start = self.pos
+        if start >= len(self.text):
+            return "eof", "", start
+        ch = self.text[start]
+        if ch == "\0":
+            raise self.error("unexpected null", start)
+        if ch in _QUOTES:
+            end = start + 1
+            while end < len(self.text) and self.text[end] != ch:
+                if self.text[end] == "\n":
+                    break
+                end += 2 if self.text[end] == "\\" else 1
+            if end >= len(self.text) or self.text[end] != ch:
+                raise self.error("quoted literal not terminated", start)
+            self.pos = end + 1
+            return "quoted", self.text[start : self.pos], start
+        if ch in _SEPARATORS:
+            self.value_next = False
+            self.pos = start + 1
+            return "sep", ch, start
+        if ch in _OPERATORS:
+            self.pos = self._run(start, lambda c: c in _OPERATORS)
+            self.value_next = True
+            return "op", self.text[start : self.pos], start
+        if self.value_next:
+            self.pos = self._run(start, lambda c: c != "," and not c.isspace() and c.isprintable())
+            self.value_next = False
+            return "value", self.text[start : self.pos], start
+        if _is_field_char(ch):
+            self.pos = self._run(start, _is_field_char)
+            return "field", self.text[start : self.pos], start
+        self.pos = start + 1
+        return "other", ch, start
+
+
+def _go_unquote(token: str, alternatives: bool, error: Callable[[str], InvalidArgument]) -> str:
+    """A quoted token's text, as containerd unquotes it (Go's escapes; `/` and `|` quote
+    only where `alternatives` allows, after ~=)."""
+    quote = token[0]
+    if not alternatives and quote != '"':
+        raise error("invalid quote encountered")
+    body = token[1:-1]
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == quote:
+            raise error("unquoting failed: quote syntax error")
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        escaped, i = _go_escape(body, i + 1, quote)
+        if escaped is None:
+            raise error("unquoting failed: quote syntax error")
+        out.append(escaped)
+    return "".join(out)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+_OCTAL = frozenset("01234567")
+
+
+def _go_escape(body: str, i: int, quote: str) -> tuple[str | None, int]:
+    """The character an escape at body[i] (after its backslash) stands for, and where the
+    text goes on; None for an escape Go refuses."""
+    esc = body[i] if i < len(body) else ""
+    i += 1
+    if esc in _GO_ESCAPES:
+        return _GO_ESCAPES[esc], i
+    if esc and esc in ("\\", quote):
+        return esc, i
+    if esc in _HEX_DIGITS:
+        digits = body[i : i + _HEX_DIGITS[esc]]
+        if len(digits) < _HEX_DIGITS[esc] or not set(digits) <= _HEX:
+            return None, i
+        value = int(digits, 16)
+        return (chr(value) if value <= 0x10FFFF else None), i + len(digits)
+    if esc and esc in _OCTAL:
+        digits = esc + body[i : i + 2]
+        if len(digits) < 3 or not set(digits) <= _OCTAL or int(digits, 8) > 255:
+            return None, i
+        return chr(int(digits, 8)), i + 2
+    return None, i
+
+
+@dataclass(frozen=True)
+class _GoSelector:
+    path: tuple[str, ...]
+    op: str
+    value: str
+    regex: Any  # a compiled pattern; None for a pattern that did not compile
+
+    def matches(self, obj: Any, adapt: Adaptor) -> bool:
+        value, present = adapt(obj, self.path)
+        if self.op == "":
+            return present
+        if self.op == "==":
+            return present and value == self.value
+        if self.op == "!=":
+            return value != self.value
+        return self.regex is not None and self.regex.search(value) is not None
+
+
+class _GoParser:
+    def __init__(self, text: str) -> None:
+        self.scanner = _GoScanner(text)
+
+    def selectors(self) -> list[_GoSelector]:
+        found = [self.selector()]
+        while True:
+            ch = self.scanner.peek()
+            if ch == "":
+                return found
+            if ch != ",":
+                raise self.scanner.error(f"unexpected input: {ch}")
+            self.scanner.scan()
+            found.append(self.selector())
+
+    def selector(self) -> _GoSelector:
+        path = self.fieldpath()
+        if self.scanner.peek() in (",", ""):
+            return _GoSelector(path, "", "", None)
+        kind, op, pos = self.scanner.scan()
+        if kind != "op":
+            raise self.scanner.error('expected an operator ("=="|"!="|"~=")', pos)
+        if op not in ("==", "!=", "~="):
+            raise self.scanner.error(f"unsupported operator {op!r}", pos)
+        kind, text, pos = self.scanner.scan()
+        if kind in ("value", "field"):
+            value = text
+        elif kind == "quoted":
+            value = _go_unquote(text, op == "~=", lambda m: self.scanner.error(m, pos))
+        else:
+            raise self.scanner.error("expected value or quoted", pos)
+        regex = _compile_or_none(value) if op == "~=" else None
+        return _GoSelector(path, op, value, regex)
+
+    def fieldpath(self) -> tuple[str, ...]:
+        path = [self.field()]
+        while self.scanner.peek() == ".":
+            self.scanner.scan()
+            path.append(self.field())
+        return tuple(path)
+
+    def field(self) -> str:
+        kind, text, pos = self.scanner.scan()
+        if kind == "field":
+            return text
+        if kind == "quoted":
+            return _go_unquote(text, False, lambda m: self.scanner.error(m, pos))
+        raise self.scanner.error("expected field or quoted", pos)
+
+
+def _compile_or_none(pattern: str) -> Any:
+    """A `~=` pattern compiled, or None where containerd's would not compile (it then
+    matches nothing). Bounded as parse_filter's are."""
+    if len(pattern) > MAX_PATTERN:
+        raise InvalidArgument(f"regular expression longer than {MAX_PATTERN} characters")
+    try:
+        return _compile(pattern, InvalidArgument)
+    except InvalidArgument:
+        return None
+
+
+def parse_object_filters(filters: list[str], adapt: Adaptor) -> ObjectPredicate:
+    """containerd's filters for one kind of object (its `adapt`or): the OR of the filter
+    strings, each an AND of selectors; an empty string, or none at all, matches all."""
+    if len(filters) > MAX_FILTERS:
+        raise InvalidArgument(f"more than {MAX_FILTERS} filters")
+    if sum(len(f) for f in filters) > MAX_FILTERS_TOTAL:
+        raise InvalidArgument(f"filters longer than {MAX_FILTERS_TOTAL} characters together")
+    if not filters or any(f == "" for f in filters):
+        return lambda obj: True
+    alternatives = []
+    for text in filters:
+        if len(text) > MAX_FILTER_LEN:
+            raise InvalidArgument("filter too long")
+        alternatives.append(_GoParser(text).selectors())
+    return lambda obj: any(all(s.matches(obj, adapt) for s in sel) for sel in alternatives)

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -44,6 +45,10 @@ TEMPORARY_LEASE_LABEL = "berth.io/temporary"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
 MAX_LABEL_BYTES = 4096
+# containerd's identifiers (namespaces, containers, leases): alphanumeric runs joined by
+# single separators. A new object's name must follow it; the wider rule of
+# shim/wire/names (what is safe in a path) still reads names made before.
+_NEW_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 
 
 class _Result:
@@ -219,7 +224,22 @@ def _open_error(path: str, exc: BaseException) -> BerthError:
     return FailedPrecondition(f"cannot open the metadata database {path}: {exc}")
 
 
-def check_labels(labels: Any) -> dict[str, str]:
+def validate_new(name: object, what: str) -> str:
+    """A name for a new object, by containerd's rule for identifiers ("a..b" and "a-"
+    are refused, as containerd refuses them)."""
+    validate(name, what)
+    assert isinstance(name, str)
+    if _NEW_IDENTIFIER.fullmatch(name) is None:
+        raise InvalidArgument(
+            f"invalid {what} {name[:100]!r}: must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
+        )
+    return name
+
+
+def check_labels(labels: Any, *, keep_empty: bool = False) -> dict[str, str]:
+    """Labels as stored: a label set to "" is no label (containerd stores none), so an
+    update that sets one to "" removes it; `keep_empty` keeps them (containerd's new
+    namespace keeps every label it is given)."""
     if labels is None:
         return {}
     if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
@@ -227,9 +247,9 @@ def check_labels(labels: Any) -> dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidArgument("label keys and values must be strings")
-        if not key or len(key) + len(value) > MAX_LABEL_BYTES:
+        if (value or keep_empty) and (not key or len(key) + len(value) > MAX_LABEL_BYTES):
             raise InvalidArgument(f"label {key[:40]!r} is empty or too long")
-    return dict(labels)
+    return {key: value for key, value in labels.items() if value or keep_empty}
 
 
 def check_extensions(extensions: Any) -> dict[str, dict[str, str]]:
@@ -358,7 +378,12 @@ class Store:
     # -- namespaces
 
     def ensure_namespace(self, name: str) -> None:
+        """The namespace, made if it is new (by containerd's rule for a new name; one an
+        older berthd made under the wider rule is used as it is)."""
         validate(name, "namespace")
+        if self._db.execute("SELECT 1 FROM namespaces WHERE name = ?", (name,)).fetchone():
+            return
+        validate_new(name, "namespace")
         now = time.time_ns()
         self._db.execute(
             "INSERT OR IGNORE INTO namespaces(name, labels, created_at, updated_at) "
@@ -367,12 +392,12 @@ class Store:
         )
 
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-        validate(name, "namespace")
+        validate_new(name, "namespace")
         now = time.time_ns()
         try:
             self._db.execute(
                 "INSERT INTO namespaces(name, labels, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                (name, json.dumps(check_labels(labels)), now, now),
+                (name, json.dumps(check_labels(labels, keep_empty=True)), now, now),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"namespace {name} already exists") from None
@@ -404,19 +429,33 @@ class Store:
         )
         return self.get_namespace(name)
 
-    def delete_namespace(self, name: str) -> None:
+    def delete_namespace(self, name: str, *, also_holds: tuple[str, ...] = ()) -> None:
+        """Delete an empty namespace: one that holds images, blobs or containers (or
+        what the caller says it holds: `also_holds`) is FailedPrecondition, as containerd
+        refuses it; leases do not count."""
         self.get_namespace(name)
-        (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM containers WHERE namespace = ?", (name,)
-        ).fetchone()
-        if count:
-            raise FailedPrecondition(f"namespace {name} is not empty: {count} containers")
+        held = [
+            kind
+            for kind, table in (
+                ("images", "images"),
+                ("blobs", "content"),
+                ("containers", "containers"),
+            )
+            if self._db.execute(
+                f"SELECT 1 FROM {table} WHERE namespace = ? LIMIT 1", (name,)
+            ).fetchone()
+        ]
+        held += also_holds
+        if held:
+            raise FailedPrecondition(
+                f"namespace {name} must be empty, but it still has {', '.join(held)}"
+            )
         self._db.execute("DELETE FROM namespaces WHERE name = ?", (name,))
 
     # -- containers
 
     def create_container(self, c: Container) -> Container:
-        validate(c.id, "container id")
+        validate_new(c.id, "container id")
         self.ensure_namespace(c.namespace)
         spec_json = json.dumps(c.spec)
         if len(spec_json) > MAX_SPEC_BYTES:
@@ -478,8 +517,13 @@ class Store:
         spec: dict[str, Any] | None = None,
         image: str | None = None,
         extensions: dict[str, dict[str, str]] | None = None,
+        snapshot_key: str | None = None,
     ) -> Container:
         current = self.get_container(namespace, container_id)
+        if snapshot_key is not None:
+            if snapshot_key and not current.snapshotter:
+                raise InvalidArgument("a snapshot key needs the container's snapshotter")
+            current.snapshot_key = snapshot_key
         if extensions is not None:
             current.extensions = extensions
         if labels is not None:
@@ -490,12 +534,13 @@ class Store:
             current.image = image
         self._db.execute(
             "UPDATE containers SET labels = ?, spec = ?, image = ?, extensions = ?, "
-            "updated_at = ? WHERE namespace = ? AND id = ?",
+            "snapshot_key = ?, updated_at = ? WHERE namespace = ? AND id = ?",
             (
                 json.dumps(current.labels),
                 json.dumps(current.spec),
                 current.image,
                 json.dumps(current.extensions),
+                current.snapshot_key,
                 time.time_ns(),
                 namespace,
                 container_id,

@@ -193,7 +193,12 @@ class Api:
             )
         if self.tasks.namespace_in_use(p.name):
             raise FailedPrecondition(f"namespace {p.name} still has tasks")
-        self.store.delete_namespace(p.name)
+        snapshots = tuple(
+            f"snapshots on {s.name!r} snapshotter"
+            for s in self.storage.snapshotters.values()
+            if s.walk(p.name + "/")
+        )
+        self.store.delete_namespace(p.name, also_holds=snapshots)
         self.exchange.publish(p.name, "/namespaces/delete", {"name": p.name})
         return {}
 
@@ -270,6 +275,7 @@ class Api:
             spec=p.spec,
             image=p.image,
             extensions=check_extensions(p.extensions) if p.extensions is not None else None,
+            snapshot_key=p.snapshot_key,
         )
         self.exchange.publish(ctx.namespace, "/containers/update", {"id": container.id})
         return container.to_wire()

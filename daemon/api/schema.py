@@ -114,6 +114,7 @@ class ContainersUpdate(Params, kw_only=True):
     spec: Doc | None = None
     image: str | None = None
     extensions: dict[str, Extension] | None = None  # replaces them all
+    snapshot_key: str | None = None  # containerd's `snapshotkey` path; needs a snapshotter
 
 
 # -- network attachments ------------------------------------------------------------------

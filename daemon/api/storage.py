@@ -32,7 +32,7 @@ from berth.daemon.storage.gc import GCResult
 from berth.daemon.storage.images import Descriptor
 from berth.daemon.storage.service import Storage
 from berth.shim.mount import Mount
-from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from berth.shim.wire.errors import AlreadyExists, FailedPrecondition, Unavailable
 
 T = TypeVar("T")
 MAX_READ = 1 << 20
@@ -582,10 +582,12 @@ class StorageApi:
         return {}
 
     async def leases_delete_resource(self, ctx: CallContext, p: schema.LeaseResource) -> Any:
+        self.storage.store.get_lease(ctx.namespace, p.id)  # an unknown lease: NotFound
         self.storage.store.delete_lease_resource(ctx.namespace, p.id, p.kind, p.key)
         return {}
 
     async def leases_resources(self, ctx: CallContext, p: schema.LeaseId) -> Any:
+        self.storage.store.get_lease(ctx.namespace, p.id)  # an unknown lease: NotFound
         resources = self.storage.store.lease_resources(ctx.namespace, p.id)
         return {"resources": [{"kind": k, "key": v} for k, v in resources]}
 
@@ -610,5 +612,7 @@ def _rfc3339_ns(text: str) -> int:
     try:
         ns = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
     except (ValueError, OverflowError):
-        raise InvalidArgument(f"invalid containerd.io/gc.expire {text!r}") from None
+        # containerd keeps the label and its collector skips a time it cannot parse: the
+        # lease never expires
+        return 0
     return min(max(ns, 1), 2**63 - 1)

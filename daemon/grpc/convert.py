@@ -20,11 +20,13 @@ import base64
 import importlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from typing import Any
 
 from berth.daemon.documents import load_json_object
+from berth.daemon.filters import map_field
 from berth.shim.wire.errors import InvalidArgument
 
 STUBS_ENV = "BERTH_CONTAINERD_API"
@@ -307,6 +309,24 @@ def descriptor_to_wire(desc: Any) -> dict[str, Any]:
         "size": desc.size,
         "annotations": dict(desc.annotations),
     }
+
+
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
+
+
+def is_digest(text: str) -> bool:
+    """A digest containerd parses (go-digest: a known algorithm, its hex in lower case)."""
+    return _DIGEST.fullmatch(text) is not None
+
+
+def check_target(desc: Any) -> None:
+    """What containerd requires of an image's target before it looks anything up."""
+    if not is_digest(desc.digest):
+        raise InvalidArgument(f"Target.Digest {desc.digest!r} invalid")
+    if desc.size <= 0:
+        raise InvalidArgument("Target.Size must be greater than zero")
+    if not desc.media_type:
+        raise InvalidArgument("Target.MediaType must be set")
 
 
 def descriptor_from_wire(doc: dict[str, Any]) -> Any:
@@ -634,3 +654,72 @@ def metrics_any(stats: dict[str, Any]) -> Any:
     m1.memory.usage.limit = _u64(memory.get("limit"))
     m1.memory.usage.failcnt = _u64(memory.get("failcnt"))
     return t.Any(type_url=CGROUPS_V1_METRICS, value=m1.SerializeToString())
+
+
+# -- filters: what each object answers for, as containerd's adaptors do -------------------
+
+
+def _present(value: Any) -> tuple[str, bool]:
+    text = "" if value is None else str(value)
+    return text, bool(text)
+
+
+def adapt_container(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    head, rest = path[0], path[1:]
+    if head in ("id", "image"):
+        return _present(doc.get(head))
+    if head == "runtime" and rest[:1] == ("name",):
+        return _present((doc.get("runtime") or {}).get("name"))
+    if head == "labels":
+        return map_field(doc.get("labels"), rest)
+    return "", False
+
+
+def adapt_image(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    head, rest = path[0], path[1:]
+    target = doc.get("target") or {}
+    if head == "name":
+        return _present(doc.get("name"))
+    if head == "target" and rest[:1] == ("digest",):
+        return _present(target.get("digest"))
+    if head == "target" and rest[:1] == ("mediatype",):
+        return _present(target.get("media_type"))
+    if head == "labels":
+        return map_field(doc.get("labels"), rest)
+    if head == "annotations":
+        return map_field(target.get("annotations"), rest)
+    return "", False
+
+
+def adapt_content(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    if path[0] == "digest":
+        return str(doc.get("digest") or ""), True
+    if path[0] == "labels":
+        return map_field(doc.get("labels"), path[1:])
+    return "", False
+
+
+def adapt_ingest(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    if path[0] == "ref":
+        return str(doc.get("ref") or ""), True
+    return "", False
+
+
+def adapt_lease(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    if path[0] == "id":
+        return _present(doc.get("id"))
+    if path[0] == "labels":
+        return map_field(doc.get("labels"), path[1:])
+    return "", False
+
+
+def adapt_snapshot(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    head = path[0]
+    if head == "kind":
+        kind = str(doc.get("kind") or "")
+        return (kind, True) if kind in SNAPSHOT_KINDS else ("", False)
+    if head in ("name", "parent"):
+        return str(doc.get(head) or ""), True
+    if head == "labels":
+        return map_field(doc.get("labels"), path[1:])
+    return "", False

@@ -232,18 +232,20 @@ class _MetadataSnapshotter(Snapshotter):
     def _mounts(self, info: SnapshotInfo) -> list[Mount]: ...
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> None:
+        """As containerd commits: a name taken is AlreadyExists before the key is looked
+        at, and the committed snapshot has the commit's labels, not the active one's."""
         validate_key(name, "snapshot name")
+        if self._db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+            raise AlreadyExists(f"snapshot {name} already exists")
         info = self._row(key)
         if info.kind != KIND_ACTIVE:
             raise FailedPrecondition(f"snapshot {key} is {info.kind}, not active")
-        if self._db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
-            raise AlreadyExists(f"snapshot {name} already exists")
-        merged = {**info.labels, **(labels or {})}
+        stored = dict(labels or {})
         now = time.time_ns()  # a committed snapshot is a new one: created and updated now
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_at = ?, updated_at = ? "
             "WHERE id = ?",
-            (name, KIND_COMMITTED, json.dumps(merged), now, now, info.id),
+            (name, KIND_COMMITTED, json.dumps(stored), now, now, info.id),
         )
         self._committed(info)
 
@@ -283,8 +285,14 @@ class _MetadataSnapshotter(Snapshotter):
         return self._row(key)
 
     def usage(self, key: str) -> Usage:
-        size, inodes = tree_usage(self.fs(self._row(key)))
-        return Usage(size, inodes)
+        """The blocks and inodes of the snapshot's tree, its top directory included (as
+        containerd counts them)."""
+        info = self._row(key)
+        if info.kind == KIND_VIEW:  # a view writes nothing of its own
+            return Usage(0, 0)
+        top = self.fs(info)
+        size, inodes = tree_usage(top)
+        return Usage(size + os.lstat(top).st_blocks * 512, inodes + 1)
 
     def walk(self, prefix: str = "") -> list[SnapshotInfo]:
         rows = self._db.execute(

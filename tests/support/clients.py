@@ -261,14 +261,7 @@ class Dockerd(Reaped):
             kill(self.pid, 15)
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: is_gone(self.pid), timeout=20, what="dockerd to stop")
-        for pid in self.live_pids():
-            kill(pid)
-        for reaper in self.reapers:
-            try:
-                reaper.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                reaper.kill()
-                reaper.wait()
+        self.kill_remaining()
         runtime_root = Path(self.exec_root, "runtime-runc", self.daemon.namespace)
         if runtime_root.is_dir():
             for cid in runtime_root.iterdir():

@@ -167,6 +167,20 @@ class Reaped:
         kill(self.pid)
         wait_until(lambda: is_gone(self.pid), what=f"{self.what} to die")
 
+    def kill_remaining(self) -> None:
+        """SIGKILL whatever of this daemon still runs, then collect its reapers."""
+        for pid in self.live_pids():
+            kill(pid)
+        self.wait_reapers()
+
+    def wait_reapers(self) -> None:
+        for reaper in self.reapers:
+            try:
+                reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
+
     def log_text(self) -> str:
         out = []
         for path in self.logs:
@@ -385,7 +399,7 @@ class Daemon(Reaped):
             self._kill_daemons,
             self._kill_descendants,
             self._delete_runtime_state,
-            self._wait_reapers,
+            self.wait_reapers,
             lambda: remove_namespace_cgroups(self.namespace),
             self._unmount_leftovers,
         ):
@@ -457,14 +471,6 @@ class Daemon(Reaped):
                                 capture_output=True,
                                 timeout=30,
                             )
-
-    def _wait_reapers(self) -> None:
-        for reaper in self.reapers:
-            try:
-                reaper.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                reaper.kill()
-                reaper.wait()
 
 
 def stop_child(proc: subprocess.Popen[Any], timeout: float = 15) -> None:

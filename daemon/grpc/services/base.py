@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, ClassVar, TypeVar
 
 from berth.daemon import logs
-from berth.daemon.filters import parse_filters
+from berth.daemon.filters import Adaptor, ObjectPredicate, parse_filters, parse_object_filters
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.calls import StatusCode
 from berth.daemon.grpc.client import AsyncClient
@@ -253,6 +253,12 @@ def streaming(
 
 def filters(values: Any) -> Callable[[dict[str, Any]], bool]:
     return parse_filters([f for f in values if f])
+
+
+def object_filters(values: Any, adapt: Adaptor) -> ObjectPredicate:
+    """containerd's filters on one kind of its objects, with its grammar and matching
+    (filters.parse_object_filters); `adapt` says which fields the object has."""
+    return parse_object_filters(list(values), adapt)
 
 
 def empty() -> Any:

@@ -12,10 +12,12 @@ from berth.daemon.grpc.services.base import (
     Handler,
     Service,
     empty,
-    filters,
+    object_filters,
     streaming,
     unary,
 )
+from berth.shim.wire.errors import InvalidArgument, NotFound
+from berth.shim.wire.names import is_valid
 
 
 class Containers(Service):
@@ -33,7 +35,7 @@ class Containers(Service):
 
     @unary
     async def get(self, request: Any, call: Call) -> Any:
-        doc = await self._call(call, "containers.get", {"id": request.id})
+        doc = await self._call(call, "containers.get", {"id": _lookup_id(request.id)})
         return capi.types().containers.GetContainerResponse(
             container=capi.container_to_message(doc)
         )
@@ -41,7 +43,7 @@ class Containers(Service):
     @unary
     async def list(self, request: Any, call: Call) -> Any:
         result = {"containers": await self._list(call, "containers.list", "containers", {})}
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_container)
         return capi.types().containers.ListContainersResponse(
             containers=[
                 capi.container_to_message(c) for c in result.get("containers", []) if keep(c)
@@ -51,7 +53,7 @@ class Containers(Service):
     @streaming
     async def list_stream(self, request: Any, call: Call) -> AsyncIterator[Any]:
         result = {"containers": await self._list(call, "containers.list", "containers", {})}
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_container)
         for c in result.get("containers", []):
             if keep(c):
                 yield capi.types().containers.ListContainerMessage(
@@ -60,6 +62,7 @@ class Containers(Service):
 
     @unary
     async def create(self, request: Any, call: Call) -> Any:
+        _validate(request.container)
         doc = capi.container_from_message(request.container)
         created = await self._call(call, "containers.create", {"container": doc})
         return capi.types().containers.CreateContainerResponse(
@@ -68,27 +71,50 @@ class Containers(Service):
 
     @unary
     async def update(self, request: Any, call: Call) -> Any:
+        """containerd's update: no mask replaces labels, spec, extensions, image and
+        snapshot key (and refuses another runtime or snapshotter: they are immutable); a
+        mask names `labels`, `labels.<key>`, `spec`, `extensions`, `extensions.<name>`,
+        `image` or `snapshotkey`, any other path is refused. An `extensions.<name>` the
+        update lacks is set to an empty Any, as containerd sets it."""
         update = request.container
-        current = await self._call(call, "containers.get", {"id": update.id})
+        if not update.id:
+            raise InvalidArgument("must specify a container id")
+        current = await self._call(call, "containers.get", {"id": _lookup_id(update.id)})
         paths = list(request.update_mask.paths)
-        extension_paths = [p for p in paths if p == "extensions" or p.startswith("extensions.")]
-        others = ("spec", "image", *extension_paths)
-        labels = capi.label_paths(paths, "container", others)
+        if not paths:
+            runtime = (current.get("runtime") or {}).get("name") or ""
+            if (current.get("snapshotter") or "") != update.snapshotter:
+                raise InvalidArgument("container.Snapshotter field is immutable")
+            if runtime != update.runtime.name:
+                raise InvalidArgument("container.Runtime.Name field is immutable")
+            paths = ["labels", "spec", "extensions", "image", "snapshotkey"]
+        labels = dict(current.get("labels") or {})
+        extensions = dict(current.get("extensions") or {})
+        given = capi.extensions_to_wire(update.extensions)
         params: dict[str, Any] = {"id": update.id}
-        if not paths or labels:
-            params["labels"] = capi.apply_label_mask(
-                current.get("labels") or {}, dict(update.labels), labels
-            )
-        if (not paths and update.HasField("spec")) or "spec" in paths:
-            params["spec"] = capi.from_json_any(update.spec, capi.SPEC_TYPE, "spec")
-        if "image" in paths or (not paths and update.image):
-            params["image"] = update.image
-        if not paths or extension_paths:
-            params["extensions"] = _masked_extensions(
-                current.get("extensions") or {},
-                capi.extensions_to_wire(update.extensions),
-                [p.removeprefix("extensions") for p in extension_paths],
-            )
+        for path in paths:
+            if path.startswith("labels."):
+                key = path.removeprefix("labels.")
+                labels[key] = update.labels.get(key, "")
+            elif path.startswith("extensions."):
+                key = path.removeprefix("extensions.")
+                extensions[key] = given.get(key, {"type_url": "", "value": ""})
+            elif path == "labels":
+                labels = dict(update.labels)
+            elif path == "extensions":
+                extensions = given
+            elif path == "spec":
+                params["spec"] = capi.from_json_any(update.spec, capi.SPEC_TYPE, "spec")
+            elif path == "image":
+                params["image"] = update.image
+            elif path == "snapshotkey":
+                params["snapshot_key"] = update.snapshot_key
+            else:
+                raise InvalidArgument(f"cannot update {path!r} field on {update.id!r}")
+        if any(not key for key in extensions):
+            raise InvalidArgument("container.Extension keys must not be zero-length")
+        params["labels"] = labels
+        params["extensions"] = extensions
         updated = await self._call(call, "containers.update", params)
         return capi.types().containers.UpdateContainerResponse(
             container=capi.container_to_message(updated)
@@ -96,21 +122,23 @@ class Containers(Service):
 
     @unary
     async def delete(self, request: Any, call: Call) -> Any:
-        await self._call(call, "containers.delete", {"id": request.id})
+        await self._call(call, "containers.delete", {"id": _lookup_id(request.id)})
         return empty()
 
 
-def _masked_extensions(
-    current: dict[str, Any], update: dict[str, Any], keys: list[str]
-) -> dict[str, Any]:
-    """containerd's mask for extensions: `extensions` (or no mask) replaces them all,
-    `extensions.<name>` sets one (or removes it, when the update lacks it)."""
-    if not keys or "" in keys:
-        return update
-    result = dict(current)
-    for key in (k.removeprefix(".") for k in keys):
-        if key in update:
-            result[key] = update[key]
-        else:
-            result.pop(key, None)
-    return result
+def _validate(container: Any) -> None:
+    """What containerd requires of a new container beyond berthd's own checks."""
+    if not container.runtime.name:
+        raise InvalidArgument("container.Runtime.Name must be set")
+    if container.snapshot_key and not container.snapshotter:
+        raise InvalidArgument("container.Snapshotter must be set if container.SnapshotKey is set")
+    if any(not key for key in container.extensions):
+        raise InvalidArgument("container.Extension keys must not be zero-length")
+
+
+def _lookup_id(container_id: str) -> str:
+    """An id to look up: one that is no identifier names no container (containerd answers
+    NotFound, not InvalidArgument, for it)."""
+    if not is_valid(container_id):
+        raise NotFound(f"container {container_id!r}: not found")
+    return container_id

@@ -21,11 +21,17 @@ from berth.daemon.grpc.services.base import (
     Service,
     abort_with,
     empty,
-    filters,
+    object_filters,
     streaming,
     unary,
 )
-from berth.shim.wire.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
+from berth.shim.wire.errors import (
+    AlreadyExists,
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 
 READ_CHUNK = 1 << 20  # what berthd's content.read answers at most (api/storage.MAX_READ)
 WRITE_CHUNK = 1 << 20  # gRPC messages may hold 32 MiB; berthd's frames hold 4
@@ -64,7 +70,7 @@ class Content(Service):
     @streaming
     async def list(self, request: Any, call: Call) -> AsyncIterator[Any]:
         t = capi.types()
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_content)
         result = {"content": await self._list(call, "content.list", "content", {})}
         batch = [capi.content_info_to_message(c) for c in result.get("content", []) if keep(c)]
         for i in range(0, len(batch), LIST_BATCH):
@@ -82,7 +88,7 @@ class Content(Service):
         run; an info call before each was a third of their cost). As containerd: a
         negative offset reads from 0, one past the end is OutOfRange."""
         t = capi.types()
-        offset = max(0, int(request.offset))
+        offset = start = max(0, int(request.offset))
         end = None if request.size <= 0 else offset + int(request.size)
         first = True
         while end is None or offset < end:
@@ -98,7 +104,8 @@ class Content(Service):
                     if offset > size:
                         raise _OutOfRange(f"read past object length {size} bytes")
                 return
-            yield t.content.ReadContentResponse(offset=offset, data=data)
+            # containerd's offsets count from where the read began
+            yield t.content.ReadContentResponse(offset=offset - start, data=data)
             offset += len(data)
             first = False
             if len(data) < want:  # berthd answers up to READ_CHUNK: shorter is the end
@@ -106,19 +113,23 @@ class Content(Service):
 
     @unary
     async def status(self, request: Any, call: Call) -> Any:
+        if not request.ref:  # containerd: no ingest has that ref
+            raise NotFound('could not get status for ref "": not found')
         doc = await self._call(call, "content.status", {"ref": request.ref})
         return capi.types().content.StatusResponse(status=_ingest_status(doc))
 
     @unary
     async def list_statuses(self, request: Any, call: Call) -> Any:
         result = await self._call(call, "content.ingests", {})
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_ingest)
         return capi.types().content.ListStatusesResponse(
             statuses=[_ingest_status(s) for s in result.get("ingests", []) if keep(s)]
         )
 
     @unary
     async def abort(self, request: Any, call: Call) -> Any:
+        if not request.ref:  # containerd: no ingest has that ref
+            raise NotFound("reference : not found")
         await self._call(call, "content.write.abort", {"ref": request.ref})
         return empty()
 
@@ -246,6 +257,12 @@ class _Ingest:
             self.open = False
             await self._open()
         data = bytes(req.data)
+        if self.total and self.offset + len(data) > self.total:
+            # containerd takes the bytes and fails the commit's size check; berthd bounds
+            # an ingest by its total: refused here, with containerd's code
+            raise FailedPrecondition(
+                f"{self.ref!r} failed size validation: {self.offset + len(data)} != {self.total}"
+            )
         for start in range(0, len(data), WRITE_CHUNK):  # berthd's frames are bounded
             written = await self._call(
                 "content.write.chunk",

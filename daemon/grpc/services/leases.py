@@ -7,7 +7,9 @@ import uuid
 from typing import Any
 
 from berth.daemon.grpc import convert as capi
-from berth.daemon.grpc.services.base import Call, Handler, Service, empty, filters, unary
+from berth.daemon.grpc.services.base import Call, Handler, Service, empty, object_filters, unary
+from berth.shim.wire.errors import BerthError, InvalidArgument, NotFound, Unimplemented
+from berth.shim.wire.names import is_valid
 
 
 class Leases(Service):
@@ -34,22 +36,27 @@ class Leases(Service):
 
     @unary
     async def delete(self, request: Any, call: Call) -> Any:
+        if not is_valid(request.id):  # containerd: no such lease, whatever the id
+            raise NotFound(f"lease {request.id!r}: not found")
         await self._call(call, "leases.delete", {"id": request.id, "sync": request.sync})
         return empty()
 
     @unary
     async def list(self, request: Any, call: Call) -> Any:
         result = {"leases": await self._list(call, "leases.list", "leases", {})}
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_lease)
         return capi.types().leases.ListResponse(
             leases=[capi.lease_to_message(x) for x in result.get("leases", []) if keep(x)]
         )
 
     async def _lease_resource(self, call: Call, method: str, request: Any) -> Any:
-        kind = request.resource.type
-        # containerd: "snapshots/<snapshotter>"; berth: "snapshot/<snapshotter>"
-        if kind.startswith("snapshots/"):
-            kind = "snapshot/" + kind[len("snapshots/") :]
+        try:
+            kind = _resource_kind(request.resource)
+        except BerthError:
+            # containerd looks the lease up first: an unknown lease is NotFound whatever
+            # the resource
+            await self._call(call, "leases.resources", {"id": request.id})
+            raise
         params = {"id": request.id, "kind": kind, "key": request.resource.id}
         await self._call(call, method, params)
         return empty()
@@ -73,3 +80,23 @@ class Leases(Service):
                 kind = "snapshots/" + kind[len("snapshot/") :]
             resources.append(t.leases.Resource(id=r["key"], type=kind))
         return t.leases.ListResourcesResponse(resources=resources)
+
+
+def _resource_kind(resource: Any) -> str:
+    """berth's kind for one of containerd's lease resources, checked as containerd checks
+    it: `content` (its id a digest), `ingests`, `snapshots/<snapshotter>`; any other type
+    is Unimplemented, as containerd answers."""
+    kind = str(resource.type)
+    parts = kind.split("/")
+    if parts[0] in ("content", "ingests"):
+        if len(parts) != 1:
+            raise InvalidArgument(f"invalid resource type {kind}")
+        if kind == "content" and not capi.is_digest(resource.id):
+            raise InvalidArgument(f"invalid content resource id {resource.id}")
+        return kind
+    if parts[0] == "snapshots":
+        if len(parts) != 2 or not parts[1]:
+            raise InvalidArgument(f"invalid snapshot resource type {kind}")
+        # containerd: "snapshots/<snapshotter>"; berth: "snapshot/<snapshotter>"
+        return f"snapshot/{parts[1]}"
+    raise Unimplemented(f"resource type {kind} not supported yet")

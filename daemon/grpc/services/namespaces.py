@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from berth.daemon.grpc import convert as capi
-from berth.daemon.grpc.services.base import Call, Handler, Service, empty, filters, unary
-from berth.shim.wire.errors import NotFound
+from berth.daemon.grpc.services.base import Call, Handler, Service, empty, unary
+from berth.shim.wire.errors import InvalidArgument, NotFound
 
 
 class Namespaces(Service):
@@ -26,7 +26,7 @@ class Namespaces(Service):
         t = capi.types()
         try:
             ns = await self.backend.call("namespaces.get", {"name": request.name})
-        except NotFound:
+        except (NotFound, InvalidArgument):  # containerd answers for any name at all
             # containerd 1.6 answers for a namespace nobody created yet (dockerd asks for
             # `moby` before it ever creates anything in it); the first object creates it.
             ns = {"name": request.name, "labels": {}}
@@ -36,14 +36,13 @@ class Namespaces(Service):
 
     @unary
     async def list(self, request: Any, call: Call) -> Any:
+        # containerd 1.6 lists every namespace whatever the request's filter says
         t = capi.types()
         result = {"namespaces": await self._list(None, "namespaces.list", "namespaces", {})}
-        keep = filters([request.filter])
         return t.namespaces.ListNamespacesResponse(
             namespaces=[
                 t.namespaces.Namespace(name=n["name"], labels=n.get("labels") or {})
                 for n in result.get("namespaces", [])
-                if keep(n)
             ]
         )
 
@@ -61,14 +60,17 @@ class Namespaces(Service):
     @unary
     async def update(self, request: Any, call: Call) -> Any:
         t = capi.types()
+        paths = list(request.update_mask.paths)
+        for path in paths:
+            # containerd updates a namespace's labels one by one: `labels` is refused too
+            if not path.startswith("labels."):
+                raise InvalidArgument(f"cannot update {path!r} field")
         try:
             current = await self.backend.call("namespaces.get", {"name": request.namespace.name})
         except NotFound:
             current = {}  # berthd creates it, as containerd does
         labels = capi.apply_label_mask(
-            current.get("labels") or {},
-            dict(request.namespace.labels),
-            list(request.update_mask.paths),
+            current.get("labels") or {}, dict(request.namespace.labels), paths
         )
         ns = await self.backend.call(
             "namespaces.update", {"name": request.namespace.name, "labels": labels}
