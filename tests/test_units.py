@@ -874,7 +874,7 @@ def test_following_a_rotated_log_misses_and_repeats_nothing(
     was renamed to stdout.log.1: with an 8 KiB limit, 8,192 of ~25 KB arrived."""
     import threading
 
-    from berth.daemon.cli.io import follow_log
+    from berth.daemon.cli.io import follow_log, open_log
     from berth.shim.io import LogConfig, LogSink
 
     path = os.path.join(str(tmp_path), "stdout.log")
@@ -883,7 +883,7 @@ def test_following_a_rotated_log_misses_and_repeats_nothing(
     out = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600)
     done = threading.Event()
     follower = threading.Thread(
-        target=follow_log, args=(path, out, done.is_set, reader_pause), daemon=True
+        target=follow_log, args=(path, open_log(path), out, done.is_set, reader_pause), daemon=True
     )
     follower.start()
     lines = [b"line %d\n" % n for n in range(20000)]  # ~190 KB: ~45 rotations

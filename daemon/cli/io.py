@@ -299,16 +299,20 @@ def run_attached(
         fifos.close()
 
 
-def _rotated_since(path: str, inode: int, max_files: int = 100) -> list[tuple[str, int]]:
-    """The files written after the one with `inode`, oldest first, with their inodes, when
-    the shim rotated it (`path` -> `path.1` -> ...): those between it and `path`, then
-    `path`. Empty while `path` is still that file, or is missing (between the rename and
-    the new file's creation: look again)."""
+def _rotated_since(path: str, held: int, max_files: int = 100) -> list[tuple[str, int]] | None:
+    """The files written after the one open at fd `held`, oldest first, with their inodes,
+    once the shim rotated it (`path` -> `path.1` -> ...): those between it and `path`,
+    then `path`. Empty while `path` is still that file, or is missing (between the rename
+    and the new file's creation). None while a rotation is under way (the renames run
+    from the oldest file down, so a name can be missing for a moment, or the listing can
+    miss ours): look again. If ours was removed (the oldest, past `max_files`), every
+    file there is newer than it."""
+    st = os.fstat(held)
     try:
         latest = os.stat(path).st_ino
     except FileNotFoundError:
         return []
-    if latest == inode:
+    if latest == st.st_ino:
         return []
     newer = [(path, latest)]
     for index in range(1, max_files):
@@ -317,10 +321,12 @@ def _rotated_since(path: str, inode: int, max_files: int = 100) -> list[tuple[st
             rotated_inode = os.stat(rotated).st_ino
         except FileNotFoundError:
             break
-        if rotated_inode == inode:
+        if rotated_inode == st.st_ino:
             return newer[::-1]
         newer.append((rotated, rotated_inode))
-    return newer[:1]  # ours was rotated away for good: carry on with the current file
+    if os.fstat(held).st_nlink == 0:
+        return newer[::-1]  # ours is gone: all that is left came after it
+    return None  # a rotation is moving the names: list them again
 
 
 def _open_as_listed(files: list[tuple[str, int]]) -> list[FileIO] | None:
@@ -340,14 +346,21 @@ def _open_as_listed(files: list[tuple[str, int]]) -> list[FileIO] | None:
     return opened
 
 
-def follow_log(path: str, out: int, done: Callable[[], bool], poll: float = 0.05) -> None:
-    """Copy a log file the shim writes and rotates (shim.io.LogSink) to `out` as it grows,
-    until `done()` and nothing more is in it, as `tail -F` does. At its end, a file that
-    was rotated (`path` names another file now) is finished (the shim closes a file
-    before it renames it): the files written since are read, oldest first. Each file is
-    read through the descriptor opened on it, never reopened by name, so a rotation
-    between two reads loses nothing."""
-    current = open(path, "rb", buffering=0)  # noqa: SIM115  # replaced on rotation
+def open_log(path: str) -> FileIO:
+    """The log file `path` is now, for follow_log: opened by the caller, so that where
+    following starts does not depend on when its thread runs."""
+    return open(path, "rb", buffering=0)  # follow_log closes it
+
+
+def follow_log(
+    path: str, current: FileIO, out: int, done: Callable[[], bool], poll: float = 0.05
+) -> None:
+    """Copy a log file the shim writes and rotates (shim.io.LogSink), opened as `current`
+    (open_log), to `out` as it grows, until `done()` and nothing more is in it, as
+    `tail -F` does. At its end, a file that was rotated (`path` names another file now)
+    is finished (the shim closes a file before it renames it): the files written since
+    are read, oldest first. Each file is read through the descriptor opened on it, never
+    reopened by name, so a rotation between two reads loses nothing."""
     finishing = False
     try:
         while True:
@@ -355,7 +368,10 @@ def follow_log(path: str, out: int, done: Callable[[], bool], poll: float = 0.05
             if data:
                 _write_all(out, data)
                 continue
-            newer = _rotated_since(path, os.fstat(current.fileno()).st_ino)
+            newer = _rotated_since(path, current.fileno())
+            if newer is None:
+                time.sleep(0.001)  # the shim is renaming: a moment
+                continue
             if newer:
                 opened = _open_as_listed(newer)
                 if opened is None:

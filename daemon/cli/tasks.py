@@ -162,15 +162,19 @@ def attach(session: Session, args: argparse.Namespace) -> int:
         raise CliError(f"task {container_id} has no log to follow (it was started with FIFOs)")
     import threading  # lazily: only attach needs a thread here
 
-    from berth.daemon.cli.io import follow_log
+    from berth.daemon.cli.io import follow_log, open_log
 
     done = threading.Event()
-    followers = [
-        threading.Thread(
-            target=follow_log, args=(os.path.join(log_dir, name), fd, done.is_set), daemon=True
-        )
+    logs = [
+        (os.path.join(log_dir, name), fd)
         for name, fd in (("stdout.log", 1), ("stderr.log", 2))
         if os.path.exists(os.path.join(log_dir, name))
+    ]
+    followers = [
+        threading.Thread(
+            target=follow_log, args=(path, open_log(path), fd, done.is_set), daemon=True
+        )
+        for path, fd in logs
     ]
     for thread in followers:
         thread.start()
