@@ -427,10 +427,10 @@ def container_to_message(doc: dict[str, Any]) -> Any:
 
 def process_to_message(container_id: str, doc: dict[str, Any]) -> Any:
     """A berth process view as containerd.v1.types.Process. `id` is the process's own ID:
-    the container's for the init process, the exec ID for an exec."""
+    the container's for the init process, the exec ID for an exec. `container_id` is
+    left unset, as containerd 1.6's Tasks/Get and List leave it."""
     exited = doc.get("status") == "stopped"
     return types().task.Process(
-        container_id=container_id,
         id=doc.get("exec_id") or container_id,
         pid=int(doc.get("pid") or 0),
         status=STATUS.get(str(doc.get("status")), 0),
@@ -534,7 +534,11 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
     if cls is None:
         return None
     payload = envelope.get("event") or {}
-    event = fill(cls(), payload if isinstance(payload, dict) else {})
+    payload = payload if isinstance(payload, dict) else {}
+    if topic == "/tasks/delete" and payload.get("id") == payload.get("container_id"):
+        # containerd's TaskDelete of a task names no process: its id is left unset
+        payload = {k: v for k, v in payload.items() if k != "id"}
+    event = fill(cls(), payload)
     return t.events.Envelope(
         timestamp=timestamp(envelope.get("timestamp")),
         namespace=envelope.get("namespace") or "",

@@ -116,17 +116,29 @@ class Tasks(Service):
 
     @unary
     async def kill(self, request: Any, call: Call) -> Any:
-        await self._call(
-            call,
-            "tasks.kill",
-            {
-                "container_id": request.container_id,
-                "exec_id": request.exec_id or None,
-                "signal": int(request.signal),
-                "all": request.all,
-            },
-        )
+        params = {
+            "container_id": request.container_id,
+            "exec_id": request.exec_id or None,
+            "signal": int(request.signal),
+            "all": request.all,
+        }
+        try:
+            await self._call(call, "tasks.kill", params)
+        except NotFound:
+            if not request.all or request.exec_id or not await self._stopped(call, request):
+                raise
+            # containerd signals every process of the container's cgroup for `all`, which
+            # succeeds once its init has exited too (the Go client's Kill(SIGKILL, all)
+            # of a stopped task)
         return empty()
+
+    async def _stopped(self, call: Call, request: Any) -> bool:
+        """Whether the task exists and its init process has exited."""
+        try:
+            task = await self._call(call, "tasks.get", {"container_id": request.container_id})
+        except NotFound:
+            return False
+        return bool(task.get("status") == "stopped")
 
     @unary
     async def exec(self, request: Any, call: Call) -> Any:
