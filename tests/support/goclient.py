@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,14 +60,20 @@ def probe() -> str:
 def run(
     address: str, namespace: str, rootfs: str, flow: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """One flow; `env` adds what it needs beyond its arguments (GOCLIENT_*)."""
-    return subprocess.run(
-        [probe(), address, namespace, rootfs, flow],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    """One flow; `env` adds what it needs beyond its arguments (GOCLIENT_*). Its FIFOs go
+    to a directory of its own, removed afterwards (the client's default is containerd's
+    /run/containerd/fifo)."""
+    fifo_dir = tempfile.mkdtemp(prefix="bt-fifo-", dir="/tmp")
+    try:
+        return subprocess.run(
+            [probe(), address, namespace, rootfs, flow],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "GOCLIENT_FIFO_DIR": fifo_dir, **(env or {})},
+        )
+    finally:
+        shutil.rmtree(fifo_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

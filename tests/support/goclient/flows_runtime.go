@@ -139,6 +139,16 @@ func rtExit(step string, ch <-chan containerd.ExitStatus, timeout time.Duration)
 }
 
 // startTask: NewTask, Wait, Start; the exit channel.
+// newCreator is cio.NewCreator with the FIFOs in the test's own directory
+// (GOCLIENT_FIFO_DIR), never in containerd's default /run/containerd/fifo.
+func newCreator(opts ...cio.Opt) cio.Creator {
+	dir := os.Getenv("GOCLIENT_FIFO_DIR")
+	if dir == "" {
+		fail("fifo dir", errors.New("GOCLIENT_FIFO_DIR is not set"))
+	}
+	return cio.NewCreator(append([]cio.Opt{cio.WithFIFODir(dir)}, opts...)...)
+}
+
 func rtStart(ctx context.Context, container containerd.Container, creator cio.Creator, opts ...containerd.NewTaskOpts) (containerd.Task, <-chan containerd.ExitStatus) {
 	task, err := container.NewTask(ctx, creator, opts...)
 	if err != nil {
@@ -215,7 +225,7 @@ func flowIO(ctx context.Context, client *containerd.Client, address, rootfs stri
 	input := "hello\nworld\n" + strings.Repeat("x", 100000) + "\n"
 	stdin := &rtStdinCloser{r: strings.NewReader(input), ready: make(chan struct{})}
 	task, ch := rtStart(ctx, container,
-		cio.NewCreator(cio.WithStreams(stdin, &stdout, &stderr)))
+		newCreator(cio.WithStreams(stdin, &stdout, &stderr)))
 	stdin.close = func() error { return task.CloseIO(ctx, containerd.WithStdinCloser) }
 	close(stdin.ready)
 	exit := rtExit("exit", ch, 20*time.Second)
@@ -289,7 +299,7 @@ func flowIOCloseStdin(ctx context.Context, client *containerd.Client, address, r
 	r, w := io.Pipe()
 	defer w.Close()
 	var stdout rtBuffer
-	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(r, &stdout, &stdout)))
+	task, ch := rtStart(ctx, container, newCreator(cio.WithStreams(r, &stdout, &stdout)))
 	if _, err := w.Write([]byte("abc\n")); err != nil {
 		fail("write stdin", err)
 	}
@@ -318,7 +328,7 @@ func flowExec(ctx context.Context, client *containerd.Client, address, rootfs st
 	task, _ := rtStart(ctx, container, cio.NullIO)
 	var out rtBuffer
 	process, err := task.Exec(ctx, "e1", rtProcessSpec(ctx, container, "sh", "-c", "echo hi; exit 3"),
-		cio.NewCreator(cio.WithStreams(nil, &out, &out)))
+		newCreator(cio.WithStreams(nil, &out, &out)))
 	if err != nil {
 		fail("Exec", err)
 	}
@@ -360,7 +370,7 @@ func flowExec(ctx context.Context, client *containerd.Client, address, rootfs st
 	// the same ID again
 	var out2 rtBuffer
 	again, err := task.Exec(ctx, "e1", rtProcessSpec(ctx, container, "echo", "again"),
-		cio.NewCreator(cio.WithStreams(nil, &out2, &out2)))
+		newCreator(cio.WithStreams(nil, &out2, &out2)))
 	if err != nil {
 		fail("Exec (ID used again)", err)
 	}
@@ -444,7 +454,7 @@ func flowTTY(ctx context.Context, client *containerd.Client, address, rootfs str
 		oci.WithProcessArgs("sh", "-c", `while [ "$(stty size)" != "40 100" ]; do sleep 0.05; done; stty size; tty`))
 	var out rtBuffer
 	task, ch := rtStart(ctx, container,
-		cio.NewCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
+		newCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
 	if err := task.Resize(ctx, 100, 40); err != nil {
 		fail("Resize", err)
 	}
@@ -466,7 +476,7 @@ func flowTTYExec(ctx context.Context, client *containerd.Client, address, rootfs
 	spec.Terminal = true
 	var out rtBuffer
 	process, err := task.Exec(ctx, "t1", spec,
-		cio.NewCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
+		newCreator(cio.WithStreams(strings.NewReader(""), &out, nil), cio.WithTerminal))
 	if err != nil {
 		fail("Exec", err)
 	}
@@ -614,7 +624,7 @@ func flowUpdateResources(ctx context.Context, client *containerd.Client, address
 	var out rtBuffer
 	process, err := task.Exec(ctx, "cat", rtProcessSpec(ctx, container, "sh", "-c",
 		"cat /sys/fs/cgroup/memory/memory.limit_in_bytes || cat /sys/fs/cgroup/memory.max || { ls /sys/fs/cgroup; grep cgroup /proc/mounts; }"),
-		cio.NewCreator(cio.WithStreams(nil, &out, &out)))
+		newCreator(cio.WithStreams(nil, &out, &out)))
 	if err != nil {
 		fail("Exec", err)
 	}
@@ -858,7 +868,7 @@ func flowKillSignals(ctx context.Context, client *containerd.Client, address, ro
 	container := rtContainer(ctx, client, rtID("kill"), rootfs,
 		oci.WithProcessArgs("sh", "-c", `trap "exit 9" TERM; echo ready; while :; do sleep 0.1; done`))
 	var out rtBuffer
-	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)))
+	task, ch := rtStart(ctx, container, newCreator(cio.WithStreams(nil, &out, &out)))
 	rtWaitFor("trap set", 10*time.Second, func() bool { return strings.Contains(out.String(), "ready") }, out.String)
 	if err := task.Kill(ctx, syscall.SIGTERM); err != nil {
 		fail("Kill(SIGTERM)", err)
@@ -1098,7 +1108,7 @@ func flowSpecOpts(ctx context.Context, client *containerd.Client, address, rootf
 		oci.WithHostname("probe-host"),
 		oci.WithProcessArgs("sh", "-c", "id; env; grep Cap /proc/self/status; readlink /proc/self/ns/net; pwd; cat file; hostname; touch x 2>/dev/null && echo writable || echo readonly"))
 	var out rtBuffer
-	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)))
+	task, ch := rtStart(ctx, container, newCreator(cio.WithStreams(nil, &out, &out)))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
 		fail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))
 	}
@@ -1211,7 +1221,7 @@ func flowRootfsMounts(ctx context.Context, client *containerd.Client, address, r
 		container.Delete(cctx)
 	})
 	var out rtBuffer
-	task, ch := rtStart(ctx, container, cio.NewCreator(cio.WithStreams(nil, &out, &out)),
+	task, ch := rtStart(ctx, container, newCreator(cio.WithStreams(nil, &out, &out)),
 		containerd.WithRootFS([]mount.Mount{{Type: "bind", Source: rootfs, Options: []string{"rbind", "rw"}}}))
 	if s := rtExit("exit", ch, 10*time.Second); s.ExitCode() != 0 {
 		fail("exit", fmt.Errorf("status %d: %q", s.ExitCode(), out.String()))

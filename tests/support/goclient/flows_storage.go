@@ -106,7 +106,7 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 	// stdout and stderr into buffers of their own: the client copies each in a goroutine
 	// of its own, and bytes.Buffer is not safe for two (one buffer loses output).
 	var out, errs bytes.Buffer
-	task, err := container.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &errs)))
+	task, err := container.NewTask(ctx, newCreator(cio.WithStreams(nil, &out, &errs)))
 	if err != nil {
 		fail("NewTask", err)
 	}
