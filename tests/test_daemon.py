@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -12,8 +13,9 @@ import subprocess
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -637,17 +639,25 @@ def test_an_attached_run_s_output_waits_in_a_pipe_nobody_reads_yet(daemon: Daemo
     CLI did not wait on the pipe. Spliced, each line took one of the pipe's 16 buffers: the
     copy blocked after 16 lines, drain gave up after 10 s and the rest was lost."""
     script = "for i in $(seq 1 40); do echo $i; sleep 0.05; done; exit 3"  # a write each
-    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
-    proc = subprocess.Popen(
-        [BERTH, "run", "--busybox", "--rm", "c-unread", "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
+    with _cli_into_a_pipe(daemon, "run", "--busybox", "--rm", "c-unread", "sh", "-c", script) as (
+        proc,
+        stdout,
+    ):
         assert proc.wait(timeout=8) == 3  # nothing read from its stdout yet
-        out = proc.stdout.read() if proc.stdout else b""
-        assert out.split() == [str(n).encode() for n in range(1, 41)]
+        assert stdout.read().split() == [str(n).encode() for n in range(1, 41)]
+
+
+@contextlib.contextmanager
+def _cli_into_a_pipe(
+    daemon: Daemon, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
+    """The CLI with its stdout a pipe the test reads when it chooses; killed by pid and
+    its pipes closed at the end, even on failure."""
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    proc = subprocess.Popen([BERTH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        yield proc, proc.stdout
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -664,13 +674,6 @@ def test_an_attached_run_s_output_waits_for_a_consumer_that_pauses_longer_than_d
     byte arrives. Drain used to give up 10 s after the exit, output on its way or not,
     and the CLI left with what had not fit into the pipe."""
     lines = 20000  # ~109 KiB, more than the 64 KiB a pipe holds
-    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
-    proc = subprocess.Popen(
-        [BERTH, "run", "--busybox", "--rm", "c-paused", "sh", "-c", f"seq 1 {lines}; exit 3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
     seen: list[str] = []
 
     def exited() -> bool:
@@ -680,20 +683,17 @@ def test_an_attached_run_s_output_waits_for_a_consumer_that_pauses_longer_than_d
             return bool(seen)  # created, then gone: it exited and --rm removed it
         return seen[-1] == "stopped"
 
-    try:
+    script = f"seq 1 {lines}; exit 3"
+    with _cli_into_a_pipe(daemon, "run", "--busybox", "--rm", "c-paused", "sh", "-c", script) as (
+        proc,
+        stdout,
+    ):
         wait_until(exited, timeout=30)
         time.sleep(12)  # past the old drain's 10 s; nothing read from the CLI's stdout yet
         assert proc.poll() is None, "the CLI left with output undelivered"
-        out = proc.stdout.read() if proc.stdout else b""
+        out = stdout.read()
         assert proc.wait(timeout=30) == 3
         assert out.split() == [str(n).encode() for n in range(1, lines + 1)]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
 
 
 def test_an_exec_whose_leftover_keeps_stdout_open_ends_after_an_idle_drain(

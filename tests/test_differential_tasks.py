@@ -28,8 +28,8 @@ import pytest
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
 from tests.support.clients import grpc_address
-from tests.support.containerd import CONTAINERD, Containerd
-from tests.support.helpers import Reaped, is_gone, kill, spawn_reaped, wait_until
+from tests.support.containerd import Containerd
+from tests.support.helpers import wait_until
 from tests.support.wire import served_wire
 from tests.test_differential import HELD, L, Outcome, Pair, Side, to_dict
 
@@ -38,91 +38,6 @@ pytestmark = pytest.mark.container
 C = "/containerd.services.containers.v1.Containers/"
 T = "/containerd.services.tasks.v1.Tasks/"
 EV = "/containerd.services.events.v1.Events/"
-
-# containerd with its task plugins on (the metadata suite's containerd has them off)
-TASK_DISABLED_PLUGINS = (
-    "io.containerd.grpc.v1.cri",
-    "io.containerd.internal.v1.opt",
-    "io.containerd.internal.v1.tracing",
-    "io.containerd.tracing.processor.v1.otlp",
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.devmapper",
-    "io.containerd.snapshotter.v1.zfs",
-    "io.containerd.internal.v1.restart",
-)
-
-# /run is a tmpfs of containerd's own mount namespace: its shims' sockets
-# (/run/containerd/s/...) and runc's default root stay out of the host's /run.
-PRIVATE_RUN = 'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$0" --config "$1"'
-
-
-class TaskContainerd(Containerd):
-    """A private containerd that runs tasks: containerd-shim-runc-v2 and runc."""
-
-    what = "containerd"
-
-    def __init__(self) -> None:  # the parent's, with the task plugins on
-        Reaped.__init__(self)
-        self.dir = tempfile.mkdtemp(prefix="bt-ctk-", dir="/tmp")
-        self.root = os.path.join(self.dir, "root")
-        self.state = os.path.join(self.dir, "state")
-        self.address = os.path.join(self.dir, "containerd.sock")
-        self.config_path = os.path.join(self.dir, "config.toml")
-        disabled = ", ".join(f'"{p}"' for p in TASK_DISABLED_PLUGINS)
-        with open(self.config_path, "w") as f:
-            f.write(
-                "version = 2\n"
-                f'root = "{self.root}"\nstate = "{self.state}"\n'
-                f"disabled_plugins = [{disabled}]\n"
-                f'[grpc]\n  address = "{self.address}"\n'
-                f'[ttrpc]\n  address = "{self.address}.ttrpc"\n'
-                '[debug]\n  level = "warn"\n'
-            )
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def start(self) -> None:
-        log_path = os.path.join(self.dir, f"containerd-{len(self.logs)}.log")
-        self.logs.append(log_path)
-        command = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", PRIVATE_RUN]
-        reaper, pid = spawn_reaped([*command, CONTAINERD, self.config_path], log_path)
-        self.reapers.append(reaper)
-        self.remember(pid)
-
-        def ready() -> bool:
-            if reaper.poll() is not None:
-                raise AssertionError(f"containerd exited: {self.log_text()}")
-            return self._answers()
-
-        wait_until(ready, timeout=30, what="containerd to answer")
-
-    def orphans(self) -> list[int]:
-        """The shims and orphaned container processes under this containerd's reapers."""
-        out = []
-        for reaper in self.reapers:
-            if reaper.poll() is not None:
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                path = Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children")
-                out += [int(p) for p in path.read_text().split() if int(p) not in self.pids]
-        return out
-
-    def cleanup(self) -> None:
-        """Every shim and container process it left, by pid; then containerd itself."""
-        with contextlib.suppress(AssertionError):
-            for _ in range(5):
-                pids = self.orphans()
-                if not pids:
-                    break
-                for pid in pids:
-                    kill(pid)
-                wait_until(lambda ps=pids: all(is_gone(p) for p in ps), timeout=10, what="orphans")
-        super().cleanup()
-
 
 # -- the pair of daemons ------------------------------------------------------------------
 
@@ -262,7 +177,7 @@ def remove_cgroups(namespace: str) -> None:
 
 @pytest.fixture(scope="module")
 def tp(busybox_rootfs: str) -> Iterator[Tasks]:
-    ctd = TaskContainerd()
+    ctd = Containerd(tasks=True)
     namespace = ""
     work = tempfile.mkdtemp(prefix="bt-dtf-", dir="/tmp")
     try:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -20,10 +21,9 @@ from tests.support.helpers import Reaped, is_gone, kill, spawn_reaped, wait_unti
 
 CONTAINERD = "/usr/bin/containerd"
 
-# What a containerd needs for the metadata services (namespaces, containers, leases,
-# content, images, snapshots, introspection, version); every other plugin is off, so it
-# starts fast and touches nothing outside its own directories.
-DISABLED_PLUGINS = (
+# Plugins every private containerd runs without: it starts fast and touches nothing
+# outside its own directories.
+ALWAYS_OFF = (
     "io.containerd.grpc.v1.cri",
     "io.containerd.internal.v1.opt",
     "io.containerd.internal.v1.tracing",
@@ -32,13 +32,20 @@ DISABLED_PLUGINS = (
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.devmapper",
     "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.internal.v1.restart",
+)
+# ... and, for the metadata services alone (namespaces, containers, leases, content,
+# images, snapshots, introspection, version), without its task plugins.
+TASK_PLUGINS = (
     "io.containerd.monitor.v1.cgroups",
     "io.containerd.runtime.v1.linux",
     "io.containerd.runtime.v2.task",
     "io.containerd.service.v1.tasks-service",
     "io.containerd.grpc.v1.tasks",
-    "io.containerd.internal.v1.restart",
 )
+# With tasks, /run is a tmpfs of containerd's own mount namespace: its shims' sockets
+# (/run/containerd/s/...) and runc's default root stay out of the host's /run.
+PRIVATE_RUN = 'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$0" --config "$1"'
 
 
 class Containerd(Reaped):
@@ -46,15 +53,19 @@ class Containerd(Reaped):
 
     what = "containerd"
 
-    def __init__(self) -> None:
+    def __init__(self, *, tasks: bool = False) -> None:
+        """`tasks`: with containerd-shim-runc-v2 and runc, in a mount namespace of its own
+        (PRIVATE_RUN)."""
         super().__init__()
+        self.tasks = tasks
         # Short paths: UNIX socket names must fit in 107 bytes.
-        self.dir = tempfile.mkdtemp(prefix="bt-ctd-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="bt-ctk-" if tasks else "bt-ctd-", dir="/tmp")
         self.root = os.path.join(self.dir, "root")
         self.state = os.path.join(self.dir, "state")
         self.address = os.path.join(self.dir, "containerd.sock")
         self.config_path = os.path.join(self.dir, "config.toml")
-        disabled = ", ".join(f'"{p}"' for p in DISABLED_PLUGINS)
+        off = ALWAYS_OFF if tasks else ALWAYS_OFF + TASK_PLUGINS
+        disabled = ", ".join(f'"{p}"' for p in off)
         with open(self.config_path, "w") as f:
             f.write(
                 "version = 2\n"
@@ -73,7 +84,11 @@ class Containerd(Reaped):
     def start(self) -> None:
         log_path = os.path.join(self.dir, f"containerd-{len(self.logs)}.log")
         self.logs.append(log_path)
-        reaper, pid = spawn_reaped([CONTAINERD, "--config", self.config_path], log_path)
+        command = [CONTAINERD, "--config", self.config_path]
+        if self.tasks:
+            private = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c"]
+            command = [*private, PRIVATE_RUN, CONTAINERD, self.config_path]
+        reaper, pid = spawn_reaped(command, log_path)
         self.reapers.append(reaper)
         self.remember(pid)
 
@@ -100,8 +115,28 @@ class Containerd(Reaped):
             except grpc.FutureTimeoutError:
                 return False
 
+    def orphans(self) -> list[int]:
+        """The shims and orphaned container processes under this containerd's reapers."""
+        out = []
+        for reaper in self.reapers:
+            if reaper.poll() is not None:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                path = Path(f"/proc/{reaper.pid}/task/{reaper.pid}/children")
+                out += [int(p) for p in path.read_text().split() if int(p) not in self.pids]
+        return out
+
     def cleanup(self) -> None:
-        """Stop containerd by pid (TERM, then KILL), unmount what it left, remove its dir."""
+        """Stop every shim and container process it left, by pid; then containerd (TERM,
+        then KILL); unmount what it left, remove its dir."""
+        with contextlib.suppress(AssertionError):
+            for _ in range(5):
+                pids = self.orphans()
+                if not pids:
+                    break
+                for pid in pids:
+                    kill(pid)
+                wait_until(lambda ps=pids: all(is_gone(p) for p in ps), timeout=10, what="orphans")
         for pid in self.live_pids():
             kill(pid, 15)
         with contextlib.suppress(AssertionError):
