@@ -41,6 +41,7 @@ from berth.shim.wire.protocol import (
     StreamEnd,
     StreamItem,
 )
+from berth.shim.wire.status import pack_pids
 from berth.shim.wire.unixsock import peer_credentials
 
 MAX_FRAME = 1024 * 1024
@@ -186,7 +187,13 @@ class ShimServer:
         return self.task.stats()
 
     async def _pids(self, conn: ShimConnection, req: Request) -> Any:
-        return {"processes": await self.task.pids()}
+        pids, execs = await self.task.pids()
+        if req.params.get("packed"):
+            return {"pids": pack_pids(pids), "execs": execs}
+        # A daemon from before `packed` (a rollback): a map per process, ~17 bytes each,
+        # so that the frame holds ~60,000 of them.
+        by_pid = {pid: exec_id for exec_id, pid in execs.items()}
+        return {"processes": [{"pid": pid, "exec_id": by_pid.get(pid, "")} for pid in pids]}
 
     async def _wait(self, conn: ShimConnection, req: Request) -> Any:
         return await self.task.wait(_exec_id(req))

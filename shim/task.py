@@ -588,13 +588,20 @@ class Task:
         finally:
             os.unlink(path)
 
-    async def pids(self) -> list[dict[str, Any]]:
+    async def pids(self) -> tuple[list[int], dict[str, int]]:
+        """The container's processes (the runtime's `ps`), and the pid of each exec still
+        running among them."""
         init = self._require_init()
         if init.reaped:
-            return []
+            return [], {}
         pids = await self.runtime.ps(self.config.id)
-        by_pid = {p.pid: p.exec_id for p in self.execs.values() if p.pid and not p.reaped}
-        return [{"pid": pid, "exec_id": by_pid.get(pid, "")} for pid in pids]
+        listed = set(pids)
+        execs = {
+            exec_id: p.pid
+            for exec_id, p in self.execs.items()
+            if p.pid and not p.reaped and p.pid in listed
+        }
+        return pids, execs
 
     def stats(self) -> dict[str, Any]:
         init = self._require_init()

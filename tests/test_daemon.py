@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import select
 import signal
@@ -184,6 +185,59 @@ def test_pause_resume_and_metrics(daemon: Daemon) -> None:
     )
     assert daemon.call("tasks.metrics", {"container_id": "c-pause"})["memory"]["limit"] == 64 << 20
     daemon.cli("tasks", "rm", "-f", "c-pause", check=True)
+
+
+def test_tasks_pids_lists_every_process_of_the_cgroup_and_names_the_execs(daemon: Daemon) -> None:
+    """`tasks.pids` is the container's whole cgroup, each exec's process named by its id
+    (the shim sends the list packed, 4 bytes a pid; berthd expands it)."""
+    daemon.cli(
+        "run",
+        "--busybox",
+        "-d",
+        "c-many",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 300 ]; do sleep 1000 & i=$((i+1)); done; wait",
+        check=True,
+    )
+    init = daemon.call("tasks.get", {"container_id": "c-many"})["pid"]
+    lines = dict(
+        line.split(":", 2)[1:] for line in Path(f"/proc/{init}/cgroup").read_text().splitlines()
+    )
+    if "pids" in lines:  # cgroup v1 (or hybrid): the pids hierarchy
+        procs = Path("/sys/fs/cgroup/pids" + lines["pids"], "cgroup.procs")
+    else:
+        procs = Path("/sys/fs/cgroup" + lines[""], "cgroup.procs")
+
+    def in_cgroup() -> set[int]:
+        return {int(line) for line in procs.read_text().split()}
+
+    with daemon.client() as c:
+        c.call(
+            "tasks.exec",
+            {
+                "container_id": "c-many",
+                "exec_id": "e-ps",
+                "spec": {"args": ["/bin/sleep", "1000"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            },
+        )
+        c.call("tasks.start", {"container_id": "c-many", "exec_id": "e-ps"})
+        exec_pid = c.call("tasks.get", {"container_id": "c-many", "exec_id": "e-ps"})["pid"]
+        wait_until(lambda: len(in_cgroup()) == 302, what="300 sleeps, the shell and the exec")
+        listed = c.call("tasks.pids", {"container_id": "c-many"})["processes"]
+        assert {p["pid"] for p in listed} == in_cgroup()
+        assert len(listed) == 302
+        named = {p["pid"]: p["exec_id"] for p in listed if p["exec_id"]}
+        assert named == {exec_pid: "e-ps"}
+        assert init in {p["pid"] for p in listed}
+    # A daemon of an older berth (a rollback) asks without `packed`: the list itself.
+    from berth.shim.wire.client import Client
+
+    digest = hashlib.sha256(f"{daemon.namespace}/c-many".encode()).hexdigest()[:24]
+    with Client(os.path.join(daemon.state, "s", f"{digest}.sock")) as shim:
+        legacy = shim.call("pids")["processes"]
+    assert sorted(legacy, key=lambda p: p["pid"]) == sorted(listed, key=lambda p: p["pid"])
+    daemon.cli("tasks", "rm", "-f", "c-many", check=True)
 
 
 def test_detached_logs_are_on_disk_under_the_root_and_go_with_their_task(daemon: Daemon) -> None:

@@ -333,3 +333,37 @@ def test_a_dropped_call_is_repeatable_only_if_it_changes_nothing(tmp_path: Path)
     assert not isinstance(lost.value, Reconnect)  # it may have been carried out
     thread.join(5)
     assert seen == ["tasks.list", "tasks.kill"]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200))
+def test_packed_pids_round_trip(pids: list[int]) -> None:
+    from berth.shim.wire.status import pack_pids, unpack_pids
+
+    packed = pack_pids(pids)
+    assert len(packed) == 4 * len(pids)
+    assert unpack_pids(packed) == pids
+
+
+def test_packed_pids_refuse_what_is_not_a_pid_list() -> None:
+    from berth.shim.wire.status import pack_pids, unpack_pids
+
+    assert pack_pids([1, 2]) == b"\x01\x00\x00\x00\x02\x00\x00\x00"  # little-endian
+    with pytest.raises(ValueError, match="7 bytes"):
+        unpack_pids(b"\x00" * 7)
+    with pytest.raises(OverflowError):
+        pack_pids([2**32])
+
+
+def test_a_shim_reply_of_250_000_processes_fits_its_frame() -> None:
+    """`tasks ps` of a container with ~60,000 processes or more overflowed the shim's
+    1 MiB frame (a map per process); packed, 250,000 fit (Linux's pid_max is at most
+    2**22)."""
+    from berth.shim.api import MAX_FRAME
+    from berth.shim.wire.protocol import encode
+    from berth.shim.wire.status import pack_pids
+
+    pids = list(range(4_000_000, 4_250_000))
+    packed = encode({"pids": pack_pids(pids), "execs": {f"exec-{i}": i for i in range(100)}})
+    assert len(packed) < MAX_FRAME
+    legacy = encode({"processes": [{"pid": pid, "exec_id": ""} for pid in pids[:62_000]]})
+    assert len(legacy) > MAX_FRAME

@@ -100,7 +100,7 @@ class TaskApi:
         return {}
 
     async def pids(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
-        return await self.tasks.passthrough(ctx.namespace, p.container_id, "pids")
+        return await self.tasks.pids(ctx.namespace, p.container_id)
 
     async def pause(self, ctx: CallContext, p: schema.ContainerTask) -> Any:
         return await self.tasks.passthrough(ctx.namespace, p.container_id, "pause")

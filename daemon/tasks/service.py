@@ -66,12 +66,21 @@ from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
 from berth.shim.wire.names import is_valid
-from berth.shim.wire.status import CREATED, DAEMON_TOPICS, PAUSED, RUNNING, STOPPED, UNKNOWN_EXIT
+from berth.shim.wire.status import (
+    CREATED,
+    DAEMON_TOPICS,
+    PAUSED,
+    RUNNING,
+    STOPPED,
+    UNKNOWN_EXIT,
+    unpack_pids,
+)
 from berth.shim.wire.unixsock import is_served
 
 log = logging.getLogger("berthd.tasks")
@@ -1022,6 +1031,20 @@ class TaskService:
         elif method == "resume":
             handle.init.set_status(RUNNING)
         return result
+
+    async def pids(self, namespace: str, container_id: str) -> dict[str, Any]:
+        """The task's processes, each with the exec it is ("" for the others). Asked of the
+        shim packed (4 bytes a pid); a shim from before that answers with the list itself."""
+        handle = self.get_handle(namespace, container_id)
+        reply = await self._call(handle, "pids", {"packed": True})
+        if "processes" in reply:  # a shim of an older berth
+            return {"processes": reply["processes"]}
+        try:
+            pids = unpack_pids(reply["pids"])
+            by_pid = {pid: exec_id for exec_id, pid in dict(reply.get("execs") or {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Internal(f"the shim's process list is malformed: {exc}") from exc
+        return {"processes": [{"pid": pid, "exec_id": by_pid.get(pid, "")} for pid in pids]}
 
     async def shim_log(self, namespace: str, container_id: str, tail: int) -> dict[str, Any]:
         """The task's shim's own log (its lines and errors, not the container's output):

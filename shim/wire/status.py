@@ -40,3 +40,32 @@ DAEMON_TOPICS: Final = {
     EXEC_ADDED: "/tasks/exec-added",
     EXEC_STARTED: "/tasks/exec-started",
 }
+
+
+# A container's process list crosses from a shim to berthd as 4 bytes a pid (little-endian
+# unsigned; Linux pids are below 2**22), not a map per process: a 1 MiB shim frame then
+# holds ~260,000 processes instead of ~60,000.
+def pack_pids(pids: list[int]) -> bytes:
+    import array
+    import sys
+
+    packed = array.array("I", pids)  # OverflowError for a pid that is not a u32
+    if packed.itemsize != 4:  # pragma: no cover - every Linux ABI berth runs on has 4
+        raise OverflowError("unsigned int is not 4 bytes here")
+    if sys.byteorder == "big":  # pragma: no cover
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_pids(data: bytes) -> list[int]:
+    """ValueError if `data` is not a whole number of pids."""
+    import array
+    import sys
+
+    if len(data) % 4:
+        raise ValueError(f"a packed pid list of {len(data)} bytes")
+    packed = array.array("I")
+    packed.frombytes(data)
+    if sys.byteorder == "big":  # pragma: no cover
+        packed.byteswap()
+    return packed.tolist()
