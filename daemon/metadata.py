@@ -236,6 +236,22 @@ def validate_new(name: object, what: str) -> str:
     return name
 
 
+MAX_LEASE_ID = 4096
+
+
+def check_lease_id(lease_id: object) -> str:
+    """A lease's ID is any text, not empty, without NUL, at most MAX_LEASE_ID characters:
+    containerd keeps leases by their ID alone and checks nothing more (`ctr images mount`
+    names its lease after the mount point). berth keeps it only in the database."""
+    if not isinstance(lease_id, str) or not lease_id:
+        raise InvalidArgument("a lease id must be a non-empty string")
+    if len(lease_id) > MAX_LEASE_ID or "\x00" in lease_id:
+        raise InvalidArgument(
+            f"invalid lease id {lease_id[:100]!r}: at most {MAX_LEASE_ID} characters, no NUL"
+        )
+    return lease_id
+
+
 def check_labels(labels: Any, *, keep_empty: bool = False) -> dict[str, str]:
     """Labels as stored: a label set to "" is no label (containerd stores none), so an
     update that sets one to "" removes it; `keep_empty` keeps them (containerd's new
@@ -701,7 +717,7 @@ class Store:
     def create_lease(
         self, namespace: str, lease_id: str, labels: dict[str, str] | None, expires_at: int = 0
     ) -> dict[str, Any]:
-        validate(lease_id, "lease id")
+        check_lease_id(lease_id)
         self.ensure_namespace(namespace)
         try:
             self._db.execute(

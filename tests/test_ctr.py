@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,27 @@ def test_images_rm(ctr: Ctr) -> None:
     _ok(ctr, "images", "rm", other)
     assert other not in _ok(ctr, "images", "ls", "-q")
     assert IMAGE in _ok(ctr, "images", "ls", "-q")
+
+
+def test_images_mount_and_unmount(ctr: Ctr) -> None:
+    """`ctr images mount` names its lease after the mount point (a path: not an identifier;
+    containerd takes any lease id): berth refused it. The image's files are there, and
+    `unmount --rm` takes the view and the lease away."""
+    target = tempfile.mkdtemp(prefix="bt-mnt-", dir="/tmp")
+    try:
+        out = _ok(ctr, "images", "mount", IMAGE, target)
+        assert target in out
+        assert os.path.exists(os.path.join(target, "bin", "busybox"))
+        leases = _ok(ctr, "leases", "ls")
+        assert target in leases and f"containerd.io/gc.ref.snapshot.overlayfs={target}" in leases
+        assert target in _ok(ctr, "snapshots", "ls")
+        _ok(ctr, "images", "unmount", "--rm", target)
+        assert not os.path.ismount(target)
+        assert target not in _ok(ctr, "leases", "ls")
+        wait_until(lambda: target not in _ok(ctr, "snapshots", "ls"), what="the view collected")
+    finally:
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def test_berth_grpc_logs_each_call_at_debug_not_each_frame(ctr: Ctr) -> None:

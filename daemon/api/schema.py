@@ -26,6 +26,9 @@ Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")]
 """An ID or namespace: containerd's rule (it becomes part of paths)."""
 OptionalName = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,75})?$")]
 """A name where "" (and None) means none: an exec ID ("" is the task's init)."""
+LeaseName = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^[^\x00]*$")]
+"""A lease's ID: any text (containerd keeps leases by their ID alone, never in a path;
+`ctr images mount` names its lease after the mount point), not empty, no NUL."""
 Digest = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
 Ref = Annotated[str, Meta(min_length=1, max_length=512)]  # an ingest ref
 Key = Annotated[str, Meta(min_length=1, max_length=1024)]  # a snapshot key
@@ -420,13 +423,13 @@ MAX_LEASE_SECONDS = 100 * 365 * 86400  # a lease's expiry ends in int64 nanoseco
 
 
 class LeasesCreate(Params, kw_only=True):
-    id: str | None = None
+    id: LeaseName | None = None
     expire_seconds: Annotated[float, Meta(ge=0, le=MAX_LEASE_SECONDS)] = 0
     labels: Labels | None = None
 
 
 class LeaseId(Params, kw_only=True):
-    id: Name
+    id: LeaseName
 
 
 class LeasesDelete(LeaseId, kw_only=True):

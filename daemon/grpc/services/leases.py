@@ -9,7 +9,6 @@ from typing import Any
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.services.base import Call, Handler, Service, empty, object_filters, unary
 from berth.shim.wire.errors import BerthError, InvalidArgument, NotFound, Unimplemented
-from berth.shim.wire.names import is_valid
 
 
 class Leases(Service):
@@ -36,7 +35,7 @@ class Leases(Service):
 
     @unary
     async def delete(self, request: Any, call: Call) -> Any:
-        if not is_valid(request.id):  # containerd: no such lease, whatever the id
+        if not request.id:  # containerd: no such lease
             raise NotFound(f"lease {request.id!r}: not found")
         await self._call(call, "leases.delete", {"id": request.id, "sync": request.sync})
         return empty()
