@@ -831,9 +831,14 @@ class ProcessIO:
     a bad path fails the request and starts nothing, and a client's own blocking open of
     its end returns at once, whatever the order of its calls.
 
-    The stdin FIFO is also held open for writing, as containerd's shim does, until the
-    client's CloseIO (close_stdin): a client that goes away (`ctr run -d`, a CLI detaching)
-    does not end the container's stdin, and a client attaching later can write to it."""
+    A container's init (`hold_stdin`) has its stdin FIFO also held open for writing, as
+    containerd's shim does, until the client's CloseIO (close_stdin): a client that goes
+    away (`ctr run -d`, a CLI detaching) does not end the container's stdin, and a client
+    attaching later can write to it. An exec's is not held, as containerd's is not: its
+    stdin ends when its client closes its end of the FIFO (`echo x | ctr tasks exec ...
+    cat`, which calls no CloseIO), or at CloseIO. Kernel fact: a FIFO's read end polls
+    neither readable nor HUP until a writer has opened it, so the exec does not see EOF
+    before its client connects; the client can only open its end after ours is open."""
 
     def __init__(
         self,
@@ -844,6 +849,7 @@ class ProcessIO:
         reaper: Reaper | None = None,
         logger_env: dict[str, str] | None = None,
         on_logger: Callable[[Logger], None] | None = None,
+        hold_stdin: bool = True,
     ) -> None:
         self._loop = loop
         self.config = config
@@ -867,7 +873,8 @@ class ProcessIO:
         try:
             if config.stdin:
                 self._stdin_fifo = open_fifo(config.stdin, os.O_RDONLY)
-                self._stdin_hold = open_fifo(config.stdin, os.O_WRONLY)
+                if hold_stdin:
+                    self._stdin_hold = open_fifo(config.stdin, os.O_WRONLY)
             if config.logger is not None:
                 if reaper is None:
                     raise InvalidArgument("binary:// stdio needs the shim's reaper")

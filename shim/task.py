@@ -202,7 +202,7 @@ class Task:
         reserve_exit_file(self._exit_dir(), "init")
         # The runtime creates its log 0644; everything in a bundle is private.
         os.close(os.open(self.runtime.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        io = self._process_io(io_config, "")
+        io = self._process_io(io_config, "", hold_stdin=True)
         proc = Process(None, io)
         self.init = proc
         console: ConsoleSocket | None = None
@@ -340,11 +340,12 @@ class Task:
             proc.status = RUNNING
         self._publish(status.EXEC_STARTED, exec_id=proc.exec_id, pid=proc.pid)
 
-    def _process_io(self, config: IOConfig, log_prefix: str) -> ProcessIO:
+    def _process_io(self, config: IOConfig, log_prefix: str, *, hold_stdin: bool) -> ProcessIO:
         return ProcessIO(
             self._loop,
             config,
             self._path("log", log_prefix),
+            hold_stdin=hold_stdin,
             reaper=self._reaper,
             logger_env={
                 "CONTAINER_ID": self.config.id,
@@ -473,7 +474,7 @@ class Task:
         if io_config.terminal and isinstance(width, int) and isinstance(height, int):
             spec["consoleSize"] = {"width": width, "height": height}
         reserve_exit_file(self._exit_dir(), f"exec-{exec_id}")  # as for init: see create()
-        io = self._process_io(io_config, f"exec-{exec_id}.")
+        io = self._process_io(io_config, f"exec-{exec_id}.", hold_stdin=False)
         try:
             await self._logger_ready(io)
         except BaseException:

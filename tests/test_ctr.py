@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
-from tests.support.clients import CTR, Ctr, frontend_pids, grpc_daemon
+from tests.support.clients import CTR, Ctr, frontend_pids, grpc_address, grpc_daemon
 from tests.support.helpers import is_gone, process_state, wait_until
 from tests.support.images import build_oci_archive
 
@@ -119,6 +119,47 @@ def test_detached_task_operations(ctr: Ctr) -> None:
     _ok(ctr, "tasks", "rm", "d1")
     _ok(ctr, "containers", "rm", "d1")
     assert "d1" not in _ok(ctr, "containers", "ls", "-q")
+
+
+def test_an_exec_reads_its_stdin_to_the_end_of_a_pipe(ctr: Ctr) -> None:
+    """`echo abc | ctr tasks exec ... cat` ends when ctr closes its end of the stdin FIFO
+    (ctr calls no CloseIO), as on containerd, whose shim does not hold an exec's stdin
+    open: berth's did, and `cat` waited for input forever. The init's stdin is still held
+    (`ctr run -d` must not end it), as containerd holds it."""
+    _ok(ctr, *_run(ctr, "in1", "-d", IMAGE, "in1", "sleep", "1000"))
+    try:
+        # (Not empty input: ctr may close its end before opening it, and then neither
+        # containerd nor berth sees a writer come and go; both wait.)
+        for exec_id, data in (("x1", "abc\n"), ("x3", "line\n" * 20000)):
+            out = subprocess.run(
+                [
+                    CTR,
+                    "-a",
+                    grpc_address(ctr.daemon),
+                    "-n",
+                    ctr.daemon.namespace,
+                    "tasks",
+                    "exec",
+                    "--fifo-dir",
+                    ctr.fifo_dir,
+                    "--exec-id",
+                    exec_id,
+                    "in1",
+                    "cat",
+                ],
+                input=data,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert (out.returncode, out.stdout) == (0, data), out.stderr
+        pid = ctr.daemon.call("tasks.get", {"container_id": "in1"})["pid"]
+        assert process_state(pid) not in (None, "Z")  # the init's own stdin did not end
+    finally:
+        ctr("tasks", "kill", "-s", "SIGKILL", "in1")
+        wait_until(lambda: "STOPPED" in _ok(ctr, "tasks", "ls"), what="in1 to stop")
+        _ok(ctr, "tasks", "rm", "in1")
+        _ok(ctr, "containers", "rm", "in1")
 
 
 def test_images_rm(ctr: Ctr) -> None:
