@@ -46,7 +46,8 @@ from berth.daemon.rpc import Drain, Observer, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
-from berth.daemon.tasks.shims import Zygote
+from berth.daemon.tasks.shims import SHORTAGE_ERRNOS, Zygote
+from berth.shim.loop import ensure_std_fds
 from berth.shim.wire.errors import BerthError, NotFound
 from berth.shim.wire.status import STOPPED
 from berth.shim.wire.unixsock import peer_credentials
@@ -365,15 +366,42 @@ async def _detach(networks: NetworkService, namespace: str, container_id: str) -
     await networks.detach(namespace, container_id)
 
 
+ACCEPT_RETRY = 0.1  # seconds between accepts while berthd is short of descriptors
+
+
 class _KeepOpen(trio.abc.Listener[trio.SocketStream]):
     """The API listener, which a handover passes on: when this daemon stops accepting,
-    trio closes the listener it served; this one leaves the socket open."""
+    trio closes the listener it served; this one leaves the socket open.
+
+    Short of descriptors (EMFILE: as many clients as its limit of open files), accept
+    fails while the connection waits in the backlog. trio retried every 0.1 s and logged
+    each failure with its traceback (10 a second, for as long as the shortage lasted);
+    this says it once, retries as quietly, and says when it accepts again."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._inner = trio.SocketListener(sock)
+        self._short = False
 
     async def accept(self) -> trio.SocketStream:
-        return await self._inner.accept()
+        while True:
+            try:
+                stream = await self._inner.accept()
+            except OSError as exc:
+                if exc.errno not in SHORTAGE_ERRNOS:
+                    raise
+                if not self._short:
+                    log.error(
+                        "cannot accept API connections: %s; retrying every %gs",
+                        os.strerror(exc.errno or 0),
+                        ACCEPT_RETRY,
+                    )
+                    self._short = True
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            if self._short:
+                log.warning("accepting API connections again")
+                self._short = False
+            return stream
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -490,6 +518,15 @@ async def run(config: Config, mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything is opened: a berthd started with stdio closed gave fds 0-2 to trio's
+    # epoll and wake-up socket, and its children (the zygote, berth-grpc) none at all.
+    ensure_std_fds()
+    # What berthd, its zygote, shims and runtimes create has the modes berth gives it, not
+    # the ones its starter's umask leaves (dockerd does the same): started under `umask
+    # 077`, a container's / and the busybox rootfs were 0700, and any user in it other
+    # than root could not read /, nor write /tmp. What must be private is made so
+    # explicitly (startup.prepare_dirs, bundles, logs, sockets).
+    os.umask(0o022)
     try:
         config = config_module.load(argv)
     except (BerthError, OSError, ValueError) as exc:

@@ -47,6 +47,10 @@ from berth.shim.wire.unixsock import peer_credentials
 MAX_FRAME = 1024 * 1024
 MAX_OUTBUF = 32 * 1024 * 1024
 MAX_CONNECTIONS = 64
+ACCEPT_RETRY = 0.1  # seconds between accepts while the shim is short of descriptors
+# A host short of descriptors or memory (what accept can meet), or of disk space too.
+DESCRIPTOR_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+SHORTAGE_ERRNOS = DESCRIPTOR_SHORTAGE | {errno.ENOSPC, errno.EDQUOT}
 MAX_IN_FLIGHT = 64  # requests per connection (a `wait` is in flight until its exit)
 RECV_SIZE = 64 * 1024
 
@@ -65,6 +69,7 @@ class ShimServer:
         self._connections: set[ShimConnection] = set()
         self._lock = Lock()
         self.shutting_down = False
+        self._accept_paused = False  # short of descriptors: the listener is not watched
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
         self.handlers: dict[str, Handler] = {
@@ -96,16 +101,28 @@ class ShimServer:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log(f"accept: {exc}")
+                if exc.errno in DESCRIPTOR_SHORTAGE:
+                    # The connection stays queued and the listener readable: watched
+                    # meanwhile, it spun the loop at 100% CPU, logging each turn. Look
+                    # again after a pause (a descriptor may be free by then).
+                    if not self._accept_paused:
+                        log(f"accept: {exc}; trying again every {ACCEPT_RETRY:g}s")
+                    self._accept_paused = True
+                    self.loop.remove_reader(self._listener.fileno())
+                    self.loop.call_later(ACCEPT_RETRY, self._watch_listener)
                     return
                 raise
+            self._accept_paused = False
             _, uid, _ = peer_credentials(sock)
             if uid not in (0, os.getuid()) or len(self._connections) >= MAX_CONNECTIONS:
                 log(f"refused a connection from uid {uid}")
                 sock.close()
                 continue
             self._connections.add(ShimConnection(self, sock))
+
+    def _watch_listener(self) -> None:
+        if self._listener.fileno() >= 0:  # not closed meanwhile
+            self.loop.add_reader(self._listener.fileno(), self._accept)
 
     def forget(self, conn: ShimConnection) -> None:
         self._connections.discard(conn)
@@ -312,6 +329,13 @@ class ShimConnection:
             result = await handler(self, req)
         except BerthError as exc:
             self._reply(ErrorReply.from_exception(req.id, exc))
+            return
+        except OSError as exc:
+            log(f"{req.method} failed: {exc!r}")
+            # Out of disk or descriptors is the host's state, not a fault of the shim: the
+            # same call can succeed later (berthd answers tasks.create the same way).
+            error = Unavailable if exc.errno in SHORTAGE_ERRNOS else Internal
+            self._reply(ErrorReply.from_exception(req.id, error(f"{req.method}: {exc}")))
             return
         except Exception as exc:
             log(f"{req.method} failed: {exc!r}")

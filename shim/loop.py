@@ -44,12 +44,44 @@ def log(message: str) -> None:
     it pulls in threading and more, for every container."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     try:
+        if _log_path and os.fstat(2).st_size >= SHIM_LOG_MAX and not _rotate():
+            return  # full, and no new file now (no descriptor left): dropped, not grown
         os.write(2, f"{stamp} berth-shim[{os.getpid()}] {message}\n".encode(errors="replace"))
-        if _log_path and os.fstat(2).st_size >= SHIM_LOG_MAX:
-            os.replace(_log_path, f"{_log_path}.1")
-            log_to(_log_path)
     except OSError:
         pass
+
+
+def _rotate() -> bool:
+    """`path` becomes `path.1` and fd 2 a new `path`; False if the new one cannot be
+    opened. A shim out of descriptors (EMFILE) renamed its log, failed to open the next
+    one, and went on appending to `path.1` without bound: 7.5 MB in 3 s on the state dir
+    (a tmpfs: memory) while it logged each failed accept, and never rotated again, since
+    `path` no longer existed to be renamed. Each line retries until the open succeeds."""
+    try:
+        os.replace(_log_path, f"{_log_path}.1")
+    except FileNotFoundError:
+        pass  # renamed by a rotation whose open failed: fd 2 is `path.1` already
+    try:
+        log_to(_log_path)
+    except OSError:
+        return False
+    return True
+
+
+def ensure_std_fds() -> None:
+    """Give each of fds 0, 1 and 2 that is closed /dev/null. A process started with one of
+    them closed (`berthd 2>&-`, a supervisor that closes stdio) hands that number to the
+    next file or pipe it opens, which the code that takes 0, 1 and 2 for stdio then writes
+    to or replaces: a zygote with closed stdio made every shim dup2 /dev/null over its own
+    readiness pipe, so no container could start. Call it first thing."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd` or below
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def log_to(path: str) -> None:

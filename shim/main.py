@@ -10,6 +10,7 @@ then drive it over its socket with berth.shim.wire.protocol (create, start, wait
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from berth.native import SignalFD
 from berth.shim import state
 from berth.shim.api import ShimServer
 from berth.shim.events import EventQueue
-from berth.shim.loop import Loop, log, log_to
+from berth.shim.loop import Loop, ensure_std_fds, log, log_to
 from berth.shim.reaper import Reaper
 from berth.shim.runtime import RuntimeConfig
 from berth.shim.task import ShimConfig, Task
@@ -168,6 +169,8 @@ def _become_shim(config: ShimConfig, ready_w: int, log_path: str | None) -> None
     """In the detached child: clean process state, then run. Never returns."""
     code = 1
     try:
+        if ready_w <= 2:  # stdio was closed when the pipe was made: keep it from the dup2s
+            ready_w = fcntl.fcntl(ready_w, fcntl.F_DUPFD_CLOEXEC, 3)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
@@ -212,6 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    ensure_std_fds()  # the zygote and a standalone shim alike
     args = parse_args(argv)
     if args.zygote:
         from berth.shim.zygote import serve
