@@ -253,9 +253,10 @@ def p() -> Iterator[Pair]:
 
 
 @contextlib.contextmanager
-def pair() -> Iterator[Pair]:
-    """A private containerd and a private berth, one Pair on them; both stopped after."""
-    with private_containerd() as ctd, served_wire() as w:
+def pair(*, tasks: bool = False) -> Iterator[Pair]:
+    """A private containerd (with its task plugins if `tasks`) and a private berth, one
+    Pair on them, every call under the HELD lease; both stopped after."""
+    with private_containerd(tasks=tasks) as ctd, served_wire() as w:
         berth = Side("berth", grpc_address(w.daemon), w.namespace)
         containerd = Side("containerd", ctd.address, w.namespace)
         try:
@@ -525,7 +526,7 @@ def test_container_update_masks_match(p: Pair) -> None:
     )
     create_container(p, "c2", labels={"a": "1"})
     spec2 = capi.json_any(capi.SPEC_TYPE, {"ociVersion": "1.1.0", "process": {"args": ["sh"]}})
-    for cid, paths, kw in [
+    cases: list[tuple[str, list[str] | None, dict[str, Any]]] = [
         (
             "c1",
             None,
@@ -556,7 +557,8 @@ def test_container_update_masks_match(p: Pair) -> None:
         ("nosuch", None, {}),
         ("bad_id!", ["labels"], {}),
         ("", ["labels"], {}),
-    ]:
+    ]
+    for cid, paths, kw in cases:
         req = t.UpdateContainerRequest(container=container(p, cid, **kw), update_mask=mask(paths))
         p.same(C + "Update", req, t.UpdateContainerResponse)
         p.same(C + "Get", t.GetContainerRequest(id="c1"), t.GetContainerResponse)

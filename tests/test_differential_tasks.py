@@ -27,11 +27,8 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
-from tests.support.clients import grpc_address
-from tests.support.containerd import Containerd
 from tests.support.helpers import wait_until
-from tests.support.wire import served_wire
-from tests.test_differential import HELD, L, Outcome, Pair, Side, to_dict
+from tests.test_differential import Outcome, Pair, Side, pair, to_dict
 
 pytestmark = pytest.mark.container
 
@@ -177,24 +174,14 @@ def remove_cgroups(namespace: str) -> None:
 
 @pytest.fixture(scope="module")
 def tp(busybox_rootfs: str) -> Iterator[Tasks]:
-    ctd = Containerd(tasks=True)
     namespace = ""
     work = tempfile.mkdtemp(prefix="bt-dtf-", dir="/tmp")
     try:
-        with served_wire() as w:
-            namespace = w.namespace
-            berth = Side("berth", grpc_address(w.daemon), w.namespace)
-            containerd = Side("containerd", ctd.address, w.namespace)
-            try:
-                p = Pair(berth, containerd)
-                t = p.t.leases
-                p.same(L + "Create", t.CreateRequest(id=HELD), t.CreateResponse)
-                yield Tasks(p, busybox_rootfs, work)
-            finally:
-                berth.channel.close()
-                containerd.channel.close()
+        with pair(tasks=True) as p:
+            namespace = p.berth.namespace
+            p.lease = None  # task calls carry no lease, as containerd's clients send them
+            yield Tasks(p, busybox_rootfs, work)
     finally:
-        ctd.cleanup()
         remove_cgroups(namespace)
         for entry in os.listdir(work):
             os.unlink(os.path.join(work, entry))
@@ -437,6 +424,67 @@ def test_exec_calls_match(tp: Tasks) -> None:
             t.DeleteProcessRequest(container_id=cid, exec_id="e4"),
             t.DeleteResponse,
         )
+    finally:
+        tp.remove(cid)
+
+
+def test_signal_zero_execs_and_filters_match(tp: Tasks) -> None:
+    """Kill with signal 0 (kill(2)'s check that a process is there) of a created, a running
+    and a stopped task and of an exec; Kill of an exec created but not started; an exec id
+    that is no containerd identifier; an exec of a paused task (paused too); Tasks/List,
+    which ignores its filter; Metrics' filters by containerd's grammar (a bad one refused:
+    containerd UNKNOWN, berth INVALID_ARGUMENT)."""
+    t = tp.t.tasks
+    E = tp.t.Empty
+    cid = "sig"
+    tp.container(cid, ["sleep", "1000"])
+    try:
+        tp.create(cid)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, signal=0), E)
+        tp.same(T + "Start", t.StartRequest(container_id=cid), t.StartResponse)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, signal=0), E)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, signal=0, all=True), E)
+        tp.same(T + "Kill", t.KillRequest(container_id="nosuch", signal=0), E)
+        spec = process_spec(["sleep", "500"])
+        for exec_id in ("a..b", "a-", "x" * 77, "e1"):
+            tp.same(
+                T + "Exec",
+                t.ExecProcessRequest(container_id=cid, exec_id=exec_id, spec=spec),
+                E,
+            )
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, exec_id="e1", signal=9), E)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, exec_id="e1", signal=0), E)
+        tp.same(T + "Start", t.StartRequest(container_id=cid, exec_id="e1"), t.StartResponse)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, exec_id="e1", signal=0), E)
+        quick = process_spec(["true"])
+        for exec_id in ("created", "exited"):
+            request = t.ExecProcessRequest(container_id=cid, exec_id=exec_id, spec=quick)
+            tp.same(T + "Exec", request, E)
+        tp.same(T + "Start", t.StartRequest(container_id=cid, exec_id="exited"), t.StartResponse)
+        tp.same(T + "Wait", t.WaitRequest(container_id=cid, exec_id="exited"), t.WaitResponse)
+        tp.same(T + "Pause", t.PauseTaskRequest(container_id=cid), E)
+        for exec_id in ("e1", "created", "exited"):
+            tp.same(T + "Get", t.GetRequest(container_id=cid, exec_id=exec_id), t.GetResponse)
+        tp.same(T + "Resume", t.ResumeTaskRequest(container_id=cid), E)
+        for exec_id in ("e1", "created", "exited"):
+            tp.same(T + "Get", t.GetRequest(container_id=cid, exec_id=exec_id), t.GetResponse)
+        for f in ("", f"id=={cid}", "id==other", "status==stopped", "bad,", "id=="):
+            tp.same(T + "List", t.ListTasksRequest(filter=f), t.ListTasksResponse)
+        for filters in (["id==nosuch"], ["namespace==other"], ["runtime==x"]):
+            tp.same(T + "Metrics", t.MetricsRequest(filters=filters), t.MetricsResponse)
+        for filters in (["id=="], ["bad,"], ['id~="unclosed']):
+            tp.refused(
+                T + "Metrics",
+                t.MetricsRequest(filters=filters),
+                t.MetricsResponse,
+                "INVALID_ARGUMENT",
+            )
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, exec_id="e1", signal=9), E)
+        tp.same(T + "Wait", t.WaitRequest(container_id=cid, exec_id="e1"), t.WaitResponse)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, exec_id="e1", signal=0), E)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, signal=9), E)
+        tp.same(T + "Wait", t.WaitRequest(container_id=cid), t.WaitResponse)
+        tp.same(T + "Kill", t.KillRequest(container_id=cid, signal=0), E)
     finally:
         tp.remove(cid)
 

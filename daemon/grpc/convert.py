@@ -319,6 +319,25 @@ def is_digest(text: str) -> bool:
     return _DIGEST.fullmatch(text) is not None
 
 
+# containerd's identifier rule (its pkg/identifiers: namespaces, exec ids, event topics'
+# components): stricter than berthd's own names, which take "a..b" and "a-"
+IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+IDENTIFIER_MAX = 76
+
+
+def check_identifier(value: str, what: str) -> None:
+    """InvalidArgument, worded as containerd's, unless `value` is one of its identifiers."""
+    if not value:
+        raise InvalidArgument(f"{what}: identifier must not be empty")
+    if len(value) > IDENTIFIER_MAX:
+        raise InvalidArgument(
+            f"{what}: identifier {value[:80]!r} greater than maximum length "
+            f"({IDENTIFIER_MAX} characters)"
+        )
+    if IDENTIFIER.fullmatch(value) is None:
+        raise InvalidArgument(f"{what}: identifier {value!r} must match {IDENTIFIER.pattern}")
+
+
 def check_target(desc: Any) -> None:
     """What containerd requires of an image's target before it looks anything up."""
     if not is_digest(desc.digest):
@@ -425,15 +444,16 @@ def container_to_message(doc: dict[str, Any]) -> Any:
     return msg
 
 
-def process_to_message(container_id: str, doc: dict[str, Any]) -> Any:
+def process_to_message(container_id: str, doc: dict[str, Any], status: str = "") -> Any:
     """A berth process view as containerd.v1.types.Process. `id` is the process's own ID:
     the container's for the init process, the exec ID for an exec. `container_id` is
-    left unset, as containerd 1.6's Tasks/Get and List leave it."""
+    left unset, as containerd 1.6's Tasks/Get and List leave it. `status`, if given,
+    replaces the process's own (its exit is reported all the same)."""
     exited = doc.get("status") == "stopped"
     return types().task.Process(
         id=doc.get("exec_id") or container_id,
         pid=int(doc.get("pid") or 0),
-        status=STATUS.get(str(doc.get("status")), 0),
+        status=STATUS.get(status or str(doc.get("status")), 0),
         exit_status=int(doc.get("exit_status") or 0) if exited else 0,
         exited_at=timestamp(doc.get("exited_at") if exited else 0),
         stdin=doc.get("stdin") or "",
@@ -726,4 +746,12 @@ def adapt_snapshot(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, boo
         return str(doc.get(head) or ""), True
     if head == "labels":
         return map_field(doc.get("labels"), path[1:])
+    return "", False
+
+
+def adapt_task(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[str, bool]:
+    """A task for Tasks/Metrics' filters: containerd's answers for `id` and `namespace`
+    only (`runtime` is present nowhere)."""
+    if path[0] in ("id", "namespace"):
+        return str(doc.get(path[0]) or ""), True
     return "", False

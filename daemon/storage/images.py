@@ -51,7 +51,11 @@ LAYER_TYPES = {
     OCI_LAYER_GZIP: "gzip",
     DOCKER_LAYER_GZIP: "gzip",
     OCI_LAYER_ZSTD: "zstd",
+    # non-distributable ("foreign") layers: containerd applies them as it applies the others
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar": "",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
 }
 

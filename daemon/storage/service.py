@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -474,7 +475,9 @@ class Storage:
                 sink: IO[bytes] = out
                 gz = None
                 if media_type == images.OCI_LAYER_GZIP:
-                    gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0)
+                    # no file name in the header (GzipFile would write the temporary
+                    # file's): the same diff is the same blob, as containerd's
+                    gz = gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0)
                     sink = gz  # type: ignore[assignment]
                 with temporary_mount(upper, self.mounts_dir) as upper_dir:
                     if lower:
@@ -485,13 +488,33 @@ class Storage:
                 if gz is not None:
                     gz.close()
             size = os.path.getsize(tmp)
-            labels = {**(labels or {}), "containerd.io/uncompressed": diff_id}
+            labels = self._diff_labels(namespace, tmp, labels or {}, diff_id if gz else None)
             with open(tmp, "rb") as f:
                 digest = self.put_blob(namespace, f, size=size, labels=labels, lease_id=lease_id)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return Descriptor(media_type, digest, size, {"containerd.io/uncompressed": diff_id})
+
+    def _diff_labels(
+        self, namespace: str, path: str, labels: dict[str, str], diff_id: str | None
+    ) -> dict[str, str]:
+        """The labels a diff's blob at `path` is stored with, as containerd's differ
+        commits it: a compressed one is labelled with its diff ID; one the namespace holds
+        already keeps its own labels (the call's are not added), gaining only a missing
+        diff ID."""
+        uncompressed = {"containerd.io/uncompressed": diff_id} if diff_id else {}
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        try:
+            held: dict[str, str] = (
+                self.store.get_content(namespace, "sha256:" + digest.hexdigest())["labels"] or {}
+            )
+        except NotFound:
+            return {**labels, **uncompressed}
+        return {**uncompressed, **held}
 
     # -- images ---------------------------------------------------------------------------
 

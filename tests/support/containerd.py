@@ -155,9 +155,10 @@ class Containerd(Reaped):
 
 
 @contextlib.contextmanager
-def private_containerd() -> Iterator[Containerd]:
-    """A private containerd, stopped by pid and removed afterwards, even on failure."""
-    daemon = Containerd()
+def private_containerd(*, tasks: bool = False) -> Iterator[Containerd]:
+    """A private containerd (with its task plugins if `tasks`), stopped by pid and removed
+    afterwards, even on failure."""
+    daemon = Containerd(tasks=tasks)
     try:
         yield daemon
     finally:

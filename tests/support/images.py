@@ -271,7 +271,8 @@ def schema1_image(
     signature: no client checks it)."""
     empty = gzip.compress(b"\0" * 1024, mtime=0)  # the empty tar's blob, as docker wrote it
     blobs: dict[str, bytes] = {}
-    fs_layers, history = [], []
+    fs_layers: list[dict[str, str]] = []
+    history: list[dict[str, str]] = []
     parent = ""
     for i, (raw, extra) in enumerate(steps):
         blob = gzip.compress(raw, mtime=0) if raw is not None else empty

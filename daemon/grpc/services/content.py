@@ -293,11 +293,12 @@ class _Ingest:
 
 
 def _ingest_status(doc: dict[str, Any]) -> Any:
+    """An ingest's status as containerd's Status/ListStatuses answer it: with no
+    `expected` digest (its content store keeps none for an ingest)."""
     return capi.types().content.Status(
         ref=doc["ref"],
         offset=int(doc.get("offset") or 0),
         total=int(doc.get("total") or 0),
-        expected=doc.get("expected") or "",
         started_at=capi.timestamp(doc.get("started_at")),
         updated_at=capi.timestamp(doc.get("updated_at")),
     )

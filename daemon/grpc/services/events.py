@@ -48,6 +48,7 @@ class Events(Service):
         if not request.HasField("envelope"):
             raise InvalidArgument("forward: an envelope is required")
         envelope = request.envelope
+        _check_namespace(envelope.namespace)
         when = capi.from_timestamp(envelope.timestamp) if envelope.HasField("timestamp") else 0
         if not when:
             raise InvalidArgument("timestamp must be set on forwarded event")
@@ -107,6 +108,12 @@ class Events(Service):
             # exit from it)
             log.warning("event %s not converted: %s", envelope.get("topic"), exc)
             return None
+
+
+def _check_namespace(namespace: str) -> None:
+    """A forwarded envelope's namespace, held to containerd's identifier rule: berthd's
+    own rule for the names it has always taken is looser ("a..b", "a-")."""
+    capi.check_identifier(namespace, "event envelope has invalid namespace")
 
 
 def _published(topic: str, holder: Any) -> dict[str, Any]:

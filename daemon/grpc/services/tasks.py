@@ -10,7 +10,14 @@ import time
 from typing import Any
 
 from berth.daemon.grpc import convert as capi
-from berth.daemon.grpc.services.base import Call, Handler, Service, empty, filters, unary
+from berth.daemon.grpc.services.base import (
+    Call,
+    Handler,
+    Service,
+    empty,
+    object_filters,
+    unary,
+)
 from berth.shim.wire.errors import FailedPrecondition, NotFound, Unimplemented
 
 
@@ -98,20 +105,23 @@ class Tasks(Service):
             "tasks.get",
             {"container_id": request.container_id, "exec_id": request.exec_id or None},
         )
+        status = ""
+        if request.exec_id:
+            # every exec of a paused task is paused too (created and exited ones included,
+            # an exit still reported), as containerd's shim answers
+            task = await self._call(call, "tasks.get", {"container_id": request.container_id})
+            if task.get("status") in ("paused", "pausing"):
+                status = str(task["status"])
         return capi.types().tasks.GetResponse(
-            process=capi.process_to_message(request.container_id, result)
+            process=capi.process_to_message(request.container_id, result, status)
         )
 
     @unary
     async def list(self, request: Any, call: Call) -> Any:
+        # containerd's Tasks/List ignores its filter (every task of the namespace)
         result = {"tasks": await self._list(call, "tasks.list", "tasks", {})}
-        keep = filters([request.filter])
         return capi.types().tasks.ListTasksResponse(
-            tasks=[
-                capi.process_to_message(t["id"], t)
-                for t in result.get("tasks", [])
-                if keep({"id": t["id"], "namespace": call.namespace, "status": t.get("status")})
-            ]
+            tasks=[capi.process_to_message(t["id"], t) for t in result.get("tasks", [])]
         )
 
     @unary
@@ -123,14 +133,47 @@ class Tasks(Service):
             "all": request.all,
         }
         try:
-            await self._call(call, "tasks.kill", params)
+            if request.signal == 0:
+                # kill(2)'s check that the process is there: containerd passes signal 0 to
+                # runc, berthd refuses it as no signal; answered from the process's state
+                await self._check_signalable(call, request)
+            else:
+                await self._call(call, "tasks.kill", params)
         except NotFound:
-            if not request.all or request.exec_id or not await self._stopped(call, request):
+            if request.exec_id:
+                await self._check_exec_started(call, request)
+                raise
+            if not request.all or not await self._stopped(call, request):
                 raise
             # containerd signals every process of the container's cgroup for `all`, which
             # succeeds once its init has exited too (the Go client's Kill(SIGKILL, all)
             # of a stopped task)
         return empty()
+
+    async def _check_signalable(self, call: Call, request: Any) -> None:
+        """What a signal to the process would answer without sending any: NotFound once
+        it has exited, FailedPrecondition for an exec not started."""
+        process = await self._call(
+            call,
+            "tasks.get",
+            {"container_id": request.container_id, "exec_id": request.exec_id or None},
+        )
+        status = process.get("status")
+        if status == "stopped":
+            raise NotFound(f"process {request.exec_id or request.container_id} already finished")
+        if request.exec_id and status == "created":
+            raise FailedPrecondition("process not created")
+
+    async def _check_exec_started(self, call: Call, request: Any) -> None:
+        """An exec created but not started cannot be signalled: FailedPrecondition, as
+        containerd's shim answers (berthd: NotFound, as for one that has exited)."""
+        params = {"container_id": request.container_id, "exec_id": request.exec_id}
+        try:
+            process = await self._call(call, "tasks.get", params)
+        except NotFound:
+            return
+        if process.get("status") == "created":
+            raise FailedPrecondition("process not created")
 
     async def _stopped(self, call: Call, request: Any) -> bool:
         """Whether the task exists and its init process has exited."""
@@ -142,6 +185,8 @@ class Tasks(Service):
 
     @unary
     async def exec(self, request: Any, call: Call) -> Any:
+        if request.exec_id:  # none at all is berthd's to refuse, as containerd does
+            capi.check_identifier(request.exec_id, f"invalid exec id {request.exec_id}")
         spec = capi.from_json_any(request.spec, capi.PROCESS_TYPE, "process spec")
         await self._call(
             call,
@@ -223,7 +268,7 @@ class Tasks(Service):
     @unary
     async def metrics(self, request: Any, call: Call) -> Any:
         t = capi.types()
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, capi.adapt_task)
         result = {"tasks": await self._list(call, "tasks.list", "tasks", {})}
         metrics = []
         for task in result.get("tasks", []):
