@@ -363,3 +363,23 @@ def test_an_exec_on_a_full_state_dir_is_unavailable_and_works_once_there_is_room
             d.cleanup()
         subprocess.run(["umount", "-l", small], check=False)
         os.rmdir(small)
+
+
+def test_the_busybox_rootfs_has_its_modes_whatever_the_umask_of_its_builder(
+    tmp_path: Path,
+) -> None:
+    """The embedded rootfs took its builder's umask: built under `umask 077` (before
+    berthd set its own, or by a test or the demo) `/`, `/bin` and `/etc/passwd` were
+    private to root, and cached so (its marker), for every later container."""
+    from berth.daemon.tasks.rootfs import build_busybox_rootfs
+
+    old = os.umask(0o077)
+    try:
+        root = Path(build_busybox_rootfs(str(tmp_path / "rootfs")))
+    finally:
+        os.umask(old)
+    modes = {p: (root / p).stat().st_mode & 0o7777 for p in ("", "bin", "usr/bin", "etc")}
+    assert modes == {"": 0o755, "bin": 0o755, "usr/bin": 0o755, "etc": 0o755}
+    assert (root / "etc" / "passwd").stat().st_mode & 0o777 == 0o644
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert (root / "root").stat().st_mode & 0o777 == 0o700

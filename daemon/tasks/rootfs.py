@@ -32,7 +32,8 @@ def find_busybox() -> str | None:
     return None
 
 
-LAYOUT_VERSION = b"2"  # bumped when the tree built around busybox changes: rebuilt
+LAYOUT_VERSION = b"3"  # bumped when the tree built around busybox changes: rebuilt
+# (3: modes set explicitly; one built under a strict umask was 0700 throughout)
 
 
 # (device, inode, size, mtime) of a busybox binary -> its digest: every container of the
@@ -79,9 +80,12 @@ def build_busybox_rootfs(dest: str, busybox: str | None = None) -> str:
         pass
     tmp = f"{dest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for d in ("bin", "dev", "proc", "sys", "etc", "root", "var/run", "run", "usr/bin", "sbin"):
+    # Modes are set, not left to the umask of whoever builds it (berthd, a test, the
+    # demo): under `umask 077` a container's user other than root could not read `/`.
+    dirs = ("bin", "dev", "proc", "sys", "etc", "var", "var/run", "run", "usr", "usr/bin")
+    for d in ("", *dirs, "sbin", "tmp", "root"):
         os.makedirs(os.path.join(tmp, d), exist_ok=True)
-    os.makedirs(os.path.join(tmp, "tmp"), exist_ok=True)
+        os.chmod(os.path.join(tmp, d), 0o755)
     os.chmod(os.path.join(tmp, "tmp"), 0o1777)
     os.chmod(os.path.join(tmp, "root"), 0o700)
     shutil.copy2(busybox, os.path.join(tmp, "bin", "busybox"))
@@ -100,6 +104,7 @@ def build_busybox_rootfs(dest: str, busybox: str | None = None) -> str:
     for name, text in etc:
         with open(os.path.join(tmp, "etc", name), "w") as f:
             f.write(text)
+        os.chmod(os.path.join(tmp, "etc", name), 0o644)
     with open(os.path.join(tmp, MARKER), "w") as f:
         f.write(digest + "\n")
     if os.path.isdir(dest):
