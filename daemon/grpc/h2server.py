@@ -27,6 +27,14 @@ bounded); `Server` drives connections with h2. Kernel-side facts that bite:
   malformed request, ending every call the client has on it; RFC 9113 (8.1.1) makes that
   a stream error. Requests are checked here instead (`malformed_headers`), as grpc-go
   does: a malformed one's stream is reset, the connection and its other calls go on.
+
+A hostile or broken client is held to bounds of its own connection (tests/
+test_grpc_h2_hostile.py): calls it resets before their answer are budgeted (Rapid Reset,
+RESET_BUDGET: GOAWAY ENHANCE_YOUR_CALM); what is queued for it is bounded by WRITE_LIMIT,
+whatever windows it grants; a frame header longer than SETTINGS_MAX_FRAME_SIZE ends it at
+once (h2 would buffer the whole frame first); its preface must come within
+HANDSHAKE_TIMEOUT; and clients past `max_connections` are closed at once. h2 itself bounds
+CONTINUATION frames (64 a header block) and the header list (MAX_HEADER_LIST_SIZE, 64 KiB).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -74,12 +83,34 @@ CONNECTION_BUDGET = 4 * MAX_MESSAGE
 MESSAGE_OVERHEAD = 64  # what a received message counts against HELD_LIMIT beyond its bytes
 MAX_STATUS_MESSAGE = 1024  # bytes of an encoded grpc-message (errors may echo client input)
 YIELD_EVERY = 64  # HTTP/2 events handled before other connections get the loop
-WRITE_LIMIT = 1024 * 1024  # queued for a client that does not read: stop reading from it
+WRITE_LIMIT = 1024 * 1024  # queued for a client that does not read: stop reading from it,
+# and stop sending to it (a client's window may be 2 GiB a call, a thousand calls at once)
+SEND_CHUNK = 64 * 1024  # response bytes put in a DATA frame, whatever the client's frame size
 CLOSE_TIMEOUT = 1.0  # for a client's socket to take what is queued before it is cut
 MAX_CONCURRENT_CALLS = 1000  # per connection (grpc-go's server sets no limit)
+# Calls a client may reset before their answer (Rapid Reset, CVE-2023-44487: a stream
+# reset at once does not count against MAX_CONCURRENT_CALLS, so a client can have the
+# server begin calls without end): a budget of RESET_BUDGET, refilled at RESET_REFILL a
+# second; past it the connection is ended with GOAWAY ENHANCE_YOUR_CALM.
+RESET_BUDGET = MAX_CONCURRENT_CALLS
+RESET_REFILL = 100.0
+# A client has this long to send its preface and SETTINGS (one that connects and sends
+# nothing, or a byte at a time, would hold a descriptor for ever).
+HANDSHAKE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 4096  # clients at most (an idle one costs ~20 KiB), whatever the rlimit
 READ_SIZE = 256 * 1024
 _END = None  # the inbox's end-of-requests mark
 RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+
+
+def connection_limit() -> int:
+    """Clients served at once: at most half the descriptors this process may open, so
+    that the calls of those served always have descriptors for berthd (a server stream
+    takes a connection of its own); a client past it is closed at once."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
 class MessageReader:
@@ -119,6 +150,38 @@ class MessageReader:
     def partial(self) -> bool:
         """A message has begun and not ended (at the end of the stream: truncated)."""
         return bool(self._buffer)
+
+
+class FrameSizes:
+    """Frame headers read as the bytes pass, before h2 takes them: h2 checks a frame's
+    length against SETTINGS_MAX_FRAME_SIZE only once the whole frame has come, so a header
+    declaring 16 MiB had it buffer 16 MiB for the connection first."""
+
+    PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def __init__(self) -> None:
+        self._skip = self.PREFACE  # bytes before the next frame header
+        self._header = bytearray()  # a frame header begun
+
+    def oversized(self, data: bytes, max_frame: int) -> int | None:
+        """The length of the first frame in `data` longer than `max_frame`, if any."""
+        view, at = memoryview(data), 0
+        while at < len(view):
+            if self._skip:
+                taken = min(self._skip, len(view) - at)
+                self._skip -= taken
+                at += taken
+                continue
+            piece = view[at : at + 9 - len(self._header)]
+            self._header += piece
+            at += len(piece)
+            if len(self._header) == 9:
+                length = int.from_bytes(self._header[:3], "big")
+                self._header.clear()
+                if length > max_frame:
+                    return length
+                self._skip = length
+        return None
 
 
 def frame_message(payload: bytes) -> bytes:
@@ -233,6 +296,10 @@ class _Connection:
             },
         )
         self.calls: dict[int, _Call] = {}
+        self.greeted = False  # the client's preface and first SETTINGS came
+        self._frame_sizes = FrameSizes()
+        self._resets = float(RESET_BUDGET)  # what is left of the budget
+        self._resets_at = time.monotonic()
         self.draining = False
         self.closed = False
         self._window_opened = asyncio.Event()
@@ -268,18 +335,29 @@ class _Connection:
                 f"response of {len(payload)} bytes exceeds the limit of {MAX_MESSAGE}",
             )
         self._send_headers(call)
-        data = memoryview(frame_message(payload))
-        while data:
+        # the prefix, then the payload in frames, without a framed copy of the payload: a
+        # call waiting for its client holds one response message, not two
+        pending = bytearray(PREFIX.pack(0, len(payload)))  # bytes for the next frame
+        body, offset = memoryview(payload), 0
+        while pending or offset < len(body):
             window = self.h2.local_flow_control_window(call.stream_id)
             if window <= 0:
                 self.flush()
                 await self._window_opened.wait()  # set, then replaced, on any update
                 continue
-            size = min(window, self.h2.max_outbound_frame_size, len(data))
-            self.h2.send_data(call.stream_id, data[:size].tobytes())
-            data = data[size:]
+            if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
+                await self.drain()  # the client's window is no bound on what it reads
+                continue
+            size = min(window, self.h2.max_outbound_frame_size, SEND_CHUNK)
+            if len(pending) < size:
+                taken = body[offset : offset + size - len(pending)]
+                pending += taken
+                offset += len(taken)
+            self.h2.send_data(call.stream_id, bytes(pending[:size]))
+            del pending[:size]
+            if pending or offset < len(body) or not last:
+                self.flush()  # the last frame of a `last` message goes with its trailers
         if not last:
-            self.flush()
             await self.drain()
 
     def finish(self, call: _Call, code: StatusCode, details: str = "") -> None:
@@ -310,10 +388,25 @@ class _Connection:
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
+        # one deadline for the whole handshake, however slowly it trickles in
+        handshake_ends = asyncio.get_running_loop().time() + HANDSHAKE_TIMEOUT
         try:
             while not self.closed:
-                data = await self.reader.read(READ_SIZE)
+                if self.greeted:
+                    data = await self.reader.read(READ_SIZE)
+                else:
+                    try:
+                        async with asyncio.timeout_at(handshake_ends):
+                            data = await self.reader.read(READ_SIZE)
+                    except TimeoutError:
+                        log.info("gRPC client dropped: no HTTP/2 preface in %ss", HANDSHAKE_TIMEOUT)
+                        return
                 if not data:
+                    return
+                oversized = self._frame_sizes.oversized(data, self.h2.max_inbound_frame_size)
+                if oversized is not None:
+                    log.warning("gRPC client dropped: a frame of %d bytes", oversized)
+                    self.fail(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
                     return
                 try:
                     events = self.h2.receive_data(data)
@@ -322,6 +415,8 @@ class _Connection:
                     self.flush()  # h2's GOAWAY says why
                     return
                 for index, event in enumerate(events, 1):
+                    if self.failed():
+                        break  # nothing more of this client is taken
                     self._dispatch(event)
                     if index % YIELD_EVERY == 0:  # a flood (rapid resets) shares the loop
                         self.flush()
@@ -348,15 +443,44 @@ class _Connection:
         elif isinstance(event, StreamReset):
             call = self.calls.pop(event.stream_id, None)
             if call is not None:
+                self._count_reset()
                 call.finished = True
                 self._acknowledge(call)  # the stream is gone; the connection's credit is not
                 if call.task is not None:
                     call.task.cancel()  # the client gave up on it
             self._window_changed()  # a sender blocked on it must wake to see
         elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            self.greeted = True  # the first SETTINGS (h2 checked the preface before it)
             self._window_changed()
         elif isinstance(event, ConnectionTerminated):
             self.closed = True  # the client's GOAWAY: nothing more can be sent
+
+    def _count_reset(self) -> None:
+        """A call ended by the client before its answer: past the budget (RESET_BUDGET),
+        the connection is ended, its calls with it."""
+        now = time.monotonic()
+        self._resets = min(RESET_BUDGET, self._resets + (now - self._resets_at) * RESET_REFILL)
+        self._resets_at = now
+        self._resets -= 1
+        if self._resets < 0 and not self.closed:
+            log.warning("gRPC client dropped: calls reset faster than %s a second", RESET_REFILL)
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, b"too many calls reset")
+
+    def failed(self) -> bool:
+        """Closed while its events were handled (`fail`, the client's GOAWAY)."""
+        return self.closed
+
+    def fail(self, code: ErrorCodes, reason: bytes) -> None:
+        """End the connection for a client's abuse: a GOAWAY with `code`, then no more
+        is read from it (serve's loop ends, and closes it)."""
+        self.flush()
+        if not self.writer.transport.is_closing():
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = code
+            frame.additional_data = reason
+            self.writer.write(frame.serialize())
+        self.closed = True
 
     def _begin(self, stream_id: int, raw_headers: Any) -> None:
         if self.draining:
@@ -573,6 +697,8 @@ class Server:
         self._calls: set[asyncio.Task[None]] = set()
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
         self._listener: asyncio.Server | None = None
+        self.max_connections = connection_limit()
+        self._refused = 0  # clients closed at once for max_connections, logged now and then
 
     async def listen(self, path: str) -> None:
         self._listener = await asyncio.start_unix_server(
@@ -586,6 +712,16 @@ class Server:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            if self._refused % 1000 == 0:
+                log.warning(
+                    "gRPC client refused: %d connections already (%d refused)",
+                    len(self._connections),
+                    self._refused + 1,
+                )
+            self._refused += 1
+            writer.transport.abort()  # nothing is queued: the descriptor is freed at once
+            return
         connection = _Connection(self, reader, writer)
         self._connections[task] = connection
         try:

@@ -136,7 +136,12 @@ async def serve(args: argparse.Namespace) -> None:
         log.warning("berthd not answering yet: %s", exc)
     table = routes(backend, server_uuid)  # one table: both sockets answer alike
     server = GrpcServer(table)
-    os.makedirs(os.path.dirname(args.address), exist_ok=True)
+    # The socket's own directory only, never its parents: a berth-grpc that outlives the
+    # tree it was started in (a test's temp dir removed meanwhile) made that tree again,
+    # an empty `state` left behind; now it stops with FileNotFoundError.
+    if os.path.dirname(args.address):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(args.address), 0o711)
     predecessor = _predecessor(args)
     _check_replaceable(args.address, predecessor)
     if args.ttrpc_address:
