@@ -51,7 +51,13 @@ ACCEPT_RETRY = 0.1  # seconds between accepts while the shim is short of descrip
 # A host short of descriptors or memory (what accept can meet), or of disk space too.
 DESCRIPTOR_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 SHORTAGE_ERRNOS = DESCRIPTOR_SHORTAGE | {errno.ENOSPC, errno.EDQUOT}
-MAX_IN_FLIGHT = 64  # requests per connection (a `wait` is in flight until its exit)
+# Requests served at once per connection; more wait to be read. Refusing them failed calls
+# of the daemon, whose one connection carries every client's: 200 concurrent `tasks exec`
+# had 22 to 135 refused ("too many requests in flight"), and never ran. A `wait`, in flight
+# until its process exits, is not one of them (the connection would stop being read for as
+# long, its peer's hang-up unnoticed): up to MAX_WAITS, refused past that.
+MAX_IN_FLIGHT = 64
+MAX_WAITS = 4096
 RECV_SIZE = 64 * 1024
 
 Handler = Callable[["ShimConnection", Request], Awaitable[Any]]
@@ -269,6 +275,8 @@ class ShimConnection:
         self._after_flush: list[Callable[[], None]] = []
         self._stream_id: int | None = None
         self._in_flight = 0
+        self._waits = 0
+        self._reading = True  # False while MAX_IN_FLIGHT requests are served: not read
         self._subscriber: Callable[[shim_events.Event], None] | None = None
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -288,6 +296,13 @@ class ShimConnection:
 
     def _process_events(self) -> None:
         while not self._closed:
+            if self._in_flight >= MAX_IN_FLIGHT:
+                # Backpressure, as any server's: what follows stays unread (in the parser
+                # and the socket) until a request in flight ends; the peer's writes block.
+                if self._reading:
+                    self._reading = False
+                    self._loop.remove_reader(self._fd)
+                return
             try:
                 event = self._proto.next_event()
             except RemoteProtocolError as exc:
@@ -305,10 +320,13 @@ class ShimConnection:
             if isinstance(event, Hello):
                 self._send(self._proto.server_handshake(event))
             elif isinstance(event, Request):
-                if self._in_flight >= MAX_IN_FLIGHT:
-                    self._send(ErrorReply(event.id, "unavailable", "too many requests in flight"))
-                    continue
-                self._in_flight += 1
+                if event.method == "wait":
+                    if self._waits >= MAX_WAITS:
+                        self._send(ErrorReply(event.id, "unavailable", "too many waits in flight"))
+                        continue
+                    self._waits += 1
+                else:
+                    self._in_flight += 1
                 self._loop.create_task(self._handle(event), name=event.method)
             elif isinstance(event, Cancel) and event.id == self._stream_id:
                 self._end_stream()
@@ -317,7 +335,17 @@ class ShimConnection:
         try:
             await self._dispatch(req)
         finally:
-            self._in_flight -= 1
+            if req.method == "wait":
+                self._waits -= 1
+            else:
+                self._in_flight -= 1
+                self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._closed and self._in_flight < MAX_IN_FLIGHT:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._loop.call_soon(self._process_events)  # what the parser holds already
 
     async def _dispatch(self, req: Request) -> None:
         handler = self._server.handlers.get(req.method)

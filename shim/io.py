@@ -41,7 +41,7 @@ from typing import ClassVar
 
 from berth.shim.logger import Logger, LoggerCommand
 from berth.shim.loop import Future, Loop, TimerHandle, all_done, log
-from berth.shim.pipes import make_pipe
+from berth.shim.pipes import PIPE_SIZE, make_pipe
 from berth.shim.reaper import Reaper
 from berth.shim.relay import start_relay
 from berth.shim.wire.errors import InvalidArgument
@@ -49,8 +49,16 @@ from berth.shim.wire.errors import InvalidArgument
 CHUNK = 256 * 1024
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READS_PER_WAKEUP = 16  # bound the work done for one stream before others get a turn
-ABANDON_READS = 64  # at most 16 MiB passed on when a stream is given up
-ABANDON_IDLE = 0.02  # seconds a stream given up waits for its relay's last bytes
+# What a stream given up may still pass on: what its two pipes and its relay can hold
+# when it is given up, written before; anything past that was written after (a
+# background process that keeps writing). Was 16 MiB, all of it kept in memory for a
+# reader that pauses: 10 execs whose background child kept writing grew a shim by 134 MB.
+ABANDON_BYTES = 2 * PIPE_SIZE + CHUNK
+ABANDON_IDLE = 0.02  # seconds a stream given up waits for its relay's next bytes
+# ... and the streams of one process given up together, in all: the loop waits meanwhile.
+# Was ABANDON_IDLE for each byte, up to 64 of them a stream: 20 execs whose background
+# child trickled a byte every 10 ms held the loop 11 s, the shim answering nothing.
+ABANDON_WAIT = 0.05
 FIONREAD = 0x541B  # ioctl: bytes waiting in a pipe or FIFO (asm-generic/ioctls.h)
 TIOCGPTPEER = 0x5441  # ioctl: open a pty master's peer (asm-generic/ioctls.h; Linux 4.13)
 READER_POLL = 0.005  # seconds between looks at what a closing FIFO's reader has left
@@ -720,24 +728,27 @@ class OutputPump:
         closing = [sink.close() for sink in self._sinks]
         all_done(closing).add_done_callback(lambda _: self.done.set_result(None))
 
-    def abandon(self) -> None:
+    def abandon(self, deadline: float = 0.0) -> None:
         """Stop now (the drain timed out, or the shim shuts down): what the source already
         holds is still passed on (bounded, the sinks count what they must drop), then the
         source and the sinks are closed. A process that left a writer of its stdout alive
         (a daemonized grandchild) must not cost the output it wrote before it exited. A
         pipe's relay may still be moving what the container's pipe holds: an empty read
-        waits for it, up to ABANDON_IDLE without a byte (the loop waits, bounded)."""
+        waits for it, up to ABANDON_IDLE without a byte and until `deadline` (monotonic;
+        ABANDON_WAIT from now if not given), the loop waiting meanwhile; at most
+        ABANDON_BYTES are passed on."""
         if self._eof:
             return
+        deadline = deadline or time.monotonic() + ABANDON_WAIT
         idle_since: float | None = None
-        reads = 0
-        while reads < ABANDON_READS:
+        left = ABANDON_BYTES
+        while left > 0:
             try:
-                data = os.read(self._source, CHUNK)
+                data = os.read(self._source, min(CHUNK, left))
             except BlockingIOError:
                 now = time.monotonic()
                 idle_since = idle_since or now
-                if self._is_pty or now - idle_since >= ABANDON_IDLE:
+                if self._is_pty or now - idle_since >= ABANDON_IDLE or now >= deadline:
                     break
                 time.sleep(0.001)  # the relay thread runs meanwhile
                 continue
@@ -745,7 +756,7 @@ class OutputPump:
                 break
             if not data:
                 break
-            reads += 1
+            left -= len(data)
             idle_since = None
             for sink in self._sinks:
                 sink.write(data)
@@ -1077,8 +1088,9 @@ class ProcessIO:
             os.close(target)
         self._relays.clear()
         self.close_stdin(now=True)
+        deadline = time.monotonic() + ABANDON_WAIT  # one wait for all of its streams
         for pump in self._pumps:
-            pump.abandon()
+            pump.abandon(deadline)
         closed = [sink.close() for sink in self._sinks]
         for fd in self._logger_fds:
             os.close(fd)
