@@ -294,10 +294,12 @@ class Task:
         assert proc.exec_id is not None and proc.spec is not None
         spec_file = self._path(f"{proc.name}.process.json")
         pid_file = self._path(f"{proc.name}.pid")
-        with open(spec_file, "w") as f:
-            json.dump(proc.spec, f)
         console: ConsoleSocket | None = None
         try:
+            # In here: on a full state dir (ENOSPC) the exec is final as well, not left
+            # "started" for ever with nothing that could end it (no wait, no delete).
+            with open(spec_file, "w") as f:
+                json.dump(proc.spec, f)
             if proc.io.config.terminal:
                 console = ConsoleSocket(self._console_path())
             stdin, stdout, stderr = proc.io.stdio

@@ -606,6 +606,28 @@ def test_an_exec_that_cannot_start_is_final(daemon: Daemon) -> None:
     daemon.cli("tasks", "rm", "-f", "c-badexec", check=True)
 
 
+def test_an_exec_whose_start_is_refused_can_start_later_with_its_own_status(
+    daemon: Daemon,
+) -> None:
+    """A start the shim refuses before running anything (the task is paused; the shim short
+    of descriptors or busy) leaves the exec created there. berthd marked it exited 255
+    all the same: started once the task was resumed, it ran, and its wait said 255."""
+    daemon.cli("run", "--busybox", "-d", "c-refused", "sleep", "300", check=True)
+    spec = {"args": ["/bin/sh", "-c", "exit 3"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    with daemon.client() as c:
+        c.call("tasks.exec", {"container_id": "c-refused", "exec_id": "later", "spec": spec})
+        c.call("tasks.pause", {"container_id": "c-refused"})
+        with pytest.raises(FailedPrecondition, match="paused"):
+            c.call("tasks.start", {"container_id": "c-refused", "exec_id": "later"})
+        got = c.call("tasks.get", {"container_id": "c-refused", "exec_id": "later"})
+        assert got["status"] == "created"
+        c.call("tasks.resume", {"container_id": "c-refused"})
+        c.call("tasks.start", {"container_id": "c-refused", "exec_id": "later"})
+        waited = c.call("tasks.wait", {"container_id": "c-refused", "exec_id": "later"})
+        assert waited["exit_status"] == 3
+    daemon.cli("tasks", "rm", "-f", "c-refused", check=True)
+
+
 def test_immortalize_makes_objects_immortal_on_the_shim_interpreter() -> None:
     """On CPython 3.12+ (the shims' interpreter when set-up found one) the zygote's objects
     become immortal: their reference counts no longer move; on 3.11 nothing is touched."""

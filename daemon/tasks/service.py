@@ -17,6 +17,7 @@ removes the container through the runtime and reports its exit (137 without an e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -808,14 +809,32 @@ class TaskService:
         try:
             result = await self._call(handle, "start", {"exec_id": exec_id or ""})
         except BerthError:
-            if exec_id:  # the shim made it final (it never ran): so does the daemon
-                view.set_exit(ExitRecord(0, UNKNOWN_EXIT, time.time_ns()))
+            if exec_id:
+                await self._mirror_failed_start(handle, view, exec_id)
             raise
         if exec_id:
             view.pid = int(result["pid"])
         view.set_status(RUNNING)
         log.info("%s started: pid %d", f"exec {exec_id}" if exec_id else "task", result["pid"])
         return {"pid": int(result["pid"])}
+
+    async def _mirror_failed_start(
+        self, handle: TaskHandle, view: ProcessView, exec_id: str
+    ) -> None:
+        """An exec whose start failed is final here only if its shim made it final (it
+        never ran). Marked final whatever the error, a refused or unanswered start (the
+        shim short of descriptors, busy, stopped) left the daemon saying `exited 255` of
+        an exec its shim still held as created, and could start later."""
+        with contextlib.suppress(BerthError):
+            state = await self._call(handle, "state", {"exec_id": exec_id}, timeout=5.0)
+            if state.get("status") == STOPPED:
+                view.set_exit(
+                    ExitRecord(
+                        int(state.get("pid") or 0),
+                        int(state.get("exit_status", UNKNOWN_EXIT)),
+                        int(state.get("exited_at") or time.time_ns()),
+                    )
+                )
 
     async def kill(
         self,
