@@ -15,8 +15,8 @@ log_errors, max_mem  # noqa
 # image config fields parsed for completeness (daemon/storage/images.py)
 stop_signal, architecture, blkio  # noqa
 # used by tests: counters and conversions they check
-skipped_devices, subscriber_count, from_timestamp  # noqa
+skipped_devices, subscriber_count, from_timestamp, frame_message  # noqa
 # gRPC's full table of status codes (daemon/grpc/calls.py): the protocol's, not all sent
 ABORTED, DATA_LOSS, UNAUTHENTICATED  # noqa
 # h2 settings and a hyperframe GOAWAY frame, set before they are serialized (h2server.py)
-local_settings, last_stream_id, error_code  # noqa
+local_settings, last_stream_id, error_code, additional_data  # noqa
