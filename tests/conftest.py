@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,6 +140,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _require_root_and_runc() -> None:
     if shutil.which("runc") is None:
         pytest.fail("runc is not installed (scripts/setup installs it)")
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short private directory for UNIX sockets (their paths must fit in 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="bt-sock-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +37,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 2 * MAX_MESSAGE),
     ("grpc.max_send_message_length", 2 * MAX_MESSAGE),
 ]
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bt-h2-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Probe:

@@ -29,7 +29,16 @@ from berth.shim.fs import remove_tree
 from berth.shim.mount import mount_points_under
 from berth.shim.wire.client import Client
 from berth.shim.wire.errors import InvalidArgument, Unavailable
-from tests.support.helpers import BERTH, BERTHD, Daemon, is_gone, kill, wait_until
+from tests.support.helpers import (
+    BERTH,
+    BERTHD,
+    Daemon,
+    daemon_on_tmpfs,
+    fill_disk,
+    is_gone,
+    kill,
+    wait_until,
+)
 from tests.support.images import build_oci_archive
 
 pytestmark = pytest.mark.container
@@ -299,11 +308,7 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
     """The exit file's space is reserved when the task is created: a container that exits
     on a full state dir, while berthd is down, with its shim killed afterwards, still
     reports its true status (was 255: the write failed with ENOSPC)."""
-    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], check=True)
-    d: Daemon | None = None
-    try:
-        d = Daemon(base_dir=small)
+    with daemon_on_tmpfs("4m") as d:
         gate = work / "gate"
         gate.mkdir()
         script = "while [ ! -e /gate/go ]; do sleep 0.05; done; exit 42"
@@ -313,15 +318,13 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
         pid = d.call("tasks.get", {"container_id": "c42"})["pid"]
         shim = d.shim_pids()["c42"]
         d.kill9()
-        filler = Path(small, "filler")
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"\0" * (1 << 16))
+        filler = Path(d.dir, "filler")
+        fill_disk(filler)
         (gate / "go").touch()
         wait_until(lambda: is_gone(pid), what="the container to exit and be reaped")
         # The shim writes the exit file right after it reaps: killing it in between would
         # test that window, not the full disk.
-        exit_file = Path(small, "state", "tasks", d.namespace, "c42", "exit", "init.json")
+        exit_file = Path(d.dir, "state", "tasks", d.namespace, "c42", "exit", "init.json")
         wait_until(  # reaped first, then written: the file may not be there yet
             lambda: exit_file.exists() and b'"status": 42' in exit_file.read_bytes(),
             what="the exit file",
@@ -332,11 +335,6 @@ def test_an_exit_status_reaches_a_full_disk_and_survives_the_shim(work: Path) ->
         d.start()
         with d.client() as client:
             assert client.call("tasks.wait", {"container_id": "c42"})["exit_status"] == 42
-    finally:
-        if d is not None:
-            d.cleanup()
-        subprocess.run(["umount", "-l", small], check=False)
-        os.rmdir(small)
 
 
 # --- 4, 5, 10. an unlucky operator -------------------------------------------------------
@@ -547,11 +545,7 @@ def test_a_sparse_layer_stays_sparse_and_deletes_work_on_a_full_disk(
     build_oci_archive(
         busybox_rootfs, archive, name="docker.io/library/sparse:1", raw_layers=[layer]
     )
-    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small], check=True)
-    d: Daemon | None = None
-    try:
-        d = Daemon(base_dir=small)
+    with daemon_on_tmpfs("48m") as d:
         import_image(d, archive)
         (big,) = Path(d.root, "snapshots", "overlayfs", "snapshots").glob("*/fs/big")
         assert big.stat().st_size == 10 << 30
@@ -574,10 +568,8 @@ def test_a_sparse_layer_stays_sparse_and_deletes_work_on_a_full_disk(
             client.call(
                 "snapshots.prepare", {"key": "k1", "parent": chain["chain_id"]}, lease=lease
             )
-        filler = Path(small, "filler")
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"\1" * (1 << 16))
+        filler = Path(d.dir, "filler")
+        fill_disk(filler, b"\1")
         for argv in (
             ["images", "rm", "sparse:1"],
             ["leases", "rm", "held"],
@@ -591,11 +583,6 @@ def test_a_sparse_layer_stays_sparse_and_deletes_work_on_a_full_disk(
         filler.unlink()
         assert d.cli("gc").returncode == 0
         assert Path(d.root, "reserve").stat().st_size == 8 << 20  # and taken again
-    finally:
-        if d is not None:
-            d.cleanup()
-        subprocess.run(["umount", "-l", small], check=False)
-        os.rmdir(small)
 
 
 # --- 13. a run whose output goes to a file ---------------------------------------------

@@ -20,7 +20,16 @@ from pathlib import Path
 
 from berth.daemon import logs
 from berth.shim.wire.client import Client
-from tests.support.helpers import REAPER, Daemon, kill, shim_python, stop_child, wait_until
+from tests.support.helpers import (
+    REAPER,
+    Daemon,
+    daemon_on_tmpfs,
+    fill_disk,
+    kill,
+    shim_python,
+    stop_child,
+    wait_until,
+)
 
 F_SETPIPE_SZ = 1031
 
@@ -334,23 +343,16 @@ def test_an_exec_on_a_full_state_dir_is_unavailable_and_works_once_there_is_room
     """The shim answered a call that met ENOSPC (or EMFILE) with `internal`, as if it were
     broken; berthd answers `unavailable` for the same state (tasks.create on a full disk).
     Now the shim does too, and the same exec works once there is room again."""
-    import contextlib
 
     import pytest
 
     from berth.shim.wire.errors import Unavailable
 
-    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], check=True)
-    d: Daemon | None = None
-    try:
-        d = Daemon(base_dir=small)
+    with daemon_on_tmpfs("4m") as d:
         started = d.cli("run", "--busybox", "-d", "c-full", "sleep", "1000")
         assert started.returncode == 0, started.stderr.decode()
-        filler = Path(small, "filler")
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"\0" * (1 << 16))
+        filler = Path(d.dir, "filler")
+        fill_disk(filler)
         spec = {"args": ["/bin/echo", "ok"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
         with d.client() as c, pytest.raises(Unavailable, match="No space left"):
             c.call("tasks.exec", {"container_id": "c-full", "exec_id": "e1", "spec": spec})
@@ -358,11 +360,6 @@ def test_an_exec_on_a_full_state_dir_is_unavailable_and_works_once_there_is_room
         ran = d.cli("tasks", "exec", "--exec-id", "e2", "c-full", "echo", "ok")
         assert (ran.returncode, ran.stdout) == (0, b"ok\n"), ran.stderr
         d.cli("tasks", "rm", "-f", "c-full", check=True)
-    finally:
-        if d is not None:
-            d.cleanup()
-        subprocess.run(["umount", "-l", small], check=False)
-        os.rmdir(small)
 
 
 def test_the_busybox_rootfs_has_its_modes_whatever_the_umask_of_its_builder(

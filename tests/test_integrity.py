@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from berth.shim.wire.errors import BerthError
-from tests.support.helpers import BERTH, Daemon, wait_until
+from tests.support.helpers import BERTH, Daemon, daemon_on_tmpfs, fill_disk, wait_until
 
 STREAM_MIB = int(os.environ.get("BERTH_INTEGRITY_MIB", "256"))
 
@@ -133,20 +133,11 @@ def test_kill9_during_metadata_writes_leaves_a_consistent_database(daemon: Daemo
 
 
 def test_a_full_disk_gives_clear_errors_and_the_daemon_keeps_serving() -> None:
-    import tempfile
-
-    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", small], check=True)
-    d: Daemon | None = None
-    try:
-        d = Daemon(extra_config="", base_dir=small)
+    with daemon_on_tmpfs("3m", extra_config="") as d:
         d.cli("run", "--busybox", "-d", "before", "sleep", "600", check=True)
         # fill the disk
-        filler = Path(small, "filler")
-        # (close() flushes what is buffered and fails too: inside the suppress)
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"\0" * (1 << 16))
+        filler = Path(d.dir, "filler")
+        fill_disk(filler)
         errors = []
         for i in range(3):
             try:
@@ -175,11 +166,6 @@ def test_a_full_disk_gives_clear_errors_and_the_daemon_keeps_serving() -> None:
                 and d.call("tasks.get", {"container_id": "after"})["status"] == "running"
             )
         )
-    finally:
-        if d is not None:
-            d.cleanup()
-        subprocess.run(["umount", "-l", small], check=False)
-        os.rmdir(small)
 
 
 def test_berthd_restarts_on_a_full_root_and_manages_its_containers() -> None:

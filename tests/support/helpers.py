@@ -512,3 +512,28 @@ def handover_windows(log_texts: list[str]) -> list[tuple[float, float]]:
                     windows.append((began, stamp))
                     began = None
     return windows
+
+
+@contextlib.contextmanager
+def daemon_on_tmpfs(size: str, **kw: Any) -> Iterator[Daemon]:
+    """A daemon whose whole base dir (root, state, socket) is a tmpfs of `size`: a disk a
+    test can fill (fill_disk); stopped, unmounted and removed afterwards."""
+    small = tempfile.mkdtemp(prefix="bt-full-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", small], check=True)
+    d: Daemon | None = None
+    try:
+        d = Daemon(base_dir=small, **kw)
+        yield d
+    finally:
+        if d is not None:
+            d.cleanup()
+        subprocess.run(["umount", "-l", small], check=False)
+        os.rmdir(small)
+
+
+def fill_disk(path: Path, byte: bytes = b"\0") -> None:
+    """Write `path` until its file system is full (close() flushes what is buffered and
+    fails too: inside the suppress)."""
+    with contextlib.suppress(OSError), open(path, "wb") as f:
+        while True:
+            f.write(byte * (1 << 16))
