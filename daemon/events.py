@@ -40,7 +40,6 @@ it (counted), so a burst of them never drops a subscriber that berthd's own even
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections import deque
@@ -50,6 +49,7 @@ import trio
 
 from berth.daemon.filters import Predicate, parse_filter, parse_filters
 from berth.shim.wire.errors import InvalidArgument
+from berth.shim.wire.names import IDENTIFIER_MAX, is_identifier
 
 HISTORY = 4096
 QUEUE_SIZE = HISTORY  # a `since` replay of the whole history must fit
@@ -64,16 +64,11 @@ __all__ = [
     "parse_filters",
 ]
 
-# containerd's identifiers (identifiers.Validate): a topic's components, a forwarded
-# envelope's namespace.
-IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")
-IDENTIFIER_MAX = 76
-
 
 def check_identifier(value: str, what: str) -> None:
     if len(value) > IDENTIFIER_MAX:
         raise InvalidArgument(f"{what} {value[:80]!r}...: longer than {IDENTIFIER_MAX} characters")
-    if not IDENTIFIER.match(value):
+    if not is_identifier(value):
         raise InvalidArgument(
             f"{what} {value!r} must be letters and digits, joined by single '.', '_' or '-'"
         )

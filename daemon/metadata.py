@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -38,17 +37,13 @@ from berth.shim.wire.errors import (
     NotFound,
     Unavailable,
 )
-from berth.shim.wire.names import validate
+from berth.shim.wire.names import is_identifier, validate
 
 SCHEMA_VERSION = 3
 TEMPORARY_LEASE_LABEL = "berth.io/temporary"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
 MAX_LABEL_BYTES = 4096
-# containerd's identifiers (namespaces, containers, leases): alphanumeric runs joined by
-# single separators. A new object's name must follow it; the wider rule of
-# shim/wire/names (what is safe in a path) still reads names made before.
-_NEW_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 
 
 class _Result:
@@ -229,7 +224,7 @@ def validate_new(name: object, what: str) -> str:
     are refused, as containerd refuses them)."""
     validate(name, what)
     assert isinstance(name, str)
-    if _NEW_IDENTIFIER.fullmatch(name) is None:
+    if not is_identifier(name):  # the wider rule of validate() still reads older names
         raise InvalidArgument(
             f"invalid {what} {name[:100]!r}: must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
         )

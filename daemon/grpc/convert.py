@@ -28,6 +28,7 @@ from typing import Any
 from berth.daemon.documents import load_json_object
 from berth.daemon.filters import map_field
 from berth.shim.wire.errors import InvalidArgument
+from berth.shim.wire.names import IDENTIFIER, IDENTIFIER_MAX, is_identifier
 
 STUBS_ENV = "BERTH_CONTAINERD_API"
 STUBS_DIR = "berth_containerd_api"
@@ -319,12 +320,6 @@ def is_digest(text: str) -> bool:
     return _DIGEST.fullmatch(text) is not None
 
 
-# containerd's identifier rule (its pkg/identifiers: namespaces, exec ids, event topics'
-# components): stricter than berthd's own names, which take "a..b" and "a-"
-IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
-IDENTIFIER_MAX = 76
-
-
 def check_identifier(value: str, what: str) -> None:
     """InvalidArgument, worded as containerd's, unless `value` is one of its identifiers."""
     if not value:
@@ -334,7 +329,7 @@ def check_identifier(value: str, what: str) -> None:
             f"{what}: identifier {value[:80]!r} greater than maximum length "
             f"({IDENTIFIER_MAX} characters)"
         )
-    if IDENTIFIER.fullmatch(value) is None:
+    if not is_identifier(value):
         raise InvalidArgument(f"{what}: identifier {value!r} must match {IDENTIFIER.pattern}")
 
 

@@ -6,6 +6,7 @@ own rather than holding a slot of the shared one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -151,8 +152,9 @@ class Tasks(Service):
         return empty()
 
     async def _check_signalable(self, call: Call, request: Any) -> None:
-        """What a signal to the process would answer without sending any: NotFound once
-        it has exited, FailedPrecondition for an exec not started."""
+        """What a signal to the process answers, as containerd's shim does, without
+        sending one: NotFound once it has exited (or if it does not exist), and
+        FailedPrecondition for an exec created but not started (berthd: NotFound)."""
         process = await self._call(
             call,
             "tasks.get",
@@ -165,15 +167,10 @@ class Tasks(Service):
             raise FailedPrecondition("process not created")
 
     async def _check_exec_started(self, call: Call, request: Any) -> None:
-        """An exec created but not started cannot be signalled: FailedPrecondition, as
-        containerd's shim answers (berthd: NotFound, as for one that has exited)."""
-        params = {"container_id": request.container_id, "exec_id": request.exec_id}
-        try:
-            process = await self._call(call, "tasks.get", params)
-        except NotFound:
-            return
-        if process.get("status") == "created":
-            raise FailedPrecondition("process not created")
+        """After berthd's NotFound for an exec's signal: FailedPrecondition if the exec is
+        only created (the caller raises the NotFound otherwise)."""
+        with contextlib.suppress(NotFound):
+            await self._check_signalable(call, request)
 
     async def _stopped(self, call: Call, request: Any) -> bool:
         """Whether the task exists and its init process has exited."""
