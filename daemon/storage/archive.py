@@ -898,7 +898,7 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
 
 
 def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
-    hashed = _HashingWriter(out)
+    hashed = HashingWriter(out)
     hardlinks: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
 
@@ -1014,7 +1014,10 @@ def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | Non
     return info
 
 
-class _HashingWriter(io.RawIOBase):
+class HashingWriter(io.RawIOBase):
+    """Hashes every byte written through it on its way to `out` (a blob's digest as it
+    is written, without reading it back)."""
+
     def __init__(self, out: IO[bytes]) -> None:
         self._out = out
         self._hash = hashlib.sha256()

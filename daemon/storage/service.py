@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import logging
 import os
@@ -471,8 +470,9 @@ class Storage:
             raise InvalidArgument(f"cannot produce {media_type!r}")
         tmp = os.path.join(self.mounts_dir, f"diff-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as out:
-                sink: IO[bytes] = out
+            with open(tmp, "wb") as file:
+                out = archive.HashingWriter(file)  # the blob's digest, as it is written
+                sink: IO[bytes] = out  # type: ignore[assignment]
                 gz = None
                 if media_type == images.OCI_LAYER_GZIP:
                     # no file name in the header (GzipFile would write the temporary
@@ -488,7 +488,7 @@ class Storage:
                 if gz is not None:
                     gz.close()
             size = os.path.getsize(tmp)
-            labels = self._diff_labels(namespace, tmp, labels or {}, diff_id if gz else None)
+            labels = self._diff_labels(namespace, out.digest, labels or {}, diff_id if gz else None)
             with open(tmp, "rb") as f:
                 digest = self.put_blob(namespace, f, size=size, labels=labels, lease_id=lease_id)
         finally:
@@ -497,21 +497,15 @@ class Storage:
         return Descriptor(media_type, digest, size, {"containerd.io/uncompressed": diff_id})
 
     def _diff_labels(
-        self, namespace: str, path: str, labels: dict[str, str], diff_id: str | None
+        self, namespace: str, digest: str, labels: dict[str, str], diff_id: str | None
     ) -> dict[str, str]:
-        """The labels a diff's blob at `path` is stored with, as containerd's differ
+        """The labels a diff's blob (`digest`) is stored with, as containerd's differ
         commits it: a compressed one is labelled with its diff ID; one the namespace holds
         already keeps its own labels (the call's are not added), gaining only a missing
         diff ID."""
         uncompressed = {"containerd.io/uncompressed": diff_id} if diff_id else {}
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
         try:
-            held: dict[str, str] = (
-                self.store.get_content(namespace, "sha256:" + digest.hexdigest())["labels"] or {}
-            )
+            held: dict[str, str] = self.store.get_content(namespace, digest)["labels"] or {}
         except NotFound:
             return {**labels, **uncompressed}
         return {**uncompressed, **held}
