@@ -91,7 +91,8 @@ def open_state(config: Config, locks: startup.Locks | None) -> tuple[Store, star
     except BaseException:
         locks.release()
         raise
-    store.ensure_namespace("default")
+    # No namespace is made here: as in containerd, one comes with the first object made
+    # in it (Store.ensure_namespace), so a fresh daemon lists none.
     return store, locks, rebuild
 
 
