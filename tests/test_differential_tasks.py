@@ -717,3 +717,46 @@ def test_event_sequences_match(tp: Tasks) -> None:
         for sub in subs.values():
             sub.close()
         tp.remove(cid)
+
+
+# -- Introspection, with the task plugins on both sides ------------------------------------
+
+INTRO = "/containerd.services.introspection.v1.Introspection/"
+UNLIKE = ("bolt", "scheduler")  # their exports describe containerd's bolt and GC tuning
+
+
+def test_the_plugins_listed_are_containerd_s(tp: Tasks) -> None:
+    """Introspection/Plugins lists the plugins containerd 1.6 lists for the parts berth has
+    (this containerd runs without CRI, /opt, tracing and the snapshotters berth lacks), in
+    its order, with the same requirements, platforms and exports: the content store and
+    overlayfs export their roots, berth's own directories (bolt's and the GC's exports
+    describe containerd's database and GC tuning: berth has neither). A filter keeps the
+    same ones on both."""
+    t = tp.t.introspection
+    for filters in ([], ["type==io.containerd.snapshotter.v1"], ["id==tasks", "id==overlayfs"]):
+        b, c = tp.p.both(
+            "unary",
+            INTRO + "Plugins",
+            t.PluginsRequest(filters=filters),
+            t.PluginsResponse,
+            namespace=None,
+        )
+        assert b.code == c.code == grpc.StatusCode.OK
+
+        def shape(o: Outcome) -> list[tuple[Any, ...]]:
+            return [
+                (
+                    p["type"],
+                    p["id"],
+                    p.get("requires", []),
+                    p.get("platforms", []),
+                    sorted(p.get("exports", {})) if p["id"] not in UNLIKE else None,
+                    p.get("initErr"),
+                )
+                for p in o.response.get("plugins", [])
+            ]
+
+        assert shape(b) == shape(c), filters
+        for plugin in b.response.get("plugins", []):
+            if "root" in plugin.get("exports", {}):
+                assert Path(plugin["exports"]["root"]).is_dir(), plugin

@@ -147,11 +147,19 @@ class Api:
             }
             for e in self.config.runtimes.values()
         ]
+        storage = [
+            {"type": "content", "id": "content", "root": self.storage.content.root},
+            *(
+                {"type": "snapshotter", "id": name, "root": snapshotter.root}
+                for name, snapshotter in sorted(self.storage.snapshotters.items())
+            ),
+        ]
         return {
             "plugins": [
-                {"type": "metadata", "id": "sqlite"},
+                {"type": "metadata", "id": "sqlite", "path": self.config.db_path},
                 {"type": "events", "id": "exchange"},
                 {"type": "task", "id": "shim", "shim": "berth-shim"},
+                *storage,
                 *runtimes,
             ]
         }

@@ -82,6 +82,7 @@ class Snapshotter(abc.ABC):
     """The interface; `_MetadataSnapshotter` holds what both implementations share."""
 
     name: str
+    root: str  # the directory of its files (exported as containerd exports its own)
 
     @abc.abstractmethod
     def prepare(
