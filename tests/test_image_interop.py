@@ -527,3 +527,31 @@ def test_schema1_manifests_pull_convert_and_run(daemon: Daemon, layers: dict[str
         assert config["history"][0]["created"] == "2020-01-01T00:00:00Z"
     finally:
         static.close()
+
+
+def test_half_utf16_pairs_in_an_image_s_json_read_as_go_reads_them(
+    daemon: Daemon, busybox_rootfs: str, tmp_path: Path
+) -> None:
+    """JSON may escape half a surrogate pair ("\\ud800"); Go reads it as U+FFFD, Python
+    kept a string nothing could encode. Before: the import failed `internal` on such an
+    image name (its blobs stored), and `run` of such an Env or WorkingDir failed
+    `internal: reply not sendable`. Now both work, with U+FFFD where the half pair was."""
+    named = str(tmp_path / "named.tar")
+    build_oci_archive(busybox_rootfs, named, name="docker.io/library/halves:t\udfff")
+    ok(daemon.cli("images", "import", named))
+    configured = str(tmp_path / "configured.tar")
+    build_oci_archive(
+        busybox_rootfs,
+        configured,
+        name="docker.io/library/halves:env",
+        env=["PATH=/bin", "HALF=a\ud800b"],
+        extra_config={"WorkingDir": "/w\udc00", "Labels": {"k\ud800": "v\udbff"}},
+    )
+    ok(daemon.cli("images", "import", configured))
+    listed = json.loads(ok(daemon.cli("images", "ls", "--format", "json")))
+    assert sorted(i["name"] for i in listed) == [
+        "docker.io/library/halves:env",
+        "docker.io/library/halves:t\ufffd",
+    ]
+    r = daemon.cli("run", "--rm", "halves:env", "h1", "sh", "-c", 'echo "$HALF"; pwd')
+    assert ok(r) == "a\ufffdb\n/w\ufffd\n"

@@ -89,6 +89,20 @@ def test_typed_errors_cross_the_wire() -> None:
     assert type(error_from_wire("bogus", "m")).__name__ == "Internal"
 
 
+def test_an_error_naming_undecodable_bytes_still_crosses_the_wire() -> None:
+    """A path read from a tar or a directory keeps undecodable bytes as lone surrogates;
+    an error naming one could not be encoded and ended the connection. It crosses now,
+    the bytes shown as \\xNN (another lone surrogate as \\udNNN)."""
+    client, server = pair()
+    server.receive_data(client.send(Request(4, "x", {}, {})))
+    server.next_event()
+    message = "cannot apply 'caf\udce9' (\ud800)"
+    client.receive_data(server.send(ErrorReply.from_exception(4, NotFound(message))))
+    reply = client.next_event()
+    assert isinstance(reply, ErrorReply)
+    assert reply.message == "cannot apply 'caf\\xe9' (\\ud800)"
+
+
 def test_frames_split_at_every_byte() -> None:
     client, server = pair()
     data = client.send(Request(1, "m", {"blob": b"x" * 300}, {}))

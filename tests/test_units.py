@@ -900,3 +900,22 @@ def test_following_a_rotated_log_misses_and_repeats_nothing(
     with open(out_path, "rb") as f:
         assert f.read() == b"".join(lines)
     assert os.path.exists(path + ".40")  # it did rotate, many times
+
+
+def test_half_utf16_pairs_in_outside_json_read_as_go_reads_them() -> None:
+    """A lone surrogate escape becomes U+FFFD (keys too, at any depth), a whole pair its
+    character, an escaped backslash stays text; a document without one is returned as
+    json.loads made it."""
+    from berth.daemon.documents import load_json
+
+    doc = load_json(
+        rb'{"k\ud800": [{"v": "a\udfffb"}, "\ud83d\ude00", "\\ud800", "\uDBFF"]}',
+        "doc",
+        max_size=1024,
+    )
+    assert doc == {"k\ufffd": [{"v": "a\ufffdb"}, "\U0001f600", "\\ud800", "\ufffd"]}
+    for value in doc["k\ufffd"][1:]:
+        value.encode("utf-8")  # every string is sendable
+    assert load_json('{"a": "\ud800"}', "doc", max_size=64) == {"a": "\ufffd"}
+    plain = load_json(b'{"a": ["\\u00e9"]}', "doc", max_size=64)
+    assert plain == {"a": ["\u00e9"]}

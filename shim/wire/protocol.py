@@ -33,6 +33,7 @@ Errors: `RemoteProtocolError` means the peer broke the rules (answer it and carr
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -160,13 +161,30 @@ class Response(_Event):
         self.result = result
 
 
+def sendable_text(text: str) -> str:
+    """`text` as UTF-8 can carry it. An error may name a path read from a tar or a
+    directory, whose undecodable bytes Python keeps as lone surrogates (surrogateescape):
+    unsendable, such an error ended the connection instead of reaching its caller. Those
+    bytes are shown as `\\xNN`, any other lone surrogate as `\\udNNN`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    text = _NOT_A_BYTE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogateescape: DC80-DCFF
+
+
 class ErrorReply(_Event):
     __slots__ = ("code", "id", "message")
 
     def __init__(self, id: int | None, code: str, message: str) -> None:
         self.id = id
         self.code = code
-        self.message = message
+        self.message = sendable_text(message)
 
     @classmethod
     def from_exception(cls, request_id: int | None, exc: BerthError) -> ErrorReply:
