@@ -9,8 +9,8 @@ such a blob stopped on it.
 JSON may escape half a UTF-16 pair (`"\\ud800"`): json.loads keeps it as a lone surrogate,
 a str that no UTF-8 encoder takes (msgpack, SQLite, protobuf, a log line), so an image
 whose config held one was imported and then failed every call that answered with it.
-Go's encoding/json, which containerd and every image tool use, reads it as U+FFFD; so
-does this module.
+Go's encoding/json, which containerd and every image tool use, reads it as U+FFFD, and
+invalid UTF-8 in a string too; so does this module.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ def load_json(data: bytes | str, what: str, *, max_size: int) -> Any:
     if len(data) > max_size:
         raise InvalidArgument(f"{what} is larger than {max_size} bytes")
     try:
-        doc = json.loads(data)
+        try:
+            doc = json.loads(data)
+        except UnicodeDecodeError:
+            # Invalid UTF-8: Go reads each bad byte of a string as U+FFFD (containerd takes
+            # such an image: a label in Latin-1, say), and so does this.
+            assert isinstance(data, bytes)
+            doc = json.loads(data.decode("utf-8", "replace"))
     except RecursionError:
         raise InvalidArgument(f"{what} nests deeper than {MAX_NESTING} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:

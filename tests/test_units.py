@@ -905,7 +905,8 @@ def test_following_a_rotated_log_misses_and_repeats_nothing(
 def test_half_utf16_pairs_in_outside_json_read_as_go_reads_them() -> None:
     """A lone surrogate escape becomes U+FFFD (keys too, at any depth), a whole pair its
     character, an escaped backslash stays text; a document without one is returned as
-    json.loads made it."""
+    json.loads made it. Invalid UTF-8 in a string reads as U+FFFD too; outside one it is
+    still not JSON."""
     from berth.daemon.documents import load_json
 
     doc = load_json(
@@ -919,3 +920,7 @@ def test_half_utf16_pairs_in_outside_json_read_as_go_reads_them() -> None:
     assert load_json('{"a": "\ud800"}', "doc", max_size=64) == {"a": "\ufffd"}
     plain = load_json(b'{"a": ["\\u00e9"]}', "doc", max_size=64)
     assert plain == {"a": ["\u00e9"]}
+    latin1 = load_json(b'{"label": "caf\xe9", "k\xff": 1}', "doc", max_size=64)
+    assert latin1 == {"label": "caf\ufffd", "k\ufffd": 1}
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        load_json(b'{"a": 1}\xff', "doc", max_size=64)
