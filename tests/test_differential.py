@@ -817,9 +817,8 @@ def test_content_commit_mismatches_match(p: Pair) -> None:
     data = b"hello world\n"
     write_blob(p, "w1", data, expected="sha256:" + "0" * 64, total=len(data))
     write_blob(p, "w2", data, expected=digest_of(data), total=len(data) + 1)
-    # more bytes than the declared size: containerd takes them and fails the commit's size
-    # check, berth refuses the write itself (an ingest is bounded by its size); both
-    # FailedPrecondition
+    # more bytes than the declared size: both take them and fail the commit's size check
+    # (FailedPrecondition)
     requests = write_requests(p, "w3", [(0, data)], expected=digest_of(data), total=len(data) - 1)
     p.code(CT + "Write", requests, t.WriteContentResponse, kind="bidi")
     p.same(CT + "Info", t.InfoRequest(digest=digest_of(data)), t.InfoResponse)

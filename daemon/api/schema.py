@@ -477,11 +477,14 @@ class WriteOpenReply(Reply, kw_only=True):
     exists: bool
     offset: int
     digest: str = ""  # of the bytes the ingest holds (containerd's Write reports it)
+    started_at: int = 0  # the ingest's own times (ns), kept across resumes
+    updated_at: int = 0
 
 
 class OffsetReply(Reply, kw_only=True):
     offset: int
     digest: str = ""  # of the bytes written so far
+    updated_at: int = 0  # the ingest's last write (ns)
 
 
 class DigestReply(Reply, kw_only=True):

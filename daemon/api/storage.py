@@ -183,20 +183,34 @@ class StorageApi:
         return writers
 
     async def content_write_open(self, ctx: CallContext, p: schema.WriteOpen) -> Any:
-        """Open (or resume) an ingest on this connection: returns the offset to write at,
-        or `exists` when the expected digest is already stored."""
+        """Open (or resume) an ingest on this connection: returns the offset to write at
+        and the ingest's times, or `exists` when this namespace has the expected digest.
+        A client's ingest, under containerd's rules (storage/content.py): a blob stored
+        for other namespaces opens a writer already complete."""
         writers = self._writers(ctx)
         if p.ref in writers:
             raise FailedPrecondition(f"ingest {p.ref!r} is already open on this connection")
         try:
             writer = await in_thread(
-                self.storage.open_writer, ctx.namespace, p.ref, p.total, p.expected or "", ctx.lease
+                self.storage.open_writer,
+                ctx.namespace,
+                p.ref,
+                p.total,
+                p.expected or "",
+                ctx.lease,
+                client=True,
             )
         except AlreadyExists:
             return {"exists": True, "offset": 0}
         writers[p.ref] = writer
         writer.lease = ctx.lease  # the commit records the blob under it
-        return {"exists": False, "offset": writer.offset, "digest": writer.digest()}
+        return {
+            "exists": False,
+            "offset": writer.offset,
+            "digest": writer.digest(),
+            "started_at": writer.started_at,
+            "updated_at": writer.updated_at,
+        }
 
     def _writer(self, ctx: CallContext, ref: str) -> Writer:
         writer = self._writers(ctx).get(ref)
@@ -207,7 +221,7 @@ class StorageApi:
     async def content_write_chunk(self, ctx: CallContext, p: schema.WriteChunk) -> Any:
         writer = self._writer(ctx, p.ref)
         offset = await in_thread(writer.write, p.data, p.offset)
-        return {"offset": offset, "digest": writer.digest()}
+        return {"offset": offset, "digest": writer.digest(), "updated_at": writer.updated_at}
 
     async def content_write_commit(self, ctx: CallContext, p: schema.WriteCommit) -> Any:
         writer = self._writer(ctx, p.ref)

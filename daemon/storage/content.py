@@ -17,10 +17,19 @@ Rules:
 - A total of 0 means "size unknown" (containerd's API), unless the caller declares it
   (`declared=True`: a descriptor's size, which may really be 0); a declared total is
   enforced, by every write and by the commit, whatever its value.
+- A client's ingest (`client=True`: containerd's Content.Write, through berth-grpc) keeps
+  containerd's content store rules instead: a stored blob is *shared* (the writer starts
+  complete, at the blob's size, and copies the blob in only if it is written to), the
+  total bounds no write (the commit checks the size it is given), and a commit that fails
+  its size or digest check keeps the ingest as it was, for the client to resume or abort.
+- An ingest's times are its own, kept across resumes: `started_at` in `meta`, the last
+  write's time as the data file's mtime (set exactly: the kernel's coarse clock may lag
+  the time a client read before writing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -94,7 +103,7 @@ class ContentStore:
             st = os.stat(self.path(digest))
         except FileNotFoundError:
             raise NotFound(f"content {digest} not found") from None
-        return BlobInfo(digest, st.st_size, int(st.st_mtime * 1e9))
+        return BlobInfo(digest, st.st_size, st.st_mtime_ns)
 
     def exists(self, digest: str) -> bool:
         return os.path.exists(self.path(digest))
@@ -132,19 +141,32 @@ class ContentStore:
         return os.path.join(self.ingests, hashlib.sha256(ref.encode()).hexdigest()[:32])
 
     def writer(
-        self, ref: str, total: int = 0, expected: str = "", *, declared: bool = False
+        self,
+        ref: str,
+        total: int = 0,
+        expected: str = "",
+        *,
+        declared: bool = False,
+        client: bool = False,
     ) -> Writer:
         """Open (or resume) the ingest `ref`. If `expected` is already stored, raise
-        AlreadyExists: the caller has nothing to write. `total` is enforced when it is not
-        0 or when `declared` says that 0 is the size (else 0 means unknown)."""
+        AlreadyExists: the caller has nothing to write (a `client`'s writer shares it
+        instead, if `total` is 0 or its size). `total` is enforced when it is not 0 or
+        when `declared` says that 0 is the size (else 0 means unknown)."""
         validate_ref(ref)
+        shared: BlobInfo | None = None
         if expected:
             validate_digest(expected)
             if self.exists(expected):
-                raise AlreadyExists(f"content {expected} already exists")
+                if not client:
+                    raise AlreadyExists(f"content {expected} already exists")
+                with contextlib.suppress(NotFound):
+                    info = self.info(expected)
+                    shared = info if total in (0, info.size) else None
         if total < 0:
             raise InvalidArgument("total must not be negative")
         directory = self._ingest_dir(ref)
+        created = not os.path.isdir(directory)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         lock = os.open(
             os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
@@ -176,8 +198,11 @@ class ContentStore:
                     meta["total"] = old.get("total", 0)
                     meta["declared"] = bool(old.get("declared", meta["total"]))
                 meta["expected"] = expected or old.get("expected", "")
-            atomic_write(meta_path, json.dumps(meta).encode())
-            return Writer(
+            if shared is None:
+                atomic_write(meta_path, json.dumps(meta).encode())
+            else:  # containerd's shared writer: complete, just started, and no ingest yet
+                meta.update(total=shared.size, declared=True, started_at=now)
+            writer = Writer(
                 self,
                 ref,
                 directory,
@@ -186,7 +211,12 @@ class ContentStore:
                 str(meta["expected"]),
                 int(meta["started_at"]),
                 declared=bool(meta["declared"]),
+                client=client,
+                shared=shared,
             )
+            if shared is not None:
+                writer.pending = (meta, created)
+            return writer
         except BaseException:
             os.close(lock)
             raise
@@ -205,7 +235,7 @@ class ContentStore:
             meta.get("total", 0),
             meta.get("expected", ""),
             meta.get("started_at", 0),
-            int(data.st_mtime * 1e9),
+            data.st_mtime_ns,
         )
 
     def list_ingests(self) -> list[IngestStatus]:
@@ -218,6 +248,33 @@ class ContentStore:
             except (OSError, ValueError, KeyError, NotFound):
                 continue
         return out
+
+    def remove_unstarted(self, cutoff: int) -> int:
+        """Ingest directories without a `meta` (a shared writer's, never written to, left
+        by a daemon that died while it was open) last touched before `cutoff` (ns) and
+        held by nobody: removed. Returns how many."""
+        removed = 0
+        for name in os.listdir(self.ingests):
+            directory = os.path.join(self.ingests, name)
+            try:
+                if os.path.exists(os.path.join(directory, "meta")):
+                    continue
+                if os.stat(directory).st_mtime_ns >= cutoff:
+                    continue
+                lock = os.open(
+                    os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError:
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(directory, ignore_errors=True)
+                removed += 1
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(lock)
+        return removed
 
     def abort(self, ref: str) -> None:
         directory = self._ingest_dir(validate_ref(ref))
@@ -251,6 +308,8 @@ class Writer:
         started_at: int,
         *,
         declared: bool,
+        client: bool = False,
+        shared: BlobInfo | None = None,
     ) -> None:
         self.store = store
         self.ref = ref
@@ -258,19 +317,61 @@ class Writer:
         self._lock = lock
         self.total = total
         self.declared = declared
+        self.client = client
         self.expected = expected
         self.started_at = started_at
+        self.updated_at = started_at
         self.lease: str | None = None  # the lease a caller opened it under, if any
         self._data = os.path.join(directory, "data")
         self._fd = os.open(self._data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._hash = hashlib.sha256()
         self.offset = 0
+        self._shared = shared  # a stored blob this writer stands for until written to
+        # A shared writer's ingest: its meta, written once it is written to, and whether
+        # its directory is the writer's own (removed if it never is: nothing changed)
+        self.pending: tuple[dict[str, Any], bool] = ({}, False)
+        if shared is not None:  # (an ingest the ref may hold already is left as it is)
+            self.offset = shared.size
+            return
         while True:  # resume: rehash what is there
             chunk = os.read(self._fd, CHUNK)
             if not chunk:
                 break
             self._hash.update(chunk)
             self.offset += len(chunk)
+        if self.offset:
+            self.updated_at = os.fstat(self._fd).st_mtime_ns
+        else:
+            self._touch(started_at)
+
+    def _touch(self, when: int) -> None:
+        """The last write's time, exactly (see the module's rules)."""
+        os.utime(self._fd, ns=(when, when))
+        self.updated_at = when
+
+    def _materialize(self) -> None:
+        """A shared writer written to: the stored blob becomes the ingest's first bytes
+        (containerd copies it in the same way), the write goes after them."""
+        assert self._shared is not None
+        # what it will hold is no longer the blob: no expected digest (as containerd's)
+        self.expected = ""
+        meta = {**self.pending[0], "expected": ""}
+        atomic_write(os.path.join(self.directory, "meta"), json.dumps(meta).encode())
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        source = self.store.open(self._shared.digest)
+        try:
+            while chunk := os.read(source, CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                self._hash.update(chunk)
+                self.offset += len(chunk)
+        finally:
+            os.close(source)
+        self._shared = None
 
     @property
     def closed(self) -> bool:
@@ -285,25 +386,31 @@ class Writer:
             raise FailedPrecondition(
                 f"write at offset {offset} but ingest {self.ref!r} is at {self.offset}"
             )
-        if self.declared and self.offset + len(data) > self.total:
+        if not self.client and self.declared and self.offset + len(data) > self.total:
             raise InvalidArgument(
                 f"ingest {self.ref!r}: {self.offset + len(data)} bytes exceed the total "
                 f"{self.total}"
             )
+        if self._shared is not None and data:
+            self._materialize()
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
         self._hash.update(data)
         self.offset += len(data)
+        if data:
+            self._touch(time.time_ns())
         return self.offset
 
     def digest(self) -> str:
+        if self._shared is not None:
+            return self._shared.digest
         return "sha256:" + self._hash.hexdigest()
 
     def commit(self, size: int = 0, expected: str = "") -> str:
         """Verify size and digest, then publish the blob. On a mismatch nothing is stored
-        and the ingest is discarded. Returns the digest. `size` 0: the declared total,
-        if the ingest has one."""
+        and the ingest is discarded (a client's is kept as it was, and let go). Returns
+        the digest. `size` 0: the declared total, if the ingest has one."""
         if self._fd < 0:
             raise FailedPrecondition(f"ingest {self.ref!r} is closed")
         expected = expected or self.expected
@@ -315,8 +422,15 @@ class Writer:
         elif expected and validate_digest(expected) != actual:
             problem = f"digest mismatch: got {actual}, expected {expected}"
         if problem:
-            self._discard()
+            if self.client:
+                self.close()
+            else:
+                self._discard()
             raise FailedPrecondition(f"commit of {self.ref!r} failed: {problem}")
+        if self._shared is not None:  # nothing written: the stored blob is the content
+            self.close()
+            self.store.info(actual)  # NotFound if it went meanwhile
+            return actual
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -339,7 +453,10 @@ class Writer:
         self.close()
 
     def close(self) -> None:
-        """Release the writer, keeping the ingest for a later resume."""
+        """Release the writer, keeping the ingest for a later resume (a shared writer
+        never written to leaves nothing of its own behind)."""
+        if self._shared is not None and self.pending[1] and self._lock >= 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

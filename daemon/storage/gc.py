@@ -261,6 +261,7 @@ def _sweep_ingests(storage: Storage, now: int, result: GCResult) -> None:
             result.kept_ingests += 1
         except NotFound:
             pass
+    result.ingests += storage.content.remove_unstarted(cutoff)
 
 
 def drop_temporary_leases(storage: Storage) -> int:

@@ -215,19 +215,40 @@ class Storage:
         lease_id: str | None = None,
         *,
         declared: bool = False,
+        client: bool = False,
     ) -> Writer:
         """A writer for the ingest `ref` of `namespace`. AlreadyExists when `expected` is
         already stored: it is then recorded in this namespace (content is shared).
-        `declared`: `total` is the size even if 0 (else 0 means unknown)."""
+        `declared`: `total` is the size even if 0 (else 0 means unknown).
+
+        A `client`'s writer (containerd's Content.Write) follows containerd's shared
+        content policy instead: AlreadyExists only when this namespace records the blob
+        (then held under the lease, as containerd does); a blob stored for other
+        namespaces only gives a shared writer (ContentStore.writer), recorded here by its
+        commit alone, so an open that is never committed records nothing."""
         self._hold(namespace, lease_id, "ingest", ref)
+        if client and expected:
+            with self.gc_lock:
+                if self._records(namespace, validate_digest(expected)):
+                    self._hold(namespace, lease_id, "content", expected)
+                    raise AlreadyExists(f"content {expected}: already exists")
         try:
-            return self.content.writer(f"{namespace}/{ref}", total, expected, declared=declared)
+            return self.content.writer(
+                f"{namespace}/{ref}", total, expected, declared=declared, client=client
+            )
         except AlreadyExists:
             with self.gc_lock:  # a collection must not sweep it between these steps
                 info = self.content.info(expected)
                 self._hold(namespace, lease_id, "content", expected)
                 self.store.add_content(namespace, expected, info.size)
             raise
+
+    def _records(self, namespace: str, digest: str) -> bool:
+        try:
+            self.store.get_content(namespace, digest)
+        except NotFound:
+            return False
+        return self.content.exists(digest)
 
     def commit(
         self,

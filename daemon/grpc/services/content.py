@@ -28,7 +28,6 @@ from berth.daemon.grpc.services.base import (
 from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
@@ -188,15 +187,19 @@ class _Ingest:
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
         return await self.session.call(method, {"ref": self.ref, **params}, **self.meta)
 
-    async def _open(self) -> None:
-        opened = await self._call(
-            "content.write.open", {"total": self.total, "expected": self.expected}
-        )
+    async def _open(self, *, share: bool = True) -> None:
+        """`share`: a blob already stored may stand for the ingest (containerd's shared
+        writer); not when the ingest is started again from 0 (a truncate)."""
+        expected = self.expected if share else ""
+        opened = await self._call("content.write.open", {"total": self.total, "expected": expected})
         if opened.get("exists"):
             raise AlreadyExists(f"content {self.expected}: already exists")
         self.open = True
         self.offset = int(opened.get("offset") or 0)
         self.digest = opened.get("digest") or (EMPTY_DIGEST if not self.offset else "")
+        # the ingest's own times: a resumed ingest keeps those of its first writer
+        self.started_at = int(opened.get("started_at") or self.started_at)
+        self.updated_at = int(opened.get("updated_at") or self.started_at)
 
     async def _first(self, req: Any) -> None:
         if not req.ref:
@@ -255,14 +258,10 @@ class _Ingest:
             # containerd truncates an ingest written again from the start
             await self._call("content.write.abort", {})
             self.open = False
-            await self._open()
+            await self._open(share=False)
         data = bytes(req.data)
-        if self.total and self.offset + len(data) > self.total:
-            # containerd takes the bytes and fails the commit's size check; berthd bounds
-            # an ingest by its total: refused here, with containerd's code
-            raise FailedPrecondition(
-                f"{self.ref!r} failed size validation: {self.offset + len(data)} != {self.total}"
-            )
+        # Bytes past the declared total are taken, as containerd takes them: the commit
+        # checks the size it is given (a shared blob may be appended to, say).
         for start in range(0, len(data), WRITE_CHUNK):  # berthd's frames are bounded
             written = await self._call(
                 "content.write.chunk",
@@ -270,7 +269,7 @@ class _Ingest:
             )
             self.offset = int(written["offset"])
             self.digest = written.get("digest") or ""
-            self.updated_at = time.time_ns()
+            self.updated_at = int(written.get("updated_at") or time.time_ns())
 
     async def _commit(self) -> None:
         self.open = False  # committed or failed, berthd has let the ingest go
