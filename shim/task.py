@@ -4,8 +4,8 @@ Rules this module keeps:
 - An exit status is written to its durable exit file the moment the process is reaped,
   before anything else happens; the exit *event* (and `wait`) follow once the process's
   output is drained (bounded by IO_DRAIN_TIMEOUT), so a client that saw the exit has
-  seen all the output. The init exit is further held until the task's exec processes
-  have exited (they die with the container's pid namespace), like containerd.
+  seen all the output. The init exit is further held until the exits of the task's exec
+  processes are published (they die with the container's pid namespace), like containerd.
 - A pid is only signalled while its process is known not to be reaped: the reaper runs
   in this same loop, so "not reaped" means the pid cannot have been reused.
 """
@@ -417,12 +417,7 @@ class Task:
                 if self._oom is not None:
                     self._check_oom()
                     self._oom_close()
-                running = [p.exited for p in self.execs.values() if p.started and not p.reaped]
-                for fut in running:
-                    try:
-                        await self._loop.timeout(fut, EXEC_WAIT_TIMEOUT)
-                    except TimeoutError:
-                        break
+                await self._execs_published()
         except Exception as exc:  # whatever went wrong, the exit is still reported
             log(f"finishing the exit of {proc.name}: {exc!r}")
         finally:
@@ -442,6 +437,20 @@ class Task:
                     exited_at=proc.exit.exited_at,
                 )
             proc.exited.set_result(proc.exit)
+
+    async def _execs_published(self) -> None:
+        """Until every started exec's exit is published (not merely reaped: an exec reaped
+        with the init still drains its output), so that the init's exit, after which
+        clients delete the task, comes last, as containerd's shim orders them; bounded:
+        an exec outside the container's pid namespace may live on."""
+        deadline = time.monotonic() + EXEC_WAIT_TIMEOUT + IO_DRAIN_TIMEOUT
+        for other in list(self.execs.values()):
+            if not other.started or other.exited.done():
+                continue
+            try:
+                await self._loop.timeout(other.exited, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return
 
     def _check_oom(self) -> None:
         if self._oom is not None and self._oom.consume():
@@ -517,6 +526,9 @@ class Task:
             return _exit_result(proc)
         if self.deleted:
             raise NotFound(f"task {self.config.id} not found")
+        # A task never started that this delete kills answers no exit of its own, as
+        # containerd 1.6's shim answers it: status 0, Go's zero time (its init never ran).
+        never_ran = not proc.reaped and not proc.started
         if not proc.reaped:
             if not force and proc.started:
                 raise FailedPrecondition(f"task {self.config.id} is {proc.status}; kill it first")
@@ -551,6 +563,8 @@ class Task:
         remove_exit_file(self._exit_dir(), proc.name)
         self.deleted = True
         result = _exit_result(proc)
+        if never_ran:
+            result.update(exit_status=0, exited_at=0)
         self._publish(status.TASK_DELETE, **result)
         return result
 

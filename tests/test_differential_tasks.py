@@ -14,6 +14,7 @@ name; each side's containers have a cgroup path and FIFOs of their own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import tempfile
@@ -717,6 +718,28 @@ def test_event_sequences_match(tp: Tasks) -> None:
         for sub in subs.values():
             sub.close()
         tp.remove(cid)
+
+
+def test_deleting_a_task_never_started_answers_no_exit(tp: Tasks) -> None:
+    """Found: Tasks/Delete of a created task answered exit status 137 (the SIGKILL the
+    delete sent runc's init) and its time on berth; containerd 1.6 answers 0 and Go's zero
+    time, and its /tasks/delete event says the same."""
+    t = tp.t.tasks
+    tp.container("never", ["sleep", "100"])
+    try:
+        tp.create("never")
+        request = t.DeleteTaskRequest(container_id="never")
+        b, c = tp.p.both("unary", T + "Delete", request, t.DeleteResponse, namespace="", lease=None)
+        assert b.code == c.code == grpc.StatusCode.OK, (b.details, c.details)
+        answers: dict[str, Any] = {"berth": b.response, "containerd": c.response}
+        for side, answer in answers.items():
+            exited = answer.get("exited_at", {}).get("seconds", capi.ZERO_TIME_SECONDS)
+            assert (answer.get("exit_status", 0), exited) == (0, capi.ZERO_TIME_SECONDS), (
+                side,
+                json.dumps(answer),
+            )
+    finally:
+        tp.remove("never")
 
 
 # -- Introspection, with the task plugins on both sides ------------------------------------

@@ -15,6 +15,7 @@ installation's state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -149,19 +150,48 @@ class Ctr:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class DockerBackend:
+    """The containerd a dockerd drives: its socket, dockerd's namespace on it, the dir
+    dockerd's own dir goes in, the cgroup parent of its containers, and a command prefix
+    (e.g. nsenter into that containerd's mount namespace)."""
+
+    address: str
+    namespace: str
+    base_dir: str
+    cgroup_parent: str
+    prefix: tuple[str, ...] = ()
+
+
 class Dockerd(Reaped):
     """dockerd 20.10 on berth's containerd socket, private to one test module."""
 
     what = "dockerd"
 
-    def __init__(self, daemon: Daemon, *, swarm: bool = False) -> None:
+    def __init__(
+        self,
+        daemon: Daemon | None,
+        *,
+        swarm: bool = False,
+        backend: DockerBackend | None = None,
+    ) -> None:
         """`swarm`: without --live-restore (dockerd refuses it in swarm mode), and in a
         network namespace of its own (swarm makes bridges and an ingress network), so
-        nothing of the host's network is touched and nothing outlives dockerd."""
+        nothing of the host's network is touched and nothing outlives dockerd.
+        `backend`: another containerd than berth's (`daemon` is then None)."""
         super().__init__()
         self.daemon = daemon
         self.swarm = swarm
-        self.dir = os.path.join(daemon.dir, "docker")
+        if backend is None:
+            assert daemon is not None
+            backend = DockerBackend(
+                address=grpc_address(daemon),
+                namespace=daemon.namespace,
+                base_dir=daemon.dir,
+                cgroup_parent=f"/berth/{daemon.namespace}/docker",
+            )
+        self.backend = backend
+        self.dir = os.path.join(backend.base_dir, "docker")
         self.data_root = os.path.join(self.dir, "data")
         self.exec_root = os.path.join(self.dir, "exec")
         self.pidfile = os.path.join(self.dir, "dockerd.pid")
@@ -171,7 +201,7 @@ class Dockerd(Reaped):
 
     @property
     def cgroup_parent(self) -> str:
-        return f"/berth/{self.daemon.namespace}/docker"
+        return self.backend.cgroup_parent
 
     def start(self) -> None:
         log_path = os.path.join(self.dir, f"dockerd-{len(self.logs)}.log")
@@ -179,13 +209,14 @@ class Dockerd(Reaped):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pidfile)  # a kill -9 leaves it behind
         command = [
+            *self.backend.prefix,
             DOCKERD,
             "--containerd",
-            grpc_address(self.daemon),
+            self.backend.address,
             "--containerd-namespace",
-            self.daemon.namespace,
+            self.backend.namespace,
             "--containerd-plugins-namespace",
-            self.daemon.namespace + "-plugins",
+            self.backend.namespace + "-plugins",
             "--data-root",
             self.data_root,
             "--exec-root",
@@ -213,7 +244,12 @@ class Dockerd(Reaped):
         def ready() -> bool:
             if reaper.poll() is not None:
                 raise AssertionError(f"dockerd exited: {self.log_text()}")
-            return self.docker("version", timeout=10).returncode == 0
+            argv = [DOCKER, "-H", f"unix://{self.host}", "version"]
+            try:
+                env = dict(os.environ, DOCKER_CONFIG=os.path.join(self.dir, "cli"))
+                return run(argv, timeout=10, env=env).returncode == 0
+            except subprocess.TimeoutExpired:  # restoring its containers, it may answer late
+                return False
 
         self.remember(pid)
         wait_until(ready, timeout=60, interval=0.2, what="dockerd to answer")
@@ -234,9 +270,8 @@ class Dockerd(Reaped):
         the berth-grpc serving its tasks to its log (both on SIGUSR1), for the report."""
         # SIGUSR1 kills a process that does not handle it: only these two programs. A
         # berth-grpc handles it before it records itself as the one serving.
-        pids = {
-            pid for pid in recorded_frontend(self.daemon) if _runs(pid, b"berth.daemon.grpc.main")
-        }
+        frontends = recorded_frontend(self.daemon) if self.daemon is not None else []
+        pids = {pid for pid in frontends if _runs(pid, b"berth.daemon.grpc.main")}
         if _runs(self.pid, DOCKERD.encode()):
             pids.add(self.pid)
         for pid in pids:
@@ -262,7 +297,7 @@ class Dockerd(Reaped):
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: is_gone(self.pid), timeout=20, what="dockerd to stop")
         self.kill_remaining()
-        runtime_root = Path(self.exec_root, "runtime-runc", self.daemon.namespace)
+        runtime_root = Path(self.exec_root, "runtime-runc", self.backend.namespace)
         if runtime_root.is_dir():
             for cid in runtime_root.iterdir():
                 run(["runc", "--root", str(runtime_root), "delete", "--force", cid.name])

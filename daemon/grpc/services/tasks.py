@@ -7,6 +7,7 @@ own rather than holding a slot of the shared one.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -19,7 +20,22 @@ from berth.daemon.grpc.services.base import (
     object_filters,
     unary,
 )
-from berth.shim.wire.errors import FailedPrecondition, NotFound, Unimplemented
+from berth.shim.wire.errors import BerthError, FailedPrecondition, NotFound, Unimplemented
+
+# How berth's shim words a runtime command that ran and failed (shim/runtime.py).
+_RUNTIME_FAILURE = re.compile(r"\S+ (create|start|exec) failed \(exit -?\d+\): (.*)", re.DOTALL)
+
+
+def runtime_failure(exc: FailedPrecondition) -> BerthError:
+    """A runc create, start or exec that failed, as containerd 1.6 answers it: UNKNOWN (its
+    shim's plain error), worded as its runc shim and task service word it; dockerd shows
+    the text and sets 127/126 from it. Any other refusal is kept as it is."""
+    match = _RUNTIME_FAILURE.fullmatch(exc.message)
+    if match is None:
+        return exc
+    verb, reason = match.groups()
+    prefix = "failed to create shim task: " if verb == "create" else ""
+    return BerthError(f"{prefix}OCI runtime {verb} failed: {reason}: unknown")
 
 
 class Tasks(Service):
@@ -62,18 +78,24 @@ class Tasks(Service):
         }
         if request.rootfs:
             params["rootfs"] = capi.mounts_to_wire(request.rootfs)
-        result = await self._call(call, "tasks.create", params)
+        try:
+            result = await self._call(call, "tasks.create", params)
+        except FailedPrecondition as exc:
+            raise runtime_failure(exc) from None
         return capi.types().tasks.CreateTaskResponse(
             container_id=request.container_id, pid=int(result.get("pid") or 0)
         )
 
     @unary
     async def start(self, request: Any, call: Call) -> Any:
-        result = await self._call(
-            call,
-            "tasks.start",
-            {"container_id": request.container_id, "exec_id": request.exec_id or None},
-        )
+        try:
+            result = await self._call(
+                call,
+                "tasks.start",
+                {"container_id": request.container_id, "exec_id": request.exec_id or None},
+            )
+        except FailedPrecondition as exc:
+            raise runtime_failure(exc) from None
         return capi.types().tasks.StartResponse(pid=int(result.get("pid") or 0))
 
     @unary
