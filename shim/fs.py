@@ -274,11 +274,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, *, durable: bool = T
 
 
 def reserve(path: str, size: int = 4096, mode: int = 0o600) -> None:
-    """Preallocate `size` bytes for a later `atomic_write(path, ...)` of at most that size."""
+    """Preallocate `size` bytes for a later `atomic_write(path, ...)` of at most that size.
+
+    No fsync: the space is the file's from the fallocate on, for as long as the machine
+    runs, which is as long as the process it is reserved for can run; the write that
+    later fills it is fsynced (with its directory) before anyone hears of it. The fsync
+    here cost ~0.25 ms (ext4) on every create and exec, before its answer."""
     fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         os.posix_fallocate(fd, 0, size)
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -33,7 +33,6 @@ Errors: `RemoteProtocolError` means the peer broke the rules (answer it and carr
 
 from __future__ import annotations
 
-import re
 import struct
 
 import msgpack
@@ -171,11 +170,15 @@ def sendable_text(text: str) -> str:
         return text
     except UnicodeEncodeError:
         pass
-    text = _NOT_A_BYTE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    # Imported here, for the rare text that needs it: `re` (with enum) was ~2 ms of
+    # every CLI start, which imports this module and nothing else that needs `re`.
+    import re
+
+    text = re.sub(_NOT_A_BYTE, lambda m: f"\\u{ord(m.group()):04x}", text)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-_NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogateescape: DC80-DCFF
+_NOT_A_BYTE = "[\ud800-\udc7f\udd00-\udfff]"  # surrogateescape: DC80-DCFF (re caches it)
 
 
 class ErrorReply(_Event):

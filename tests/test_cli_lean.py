@@ -1,0 +1,195 @@
+"""What an attached `run` or `exec` does not do when it need not: no stdin FIFO (nor its copy
+thread, nor the CloseIO call on a second connection) when the CLI's stdin is /dev/null,
+and the FIFOs on a tmpfs (/dev/shm) rather than under /tmp, unless $TMPDIR says where."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from berth.daemon.cli import io
+from tests.support.helpers import BERTH, Daemon
+
+
+def berth(
+    daemon: Daemon,
+    *args: str,
+    stdin: int | None,
+    data: bytes | None = None,
+    tmpdir: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    env.pop("TMPDIR", None)
+    if tmpdir is not None:
+        env["TMPDIR"] = tmpdir
+    return subprocess.run(
+        [BERTH, *args],
+        stdin=stdin,
+        input=data,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def close_io_calls(daemon: Daemon) -> int:
+    return daemon.log_text().count("tasks.close_io took")
+
+
+@pytest.mark.container
+def test_stdin_of_dev_null_is_an_eof_without_fifo_or_close_io(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    tmpdir = str(tmp_path)
+    run = berth(
+        daemon,
+        "run",
+        "--rm",
+        "--busybox",
+        "lean",
+        "sh",
+        "-c",
+        "cat; echo done",
+        stdin=subprocess.DEVNULL,
+        tmpdir=tmpdir,
+    )
+    assert (run.returncode, run.stdout) == (0, b"done\n"), run.stderr
+    daemon.cli("run", "--busybox", "-d", "box", "sleep", "300", check=True)
+    exec_ = berth(
+        daemon,
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "box",
+        "sh",
+        "-c",
+        "cat; echo done",
+        stdin=subprocess.DEVNULL,
+        tmpdir=tmpdir,
+    )
+    assert (exec_.returncode, exec_.stdout) == (0, b"done\n"), exec_.stderr
+    assert close_io_calls(daemon) == 0
+    assert os.listdir(tmpdir) == []  # the FIFOs' directory went
+
+
+@pytest.mark.container
+def test_stdin_of_a_pipe_still_reaches_the_container_and_ends(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    run = berth(
+        daemon,
+        "run",
+        "--rm",
+        "--busybox",
+        "piped",
+        "sh",
+        "-c",
+        "cat; echo done",
+        stdin=None,
+        data=b"hi\n",
+        tmpdir=str(tmp_path),
+    )
+    assert (run.returncode, run.stdout) == (0, b"hi\ndone\n"), run.stderr
+    daemon.cli("run", "--busybox", "-d", "box", "sleep", "300", check=True)
+    exec_ = berth(
+        daemon,
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "box",
+        "cat",
+        stdin=None,
+        data=b"there\n",
+        tmpdir=str(tmp_path),
+    )
+    assert (exec_.returncode, exec_.stdout) == (0, b"there\n"), exec_.stderr
+    assert close_io_calls(daemon) >= 1  # the run's (its init's stdin is held until then)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_fifos_go_to_tmpdir_else_dev_shm_else_tmp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    path = io._private_dir()
+    assert os.path.dirname(path) == str(tmp_path) and os.stat(path).st_mode & 0o777 == 0o700
+    os.rmdir(path)
+    for unset in ("", None):  # set but empty counts as unset
+        if unset is None:
+            monkeypatch.delenv("TMPDIR")
+        else:
+            monkeypatch.setenv("TMPDIR", unset)
+        path = io._private_dir()
+        try:
+            assert os.path.dirname(path) == (io.SHM if os.access(io.SHM, os.W_OK) else "/tmp")
+        finally:
+            os.rmdir(path)
+    monkeypatch.setattr(io, "SHM", str(tmp_path / "missing"))
+    path = io._private_dir()
+    try:
+        assert os.path.dirname(path) == "/tmp"
+    finally:
+        os.rmdir(path)
+
+
+def test_only_dev_null_spares_the_stdin_fifo(tmp_path: Path) -> None:
+    def wanted(stdin: int, terminal: bool = False) -> bool:
+        saved = os.dup(0)
+        try:
+            os.dup2(stdin, 0)
+            return io.stdin_wanted(terminal)
+        finally:
+            os.dup2(saved, 0)
+            os.close(saved)
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    r, w = os.pipe()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    regular = os.open(empty, os.O_RDONLY)
+    try:
+        assert not wanted(null)
+        assert wanted(null, terminal=True)  # a terminal's stdin is never ended for it
+        assert wanted(r) and wanted(regular)
+    finally:
+        for fd in (null, r, w, regular):
+            os.close(fd)
+
+
+def test_a_copy_thread_joins_with_a_timeout_and_ends() -> None:
+    r, w = os.pipe()
+    thread = io._Thread(os.read, r, 1)
+    assert thread.is_alive()
+    thread.join(0.05)  # nothing to read yet: still running after the timeout
+    assert thread.is_alive()
+    os.write(w, b"x")
+    thread.join(10)
+    assert not thread.is_alive()
+    for fd in (r, w):
+        os.close(fd)
+
+
+def test_run_imports_no_threading() -> None:
+    """`run` (and `tasks exec`, once attached) copy through _thread: threading and the
+    functools it imports were ~2.7 ms of every start."""
+    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", BERTH, "run", "--rm", "--busybox", "c", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert "berth.daemon.cli.io" in imported, result.stderr[-2000:]
+    assert "threading" not in imported
+    # re (with enum) only for an error text that is not UTF-8: shim/wire/protocol.py
+    assert not imported & {"re", "enum", "functools"}, sorted(imported)
