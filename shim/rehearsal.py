@@ -46,7 +46,13 @@ def rehearse(rounds: int = 4, directory: str | None = None) -> None:
         directory = tempfile.mkdtemp(prefix="berth-rehearsal-")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, mode=0o700)
+        try:
+            # mkdir, not makedirs: the parent is berthd's state dir. A zygote that outlived
+            # its daemon (killed, its state dir removed) made it again, with its parents,
+            # and left them behind (the empty `<dir>/state` full test runs left in /tmp).
+            os.mkdir(directory, 0o700)
+        except OSError:
+            return  # no state dir: no daemon to serve, nothing to rehearse for
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *HANDLED_SIGNALS})
     try:
         for k in range(rounds):

@@ -924,3 +924,14 @@ def test_half_utf16_pairs_in_outside_json_read_as_go_reads_them() -> None:
     assert latin1 == {"label": "caf\ufffd", "k\ufffd": 1}
     with pytest.raises(InvalidArgument, match="not valid JSON"):
         load_json(b'{"a": 1}\xff', "doc", max_size=64)
+
+
+def test_a_zygote_whose_state_dir_is_gone_makes_nothing(tmp_path: Path) -> None:
+    """A zygote that outlived its berthd (killed, its state dir removed) made the state dir
+    again, and its parent, to rehearse in, and left both behind: the empty `/tmp/bt-*/state`
+    of full test runs. It rehearses only in a state dir that exists."""
+    from berth.shim.rehearsal import rehearse
+
+    gone = tmp_path / "base"
+    rehearse(rounds=1, directory=str(gone / "state" / "zygote"))
+    assert not gone.exists()
