@@ -417,20 +417,17 @@ class Store:
     def get_namespace(self, name: str) -> dict[str, Any]:
         validate(name, "namespace")
         row = self._db.execute(
-            "SELECT name, labels, created_at, updated_at FROM namespaces WHERE name = ?", (name,)
+            f"SELECT {_NAMESPACE_COLUMNS} FROM namespaces WHERE name = ?", (name,)
         ).fetchone()
         if row is None:
             raise NotFound(f"namespace {name} not found")
-        return {
-            "name": row[0],
-            "labels": json.loads(row[1]),
-            "created_at": row[2],
-            "updated_at": row[3],
-        }
+        return _namespace(row)
 
     def list_namespaces(self) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT name FROM namespaces ORDER BY name").fetchall()
-        return [self.get_namespace(r[0]) for r in rows]
+        rows = self._db.execute(
+            f"SELECT {_NAMESPACE_COLUMNS} FROM namespaces ORDER BY name"
+        ).fetchall()
+        return [_namespace(r) for r in rows]
 
     def update_namespace(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
         self.get_namespace(name)
@@ -500,9 +497,7 @@ class Store:
         validate(namespace, "namespace")
         validate(container_id, "container id")
         row = self._db.execute(
-            "SELECT namespace, id, labels, image, runtime, runtime_options, spec, snapshotter, "
-            "snapshot_key, extensions, created_at, updated_at FROM containers "
-            "WHERE namespace = ? AND id = ?",
+            f"SELECT {_CONTAINER_COLUMNS} FROM containers WHERE namespace = ? AND id = ?",
             (namespace, container_id),
         ).fetchone()
         if row is None:
@@ -512,9 +507,7 @@ class Store:
     def list_containers(self, namespace: str) -> list[Container]:
         validate(namespace, "namespace")
         rows = self._db.execute(
-            "SELECT namespace, id, labels, image, runtime, runtime_options, spec, snapshotter, "
-            "snapshot_key, extensions, created_at, updated_at FROM containers "
-            "WHERE namespace = ? ORDER BY id",
+            f"SELECT {_CONTAINER_COLUMNS} FROM containers WHERE namespace = ? ORDER BY id",
             (namespace,),
         ).fetchall()
         return [_container(r) for r in rows]
@@ -580,25 +573,19 @@ class Store:
 
     def get_content(self, namespace: str, digest: str) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT digest, size, labels, created_at, updated_at FROM content "
-            "WHERE namespace = ? AND digest = ?",
+            f"SELECT {_CONTENT_COLUMNS} FROM content WHERE namespace = ? AND digest = ?",
             (namespace, digest),
         ).fetchone()
         if row is None:
             raise NotFound(f"content {digest} not found")
-        return {
-            "digest": row[0],
-            "size": row[1],
-            "labels": json.loads(row[2]),
-            "created_at": row[3],
-            "updated_at": row[4],
-        }
+        return _content(row)
 
     def list_content(self, namespace: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT digest FROM content WHERE namespace = ? ORDER BY digest", (namespace,)
+            f"SELECT {_CONTENT_COLUMNS} FROM content WHERE namespace = ? ORDER BY digest",
+            (namespace,),
         ).fetchall()
-        return [self.get_content(namespace, r[0]) for r in rows]
+        return [_content(r) for r in rows]
 
     def update_content(self, namespace: str, digest: str, labels: dict[str, str]) -> dict[str, Any]:
         self.get_content(namespace, digest)
@@ -677,25 +664,19 @@ class Store:
 
     def get_image(self, namespace: str, name: str) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT name, media_type, digest, size, labels, created_at, updated_at FROM images "
-            "WHERE namespace = ? AND name = ?",
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE namespace = ? AND name = ?",
             (namespace, name),
         ).fetchone()
         if row is None:
             raise NotFound(f"image {name} not found")
-        return {
-            "name": row[0],
-            "target": {"media_type": row[1], "digest": row[2], "size": row[3]},
-            "labels": json.loads(row[4]),
-            "created_at": row[5],
-            "updated_at": row[6],
-        }
+        return _image(row)
 
     def list_images(self, namespace: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT name FROM images WHERE namespace = ? ORDER BY name", (namespace,)
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE namespace = ? ORDER BY name",
+            (namespace,),
         ).fetchall()
-        return [self.get_image(namespace, r[0]) for r in rows]
+        return [_image(r) for r in rows]
 
     def delete_image(self, namespace: str, name: str) -> None:
         if not self._db.execute(
@@ -704,8 +685,8 @@ class Store:
             raise NotFound(f"image {name} not found")
 
     def all_images(self) -> list[tuple[str, dict[str, Any]]]:
-        rows = self._db.execute("SELECT namespace, name FROM images").fetchall()
-        return [(r[0], self.get_image(r[0], r[1])) for r in rows]
+        rows = self._db.execute(f"SELECT namespace, {_IMAGE_COLUMNS} FROM images").fetchall()
+        return [(r[0], _image(r[1:])) for r in rows]
 
     # -- leases
 
@@ -726,23 +707,18 @@ class Store:
 
     def get_lease(self, namespace: str, lease_id: str) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT id, labels, created_at, expires_at FROM leases WHERE namespace = ? AND id = ?",
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE namespace = ? AND id = ?",
             (namespace, lease_id),
         ).fetchone()
         if row is None:
             raise NotFound(f"lease {lease_id} not found")
-        return {
-            "id": row[0],
-            "labels": json.loads(row[1]),
-            "created_at": row[2],
-            "expires_at": row[3],
-        }
+        return _lease(row)
 
     def list_leases(self, namespace: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT id FROM leases WHERE namespace = ? ORDER BY id", (namespace,)
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE namespace = ? ORDER BY id", (namespace,)
         ).fetchall()
-        return [self.get_lease(namespace, r[0]) for r in rows]
+        return [_lease(r) for r in rows]
 
     def delete_lease(self, namespace: str, lease_id: str) -> None:
         with self._db.transaction() as db:
@@ -808,8 +784,8 @@ class Store:
         ]
 
     def all_containers(self) -> list[Container]:
-        rows = self._db.execute("SELECT namespace, id FROM containers").fetchall()
-        return [self.get_container(r[0], r[1]) for r in rows]
+        rows = self._db.execute(f"SELECT {_CONTAINER_COLUMNS} FROM containers").fetchall()
+        return [_container(r) for r in rows]
 
     def container_images(self) -> dict[tuple[str, str], str]:
         """(namespace, id) -> image of every container, in one query (berthd's metrics)."""
@@ -831,6 +807,53 @@ def validate_image_name(name: object) -> str:
             f"invalid image name: a non-empty string of at most {MAX_IMAGE_NAME}, no spaces"
         )
     return name
+
+
+# Each kind of record is read by one SELECT of these columns, a listing too: a listing
+# that selected the keys and then read each record apart raced with a collection (in a
+# worker thread) deleting one in between, and failed NOT_FOUND for a record it had just
+# listed (content.list during a background GC, found by a full test run).
+_NAMESPACE_COLUMNS = "name, labels, created_at, updated_at"
+_CONTENT_COLUMNS = "digest, size, labels, created_at, updated_at"
+_IMAGE_COLUMNS = "name, media_type, digest, size, labels, created_at, updated_at"
+_LEASE_COLUMNS = "id, labels, created_at, expires_at"
+_CONTAINER_COLUMNS = (
+    "namespace, id, labels, image, runtime, runtime_options, spec, snapshotter, snapshot_key, "
+    "extensions, created_at, updated_at"
+)
+
+
+def _namespace(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "name": row[0],
+        "labels": json.loads(row[1]),
+        "created_at": row[2],
+        "updated_at": row[3],
+    }
+
+
+def _content(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "digest": row[0],
+        "size": row[1],
+        "labels": json.loads(row[2]),
+        "created_at": row[3],
+        "updated_at": row[4],
+    }
+
+
+def _image(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "name": row[0],
+        "target": {"media_type": row[1], "digest": row[2], "size": row[3]},
+        "labels": json.loads(row[4]),
+        "created_at": row[5],
+        "updated_at": row[6],
+    }
+
+
+def _lease(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {"id": row[0], "labels": json.loads(row[1]), "created_at": row[2], "expires_at": row[3]}
 
 
 def _container(row: tuple[Any, ...]) -> Container:

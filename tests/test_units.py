@@ -935,3 +935,37 @@ def test_a_zygote_whose_state_dir_is_gone_makes_nothing(tmp_path: Path) -> None:
     gone = tmp_path / "base"
     rehearse(rounds=1, directory=str(gone / "state" / "zygote"))
     assert not gone.exists()
+
+
+def test_a_listing_never_fails_on_a_record_deleted_while_it_lists(tmp_path: Path) -> None:
+    """A listing selected the keys, then read each record apart: a collection deleting one
+    in between (GC runs in a worker thread) made content.list fail NOT_FOUND for a record
+    it had just listed (seen in a full test run). Each listing is one query now: it sees
+    a record whole or not at all."""
+    import threading
+
+    store = Store(str(tmp_path / "meta.db"))
+    digests = [f"sha256:{i:064x}" for i in range(40)]
+    for digest in digests:
+        store.add_content("ns", digest, 1)
+        store.create_lease("ns", digest[-12:], None)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            for digest in digests[::3]:
+                store.delete_content("ns", digest)
+                store.add_content("ns", digest, 1)
+                store.delete_lease("ns", digest[-12:])
+                store.create_lease("ns", digest[-12:], None)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(300):
+            assert len(store.list_content("ns")) >= len(digests) - len(digests[::3])
+            assert len(store.list_leases("ns")) >= len(digests) - len(digests[::3])
+    finally:
+        stop.set()
+        thread.join()
+        store.close()
