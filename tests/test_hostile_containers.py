@@ -50,7 +50,13 @@ def test_a_reader_that_pauses_and_then_dies_no_longer_holds_the_container(daemon
     the container back (backpressure), and once it is killed the container is no longer
     held: its output is dropped past the shim's buffer, it runs to its end, and its exit
     status is reported."""
-    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    # The CLI is killed: its FIFO directory (under TMPDIR) goes with the daemon's dir.
+    env = dict(
+        os.environ,
+        BERTH_ADDRESS=daemon.address,
+        BERTH_NAMESPACE=daemon.namespace,
+        TMPDIR=daemon.dir,
+    )
     cli = subprocess.Popen(
         [BERTH, "run", "--busybox", "held", "sh", "-c", "seq 1 5000000; exit 3"],  # 38 MB
         stdout=subprocess.PIPE,  # never read: the CLI blocks on it, and reads no more
