@@ -19,7 +19,12 @@ from typing import Any
 
 from berth.shim.loop import Loop
 from berth.shim.reaper import Reaper, log_debug
-from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
+from berth.shim.wire.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    runtime_failure_message,
+)
 
 MAX_CAPTURE = 16 * 1024 * 1024
 
@@ -140,8 +145,12 @@ class Runtime:
                     or result.stderr.decode(errors="replace").strip()
                 )
                 raise RuntimeCommandError(
-                    f"{os.path.basename(self.config.binary)} {command[0]} failed "
-                    f"(exit {code}): {reason or 'no message'}"
+                    runtime_failure_message(
+                        os.path.basename(self.config.binary),
+                        command[0],
+                        code,
+                        reason or "no message",
+                    )
                 )
             return result
         finally:

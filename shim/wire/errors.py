@@ -40,6 +40,22 @@ class FailedPrecondition(BerthError):
     code = "failed_precondition"
 
 
+def runtime_failure_message(runtime: str, command: str, code: int, reason: str) -> str:
+    """How a shim words a runtime command that ran and failed; `runtime_failure_parts`
+    reads it back (berth-grpc words it as containerd does). One format, kept here."""
+    return f"{runtime} {command} failed (exit {code}): {reason}"
+
+
+def runtime_failure_parts(message: str) -> tuple[str, str] | None:
+    """(command, the runtime's reason) of a `runtime_failure_message`, else None."""
+    head, sep, reason = message.partition(" failed (exit ")
+    runtime, _, command = head.rpartition(" ")
+    code, colon, reason = reason.partition("): ")
+    if not (sep and colon and runtime and command) or not code.lstrip("-").isdigit():
+        return None
+    return command, reason
+
+
 class Unavailable(BerthError):
     code = "unavailable"
 

@@ -7,7 +7,6 @@ own rather than holding a slot of the shared one.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from typing import Any
 
@@ -20,20 +19,23 @@ from berth.daemon.grpc.services.base import (
     object_filters,
     unary,
 )
-from berth.shim.wire.errors import BerthError, FailedPrecondition, NotFound, Unimplemented
-
-# How berth's shim words a runtime command that ran and failed (shim/runtime.py).
-_RUNTIME_FAILURE = re.compile(r"\S+ (create|start|exec) failed \(exit -?\d+\): (.*)", re.DOTALL)
+from berth.shim.wire.errors import (
+    BerthError,
+    FailedPrecondition,
+    NotFound,
+    Unimplemented,
+    runtime_failure_parts,
+)
 
 
 def runtime_failure(exc: FailedPrecondition) -> BerthError:
     """A runc create, start or exec that failed, as containerd 1.6 answers it: UNKNOWN (its
     shim's plain error), worded as its runc shim and task service word it; dockerd shows
     the text and sets 127/126 from it. Any other refusal is kept as it is."""
-    match = _RUNTIME_FAILURE.fullmatch(exc.message)
-    if match is None:
+    parts = runtime_failure_parts(exc.message)
+    if parts is None or parts[0] not in ("create", "start", "exec"):
         return exc
-    verb, reason = match.groups()
+    verb, reason = parts
     prefix = "failed to create shim task: " if verb == "create" else ""
     return BerthError(f"{prefix}OCI runtime {verb} failed: {reason}: unknown")
 
