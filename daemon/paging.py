@@ -13,7 +13,7 @@ pages may or may not appear, as with any cursor over live data; none appears twi
 
 from __future__ import annotations
 
-import msgpack
+from berth.shim.wire.protocol import encode  # msgpack, loaded on use: the CLI imports this
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the CLI pays for it
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def paged(field: str, items: list[dict[str, Any]], key: str, page: Any) -> Any:
         name = str(item.get(key, ""))
         if after is not None and name <= after:
             continue
-        cost = len(msgpack.packb(item, use_bin_type=True))
+        cost = len(encode(item))
         if out and size + cost > PAGE_BYTES:
             return {field: out, "next": str(out[-1].get(key, ""))}
         out.append(item)

@@ -193,3 +193,53 @@ def test_run_imports_no_threading() -> None:
     assert "threading" not in imported
     # re (with enum) only for an error text that is not UTF-8: shim/wire/protocol.py
     assert not imported & {"re", "enum", "functools"}, sorted(imported)
+
+
+@pytest.mark.parametrize("verb", [["version"], ["run", "--rm", "--busybox", "c", "true"]])
+def test_the_cli_speaks_without_the_msgpack_package(verb: list[str]) -> None:
+    """The CLI encodes its frames with shim/wire/packing.py: msgpack's package, with the
+    datetime and collections it imports, was ~5 ms of every start (measured). The verb
+    gets as far as connecting, so the wire modules are loaded."""
+    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", BERTH, *verb],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert {"berth.shim.wire.protocol", "berth.shim.wire.packing"} <= imported, result.stderr
+    assert "cannot connect" in result.stderr
+    assert not imported & {"msgpack", "datetime", "collections"}, sorted(imported)
+
+
+@pytest.mark.container
+def test_the_fast_exit_flushes_what_was_printed_and_reports_a_failed_write(
+    daemon: Daemon,
+) -> None:
+    """The CLI leaves with os._exit (no interpreter teardown): what it printed still
+    arrives whole, through a pipe and into a file, and a write that fails at the flush (a
+    reader gone) is exit 1, not 0."""
+    for i in range(40):
+        daemon.cli("containers", "create", "--busybox", f"flush-{i:02d}", "true", check=True)
+    listing = berth(daemon, "containers", "ls", "-q", stdin=subprocess.DEVNULL)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.decode().split() == [f"flush-{i:02d}" for i in range(40)]
+    version = berth(daemon, "version", stdin=subprocess.DEVNULL)
+    assert version.returncode == 0 and b"Server" in version.stdout, version
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the flush at exit gets EPIPE
+    env = dict(os.environ, BERTH_ADDRESS=daemon.address, BERTH_NAMESPACE=daemon.namespace)
+    closed = subprocess.run(
+        [BERTH, "containers", "ls", "-q"],
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    os.close(write_end)
+    assert closed.returncode == 1, closed.stderr

@@ -15,7 +15,7 @@ import sys
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (`berth --help` never does)
 if TYPE_CHECKING:
     import argparse
-    from typing import Protocol
+    from typing import NoReturn, Protocol
 
     from berth.daemon.cli.session import Session
     from berth.daemon.cli.subverbs import Arguments
@@ -298,5 +298,21 @@ def main(argv: list[str] | None = None) -> int:
         session.close()
 
 
+def entry() -> NoReturn:
+    """The `berth` command: main(), then an exit without the interpreter's finalization
+    (tearing down every module and object it made: ~3-4 ms of each call, measured on
+    2 vCPUs, where the whole of `berth version` is ~17 ms). Nothing of the CLI needs it:
+    no atexit handler, no finalizer; the verbs close their own files and FIFO directories,
+    and what they printed is flushed here. A flush that fails (a closed pipe) is an error,
+    as Python's own exit would make it."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

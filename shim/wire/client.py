@@ -16,6 +16,7 @@ from berth.shim.wire.errors import (
 )
 from berth.shim.wire.protocol import (
     DEFAULT_MAX_FRAME,
+    LEAN,
     Cancel,
     Connection,
     ConnectionClosed,
@@ -148,7 +149,9 @@ class Client:
             raise Unavailable(f"cannot connect to {path}: {exc.strerror}") from None
         except OSError as exc:
             raise Unavailable(f"cannot connect to {path}: {exc}") from None
-        self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
+        self._conn = Connection(
+            Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size, codec=LEAN
+        )
         try:
             self._send(Hello())
             event = self._next(time.monotonic() + timeout, "the handshake")
