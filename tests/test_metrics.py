@@ -397,6 +397,22 @@ def test_cgroup_files_v1_and_v2_are_read(tmp_path: Path) -> None:
 # --- berthd -----------------------------------------------------------------------------
 
 
+def test_a_stat_line_is_found_by_its_whole_key() -> None:
+    """_field finds `key value` lines by the whole key: not a longer key it begins
+    (oom_kill_disable), nor one that ends with it (total_rss for rss); the first line,
+    the last without its newline, and a value that is not a number (None) too."""
+    text = "oom_kill_disable 1\nunder_oom 0\ntotal_rss 7\nrss 5\noom_kill 3"
+    assert metrics._field(text, "oom_kill") == 3
+    assert metrics._field(text, "oom_kill_disable") == 1
+    assert metrics._field(text, "rss") == 5
+    assert metrics._field(text, "total_rss") == 7
+    assert metrics._field(text, "kill") is None
+    assert metrics._field("user x\nsystem 2\n", "user") is None
+    assert metrics._field(None, "user") is None
+    assert metrics._count("under_oom 0\n", "oom_kill") == 0  # an older kernel: no such line
+    assert metrics._count(None, "oom_kill") is None
+
+
 def test_cgroup_files_stay_open_between_scrapes(tmp_path: Path) -> None:
     """OpenFiles: a file is read afresh from offset 0 through the descriptor it keeps,
     within its budget; what a scrape did not read is closed after it."""
