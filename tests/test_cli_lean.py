@@ -243,3 +243,19 @@ def test_the_fast_exit_flushes_what_was_printed_and_reports_a_failed_write(
     )
     os.close(write_end)
     assert closed.returncode == 1, closed.stderr
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&- >/dev/null", "<&- >/dev/null"])
+def test_the_fast_exit_takes_a_closed_standard_descriptor(closed: str) -> None:
+    """Started with stdout, stderr or stdin closed (Python then has no sys.stdout or
+    sys.stderr at all), a verb that succeeds still exits 0."""
+    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
+    result = subprocess.run(
+        ["sh", "-c", f'exec "$0" completion bash {closed}', BERTH],
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr

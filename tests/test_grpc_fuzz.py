@@ -590,3 +590,7 @@ def test_malformed_headers_are_found_per_request() -> None:
     ):
         assert malformed_headers([*good, bad]) is not None, bad
     assert malformed_headers([(b"a", b"b"), (b":path", b"/x/Y")]) is not None
+    # Every byte of a value: only the controls but the tab, and DEL, are refused.
+    for byte in range(256):
+        refused = malformed_headers([*good, (b"x", b"a" + bytes([byte]) + b"b")]) is not None
+        assert refused == ((byte < 0x20 and byte != 0x09) or byte == 0x7F), byte

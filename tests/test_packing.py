@@ -150,6 +150,26 @@ def test_values_msgpack_cannot_carry_are_refused(value: Any) -> None:
         packing.pack(value)
 
 
+@pytest.mark.parametrize("depth", [1023, 1024, 1025, 1026])
+@pytest.mark.parametrize("innermost", [1, [], {}])
+def test_deep_values_pack_or_are_refused_where_msgpack_does(depth: int, innermost: Any) -> None:
+    """The CLI must be able to send what msgpack can: berthd, not the client, refuses a
+    request nested too deep, with an error that says so (tests/test_hostile.py)."""
+    for wrap in (lambda v: [v], lambda v: {"k": v}):
+        value = innermost
+        for _ in range(depth):
+            value = wrap(value)
+        try:
+            expected: bytes | None = reference_pack(value)
+        except ValueError:
+            expected = None
+        if expected is None:
+            with pytest.raises(ValueError, match="recursion limit"):
+                packing.pack(value)
+        else:
+            assert packing.pack(value) == expected
+
+
 def test_a_lone_surrogate_is_refused_like_msgpack() -> None:
     with pytest.raises(UnicodeEncodeError):
         packing.pack("\ud800")

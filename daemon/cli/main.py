@@ -307,6 +307,8 @@ def entry() -> NoReturn:
     as Python's own exit would make it."""
     code = main()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed: nothing was printed to it
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

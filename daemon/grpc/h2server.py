@@ -200,6 +200,10 @@ def parse_timeout(value: str) -> float | None:
 _PSEUDO_HEADERS = {b":method", b":scheme", b":authority", b":path"}
 _NAME_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 _CONNECTION_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"upgrade"}
+# A header value's forbidden bytes: the controls but the tab, and DEL. Checked by deleting
+# them (bytes.translate, in C): a generator over each byte was half of a call's header
+# handling (~200 bytes of headers a call, profiled).
+_CONTROL_BYTES = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
 
 
 def malformed_headers(headers: Any) -> str | None:
@@ -221,7 +225,7 @@ def malformed_headers(headers: Any) -> str | None:
                 return f"header name {name!r} is not a lowercase token"
             if name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
                 return f"connection-specific header {name!r}"
-        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+        if len(value.translate(None, _CONTROL_BYTES)) != len(value):
             return f"header {name!r}: a control character in its value"
     return None
 

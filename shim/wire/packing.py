@@ -47,63 +47,75 @@ def pack(obj: Any) -> bytes:
     """The msgpack encoding of `obj`, as `msgpack.packb(obj, use_bin_type=True)` makes it.
 
     TypeError for a value msgpack cannot carry, OverflowError for an integer outside
-    int64/uint64, ValueError for a container nested deeper than MAX_DEPTH (msgpack's own
-    recursion limit is smaller: its packer refuses at 512)."""
+    int64/uint64, ValueError for a value nested more than MAX_DEPTH levels deep (msgpack's
+    own packer refuses there too, since 1.1; berthd refuses a request nested over 64, and
+    says so: the client must be able to send it). Iterative, so no depth reaches
+    Python's recursion limit."""
     out: list[bytes] = []
-    _pack_into(obj, out.append, 0)
+    put = out.append
+    # What is still to be packed, innermost last: an iterator over each open container.
+    pending: list[Any] = [iter((obj,))]
+    while pending:
+        for item in pending[-1]:
+            if isinstance(item, (list, tuple)):
+                put(_header(len(item), 0x90, b"\xdc", b"\xdd"))
+                children: Any = iter(item)
+            elif isinstance(item, dict):
+                put(_header(len(item), 0x80, b"\xde", b"\xdf"))
+                children = _flattened(item)
+            else:
+                put(_pack_scalar(item))
+                continue
+            if item:
+                if len(pending) > MAX_DEPTH:  # its items would be one level too deep
+                    raise ValueError("recursion limit exceeded")
+                pending.append(children)
+                break  # pack the container's items, then come back to this one's
+        else:
+            pending.pop()
     return b"".join(out)
 
 
-def _pack_into(obj: Any, put: Any, depth: int) -> None:  # noqa: C901 - one branch per type
-    if depth > 511:
-        raise ValueError("recursion limit exceeded")
+def _flattened(mapping: dict[Any, Any]) -> Any:
+    for key, value in mapping.items():
+        yield key
+        yield value
+
+
+def _pack_scalar(obj: Any) -> bytes:
     if obj is None:
-        put(b"\xc0")
-    elif obj is True:
-        put(b"\xc3")
-    elif obj is False:
-        put(b"\xc2")
-    elif isinstance(obj, int):
-        put(_pack_int(obj))
-    elif isinstance(obj, str):
+        return b"\xc0"
+    if obj is True:
+        return b"\xc3"
+    if obj is False:
+        return b"\xc2"
+    if isinstance(obj, int):
+        return _pack_int(obj)
+    if isinstance(obj, str):
         data = obj.encode("utf-8")
         n = len(data)
         if n < 32:
-            put(bytes((0xA0 | n,)))
-        elif n < 0x100:
-            put(b"\xd9" + _U8.pack(n))
-        elif n < 0x10000:
-            put(b"\xda" + _U16.pack(n))
-        elif n < 0x100000000:
-            put(b"\xdb" + _U32.pack(n))
-        else:
-            raise ValueError("str is too large")
-        put(data)
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
+            return bytes((0xA0 | n,)) + data
+        if n < 0x100:
+            return b"\xd9" + _U8.pack(n) + data
+        if n < 0x10000:
+            return b"\xda" + _U16.pack(n) + data
+        if n < 0x100000000:
+            return b"\xdb" + _U32.pack(n) + data
+        raise ValueError("str is too large")
+    if isinstance(obj, (bytes, bytearray, memoryview)):
         data = bytes(obj)
         n = len(data)
         if n < 0x100:
-            put(b"\xc4" + _U8.pack(n))
-        elif n < 0x10000:
-            put(b"\xc5" + _U16.pack(n))
-        elif n < 0x100000000:
-            put(b"\xc6" + _U32.pack(n))
-        else:
-            raise ValueError("bytes object is too large")
-        put(data)
-    elif isinstance(obj, float):
-        put(b"\xcb" + _F64.pack(obj))
-    elif isinstance(obj, (list, tuple)):
-        put(_header(len(obj), 0x90, b"\xdc", b"\xdd"))
-        for item in obj:
-            _pack_into(item, put, depth + 1)
-    elif isinstance(obj, dict):
-        put(_header(len(obj), 0x80, b"\xde", b"\xdf"))
-        for key, value in obj.items():
-            _pack_into(key, put, depth + 1)
-            _pack_into(value, put, depth + 1)
-    else:
-        raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+            return b"\xc4" + _U8.pack(n) + data
+        if n < 0x10000:
+            return b"\xc5" + _U16.pack(n) + data
+        if n < 0x100000000:
+            return b"\xc6" + _U32.pack(n) + data
+        raise ValueError("bytes object is too large")
+    if isinstance(obj, float):
+        return b"\xcb" + _F64.pack(obj)
+    raise TypeError(f"can not serialize {type(obj).__name__!r} object")
 
 
 def _pack_int(n: int) -> bytes:
