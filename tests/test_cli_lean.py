@@ -176,20 +176,30 @@ def test_a_copy_thread_joins_with_a_timeout_and_ends() -> None:
         os.close(fd)
 
 
-def test_run_imports_no_threading() -> None:
-    """`run` (and `tasks exec`, once attached) copy through _thread: threading and the
-    functools it imports were ~2.7 ms of every start."""
-    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
+NO_DAEMON_ENV = dict(
+    os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default"
+)
+
+
+def imports_of(*verb: str) -> tuple[set[str], str]:
+    """The modules a CLI call imports (-X importtime), with no daemon to reach: the verb
+    gets as far as connecting, so the wire modules are loaded. Also its stderr."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", BERTH, "run", "--rm", "--busybox", "c", "true"],
+        [sys.executable, "-X", "importtime", BERTH, *verb],
         capture_output=True,
         text=True,
-        env=env,
+        env=NO_DAEMON_ENV,
         timeout=60,
         check=False,
     )
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
-    assert "berth.daemon.cli.io" in imported, result.stderr[-2000:]
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines()}, result.stderr
+
+
+def test_run_imports_no_threading() -> None:
+    """`run` (and `tasks exec`, once attached) copy through _thread: threading and the
+    functools it imports were ~2.7 ms of every start."""
+    imported, stderr = imports_of("run", "--rm", "--busybox", "c", "true")
+    assert "berth.daemon.cli.io" in imported, stderr[-2000:]
     assert "threading" not in imported
     # re (with enum) only for an error text that is not UTF-8: shim/wire/protocol.py
     assert not imported & {"re", "enum", "functools"}, sorted(imported)
@@ -198,20 +208,10 @@ def test_run_imports_no_threading() -> None:
 @pytest.mark.parametrize("verb", [["version"], ["run", "--rm", "--busybox", "c", "true"]])
 def test_the_cli_speaks_without_the_msgpack_package(verb: list[str]) -> None:
     """The CLI encodes its frames with shim/wire/packing.py: msgpack's package, with the
-    datetime and collections it imports, was ~5 ms of every start (measured). The verb
-    gets as far as connecting, so the wire modules are loaded."""
-    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", BERTH, *verb],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
-    assert {"berth.shim.wire.protocol", "berth.shim.wire.packing"} <= imported, result.stderr
-    assert "cannot connect" in result.stderr
+    datetime and collections it imports, was ~5 ms of every start (measured)."""
+    imported, stderr = imports_of(*verb)
+    assert {"berth.shim.wire.protocol", "berth.shim.wire.packing"} <= imported, stderr
+    assert "cannot connect" in stderr
     assert not imported & {"msgpack", "datetime", "collections"}, sorted(imported)
 
 
@@ -220,8 +220,8 @@ def test_the_fast_exit_flushes_what_was_printed_and_reports_a_failed_write(
     daemon: Daemon,
 ) -> None:
     """The CLI leaves with os._exit (no interpreter teardown): what it printed still
-    arrives whole, through a pipe and into a file, and a write that fails at the flush (a
-    reader gone) is exit 1, not 0."""
+    arrives whole through a pipe, and a write that fails at the flush (a reader gone) is
+    exit 1, not 0."""
     for i in range(40):
         daemon.cli("containers", "create", "--busybox", f"flush-{i:02d}", "true", check=True)
     listing = berth(daemon, "containers", "ls", "-q", stdin=subprocess.DEVNULL)
@@ -249,11 +249,10 @@ def test_the_fast_exit_flushes_what_was_printed_and_reports_a_failed_write(
 def test_the_fast_exit_takes_a_closed_standard_descriptor(closed: str) -> None:
     """Started with stdout, stderr or stdin closed (Python then has no sys.stdout or
     sys.stderr at all), a verb that succeeds still exits 0."""
-    env = dict(os.environ, BERTH_ADDRESS="/nonexistent/berthd.sock", BERTH_NAMESPACE="default")
     result = subprocess.run(
         ["sh", "-c", f'exec "$0" completion bash {closed}', BERTH],
         stderr=subprocess.PIPE,
-        env=env,
+        env=NO_DAEMON_ENV,
         timeout=60,
         check=False,
     )

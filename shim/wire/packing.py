@@ -93,29 +93,26 @@ def _pack_scalar(obj: Any) -> bytes:
         return _pack_int(obj)
     if isinstance(obj, str):
         data = obj.encode("utf-8")
-        n = len(data)
-        if n < 32:
-            return bytes((0xA0 | n,)) + data
-        if n < 0x100:
-            return b"\xd9" + _U8.pack(n) + data
-        if n < 0x10000:
-            return b"\xda" + _U16.pack(n) + data
-        if n < 0x100000000:
-            return b"\xdb" + _U32.pack(n) + data
-        raise ValueError("str is too large")
+        if len(data) < 32:
+            return bytes((0xA0 | len(data),)) + data
+        return _length_prefixed(data, b"\xd9", b"\xda", b"\xdb", "str")
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        data = bytes(obj)
-        n = len(data)
-        if n < 0x100:
-            return b"\xc4" + _U8.pack(n) + data
-        if n < 0x10000:
-            return b"\xc5" + _U16.pack(n) + data
-        if n < 0x100000000:
-            return b"\xc6" + _U32.pack(n) + data
-        raise ValueError("bytes object is too large")
+        return _length_prefixed(bytes(obj), b"\xc4", b"\xc5", b"\xc6", "bytes object")
     if isinstance(obj, float):
         return b"\xcb" + _F64.pack(obj)
     raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+
+
+def _length_prefixed(data: bytes, u8: bytes, u16: bytes, u32: bytes, what: str) -> bytes:
+    """str 8/16/32 or bin 8/16/32: the smallest length field that holds len(data)."""
+    n = len(data)
+    if n < 0x100:
+        return u8 + _U8.pack(n) + data
+    if n < 0x10000:
+        return u16 + _U16.pack(n) + data
+    if n < 0x100000000:
+        return u32 + _U32.pack(n) + data
+    raise ValueError(f"{what} is too large")
 
 
 def _pack_int(n: int) -> bytes:

@@ -262,14 +262,20 @@ def decode(data: bytes) -> Any:
 
 class Codec:
     """How a frame's body becomes bytes and back. Both read and write the same format;
-    they differ in what they cost to load and to run."""
+    they differ in what they cost to load and to run. `load`, if any, readies the codec
+    when a connection is made, not in the middle of its first frame."""
 
-    __slots__ = ("decode", "encode", "name")
+    __slots__ = ("decode", "encode", "load")
 
-    def __init__(self, name: str, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]):
-        self.name = name
+    def __init__(
+        self,
+        encode: Callable[[Any], bytes],
+        decode: Callable[[bytes], Any],
+        load: Callable[[], object] | None = None,
+    ) -> None:
         self.encode = encode
         self.decode = decode
+        self.load = load
 
 
 # Frames of this size or more the CLI decodes with the C package after all: pure Python reads
@@ -283,9 +289,9 @@ def _lean_decode(data: bytes) -> Any:
 
 
 # berthd, the shim and the zygote: the C package, loaded once, fast on large frames.
-MSGPACK: Final = Codec("msgpack", encode, decode)
+MSGPACK: Final = Codec(encode, decode, load=lambda: _msgpack or _load_msgpack())
 # The CLI: small frames need nothing loaded beyond one small module (packing.py says why).
-LEAN: Final = Codec("lean", packing.pack, _lean_decode)
+LEAN: Final = Codec(packing.pack, _lean_decode)
 
 
 def nesting_exceeds(value: Any, limit: int) -> bool:
@@ -334,8 +340,8 @@ class Connection:
     ) -> None:
         if max_frame_size < 64:
             raise ValueError("max_frame_size too small")
-        if codec is MSGPACK and _msgpack is None:
-            _load_msgpack()  # now, not in the middle of the first frame
+        if codec.load is not None:
+            codec.load()
         self.role = role
         self._encode = codec.encode
         self._decode = codec.decode
