@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class RpcClient:
         label: str = "",
     ) -> None:
         self._stream = stream
+        self._fd = socket_fd(stream)  # read and written directly: receive, send_now
         self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -118,18 +120,17 @@ class RpcClient:
             raise Unavailable(f"{self.label}: unexpected handshake answer {event!r}")
 
     async def _write(self, data: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise Unavailable(f"{self.label}: connection lost: {exc}") from None
+        try:
+            await send_now(self._stream, self._fd, self._send_lock, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise Unavailable(f"{self.label}: connection lost: {exc}") from None
 
     async def run(self) -> None:
         """Read replies until the connection ends."""
         try:
             while True:
                 try:
-                    data = await self._stream.receive_some(RECV_SIZE)
+                    data = await receive(self._stream, self._fd)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.close_reason = str(exc) or "connection reset"
                     return
@@ -252,6 +253,62 @@ class RpcClient:
             await self._stream.aclose()
 
 
+def socket_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of a socket stream, which `receive` and `send_now` use directly;
+    None for any other stream (they then go through the stream's own methods)."""
+    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+
+
+async def receive(stream: trio.abc.Stream, fd: int | None) -> bytes | bytearray:
+    """The next bytes of `stream`, with one trip through trio's scheduler: the wait for
+    the socket to be readable. trio's receive_some makes a second one after its read;
+    measured, trio's scheduling was most of berthd's CPU for a small call (two trips
+    fewer a call: 290-450 -> 180-230 us). Bytes already waiting are read at once, then
+    the task yields (shielded: what was read is returned), so a peer that floods the
+    socket still shares the loop. Only the one task that reads a stream may call this."""
+    if fd is None:
+        return await stream.receive_some(RECV_SIZE)
+    await trio.lowlevel.checkpoint_if_cancelled()  # never after a read: no byte is dropped
+    try:
+        data = os.read(fd, RECV_SIZE)
+    except BlockingIOError:
+        pass
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, RECV_SIZE)
+        except BlockingIOError:  # a spurious wakeup: wait again
+            continue
+
+
+async def send_now(stream: trio.abc.Stream, fd: int | None, lock: trio.Lock, data: bytes) -> None:
+    """Send `data` whole under `lock` (frames never interleave), written at once when
+    nothing else is being sent and the socket takes it: no trip through the scheduler
+    (trio's send_all yields after writing). What the socket does not take now is sent
+    as usual, the lock held throughout. The caller must not loop on it without another
+    checkpoint: it is for a call's request (its answer is then awaited) and a call's
+    last reply (its task ends)."""
+    if fd is None or lock.locked():
+        async with lock:
+            await stream.send_all(data)
+        return
+    lock.acquire_nowait()  # no checkpoint since the check: this cannot block
+    try:
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # EPIPE, ECONNRESET (Python ignores SIGPIPE)
+            raise trio.BrokenResourceError(f"peer gone: {exc}") from exc
+        if sent < len(data):
+            await stream.send_all(memoryview(data)[sent:])
+    finally:
+        lock.release()
+
+
 # --- server side ------------------------------------------------------------------------
 
 
@@ -356,6 +413,7 @@ class ServerConnection:
         observe: Observer | None = None,
     ) -> None:
         self._stream = stream
+        self._fd = socket_fd(stream)  # read and written directly: receive, send_now
         self._handlers = handlers
         self._namespace_of = namespace_of
         self._peer_uid = peer_uid
@@ -397,19 +455,25 @@ class ServerConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
 
-    async def _send(self, event: Any) -> None:
+    def _encode(self, event: Any) -> bytes:
         try:
-            data = self._conn.send(event)
+            return self._conn.send(event)
         except LocalProtocolError as exc:
             if isinstance(event, (Response, StreamItem)):
                 log.error("cannot send reply: %s", exc)
-                data = self._conn.send(
+                return self._conn.send(
                     ErrorReply(event.id, "internal", f"reply not sendable: {exc}")
                 )
-            else:
-                raise
+            raise
+
+    async def _send(self, event: Any) -> None:
+        data = self._encode(event)
         async with self._send_lock:
             await self._stream.send_all(data)
+
+    async def _reply(self, event: Any) -> None:
+        """A call's last frame (see send_now)."""
+        await send_now(self._stream, self._fd, self._send_lock, self._encode(event))
 
     async def serve(self) -> None:
         self._drain.connections.add(self)
@@ -435,7 +499,7 @@ class ServerConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                data = await self._stream.receive_some(RECV_SIZE)
+                data = await receive(self._stream, self._fd)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             try:
@@ -468,7 +532,10 @@ class ServerConnection:
                             ErrorReply.from_exception(event.id, Reconnect(RECONNECT_MESSAGE))
                         )
                         continue
-                    await self._limit.acquire()
+                    try:
+                        self._limit.acquire_nowait()  # no checkpoint when below the bound
+                    except trio.WouldBlock:
+                        await self._limit.acquire()
                     scope = trio.CancelScope()
                     self._scopes[event.id] = scope
                     self._methods[event.id] = event.method
@@ -495,7 +562,7 @@ class ServerConnection:
                 code = reply.code if isinstance(reply, ErrorReply) else "ok"
                 method = req.method if req.method in self._handlers else "unknown"
                 self._observe(method, code, time.perf_counter() - started)
-            await self._send(reply)
+            await self._reply(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
