@@ -45,6 +45,8 @@ MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_LABELS = 256
 MAX_LABEL_BYTES = 4096
 
+GC_FLAT = "containerd.io/gc.flat"  # a lease label: see Store.flat_lease_content
+
 
 class _Result:
     __slots__ = ("lastrowid", "rowcount", "rows")
@@ -762,6 +764,18 @@ class Store:
             (now,),
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def flat_lease_content(self, now: int) -> list[tuple[str, str]]:
+        """(namespace, digest) of content held by unexpired leases labelled
+        `containerd.io/gc.flat`: kept, but what it references is not (containerd's flat
+        leases, which BuildKit takes for temporary content)."""
+        rows = self._db.execute(
+            "SELECT r.namespace, r.key, l.labels FROM lease_resources r JOIN leases l "
+            "ON l.namespace = r.namespace AND l.id = r.lease "
+            "WHERE r.kind = 'content' AND (l.expires_at = 0 OR l.expires_at > ?)",
+            (now,),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows if GC_FLAT in json.loads(r[2])]
 
     def temporary_leases(self) -> list[tuple[str, str]]:
         """(namespace, id) of the leases berthd itself took for one operation."""

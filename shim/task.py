@@ -281,7 +281,7 @@ class Task:
                 proc.start_done.set_result(None)
             return {"pid": proc.pid}
         init = self._require_init()
-        if init.status != RUNNING:
+        if init.status not in (RUNNING, CREATED):
             raise FailedPrecondition(f"cannot start an exec in a {init.status} task")
         proc.started = True
         try:
@@ -468,7 +468,7 @@ class Task:
         init = self._require_init()
         if exec_id in self.execs:
             raise AlreadyExists(f"exec {exec_id} already exists in task {self.config.id}")
-        if init.status != RUNNING:
+        if init.status not in (RUNNING, CREATED):  # a created task takes execs, as runc does
             raise FailedPrecondition(f"cannot exec in a {init.status} task")
         spec = params.get("spec")
         if not isinstance(spec, dict):

@@ -403,15 +403,16 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
     def listen(into: list[dict[str, Any]], ready: threading.Event, published: bool) -> None:
         with daemon.client() as c:
             filters = ['topic~="^/(probe|tasks)/"'] + [
-                f'topic=="/namespaces/create",namespace=={name}' for name in (first, last)
+                f'topic=="/namespaces/create",event.name=={name}' for name in (first, last)
             ]
             params = {"since": before, "filters": filters, "with_published": published}
             for envelope in c.stream("events.subscribe", params):
-                if envelope["namespace"] == first:
+                marker = envelope["event"].get("name") if "published" not in envelope else None
+                if marker == first:
                     ready.set()
                     continue
                 into.append(envelope)
-                if envelope["namespace"] == last:
+                if marker == last:
                     return
 
     threads = [  # each ends with the daemon at worst
@@ -452,9 +453,9 @@ def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:
         (ns, "/probe/x"),
         ("elsewhere", "/probe/fwd"),
         (ns, "/tasks/exit"),
-        (last, "/namespaces/create"),
+        (ns, "/namespaces/create"),  # the caller's namespace, as containerd stamps it
     ]
-    assert [(e["namespace"], e["topic"]) for e in unasked] == [(last, "/namespaces/create")]
+    assert [(e["namespace"], e["topic"]) for e in unasked] == [(ns, "/namespaces/create")]
     assert seen[0]["event"] == {"type_url": "t/x", "value": "AAEC"} and seen[0]["published"]
     assert seen[1]["timestamp"] == 1_700_000_000_123_456_789
     assert seen[2]["published"] and "seq" not in seen[2] and "published" not in seen[3]
@@ -626,6 +627,25 @@ def test_an_exec_whose_start_is_refused_can_start_later_with_its_own_status(
         waited = c.call("tasks.wait", {"container_id": "c-refused", "exec_id": "later"})
         assert waited["exit_status"] == 3
     daemon.cli("tasks", "rm", "-f", "c-refused", check=True)
+
+
+def test_an_exec_runs_in_a_created_task_before_its_start(daemon: Daemon) -> None:
+    """As containerd (and runc) allow: a task created but not started takes an exec,
+    which runs in its namespaces and exits with its own status; the task then starts."""
+    daemon.cli("containers", "create", "--busybox", "c-early", "sh", "-c", "exit 7", check=True)
+    spec = {"args": ["/bin/sh", "-c", "exit 4"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    with daemon.client() as c:
+        c.call("tasks.create", {"container_id": "c-early"})
+        assert c.call("tasks.get", {"container_id": "c-early"})["status"] == "created"
+        c.call("tasks.exec", {"container_id": "c-early", "exec_id": "early", "spec": spec})
+        c.call("tasks.start", {"container_id": "c-early", "exec_id": "early"})
+        waited = c.call("tasks.wait", {"container_id": "c-early", "exec_id": "early"})
+        assert waited["exit_status"] == 4
+        assert c.call("tasks.get", {"container_id": "c-early"})["status"] == "created"
+        c.call("tasks.start", {"container_id": "c-early"})
+        assert c.call("tasks.wait", {"container_id": "c-early"})["exit_status"] == 7
+        c.call("tasks.delete", {"container_id": "c-early"})
+    daemon.cli("containers", "rm", "c-early", check=True)
 
 
 def test_immortalize_makes_objects_immortal_on_the_shim_interpreter() -> None:

@@ -5,13 +5,17 @@ chains."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import queue
 import shutil
 import tarfile
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pytest
 
 from berth.daemon.grpc import convert as capi
 from berth.daemon.oci import default_spec
+from tests.support.helpers import wait_until
 from tests.support.images import layer_tar
 from tests.support.wire import Wire, served_wire
 
@@ -504,3 +509,305 @@ def test_lease_sync_delete_collects_what_only_the_lease_held(wire: Wire) -> None
             t.images.DeleteImageRequest(name="example.com/discarding:1"),
             t.Empty,
         )
+
+
+def test_image_snapshot_content_and_namespace_events_as_containerd_sends_them(
+    wire: Wire,
+) -> None:
+    """Each call containerd publishes an event for gets it, with containerd's type URL
+    and fields: ImageCreate/Update/Delete (`containerd.services.images.v1`), ContentDelete,
+    SnapshotPrepare/Commit/Remove (a View publishes nothing), ContainerUpdate with the
+    container's fields; a namespace's events carry the caller's namespace; a filter on a
+    field that is not a string (`event.pid`) matches nothing, as on containerd."""
+    t = wire.t
+    received: queue.Queue[Any] = queue.Queue()
+    subscribe = wire.channel.unary_stream(
+        "/containerd.services.events.v1.Events/Subscribe",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.events.Envelope.FromString,
+    )
+    marker = "evmark" + wire.namespace[2:]
+    streams = [
+        subscribe(t.events.SubscribeRequest(filters=filters), metadata=wire.meta())
+        for filters in (
+            [f"namespace=={wire.namespace}"],
+            ["event.pid", "event.exit_status==0", f"event.name=={marker}"],
+        )
+    ]
+
+    def pump(index: int) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for envelope in streams[index]:
+                received.put((index, envelope))
+
+    readers = [threading.Thread(target=pump, args=(i,), daemon=True) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(0.5)  # both subscriptions reach berthd before the first event
+        blob = _put(wire, b"an image target " * 4, "ev-target", {GC_ROOT: "yes"})
+        loose = _put(wire, b"deleted by its client", "ev-loose", {GC_ROOT: "yes"})
+        image = t.images.Image(
+            name="example.com/events:1",
+            target=t.descriptor.Descriptor(
+                media_type="application/octet-stream", digest=blob, size=64
+            ),
+            labels={"role": "first"},
+        )
+        images = "/containerd.services.images.v1.Images/"
+        wire.unary(
+            images + "Create",
+            t.images.CreateImageRequest(image=image),
+            t.images.CreateImageResponse,
+        )
+        image.labels["role"] = "second"
+        wire.unary(
+            images + "Update",
+            t.images.UpdateImageRequest(image=image),
+            t.images.UpdateImageResponse,
+        )
+        wire.unary(images + "Delete", t.images.DeleteImageRequest(name=image.name), t.Empty)
+        wire.unary(CS + "Delete", t.content.DeleteContentRequest(digest=loose), t.Empty)
+        sn = {"snapshotter": "overlayfs"}
+        wire.unary(
+            SN + "Prepare",
+            t.snapshots.PrepareSnapshotRequest(key="ev-a", **sn),
+            t.snapshots.PrepareSnapshotResponse,
+        )
+        wire.unary(
+            SN + "Commit", t.snapshots.CommitSnapshotRequest(name="ev-c", key="ev-a", **sn), t.Empty
+        )
+        wire.unary(
+            SN + "View",
+            t.snapshots.ViewSnapshotRequest(key="ev-v", parent="ev-c", **sn),
+            t.snapshots.ViewSnapshotResponse,
+        )
+        wire.unary(SN + "Remove", t.snapshots.RemoveSnapshotRequest(key="ev-v", **sn), t.Empty)
+        wire.unary(SN + "Remove", t.snapshots.RemoveSnapshotRequest(key="ev-c", **sn), t.Empty)
+        container = t.containers.Container(
+            id="ev-upd",
+            runtime=t.containers.Container.Runtime(name="io.containerd.runc.v2"),
+            spec=capi.json_any(
+                capi.SPEC_TYPE, default_spec("ev-upd", wire.namespace, ["true"], root="")
+            ),
+            image="example.com/events:1",
+            snapshotter="overlayfs",
+        )
+        wire.unary(
+            C + "Create",
+            t.containers.CreateContainerRequest(container=container),
+            t.containers.CreateContainerResponse,
+        )
+        container.labels["tier"] = "web"
+        container.snapshot_key = "ev-key"
+        update = t.containers.UpdateContainerRequest(container=container)
+        update.update_mask.paths.extend(["labels", "snapshotkey"])
+        wire.unary(C + "Update", update, t.containers.UpdateContainerResponse)
+        wire.unary(C + "Delete", t.containers.DeleteContainerRequest(id="ev-upd"), t.Empty)
+        namespaces = "/containerd.services.namespaces.v1.Namespaces/"
+        wire.unary(
+            namespaces + "Create",
+            t.namespaces.CreateNamespaceRequest(namespace=t.namespaces.Namespace(name=marker)),
+            t.namespaces.CreateNamespaceResponse,
+        )
+        seen: list[tuple[int, Any]] = []
+
+        def until_marker() -> bool:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    seen.append(received.get(timeout=0.1))
+            return sum(1 for _, e in seen if e.topic == "/namespaces/create") == 2
+
+        wait_until(until_marker, timeout=15, what="the namespace marker on both streams")
+        wire.unary(namespaces + "Delete", t.namespaces.DeleteNamespaceRequest(name=marker), t.Empty)
+    finally:
+        for stream in streams:
+            stream.cancel()
+        for reader in readers:
+            reader.join(10)
+
+    def decoded(envelope: Any) -> dict[str, Any]:
+        message = t.event_types[envelope.event.type_url].FromString(envelope.event.value)
+        return {f.name: v for f, v in message.ListFields()}
+
+    mine = [(e.topic, e.event.type_url, decoded(e)) for i, e in seen if i == 0]
+    assert mine == [
+        (
+            "/images/create",
+            "containerd.services.images.v1.ImageCreate",
+            {"name": image.name, "labels": {"role": "first"}},
+        ),
+        (
+            "/images/update",
+            "containerd.services.images.v1.ImageUpdate",
+            {"name": image.name, "labels": {"role": "second"}},
+        ),
+        ("/images/delete", "containerd.services.images.v1.ImageDelete", {"name": image.name}),
+        ("/content/delete", "containerd.events.ContentDelete", {"digest": loose}),
+        ("/snapshot/prepare", "containerd.events.SnapshotPrepare", {"key": "ev-a"}),
+        ("/snapshot/commit", "containerd.events.SnapshotCommit", {"key": "ev-a", "name": "ev-c"}),
+        ("/snapshot/remove", "containerd.events.SnapshotRemove", {"key": "ev-v"}),
+        ("/snapshot/remove", "containerd.events.SnapshotRemove", {"key": "ev-c"}),
+        ("/containers/create", "containerd.events.ContainerCreate", mine[8][2]),
+        (
+            "/containers/update",
+            "containerd.events.ContainerUpdate",
+            {
+                "id": "ev-upd",
+                "image": "example.com/events:1",
+                "labels": {"tier": "web"},
+                "snapshot_key": "ev-key",
+            },
+        ),
+        ("/containers/delete", "containerd.events.ContainerDelete", {"id": "ev-upd"}),
+        ("/namespaces/create", "containerd.events.NamespaceCreate", {"name": marker}),
+    ]
+    # the other stream: only its marker (no event has a string pid or exit_status)
+    assert [(e.topic, e.namespace) for i, e in seen if i == 1] == [
+        ("/namespaces/create", wire.namespace)
+    ]
+
+
+def test_lease_resources_name_only_what_exists_and_its_delete_takes_its_ingests(
+    wire: Wire,
+) -> None:
+    """As containerd's metadata store: a lease lists an unfinished ingest as `ingests`,
+    a committed blob as `content` (its ingest gone from the lease), a committed snapshot
+    under its name (its active key gone), nothing for a removed one; deleting the lease
+    (synchronously) removes the ingest and the snapshot it alone held."""
+    t = wire.t
+    lease = wire.unary(
+        LS + "Create", t.leases.CreateRequest(id="res-lease"), t.leases.CreateResponse
+    ).lease.id
+    req = t.content.WriteContentRequest
+    _write(
+        wire,
+        [
+            req(action=STAT, ref="res-partial"),
+            req(action=WRITE, ref="res-partial", total=100, data=b"x" * 10),
+        ],
+        lease,
+    )
+    blob = _put(wire, b"committed under the lease", "res-done", lease=lease)
+    sn = {"snapshotter": "overlayfs"}
+    meta = _meta(wire, lease)
+
+    def call(path: str, request: Any, response_cls: Any) -> Any:
+        fn = wire.channel.unary_unary(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_cls.FromString,
+        )
+        return fn(request, metadata=meta, timeout=60)
+
+    call(
+        SN + "Prepare",
+        t.snapshots.PrepareSnapshotRequest(key="res-a", **sn),
+        t.snapshots.PrepareSnapshotResponse,
+    )
+    call(SN + "Commit", t.snapshots.CommitSnapshotRequest(name="res-c", key="res-a", **sn), t.Empty)
+    call(
+        SN + "Prepare",
+        t.snapshots.PrepareSnapshotRequest(key="res-gone", **sn),
+        t.snapshots.PrepareSnapshotResponse,
+    )
+    call(SN + "Remove", t.snapshots.RemoveSnapshotRequest(key="res-gone", **sn), t.Empty)
+    listed = wire.unary(
+        LS + "ListResources",
+        t.leases.ListResourcesRequest(id=lease),
+        t.leases.ListResourcesResponse,
+    )
+    assert sorted((r.type, r.id) for r in listed.resources) == [
+        ("content", blob),
+        ("ingests", "res-partial"),
+        ("snapshots/overlayfs", "res-c"),
+    ]
+    status = t.content.StatusRequest(ref="res-partial")
+    assert wire.unary(CS + "Status", status, t.content.StatusResponse).status.offset == 10
+    wire.unary(LS + "Delete", t.leases.DeleteRequest(id=lease, sync=True), t.Empty)
+    assert wire.code(CS + "Status", status, t.content.StatusResponse) == grpc.StatusCode.NOT_FOUND
+    stat = t.snapshots.StatSnapshotRequest(key="res-c", **sn)  # the lease alone held it
+    assert (
+        wire.code(SN + "Stat", stat, t.snapshots.StatSnapshotResponse) == grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_an_image_may_name_content_that_is_not_stored(wire: Wire) -> None:
+    """containerd records an image whose target is not (yet) in the content store, and
+    updates one to such a target: a client may write the content after the record."""
+    t = wire.t
+    images = "/containerd.services.images.v1.Images/"
+    absent = _digest(b"never written " + wire.namespace.encode())
+    image = t.images.Image(
+        name="example.com/absent:1",
+        target=t.descriptor.Descriptor(
+            media_type="application/vnd.oci.image.manifest.v1+json", digest=absent, size=10
+        ),
+    )
+    wire.unary(
+        images + "Create", t.images.CreateImageRequest(image=image), t.images.CreateImageResponse
+    )
+    image.target.digest = _digest(b"another absent one " + wire.namespace.encode())
+    update = t.images.UpdateImageRequest(image=image)
+    update.update_mask.paths.append("target")
+    wire.unary(images + "Update", update, t.images.UpdateImageResponse)
+    got = wire.unary(
+        images + "Get", t.images.GetImageRequest(name=image.name), t.images.GetImageResponse
+    )
+    assert got.image.target.digest == image.target.digest
+    wire.unary(images + "Delete", t.images.DeleteImageRequest(name=image.name), t.Empty)
+
+
+def test_a_snapshot_makes_its_namespace(wire: Wire) -> None:
+    """As on containerd: a snapshot prepared in a namespace nobody created makes it (it is
+    listed), and the namespace cannot be deleted while the snapshot is there."""
+    t = wire.t
+    fresh = "snapns" + wire.namespace[2:]
+    namespaces = "/containerd.services.namespaces.v1.Namespaces/"
+    prepare = t.snapshots.PrepareSnapshotRequest(key="k", snapshotter="overlayfs")
+    wire.unary(SN + "Prepare", prepare, t.snapshots.PrepareSnapshotResponse, namespace=fresh)
+    listed = wire.unary(
+        namespaces + "List",
+        t.namespaces.ListNamespacesRequest(),
+        t.namespaces.ListNamespacesResponse,
+    )
+    assert fresh in [n.name for n in listed.namespaces]
+    delete = t.namespaces.DeleteNamespaceRequest(name=fresh)
+    assert wire.code(namespaces + "Delete", delete, t.Empty) == grpc.StatusCode.FAILED_PRECONDITION
+    remove = t.snapshots.RemoveSnapshotRequest(key="k", snapshotter="overlayfs")
+    wire.unary(SN + "Remove", remove, t.Empty, namespace=fresh)
+    wire.unary(namespaces + "Delete", delete, t.Empty)
+
+
+def test_a_flat_lease_keeps_its_content_but_not_what_that_references(wire: Wire) -> None:
+    """containerd's `containerd.io/gc.flat` lease (BuildKit's temporary leases): the blob
+    it holds stays, a blob only that one's gc.ref label names is collected; the same
+    reference from a plain lease keeps it."""
+    t = wire.t
+
+    def lease(lease_id: str, labels: dict[str, str] | None = None) -> str:
+        request = t.leases.CreateRequest(id=lease_id)
+        request.labels.update(labels or {})
+        return wire.unary(LS + "Create", request, t.leases.CreateResponse).lease.id
+
+    def stored(digest: str) -> bool:
+        info = t.content.InfoRequest(digest=digest)
+        try:
+            wire.unary(CS + "Info", info, t.content.InfoResponse)
+            return True
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+    flat, plain, writing = lease("flat", {"containerd.io/gc.flat": "x"}), lease("plain"), lease("w")
+    child = _put(wire, b"named by the flat-leased blob", "flat-child", lease=writing)
+    other = _put(wire, b"named by the plain-leased blob", "plain-child", lease=writing)
+    ref = "containerd.io/gc.ref.content.0"
+    parent = _put(wire, b"flat parent", "flat-parent", {ref: child}, lease=flat)
+    kept = _put(wire, b"plain parent", "plain-parent", {ref: other}, lease=plain)
+    wire.unary(LS + "Delete", t.leases.DeleteRequest(id=writing, sync=True), t.Empty)
+    assert (stored(parent), stored(child)) == (True, False)
+    assert (stored(kept), stored(other)) == (True, True)
+    for lease_id in (flat, plain):
+        wire.unary(LS + "Delete", t.leases.DeleteRequest(id=lease_id, sync=True), t.Empty)
+    assert not any(stored(d) for d in (parent, kept, other))

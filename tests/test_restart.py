@@ -328,7 +328,7 @@ def test_daemon_killed_inside_delete_finishes_the_delete(daemon: Daemon) -> None
             other.call("namespaces.create", {"name": sentinel})
         for envelope in stream:
             topics.append(envelope["topic"])
-            if envelope["namespace"] == sentinel:
+            if envelope["event"].get("name") == sentinel:
                 break
     assert topics[-1] == "/namespaces/create" and "/tasks/exit" not in topics, topics
     daemon.call("namespaces.delete", {"name": sentinel})

@@ -206,7 +206,16 @@ def test_event_filters_containerd_syntax() -> None:
     assert not parse_filter("topic!=/tasks/exit")(env)
     assert parse_filter("event.container_id==c1")(env)
     assert not parse_filter("event.container_id==c2")(env)
-    assert parse_filter("event.exit_status")(env)
+    # containerd's events answer only for non-empty strings (their generated Field)
+    assert not parse_filter("event.exit_status")(env)
+    assert not parse_filter("event.exit_status==3")(env)
+    assert not parse_filter("event")(env)  # a whole message is no value either
+    assert parse_filter("event.exit_status!=3")(env)  # absent reads as ""
+    delete = {"topic": "/tasks/delete", "event": {"container_id": "c1", "id": "c1"}}
+    assert not parse_filter("event.id==c1")(delete)  # a task's TaskDelete names no process
+    assert parse_filter("event.container_id==c1")(delete)
+    exec_delete = {"topic": "/tasks/delete", "event": {"container_id": "c1", "id": "e1"}}
+    assert parse_filter("event.id==e1")(exec_delete)
     assert parse_filters(["namespace==x", "namespace==moby"])(env)
     assert parse_filters([])(env)
     assert parse_filter(r"topic~=|^/tasks/\w+$|")(env)  # \w reaches the regex intact

@@ -48,6 +48,13 @@ def namespace_of(req: Request) -> str:
     return validate(value, "namespace")
 
 
+def _caller(ctx: CallContext, subject: str) -> str:
+    """The namespace a namespace's event is stamped with: the caller's, as containerd's
+    (its events carry the namespace of the call's context); the subject's own when the
+    caller named none (containerd would refuse to publish it)."""
+    return ctx.namespace if ctx.meta.get("namespace") else subject
+
+
 def signal_number(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -175,7 +182,9 @@ class Api:
     async def namespaces_create(self, ctx: CallContext, p: schema.NamespaceLabels) -> Any:
         ns = self.store.create_namespace(p.name, p.labels)
         self.exchange.publish(
-            ns["name"], "/namespaces/create", {"name": ns["name"], "labels": ns["labels"]}
+            _caller(ctx, ns["name"]),
+            "/namespaces/create",
+            {"name": ns["name"], "labels": ns["labels"]},
         )
         return ns
 
@@ -188,7 +197,9 @@ class Api:
             return await self.namespaces_create(ctx, p)
         ns = self.store.update_namespace(p.name, check_labels(p.labels))
         self.exchange.publish(
-            ns["name"], "/namespaces/update", {"name": ns["name"], "labels": ns["labels"]}
+            _caller(ctx, ns["name"]),
+            "/namespaces/update",
+            {"name": ns["name"], "labels": ns["labels"]},
         )
         return ns
 
@@ -207,7 +218,7 @@ class Api:
             if s.walk(p.name + "/")
         )
         self.store.delete_namespace(p.name, also_holds=snapshots)
-        self.exchange.publish(p.name, "/namespaces/delete", {"name": p.name})
+        self.exchange.publish(_caller(ctx, p.name), "/namespaces/delete", {"name": p.name})
         return {}
 
     # -- containers
@@ -285,7 +296,16 @@ class Api:
             extensions=check_extensions(p.extensions) if p.extensions is not None else None,
             snapshot_key=p.snapshot_key,
         )
-        self.exchange.publish(ctx.namespace, "/containers/update", {"id": container.id})
+        self.exchange.publish(
+            ctx.namespace,
+            "/containers/update",  # containerd's ContainerUpdate: the container as updated
+            {
+                "id": container.id,
+                "image": container.image,
+                "labels": container.labels,
+                "snapshot_key": container.snapshot_key,
+            },
+        )
         return container.to_wire()
 
     async def containers_delete(self, ctx: CallContext, p: schema.ContainersDelete) -> Any:

@@ -168,6 +168,7 @@ class StorageApi:
 
     async def content_delete(self, ctx: CallContext, p: schema.ContentDigest) -> Any:
         self.storage.freeing(lambda: self.storage.content_delete(ctx.namespace, p.digest))
+        self.publish(ctx.namespace, "/content/delete", {"digest": p.digest})
         return {}
 
     def _writers(self, ctx: CallContext) -> dict[str, Writer]:
@@ -260,6 +261,10 @@ class StorageApi:
         while True:
             try:
                 self.storage.content.abort(f"{ctx.namespace}/{p.ref}")
+                if ctx.lease:  # gone: it leaves the caller's lease (as containerd's abort)
+                    self.storage.store.delete_lease_resource(
+                        ctx.namespace, ctx.lease, "ingest", p.ref
+                    )
                 return {}
             except Unavailable:
                 if trio.current_time() >= give_up:
@@ -305,8 +310,10 @@ class StorageApi:
     def _put_image(
         self, ctx: CallContext, p: schema.ImagePut, *, create: bool, update: bool
     ) -> Any:
+        # The target need not be stored (yet): containerd records an image before or
+        # without its content (a client that writes the content next, a namespace that
+        # shares another's); using the image then fails on the missing blob, as there.
         target = Descriptor.from_wire(msgspec.to_builtins(p.target))
-        self.storage.store.get_content(ctx.namespace, target.digest)  # must be there
         image = self.storage.store.put_image(
             ctx.namespace,
             p.name,
@@ -315,10 +322,12 @@ class StorageApi:
             create=create,
             update=update,
         )
-        self.publish(
-            ctx.namespace, "/images/create" if create else "/images/update", {"name": p.name}
-        )
+        self._image_event(ctx.namespace, "/images/create" if create else "/images/update", image)
         return image
+
+    def _image_event(self, namespace: str, topic: str, image: dict[str, Any]) -> None:
+        """containerd's ImageCreate/ImageUpdate: the image's name and labels."""
+        self.publish(namespace, topic, {"name": image["name"], "labels": image.get("labels") or {}})
 
     async def images_get(self, ctx: CallContext, p: schema.ImageRef) -> Any:
         return self.storage.store.get_image(ctx.namespace, p.name)
@@ -345,7 +354,7 @@ class StorageApi:
             create=True,
             update=p.force,
         )
-        self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
+        self._image_event(ctx.namespace, "/images/create", image)
         return image
 
     async def _collect_after_delete(self, sync: bool) -> None:
@@ -377,7 +386,7 @@ class StorageApi:
             progress=_progress_sender(ctx) if p.progress else None,
         )
         for image in result["images"]:
-            self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
+            self._image_event(ctx.namespace, "/images/create", image)
         if p.progress:
             await ctx.send_item({"kind": "result", **result})
         return result
@@ -434,7 +443,7 @@ class StorageApi:
                 unpack=p.unpack,
                 snapshotter=p.snapshotter or None,
             )
-        self.publish(ctx.namespace, "/images/create", {"name": image["name"]})
+        self._image_event(ctx.namespace, "/images/create", image)
         await ctx.send_item(
             {"kind": "result", "name": image["name"], "digest": image["target"]["digest"]}
         )
@@ -502,7 +511,12 @@ class StorageApi:
         return {"mounts": [m.to_wire() for m in mounts]}
 
     async def snapshots_prepare(self, ctx: CallContext, p: schema.SnapshotPrepare) -> Any:
-        return await self._prepare(ctx, p, view=False)
+        """containerd publishes /snapshot/prepare, /snapshot/commit and /snapshot/remove
+        for a client's calls (not for a view, nor for what its GC removes): so does
+        berthd."""
+        mounts = await self._prepare(ctx, p, view=False)
+        self.publish(ctx.namespace, "/snapshot/prepare", {"key": p.key, "parent": p.parent or ""})
+        return mounts
 
     async def snapshots_view(self, ctx: CallContext, p: schema.SnapshotPrepare) -> Any:
         return await self._prepare(ctx, p, view=True)
@@ -521,13 +535,17 @@ class StorageApi:
             check_labels(p.labels),
             ctx.lease,
         )
+        self.publish(ctx.namespace, "/snapshot/commit", {"key": p.key, "name": p.name})
         return {}
 
     async def snapshots_remove(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
         await in_thread(
             self.storage.freeing,
-            lambda: self.storage.snapshot_remove(ctx.namespace, p.snapshotter or None, p.key),
+            lambda: self.storage.snapshot_remove(
+                ctx.namespace, p.snapshotter or None, p.key, ctx.lease
+            ),
         )
+        self.publish(ctx.namespace, "/snapshot/remove", {"key": p.key})
         return {}
 
     async def snapshots_stat(self, ctx: CallContext, p: schema.SnapshotKey) -> Any:
@@ -587,7 +605,7 @@ class StorageApi:
         return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p.page)
 
     async def leases_delete(self, ctx: CallContext, p: schema.LeasesDelete) -> Any:
-        self.storage.freeing(lambda: self.storage.store.delete_lease(ctx.namespace, p.id))
+        self.storage.freeing(lambda: self.storage.delete_lease(ctx.namespace, p.id))
         await self._collect_after_delete(p.sync)
         return {}
 

@@ -11,7 +11,8 @@ tested without a daemon. containerd's encodings that matter to real clients:
 - runc's options are `containerd.runc.v1.Options`;
 - times are Timestamps, and "never" is Go's zero time, 0001-01-01 (seconds -62135596800),
   not the Unix epoch: dockerd compares exited_at with the zero time;
-- events are Anys of `containerd.events.<Type>`.
+- events are Anys of their message's full name (`containerd.events.TaskExit`; image events
+  are `containerd.services.images.v1.ImageCreate`, as in containerd's api/events).
 """
 
 from __future__ import annotations
@@ -508,30 +509,33 @@ def lease_to_message(doc: dict[str, Any]) -> Any:
 
 # -- events -----------------------------------------------------------------------------
 
+# topic -> the full name of containerd's event message, which is also its Any's type URL
+# (containerd's image events live in the images service's package, the others in
+# containerd.events: api/events/*.proto)
 EVENT_TYPES = {
-    "/tasks/create": "TaskCreate",
-    "/tasks/start": "TaskStart",
-    "/tasks/exit": "TaskExit",
-    "/tasks/delete": "TaskDelete",
-    "/tasks/oom": "TaskOOM",
-    "/tasks/exec-added": "TaskExecAdded",
-    "/tasks/exec-started": "TaskExecStarted",
-    "/tasks/paused": "TaskPaused",
-    "/tasks/resumed": "TaskResumed",
-    "/tasks/checkpointed": "TaskCheckpointed",
-    "/containers/create": "ContainerCreate",
-    "/containers/update": "ContainerUpdate",
-    "/containers/delete": "ContainerDelete",
-    "/images/create": "ImageCreate",
-    "/images/update": "ImageUpdate",
-    "/images/delete": "ImageDelete",
-    "/namespaces/create": "NamespaceCreate",
-    "/namespaces/update": "NamespaceUpdate",
-    "/namespaces/delete": "NamespaceDelete",
-    "/snapshot/prepare": "SnapshotPrepare",
-    "/snapshot/commit": "SnapshotCommit",
-    "/snapshot/remove": "SnapshotRemove",
-    "/content/delete": "ContentDelete",
+    "/tasks/create": "containerd.events.TaskCreate",
+    "/tasks/start": "containerd.events.TaskStart",
+    "/tasks/exit": "containerd.events.TaskExit",
+    "/tasks/delete": "containerd.events.TaskDelete",
+    "/tasks/oom": "containerd.events.TaskOOM",
+    "/tasks/exec-added": "containerd.events.TaskExecAdded",
+    "/tasks/exec-started": "containerd.events.TaskExecStarted",
+    "/tasks/paused": "containerd.events.TaskPaused",
+    "/tasks/resumed": "containerd.events.TaskResumed",
+    "/tasks/checkpointed": "containerd.events.TaskCheckpointed",
+    "/containers/create": "containerd.events.ContainerCreate",
+    "/containers/update": "containerd.events.ContainerUpdate",
+    "/containers/delete": "containerd.events.ContainerDelete",
+    "/images/create": "containerd.services.images.v1.ImageCreate",
+    "/images/update": "containerd.services.images.v1.ImageUpdate",
+    "/images/delete": "containerd.services.images.v1.ImageDelete",
+    "/namespaces/create": "containerd.events.NamespaceCreate",
+    "/namespaces/update": "containerd.events.NamespaceUpdate",
+    "/namespaces/delete": "containerd.events.NamespaceDelete",
+    "/snapshot/prepare": "containerd.events.SnapshotPrepare",
+    "/snapshot/commit": "containerd.events.SnapshotCommit",
+    "/snapshot/remove": "containerd.events.SnapshotRemove",
+    "/content/delete": "containerd.events.ContentDelete",
 }
 
 
@@ -545,7 +549,7 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
     if name is None:
         return None
     t = types()
-    cls = t.event_types.get(f"containerd.events.{name}")
+    cls = t.event_types.get(name)
     if cls is None:
         return None
     payload = envelope.get("event") or {}
@@ -558,7 +562,7 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
         timestamp=timestamp(envelope.get("timestamp")),
         namespace=envelope.get("namespace") or "",
         topic=str(topic),
-        event=t.Any(type_url=f"containerd.events.{name}", value=event.SerializeToString()),
+        event=t.Any(type_url=name, value=event.SerializeToString()),
     )
 
 

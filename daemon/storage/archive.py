@@ -899,8 +899,9 @@ def write_diff(lower: str | None, upper: str, out: IO[bytes]) -> str:
 
 def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
     hashed = HashingWriter(out)
+    ended = _GoTarEnd(hashed)
     hardlinks: dict[tuple[int, int], str] = {}
-    with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=ended, mode="w|", format=tarfile.PAX_FORMAT) as tar:
 
         def add(info: tarfile.TarInfo, content: IO[bytes] | None = None) -> None:
             tar.addfile(info, content)
@@ -936,7 +937,33 @@ def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
                     add(info, f)
             else:
                 add(info)
+        ended.limit = tar.offset + 2 * tarfile.BLOCKSIZE  # the archive's end: 2 zero blocks
     return hashed.digest
+
+
+class _GoTarEnd(io.RawIOBase):
+    """Ends a tar as Go's archive/tar does (containerd's diffs): two zero blocks, without
+    Python's padding of the archive to a 10 KiB record. The same layer then has the
+    same diff ID on both (an empty diff is the well-known 1,024 zero bytes,
+    sha256:5f70bf18..., which engines recognise as the empty layer). What is written
+    past `limit` (set once the last entry is written) is dropped: only that padding."""
+
+    def __init__(self, out: HashingWriter) -> None:
+        self._out = out
+        self._written = 0
+        self.limit: int | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        if self.limit is not None:
+            data = memoryview(data)[: max(0, self.limit - self._written)]
+        self._written += len(data)
+        if len(data):
+            self._out.write(data)
+        return size
 
 
 # What _both_trees has yet to visit at one level, reversed: (sort key, path, enter it (a

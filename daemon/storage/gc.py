@@ -94,6 +94,9 @@ def collect(storage: Storage, protected_snapshots: set[tuple[str, str]] | None =
         marks = Marks(snapshots=set(protected_snapshots or ()))
         pending = _roots(storage, now, marks)
         _mark(storage, pending, marks)
+        # a flat lease's content is kept, not followed (marked after the walk, so that a
+        # blob another root reaches still has its references followed)
+        marks.content.update(storage.store.flat_lease_content(now))
         _sweep_content(storage, marks, result)
         _sweep_snapshots(storage, marks, result)
         _sweep_ingests(storage, now, result)
@@ -127,9 +130,11 @@ def _roots(storage: Storage, now: int, marks: Marks) -> list[tuple[str, str]]:
     for ns, image in storage.store.all_images():
         pending.append((ns, image["target"]["digest"]))
         _label_refs(ns, image.get("labels") or {}, pending, marks.snapshots)
+    flat = set(storage.store.flat_lease_content(now))
     for ns, kind, key in storage.store.live_lease_resources(now):
         if kind == "content":
-            pending.append((ns, key))
+            if (ns, key) not in flat:
+                pending.append((ns, key))
         elif kind.startswith(LEASED_SNAPSHOT):
             marks.snapshots.add((kind[len(LEASED_SNAPSHOT) :], f"{ns}/{key}"))
     for container in storage.store.all_containers():
@@ -246,7 +251,7 @@ def _sweep_ingests(storage: Storage, now: int, result: GCResult) -> None:
     leased = {
         f"{ns}/{key}"
         for ns, kind, key in storage.store.live_lease_resources(now)
-        if kind == "ingest"
+        if kind in ("ingest", "ingests")  # "ingests": as berth-grpc stored containerd's name
     }
     cutoff = now - int(storage.ingest_expiry * 1e9)
     for status in storage.content.list_ingests():

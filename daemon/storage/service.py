@@ -43,6 +43,7 @@ from berth.shim.wire.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 
 if TYPE_CHECKING:
@@ -197,6 +198,37 @@ class Storage:
         if lease_id:
             self.store.add_lease_resource(namespace, lease_id, kind, key)
 
+    def _let_go(self, namespace: str, lease_id: str | None, kind: str, key: str) -> None:
+        """What is gone (a committed ingest, a committed or removed snapshot key) leaves
+        the caller's lease, as containerd's metadata store drops it: its resources name
+        only what exists."""
+        if lease_id:
+            self.store.delete_lease_resource(namespace, lease_id, kind, key)
+
+    def delete_lease(self, namespace: str, lease_id: str) -> int:
+        """Delete a lease; the ingests it held that no other live lease holds and no writer
+        is writing go with it (containerd collects them: an unleased ingest is no GC root
+        there). How many were removed."""
+        held = [
+            k for kind, k in self.store.lease_resources(namespace, lease_id) if kind == "ingest"
+        ]
+        self.store.delete_lease(namespace, lease_id)
+        still = {
+            key
+            for ns, kind, key in self.store.live_lease_resources(time.time_ns())
+            if ns == namespace and kind == "ingest"
+        }
+        removed = 0
+        for ref in held:
+            if ref in still:
+                continue
+            try:
+                self.content.abort(f"{namespace}/{ref}")
+                removed += 1
+            except (NotFound, Unavailable):  # gone already, or being written right now
+                pass
+        return removed
+
     # -- content --------------------------------------------------------------------------
 
     def content_info(self, namespace: str, digest: str) -> dict[str, Any]:
@@ -269,6 +301,7 @@ class Storage:
         with self.gc_lock:
             digest = writer.commit(size, expected)
             self._hold(namespace, lease_id, "content", digest)
+            self._let_go(namespace, lease_id, "ingest", self.unscoped(namespace, writer.ref))
             if not exists_ok:
                 with contextlib.suppress(NotFound):
                     self.store.get_content(namespace, digest)
@@ -409,6 +442,7 @@ class Storage:
     ) -> list[Mount]:
         s = self.snapshotter(snapshotter)
         scoped_parent = self.skey(namespace, parent) if parent else ""
+        self.store.ensure_namespace(namespace)  # listed, as a snapshot makes it on containerd
         self._hold(namespace, lease_id, f"{LEASED_SNAPSHOT}{s.name}", key)
         with self.snap_lock:
             if view:
@@ -428,13 +462,18 @@ class Storage:
         self._hold(namespace, lease_id, f"{LEASED_SNAPSHOT}{s.name}", name)
         with self.snap_lock:
             s.commit(self.skey(namespace, name), self.skey(namespace, key), labels)
+        self._let_go(namespace, lease_id, f"{LEASED_SNAPSHOT}{s.name}", key)
 
     def snapshot_mounts(self, namespace: str, snapshotter: str | None, key: str) -> list[Mount]:
         return self.snapshotter(snapshotter).mounts(self.skey(namespace, key))
 
-    def snapshot_remove(self, namespace: str, snapshotter: str | None, key: str) -> None:
+    def snapshot_remove(
+        self, namespace: str, snapshotter: str | None, key: str, lease_id: str | None = None
+    ) -> None:
+        s = self.snapshotter(snapshotter)
         with self.snap_lock:
-            self.snapshotter(snapshotter).remove(self.skey(namespace, key))
+            s.remove(self.skey(namespace, key))
+        self._let_go(namespace, lease_id, f"{LEASED_SNAPSHOT}{s.name}", key)
 
     def snapshot_update(
         self, namespace: str, snapshotter: str | None, key: str, labels: dict[str, str]

@@ -77,6 +77,8 @@ class Leases(Service):
             kind = r["kind"]
             if kind.startswith("snapshot/"):
                 kind = "snapshots/" + kind[len("snapshot/") :]
+            elif kind == "ingest":
+                kind = "ingests"
             resources.append(t.leases.Resource(id=r["key"], type=kind))
         return t.leases.ListResourcesResponse(resources=resources)
 
@@ -92,7 +94,7 @@ def _resource_kind(resource: Any) -> str:
             raise InvalidArgument(f"invalid resource type {kind}")
         if kind == "content" and not capi.is_digest(resource.id):
             raise InvalidArgument(f"invalid content resource id {resource.id}")
-        return kind
+        return "ingest" if kind == "ingests" else kind  # berth's kind: one ingest
     if parts[0] == "snapshots":
         if len(parts) != 2 or not parts[1]:
             raise InvalidArgument(f"invalid snapshot resource type {kind}")

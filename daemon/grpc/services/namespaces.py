@@ -52,6 +52,7 @@ class Namespaces(Service):
         ns = await self.backend.call(
             "namespaces.create",
             {"name": request.namespace.name, "labels": dict(request.namespace.labels)},
+            **call.meta(namespaced=False),  # its event carries the caller's namespace
         )
         return t.namespaces.CreateNamespaceResponse(
             namespace=t.namespaces.Namespace(name=ns["name"], labels=ns.get("labels") or {})
@@ -73,7 +74,9 @@ class Namespaces(Service):
             current.get("labels") or {}, dict(request.namespace.labels), paths
         )
         ns = await self.backend.call(
-            "namespaces.update", {"name": request.namespace.name, "labels": labels}
+            "namespaces.update",
+            {"name": request.namespace.name, "labels": labels},
+            **call.meta(namespaced=False),
         )
         return t.namespaces.UpdateNamespaceResponse(
             namespace=t.namespaces.Namespace(name=ns["name"], labels=ns.get("labels") or {})
@@ -81,5 +84,7 @@ class Namespaces(Service):
 
     @unary
     async def delete(self, request: Any, call: Call) -> Any:
-        await self.backend.call("namespaces.delete", {"name": request.name})
+        await self.backend.call(
+            "namespaces.delete", {"name": request.name}, **call.meta(namespaced=False)
+        )
         return empty()
