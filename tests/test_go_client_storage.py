@@ -6,12 +6,19 @@ tests/support/goclient/flows_storage.go per test; each states what it checks the
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import shutil
+import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from berth.daemon.storage import archive
 from berth.daemon.tasks.rootfs import build_busybox_rootfs
 from tests.support import goclient
 from tests.support.clients import grpc_address, grpc_daemon
@@ -125,3 +132,51 @@ def test_an_interrupted_ingest_resumes(served: Served) -> None:
     """A writer cut after 300 kB and closed; opened again on the same ref, its Status has
     the offset and the total, and content.Copy resumes there to a verified blob."""
     _flow(served, "content-resume")
+
+
+def test_diffs_are_byte_for_byte_containerds(tmp_path: Path) -> None:
+    """berth's diff of two trees against containerd's own archive.WriteDiff (no daemon):
+    files, directories (their modes), a symlink, a hard link, a FIFO, a device, a file
+    capability, names over 100 bytes (one ustar splits, one needs PAX), an added file
+    under an old directory. The same bytes, so the same diff ID; and an empty diff is
+    the empty layer every engine knows. (A deletion's whiteout is left out: containerd
+    stamps it with the time of the diff; berth with 0.)"""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "kept").mkdir(parents=True)
+    (lower / "kept" / "old").write_text("old\n")
+    shutil.copytree(lower, upper, symlinks=True, copy_function=shutil.copy2)
+    os.utime(
+        upper / "kept",
+        ns=(os.stat(lower / "kept").st_atime_ns, os.stat(lower / "kept").st_mtime_ns),
+    )
+    (upper / "kept" / "new").write_text("new\n")
+    (upper / "dir" / "sub").mkdir(parents=True)
+    (upper / "dir" / "sub" / "g").write_text("x\n")
+    (upper / "dir").chmod(0o750)
+    (upper / "f").write_text("hello\n")
+    os.setxattr(
+        upper / "f", "security.capability", bytes.fromhex("01000002" + "00200000" + "00" * 12)
+    )
+    os.link(upper / "f", upper / "hard")
+    os.symlink("f", upper / "link")
+    os.mkfifo(upper / "fifo")
+    os.mknod(upper / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (upper / "dir" / ("y" * 110) / ("z" * 30)).parent.mkdir()
+    (upper / "dir" / ("y" * 110) / ("z" * 30)).write_text("deep\n")
+    (upper / ("long" + "x" * 120)).mkdir()
+    for case, (old, new) in {"changes": (lower, upper), "empty": (lower, lower)}.items():
+        theirs = tmp_path / f"{case}.containerd.tar"
+        result = subprocess.run(
+            [goclient.probe(), "write-diff", str(old), str(new), str(theirs)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        ours = io.BytesIO()
+        digest = archive.write_diff(str(old), str(new), ours)
+        assert ours.getvalue() == theirs.read_bytes(), case
+        assert digest == "sha256:" + hashlib.sha256(theirs.read_bytes()).hexdigest()
+    assert archive.write_diff(str(lower), str(lower), io.BytesIO()) == (
+        "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+    )

@@ -49,9 +49,10 @@ def namespace_of(req: Request) -> str:
 
 
 def _caller(ctx: CallContext, subject: str) -> str:
-    """The namespace a namespace's event is stamped with: the caller's, as containerd's
-    (its events carry the namespace of the call's context); the subject's own when the
-    caller named none (containerd would refuse to publish it)."""
+    """The namespace a namespace's create or update event is stamped with: the caller's,
+    as containerd's (its events carry the namespace of the call's context); the
+    subject's own when the caller named none (containerd would refuse to publish it). A
+    delete's carries the deleted namespace, on containerd too."""
     return ctx.namespace if ctx.meta.get("namespace") else subject
 
 
@@ -196,10 +197,9 @@ class Api:
         except NotFound:
             return await self.namespaces_create(ctx, p)
         ns = self.store.update_namespace(p.name, check_labels(p.labels))
+        changed = ns["labels"] if p.changed is None else check_labels(p.changed)
         self.exchange.publish(
-            _caller(ctx, ns["name"]),
-            "/namespaces/update",
-            {"name": ns["name"], "labels": ns["labels"]},
+            _caller(ctx, ns["name"]), "/namespaces/update", {"name": ns["name"], "labels": changed}
         )
         return ns
 
@@ -218,7 +218,7 @@ class Api:
             if s.walk(p.name + "/")
         )
         self.store.delete_namespace(p.name, also_holds=snapshots)
-        self.exchange.publish(_caller(ctx, p.name), "/namespaces/delete", {"name": p.name})
+        self.exchange.publish(p.name, "/namespaces/delete", {"name": p.name})  # as containerd
         return {}
 
     # -- containers

@@ -66,6 +66,9 @@ class NamespaceName(Params, kw_only=True):
 class NamespaceLabels(Params, kw_only=True):
     name: Name
     labels: Labels | None = None
+    # the labels the caller set, for the update's event (containerd's NamespaceUpdate
+    # carries the request's labels); all of them when not given
+    changed: Labels | None = None
 
 
 # -- containers --------------------------------------------------------------------------

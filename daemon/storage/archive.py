@@ -912,10 +912,11 @@ def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
             if ust is None:
                 if lst is None:
                     continue  # gone from both meanwhile
-                whiteout = tarfile.TarInfo(
+                whiteout = _GoTarInfo(
                     posixpath.join(posixpath.dirname(rel), WHITEOUT + posixpath.basename(rel))
                 )
-                whiteout.mtime = 0
+                whiteout.mtime = 0  # containerd writes the time of the diff: not reproducible
+                whiteout.mode = 0  # as containerd's
                 add(whiteout)
                 continue
             if lst is not None and lower is not None and not _changed(lower, upper, rel, lst, ust):
@@ -939,6 +940,72 @@ def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
                 add(info)
         ended.limit = tar.offset + 2 * tarfile.BLOCKSIZE  # the archive's end: 2 zero blocks
     return hashed.digest
+
+
+class _GoTarInfo(tarfile.TarInfo):
+    """A tar header as Go's archive/tar writes an entry's (containerd's diffs): the device
+    numbers "0000000" for every entry, where Python leaves them NUL unless it is a
+    device; a PAX header named as Go names it (`<dir>/PaxHeaders.0/<base>`, cut at 100
+    bytes), where Python writes "././@PaxHeader". With whole-second times, xattrs in
+    sorted order and Go's end of archive, a diff is byte for byte containerd's (checked
+    against its archive.WriteDiff: files, directories, links, devices, FIFOs, xattrs,
+    names over 100 bytes)."""
+
+    def create_pax_header(self, info: Any, encoding: str) -> bytes:
+        name, link = info["name"], info.get("linkname", "")
+        if len(name) > LENGTH_NAME and not self.pax_headers and name.isascii():
+            # Go writes a plain ustar header when a long name splits into prefix and name
+            # and nothing else needs PAX; Python would write PAX ("path") for it
+            split = _go_ustar_split(name)
+            if split is not None and len(link) <= LENGTH_NAME and link.isascii():
+                ustar = {**info, "prefix": split[0], "name": split[1]}
+                with contextlib.suppress(ValueError):  # a field past ustar's: PAX, below
+                    return self._create_header(ustar, tarfile.USTAR_FORMAT, "ascii", "strict")
+        buf = super().create_pax_header(info, encoding)
+        if buf[156:157] != tarfile.XHDTYPE:
+            return buf  # no extended header was needed
+        real = self.name + ("/" if self.type == tarfile.DIRTYPE else "")
+        directory, base = posixpath.split(real)
+        name = posixpath.normpath("/".join(p for p in (directory, "PaxHeaders.0", base) if p))
+        block = bytearray(buf[: tarfile.BLOCKSIZE])
+        block[0:100] = name.encode("utf-8", "surrogateescape")[:100].ljust(100, b"\x00")
+        _checksum(block)
+        return bytes(block) + buf[tarfile.BLOCKSIZE :]
+
+    @staticmethod
+    def _create_header(info: dict[str, Any], format: int, encoding: str, errors: str) -> bytes:
+        buf: bytes = tarfile.TarInfo._create_header(info, format, encoding, errors)  # type: ignore[attr-defined]
+        if info.get("type") in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.XHDTYPE, tarfile.XGLTYPE):
+            return buf  # a device's are its own; a PAX header's stay NUL, as Go's
+        block = bytearray(buf[-tarfile.BLOCKSIZE :])
+        block[329:345] = b"0000000\x00" * 2  # devmajor, devminor
+        _checksum(block)
+        return bytes(buf[: -tarfile.BLOCKSIZE]) + bytes(block)
+
+
+LENGTH_NAME, LENGTH_PREFIX = 100, 155  # ustar's name and prefix fields
+
+
+def _go_ustar_split(name: str) -> tuple[str, str] | None:
+    """Go's split of a long name into ustar's prefix and name fields (at the last "/"
+    that leaves a name of at most 100 bytes and a prefix of at most 155), or None."""
+    length = len(name)
+    if length > LENGTH_PREFIX + 1:
+        length = LENGTH_PREFIX + 1
+    elif name[length - 1] == "/":
+        length -= 1
+    i = name.rfind("/", 0, length)
+    suffix = len(name) - i - 1
+    if i <= 0 or suffix > LENGTH_NAME or suffix == 0 or i > LENGTH_PREFIX:
+        return None
+    return name[:i], name[i + 1 :]
+
+
+def _checksum(block: bytearray) -> None:
+    """A ustar header's checksum, after a change: the sum of its bytes, its own field
+    counted as blanks, written as tar writes it."""
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
 
 
 class _GoTarEnd(io.RawIOBase):
@@ -1017,10 +1084,12 @@ def _level(lower: _Tree | None, upper: _Tree, rel: str, with_lower: bool) -> _Pe
 def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | None:
     """The tar header of one entry, from its lstat (what tarfile.gettarinfo does by
     path, without a path that could be longer than PATH_MAX or swapped)."""
-    info = tarfile.TarInfo(rel)
+    info = _GoTarInfo(rel)
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid, info.gid = st.st_uid, st.st_gid
-    info.mtime = st.st_mtime
+    # whole seconds, as containerd's diff writes them (Truncate(time.Second)): a finer
+    # time costs each entry a PAX header, and the layer its diff ID equal to containerd's
+    info.mtime = st.st_mtime_ns // 1_000_000_000
     if stat.S_ISREG(st.st_mode):
         info.type, info.size = tarfile.REGTYPE, st.st_size
     elif stat.S_ISDIR(st.st_mode):
@@ -1036,7 +1105,7 @@ def _tarinfo(tree: _Tree, rel: str, st: os.stat_result) -> tarfile.TarInfo | Non
         return None
     info.pax_headers = {  # as tar --xattrs writes them, and the applier reads them
         f"SCHILY.xattr.{key}": value.decode("utf-8", "surrogateescape")
-        for key, value in tree.xattrs(rel, st).items()
+        for key, value in sorted(tree.xattrs(rel, st).items())  # Go writes them sorted
     }
     return info
 

@@ -75,7 +75,11 @@ class Namespaces(Service):
         )
         ns = await self.backend.call(
             "namespaces.update",
-            {"name": request.namespace.name, "labels": labels},
+            {
+                "name": request.namespace.name,
+                "labels": labels,
+                "changed": dict(request.namespace.labels),  # for the event, as containerd's
+            },
             **call.meta(namespaced=False),
         )
         return t.namespaces.UpdateNamespaceResponse(

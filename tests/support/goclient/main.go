@@ -45,6 +45,10 @@ func main() {
 		fmt.Println("usage: goclient ADDRESS NAMESPACE ROOTFS FLOW")
 		os.Exit(2)
 	}
+	if os.Args[1] == "write-diff" { // goclient write-diff LOWER UPPER OUT: no daemon
+		writeDiff(os.Args[2], os.Args[3], os.Args[4])
+		return
+	}
 	address, ns, rootfs, flow := os.Args[1], os.Args[2], os.Args[3], os.Args[4]
 	client, err := containerd.New(address, containerd.WithTimeout(10*time.Second))
 	if err != nil {
