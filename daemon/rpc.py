@@ -88,7 +88,6 @@ class RpcClient:
         label: str = "",
     ) -> None:
         self._stream = stream
-        self._fd = socket_fd(stream)  # read and written directly: receive, send_now
         self._conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=max_frame_size)
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -121,7 +120,7 @@ class RpcClient:
 
     async def _write(self, data: bytes) -> None:
         try:
-            await send_now(self._stream, self._fd, self._send_lock, data)
+            await send_now(self._stream, self._send_lock, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise Unavailable(f"{self.label}: connection lost: {exc}") from None
 
@@ -130,7 +129,7 @@ class RpcClient:
         try:
             while True:
                 try:
-                    data = await receive(self._stream, self._fd)
+                    data = await receive(self._stream)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.close_reason = str(exc) or "connection reset"
                     return
@@ -253,19 +252,25 @@ class RpcClient:
             await self._stream.aclose()
 
 
-def socket_fd(stream: trio.abc.Stream) -> int | None:
-    """The descriptor of a socket stream, which `receive` and `send_now` use directly;
-    None for any other stream (they then go through the stream's own methods)."""
-    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+def live_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of an open socket stream, which `receive` and `send_now` use
+    directly; None for a closed one or any other stream (they then go through the
+    stream's own methods, which raise or work as trio's do). Asked at each use, never
+    kept: a closed socket's number may already name another file."""
+    if isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()  # -1 once closed
+        return fd if fd >= 0 else None
+    return None
 
 
-async def receive(stream: trio.abc.Stream, fd: int | None) -> bytes | bytearray:
+async def receive(stream: trio.abc.Stream) -> bytes | bytearray:
     """The next bytes of `stream`, with one trip through trio's scheduler: the wait for
     the socket to be readable. trio's receive_some makes a second one after its read;
     measured, trio's scheduling was most of berthd's CPU for a small call (two trips
-    fewer a call: 290-450 -> 180-230 us). Bytes already waiting are read at once, then
+    fewer a call: 290-450 -> 180-260 us). Bytes already waiting are read at once, then
     the task yields (shielded: what was read is returned), so a peer that floods the
     socket still shares the loop. Only the one task that reads a stream may call this."""
+    fd = live_fd(stream)
     if fd is None:
         return await stream.receive_some(RECV_SIZE)
     await trio.lowlevel.checkpoint_if_cancelled()  # never after a read: no byte is dropped
@@ -278,19 +283,23 @@ async def receive(stream: trio.abc.Stream, fd: int | None) -> bytes | bytearray:
         return data
     while True:
         await trio.lowlevel.wait_readable(fd)
+        fd = live_fd(stream)
+        if fd is None:  # closed by another task before this one ran again
+            return await stream.receive_some(RECV_SIZE)
         try:
             return os.read(fd, RECV_SIZE)
         except BlockingIOError:  # a spurious wakeup: wait again
             continue
 
 
-async def send_now(stream: trio.abc.Stream, fd: int | None, lock: trio.Lock, data: bytes) -> None:
+async def send_now(stream: trio.abc.Stream, lock: trio.Lock, data: bytes) -> None:
     """Send `data` whole under `lock` (frames never interleave), written at once when
     nothing else is being sent and the socket takes it: no trip through the scheduler
     (trio's send_all yields after writing). What the socket does not take now is sent
     as usual, the lock held throughout. The caller must not loop on it without another
     checkpoint: it is for a call's request (its answer is then awaited) and a call's
     last reply (its task ends)."""
+    fd = live_fd(stream)
     if fd is None or lock.locked():
         async with lock:
             await stream.send_all(data)
@@ -413,7 +422,6 @@ class ServerConnection:
         observe: Observer | None = None,
     ) -> None:
         self._stream = stream
-        self._fd = socket_fd(stream)  # read and written directly: receive, send_now
         self._handlers = handlers
         self._namespace_of = namespace_of
         self._peer_uid = peer_uid
@@ -473,7 +481,7 @@ class ServerConnection:
 
     async def _reply(self, event: Any) -> None:
         """A call's last frame (see send_now)."""
-        await send_now(self._stream, self._fd, self._send_lock, self._encode(event))
+        await send_now(self._stream, self._send_lock, self._encode(event))
 
     async def serve(self) -> None:
         self._drain.connections.add(self)
@@ -499,7 +507,7 @@ class ServerConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                data = await receive(self._stream, self._fd)
+                data = await receive(self._stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             try:

@@ -978,3 +978,70 @@ def test_a_listing_never_fails_on_a_record_deleted_while_it_lists(tmp_path: Path
         stop.set()
         thread.join()
         store.close()
+
+
+async def test_rpc_client_never_writes_to_a_descriptor_its_socket_gave_up() -> None:
+    """berthd's RPC reads and writes its sockets' descriptors directly (rpc.receive,
+    rpc.send_now); once a connection is closed its number may already name another
+    socket. A call on the closed client must fail, and the new socket get nothing."""
+    import socket
+
+    from berth.daemon.rpc import RpcClient
+    from berth.shim.wire.errors import Unavailable
+    from berth.shim.wire.protocol import Connection as WireConnection
+    from berth.shim.wire.protocol import Hello, NeedData, Role
+
+    ours, peer = trio.socket.socketpair()
+    client = RpcClient(trio.SocketStream(ours), label="test")
+    number = ours.fileno()
+    server = WireConnection(Role.SERVER)
+
+    async def welcome() -> None:
+        while not isinstance(event := server.next_event(), Hello):
+            assert isinstance(event, NeedData)
+            server.receive_data(await peer.recv(65536))
+        await peer.send(server.send(server.server_handshake(event)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(welcome)
+        await client.handshake()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        await trio.sleep(0.05)  # run() waits for the socket to be readable
+        ours.close()  # no checkpoint: run() has not seen it when the call below is made
+        reused, other = socket.socketpair()  # takes the lowest free numbers: ours
+        try:
+            assert number in (reused.fileno(), other.fileno())
+            with pytest.raises(Unavailable):
+                await client.call("version", {})
+            for sock in (reused, other):
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(100)  # nothing was written to the socket that took its number
+        finally:
+            reused.close()
+            other.close()
+    peer.close()
+
+
+async def test_rpc_receive_reads_what_is_waiting_and_still_yields() -> None:
+    """rpc.receive returns bytes already waiting without waiting for readiness, but
+    after a checkpoint (a flooding peer shares the loop); a cancelled reader reads
+    nothing (no byte taken from the socket and dropped)."""
+    from trio.testing import assert_checkpoints
+
+    from berth.daemon.rpc import receive
+
+    ours, peer = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    await peer.send(b"waiting")
+    with assert_checkpoints():  # it yielded, though the bytes were there
+        assert await receive(stream) == b"waiting"
+    await peer.send(b"kept")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await receive(stream)
+    assert scope.cancelled_caught
+    assert await receive(stream) == b"kept"
+    await stream.aclose()
+    peer.close()
