@@ -71,6 +71,7 @@ CONTAINERD_RUNC_NAMES = (
     "io.containerd.runc.v1",
     "io.containerd.runtime.v1.linux",
 )
+CONTAINERD_RUNC_SHIMS = ("containerd-shim-runc-v2", "containerd-shim-runc-v1")
 DEFAULT_STATE = "/run/berth"
 LOG_FORMATS = ("text", "json")  # logs.py writes them
 # logs.setup takes a level by name: anything else silently logged at info. "warn" is
@@ -240,9 +241,14 @@ class Config:
 
     def runtime_entry(self, name: str) -> RuntimeEntry | None:
         """The configured runtime `name`; containerd's runc runtime names resolve to the
-        `runc` entry unless configured themselves."""
+        `runc` entry unless configured themselves, and so does the path of containerd's
+        runc shim (containerd runs a shim named by its absolute path; berth's own shim
+        runs runc in its place)."""
         entry = self.runtimes.get(name)
-        if entry is None and name in CONTAINERD_RUNC_NAMES:
+        if entry is None and (
+            name in CONTAINERD_RUNC_NAMES
+            or (name.startswith("/") and os.path.basename(name) in CONTAINERD_RUNC_SHIMS)
+        ):
             entry = self.runtimes.get("runc")
         return entry
 

@@ -31,13 +31,15 @@ def paged(field: str, items: list[dict[str, Any]], key: str, page: Any) -> Any:
     after = page.after
     out: list[dict[str, Any]] = []
     size = 0
-    for item in sorted(items, key=lambda i: str(i.get(key, ""))):
-        name = str(item.get(key, ""))
+    # item[key], not .get: a list paged by a field its items lack (snapshots were) sorts
+    # nothing and stops after one page; that is a bug to fail loudly, not a short list
+    for item in sorted(items, key=lambda i: str(i[key])):
+        name = str(item[key])
         if after is not None and name <= after:
             continue
         cost = len(encode(item))
         if out and size + cost > PAGE_BYTES:
-            return {field: out, "next": str(out[-1].get(key, ""))}
+            return {field: out, "next": str(out[-1][key])}
         out.append(item)
         size += cost
     return {field: out, "next": None}

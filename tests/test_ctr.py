@@ -78,6 +78,29 @@ def test_run_rm_echo_and_exit_code(ctr: Ctr) -> None:
     assert _ok(ctr, "containers", "ls", "-q") == ""  # --rm removed both
 
 
+def test_runtimes_are_resolved_when_the_task_is_created(ctr: Ctr) -> None:
+    """As containerd: a container may name any runtime (its task's create fails if the
+    runtime is not there, and ctr's clean-up after a failed `run --rm` then finds the
+    container and its snapshot to remove, so the same id runs at once); the path of
+    containerd's runc shim runs the container with runc."""
+    _ok(ctr, "containers", "create", "--runtime", "io.containerd.runsc.v1", IMAGE, "rt-other")
+    assert "rt-other" in _ok(ctr, "containers", "ls")
+    _ok(ctr, "containers", "rm", "rt-other")
+    failed = ctr(
+        *_run(
+            ctr, "rt-retry", "--rm", "--runtime", "io.containerd.nope.v2", IMAGE, "rt-retry", "true"
+        )
+    )
+    assert failed.returncode != 0 and "unknown runtime" in failed.stderr, failed.stderr
+    again = ctr(*_run(ctr, "rt-retry", "--rm", IMAGE, "rt-retry", "echo", "ok"))
+    assert (again.returncode, again.stdout) == (0, "ok\n"), again.stderr
+    shim = "/usr/bin/containerd-shim-runc-v2"
+    by_path = ctr(
+        *_run(ctr, "rt-path", "--rm", "--runtime", shim, IMAGE, "rt-path", "echo", "path")
+    )
+    assert (by_path.returncode, by_path.stdout) == (0, "path\n"), by_path.stderr
+
+
 def test_detached_task_operations(ctr: Ctr) -> None:
     _ok(
         ctr,

@@ -569,17 +569,20 @@ def test_image_snapshot_content_and_namespace_events_as_containerd_sends_them(
         wire.unary(images + "Delete", t.images.DeleteImageRequest(name=image.name), t.Empty)
         wire.unary(CS + "Delete", t.content.DeleteContentRequest(digest=loose), t.Empty)
         sn = {"snapshotter": "overlayfs"}
+        rooted = {GC_ROOT: "yes"}  # kept from a collection another test's delete starts
         wire.unary(
             SN + "Prepare",
-            t.snapshots.PrepareSnapshotRequest(key="ev-a", **sn),
+            t.snapshots.PrepareSnapshotRequest(key="ev-a", labels=rooted, **sn),
             t.snapshots.PrepareSnapshotResponse,
         )
         wire.unary(
-            SN + "Commit", t.snapshots.CommitSnapshotRequest(name="ev-c", key="ev-a", **sn), t.Empty
+            SN + "Commit",
+            t.snapshots.CommitSnapshotRequest(name="ev-c", key="ev-a", labels=rooted, **sn),
+            t.Empty,
         )
         wire.unary(
             SN + "View",
-            t.snapshots.ViewSnapshotRequest(key="ev-v", parent="ev-c", **sn),
+            t.snapshots.ViewSnapshotRequest(key="ev-v", parent="ev-c", labels=rooted, **sn),
             t.snapshots.ViewSnapshotResponse,
         )
         wire.unary(SN + "Remove", t.snapshots.RemoveSnapshotRequest(key="ev-v", **sn), t.Empty)
@@ -593,6 +596,11 @@ def test_image_snapshot_content_and_namespace_events_as_containerd_sends_them(
             image="example.com/events:1",
             snapshotter="overlayfs",
         )
+        options = t.Any(
+            type_url=capi.RUNC_OPTIONS_TYPE,
+            value=t.runc.Options(binary_name="crun").SerializeToString(),
+        )
+        container.runtime.options.CopyFrom(options)
         wire.unary(
             C + "Create",
             t.containers.CreateContainerRequest(container=container),
@@ -648,7 +656,17 @@ def test_image_snapshot_content_and_namespace_events_as_containerd_sends_them(
         ("/snapshot/commit", "containerd.events.SnapshotCommit", {"key": "ev-a", "name": "ev-c"}),
         ("/snapshot/remove", "containerd.events.SnapshotRemove", {"key": "ev-v"}),
         ("/snapshot/remove", "containerd.events.SnapshotRemove", {"key": "ev-c"}),
-        ("/containers/create", "containerd.events.ContainerCreate", mine[8][2]),
+        (
+            "/containers/create",
+            "containerd.events.ContainerCreate",
+            {
+                "id": "ev-upd",
+                "image": "example.com/events:1",
+                "runtime": t.event_types["containerd.events.ContainerCreate"].Runtime(
+                    name="io.containerd.runc.v2", options=options
+                ),
+            },
+        ),
         (
             "/containers/update",
             "containerd.events.ContainerUpdate",
@@ -764,7 +782,8 @@ def test_a_snapshot_makes_its_namespace(wire: Wire) -> None:
     t = wire.t
     fresh = "snapns" + wire.namespace[2:]
     namespaces = "/containerd.services.namespaces.v1.Namespaces/"
-    prepare = t.snapshots.PrepareSnapshotRequest(key="k", snapshotter="overlayfs")
+    rooted = {GC_ROOT: "yes"}  # kept from the collector that other tests' deletes start
+    prepare = t.snapshots.PrepareSnapshotRequest(key="k", snapshotter="overlayfs", labels=rooted)
     wire.unary(SN + "Prepare", prepare, t.snapshots.PrepareSnapshotResponse, namespace=fresh)
     listed = wire.unary(
         namespaces + "List",
@@ -774,8 +793,30 @@ def test_a_snapshot_makes_its_namespace(wire: Wire) -> None:
     assert fresh in [n.name for n in listed.namespaces]
     delete = t.namespaces.DeleteNamespaceRequest(name=fresh)
     assert wire.code(namespaces + "Delete", delete, t.Empty) == grpc.StatusCode.FAILED_PRECONDITION
-    remove = t.snapshots.RemoveSnapshotRequest(key="k", snapshotter="overlayfs")
-    wire.unary(SN + "Remove", remove, t.Empty, namespace=fresh)
+    # listed in byte order of their keys, as containerd lists them (not in creation order)
+    for key in ("zz", "aa", "m"):
+        prepare = t.snapshots.PrepareSnapshotRequest(
+            key=key, snapshotter="overlayfs", labels=rooted
+        )
+        wire.unary(SN + "Prepare", prepare, t.snapshots.PrepareSnapshotResponse, namespace=fresh)
+    listing = wire.channel.unary_stream(
+        SN + "List",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=t.snapshots.ListSnapshotsResponse.FromString,
+    )
+    listed_keys = [
+        info.name
+        for reply in listing(
+            t.snapshots.ListSnapshotsRequest(snapshotter="overlayfs"),
+            metadata=wire.meta(fresh),
+            timeout=60,
+        )
+        for info in reply.info
+    ]
+    assert listed_keys == ["aa", "k", "m", "zz"]
+    for key in ("k", "zz", "aa", "m"):
+        remove = t.snapshots.RemoveSnapshotRequest(key=key, snapshotter="overlayfs")
+        wire.unary(SN + "Remove", remove, t.Empty, namespace=fresh)
     wire.unary(namespaces + "Delete", delete, t.Empty)
 
 

@@ -522,6 +522,10 @@ def test_paged_lists() -> None:
     for bad in ({"page": []}, {"page": {"after": 3}}):
         with pytest.raises(schema.ValidationError):
             page(bad)
+    # paged by a field its items lack (snapshots were: by "key", named "name"): a bug,
+    # failed loudly instead of a list cut after its first page
+    with pytest.raises(KeyError):
+        paged("c", [{"name": "a"}], "key", page({"page": {}}))
 
 
 def test_two_cli_copies_into_one_file_keep_its_offset(tmp_path: object) -> None:

@@ -250,23 +250,25 @@ class Api:
         self.exchange.publish(
             ctx.namespace,
             "/containers/create",
-            {"id": container.id, "image": container.image, "runtime": {"name": container.runtime}},
+            {
+                "id": container.id,
+                "image": container.image,
+                "runtime": {"name": container.runtime, "options": container.runtime_options},
+            },
         )
         return container.to_wire()
 
     def _runtime(self, runtime: str | schema.RuntimeRef | None) -> tuple[str, dict[str, Any]]:
-        """(runtime name, options) of a create: a name, or {name, options}; a configured one."""
+        """(runtime name, options) of a create: a name, or {name, options}. Any name is
+        recorded, as containerd records it: one this berthd has not configured fails the
+        task's create, not the container's (so a client's own clean-up of a failed run,
+        which deletes the container and its snapshot, finds them, as on containerd)."""
         options: dict[str, Any] = {}
         if isinstance(runtime, schema.RuntimeRef):
             name, options = runtime.name or "", runtime.options
         else:
             name = runtime or ""
-        name = name or self.config.default_runtime
-        if self.config.runtime_entry(name) is None:
-            raise InvalidArgument(
-                f"unknown runtime {name!r}; configured: {sorted(self.config.runtimes)}"
-            )
-        return name, options
+        return name or self.config.default_runtime, options
 
     def _visible(self, namespace: str, container_id: str) -> Container:
         """A container as clients see it: one being removed is gone already."""

@@ -563,7 +563,10 @@ class StorageApi:
 
     async def snapshots_list(self, ctx: CallContext, p: schema.SnapshotList) -> Any:
         snapshots = self.storage.snapshot_list(ctx.namespace, p.snapshotter or None)
-        return paged("snapshots", snapshots, "key", p.page)
+        # by name (its key): a page continues after the last name, and containerd lists
+        # snapshots in byte order (they were keyed by a field they lack: not sorted, and a
+        # listing past one page stopped after the first)
+        return paged("snapshots", snapshots, "name", p.page)
 
     # -- diff -----------------------------------------------------------------------------
 

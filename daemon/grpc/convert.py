@@ -557,7 +557,15 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
     if topic == "/tasks/delete" and payload.get("id") == payload.get("container_id"):
         # containerd's TaskDelete of a task names no process: its id is left unset
         payload = {k: v for k, v in payload.items() if k != "id"}
+    options = None
+    runtime = payload.get("runtime")
+    if topic == "/containers/create" and isinstance(runtime, dict):
+        # ContainerCreate's runtime options: the Any the container was created with
+        options = runtime_options_to_any(runtime.get("options") or {})
+        payload = {**payload, "runtime": {"name": runtime.get("name") or ""}}
     event = fill(cls(), payload)
+    if options is not None:
+        event.runtime.options.CopyFrom(options)
     return t.events.Envelope(
         timestamp=timestamp(envelope.get("timestamp")),
         namespace=envelope.get("namespace") or "",

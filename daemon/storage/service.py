@@ -492,6 +492,7 @@ class Storage:
             doc["name"] = self.unscoped(namespace, doc["name"])
             doc["parent"] = self.unscoped(namespace, doc["parent"]) if doc["parent"] else ""
             out.append(doc)
+        out.sort(key=lambda doc: str(doc["name"]))  # byte order, as containerd lists them
         return out
 
     # -- diff -----------------------------------------------------------------------------

@@ -329,7 +329,10 @@ class TaskService:
         systemd_cgroup)."""
         entry = self._config.runtime_entry(container.runtime)
         if entry is None:
-            raise InvalidArgument(f"unknown runtime {container.runtime!r}")
+            raise InvalidArgument(
+                f"unknown runtime {container.runtime!r}; configured: "
+                f"{sorted(self._config.runtimes)}"
+            )
         options = container.runtime_options
         binary = options.get("binary_name") or entry.binary
         if not shutil.which(binary):
