@@ -4,10 +4,12 @@ tasks over Containers/Tasks, with rootfs mounts passed in Tasks/Create."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +101,29 @@ def test_runtimes_are_resolved_when_the_task_is_created(ctr: Ctr) -> None:
         *_run(ctr, "rt-path", "--rm", "--runtime", shim, IMAGE, "rt-path", "echo", "path")
     )
     assert (by_path.returncode, by_path.stdout) == (0, "path\n"), by_path.stderr
+
+
+def test_task_create_event_names_the_rootfs_mounts(ctr: Ctr) -> None:
+    """`ctr events` during a `ctr run`: the /tasks/create event names the rootfs mounts
+    the task was created with (the snapshot's overlay), as containerd's TaskCreate."""
+    events = subprocess.Popen(
+        [CTR, "-a", grpc_address(ctr.daemon), "-n", ctr.daemon.namespace, "events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)  # subscribed before the run
+        out = ctr(*_run(ctr, "evr", "--rm", IMAGE, "evr", "true"))
+        assert out.returncode == 0, out.stderr
+        time.sleep(0.5)
+    finally:
+        events.terminate()
+        printed, _ = events.communicate(timeout=10)
+    line = next(x for x in printed.splitlines() if "/tasks/create" in x and '"evr"' in x)
+    created = json.loads(line[line.index("{") :])
+    assert [m["type"] for m in created["rootfs"]] == ["overlay"], created
+    assert any(o.startswith("lowerdir=") for o in created["rootfs"][0]["options"]), created
 
 
 def test_detached_task_operations(ctr: Ctr) -> None:

@@ -169,6 +169,9 @@ class TaskHandle:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     supervised: trio.Event = field(default_factory=trio.Event)
     pump_idle: trio.Event = field(default_factory=trio.Event)
+    # the rootfs mounts it was created with, for its /tasks/create event (containerd's
+    # TaskCreate names them); not kept across a restart, as that event is published once
+    rootfs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -287,6 +290,7 @@ class TaskService:
             handle = TaskHandle(
                 namespace, container_id, bundle, self._socket(namespace, container_id), runtime
             )
+            handle.rootfs = [m.to_wire() for m in mounts]
             t0 = time.perf_counter()
             await self._spawn_shim(handle)
             shim_cgroup = container.runtime_options.get("shim_cgroup")
@@ -575,6 +579,7 @@ class TaskService:
             handle.init.pid = payload.get("pid", 0)
             event.update(
                 bundle=handle.bundle,
+                rootfs=handle.rootfs,
                 pid=handle.init.pid,
                 io={k: payload.get(k) for k in ("stdin", "stdout", "stderr", "terminal")},
             )
