@@ -47,7 +47,7 @@ from typing import Any
 
 import trio
 
-from berth.daemon.filters import Predicate, parse_filter, parse_filters
+from berth.daemon.filters import Predicate, parse_event_filters
 from berth.shim.wire.errors import InvalidArgument
 from berth.shim.wire.names import IDENTIFIER_MAX, is_identifier
 
@@ -60,8 +60,7 @@ __all__ = [
     "Predicate",
     "Subscription",
     "check_topic",
-    "parse_filter",
-    "parse_filters",
+    "parse_event_filters",
 ]
 
 
@@ -124,7 +123,7 @@ class Exchange:
         """A new subscription; with `since` (ns) or `after_seq` (of `epoch`), first the
         remembered envelopes newer than that. No await separates replay and registration,
         so nothing falls between. `with_published`: the events clients publish too."""
-        sub = Subscription(self, parse_filters(filters), with_published=with_published)
+        sub = Subscription(self, parse_event_filters(filters), with_published=with_published)
         if after_seq is not None and epoch is not None and epoch != self.epoch:
             after_seq = 0  # another numbering: everything here is new to that client
         if since is not None or after_seq is not None:

@@ -7,6 +7,8 @@
     topic                                 the field is present
 
 Several filter strings are ORed. Pure functions, no trio: the front end imports this too.
+One grammar and one matching, containerd's (its `filters` package), for every service:
+event subscriptions (parse_event_filters) as the metadata services (parse_object_filters).
 
 `~=` is matched with RE2 (google-re2), as containerd matches it with Go's regexp (RE2
 syntax): linear time whatever the pattern. A backtracking engine would let one subscriber's
@@ -31,26 +33,6 @@ REGEX_MEMORY = 1 << 20  # RE2's budget for one compiled pattern (its default is 
 Predicate = Callable[[dict[str, Any]], bool]
 
 
-@dataclass(frozen=True)
-class _Selector:
-    path: tuple[str, ...]
-    op: str  # "", "==", "!=", "~="
-    value: str
-    regex: Any  # a compiled re2 pattern
-
-    def matches(self, envelope: dict[str, Any]) -> bool:
-        present, value = _lookup(envelope, self.path)
-        if self.op == "":
-            return present
-        text = "" if value is None else str(value)
-        if self.op == "==":
-            return present and text == self.value
-        if self.op == "!=":
-            return not present or text != self.value
-        assert self.regex is not None
-        return present and self.regex.search(text) is not None
-
-
 def _lookup(envelope: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
     """A field as containerd's events answer for it (their generated Field methods): only
     a non-empty string is present; a number, a time, a flag or a whole map is not (so
@@ -70,113 +52,6 @@ def _lookup(envelope: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]
     return True, node
 
 
-class _Scanner:
-    """The filter's characters, consumed left to right; errors name the position."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def error(self, message: str) -> InvalidArgument:
-        return InvalidArgument(f"invalid filter {self.text!r} at {self.pos}: {message}")
-
-    def at_end(self) -> bool:
-        return self.pos >= len(self.text)
-
-    def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def skip_spaces(self) -> None:
-        while self.peek().isspace():
-            self.pos += 1
-
-    def accept(self, token: str) -> bool:
-        if self.text.startswith(token, self.pos):
-            self.pos += len(token)
-            return True
-        return False
-
-    def field_part(self) -> str:
-        """One part of a dotted field name: a word, or "a quoted part" (dots and slashes)."""
-        if self.accept('"'):
-            end = self.text.find('"', self.pos)
-            if end < 0:
-                raise self.error("unterminated quoted field name")
-            part, self.pos = self.text[self.pos : end], end + 1
-        else:
-            start = self.pos
-            while self.peek().isalnum() or self.peek() in ("_", "-"):
-                self.pos += 1
-            part = self.text[start : self.pos]
-        if not part:
-            raise self.error("expected a field name")
-        return part
-
-    def quoted_value(self, quote: str) -> str:
-        r"""A value in "..." (a backslash escapes anything) or |...| (only \| is an escape,
-        so \d and friends reach a regular expression intact)."""
-        chars = []
-        while not self.at_end() and self.peek() != quote:
-            if self.peek() == "\\" and self.pos + 1 < len(self.text):
-                following = self.text[self.pos + 1]
-                if quote == '"' or following == "|":
-                    self.pos += 1
-            chars.append(self.peek())
-            self.pos += 1
-        if not self.accept(quote):
-            raise self.error("unterminated quoted value")
-        return "".join(chars)
-
-    def bare_value(self) -> str:
-        start = self.pos
-        while not self.at_end() and self.peek() != "," and not self.peek().isspace():
-            self.pos += 1
-        return self.text[start : self.pos]
-
-
-def _selector(scanner: _Scanner) -> _Selector:
-    """field[.field...] [op value]"""
-    path = [scanner.field_part()]
-    while scanner.accept("."):
-        path.append(scanner.field_part())
-    scanner.skip_spaces()
-    op, value, regex = "", "", None
-    for candidate in ("==", "!=", "~="):
-        if scanner.accept(candidate):
-            op = candidate
-            break
-    if op:
-        scanner.skip_spaces()
-        quote = scanner.peek()
-        if quote in ('"', "|"):
-            scanner.pos += 1
-            value = scanner.quoted_value(quote)
-        else:
-            value = scanner.bare_value()
-        if op == "~=":
-            regex = _compile(value, scanner.error)
-    return _Selector(tuple(path), op, value, regex)
-
-
-def parse_filter(text: str) -> Predicate:
-    """Parse one containerd filter string (selectors joined by commas: AND) into a
-    predicate on envelopes."""
-    if len(text) > MAX_FILTER_LEN:
-        raise InvalidArgument("filter too long")
-    scanner = _Scanner(text)
-    selectors: list[_Selector] = []
-    scanner.skip_spaces()
-    while not scanner.at_end():
-        selectors.append(_selector(scanner))
-        scanner.skip_spaces()
-        if not scanner.at_end() and not scanner.accept(","):
-            raise scanner.error("expected ','")
-        scanner.skip_spaces()
-    if not selectors:
-        return lambda envelope: True
-    return lambda envelope: all(s.matches(envelope) for s in selectors)
-
-
 def _compile(pattern: str, error: Callable[[str], InvalidArgument]) -> Any:
     import re2  # lazily: only `~=` filters need it (~8 ms of import)
 
@@ -192,18 +67,6 @@ def _compile(pattern: str, error: Callable[[str], InvalidArgument]) -> Any:
     except re2.error as exc:
         detail = exc.args[0].decode(errors="replace") if exc.args else str(exc)
         raise error(f"bad regular expression: {detail[:200]}") from None
-
-
-def parse_filters(filters: list[str]) -> Predicate:
-    """OR of several filter strings; no filters match everything."""
-    if len(filters) > MAX_FILTERS:
-        raise InvalidArgument(f"more than {MAX_FILTERS} filters")
-    if sum(len(f) for f in filters) > MAX_FILTERS_TOTAL:
-        raise InvalidArgument(f"filters longer than {MAX_FILTERS_TOTAL} characters together")
-    predicates = [parse_filter(f) for f in filters]
-    if not predicates:
-        return lambda envelope: True
-    return lambda envelope: any(p(envelope) for p in predicates)
 
 
 # -- containerd's own grammar, for its gRPC services -------------------------------------
@@ -371,8 +234,9 @@ class _GoSelector:
 
 
 class _GoParser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, refuse_bad_regex: bool = False) -> None:
         self.scanner = _GoScanner(text)
+        self.refuse_bad_regex = refuse_bad_regex
 
     def selectors(self) -> list[_GoSelector]:
         found = [self.selector()]
@@ -401,7 +265,12 @@ class _GoParser:
             value = _go_unquote(text, op == "~=", lambda m: self.scanner.error(m, pos))
         else:
             raise self.scanner.error("expected value or quoted", pos)
-        regex = _compile_or_none(value) if op == "~=" else None
+        regex = None
+        if op == "~=":
+            if self.refuse_bad_regex:
+                regex = _compile(value, lambda m: self.scanner.error(m, pos))
+            else:
+                regex = _compile_or_none(value)
         return _GoSelector(path, op, value, regex)
 
     def fieldpath(self) -> tuple[str, ...]:
@@ -422,7 +291,7 @@ class _GoParser:
 
 def _compile_or_none(pattern: str) -> Any:
     """A `~=` pattern compiled, or None where containerd's would not compile (it then
-    matches nothing). Bounded as parse_filter's are."""
+    matches nothing). Bounded as _compile's are."""
     if len(pattern) > MAX_PATTERN:
         raise InvalidArgument(f"regular expression longer than {MAX_PATTERN} characters")
     try:
@@ -431,9 +300,13 @@ def _compile_or_none(pattern: str) -> Any:
         return None
 
 
-def parse_object_filters(filters: list[str], adapt: Adaptor) -> ObjectPredicate:
+def parse_object_filters(
+    filters: list[str], adapt: Adaptor, *, refuse_bad_regex: bool = False
+) -> ObjectPredicate:
     """containerd's filters for one kind of object (its `adapt`or): the OR of the filter
-    strings, each an AND of selectors; an empty string, or none at all, matches all."""
+    strings, each an AND of selectors; an empty string, or none at all, matches all.
+    `refuse_bad_regex`: a `~=` pattern that does not compile is InvalidArgument (event
+    subscriptions: a subscriber's typo is told, not a stream that never matches)."""
     if len(filters) > MAX_FILTERS:
         raise InvalidArgument(f"more than {MAX_FILTERS} filters")
     if sum(len(f) for f in filters) > MAX_FILTERS_TOTAL:
@@ -444,5 +317,24 @@ def parse_object_filters(filters: list[str], adapt: Adaptor) -> ObjectPredicate:
     for text in filters:
         if len(text) > MAX_FILTER_LEN:
             raise InvalidArgument("filter too long")
-        alternatives.append(_GoParser(text).selectors())
+        alternatives.append(_GoParser(text, refuse_bad_regex=refuse_bad_regex).selectors())
     return lambda obj: any(all(s.matches(obj, adapt) for s in sel) for sel in alternatives)
+
+
+def adapt_envelope(envelope: Any, path: tuple[str, ...]) -> tuple[str, bool]:
+    """containerd's Envelope.Field: `namespace`, `topic`, `event.<field>` (see _lookup)."""
+    present, value = _lookup(envelope, path)
+    return (value, True) if present else ("", False)
+
+
+def parse_event_filters(filters: list[str]) -> Predicate:
+    """Event subscriptions' filters, in containerd's grammar and with its matching (as
+    its other services' filters: `topic==/tasks/exit` unquoted is refused, `!=` and `~=`
+    read an absent field as ""); a bad regular expression is refused here."""
+    return parse_object_filters(filters, adapt_envelope, refuse_bad_regex=True)
+
+
+def adapt_mapping(obj: Any, path: tuple[str, ...]) -> tuple[str, bool]:
+    """A plain map's string fields (introspection's plugin type and id)."""
+    value = obj.get(path[0]) if len(path) == 1 and isinstance(obj, dict) else None
+    return (value, True) if isinstance(value, str) and value else ("", False)

@@ -766,16 +766,21 @@ class Store:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def flat_lease_content(self, now: int) -> list[tuple[str, str]]:
-        """(namespace, digest) of content held by unexpired leases labelled
-        `containerd.io/gc.flat`: kept, but what it references is not (containerd's flat
-        leases, which BuildKit takes for temporary content)."""
+        """(namespace, digest) of content that only unexpired leases labelled
+        `containerd.io/gc.flat` hold: kept, but what it references is not (containerd's
+        flat leases, which BuildKit takes for temporary content). Content a plain lease
+        holds too is a full root there, its references followed."""
         rows = self._db.execute(
             "SELECT r.namespace, r.key, l.labels FROM lease_resources r JOIN leases l "
             "ON l.namespace = r.namespace AND l.id = r.lease "
             "WHERE r.kind = 'content' AND (l.expires_at = 0 OR l.expires_at > ?)",
             (now,),
         ).fetchall()
-        return [(r[0], r[1]) for r in rows if GC_FLAT in json.loads(r[2])]
+        flat: set[tuple[str, str]] = set()
+        plain: set[tuple[str, str]] = set()
+        for namespace, key, labels in rows:
+            (flat if GC_FLAT in json.loads(labels) else plain).add((namespace, key))
+        return sorted(flat - plain)
 
     def temporary_leases(self) -> list[tuple[str, str]]:
         """(namespace, id) of the leases berthd itself took for one operation."""

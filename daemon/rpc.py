@@ -298,7 +298,8 @@ async def send_now(stream: trio.abc.Stream, lock: trio.Lock, data: bytes) -> Non
     (trio's send_all yields after writing). What the socket does not take now is sent
     as usual, the lock held throughout. The caller must not loop on it without another
     checkpoint: it is for a call's request (its answer is then awaited) and a call's
-    last reply (its task ends)."""
+    last reply (its task ends). A cancelled caller sends nothing (as send_all)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
     fd = live_fd(stream)
     if fd is None or lock.locked():
         async with lock:

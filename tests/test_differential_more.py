@@ -304,9 +304,7 @@ class Stream(Subscription):
 
 def test_event_subscribe_filters_match(p: Pair) -> None:
     """Subscribers with filters on topic (== and ~=), namespace, an OR of two, see the
-    same published and forwarded events in the same order. (berthd's grammar for event
-    filters takes some that containerd's refuses, `topic==` or `topic==/tasks/exit`:
-    not compared.)"""
+    same published and forwarded events in the same order."""
     t = p.t
     E = t.Empty
     ns = p.berth.namespace

@@ -137,10 +137,11 @@ def test_an_interrupted_ingest_resumes(served: Served) -> None:
 def test_diffs_are_byte_for_byte_containerds(tmp_path: Path) -> None:
     """berth's diff of two trees against containerd's own archive.WriteDiff (no daemon):
     files, directories (their modes), a symlink, a hard link, a FIFO, a device, a file
-    capability, names over 100 bytes (one ustar splits, one needs PAX), an added file
-    under an old directory. The same bytes, so the same diff ID; and an empty diff is
-    the empty layer every engine knows. (A deletion's whiteout is left out: containerd
-    stamps it with the time of the diff; berth with 0.)"""
+    capability, names over 100 bytes (one ustar splits, one needs PAX), non-ASCII names,
+    a long symlink with a long target, an added file under an old directory. The same
+    bytes, so the same diff ID; and an empty diff is the empty layer every engine knows.
+    (A deletion's whiteout is left out: containerd stamps it with the time of the diff;
+    berth with 0.)"""
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     (lower / "kept").mkdir(parents=True)
     (lower / "kept" / "old").write_text("old\n")
@@ -164,6 +165,9 @@ def test_diffs_are_byte_for_byte_containerds(tmp_path: Path) -> None:
     (upper / "dir" / ("y" * 110) / ("z" * 30)).parent.mkdir()
     (upper / "dir" / ("y" * 110) / ("z" * 30)).write_text("deep\n")
     (upper / ("long" + "x" * 120)).mkdir()
+    (upper / "café-ü.txt").write_text("non-ASCII name\n")  # PAX path; ASCII in ustar, as Go
+    (upper / "ünï").mkdir()
+    os.symlink("t" * 150, upper / ("l" * 120))  # long name and link: PAX records sorted
     for case, (old, new) in {"changes": (lower, upper), "empty": (lower, lower)}.items():
         theirs = tmp_path / f"{case}.containerd.tar"
         result = subprocess.run(

@@ -371,7 +371,7 @@ def test_subscriptions_resume_across_a_berth_grpc_replacement(wire: Wire) -> Non
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=t.events.Envelope.FromString,
     )
-    request = t.events.SubscribeRequest(filters=["topic==/tasks/exit"])
+    request = t.events.SubscribeRequest(filters=['topic=="/tasks/exit"'])
     subscribed = threading.Event()
 
     def follow() -> None:

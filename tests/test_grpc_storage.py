@@ -841,6 +841,7 @@ def test_a_flat_lease_keeps_its_content_but_not_what_that_references(wire: Wire)
             return False
 
     flat, plain, writing = lease("flat", {"containerd.io/gc.flat": "x"}), lease("plain"), lease("w")
+    writing2 = lease("w2")
     child = _put(wire, b"named by the flat-leased blob", "flat-child", lease=writing)
     other = _put(wire, b"named by the plain-leased blob", "plain-child", lease=writing)
     ref = "containerd.io/gc.ref.content.0"
@@ -849,6 +850,15 @@ def test_a_flat_lease_keeps_its_content_but_not_what_that_references(wire: Wire)
     wire.unary(LS + "Delete", t.leases.DeleteRequest(id=writing, sync=True), t.Empty)
     assert (stored(parent), stored(child)) == (True, False)
     assert (stored(kept), stored(other)) == (True, True)
+    # content a plain lease holds as well as a flat one is a full root: followed
+    shared_child = _put(wire, b"named by a blob both leases hold", "both-child", lease=writing2)
+    shared = _put(wire, b"held flat and plain", "both-parent", {ref: shared_child}, lease=flat)
+    add = t.leases.AddResourceRequest(
+        id=plain, resource=t.leases.Resource(id=shared, type="content")
+    )
+    wire.unary(LS + "AddResource", add, t.Empty)
+    wire.unary(LS + "Delete", t.leases.DeleteRequest(id=writing2, sync=True), t.Empty)
+    assert (stored(shared), stored(shared_child)) == (True, True)
     for lease_id in (flat, plain):
         wire.unary(LS + "Delete", t.leases.DeleteRequest(id=lease_id, sync=True), t.Empty)
-    assert not any(stored(d) for d in (parent, kept, other))
+    assert not any(stored(d) for d in (parent, kept, other, shared, shared_child))

@@ -608,7 +608,10 @@ class StorageApi:
         return paged("leases", self.storage.store.list_leases(ctx.namespace), "id", p.page)
 
     async def leases_delete(self, ctx: CallContext, p: schema.LeasesDelete) -> Any:
-        self.storage.freeing(lambda: self.storage.delete_lease(ctx.namespace, p.id))
+        # in a worker thread: it waits for the GC lock and removes the lease's ingests
+        await in_thread(
+            self.storage.freeing, lambda: self.storage.delete_lease(ctx.namespace, p.id)
+        )
         await self._collect_after_delete(p.sync)
         return {}
 

@@ -961,14 +961,26 @@ class _GoTarInfo(tarfile.TarInfo):
                 ustar = {**info, "prefix": split[0], "name": split[1]}
                 with contextlib.suppress(ValueError):  # a field past ustar's: PAX, below
                     return self._create_header(ustar, tarfile.USTAR_FORMAT, "ascii", "strict")
-        buf = super().create_pax_header(info, encoding)
+        # Go's PAX records, sorted by key (Python writes path before linkpath), and in the
+        # ustar fields under them the name and link as Go writes them: ASCII only, cut
+        records = dict(self.pax_headers)
+        for header_field, key in (("name", "path"), ("linkname", "linkpath")):
+            value = info.get(header_field, "")
+            if not value.isascii() or len(value) > LENGTH_NAME:
+                records[key] = value
+                info = {**info, header_field: _go_ascii(value)[:LENGTH_NAME]}
+        saved, self.pax_headers = self.pax_headers, dict(sorted(records.items()))
+        try:
+            buf = super().create_pax_header(info, encoding)
+        finally:
+            self.pax_headers = saved
         if buf[156:157] != tarfile.XHDTYPE:
             return buf  # no extended header was needed
-        real = self.name + ("/" if self.type == tarfile.DIRTYPE else "")
+        real = _go_ascii(self.name + ("/" if self.type == tarfile.DIRTYPE else ""))
         directory, base = posixpath.split(real)
         name = posixpath.normpath("/".join(p for p in (directory, "PaxHeaders.0", base) if p))
         block = bytearray(buf[: tarfile.BLOCKSIZE])
-        block[0:100] = name.encode("utf-8", "surrogateescape")[:100].ljust(100, b"\x00")
+        block[0:100] = name.encode("ascii")[:100].ljust(100, b"\x00")
         _checksum(block)
         return bytes(block) + buf[tarfile.BLOCKSIZE :]
 
@@ -984,6 +996,12 @@ class _GoTarInfo(tarfile.TarInfo):
 
 
 LENGTH_NAME, LENGTH_PREFIX = 100, 155  # ustar's name and prefix fields
+
+
+def _go_ascii(text: str) -> str:
+    """What Go's archive/tar keeps of a string for a ustar field: its ASCII characters
+    but NUL (the rest goes to PAX records)."""
+    return "".join(c for c in text if "\x00" < c < "\x80")
 
 
 def _go_ustar_split(name: str) -> tuple[str, str] | None:

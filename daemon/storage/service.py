@@ -209,24 +209,26 @@ class Storage:
         """Delete a lease; the ingests it held that no other live lease holds and no writer
         is writing go with it (containerd collects them: an unleased ingest is no GC root
         there). How many were removed."""
-        held = [
-            k for kind, k in self.store.lease_resources(namespace, lease_id) if kind == "ingest"
-        ]
-        self.store.delete_lease(namespace, lease_id)
-        still = {
-            key
-            for ns, kind, key in self.store.live_lease_resources(time.time_ns())
-            if ns == namespace and kind == "ingest"
-        }
-        removed = 0
-        for ref in held:
-            if ref in still:
-                continue
-            try:
-                self.content.abort(f"{namespace}/{ref}")
-                removed += 1
-            except (NotFound, Unavailable):  # gone already, or being written right now
-                pass
+        ingest = ("ingest", "ingests")  # "ingests": as berth-grpc once stored containerd's name
+        with self.gc_lock:  # no writer opens one of them between the check and the abort
+            held = [
+                k for kind, k in self.store.lease_resources(namespace, lease_id) if kind in ingest
+            ]
+            self.store.delete_lease(namespace, lease_id)
+            still = {
+                key
+                for ns, kind, key in self.store.live_lease_resources(time.time_ns())
+                if ns == namespace and kind in ingest
+            }
+            removed = 0
+            for ref in held:
+                if ref in still:
+                    continue
+                try:
+                    self.content.abort(f"{namespace}/{ref}")
+                    removed += 1
+                except (NotFound, Unavailable):  # gone already, or being written right now
+                    pass
         return removed
 
     # -- content --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, ClassVar, TypeVar
 
 from berth.daemon import logs
-from berth.daemon.filters import Adaptor, ObjectPredicate, parse_filters, parse_object_filters
+from berth.daemon.filters import Adaptor, ObjectPredicate, parse_event_filters, parse_object_filters
 from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.calls import StatusCode
 from berth.daemon.grpc.client import AsyncClient
@@ -251,8 +251,8 @@ def streaming(
     return handler
 
 
-def filters(values: Any) -> Callable[[dict[str, Any]], bool]:
-    return parse_filters([f for f in values if f])
+def event_filters(values: Any) -> Callable[[dict[str, Any]], bool]:
+    return parse_event_filters(list(values))
 
 
 def object_filters(values: Any, adapt: Adaptor) -> ObjectPredicate:

@@ -17,7 +17,7 @@ from berth.daemon.grpc.services.base import (
     Handler,
     Service,
     empty,
-    filters,
+    event_filters,
     log,
     streaming,
     unary,
@@ -59,7 +59,7 @@ class Events(Service):
 
     @streaming
     async def subscribe(self, request: Any, call: Call) -> AsyncIterator[Any]:
-        filters(request.filters)  # a bad filter fails here, with containerd's code
+        event_filters(request.filters)  # a bad filter fails here, with containerd's code
         handoff = self.backend.handoff
         key = handoff.key(call.namespace, list(request.filters))
         cursor = handoff.take(key)

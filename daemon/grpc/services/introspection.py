@@ -6,8 +6,9 @@ from __future__ import annotations
 import platform
 from typing import Any
 
+from berth.daemon.filters import adapt_mapping
 from berth.daemon.grpc import convert as capi
-from berth.daemon.grpc.services.base import Call, Handler, Service, filters, unary
+from berth.daemon.grpc.services.base import Call, Handler, Service, object_filters, unary
 
 
 class Introspection(Service):
@@ -48,7 +49,7 @@ class Introspection(Service):
                 exports=exports,
             )
             out.append(plugin)
-        keep = filters(request.filters)
+        keep = object_filters(request.filters, adapt_mapping)
         return t.introspection.PluginsResponse(
             plugins=[p for p in out if keep({"type": p.type, "id": p.id})]
         )
