@@ -945,11 +945,11 @@ def _write_diff(lower: _Tree | None, upper: _Tree, out: IO[bytes]) -> str:
 class _GoTarInfo(tarfile.TarInfo):
     """A tar header as Go's archive/tar writes an entry's (containerd's diffs): the device
     numbers "0000000" for every entry, where Python leaves them NUL unless it is a
-    device; a PAX header named as Go names it (`<dir>/PaxHeaders.0/<base>`, cut at 100
-    bytes), where Python writes "././@PaxHeader". With whole-second times, xattrs in
-    sorted order and Go's end of archive, a diff is byte for byte containerd's (checked
-    against its archive.WriteDiff: files, directories, links, devices, FIFOs, xattrs,
-    names over 100 bytes)."""
+    device; a long name split into ustar's prefix as Go splits it; a PAX header named as
+    Go names it (`<dir>/PaxHeaders.0/<base>`, cut at 100 bytes), where Python writes
+    "././@PaxHeader", with its records sorted and ASCII-only ustar fields under it. With
+    whole-second times and Go's end of archive, a diff is byte for byte containerd's
+    (checked against its archive.WriteDiff in test_go_client_storage)."""
 
     def create_pax_header(self, info: Any, encoding: str) -> bytes:
         name, link = info["name"], info.get("linkname", "")
