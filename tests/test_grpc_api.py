@@ -142,15 +142,7 @@ def test_container_round_trip_keeps_encodings(wire: Wire) -> None:
 def test_task_lifecycle_with_events(wire: Wire) -> None:
     t = wire.t
     events: queue.Queue[Any] = queue.Queue()
-    subscribe = wire.channel.unary_stream(
-        "/containerd.services.events.v1.Events/Subscribe",
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=t.events.Envelope.FromString,
-    )
-    stream = subscribe(
-        t.events.SubscribeRequest(filters=[f"namespace=={wire.namespace},topic~=|^/tasks/|"]),
-        metadata=wire.meta(),
-    )
+    stream = wire.subscribe([f"namespace=={wire.namespace},topic~=|^/tasks/|"])
 
     def pump() -> None:
         try:
@@ -366,17 +358,11 @@ def test_subscriptions_resume_across_a_berth_grpc_replacement(wire: Wire) -> Non
     exits: collections.Counter[str] = collections.Counter()
     ends: list[str] = []
     done = threading.Event()
-    subscribe = wire.channel.unary_stream(
-        "/containerd.services.events.v1.Events/Subscribe",
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=t.events.Envelope.FromString,
-    )
-    request = t.events.SubscribeRequest(filters=['topic=="/tasks/exit"'])
     subscribed = threading.Event()
 
     def follow() -> None:
         while not done.is_set():
-            stream = subscribe(request, metadata=wire.meta())
+            stream = wire.subscribe(['topic=="/tasks/exit"'])
             subscribed.set()
             try:
                 for envelope in stream:

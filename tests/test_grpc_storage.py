@@ -521,14 +521,9 @@ def test_image_snapshot_content_and_namespace_events_as_containerd_sends_them(
     field that is not a string (`event.pid`) matches nothing, as on containerd."""
     t = wire.t
     received: queue.Queue[Any] = queue.Queue()
-    subscribe = wire.channel.unary_stream(
-        "/containerd.services.events.v1.Events/Subscribe",
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=t.events.Envelope.FromString,
-    )
     marker = "evmark" + wire.namespace[2:]
     streams = [
-        subscribe(t.events.SubscribeRequest(filters=filters), metadata=wire.meta())
+        wire.subscribe(filters)
         for filters in (
             [f"namespace=={wire.namespace}"],
             ["event.pid", "event.exit_status==0", f"event.name=={marker}"],

@@ -41,6 +41,15 @@ class Wire:
         )
         return fn(request, metadata=self.meta(namespace), timeout=60)
 
+    def subscribe(self, filters: list[str], namespace: str | None = "") -> Any:
+        """An Events/Subscribe stream (grpcio's iterator of Envelopes; .cancel() ends it)."""
+        fn = self.channel.unary_stream(
+            "/containerd.services.events.v1.Events/Subscribe",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=self.t.events.Envelope.FromString,
+        )
+        return fn(self.t.events.SubscribeRequest(filters=filters), metadata=self.meta(namespace))
+
     def code(self, path: str, request: Any, response_cls: Any, **kw: Any) -> Any:
         with pytest.raises(grpc.RpcError) as info:
             self.unary(path, request, response_cls, **kw)
