@@ -36,8 +36,7 @@ Predicate = Callable[[dict[str, Any]], bool]
 def _lookup(envelope: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
     """A field as containerd's events answer for it (their generated Field methods): only
     a non-empty string is present; a number, a time, a flag or a whole map is not (so
-    `event.pid` or `event.exit_status==3` match nothing, as on containerd). A task's
-    TaskDelete names no process on containerd: its `id` is absent there too."""
+    `event.pid` or `event.exit_status==3` match nothing, as on containerd)."""
     node: Any = envelope
     for part in path:
         if not isinstance(node, dict) or part not in node:
@@ -45,10 +44,6 @@ def _lookup(envelope: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]
         node = node[part]
     if not isinstance(node, str) or not node:
         return False, None
-    if path == ("event", "id") and envelope.get("topic") == "/tasks/delete":
-        event = envelope.get("event")
-        if isinstance(event, dict) and node == event.get("container_id"):
-            return False, None
     return True, node
 
 

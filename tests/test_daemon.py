@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import pytest
 
+from berth.daemon.filters import parse_event_filters
 from berth.shim.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.support.helpers import BERTH, Daemon, is_gone, wait_until
 
@@ -382,6 +383,11 @@ def test_events_stream(daemon: Daemon) -> None:
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
     exit_event = seen[2]["event"]
     assert exit_event["container_id"] == "c-ev" and exit_event["exit_status"] == 9
+    # containerd's TaskDelete of a task names no process: no `id` (so `event.id==c-ev`
+    # matches it on neither)
+    deleted = seen[3]["event"]
+    assert deleted["container_id"] == "c-ev" and "id" not in deleted, deleted
+    assert not parse_event_filters(["event.id==c-ev"])(seen[3])
 
 
 def test_a_clients_event_reaches_subscribers_unchanged(daemon: Daemon) -> None:

@@ -260,11 +260,7 @@ class StorageApi:
         give_up = trio.current_time() + ABORT_WAIT
         while True:
             try:
-                self.storage.content.abort(f"{ctx.namespace}/{p.ref}")
-                if ctx.lease:  # gone: it leaves the caller's lease (as containerd's abort)
-                    self.storage.store.delete_lease_resource(
-                        ctx.namespace, ctx.lease, "ingest", p.ref
-                    )
+                self.storage.abort_ingest(ctx.namespace, p.ref, ctx.lease)
                 return {}
             except Unavailable:
                 if trio.current_time() >= give_up:

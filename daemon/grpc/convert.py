@@ -555,7 +555,9 @@ def envelope_to_message(envelope: dict[str, Any]) -> Any | None:
     payload = envelope.get("event") or {}
     payload = payload if isinstance(payload, dict) else {}
     if topic == "/tasks/delete" and payload.get("id") == payload.get("container_id"):
-        # containerd's TaskDelete of a task names no process: its id is left unset
+        # containerd's TaskDelete of a task names no process: berthd's events have no id
+        # since 2026-12-02; one a berthd before that published (a history handed on in
+        # an upgrade, an older berthd behind this berth-grpc) still carries it
         payload = {k: v for k, v in payload.items() if k != "id"}
     options = None
     runtime = payload.get("runtime")

@@ -26,6 +26,7 @@ from berth.daemon.storage.service import (
     GC_REF_CONTENT,
     GC_REF_SNAPSHOT,
     GC_ROOT,
+    LEASED_INGEST,
     LEASED_SNAPSHOT,
     MAX_ARCHIVE_DOCUMENT,
     Storage,
@@ -92,11 +93,12 @@ def collect(storage: Storage, protected_snapshots: set[tuple[str, str]] | None =
             storage.store.delete_lease(ns, lease_id)
             result.leases += 1
         marks = Marks(snapshots=set(protected_snapshots or ()))
-        pending = _roots(storage, now, marks)
+        flat = set(storage.store.flat_lease_content(now))
+        pending = _roots(storage, now, marks, flat)
         _mark(storage, pending, marks)
         # a flat lease's content is kept, not followed (marked after the walk, so that a
         # blob another root reaches still has its references followed)
-        marks.content.update(storage.store.flat_lease_content(now))
+        marks.content.update(flat)
         _sweep_content(storage, marks, result)
         _sweep_snapshots(storage, marks, result)
         _sweep_ingests(storage, now, result)
@@ -123,14 +125,15 @@ def _label_refs(
             snapshots.add((snapshotter, f"{namespace}/{value}"))
 
 
-def _roots(storage: Storage, now: int, marks: Marks) -> list[tuple[str, str]]:
+def _roots(
+    storage: Storage, now: int, marks: Marks, flat: set[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Mark the snapshots the roots hold directly; return the content they hold (to mark
     with everything it references)."""
     pending = []
     for ns, image in storage.store.all_images():
         pending.append((ns, image["target"]["digest"]))
         _label_refs(ns, image.get("labels") or {}, pending, marks.snapshots)
-    flat = set(storage.store.flat_lease_content(now))
     for ns, kind, key in storage.store.live_lease_resources(now):
         if kind == "content":
             if (ns, key) not in flat:
@@ -251,7 +254,7 @@ def _sweep_ingests(storage: Storage, now: int, result: GCResult) -> None:
     leased = {
         f"{ns}/{key}"
         for ns, kind, key in storage.store.live_lease_resources(now)
-        if kind in ("ingest", "ingests")  # "ingests": as berth-grpc stored containerd's name
+        if kind in LEASED_INGEST
     }
     cutoff = now - int(storage.ingest_expiry * 1e9)
     for status in storage.content.list_ingests():

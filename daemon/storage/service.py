@@ -56,6 +56,9 @@ GC_REF_CONTENT = "containerd.io/gc.ref.content"
 GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 GC_ROOT = "containerd.io/gc.root"  # content or a snapshot so labelled is a GC root
 LEASED_SNAPSHOT = "snapshot/"  # a lease resource kind: snapshot/<snapshotter>
+# the lease resource kinds of an ingest: berth's, and containerd's name, which berth-grpc
+# stored as it was before it translated it
+LEASED_INGEST = ("ingest", "ingests")
 TEMP_LEASE_SECONDS = 3600
 DEFAULT_INGEST_EXPIRY = 3600.0  # seconds an ingest no live lease holds may sit unwritten
 MAX_ARCHIVE_DOCUMENT = images.MAX_DOCUMENT
@@ -205,20 +208,27 @@ class Storage:
         if lease_id:
             self.store.delete_lease_resource(namespace, lease_id, kind, key)
 
+    def abort_ingest(self, namespace: str, ref: str, lease_id: str | None = None) -> None:
+        """Remove an ingest (Unavailable while a writer holds it); it leaves the caller's
+        lease, as containerd's abort."""
+        self.content.abort(f"{namespace}/{ref}")
+        self._let_go(namespace, lease_id, "ingest", ref)
+
     def delete_lease(self, namespace: str, lease_id: str) -> int:
         """Delete a lease; the ingests it held that no other live lease holds and no writer
         is writing go with it (containerd collects them: an unleased ingest is no GC root
         there). How many were removed."""
-        ingest = ("ingest", "ingests")  # "ingests": as berth-grpc once stored containerd's name
         with self.gc_lock:  # no writer opens one of them between the check and the abort
             held = [
-                k for kind, k in self.store.lease_resources(namespace, lease_id) if kind in ingest
+                k
+                for kind, k in self.store.lease_resources(namespace, lease_id)
+                if kind in LEASED_INGEST
             ]
             self.store.delete_lease(namespace, lease_id)
             still = {
                 key
                 for ns, kind, key in self.store.live_lease_resources(time.time_ns())
-                if ns == namespace and kind in ingest
+                if ns == namespace and kind in LEASED_INGEST
             }
             removed = 0
             for ref in held:

@@ -615,8 +615,7 @@ class TaskService:
         elif topic == shim_topics.TASK_RESUMED:
             handle.init.set_status(RUNNING)
         elif topic == shim_topics.TASK_DELETE:
-            event.update(
-                id=handle.id,
+            event.update(  # containerd's TaskDelete of a task names no process: no `id`
                 pid=payload.get("pid", 0),
                 exit_status=payload.get("exit_status", 0),
                 exited_at=payload.get("exited_at", 0),
@@ -970,7 +969,7 @@ class TaskService:
         self._exchange.publish(
             handle.namespace,
             "/tasks/delete",
-            {"container_id": handle.id, "id": handle.id, **result},
+            {"container_id": handle.id, **result},  # no `id`: see _apply_event
         )
         return result
 
