@@ -18,5 +18,7 @@ stop_signal, architecture, blkio  # noqa
 skipped_devices, subscriber_count, from_timestamp, frame_message  # noqa
 # gRPC's full table of status codes (daemon/grpc/calls.py): the protocol's, not all sent
 ABORTED, DATA_LOSS, UNAUTHENTICATED  # noqa
-# h2 settings and a hyperframe GOAWAY frame, set before they are serialized (h2server.py)
-local_settings, last_stream_id, error_code, additional_data  # noqa
+# HTTP/2's full tables of error codes and settings (daemon/grpc/http2.py): RFC 9113's,
+# not all used; and the hpack decoder's table limit, set on it
+INTERNAL_ERROR, SETTINGS_TIMEOUT, CANCEL, CONNECT_ERROR, INADEQUATE_SECURITY  # noqa
+HTTP_1_1_REQUIRED, HEADER_TABLE_SIZE, max_allowed_table_size  # noqa

@@ -30,7 +30,7 @@ from hyperframe.frame import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from berth.daemon.grpc import h2server
+from berth.daemon.grpc import h2server, http2
 from berth.daemon.grpc.calls import Context, Route
 from berth.daemon.grpc.h2server import Server, frame_message
 
@@ -341,12 +341,29 @@ def test_a_frame_declared_oversized_ends_the_connection_before_its_body(
 def test_frame_sizes_are_read_however_the_bytes_are_cut(
     lengths: list[int], big: bool, cuts: list[int]
 ) -> None:
-    wire = PREFACE + b"".join(
-        n.to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"\x07" * n for n in lengths
+    """A frame header declaring more than SETTINGS_MAX_FRAME_SIZE ends the connection
+    (FRAME_SIZE_ERROR) as soon as its 9 bytes are in, before any of its body, however the
+    bytes arrive; frames of an unknown type under the limit pass."""
+    settings_frame = _frames(SettingsFrame(0))
+    wire = PREFACE + settings_frame
+    wire += b"".join(
+        n.to_bytes(3, "big") + b"\x77\x00\x00\x00\x00\x01" + b"\x07" * n for n in lengths
     )
+    oversized_at = len(wire) + 9  # where its header ends
     if big:
-        wire += (65).to_bytes(3, "big") + b"\x00" * 6
+        wire += (16385).to_bytes(3, "big") + b"\x00" * 6
     points = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
-    sizes = h2server.FrameSizes()
-    found = [sizes.oversized(wire[a:b], 64) for a, b in itertools.pairwise(points)]
-    assert [f for f in found if f is not None] == ([65] if big else [])
+    connection = http2.ServerConnection()
+    refused = None
+    for a, b in itertools.pairwise(points):
+        try:
+            connection.receive_data(wire[a:b])
+        except http2.RemoteProtocolError as error:
+            refused = (error.code, b)
+            break
+    if big:
+        assert refused == (http2.ErrorCode.FRAME_SIZE_ERROR, refused[1])
+        assert refused[1] >= oversized_at  # not before the header was whole
+        assert _goaway_codes(connection.data_to_send()) == [http2.ErrorCode.FRAME_SIZE_ERROR]
+    else:
+        assert refused is None

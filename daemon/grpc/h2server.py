@@ -1,5 +1,5 @@
-"""gRPC over HTTP/2 on a UNIX socket, served with `h2` (python-hyper's sans-IO HTTP/2) on
-asyncio: what berth-grpc answers containerd's clients with, in place of grpcio.
+"""gRPC over HTTP/2 on a UNIX socket, on asyncio: what berth-grpc answers containerd's
+clients with, in place of grpcio. HTTP/2 itself is `http2.ServerConnection` (sans-IO).
 
 grpcio was a third of berth-grpc's memory (its C core, its threads and arenas: berth-grpc
 was 34 MiB RSS on it, 24 without) for a front end that serves one local socket. gRPC's
@@ -14,27 +14,25 @@ wire protocol over HTTP/2 is small (grpc/doc/PROTOCOL-HTTP2.md):
   no message may be "trailers only", one HEADERS frame carrying both.
 
 `MessageReader` is the sans-IO half of the message framing (bytes in, whole messages out,
-bounded); `Server` drives connections with h2. Kernel-side facts that bite:
+bounded); `Server` drives connections. Facts that bite:
 
-- h2's connection state machine closes for sending once a GOAWAY is sent, so a graceful
-  stop writes its GOAWAY frame directly (hyperframe) and keeps answering the calls already
-  begun; a stream the client opens after it is refused (REFUSED_STREAM), which gRPC
-  clients retry on a new connection (here: the successor's socket).
+- a graceful stop sends GOAWAY and keeps answering the calls already begun; a stream the
+  client opens after it is refused (REFUSED_STREAM), which gRPC clients retry on a new
+  connection (here: the successor's socket).
 - HTTP/2 flow control: data received is acknowledged (WINDOW_UPDATE) as the handler takes
   it, so a client streaming faster than berthd stores (Content.Write) is held back by its
   window instead of filling this process's memory; data sent waits for the client's window.
-- h2's own validation of received headers fails the whole connection (a GOAWAY) on one
-  malformed request, ending every call the client has on it; RFC 9113 (8.1.1) makes that
-  a stream error. Requests are checked here instead (`malformed_headers`), as grpc-go
-  does: a malformed one's stream is reset, the connection and its other calls go on.
+- one malformed request is a stream error (RFC 9113 8.1.1), not a connection's: requests
+  are checked here (`malformed_headers`), as grpc-go does; a malformed one's stream is
+  reset, the connection and its other calls go on.
 
 A hostile or broken client is held to bounds of its own connection (tests/
 test_grpc_h2_hostile.py): calls it resets before their answer are budgeted (Rapid Reset,
 RESET_BUDGET: GOAWAY ENHANCE_YOUR_CALM); what is queued for it is bounded by WRITE_LIMIT,
 whatever windows it grants; a frame header longer than SETTINGS_MAX_FRAME_SIZE ends it at
-once (h2 would buffer the whole frame first); its preface must come within
-HANDSHAKE_TIMEOUT; and clients past `max_connections` are closed at once. h2 itself bounds
-CONTINUATION frames (64 a header block) and the header list (MAX_HEADER_LIST_SIZE, 64 KiB).
+once, before its body is buffered; its preface must come within HANDSHAKE_TIMEOUT; and
+clients past `max_connections` are closed at once. `http2` bounds a header block
+(encoded, CONTINUATION frames, and decoded: MAX_HEADER_LIST_SIZE).
 """
 
 from __future__ import annotations
@@ -48,23 +46,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
+from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
+from berth.daemon.grpc.http2 import (
     ConnectionTerminated,
     DataReceived,
-    RemoteSettingsChanged,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
     RequestReceived,
+    ServerConnection,
+    SettingsReceived,
     StreamEnded,
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
-
-from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
 
 log = logging.getLogger("berth.grpc.h2")
 
@@ -99,8 +94,9 @@ RESET_REFILL = 100.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 4096  # clients at most (an idle one costs ~20 KiB), whatever the rlimit
 READ_SIZE = 256 * 1024
+MAX_HEADER_LIST_SIZE = 64 * 1024  # a request's headers, decoded (grpc-go: 16 MiB)
 _END = None  # the inbox's end-of-requests mark
-RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+RESPONSE_HEADERS = ((":status", "200"), ("content-type", "application/grpc"))
 
 
 def connection_limit() -> int:
@@ -152,38 +148,6 @@ class MessageReader:
         return bool(self._buffer)
 
 
-class FrameSizes:
-    """Frame headers read as the bytes pass, before h2 takes them: h2 checks a frame's
-    length against SETTINGS_MAX_FRAME_SIZE only once the whole frame has come, so a header
-    declaring 16 MiB had it buffer 16 MiB for the connection first."""
-
-    PREFACE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-    def __init__(self) -> None:
-        self._skip = self.PREFACE  # bytes before the next frame header
-        self._header = bytearray()  # a frame header begun
-
-    def oversized(self, data: bytes, max_frame: int) -> int | None:
-        """The length of the first frame in `data` longer than `max_frame`, if any."""
-        view, at = memoryview(data), 0
-        while at < len(view):
-            if self._skip:
-                taken = min(self._skip, len(view) - at)
-                self._skip -= taken
-                at += taken
-                continue
-            piece = view[at : at + 9 - len(self._header)]
-            self._header += piece
-            at += len(piece)
-            if len(self._header) == 9:
-                length = int.from_bytes(self._header[:3], "big")
-                self._header.clear()
-                if length > max_frame:
-                    return length
-                self._skip = length
-        return None
-
-
 def frame_message(payload: bytes) -> bytes:
     return PREFIX.pack(0, len(payload)) + payload
 
@@ -233,8 +197,8 @@ def malformed_headers(headers: Any) -> str | None:
 def encode_grpc_message(details: str) -> str:
     """`grpc-message`'s percent-encoding: printable ASCII but '%' as is, the rest as %XX of
     its UTF-8 bytes; at most MAX_STATUS_MESSAGE bytes, cut with "...". Errors may echo what
-    a client sent, and h2's HPACK encoder takes quadratic time in a header's length: an
-    uncut 300 KiB message held the loop for a minute."""
+    a client sent: a trailer of 300 KiB would be sent as is, and some clients refuse
+    header lists past 8 or 16 KiB (h2's HPACK encoder held the loop for a minute on it)."""
     out: list[str] = []
     size = 0
     for char in details[:MAX_STATUS_MESSAGE]:  # cut between characters, never inside one
@@ -276,7 +240,7 @@ class _Call:
 
 
 class _Connection:
-    """One client: h2's state, its calls, and the writes to its socket."""
+    """One client: its HTTP/2 state, its calls, and the writes to its socket."""
 
     def __init__(
         self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -284,24 +248,14 @@ class _Connection:
         self.server = server
         self.reader = reader
         self.writer = writer
-        config = H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            validate_inbound_headers=False,  # per stream: malformed_headers
-        )
-        self.h2 = H2Connection(config=config)
-        self.h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_CALLS,
-                SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            },
+        self.http2 = ServerConnection(
+            max_concurrent_streams=MAX_CONCURRENT_CALLS,
+            initial_window_size=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_header_list_size=MAX_HEADER_LIST_SIZE,
         )
         self.calls: dict[int, _Call] = {}
         self.greeted = False  # the client's preface and first SETTINGS came
-        self._frame_sizes = FrameSizes()
         self._resets = float(RESET_BUDGET)  # what is left of the budget
         self._resets_at = time.monotonic()
         self.draining = False
@@ -312,7 +266,7 @@ class _Connection:
     # -- writing -----------------------------------------------------------------------
 
     def flush(self) -> None:
-        data = self.h2.data_to_send()
+        data = self.http2.data_to_send()
         if data and not self.closed and not self.writer.transport.is_closing():
             self.writer.write(data)
 
@@ -327,7 +281,7 @@ class _Connection:
     def _send_headers(self, call: _Call) -> None:
         if not call.headers_sent:
             call.headers_sent = True
-            self.h2.send_headers(call.stream_id, RESPONSE_HEADERS)
+            self.http2.send_headers(call.stream_id, RESPONSE_HEADERS)
 
     async def send_message(self, call: _Call, payload: bytes, *, last: bool = False) -> None:
         """Frame and send one response message, within the client's window. The `last`
@@ -344,7 +298,7 @@ class _Connection:
         pending = bytearray(PREFIX.pack(0, len(payload)))  # bytes for the next frame
         body, offset = memoryview(payload), 0
         while pending or offset < len(body):
-            window = self.h2.local_flow_control_window(call.stream_id)
+            window = self.http2.local_flow_control_window(call.stream_id)
             if window <= 0:
                 self.flush()
                 await self._window_opened.wait()  # set, then replaced, on any update
@@ -352,12 +306,12 @@ class _Connection:
             if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
                 await self.drain()  # the client's window is no bound on what it reads
                 continue
-            size = min(window, self.h2.max_outbound_frame_size, SEND_CHUNK)
+            size = min(window, self.http2.max_outbound_frame_size, SEND_CHUNK)
             if len(pending) < size:
                 taken = body[offset : offset + size - len(pending)]
                 pending += taken
                 offset += len(taken)
-            self.h2.send_data(call.stream_id, bytes(pending[:size]))
+            self.http2.send_data(call.stream_id, bytes(pending[:size]))
             del pending[:size]
             if pending or offset < len(body) or not last:
                 self.flush()  # the last frame of a `last` message goes with its trailers
@@ -371,17 +325,17 @@ class _Connection:
         call.finished = True
         call.code = code
         self._acknowledge(call)  # what it held counts against the connection's window
-        status = [("grpc-status", str(int(code)))]
+        status: tuple[tuple[str, str], ...] = (("grpc-status", str(int(code))),)
         if details:
-            status.append(("grpc-message", encode_grpc_message(details)))
-        with contextlib.suppress(StreamClosedError, ProtocolError):
+            status += (("grpc-message", encode_grpc_message(details)),)
+        with contextlib.suppress(LocalProtocolError):  # the stream is gone: the client left
             if call.headers_sent:
-                self.h2.send_headers(call.stream_id, status, end_stream=True)
+                self.http2.send_headers(call.stream_id, status, end_stream=True)
             else:
                 call.headers_sent = True
-                self.h2.send_headers(call.stream_id, RESPONSE_HEADERS + status, end_stream=True)
+                self.http2.send_headers(call.stream_id, RESPONSE_HEADERS + status, end_stream=True)
             if not call.ended:  # the client is still sending: it need not (grpc-go does this)
-                self.h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
+                self.http2.reset_stream(call.stream_id, ErrorCode.NO_ERROR)
         self.calls.pop(call.stream_id, None)
         self._acknowledge_waiting()  # what it held is free for the others
         self.flush()
@@ -389,8 +343,7 @@ class _Connection:
     # -- reading -------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.http2.initiate_connection()
         self.flush()
         # one deadline for the whole handshake, however slowly it trickles in
         handshake_ends = asyncio.get_running_loop().time() + HANDSHAKE_TIMEOUT
@@ -407,16 +360,11 @@ class _Connection:
                         return
                 if not data:
                     return
-                oversized = self._frame_sizes.oversized(data, self.h2.max_inbound_frame_size)
-                if oversized is not None:
-                    log.warning("gRPC client dropped: a frame of %d bytes", oversized)
-                    self.fail(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
-                    return
                 try:
-                    events = self.h2.receive_data(data)
-                except ProtocolError as exc:
+                    events = self.http2.receive_data(data)
+                except RemoteProtocolError as exc:
                     log.warning("gRPC client dropped: HTTP/2 protocol error: %s", exc)
-                    self.flush()  # h2's GOAWAY says why
+                    self.flush()  # the GOAWAY says why
                     return
                 for index, event in enumerate(events, 1):
                     if self.failed():
@@ -453,8 +401,8 @@ class _Connection:
                 if call.task is not None:
                     call.task.cancel()  # the client gave up on it
             self._window_changed()  # a sender blocked on it must wake to see
-        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
-            self.greeted = True  # the first SETTINGS (h2 checked the preface before it)
+        elif isinstance(event, (WindowUpdated, SettingsReceived)):
+            self.greeted = True  # the first SETTINGS (the preface was checked before it)
             self._window_changed()
         elif isinstance(event, ConnectionTerminated):
             self.closed = True  # the client's GOAWAY: nothing more can be sent
@@ -468,32 +416,27 @@ class _Connection:
         self._resets -= 1
         if self._resets < 0 and not self.closed:
             log.warning("gRPC client dropped: calls reset faster than %s a second", RESET_REFILL)
-            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, b"too many calls reset")
+            self.fail(ErrorCode.ENHANCE_YOUR_CALM, b"too many calls reset")
 
     def failed(self) -> bool:
         """Closed while its events were handled (`fail`, the client's GOAWAY)."""
         return self.closed
 
-    def fail(self, code: ErrorCodes, reason: bytes) -> None:
+    def fail(self, code: ErrorCode, reason: bytes) -> None:
         """End the connection for a client's abuse: a GOAWAY with `code`, then no more
         is read from it (serve's loop ends, and closes it)."""
+        self.http2.goaway(code, reason)
         self.flush()
-        if not self.writer.transport.is_closing():
-            frame = GoAwayFrame(0)
-            frame.last_stream_id = self.h2.highest_inbound_stream_id
-            frame.error_code = code
-            frame.additional_data = reason
-            self.writer.write(frame.serialize())
         self.closed = True
 
     def _begin(self, stream_id: int, raw_headers: Any) -> None:
         if self.draining:
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # retried elsewhere
+            self.http2.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)  # retried elsewhere
             return
         problem = malformed_headers(raw_headers)
         if problem is not None:
             log.info("gRPC request refused: %s", problem)
-            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self.http2.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             return
         headers: dict[str, str] = {}
         metadata: list[tuple[str, str]] = []
@@ -505,7 +448,9 @@ class _Connection:
                 metadata.append((name, value))
         content_type = headers.get("content-type", "")
         if headers.get(":method") != "POST" or not content_type.startswith("application/grpc"):
-            self.h2.send_headers(stream_id, [(":status", "415")], end_stream=True)
+            self.http2.send_headers(stream_id, ((":status", "415"),), end_stream=True)
+            if stream_id in self.http2.streams:  # the client may still send: it need not
+                self.http2.reset_stream(stream_id, ErrorCode.NO_ERROR)
             return
         service, _, method = headers.get(":path", "").lstrip("/").rpartition("/")
         route = self.server.routes.get((service, method))
@@ -528,8 +473,7 @@ class _Connection:
         call = self.calls.get(stream_id)
         if call is None or call.finished:
             if flow_controlled:  # a call already answered: its bytes still count
-                with contextlib.suppress(StreamClosedError, ProtocolError):
-                    self.h2.acknowledge_received_data(flow_controlled, stream_id)
+                self.http2.acknowledge_received_data(flow_controlled, stream_id)
             return
         call.unacknowledged += flow_controlled
         try:
@@ -578,8 +522,7 @@ class _Connection:
 
     def _acknowledge(self, call: _Call) -> None:
         if call.unacknowledged:
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.h2.acknowledge_received_data(call.unacknowledged, call.stream_id)
+            self.http2.acknowledge_received_data(call.unacknowledged, call.stream_id)
             call.unacknowledged = 0
 
     def _end_of_requests(self, call: _Call) -> None:
@@ -630,7 +573,7 @@ class _Connection:
             if not call.finished:  # the server is stopping, not the client resetting
                 self.finish(call, StatusCode.UNAVAILABLE, "berth-grpc is stopping: call again")
             raise
-        except (OSError, ConnectionError, StreamClosedError, ProtocolError):
+        except (OSError, ConnectionError, LocalProtocolError):
             call.finished = True  # the client left, or reset the call
         except Exception as exc:  # a bug of this front end: answered, logged, never silent
             log.exception("gRPC %s failed", call.path)
@@ -664,16 +607,12 @@ class _Connection:
     # -- stopping --------------------------------------------------------------------------
 
     def goaway(self) -> None:
-        """Ask the client to open new calls elsewhere; the calls begun go on. Written
-        around h2 (see the module's docstring), after what h2 has queued."""
+        """Ask the client to open new calls elsewhere; the calls begun go on."""
         if self.draining or self.closed or self.writer.transport.is_closing():
             return
         self.draining = True
+        self.http2.goaway(ErrorCode.NO_ERROR)
         self.flush()
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.h2.highest_inbound_stream_id
-        frame.error_code = 0
-        self.writer.write(frame.serialize())
 
     async def close(self) -> None:
         """Cancel the calls and close the socket; bounded, even for a client that reads
