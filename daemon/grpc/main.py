@@ -5,8 +5,8 @@
 
 berthd starts it when `[grpc] address` is configured. It is separate so that protobuf and
 containerd's message stubs stay out of berthd, and its cost is visible on its own line in
-the benchmark. It speaks gRPC with h2 on asyncio (h2server), single-threaded. It holds
-no state: every call is translated to berthd's API.
+the benchmark. It speaks gRPC over its own HTTP/2 (http2, h2server) on asyncio,
+single-threaded. It holds no state: every call is translated to berthd's API.
 
 It outlives berthd's own restarts and upgrades, so that dockerd and ctr never see the
 containerd socket go: berthd records it in `<state>/grpc.json`, and the berthd that
@@ -261,10 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     from berth.daemon import logs
 
     logs.setup(args.log_level, args.log_format)  # berthd's format: the two share a stream
-    for library in ("hpack", "h2", "hyperframe"):
-        # their debug lines are per frame and per header (most of a call's CPU at debug);
-        # `--log-level debug` shows each call's method, status and time instead
-        logging.getLogger(library).setLevel(max(logging.INFO, logging.root.level))
+    # hpack's debug lines are per header (most of a call's CPU at debug); `--log-level
+    # debug` shows each call's method, status and time instead
+    logging.getLogger("hpack").setLevel(max(logging.INFO, logging.root.level))
     _leave_oom_protection()
     try:
         asyncio.run(serve(args))
