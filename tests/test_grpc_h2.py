@@ -495,6 +495,9 @@ def test_messages_beyond_the_connections_budget_together_all_complete(socket_dir
             asyncio.gather(*(size(Bytes(value=payload)) for _ in range(5))), 60
         )
         assert [r.value for r in replies] == [str(len(payload))] * 5
+        for connection in server._connections.values():  # the running total kept in step
+            held = sum(c.held + c.reader.buffered for c in connection.calls.values())
+            assert connection.held_bytes == held == 0
 
     _serve(socket_dir, body)
 

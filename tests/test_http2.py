@@ -406,3 +406,55 @@ def test_arbitrary_frames_after_the_handshake_end_cleanly(
         assert server.closed
         assert any(isinstance(f, GoAwayFrame) for f in _frames(server.data_to_send()))
     assert len(server._buffer) < 9 + server.max_inbound_frame_size
+
+
+def test_table_size_updates_past_two_and_blocks_past_the_list_limit_are_refused() -> None:
+    """hpack decodes any number of table size updates, each in a Python loop: a block of
+    them held the loop ~0.1 s per 64 KiB, repeatable on a stream already gone. RFC 7541
+    allows two; a block longer than the header list limit allows is refused unread."""
+    server, encoder = _raw_greeted()
+    two = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
+    two.data = b"\x3f\xe1\x1f\x20" + encoder.encode(REQUEST)  # 4096, then 0
+    assert isinstance(server.receive_data(two.serialize())[0], http2.RequestReceived)
+    three = HeadersFrame(3, flags=["END_HEADERS"])
+    three.data = b"\x20\x20\x20" + encoder.encode(REQUEST)
+    with pytest.raises(http2.RemoteProtocolError) as raised:
+        server.receive_data(three.serialize())
+    assert raised.value.code == ErrorCode.COMPRESSION_ERROR
+    server = _server(max_header_list_size=1000)
+    server.receive_data(http2.PREFACE + SettingsFrame(0).serialize())
+    long_block = HeadersFrame(1, flags=["END_HEADERS"])
+    long_block.data = b"\x20" + b"\x80" * (1000 + http2.HEADER_BLOCK_SLACK)
+    with pytest.raises(http2.RemoteProtocolError) as raised:
+        server.receive_data(long_block.serialize())
+    assert raised.value.code == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_stream_state_edges() -> None:
+    server, encoder = _raw_greeted()
+    server.receive_data(_headers_frame(encoder, 1, ("END_HEADERS", "END_STREAM")))
+    events = server.receive_data(_headers_frame(encoder, 1, ("END_HEADERS", "END_STREAM")))
+    assert [(type(e), e.error_code) for e in events] == [  # type: ignore[union-attr]
+        (http2.StreamReset, ErrorCode.STREAM_CLOSED)
+    ]
+    server.data_to_send()
+    server.reset_stream(1)  # gone already: nothing, no error
+    server.acknowledge_received_data(0, 3)
+    assert server.data_to_send() == b""
+    short = http2.FRAME_HEADER.pack(0, 2, http2.HEADERS, 0x24, 3) + b"\x00\x00"
+    with pytest.raises(http2.RemoteProtocolError) as raised:  # PRIORITY's 5 bytes missing
+        server.receive_data(short)
+    assert raised.value.code == ErrorCode.FRAME_SIZE_ERROR
+
+
+def test_a_lowered_header_table_size_is_answered_with_an_update() -> None:
+    client, server = _greeted()
+    client.send_headers(1, REQUEST, end_stream=True)
+    client.send_headers(3, REQUEST, end_stream=True)
+    _pump(client, server)
+    server.send_headers(1, (*RESPONSE, ("grpc-status", "0")), end_stream=True)
+    client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    _pump(client, server)
+    server.send_headers(3, (*RESPONSE, ("grpc-status", "0")), end_stream=True)
+    (answer,) = _frames(server.data_to_send())
+    assert isinstance(answer, HeadersFrame) and answer.data.startswith(b"\x20")

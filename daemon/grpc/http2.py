@@ -12,8 +12,11 @@ and dynamic table included) for what clients send.
 
 What this connection takes on itself, so that its user cannot get it wrong:
 - every frame header is checked against SETTINGS_MAX_FRAME_SIZE as it arrives, before
-  any of its body is buffered; a header block is bounded (MAX_HEADER_BLOCK encoded,
-  MAX_CONTINUATIONS frames, `max_header_list_size` decoded);
+  any of its body is buffered; a header block is bounded (`max_header_list_size` plus
+  HEADER_BLOCK_SLACK encoded, MAX_CONTINUATIONS frames, MAX_TABLE_SIZE_UPDATES, and
+  `max_header_list_size` decoded);
+- HEADERS for a stream that is already gone (reset by this side, whose peer's frames
+  may still be in flight) are decoded, to keep the table in step, and ignored;
 - the peer's SETTINGS are applied and acknowledged, its PINGs answered, its flow-control
   windows kept (a send past them is a local error, never a frame);
 - received data is acknowledged (WINDOW_UPDATE) only as the user says it was taken
@@ -46,7 +49,11 @@ DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 MAX_WINDOW = 2**31 - 1
 MAX_FRAME_LIMIT = 2**24 - 1
-MAX_HEADER_BLOCK = 256 * 1024  # encoded bytes of one header block, all its frames
+# An encoded header block is never longer than its decoded list counts (32 bytes a field
+# on top of name and value, RFC 7541 4.1), but for two table size updates at its start:
+# a block longer than the list's limit plus this is refused before hpack reads it.
+HEADER_BLOCK_SLACK = 64
+MAX_TABLE_SIZE_UPDATES = 2  # at a block's start (RFC 7541 4.2); hpack takes any number
 MAX_CONTINUATIONS = 64  # CONTINUATION frames of one header block
 
 # frame types
@@ -143,8 +150,8 @@ class StreamReset:
 
 
 class WindowUpdated:
-    """The peer opened a window (stream 0: the connection's), or changed every stream's
-    with SETTINGS_INITIAL_WINDOW_SIZE (then `stream_id` is 0 too)."""
+    """The peer opened a window (stream 0: the connection's). A change of every stream's
+    by SETTINGS_INITIAL_WINDOW_SIZE comes as `SettingsReceived`."""
 
     __slots__ = ("stream_id",)
 
@@ -225,6 +232,23 @@ def encode_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
     return bytes(out)
 
 
+def _table_size_updates(block: bytes) -> int:
+    """How many dynamic table size updates (001xxxxx, a 5-bit prefix integer) begin the
+    block: hpack decodes any number of them, one Python loop each (a 64 KiB block of
+    them held the loop for ~0.1 s), where RFC 7541 4.2 allows two."""
+    count = at = 0
+    while at < len(block) and block[at] & 0xE0 == 0x20:
+        count += 1
+        if count > MAX_TABLE_SIZE_UPDATES:
+            break
+        at += 1
+        if block[at - 1] & 0x1F == 0x1F:  # the integer goes on while the high bit is set
+            while at < len(block) and block[at] & 0x80:
+                at += 1
+            at += 1
+    return count
+
+
 # -- the connection ------------------------------------------------------------------------
 
 
@@ -269,6 +293,7 @@ class ServerConnection:
         self.highest_inbound_stream_id = 0
         self.streams: dict[int, _Stream] = {}
         self.closed = False  # a GOAWAY for an error is queued, or the peer's came
+        self._max_block = max_header_list_size + HEADER_BLOCK_SLACK
         self._decoder = Decoder(max_header_list_size=max_header_list_size)
         self._decoder.max_allowed_table_size = 4096  # SETTINGS_HEADER_TABLE_SIZE: default
         self._buffer = bytearray()
@@ -355,14 +380,17 @@ class ServerConnection:
             del self.streams[stream_id]
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.NO_ERROR) -> None:
-        if self.streams.pop(stream_id, None) is None:
-            raise StreamClosedError(f"stream {stream_id} is closed")
-        self._frame(RST_STREAM, 0, stream_id, WINDOW_INCREMENT.pack(error_code))
+        """End the stream both ways; nothing for a stream already gone (the peer's reset
+        may have come in the same read as its request: events are all made first)."""
+        if self.streams.pop(stream_id, None) is not None:
+            self._frame(RST_STREAM, 0, stream_id, WINDOW_INCREMENT.pack(error_code))
 
     def acknowledge_received_data(self, size: int, stream_id: int) -> None:
         """`size` flow-controlled bytes of the stream were taken: the peer may send that
         much more. Given back in one WINDOW_UPDATE per half window (h2 and grpc-go do the
         same), at once when the window is below half."""
+        if size <= 0:
+            return
         self._give_back_connection(size)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_ended:
@@ -536,7 +564,12 @@ class ServerConnection:
     ) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
             raise self._connection_error(ErrorCode.PROTOCOL_ERROR, "HEADERS on a bad stream")
-        block = self._unpad(flags, payload, 5 if flags & PRIORITY_FLAG else 0)
+        skip = 5 if flags & PRIORITY_FLAG else 0
+        if len(payload) < skip + (1 if flags & PADDED else 0):
+            raise self._connection_error(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
+        block = self._unpad(flags, payload, skip)
+        if len(block) > self._max_block:
+            raise self._connection_error(ErrorCode.ENHANCE_YOUR_CALM, "header block too long")
         self._block = bytearray(block)
         self._block_stream = stream_id
         self._block_end_stream = bool(flags & END_STREAM)
@@ -551,7 +584,7 @@ class ServerConnection:
             raise self._connection_error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION alone")
         self._block += payload
         self._block_frames += 1
-        if len(self._block) > MAX_HEADER_BLOCK or self._block_frames > MAX_CONTINUATIONS:
+        if len(self._block) > self._max_block or self._block_frames > MAX_CONTINUATIONS:
             raise self._connection_error(ErrorCode.ENHANCE_YOUR_CALM, "header block too long")
         if flags & END_HEADERS:
             self._end_block(events)
@@ -561,6 +594,8 @@ class ServerConnection:
         block, stream_id = bytes(self._block), self._block_stream
         end_stream = self._block_end_stream
         self._block = None
+        if _table_size_updates(block) > MAX_TABLE_SIZE_UPDATES:
+            raise self._connection_error(ErrorCode.COMPRESSION_ERROR, "table size updates")
         try:  # decoded whatever becomes of the stream: the table must stay in step
             headers: list[tuple[bytes, bytes]] = list(self._decoder.decode(block, raw=True))
         except OversizedHeaderListError:
@@ -575,7 +610,9 @@ class ServerConnection:
             stream = self.streams.get(stream_id)
             if stream is None:
                 return  # a stream already gone: ignored, like its data
-            if stream.remote_ended or not end_stream:
+            if stream.remote_ended:
+                raise _StreamError(ErrorCode.STREAM_CLOSED, "HEADERS after END_STREAM")
+            if not end_stream:
                 raise _StreamError(ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM")
             self._end_remotely(stream_id, stream, events)  # trailers: nothing a gRPC call uses
             return
@@ -630,6 +667,8 @@ class ServerConnection:
                     raise self._connection_error(ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
         if MAX_FRAME_SIZE in changed:
             self.max_outbound_frame_size = changed[MAX_FRAME_SIZE]
+        if HEADER_TABLE_SIZE in changed:  # a decoder that lowered it waits for an update
+            self._table_size_sent = False
         self._settings_seen = True
         self._frame(SETTINGS, ACK, 0)
         events.append(SettingsReceived(changed))
