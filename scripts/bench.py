@@ -1205,8 +1205,8 @@ class Bench:
                 if "frontend_rss" in fig["values"].get("berth", {}):
                     b = fig["values"]["berth"]
                     lines.append(
-                        "\nberth-grpc (containerd's gRPC API: h2 + protobuf; a process of its "
-                        "own): "
+                        "\nberth-grpc (containerd's gRPC API: own HTTP/2 + protobuf; "
+                        "a process of its own): "
                         f"RSS {b['frontend_rss']:.1f} MiB, PSS {b['frontend_pss']:.1f} MiB. "
                         f"berthd + berth-grpc RSS: {b['daemon_rss'] + b['frontend_rss']:.1f} MiB"
                     )
