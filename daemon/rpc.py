@@ -30,6 +30,7 @@ from berth.shim.wire.protocol import (
     Cancel,
     Connection,
     ConnectionClosed,
+    ConnectionEnded,
     ErrorReply,
     Hello,
     LocalProtocolError,
@@ -467,6 +468,8 @@ class ServerConnection:
     def _encode(self, event: Any) -> bytes:
         try:
             return self._conn.send(event)
+        except ConnectionEnded:  # the client left while its call ran: nothing to log
+            raise trio.ClosedResourceError("the client closed the connection") from None
         except LocalProtocolError as exc:
             if isinstance(event, (Response, StreamItem)):
                 log.error("cannot send reply: %s", exc)

@@ -62,10 +62,13 @@ class AsyncClient:
     async def connect(
         cls, path: str, *, peer_name: str = "berth-grpc", timeout: float = 5.0
     ) -> AsyncClient:
+        # asyncio.timeout, never wait_for: on 3.11 wait_for returns the result, and loses
+        # the cancellation, when both come in one turn of the loop; a cancelled call then
+        # went on (a review: cancelled Subscribe calls that never ended, each holding a
+        # connection to berthd)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(path, limit=READ_SIZE), timeout
-            )
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path, limit=READ_SIZE)
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"cannot connect to berthd at {path}: {exc}") from None
         conn = Connection(Role.CLIENT, peer_name=peer_name, max_frame_size=DEFAULT_MAX_FRAME)
@@ -74,7 +77,8 @@ class AsyncClient:
             while True:
                 event = conn.next_event()
                 if isinstance(event, NeedData):
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(READ_SIZE)
                     conn.receive_data(data)
                     continue
                 if not isinstance(event, Welcome):

@@ -189,7 +189,8 @@ async def _call(route: Route, request: Any) -> tuple[StatusCode, str, bytes]:
     context = Context(_metadata(request))
     timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
     try:
-        reply = await asyncio.wait_for(route.handler(message, context), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see client.connect
+            reply = await route.handler(message, context)
         return StatusCode.OK, "", reply.SerializeToString()
     except Aborted as aborted:
         return aborted.code, aborted.details, b""
@@ -238,7 +239,8 @@ class Server:
         if self._listener is not None:
             self._listener.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
         for task in list(self._connections):
             task.cancel()
         if self._connections:

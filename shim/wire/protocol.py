@@ -72,6 +72,11 @@ class LocalProtocolError(ProtocolError):
     """This side's caller broke a protocol rule: a bug in this process."""
 
 
+class ConnectionEnded(LocalProtocolError):
+    """A send after the connection ended (the peer closed it, or broke it): not a bug of
+    the caller's, who may learn of the end only now (a reply to a call it was serving)."""
+
+
 class RemoteProtocolError(ProtocolError):
     """The peer broke a protocol rule.
 
@@ -376,7 +381,7 @@ class Connection:
         """Validate `event` against the rules and return the bytes to write. State changes
         only once the frame is known to be sendable: a refused send changes nothing."""
         if self._state in (_State.ERROR, _State.CLOSED):
-            raise LocalProtocolError(f"cannot send on a {self._state} connection")
+            raise ConnectionEnded(f"cannot send on a {self._state} connection")
         prepare = self._SENDERS.get(type(event))
         if prepare is None:  # pragma: no cover - exhaustive over Event
             raise LocalProtocolError(f"unknown event {event!r}")

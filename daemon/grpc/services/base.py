@@ -160,7 +160,8 @@ class Backend:
 
     async def healthy(self) -> bool:
         try:
-            await asyncio.wait_for(self.call("version", {}), 2.0)
+            async with asyncio.timeout(2.0):  # not wait_for: see client.connect
+                await self.call("version", {})
             return True
         except (TimeoutError, BerthError):
             return False

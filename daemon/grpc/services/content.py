@@ -286,7 +286,8 @@ class _Ingest:
         try:
             if self.open:
                 with contextlib.suppress(BerthError, TimeoutError):
-                    await asyncio.wait_for(self._call("content.write.close", {}), RELEASE_TIMEOUT)
+                    async with asyncio.timeout(RELEASE_TIMEOUT):  # not wait_for (client.py)
+                        await self._call("content.write.close", {})
         finally:
             await self.session.aclose()
 

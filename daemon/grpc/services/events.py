@@ -24,6 +24,10 @@ from berth.daemon.grpc.services.base import (
 )
 from berth.shim.wire.errors import BerthError, InvalidArgument, Unavailable
 
+# what a cancelled subscription's pending step gets to end in (it ends at once unless a
+# cancellation was lost below it, as 3.11's wait_for could lose one)
+FOLLOW_END_TIMEOUT = 10.0
+
 
 class Events(Service):
     """Serves containerd.services.events.v1.Events."""
@@ -94,10 +98,14 @@ class Events(Service):
                 # the call was cancelled while it waited: the generator's step must end
                 # before the generator can be closed (and its berthd stream with it)
                 following.cancel()
-                await asyncio.wait({following})
-                if not following.cancelled():
+                await asyncio.wait({following}, timeout=FOLLOW_END_TIMEOUT)
+            if following is not None and not following.done():
+                # a bug below: the call ends rather than hang (the generator stays open)
+                log.warning("an event subscription's step did not end when cancelled")
+            else:
+                if following is not None and not following.cancelled():
                     following.exception()  # retrieved: it ends with the call, unlogged
-            await events.aclose()
+                await events.aclose()
 
     @staticmethod
     def _convert(envelope: Any) -> Any:
