@@ -577,6 +577,8 @@ class ServerConnection:
             await self._reply(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except LocalProtocolError as exc:  # e.g. a stream already ended by an unsendable item
+            log.warning("%s: reply dropped: %s", req.method, exc)
         finally:
             self._scopes.pop(req.id, None)
             self._methods.pop(req.id, None)

@@ -30,6 +30,7 @@ from berth.shim.wire.protocol import (
     Cancel,
     Connection,
     ConnectionClosed,
+    ConnectionEnded,
     ErrorReply,
     Hello,
     LocalProtocolError,
@@ -404,7 +405,11 @@ class ShimConnection:
     def _send(self, event: Any) -> None:
         if self._closed:
             return
-        self._write(self._proto.send(event))
+        try:
+            data = self._proto.send(event)
+        except ConnectionEnded:  # broken or closed, not yet closed here: nothing to send
+            return
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         if self._closed:

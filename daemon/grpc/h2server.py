@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import heapq
 import logging
 import resource
 import struct
@@ -271,6 +273,7 @@ class _Connection:
         self.calls: dict[int, _Call] = {}
         self.held_bytes = 0  # request bytes the calls hold (see CONNECTION_BUDGET)
         self._deferred: dict[int, _Call] = {}  # calls with data not yet acknowledged
+        self._partial: list[tuple[int, int]] = []  # (-bytes of a message begun, stream id)
         self.greeted = False  # the client's preface and first SETTINGS came
         self.running = 0  # handlers not yet ended, reset calls' included
         self._handler_ended = asyncio.Event()
@@ -428,10 +431,14 @@ class _Connection:
         elif isinstance(event, ConnectionTerminated):
             self.closed = True  # the client's GOAWAY: nothing more can be sent
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
+    def _ended(self, call: _Call, task: asyncio.Task[None]) -> None:
+        """A handler's task is done, however (one cancelled before its first step never
+        ran its own `finally`)."""
         self.running -= 1
         self._handler_ended.set()
         self._handler_ended = asyncio.Event()
+        self._forget(call)
+        call.release()
 
     def failed(self) -> bool:
         """Closed while its events were handled (`fail`, the client's GOAWAY)."""
@@ -478,7 +485,7 @@ class _Connection:
         self.calls[stream_id] = call
         call.task = asyncio.create_task(self._serve_call(call), name=f"grpc {service}/{method}")
         self.running += 1
-        call.task.add_done_callback(self._ended)
+        call.task.add_done_callback(functools.partial(self._ended, call))
         self.server.begun(call.task)
 
     def _data(self, stream_id: int, data: bytes, flow_controlled: int) -> None:
@@ -509,13 +516,41 @@ class _Connection:
             call.held += len(message) + MESSAGE_OVERHEAD
             call.inbox.put_nowait(message)
         self._count(call)
+        if call.unacknowledged:
+            self._defer(call)  # before the choice below: this call may be the one
         if call.held < HELD_LIMIT:
             if self.held_bytes < CONNECTION_BUDGET:
                 self._acknowledge(call)
             else:
                 self._acknowledge_waiting()
-        if call.unacknowledged:
-            self._deferred[stream_id] = call
+
+    def _defer(self, call: _Call) -> None:
+        """The call's data waits for an acknowledgement; one furthest into a message is
+        found through a heap (lazily cleaned), not a scan: over the budget, a scan of
+        the waiting calls at each DATA frame cost O(calls) a frame (a review: 6.9 ms an
+        empty frame with 16,000 calls waiting)."""
+        self._deferred[call.stream_id] = call
+        self._push_partial(call)
+
+    def _push_partial(self, call: _Call) -> None:
+        if not call.reader.buffered:
+            return
+        heapq.heappush(self._partial, (-call.reader.buffered, call.stream_id))
+        if len(self._partial) > 2 * len(self._deferred) + 64:  # mostly stale: rebuilt
+            begun = [c for c in self._deferred.values() if c.reader.buffered]
+            self._partial = [(-c.reader.buffered, c.stream_id) for c in begun]
+            heapq.heapify(self._partial)
+
+    def _furthest(self) -> _Call | None:
+        """The waiting call furthest into a message that may take more (held below
+        HELD_LIMIT), or None; stale heap entries are dropped on the way."""
+        while self._partial:
+            negative, stream_id = self._partial[0]
+            call = self._deferred.get(stream_id)
+            if call is not None and call.reader.buffered == -negative and call.held < HELD_LIMIT:
+                return call
+            heapq.heappop(self._partial)
+        return None
 
     def _count(self, call: _Call) -> None:
         """Keep `held_bytes` in step with what a call holds. A sum over the calls at
@@ -527,7 +562,9 @@ class _Connection:
             call.counted = now
 
     def _forget(self, call: _Call) -> None:
-        """The call leaves the connection's books (answered, reset, or gone)."""
+        """The call leaves the connection's books (answered, reset, or gone); what it
+        received counts against the connection's window no more."""
+        self._acknowledge(call)
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
             self.held_bytes -= call.counted
@@ -538,15 +575,16 @@ class _Connection:
         """Calls held back by the connection's budget: all of them once it has room; past
         it, the one furthest into a message, so that one message always completes (each
         call waiting for the others to finish theirs would wait for ever)."""
-        waiting = [c for c in self._deferred.values() if c.held < HELD_LIMIT]
-        if not waiting:
+        if not self._deferred:
             return
-        if self.held_bytes >= CONNECTION_BUDGET:
-            waiting = [max(waiting, key=lambda c: c.reader.buffered)]
-            if not waiting[0].reader.buffered:
-                return  # no message in progress: the handlers must take theirs first
-        for call in waiting:
-            self._acknowledge(call)
+        if self.held_bytes < CONNECTION_BUDGET:
+            # those held at HELD_LIMIT stay: at most the budget's worth of them
+            for call in [c for c in self._deferred.values() if c.held < HELD_LIMIT]:
+                self._acknowledge(call)
+            return
+        furthest = self._furthest()  # None: the handlers must take their messages first
+        if furthest is not None:
+            self._acknowledge(furthest)
 
     def _acknowledge(self, call: _Call) -> None:
         if call.unacknowledged:
@@ -569,6 +607,8 @@ class _Connection:
             return _END
         call.held -= len(payload) + MESSAGE_OVERHEAD
         self._count(call)
+        if call.stream_id in self._deferred:  # it may take more now
+            self._push_partial(call)
         if call.held < HELD_LIMIT:
             self._acknowledge_waiting()
             self.flush()
@@ -603,18 +643,29 @@ class _Connection:
             if not call.finished:  # the server is stopping, not the client resetting
                 self.finish(call, StatusCode.UNAVAILABLE, "berth-grpc is stopping: call again")
             raise
-        except (OSError, ConnectionError, LocalProtocolError):
-            call.finished = True  # the client left, or reset the call
+        except (OSError, LocalProtocolError) as exc:
+            if self._gone(call):
+                call.finished = True  # the client left, or reset the call
+            else:  # the handler's own (a TimeoutError is an OSError): a bug, answered
+                log.exception("gRPC %s failed", call.path)
+                self.finish(call, StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug of this front end: answered, logged, never silent
             log.exception("gRPC %s failed", call.path)
             self.finish(call, StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
             self._forget(call)
-            call.release()
             if log.isEnabledFor(logging.DEBUG):  # each call, as `--log-level debug` asks
                 ended = call.code.name if call.code is not None else "client gone"
                 elapsed = (time.monotonic() - call.started) * 1000
                 log.debug("%s: %s in %.1f ms", call.path, ended, elapsed)
+
+    def _gone(self, call: _Call) -> bool:
+        """The call's client is gone: the connection, or the call's stream."""
+        return (
+            self.closed
+            or self.writer.transport.is_closing()
+            or call.stream_id not in self.http2.streams
+        )
 
     async def _answer(self, call: _Call, route: Route) -> None:
         context = Context(call.metadata)

@@ -157,6 +157,13 @@ func flowPullUnpackRun(ctx context.Context, client *containerd.Client, address, 
 // flowContentResume: an ingest cut after 300 kB and closed; a writer opened again on the
 // same ref sees the offset, and content.Copy resumes from it to a verified blob.
 func flowContentResume(ctx context.Context, client *containerd.Client, address, rootfs string) {
+	// under a lease, as a containerd client must: committed content that nothing
+	// references may be collected by a GC that other tests' deletions set off
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		fail("WithLease", err)
+	}
+	defer done(ctx)
 	cs := client.ContentStore()
 	data := bytes.Repeat([]byte("0123456789abcdef"), 64*1024)
 	desc := ocispec.Descriptor{MediaType: "application/octet-stream", Digest: digest.FromBytes(data), Size: int64(len(data))}
