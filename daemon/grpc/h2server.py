@@ -39,6 +39,7 @@ clients past `max_connections` are closed at once. `http2` bounds a header block
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import heapq
@@ -51,6 +52,7 @@ from typing import Any
 
 from berth.daemon.grpc.calls import Aborted, Context, Route, StatusCode
 from berth.daemon.grpc.http2 import (
+    INITIAL_WINDOW_SIZE,
     ConnectionTerminated,
     DataReceived,
     ErrorCode,
@@ -244,6 +246,7 @@ class _Call:
         self.code: StatusCode | None = None  # how it ended, if it was answered
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
+        self.window_waiter: asyncio.Future[None] | None = None  # while blocked on a window
 
     def release(self) -> None:
         """Drop what an ended call still holds: its task, unread messages, a message
@@ -279,7 +282,10 @@ class _Connection:
         self._handler_ended = asyncio.Event()
         self.draining = False
         self.closed = False
-        self._window_opened = asyncio.Event()
+        # calls blocked on the connection's window, each woken in turn (lazily cleaned)
+        self._connection_waiters: collections.deque[tuple[_Call, asyncio.Future[None]]] = (
+            collections.deque()
+        )
         self._drain_lock = asyncio.Lock()
 
     # -- writing -----------------------------------------------------------------------
@@ -293,9 +299,47 @@ class _Connection:
         async with self._drain_lock:  # one drain at a time (StreamWriter's waiter)
             await self.writer.drain()
 
-    def _window_changed(self) -> None:
-        self._window_opened.set()
-        self._window_opened = asyncio.Event()
+    async def _wait_for_window(self, call: _Call) -> None:
+        """Until the call's window may have opened. Woken one at a time: a call blocked
+        on its stream's window by an update of that stream; one blocked on the
+        connection's by a connection update, or by the sender before it once that one
+        has sent and left some window. One event shared by every waiter cost O(waiters)
+        an update (a review: ~86 ms an update with 16,384 calls waiting)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        call.window_waiter = future
+        on_connection = self.http2.send_window <= 0
+        if on_connection:
+            self._connection_waiters.append((call, future))
+            if len(self._connection_waiters) > 2 * self.running + 64:  # mostly stale
+                live = [(c, f) for c, f in self._connection_waiters if not f.done()]
+                self._connection_waiters = collections.deque(live)
+        else:
+            self._wake_connection_waiter()  # what window there is, another may use
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self._wake_connection_waiter()  # woken, but gone: the next one's turn
+            raise
+        finally:
+            call.window_waiter = None
+
+    def _wake_connection_waiter(self) -> None:
+        """Wake the first call waiting for the connection's window, if it has some."""
+        while self._connection_waiters and self.http2.send_window > 0:
+            _, future = self._connection_waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    def _wake_stream_waiters(self, stream_id: int | None) -> None:
+        """Wake the call blocked on that stream's window (None: every call, for a change
+        of every stream's window by SETTINGS)."""
+        calls = self.calls.values() if stream_id is None else [self.calls.get(stream_id)]
+        for call in calls:
+            waiter = call.window_waiter if call is not None else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _send_headers(self, call: _Call) -> None:
         if not call.headers_sent:
@@ -316,24 +360,30 @@ class _Connection:
         # call waiting for its client holds one response message, not two
         pending = bytearray(PREFIX.pack(0, len(payload)))  # bytes for the next frame
         body, offset = memoryview(payload), 0
-        while pending or offset < len(body):
-            window = self.http2.local_flow_control_window(call.stream_id)
-            if window <= 0:
-                self.flush()
-                await self._window_opened.wait()  # set, then replaced, on any update
-                continue
-            if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
-                await self.drain()  # the client's window is no bound on what it reads
-                continue
-            size = min(window, self.http2.max_outbound_frame_size, SEND_CHUNK)
-            if len(pending) < size:
-                taken = body[offset : offset + size - len(pending)]
-                pending += taken
-                offset += len(taken)
-            self.http2.send_data(call.stream_id, bytes(pending[:size]))
-            del pending[:size]
-            if pending or offset < len(body) or not last:
-                self.flush()  # the last frame of a `last` message goes with its trailers
+        try:
+            while pending or offset < len(body):
+                window = self.http2.local_flow_control_window(call.stream_id)
+                if window <= 0:
+                    self.flush()
+                    await self._wait_for_window(call)
+                    continue
+                if self.writer.transport.get_write_buffer_size() > WRITE_LIMIT:
+                    await self.drain()  # the client's window is no bound on what it reads
+                    continue
+                size = min(window, self.http2.max_outbound_frame_size, SEND_CHUNK)
+                if len(pending) < size:
+                    taken = body[offset : offset + size - len(pending)]
+                    pending += taken
+                    offset += len(taken)
+                self.http2.send_data(call.stream_id, bytes(pending[:size]))
+                del pending[:size]
+                if self._connection_waiters:
+                    self._wake_connection_waiter()  # the window left is the next one's
+                if pending or offset < len(body) or not last:
+                    self.flush()  # the last frame of a `last` message goes with its trailers
+        finally:
+            if self._connection_waiters:  # however this ends: the next one's turn
+                self._wake_connection_waiter()
         if not last:
             await self.drain()
 
@@ -423,11 +473,17 @@ class _Connection:
                 call.finished = True
                 self._acknowledge(call)  # the stream is gone; the connection's credit is not
                 if call.task is not None:
-                    call.task.cancel()  # the client gave up on it
-            self._window_changed()  # a sender blocked on it must wake to see
-        elif isinstance(event, (WindowUpdated, SettingsReceived)):
+                    call.task.cancel()  # the client gave up on it (a sender blocked too)
+        elif isinstance(event, WindowUpdated):
+            self.greeted = True
+            if event.stream_id == 0:
+                self._wake_connection_waiter()
+            else:
+                self._wake_stream_waiters(event.stream_id)
+        elif isinstance(event, SettingsReceived):
             self.greeted = True  # the first SETTINGS (the preface was checked before it)
-            self._window_changed()
+            if INITIAL_WINDOW_SIZE in event.changed:  # every stream's window moved
+                self._wake_stream_waiters(None)
         elif isinstance(event, ConnectionTerminated):
             self.closed = True  # the client's GOAWAY: nothing more can be sent
 
