@@ -316,11 +316,7 @@ class _Connection:
         else:
             self._wake_connection_waiter()  # what window there is, another may use
         try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self._wake_connection_waiter()  # woken, but gone: the next one's turn
-            raise
+            await future  # woken but gone: send_message passes the turn on as it ends
         finally:
             call.window_waiter = None
 
@@ -393,7 +389,6 @@ class _Connection:
             return
         call.finished = True
         call.code = code
-        self._acknowledge(call)  # what it held counts against the connection's window
         status: tuple[tuple[str, str], ...] = (("grpc-status", str(int(code))),)
         if details:
             status += (("grpc-message", encode_grpc_message(details)),)
@@ -405,8 +400,8 @@ class _Connection:
                 self.http2.send_headers(call.stream_id, RESPONSE_HEADERS + status, end_stream=True)
             if not call.ended:  # the client is still sending: it need not (grpc-go does this)
                 self.http2.reset_stream(call.stream_id, ErrorCode.NO_ERROR)
-        self._forget(call)
-        self._acknowledge_waiting()  # what it held is free for the others
+        self._forget(call)  # what it held is given back to the connection's window
+        self._acknowledge_waiting()  # and is free for the others
         self.flush()
 
     # -- reading -------------------------------------------------------------------------
@@ -469,9 +464,8 @@ class _Connection:
         elif isinstance(event, StreamReset):
             call = self.calls.get(event.stream_id)
             if call is not None:
-                self._forget(call)
+                self._forget(call)  # the stream is gone; the connection's credit is not
                 call.finished = True
-                self._acknowledge(call)  # the stream is gone; the connection's credit is not
                 if call.task is not None:
                     call.task.cancel()  # the client gave up on it (a sender blocked too)
         elif isinstance(event, WindowUpdated):
@@ -554,17 +548,11 @@ class _Connection:
         try:
             messages = call.reader.feed(data)
         except Aborted as exc:
-            self._acknowledge(call)
-            if call.task is not None:
-                call.task.cancel()
-            self.finish(call, exc.code, exc.details)
+            self._abort(call, exc.code, exc.details)
             return
         if messages and not call.route.client_streaming and (call.received or len(messages) > 1):
             # one request message, as grpc-go enforces: more would pile up unread
-            self._acknowledge(call)
-            if call.task is not None:
-                call.task.cancel()
-            self.finish(call, StatusCode.INTERNAL, "more than one request message")
+            self._abort(call, StatusCode.INTERNAL, "more than one request message")
             return
         for message in messages:
             call.received += 1
@@ -579,6 +567,12 @@ class _Connection:
                 self._acknowledge(call)
             else:
                 self._acknowledge_waiting()
+
+    def _abort(self, call: _Call, code: StatusCode, details: str) -> None:
+        """End a call for what its client sent: its handler stops, the client is told."""
+        if call.task is not None:
+            call.task.cancel()
+        self.finish(call, code, details)
 
     def _defer(self, call: _Call) -> None:
         """The call's data waits for an acknowledgement; one furthest into a message is
