@@ -8,6 +8,7 @@
               ├── API listener: a task per connection, one per request (rpc)
               ├── recovery: reattach to every shim in the state dir, then open task calls
               ├── GC scheduler: collects after deletes, and stale things periodically
+              ├── memory release: trims the C heap a second after storage work
               ├── zygote client reader
               ├── gRPC front end: berth-grpc, a child process, restarted if it dies
               ├── metrics endpoint ([metrics] address): GET /v1/metrics (metrics.py)
@@ -26,6 +27,10 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# isort: off
+from berth.daemon import deferred  # noqa: F401  # before trio: ssl, hmac, hashlib at first use
+# isort: on
 
 import trio
 
@@ -334,6 +339,7 @@ def _start_background(
     nursery: trio.Nursery, storage_api: StorageApi, exchange: Exchange, networks: NetworkService
 ) -> None:
     nursery.start_soon(guarded, "GC scheduler", storage_api.background_collector)
+    nursery.start_soon(guarded, "memory release", storage_api.memory_releaser)
     nursery.start_soon(guarded, "network release", _release_on_exit, exchange, networks)
 
 

@@ -165,6 +165,17 @@ def start_relay(source: int, target: int) -> None:
 
 RELAY_CHUNK: int = lib.BERTH_RELAY_CHUNK
 
+
+def malloc_trim() -> bool:
+    """malloc_trim(3): give the free pages of every glibc malloc arena back to the kernel.
+
+    glibc keeps freed memory for reuse: the top of a heap above M_TRIM_THRESHOLD only, and
+    after a large block allocated by mmap is freed, it raises its mmap threshold so the next
+    ones come from the heap too. A daemon that moved megabytes through once (an image
+    import) keeps them resident for good without this. True if memory was released."""
+    return bool(lib.malloc_trim(0))
+
+
 __all__ = [
     "MNT_DETACH",
     "MS_BIND",
@@ -181,6 +192,7 @@ __all__ = [
     "SIGINFO_SIZE",
     "SigInfo",
     "SignalFD",
+    "malloc_trim",
     "mount",
     "openat2",
     "start_relay",

@@ -1,5 +1,5 @@
 """cffi (API mode) builder for `berth.native._sys`: the few kernel calls the stdlib lacks
-(signalfd, tee, mount/umount2, openat2), and the shim's relay threads (plain C: see
+(signalfd, tee, mount/umount2, openat2, malloc_trim), and the shim's relay threads (plain C: see
 `berth_relay_start`).
 
 API mode is used on purpose: the module is compiled at install time, so importing it costs
@@ -71,6 +71,8 @@ ffibuilder.cdef(
 
     #define BERTH_RELAY_CHUNK ...
     int berth_relay_start(int source, int target);
+
+    int malloc_trim(size_t pad);
     """
 )
 
@@ -80,6 +82,7 @@ ffibuilder.set_source(
     #include <signal.h>
     #include <fcntl.h>
     #include <unistd.h>
+    #include <malloc.h>
     #include <sys/mount.h>
     #include <sys/signalfd.h>
     #include <sys/syscall.h>

@@ -22,3 +22,5 @@ ABORTED, DATA_LOSS, UNAUTHENTICATED  # noqa
 # not all used; and the hpack decoder's table limit, set on it
 INTERNAL_ERROR, SETTINGS_TIMEOUT, CANCEL, CONNECT_ERROR, INADEQUATE_SECURITY  # noqa
 HTTP_1_1_REQUIRED, HEADER_TABLE_SIZE, max_allowed_table_size  # noqa
+# a module stand-in's identity, read by the import system (daemon/deferred.py)
+__spec__, __file__  # noqa

@@ -27,6 +27,13 @@ if __name__ == "__main__" and "ssl" not in sys.modules:
     # which asyncio imports for TLS it never does here, maps libssl and libcrypto: 4 MiB
     # of this process's private memory.
     sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` -> ImportError
+    from berth.daemon import deferred
+
+    # protobuf's descriptor_pool imports its pure-Python message implementation (with
+    # text_format, the decoders and encoders) even when upb's C messages are the ones in
+    # use, as they are here: 1 MiB of this process's memory, deferred to a first use that
+    # does not come.
+    deferred.defer("google.protobuf.internal.python_message")
 
 import argparse
 import asyncio

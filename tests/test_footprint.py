@@ -1,0 +1,122 @@
+"""berthd's and berth-grpc's resident memory: what keeps it down must keep working.
+
+- `berth.daemon.deferred`: ssl, hmac and hashlib stand-ins until first use, so a berthd that
+  never hashes never maps OpenSSL;
+- `berth.native.malloc_trim` after storage work, so freed heap goes back to the kernel;
+- berth-grpc's fixed malloc mmap threshold (supervisor.environment).
+The figures themselves are measured by scripts/bench (memory), never asserted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from berth.daemon.grpc import supervisor
+from tests.support.helpers import Daemon
+
+PROBE = "berth_deferred_probe"
+
+
+def _python(code: str, path: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(path), *sys.path]))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_deferred_module_runs_at_its_first_attribute_and_once(tmp_path: Path) -> None:
+    (tmp_path / f"{PROBE}.py").write_text(
+        "import os\nos.write(1, b'loaded\\n')\nVALUE = 42\ndef answer():\n    return VALUE\n"
+    )
+    out = _python(
+        f"""
+        import sys
+        from berth.daemon import deferred
+        deferred.defer("{PROBE}")
+        import {PROBE}                      # an import statement alone does not load it
+        import {PROBE} as again
+        print("imported", "{PROBE}" in sys.modules)
+        print("value", {PROBE}.VALUE)       # the first attribute does, once
+        from {PROBE} import answer
+        print("answer", answer(), again.answer is answer)
+        print("same", sys.modules["{PROBE}"].answer is {PROBE}.answer)
+        try:
+            {PROBE}.missing
+        except AttributeError:
+            print("missing raises")
+        import json
+        deferred.defer("json")              # already imported: left as it is
+        print("json kept", type(sys.modules["json"]).__name__)
+        """,
+        tmp_path,
+    )
+    assert out.splitlines() == [
+        "imported True",
+        "loaded",
+        "value 42",
+        "answer 42 True",
+        "same True",
+        "missing raises",
+        "json kept module",
+    ]
+
+
+def test_berthd_starts_without_openssl_and_loads_it_to_hash(daemon: Daemon) -> None:
+    def maps() -> str:
+        return Path(f"/proc/{daemon.pid}/maps").read_text()
+
+    assert daemon.call("version")
+    assert "libcrypto" not in maps()  # trio imports ssl and hmac; stand-ins until used
+    data = os.urandom(100_000)
+    with daemon.client() as c:
+        c.call("content.write.open", {"ref": "footprint"})
+        c.call("content.write.chunk", {"ref": "footprint", "data": data})
+        digest = c.call("content.write.commit", {"ref": "footprint"})["digest"]
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert "libcrypto" in maps()  # hashlib, loaded by its first use, is OpenSSL's
+
+
+def test_malloc_trim_gives_fragmented_heap_back(tmp_path: Path) -> None:
+    out = _python(
+        """
+        from berth.native import malloc_trim
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) // 1024
+        # a freed mmapped block raises glibc's mmap threshold: the next ones are heap
+        first = bytearray(4 << 20)
+        del first
+        blocks = [bytearray(1 << 20) for _ in range(64)]
+        keep = bytearray(1 << 20)                    # pins the heap's top
+        before = rss()
+        del blocks
+        freed = rss()
+        released = malloc_trim()
+        print(before - freed, rss() - freed, released)
+        """,
+        tmp_path,
+    )
+    kept_after_free, change, released = out.split()
+    assert int(kept_after_free) < 8  # glibc kept the 64 MiB ...
+    assert int(change) <= -48 and released == "True"  # ... until the trim
+
+
+def test_berth_grpc_runs_with_a_fixed_mmap_threshold() -> None:
+    tunable = f"glibc.malloc.mmap_threshold={supervisor.MMAP_THRESHOLD}"
+    assert supervisor.environment({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": tunable}
+    merged = supervisor.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert merged["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{tunable}"
+    own = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+    assert supervisor.environment(own) == own  # an operator's own choice stands
