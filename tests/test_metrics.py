@@ -753,3 +753,33 @@ def test_a_real_prometheus_scrapes_berthd(metered: Daemon) -> None:
     assert is_gone(prometheus.proc.pid)
     stop_task(metered, "web")
     stop_task(metered, "idle")
+
+
+def test_own_process_figures_are_prometheus_client_s_families() -> None:
+    """berthd's process_* families (counted without listing /proc/self/fd) carry the same
+    names, types, help texts and values as prometheus_client's ProcessCollector."""
+    from prometheus_client.process_collector import ProcessCollector
+
+    keep = [os.open("/dev/null", os.O_RDONLY) for _ in range(50)]  # a count that moves
+    try:
+        ours = {m.name: m for m in metrics.ProcessFigures().collect()}
+        theirs = {m.name: m for m in ProcessCollector(registry=None).collect()}
+    finally:
+        for fd in keep:
+            os.close(fd)
+    assert ours.keys() == theirs.keys()
+    assert len(ours) == 6
+    for name, family in ours.items():
+        other = theirs[name]
+        assert (family.type, family.documentation) == (other.type, other.documentation)
+        assert [s.name for s in family.samples] == [s.name for s in other.samples]
+        mine, reference = family.samples[0].value, other.samples[0].value
+        if name in ("process_resident_memory_bytes", "process_virtual_memory_bytes"):
+            assert abs(mine - reference) <= 4 << 20  # both read /proc/self/stat, a moment apart
+        elif name == "process_cpu_seconds":
+            assert abs(mine - reference) <= 0.1
+        elif name == "process_open_fds":
+            assert abs(mine - reference) <= 1  # the listing holds one of its own
+            assert mine >= 50
+        else:
+            assert mine == reference, name
