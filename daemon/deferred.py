@@ -1,24 +1,24 @@
 """Standard modules that berthd imports but rarely uses, loaded at their first use.
 
 Importing this module stands in for `ssl`, `hmac` and `hashlib` (berthd's main imports it
-before anything else); `defer` does the same for other modules.
+before anything else); `defer` does the same for other pure-Python modules.
 
 trio imports `ssl` (for trio.SSLStream) and `hmac` (for DTLS cookies) at its own import, and
 berthd imports `hashlib` for content digests. All three load OpenSSL: libssl and libcrypto
 mapped and initialised cost berthd ~5 MiB of its RSS (measured: `import trio` 23.9 MiB, 19.2
 with these deferred), though a berthd that never pulls over TLS never uses ssl, and one that
-only runs containers never hashes. A module object stands in for each until an attribute is
-asked of it; then the real module is imported and its namespace copied onto the stand-in, so
-every holder of either sees the same functions from then on.
+only runs containers never hashes. The stand-in is the module object itself: when the first
+attribute is asked of it, the module's code runs in it, so every holder sees the real
+module from then on.
 
-Why not importlib.util.LazyLoader: on CPython 3.11 an `import ssl` of a module already in
-sys.modules reads its `__spec__` (to check that it is not still initialising), which loads a
-LazyLoader module at once. This stand-in answers `__spec__` and other dunders itself.
+Why not importlib.util.LazyLoader, which does the same: on CPython 3.11 an `import ssl` of a
+module already in sys.modules reads its `__spec__` (to check that it is not still
+initialising), which loads a LazyLoader module at once. This stand-in answers `__spec__`
+and the other dunders itself.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 import threading
@@ -27,29 +27,34 @@ from typing import Any
 
 __all__ = ["defer"]
 
-_lock = threading.Lock()  # trio's worker threads may be the first to touch one
+_locks: dict[str, threading.RLock] = {}  # per module: trio's worker threads may race for one
+_running: set[str] = set()  # modules whose code is running now (in the thread holding the lock)
 
 
 class _Deferred(types.ModuleType):
     def __getattr__(self, attr: str) -> Any:
-        # only for attributes not yet in the namespace, so once loaded never again
+        # only for attributes not in the namespace: before the load, or missing after it
         if attr.startswith("__") and attr.endswith("__"):
             raise AttributeError(attr)
-        return getattr(_load(self), attr)
+        name = self.__name__
+        with _locks[name]:
+            if name in _running:  # asked while its own code runs (a circular import)
+                raise AttributeError(f"partially initialised module {name!r} has no {attr!r}")
+            if type(self) is _Deferred:
+                _run(self)
+        return getattr(self, attr)
 
 
-def _load(stand_in: _Deferred) -> types.ModuleType:
-    name = stand_in.__name__
-    with _lock:
-        if sys.modules.get(name) is stand_in:
-            del sys.modules[name]
-            try:
-                real = importlib.import_module(name)
-            except BaseException:
-                sys.modules[name] = stand_in
-                raise
-            stand_in.__dict__.update(real.__dict__)
-        return sys.modules[name]
+def _run(module: _Deferred) -> None:
+    name = module.__name__
+    spec = module.__spec__
+    assert spec is not None and spec.loader is not None
+    _running.add(name)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        _running.discard(name)
+    module.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module now
 
 
 def defer(*names: str) -> None:
@@ -58,11 +63,12 @@ def defer(*names: str) -> None:
         if name in sys.modules:
             continue
         spec = importlib.util.find_spec(name)
-        if spec is None:
-            continue
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
+            continue  # not there, or not Python source: imported as usual
         stand_in = _Deferred(name)
-        stand_in.__spec__ = spec
-        stand_in.__file__ = spec.origin
+        # __spec__, __loader__, __file__, __package__, __cached__, as the import sets them
+        stand_in.__dict__.update(importlib.util.module_from_spec(spec).__dict__)
+        _locks[name] = threading.RLock()
         sys.modules[name] = stand_in
 
 

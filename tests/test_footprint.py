@@ -72,6 +72,33 @@ def test_a_deferred_module_runs_at_its_first_attribute_and_once(tmp_path: Path) 
     ]
 
 
+def test_threads_racing_for_a_deferred_module_run_it_once(tmp_path: Path) -> None:
+    (tmp_path / f"{PROBE}.py").write_text(
+        "import os, time\nos.write(1, b'loaded\\n')\ntime.sleep(0.2)\nVALUE = 7\n"
+    )
+    out = _python(
+        f"""
+        import threading
+        from berth.daemon import deferred
+        deferred.defer("{PROBE}")
+        import {PROBE}
+        start = threading.Barrier(8)
+        seen = []
+        def first_use():
+            start.wait()
+            seen.append({PROBE}.VALUE)  # all but one wait for the one that runs it
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print("seen", seen)
+        """,
+        tmp_path,
+    )
+    assert out.splitlines() == ["loaded", "seen [7, 7, 7, 7, 7, 7, 7, 7]"]
+
+
 def test_berthd_starts_without_openssl_and_loads_it_to_hash(daemon: Daemon) -> None:
     def maps() -> str:
         return Path(f"/proc/{daemon.pid}/maps").read_text()
