@@ -23,4 +23,4 @@ ABORTED, DATA_LOSS, UNAUTHENTICATED  # noqa
 INTERNAL_ERROR, SETTINGS_TIMEOUT, CANCEL, CONNECT_ERROR, INADEQUATE_SECURITY  # noqa
 HTTP_1_1_REQUIRED, HEADER_TABLE_SIZE, max_allowed_table_size  # noqa
 # a module stand-in's identity, read by the import system (daemon/deferred.py)
-__spec__, __file__  # noqa
+__spec__, __file__, __class__  # noqa
