@@ -204,6 +204,9 @@ def test_the_exposition_reads_as_prometheus_client_s_own() -> None:
     edges and label values that need escaping."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.exposition import generate_latest
+    from prometheus_client.metrics import disable_created_metrics
+
+    disable_created_metrics()  # berthd writes no `_created` series (CallFigures)
     from prometheus_client.metrics_core import GaugeMetricFamily
     from prometheus_client.process_collector import ProcessCollector
 
@@ -783,3 +786,56 @@ def test_own_process_figures_are_prometheus_client_s_families() -> None:
             assert mine >= 50
         else:
             assert mine == reference, name
+
+
+def test_call_figures_write_what_counter_and_histogram_would() -> None:
+    """berthd counts API calls in plain dicts (CallFigures): the same families, samples and
+    values as prometheus_client's Counter and Histogram given the same calls, boundary
+    latencies included (a bucket's bound counts as inside it)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.metrics import disable_created_metrics
+
+    disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=False)
+    ours = metrics.CallFigures()
+    families = {m.name: m for m in ours.collect()}
+    calls = Counter(
+        "berth_api_calls",
+        families["berth_api_calls"].documentation,
+        ["method", "code"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "berth_api_call_duration_seconds",
+        families["berth_api_call_duration_seconds"].documentation,
+        ["method"],
+        registry=registry,
+    )
+    observed = [
+        ("tasks.start", "ok", 0.0),
+        ("tasks.start", "ok", 0.005),
+        ("tasks.start", "not_found", 0.0050001),
+        ("gc", "ok", 10.0),
+        ("gc", "ok", 10.5),
+        ("events.subscribe", "cancelled", 3600.0),
+        ("version", "ok", 0.25),
+    ]
+    for method, code, seconds in observed:
+        ours.observe(method, code, seconds)
+        calls.labels(method, code).inc()
+        latency.labels(method).observe(seconds)
+
+    def parsed(text: bytes) -> list[tuple[str, str, str, list[tuple[str, Any, float]]]]:
+        return [
+            (
+                family.name,
+                family.type,
+                family.documentation,
+                sorted((s.name, sorted(s.labels.items()), s.value) for s in family.samples),
+            )
+            for family in text_string_to_metric_families(text.decode())
+        ]
+
+    assert parsed(metrics.exposition(ours.collect())) == parsed(generate_latest(registry))
+    assert len(parsed(generate_latest(registry))[1][3]) == 4 * 17  # 15 buckets, count, sum
