@@ -49,6 +49,7 @@ from berth.daemon.network.service import NetworkService, NetworkSettings, Usage
 from berth.daemon.removals import Removals
 from berth.daemon.rpc import Drain, Observer, ServerConnection, guarded, refuse
 from berth.daemon.storage import gc
+from berth.daemon.storage.generation import ContentGeneration
 from berth.daemon.storage.service import Storage
 from berth.daemon.tasks.service import TaskService
 from berth.daemon.tasks.shims import SHORTAGE_ERRNOS, Zygote
@@ -92,7 +93,7 @@ def open_state(config: Config, locks: startup.Locks | None) -> tuple[Store, star
         rebuild = config.rebuild_metadata and startup.is_blank(config.db_path)
         if config.rebuild_metadata:
             startup.set_aside_orphaned_snapshots(config)
-        store = Store(config.db_path)
+        store = Store(config.db_path, ContentGeneration(config.state).bump)
     except BaseException:
         locks.release()
         raise

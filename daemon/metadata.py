@@ -295,8 +295,11 @@ class Store:
     start, and manage the containers it finds, on a full disk (reads need no space), and a
     write at every start made that impossible."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, content_changing: Callable[[], None] = lambda: None) -> None:
         self._path = path
+        # called before a content record's labels change or it is deleted: berth-grpc
+        # reuses Content answers only while nothing has (storage/generation.py)
+        self._content_changing = content_changing
         # The root's space reserve (storage/reserve.py) sits beside the database, in the
         # root: a migration that finds the disk full releases it (see _startup_write).
         self._reserve = os.path.join(os.path.dirname(path), "reserve")
@@ -591,13 +594,16 @@ class Store:
 
     def update_content(self, namespace: str, digest: str, labels: dict[str, str]) -> dict[str, Any]:
         self.get_content(namespace, digest)
+        labels = check_labels(labels)
+        self._content_changing()
         self._db.execute(
             "UPDATE content SET labels = ?, updated_at = ? WHERE namespace = ? AND digest = ?",
-            (json.dumps(check_labels(labels)), time.time_ns(), namespace, digest),
+            (json.dumps(labels), time.time_ns(), namespace, digest),
         )
         return self.get_content(namespace, digest)
 
     def delete_content(self, namespace: str, digest: str) -> None:
+        self._content_changing()
         if not self._db.execute(
             "DELETE FROM content WHERE namespace = ? AND digest = ?", (namespace, digest)
         ).rowcount:

@@ -857,3 +857,65 @@ def test_a_flat_lease_keeps_its_content_but_not_what_that_references(wire: Wire)
     for lease_id in (flat, plain):
         wire.unary(LS + "Delete", t.leases.DeleteRequest(id=lease_id, sync=True), t.Empty)
     assert not any(stored(d) for d in (parent, kept, other, shared, shared_child))
+
+
+# -- berth-grpc's kept Content answers (ContentCache) -----------------------------------------
+
+
+def _read(w: Wire, digest: str, offset: int = 0, size: int = 0) -> bytes:
+    read = w.channel.unary_stream(
+        CS + "Read",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=w.t.content.ReadContentResponse.FromString,
+    )
+    request = w.t.content.ReadContentRequest(digest=digest, offset=offset, size=size)
+    return b"".join(r.data for r in read(request, metadata=w.meta(), timeout=60))
+
+
+def _labels(w: Wire, digest: str) -> dict[str, str]:
+    info = w.unary(CS + "Info", w.t.content.InfoRequest(digest=digest), w.t.content.InfoResponse)
+    return dict(info.info.labels)
+
+
+def test_kept_content_answers_follow_every_change_whoever_makes_it(wire: Wire) -> None:
+    """berth-grpc gives Info and small Reads again without asking berthd while no content
+    record changed: a label change or a delete, through gRPC, through berth's own API or
+    by the collector, is seen by the very next call."""
+    lease = wire.unary(
+        LS + "Create", wire.t.leases.CreateRequest(id="kept-answers"), wire.t.leases.CreateResponse
+    ).lease.id
+    data = b"kept answers " * 100
+    digest = _put(wire, data, "kept-1", labels={"a": "1"}, lease=lease)
+    for _ in range(3):  # asked, then kept
+        assert _labels(wire, digest) == {"a": "1"}
+        assert _read(wire, digest) == data
+    # reads of any part, from the kept bytes as from berthd's
+    assert _read(wire, digest, 13, 7) == data[13:20]
+    assert _read(wire, digest, len(data)) == b""
+    with pytest.raises(grpc.RpcError) as past:
+        _read(wire, digest, len(data) + 1)
+    assert past.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    # a label change through gRPC, then through berth's own API
+    update = wire.t.content.UpdateRequest(
+        info=wire.t.content.Info(digest=digest, labels={"b": "2"})
+    )
+    update.update_mask.paths.append("labels")
+    wire.unary(CS + "Update", update, wire.t.content.UpdateResponse)
+    assert _labels(wire, digest) == {"b": "2"}
+    wire.daemon.call("content.update", {"digest": digest, "labels": {"c": "3"}})
+    assert _labels(wire, digest) == {"c": "3"}
+    # a delete through berth's own API: gone for the next gRPC call
+    wire.daemon.call("content.delete", {"digest": digest})
+    assert not _exists(wire, digest)
+    with pytest.raises(grpc.RpcError) as gone:
+        _read(wire, digest)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # and by the collector: a blob only the lease held goes with the lease
+    other = b"collected " * 50
+    digest = _put(wire, other, "kept-2", lease=lease)
+    assert _read(wire, digest) == other and _read(wire, digest) == other
+    wire.unary(LS + "Delete", wire.t.leases.DeleteRequest(id=lease, sync=True), wire.t.Empty)
+    assert not _exists(wire, digest)
+    with pytest.raises(grpc.RpcError) as collected:
+        _read(wire, digest)
+    assert collected.value.code() == grpc.StatusCode.NOT_FOUND

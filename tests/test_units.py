@@ -1080,3 +1080,67 @@ async def test_rpc_receive_reads_what_is_waiting_and_still_yields() -> None:
     assert await receive(stream) == b"kept"
     await stream.aclose()
     peer.close()
+
+
+def test_content_generation_moves_with_every_bump_and_every_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from berth.daemon.storage import generation
+
+    state = str(tmp_path)
+    ours = generation.ContentGeneration(state)
+    first = generation.current(state)
+    assert first is not None and first[1] == 0
+    ours.bump()
+    assert generation.current(state) == (first[0], 1)
+    successor = generation.ContentGeneration(state)  # a new berthd: a new file
+    fresh = generation.current(state)
+    assert fresh is not None and fresh[0] != first[0] and fresh[1] == 0
+    ours.bump()  # the predecessor, finishing its calls, bumps the file berth-grpc sees
+    assert generation.current(state) == (fresh[0], 1)
+    monkeypatch.setattr(generation, "ROLL_AT", 3)
+    successor.bump()
+    successor.bump()
+    rolled = generation.current(state)
+    assert rolled is not None and rolled[0] != fresh[0]
+    # a file that cannot take the byte is removed (nothing is kept without it) ...
+    os.unlink(successor.path)
+    os.mkdir(successor.path)  # ... and if it cannot be removed either, the change is refused
+    with pytest.raises(OSError):
+        successor.bump()
+    os.rmdir(successor.path)
+    assert generation.current(state) is None
+    successor.bump()  # made again: from then on, kept answers are given again
+    assert generation.current(state) is not None
+
+
+def test_content_cache_gives_back_only_what_the_generation_allows(tmp_path: Path) -> None:
+    from berth.daemon.grpc.services.content import KEPT_BLOB, KEPT_BYTES, ContentCache
+    from berth.daemon.storage import generation
+
+    assert ContentCache("").generation() is None  # no state dir: nothing kept
+    counter = generation.ContentGeneration(str(tmp_path))
+    cache = ContentCache(str(tmp_path))
+    now = cache.generation()
+    assert now is not None
+    cache.keep("ns", "sha256:a", now, info={"size": 3})
+    cache.keep("ns", "sha256:a", now, blob=b"abc")
+    assert cache.info("ns", "sha256:a", now) == {"size": 3}
+    assert cache.blob("ns", "sha256:a", now) == b"abc"
+    assert cache.info("other", "sha256:a", now) is None  # per namespace
+    counter.bump()
+    later = cache.generation()
+    assert later is not None and later != now
+    assert (
+        cache.info("ns", "sha256:a", later) is None and cache.blob("ns", "sha256:a", later) is None
+    )
+    # an answer asked before a change is not given after it
+    cache.keep("ns", "sha256:b", now, info={"size": 1})
+    assert cache.info("ns", "sha256:b", later) is None
+    # bounds: no blob above KEPT_BLOB, no more than KEPT_BYTES in all
+    cache.keep("ns", "sha256:big", later, blob=b"x" * (KEPT_BLOB + 1))
+    assert cache.blob("ns", "sha256:big", later) is None
+    for i in range(2 * KEPT_BYTES // KEPT_BLOB):
+        cache.keep("ns", f"sha256:{i}", later, blob=b"y" * KEPT_BLOB)
+    kept = [i for i in range(2 * KEPT_BYTES // KEPT_BLOB) if cache.blob("ns", f"sha256:{i}", later)]
+    assert len(kept) * KEPT_BLOB <= KEPT_BYTES and kept[-1] == 2 * KEPT_BYTES // KEPT_BLOB - 1

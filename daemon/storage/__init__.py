@@ -7,6 +7,7 @@
     registry    the OCI distribution client (pull/push over httpx)
     service     `Storage`: the above scoped by namespace, with leases, import/export, unpack
     gc          mark and sweep over images, containers, leases and gc.ref labels
+    generation  a count of content record changes, for berth-grpc's kept answers
 
 Trio-free (berthd runs the heavy parts in worker threads) and usable without the task
 service. May import berth.daemon's pure leaves and berth.shim's wire kernel, mount and fs

@@ -77,6 +77,7 @@ class Backend:
 
     def __init__(self, address: str, state_dir: str = "") -> None:
         self.address = address
+        self.state_dir = state_dir  # berthd's: the record of this process, content.generation
         self.handoff = Handoff(state_dir)  # subscriptions passed on when replaced
         self._shared: AsyncClient | None = None
         self._connecting = asyncio.Lock()

@@ -16,6 +16,7 @@ from berth.daemon.grpc import convert as capi
 from berth.daemon.grpc.client import AsyncClient
 from berth.daemon.grpc.services.base import (
     LIST_BATCH,
+    Backend,
     Call,
     Handler,
     Service,
@@ -25,6 +26,7 @@ from berth.daemon.grpc.services.base import (
     streaming,
     unary,
 )
+from berth.daemon.storage import generation
 from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
@@ -34,10 +36,78 @@ from berth.shim.wire.errors import (
 
 READ_CHUNK = 1 << 20  # what berthd's content.read answers at most (api/storage.MAX_READ)
 WRITE_CHUNK = 1 << 20  # gRPC messages may hold 32 MiB; berthd's frames hold 4
+KEPT_BLOB = 64 * 1024  # the largest blob whose bytes ContentCache keeps
+KEPT_BYTES = 1 << 20  # all the bytes it keeps
+KEPT_ENTRIES = 1024
+
+Generation = tuple[int, int]
+
+
+class ContentCache:
+    """Answers of Content/Info, and the bytes of small blobs, kept while berthd's content
+    records are unchanged (storage/generation.py says how that is known: one stat).
+
+    containerd's ctr asks Info and Read of its image's manifest and config ten times each
+    for one `ctr run`; each is a round trip through berthd (~0.5 ms). An answer is kept
+    with the generation read before it was asked, and given again only while the
+    generation is the same: a delete or a label change anywhere drops them all. Errors
+    (NotFound) are never kept. Without berthd's state dir (or its file) nothing is kept."""
+
+    def __init__(self, state_dir: str) -> None:
+        self._state_dir = state_dir
+        # (namespace, digest) -> (generation, Info's document or None, bytes or None)
+        self._entries: dict[tuple[str, str], tuple[Generation, Any, bytes | None]] = {}
+        self._bytes = 0
+
+    def generation(self) -> Generation | None:
+        return generation.current(self._state_dir) if self._state_dir else None
+
+    def _entry(self, key: tuple[str, str], now: Generation) -> tuple[Any, bytes | None] | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] != now:
+            self._drop(key)
+            return None
+        return entry[1], entry[2]
+
+    def info(self, namespace: str, digest: str, now: Generation) -> Any:
+        entry = self._entry((namespace, digest), now)
+        return entry[0] if entry else None
+
+    def blob(self, namespace: str, digest: str, now: Generation) -> bytes | None:
+        entry = self._entry((namespace, digest), now)
+        return entry[1] if entry else None
+
+    def keep(
+        self, namespace: str, digest: str, asked: Generation, *, info: Any = None, blob: Any = None
+    ) -> None:
+        """Keep what berthd answered when the generation was `asked`."""
+        key = (namespace, digest)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == asked:
+            info = info if info is not None else entry[1]
+            blob = blob if blob is not None else entry[2]
+        self._drop(key)
+        if blob is not None and len(blob) > KEPT_BLOB:
+            blob = None
+        self._entries[key] = (asked, info, blob)
+        self._bytes += len(blob) if blob is not None else 0
+        while len(self._entries) > KEPT_ENTRIES or self._bytes > KEPT_BYTES:
+            self._drop(next(iter(self._entries)))  # the oldest
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry[2] is not None:
+            self._bytes -= len(entry[2])
 
 
 class Content(Service):
     """Serves containerd.services.content.v1.Content."""
+
+    def __init__(self, backend: Backend, server_uuid: str = "") -> None:
+        super().__init__(backend, server_uuid)
+        self.cache = ContentCache(backend.state_dir)
 
     def methods(self) -> dict[str, Handler]:
         return {
@@ -54,8 +124,19 @@ class Content(Service):
 
     @unary
     async def info(self, request: Any, call: Call) -> Any:
-        doc = await self._call(call, "content.info", {"digest": request.digest})
+        doc = await self._info(call, request.digest)
         return capi.types().content.InfoResponse(info=capi.content_info_to_message(doc))
+
+    async def _info(self, call: Call, digest: str) -> Any:
+        now = self.cache.generation() if call.namespace else None
+        if now is not None:
+            doc = self.cache.info(call.namespace or "", digest, now)
+            if doc is not None:
+                return doc
+        doc = await self._call(call, "content.info", {"digest": digest})
+        if now is not None:
+            self.cache.keep(call.namespace or "", digest, now, info=doc)
+        return doc
 
     @unary
     async def update(self, request: Any, call: Call) -> Any:
@@ -89,6 +170,15 @@ class Content(Service):
         t = capi.types()
         offset = start = max(0, int(request.offset))
         end = None if request.size <= 0 else offset + int(request.size)
+        now = self.cache.generation() if call.namespace else None
+        if now is not None:
+            blob = self.cache.blob(call.namespace or "", request.digest, now)
+            if blob is not None:
+                if offset > len(blob):
+                    raise _OutOfRange(f"read past object length {len(blob)} bytes")
+                if offset < len(blob):
+                    yield t.content.ReadContentResponse(offset=0, data=blob[offset:end])
+                return
         first = True
         while end is None or offset < end:
             want = READ_CHUNK if end is None else min(READ_CHUNK, end - offset)
@@ -103,6 +193,12 @@ class Content(Service):
                     if offset > size:
                         raise _OutOfRange(f"read past object length {size} bytes")
                 return
+            if now is not None and first and start == 0:
+                # the whole blob (a short piece, or as long as Info said), as it was when
+                # `now` was read: kept for the next reads
+                info = self.cache.info(call.namespace or "", request.digest, now)
+                if len(data) < want or (info is not None and info.get("size") == len(data)):
+                    self.cache.keep(call.namespace or "", request.digest, now, blob=data)
             # containerd's offsets count from where the read began
             yield t.content.ReadContentResponse(offset=offset - start, data=data)
             offset += len(data)
