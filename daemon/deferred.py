@@ -7,9 +7,9 @@ trio imports `ssl` (for trio.SSLStream) and `hmac` (for DTLS cookies) at its own
 berthd imports `hashlib` for content digests. All three load OpenSSL: libssl and libcrypto
 mapped and initialised cost berthd ~5 MiB of its RSS (measured: `import trio` 23.9 MiB, 19.2
 with these deferred), though a berthd that never pulls over TLS never uses ssl, and one that
-only runs containers never hashes. The stand-in is the module object itself: when the first
-attribute is asked of it, the module's code runs in it, so every holder sees the real
-module from then on.
+only runs containers never hashes. When the first attribute is asked of a stand-in, the
+module's code runs and the stand-in takes its whole namespace, so every holder sees the
+real module from then on.
 
 Why not importlib.util.LazyLoader, which does the same: on CPython 3.11 an `import ssl` of a
 module already in sys.modules reads its `__spec__` (to check that it is not still
@@ -34,7 +34,7 @@ _running: set[str] = set()  # modules whose code is running now (in the thread h
 class _Deferred(types.ModuleType):
     def __getattr__(self, attr: str) -> Any:
         # only for attributes not in the namespace: before the load, or missing after it
-        if attr.startswith("__") and attr.endswith("__"):
+        if attr.startswith("__") and attr.endswith("__") and attr != "__all__":
             raise AttributeError(attr)
         name = self.__name__
         with _locks[name]:
@@ -45,16 +45,31 @@ class _Deferred(types.ModuleType):
         return getattr(self, attr)
 
 
-def _run(module: _Deferred) -> None:
-    name = module.__name__
-    spec = module.__spec__
+def _run(stand_in: _Deferred) -> None:
+    """Run the module's code in a module of its own, which is sys.modules' entry while it
+    runs (as in any import: ssl's enums are made by `enum._convert_`, which writes into
+    `sys.modules[__name__]`) and stays it; then give the stand-in that whole namespace at
+    once, so a thread holding the stand-in never sees half of it (it waits on the lock for
+    anything not there yet). The functions' globals are the new module's: a global
+    rebound later through the stand-in is not seen by them (nothing in berthd does)."""
+    name = stand_in.__name__
+    spec = stand_in.__spec__
     assert spec is not None and spec.loader is not None
+    real = importlib.util.module_from_spec(spec)
+    parent, _, child = name.rpartition(".")
     _running.add(name)
+    sys.modules[name] = real
     try:
-        spec.loader.exec_module(module)
+        spec.loader.exec_module(real)
+    except Exception as exc:  # the stand-in stays as it was: the next use tries again
+        sys.modules[name] = stand_in
+        raise ImportError(f"deferred import of {name} failed: {exc}", name=name) from exc
     finally:
         _running.discard(name)
-    module.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module now
+    if parent in sys.modules:
+        setattr(sys.modules[parent], child, real)
+    stand_in.__dict__.update(real.__dict__)
+    stand_in.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module now
 
 
 def defer(*names: str) -> None:
@@ -62,7 +77,7 @@ def defer(*names: str) -> None:
     for name in names:
         if name in sys.modules:
             continue
-        spec = importlib.util.find_spec(name)
+        spec = importlib.util.find_spec(name)  # imports the parent package, if any
         if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
             continue  # not there, or not Python source: imported as usual
         stand_in = _Deferred(name)
@@ -70,6 +85,9 @@ def defer(*names: str) -> None:
         stand_in.__dict__.update(importlib.util.module_from_spec(spec).__dict__)
         _locks[name] = threading.RLock()
         sys.modules[name] = stand_in
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:  # as the import binds a submodule on its package
+            setattr(sys.modules[parent], child, stand_in)
 
 
 defer("ssl", "hmac", "hashlib")

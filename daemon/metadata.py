@@ -71,6 +71,11 @@ class LockedDB:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every statement: a caller holds it to keep statements out meanwhile."""
+        return self._lock
+
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> _Result:
         with self._lock:
             try:
@@ -595,19 +600,34 @@ class Store:
     def update_content(self, namespace: str, digest: str, labels: dict[str, str]) -> dict[str, Any]:
         self.get_content(namespace, digest)
         labels = check_labels(labels)
-        self._content_changing()
-        self._db.execute(
-            "UPDATE content SET labels = ?, updated_at = ? WHERE namespace = ? AND digest = ?",
-            (json.dumps(labels), time.time_ns(), namespace, digest),
-        )
+        with self._content_change():
+            self._db.execute(
+                "UPDATE content SET labels = ?, updated_at = ? WHERE namespace = ? AND digest = ?",
+                (json.dumps(labels), time.time_ns(), namespace, digest),
+            )
         return self.get_content(namespace, digest)
 
     def delete_content(self, namespace: str, digest: str) -> None:
-        self._content_changing()
-        if not self._db.execute(
-            "DELETE FROM content WHERE namespace = ? AND digest = ?", (namespace, digest)
-        ).rowcount:
+        with self._content_change():
+            deleted = self._db.execute(
+                "DELETE FROM content WHERE namespace = ? AND digest = ?", (namespace, digest)
+            ).rowcount
+        if not deleted:
             raise NotFound(f"content {digest} not found")
+
+    @contextlib.contextmanager
+    def _content_change(self) -> Iterator[None]:
+        """A content record's change, announced before (a change that cannot be announced
+        is not made) and after (an answer berth-grpc was given between the first
+        announcement and the change is not reused), with the database held throughout:
+        no statement, from the loop or a worker thread, sees the change before the second
+        announcement."""
+        with self._db.lock:
+            self._content_changing()
+            try:
+                yield
+            finally:
+                self._content_changing()
 
     def content_referenced_anywhere(self, digest: str) -> bool:
         return (

@@ -882,9 +882,10 @@ class Metrics:
                 scrape.containers.append((target, image, sample))
             # Also looked up once: whether the init shares berthd's network namespace (a
             # host-network container, whose interfaces are the host's, not its own).
-            # /proc/PID/net/dev is then read through a kept descriptor: the kernel makes
-            # its text afresh for a read at offset 0, of the namespace the task was in
-            # when it was opened (an init that moves to another one later is not seen).
+            # /proc/PID/net/dev is opened afresh each time, not kept as the cgroup files
+            # are: an open one holds its network namespace alive (after the task, until
+            # the next scrape, or for good if scrapes stop), and a PID taken again by
+            # another container's init would read the old namespace through it.
             host = seen_host.get(target)
             if host is None:
                 host = in_netns(target.pid, own_netns)
@@ -893,7 +894,7 @@ class Metrics:
             self._host_network[target] = host
             if host:
                 continue
-            interfaces = network_counters(target.pid, self._files.read)
+            interfaces = network_counters(target.pid)
             if interfaces:
                 scrape.networks.append((target, image, interfaces))
         self._files.sweep()

@@ -99,6 +99,69 @@ def test_threads_racing_for_a_deferred_module_run_it_once(tmp_path: Path) -> Non
     assert out.splitlines() == ["loaded", "seen [7, 7, 7, 7, 7, 7, 7, 7]"]
 
 
+def test_a_deferred_module_that_fails_raises_importerror_and_may_be_tried_again(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "berth_deferred_pkg").mkdir()
+    (tmp_path / "berth_deferred_pkg" / "__init__.py").write_text("")
+    (tmp_path / "berth_deferred_pkg" / "sub.py").write_text(
+        "import os\n"
+        "__all__ = ['VALUE']\n"
+        "if not os.path.exists(os.environ['MARK']):\n"
+        "    open(os.environ['MARK'], 'w').close()\n"
+        "    raise RuntimeError('first time')\n"
+        "VALUE = 5\n"
+    )
+    os.environ["MARK"] = str(tmp_path / "mark")
+    try:
+        out = _python(
+            """
+            from berth.daemon import deferred
+            deferred.defer("berth_deferred_pkg.sub")
+            import berth_deferred_pkg.sub
+            sub = berth_deferred_pkg.sub        # bound on its package, as an import binds it
+            try:
+                sub.VALUE
+            except ImportError as exc:
+                print("failed", type(exc.__cause__).__name__, "VALUE" in vars(sub))
+            print("again", berth_deferred_pkg.sub.VALUE)
+            from berth_deferred_pkg.sub import *
+            print("star", VALUE)
+            """,
+            tmp_path,
+        )
+    finally:
+        del os.environ["MARK"]
+    assert out.splitlines() == ["failed RuntimeError False", "again 5", "star 5"]
+
+
+def test_berthd_s_stand_ins_become_the_real_ssl_hmac_and_hashlib(tmp_path: Path) -> None:
+    """The three stdlib modules berthd defers work once used, including what their code
+    writes into sys.modules[__name__] as it runs (ssl's enums, made by enum._convert_)."""
+    out = _python(
+        """
+        import sys
+        from berth.daemon import deferred   # stands in for ssl, hmac, hashlib
+        import trio                         # imports ssl and hmac itself
+        print("before", "_ssl" in sys.modules, "_hashlib" in sys.modules)
+        import hashlib, hmac, ssl
+        context = ssl.create_default_context()
+        print("ssl", context.verify_mode == ssl.CERT_REQUIRED, ssl.PROTOCOL_TLS_CLIENT.name)
+        print("hmac", hmac.new(b"k", b"m", "sha256").hexdigest()[:8])
+        print("hashlib", hashlib.sha256(b"").hexdigest()[:8])
+        print("trio", trio.SSLStream.__name__)
+        """,
+        tmp_path,
+    )
+    assert out.splitlines() == [
+        "before False False",
+        "ssl True PROTOCOL_TLS_CLIENT",
+        "hmac b60090e3",
+        "hashlib e3b0c442",
+        "trio SSLStream",
+    ]
+
+
 def test_berthd_starts_without_openssl_and_loads_it_to_hash(daemon: Daemon) -> None:
     def maps() -> str:
         return Path(f"/proc/{daemon.pid}/maps").read_text()

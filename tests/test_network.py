@@ -562,8 +562,8 @@ def test_metrics_count_an_attached_container_s_network_bytes() -> None:
         _ok(n, "run", "-d", "--busybox", "--net", "bridge", "server", "sh", "-c", blob)
         _ok(n, "run", "-d", "--busybox", "--net", "host", "hosted", "sleep", "600")
         server = n.address("server")
-        # a first scrape opens the namespace's /proc/PID/net/dev and keeps it: the next
-        # ones read it again through that descriptor, and must see the bytes sent since
+        # a first scrape (it looks up once whether the task is in berthd's namespace):
+        # the next ones must see the bytes sent since
         wait_until(
             lambda: "berth_container_network_transmit_bytes_total" in samples(get(port)[2]),
             timeout=15,

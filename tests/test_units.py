@@ -1089,19 +1089,25 @@ def test_content_generation_moves_with_every_bump_and_every_new_file(
 
     state = str(tmp_path)
     ours = generation.ContentGeneration(state)
-    first = generation.current(state)
+
+    def inode_and_size() -> tuple[int, int] | None:
+        now = generation.current(state)
+        return None if now is None else (now[1], now[2])
+
+    first = inode_and_size()
     assert first is not None and first[1] == 0
+    before = generation.current(state)
     ours.bump()
-    assert generation.current(state) == (first[0], 1)
+    assert inode_and_size() == (first[0], 1) and generation.current(state) != before
     successor = generation.ContentGeneration(state)  # a new berthd: a new file
-    fresh = generation.current(state)
+    fresh = inode_and_size()
     assert fresh is not None and fresh[0] != first[0] and fresh[1] == 0
     ours.bump()  # the predecessor, finishing its calls, bumps the file berth-grpc sees
-    assert generation.current(state) == (fresh[0], 1)
+    assert inode_and_size() == (fresh[0], 1)
     monkeypatch.setattr(generation, "ROLL_AT", 3)
     successor.bump()
     successor.bump()
-    rolled = generation.current(state)
+    rolled = inode_and_size()
     assert rolled is not None and rolled[0] != fresh[0]
     # a file that cannot take the byte is removed (nothing is kept without it) ...
     os.unlink(successor.path)
@@ -1144,3 +1150,39 @@ def test_content_cache_gives_back_only_what_the_generation_allows(tmp_path: Path
         cache.keep("ns", f"sha256:{i}", later, blob=b"y" * KEPT_BLOB)
     kept = [i for i in range(2 * KEPT_BYTES // KEPT_BLOB) if cache.blob("ns", f"sha256:{i}", later)]
     assert len(kept) * KEPT_BLOB <= KEPT_BYTES and kept[-1] == 2 * KEPT_BYTES // KEPT_BLOB - 1
+
+
+def test_a_content_record_change_is_announced_before_and_after_with_the_database_held(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    seen: list[tuple[object, bool]] = []
+    waiting: list[threading.Thread] = []
+    store: Store
+
+    def announced() -> None:
+        try:
+            labels: object = store.get_content("ns", "sha256:" + "a" * 64)["labels"]
+        except NotFound:
+            labels = None
+        # another thread's statement waits for the announcement to end
+        other = threading.Thread(target=store.list_content, args=("ns",))
+        other.start()
+        other.join(timeout=0.2)
+        seen.append((labels, other.is_alive()))
+        waiting.append(other)  # it goes on once the change is over
+
+    store = Store(str(tmp_path / "meta.db"), announced)
+    digest = "sha256:" + "a" * 64
+    store.add_content("ns", digest, 3, {"a": "1"})
+    store.update_content("ns", digest, {"b": "2"})
+    store.delete_content("ns", digest)
+    for thread in waiting:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert seen == [({"a": "1"}, True), ({"b": "2"}, True), ({"b": "2"}, True), (None, True)]
+    with pytest.raises(NotFound):
+        store.delete_content("ns", digest)  # announced as well: harmless
+    for thread in waiting:
+        thread.join(timeout=10)

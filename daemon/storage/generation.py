@@ -5,8 +5,9 @@ and Content/Read for its image's manifest and config ten times each. berth-grpc 
 those answers (grpc/services/content.py, ContentCache) and reuses one only while no
 content record has changed since it was asked. A change is announced here first: berthd
 appends a byte to `<state>/content.generation` before it updates a record's labels or
-deletes a record (metadata.Store calls `bump`). berth-grpc takes the file's (inode, size)
-before it asks berthd, and reuses the answer only while a stat still gives the same pair.
+deletes a record, and again after (metadata.Store calls `bump`, holding the database in
+between). berth-grpc takes the file's identity and size before it asks berthd, and reuses
+the answer only while a stat still gives the same.
 Content itself never changes under a digest; a record that is added changes no answer
 given before (only a NotFound, which is never kept).
 
@@ -24,6 +25,7 @@ import threading
 
 FILE = "content.generation"
 ROLL_AT = 1 << 20  # bytes: then a new file
+ROLL_RACES = 8  # appends tried while another berthd keeps making a new file
 
 
 class ContentGeneration:
@@ -49,29 +51,42 @@ class ContentGeneration:
             raise
 
     def bump(self) -> None:
-        """Say that a content record is about to change. If the file cannot take the byte,
-        it is removed (berth-grpc keeps nothing without it); if that fails too, the
-        change must not be made: the error is raised."""
+        """Say that a content record changes. If the file cannot take the byte, it is
+        removed (berth-grpc keeps nothing without it); if that fails too, the error is
+        raised (and a change announced beforehand is not made)."""
         with self._lock:
             try:
-                fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-                try:
-                    os.write(fd, b".")
-                    size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-                if size >= ROLL_AT:
-                    self._roll()
+                self._append()
             except OSError:
-                os.unlink(self.path)  # raises if even that fails
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # raises if even that fails
+
+    def _append(self) -> None:
+        for _ in range(ROLL_RACES):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b".")
+                written = os.fstat(fd)
+            finally:
+                os.close(fd)
+            # Another berthd (a successor at its start) may have put a new file in place
+            # between the open and the write: then the byte went to the one berth-grpc no
+            # longer sees, and goes again to the new one.
+            if os.stat(self.path).st_ino == written.st_ino:
+                break
+        if written.st_size >= ROLL_AT:
+            self._roll()
 
 
-def current(state_dir: str) -> tuple[int, int] | None:
-    """berth-grpc's side: the generation now, None when there is none to trust."""
+Generation = tuple[int, int, int, int]
+
+
+def current(state_dir: str) -> Generation | None:
+    """berth-grpc's side: the generation now, None when there is none to trust. The
+    device and modification time are in it too: a file system that gives a freed inode
+    number to the next file (ext4, xfs) could otherwise repeat a pair seen long ago."""
     try:
         st = os.stat(os.path.join(state_dir, FILE))
     except OSError:
         return None
-    return (st.st_ino, st.st_size)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -27,6 +27,7 @@ from berth.daemon.grpc.services.base import (
     unary,
 )
 from berth.daemon.storage import generation
+from berth.daemon.storage.generation import Generation
 from berth.shim.wire.errors import (
     AlreadyExists,
     BerthError,
@@ -39,8 +40,6 @@ WRITE_CHUNK = 1 << 20  # gRPC messages may hold 32 MiB; berthd's frames hold 4
 KEPT_BLOB = 64 * 1024  # the largest blob whose bytes ContentCache keeps
 KEPT_BYTES = 1 << 20  # all the bytes it keeps
 KEPT_ENTRIES = 1024
-
-Generation = tuple[int, int]
 
 
 class ContentCache:
