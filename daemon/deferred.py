@@ -46,28 +46,27 @@ class _Deferred(types.ModuleType):
 
 
 def _run(stand_in: _Deferred) -> None:
-    """Run the module's code in a module of its own, which is sys.modules' entry while it
-    runs (as in any import: ssl's enums are made by `enum._convert_`, which writes into
-    `sys.modules[__name__]`) and stays it; then give the stand-in that whole namespace at
-    once, so a thread holding the stand-in never sees half of it (it waits on the lock for
-    anything not there yet). The functions' globals are the new module's: a global
-    rebound later through the stand-in is not seen by them (nothing in berthd does)."""
+    """Import the module for real, through the import system (its module lock and
+    `_initializing` make a thread's `import` of it wait until it is whole; ssl's enums,
+    made by `enum._convert_`, are written into `sys.modules[__name__]`, which is the new
+    module meanwhile), then give the stand-in that whole namespace at once, so a thread
+    holding the stand-in never sees half of it (it waits on the lock for anything not
+    there yet). The new module stays sys.modules' entry. The functions' globals are its
+    namespace: a global rebound later through the stand-in is not seen by them (nothing in
+    berthd does)."""
     name = stand_in.__name__
-    spec = stand_in.__spec__
-    assert spec is not None and spec.loader is not None
-    real = importlib.util.module_from_spec(spec)
-    parent, _, child = name.rpartition(".")
+    if sys.modules.get(name) is stand_in:
+        del sys.modules[name]
     _running.add(name)
-    sys.modules[name] = real
     try:
-        spec.loader.exec_module(real)
-    except Exception as exc:  # the stand-in stays as it was: the next use tries again
-        sys.modules[name] = stand_in
-        raise ImportError(f"deferred import of {name} failed: {exc}", name=name) from exc
+        real = importlib.import_module(name)
+    except BaseException as exc:  # the stand-in stays as it was: the next use tries again
+        sys.modules.setdefault(name, stand_in)
+        if isinstance(exc, Exception):
+            raise ImportError(f"deferred import of {name} failed: {exc}", name=name) from exc
+        raise
     finally:
         _running.discard(name)
-    if parent in sys.modules:
-        setattr(sys.modules[parent], child, real)
     stand_in.__dict__.update(real.__dict__)
     stand_in.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module now
 

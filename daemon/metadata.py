@@ -617,17 +617,14 @@ class Store:
 
     @contextlib.contextmanager
     def _content_change(self) -> Iterator[None]:
-        """A content record's change, announced before (a change that cannot be announced
-        is not made) and after (an answer berth-grpc was given between the first
-        announcement and the change is not reused), with the database held throughout:
-        no statement, from the loop or a worker thread, sees the change before the second
-        announcement."""
+        """A content record's change, announced first (a change that cannot be announced
+        is not made), with the database held from before the announcement until the change
+        is made: an answer berthd gave before it was kept by berth-grpc under an older
+        generation, and no statement, from the loop or a worker thread, can answer from
+        the old record after it."""
         with self._db.lock:
             self._content_changing()
-            try:
-                yield
-            finally:
-                self._content_changing()
+            yield
 
     def content_referenced_anywhere(self, digest: str) -> bool:
         return (

@@ -99,6 +99,29 @@ def test_threads_racing_for_a_deferred_module_run_it_once(tmp_path: Path) -> Non
     assert out.splitlines() == ["loaded", "seen [7, 7, 7, 7, 7, 7, 7, 7]"]
 
 
+def test_an_import_of_a_deferred_module_while_it_loads_waits_until_it_is_whole(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / f"{PROBE}.py").write_text("import time\nEARLY = 1\ntime.sleep(0.5)\nLATE = 2\n")
+    out = _python(
+        f"""
+        import threading, time
+        from berth.daemon import deferred
+        deferred.defer("{PROBE}")
+        import {PROBE}
+        first = threading.Thread(target=lambda: {PROBE}.EARLY)  # starts the load
+        first.start()
+        time.sleep(0.2)                                         # the load is halfway
+        import importlib
+        late = importlib.import_module("{PROBE}").LATE          # an import of its own
+        first.join()
+        print("late", late)
+        """,
+        tmp_path,
+    )
+    assert out.splitlines() == ["late 2"]
+
+
 def test_a_deferred_module_that_fails_raises_importerror_and_may_be_tried_again(
     tmp_path: Path,
 ) -> None:

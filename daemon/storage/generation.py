@@ -5,8 +5,8 @@ and Content/Read for its image's manifest and config ten times each. berth-grpc 
 those answers (grpc/services/content.py, ContentCache) and reuses one only while no
 content record has changed since it was asked. A change is announced here first: berthd
 appends a byte to `<state>/content.generation` before it updates a record's labels or
-deletes a record, and again after (metadata.Store calls `bump`, holding the database in
-between). berth-grpc takes the file's identity and size before it asks berthd, and reuses
+deletes a record (metadata.Store calls `bump`, and holds the database from before it until
+the change is made). berth-grpc takes the file's identity and size before it asks berthd, and reuses
 the answer only while a stat still gives the same.
 Content itself never changes under a digest; a record that is added changes no answer
 given before (only a NotFound, which is never kept).
@@ -74,6 +74,8 @@ class ContentGeneration:
             # longer sees, and goes again to the new one.
             if os.stat(self.path).st_ino == written.st_ino:
                 break
+        else:
+            raise OSError(f"{self.path} was replaced {ROLL_RACES} times while written")
         if written.st_size >= ROLL_AT:
             self._roll()
 
