@@ -645,7 +645,7 @@ class NetworkService:
         """Attach a container again, as its REQUEST_LABEL asks, before another task of
         it is created (its namespace path, named by digest, is the one in its spec)."""
         text = labels.get(REQUEST_LABEL)
-        if not text or os.path.exists(self._record_path(namespace, container_id)):
+        if not text:
             return
         try:
             request = json.loads(text)
@@ -655,12 +655,28 @@ class NetworkService:
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"label {REQUEST_LABEL} of {container_id}: {exc}") from None
         await self.ready.wait()
+        # The release of the previous task's attachment (on its exit) may be under way:
+        # its record stays until the namespace is gone. Decide once it has ended, or the
+        # new task would be given the path of a namespace about to be removed (a test saw
+        # `runc create`: "namespace path: lstat ...: no such file or directory").
+        async with self._locked(namespace, container_id):
+            if self._live(namespace, container_id):
+                return
         try:
             await self.attach(namespace, container_id, names, ports, ips)
         except AlreadyExists:
             if not os.path.exists(self._record_path(namespace, container_id)):
                 raise  # a port another container publishes: the task cannot have it
             # else attached meanwhile
+
+    def _live(self, namespace: str, container_id: str) -> bool:
+        """Whether the container has an attachment that is not being released."""
+        if not os.path.exists(self._record_path(namespace, container_id)):
+            return False
+        try:
+            return not self.get(namespace, container_id).releasing
+        except NotFound:
+            return False
 
     async def detach(self, namespace: str, container_id: str) -> bool:
         """DEL every network and unpin the namespace; False if there was nothing. A
