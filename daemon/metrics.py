@@ -374,10 +374,10 @@ def _fd_budget() -> int:
 InterfaceCounters = tuple[int, int, int, int]
 
 
-def network_counters(pid: int, read: Reader = _read) -> dict[str, InterfaceCounters]:
+def network_counters(pid: int) -> dict[str, InterfaceCounters]:
     """Per interface of the network namespace `pid` is in: /proc/PID/net/dev's counters
     ({} if the process is gone)."""
-    text = read(f"/proc/{pid}/net", "dev")
+    text = _read(f"/proc/{pid}/net", "dev")
     out: dict[str, InterfaceCounters] = {}
     for line in (text or "").splitlines()[2:]:  # two header lines
         name, _, numbers = line.partition(":")
@@ -786,8 +786,8 @@ class CallFigures(registry.Collector):
     prometheus_client's Counter and Histogram would write (no `_created` series), kept in
     plain dicts. Counter and Histogram take a lock at each change and import a
     multiprocess value store: 0.4 MiB of berthd's memory, of the 5% metrics may cost it.
-    Changed and read on the loop only (observe; collect runs in the render thread while
-    the loop may observe: it copies each dict first)."""
+    `observe` runs on the loop; `collect` in the render thread, while the loop may
+    observe, so it copies each dict and list before reading it."""
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, str], int] = {}

@@ -184,6 +184,7 @@ class StorageApi:
         blob_size = int(info.get("size") or 0)
         if p.offset >= blob_size:
             return {"data": b"", "offset": p.offset}
+        # (the record was checked above: only the blob is read, here or in a thread)
         if min(size, blob_size - p.offset) <= INLINE_READ:
             # manifests, indexes and configs: read here. A worker thread's round trip
             # costs more than such a read from the page cache (measured: Content/Read
@@ -191,9 +192,7 @@ class StorageApi:
             # reads them ten times for one `ctr run`)
             data = self.storage.content.read(p.digest, p.offset, size)
         else:
-            data = await self._in_thread(
-                self.storage.content_read, ctx.namespace, p.digest, p.offset, size
-            )
+            data = await self._in_thread(self.storage.content.read, p.digest, p.offset, size)
         return {"data": data, "offset": p.offset}
 
     async def content_update(self, ctx: CallContext, p: schema.ContentUpdate) -> Any:
